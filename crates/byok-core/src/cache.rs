@@ -1,0 +1,269 @@
+//! A data-key cache with a time-to-live per entry, a maximum number of entries
+//! per tenant (the guide's `cache_config`), and a global bound. Entries leave by
+//! expiry, by least-recent use, or by invalidation; dropping an entry drops its
+//! value, and cached ciphers zeroize their key schedule on drop.
+//!
+//! A hit is one hash lookup and one clock comparison: no allocation.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Limits that come from a tenant's `cache_config`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CacheLimits {
+    pub ttl: Duration,
+    pub max_entries: usize,
+}
+
+impl Default for CacheLimits {
+    fn default() -> Self {
+        CacheLimits {
+            ttl: Duration::from_secs(crate::config::DEFAULT_CACHE_TTL_SECONDS as u64),
+            max_entries: crate::config::DEFAULT_CACHE_MAX_ENTRIES as usize,
+        }
+    }
+}
+
+/// Counters for monitoring (`key_cache_hit_ratio` and friends).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct CacheStats {
+    pub hits: u64,
+    pub misses: u64,
+    pub expirations: u64,
+    pub evictions: u64,
+    pub invalidations: u64,
+}
+
+struct Entry<V> {
+    value: V,
+    tenant: Arc<str>,
+    expires_at: Instant,
+    last_used: u64,
+}
+
+pub struct KeyCache<V> {
+    entries: HashMap<u64, Entry<V>>,
+    capacity: usize,
+    tick: u64,
+    stats: CacheStats,
+}
+
+impl<V> KeyCache<V> {
+    /// `capacity` bounds the whole cache, whatever the tenants' own limits say.
+    pub fn new(capacity: usize) -> Self {
+        KeyCache {
+            entries: HashMap::new(),
+            capacity: capacity.max(1),
+            tick: 0,
+            stats: CacheStats::default(),
+        }
+    }
+
+    /// The live entry for `key`, if any; an expired entry is dropped here.
+    pub fn get(&mut self, key: u64, now: Instant) -> Option<&V> {
+        let expired = match self.entries.get(&key) {
+            None => {
+                self.stats.misses += 1;
+                return None;
+            }
+            Some(entry) => entry.expires_at <= now,
+        };
+        if expired {
+            self.entries.remove(&key);
+            self.stats.expirations += 1;
+            self.stats.misses += 1;
+            return None;
+        }
+        self.tick += 1;
+        self.stats.hits += 1;
+        let entry = self.entries.get_mut(&key).expect("present above");
+        entry.last_used = self.tick;
+        Some(&entry.value)
+    }
+
+    /// Caches `value` for `key` under `tenant`'s limits, evicting the least recently
+    /// used entry of that tenant (or of the whole cache) when full.
+    pub fn insert(&mut self, key: u64, tenant: &str, value: V, limits: CacheLimits, now: Instant) {
+        self.entries.remove(&key);
+        self.drop_expired(now);
+        let tenant_limit = limits.max_entries.max(1);
+        while self.count_for(tenant) >= tenant_limit {
+            self.evict_lru(Some(tenant));
+        }
+        while self.entries.len() >= self.capacity {
+            self.evict_lru(None);
+        }
+        let tenant: Arc<str> = self
+            .entries
+            .values()
+            .find(|e| &*e.tenant == tenant)
+            .map(|e| e.tenant.clone())
+            .unwrap_or_else(|| tenant.into());
+        self.tick += 1;
+        self.entries.insert(
+            key,
+            Entry {
+                value,
+                tenant,
+                expires_at: now + limits.ttl,
+                last_used: self.tick,
+            },
+        );
+    }
+
+    pub fn remove(&mut self, key: u64) -> bool {
+        let removed = self.entries.remove(&key).is_some();
+        if removed {
+            self.stats.invalidations += 1;
+        }
+        removed
+    }
+
+    /// Drops every entry of `tenant`; returns how many.
+    pub fn remove_tenant(&mut self, tenant: &str) -> usize {
+        let before = self.entries.len();
+        self.entries.retain(|_, e| &*e.tenant != tenant);
+        let removed = before - self.entries.len();
+        self.stats.invalidations += removed as u64;
+        removed
+    }
+
+    /// Drops everything; returns how many entries there were.
+    pub fn clear(&mut self) -> usize {
+        let removed = self.entries.len();
+        self.entries.clear();
+        self.stats.invalidations += removed as u64;
+        removed
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    pub fn stats(&self) -> CacheStats {
+        self.stats
+    }
+
+    pub fn set_capacity(&mut self, capacity: usize) {
+        self.capacity = capacity.max(1);
+        while self.entries.len() > self.capacity {
+            self.evict_lru(None);
+        }
+    }
+
+    fn count_for(&self, tenant: &str) -> usize {
+        self.entries
+            .values()
+            .filter(|e| &*e.tenant == tenant)
+            .count()
+    }
+
+    fn drop_expired(&mut self, now: Instant) {
+        let before = self.entries.len();
+        self.entries.retain(|_, e| e.expires_at > now);
+        self.stats.expirations += (before - self.entries.len()) as u64;
+    }
+
+    fn evict_lru(&mut self, tenant: Option<&str>) {
+        let victim = self
+            .entries
+            .iter()
+            .filter(|(_, e)| tenant.is_none_or(|t| &*e.tenant == t))
+            .min_by_key(|(_, e)| e.last_used)
+            .map(|(k, _)| *k);
+        if let Some(key) = victim {
+            self.entries.remove(&key);
+            self.stats.evictions += 1;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    fn limits(ttl_secs: u64, max: usize) -> CacheLimits {
+        CacheLimits {
+            ttl: Duration::from_secs(ttl_secs),
+            max_entries: max,
+        }
+    }
+
+    #[test]
+    fn hit_then_expiry() {
+        let mut cache = KeyCache::new(100);
+        let t0 = Instant::now();
+        cache.insert(1, "a", "k1", limits(10, 10), t0);
+        assert_eq!(cache.get(1, t0 + Duration::from_secs(9)), Some(&"k1"));
+        assert_eq!(cache.get(1, t0 + Duration::from_secs(10)), None);
+        assert_eq!(cache.len(), 0);
+        let s = cache.stats();
+        assert_eq!((s.hits, s.misses, s.expirations), (1, 1, 1));
+    }
+
+    #[test]
+    fn per_tenant_limit_evicts_that_tenants_lru_only() {
+        let mut cache = KeyCache::new(100);
+        let t0 = Instant::now();
+        cache.insert(100, "b", "b100", limits(60, 10), t0);
+        cache.insert(1, "a", "a1", limits(60, 2), t0);
+        cache.insert(2, "a", "a2", limits(60, 2), t0);
+        assert!(cache.get(1, t0).is_some()); // 1 is now more recent than 2
+        cache.insert(3, "a", "a3", limits(60, 2), t0);
+        assert!(cache.get(2, t0).is_none(), "tenant a's LRU entry went");
+        assert!(cache.get(1, t0).is_some());
+        assert!(cache.get(3, t0).is_some());
+        assert!(cache.get(100, t0).is_some(), "tenant b untouched");
+        assert_eq!(cache.stats().evictions, 1);
+    }
+
+    #[test]
+    fn global_capacity_bounds_all_tenants() {
+        let mut cache = KeyCache::new(3);
+        let t0 = Instant::now();
+        for k in 0..10u64 {
+            cache.insert(k, &format!("t{k}"), k, limits(60, 1000), t0);
+            assert!(cache.len() <= 3);
+        }
+        assert!(cache.get(9, t0).is_some());
+        assert!(cache.get(0, t0).is_none());
+    }
+
+    #[test]
+    fn invalidation() {
+        let mut cache = KeyCache::new(10);
+        let t0 = Instant::now();
+        cache.insert(1, "a", 1, limits(60, 10), t0);
+        cache.insert(2, "a", 2, limits(60, 10), t0);
+        cache.insert(3, "b", 3, limits(60, 10), t0);
+        assert_eq!(cache.remove_tenant("a"), 2);
+        assert!(cache.remove(3));
+        assert!(!cache.remove(3));
+        assert!(cache.is_empty());
+    }
+
+    struct DropCounter<'a>(&'a AtomicUsize);
+    impl Drop for DropCounter<'_> {
+        fn drop(&mut self) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    #[test]
+    fn evicted_and_expired_values_are_dropped() {
+        let drops = AtomicUsize::new(0);
+        let mut cache = KeyCache::new(1);
+        let t0 = Instant::now();
+        cache.insert(1, "a", DropCounter(&drops), limits(1, 10), t0);
+        cache.insert(2, "a", DropCounter(&drops), limits(1, 10), t0);
+        assert_eq!(drops.load(Ordering::SeqCst), 1);
+        assert!(cache.get(2, t0 + Duration::from_secs(5)).is_none());
+        assert_eq!(drops.load(Ordering::SeqCst), 2);
+    }
+}

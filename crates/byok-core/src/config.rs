@@ -1,0 +1,648 @@
+//! Tenant configuration: the customer's `byok_config.yaml` document (as JSON),
+//! checked field by field so that every error names the field at fault.
+//!
+//! ```yaml
+//! customer: acme_corp
+//! tenant_id: tenant_12345
+//! encryption:
+//!   provider: "local"            # local | aws_kms | azure_kv | gcp_kms | vault
+//!   local: { key_id: "acme-cmk-1" }
+//!   key_rotation: { enabled: true, interval_days: 90 }
+//!   cache_config: { ttl_seconds: 86400, max_entries: 1000, grace_period_seconds: 0 }
+//!   audit: { log_all_operations: true, alert_on_failures: true }
+//! ```
+//!
+//! `key_rotation`, `cache_config` and `audit` sit under `encryption` as in the
+//! guide; they are also accepted at the top level (but not in both places).
+
+use serde_json::{Map, Value};
+
+use crate::crypto::MAX_TENANT_ID_LEN;
+
+pub const DEFAULT_ROTATION_INTERVAL_DAYS: u32 = 90;
+pub const DEFAULT_CACHE_TTL_SECONDS: u32 = 86_400;
+pub const DEFAULT_CACHE_MAX_ENTRIES: u32 = 1_000;
+pub const DEFAULT_GRACE_PERIOD_SECONDS: u32 = 0;
+
+const MAX_TTL_SECONDS: i64 = 31_536_000;
+const MAX_CACHE_ENTRIES: i64 = 1_000_000;
+const MAX_INTERVAL_DAYS: i64 = 3_650;
+const MAX_GRACE_SECONDS: i64 = 2_592_000;
+const MAX_CUSTOMER_LEN: usize = 200;
+const MAX_KEY_ID_LEN: usize = 2_048;
+
+/// The key managers byok_pg knows by name. Whether one is available in this
+/// build is the provider layer's business, not the parser's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ProviderKind {
+    Local,
+    AwsKms,
+    AzureKv,
+    GcpKms,
+    Vault,
+}
+
+impl ProviderKind {
+    pub const ALL: [ProviderKind; 5] = [
+        ProviderKind::Local,
+        ProviderKind::AwsKms,
+        ProviderKind::AzureKv,
+        ProviderKind::GcpKms,
+        ProviderKind::Vault,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            ProviderKind::Local => "local",
+            ProviderKind::AwsKms => "aws_kms",
+            ProviderKind::AzureKv => "azure_kv",
+            ProviderKind::GcpKms => "gcp_kms",
+            ProviderKind::Vault => "vault",
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|p| p.name() == name)
+    }
+
+    /// The field of the provider block that names the master key.
+    pub fn master_key_field(self) -> &'static str {
+        match self {
+            ProviderKind::Local => "key_id",
+            ProviderKind::AwsKms => "key_arn",
+            ProviderKind::AzureKv | ProviderKind::GcpKms | ProviderKind::Vault => "key_name",
+        }
+    }
+
+    /// Other fields a block must have for this provider.
+    fn other_required_fields(self) -> &'static [&'static str] {
+        match self {
+            ProviderKind::AzureKv => &["vault_url"],
+            ProviderKind::Vault => &["address"],
+            _ => &[],
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RotationPolicy {
+    pub enabled: bool,
+    pub interval_days: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CachePolicy {
+    pub ttl_seconds: u32,
+    pub max_entries: u32,
+    pub grace_period_seconds: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuditPolicy {
+    pub log_all_operations: bool,
+    pub alert_on_failures: bool,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct TenantConfig {
+    pub tenant_id: String,
+    pub customer: String,
+    pub provider: ProviderKind,
+    pub master_key_id: String,
+    /// The provider's block as given (e.g. the `aws_kms` object).
+    pub provider_options: Map<String, Value>,
+    pub rotation: RotationPolicy,
+    pub cache: CachePolicy,
+    pub audit: AuditPolicy,
+}
+
+/// A configuration problem: `field` is a dotted path such as
+/// `encryption.cache_config.ttl_seconds`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {problem}")]
+pub struct ConfigError {
+    pub field: String,
+    pub problem: String,
+}
+
+fn err(field: &str, problem: impl Into<String>) -> ConfigError {
+    ConfigError {
+        field: field.to_string(),
+        problem: problem.into(),
+    }
+}
+
+/// Checks a tenant id: 1 to 128 characters from `A-Z a-z 0-9 _ . : @ -`, starting
+/// with a letter or digit. Tenant ids appear in AADs, audit rows and messages,
+/// so a narrow alphabet keeps them unambiguous and harmless to print.
+pub fn check_tenant_id(tenant_id: &str) -> Result<(), String> {
+    if tenant_id.is_empty() {
+        return Err("must not be empty".into());
+    }
+    if tenant_id.len() > MAX_TENANT_ID_LEN {
+        return Err(format!("must be at most {MAX_TENANT_ID_LEN} characters"));
+    }
+    let first_ok = tenant_id
+        .chars()
+        .next()
+        .is_some_and(|c| c.is_ascii_alphanumeric());
+    let rest_ok = tenant_id
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | ':' | '@' | '-'));
+    if !first_ok || !rest_ok {
+        return Err(
+            "must start with a letter or digit and contain only letters, digits, '_', '.', ':', '@' and '-'"
+                .into(),
+        );
+    }
+    Ok(())
+}
+
+impl TenantConfig {
+    pub fn from_json(doc: &Value) -> Result<Self, ConfigError> {
+        let root = doc
+            .as_object()
+            .ok_or_else(|| err("(document)", "must be a JSON object"))?;
+        check_keys(
+            root,
+            "",
+            &[
+                "customer",
+                "tenant_id",
+                "encryption",
+                "key_rotation",
+                "cache_config",
+                "audit",
+            ],
+        )?;
+
+        let tenant_id = required_str(root, "", "tenant_id")?;
+        check_tenant_id(tenant_id).map_err(|p| err("tenant_id", p))?;
+        let customer = required_str(root, "", "customer")?;
+        if customer.len() > MAX_CUSTOMER_LEN {
+            return Err(err(
+                "customer",
+                format!("must be at most {MAX_CUSTOMER_LEN} characters"),
+            ));
+        }
+
+        let encryption = root
+            .get("encryption")
+            .ok_or_else(|| err("encryption", "is required"))?
+            .as_object()
+            .ok_or_else(|| err("encryption", "must be an object"))?;
+        let mut allowed: Vec<&str> = vec!["provider", "key_rotation", "cache_config", "audit"];
+        allowed.extend(ProviderKind::ALL.iter().map(|p| p.name()));
+        check_keys(encryption, "encryption", &allowed)?;
+
+        let provider_name = required_str(encryption, "encryption", "provider")?;
+        let provider = ProviderKind::from_name(provider_name).ok_or_else(|| {
+            err(
+                "encryption.provider",
+                format!(
+                    "unknown provider \"{}\"; expected one of: {}",
+                    printable(provider_name),
+                    ProviderKind::ALL.map(|p| p.name()).join(", ")
+                ),
+            )
+        })?;
+        let block_path = format!("encryption.{}", provider.name());
+        let block = encryption
+            .get(provider.name())
+            .ok_or_else(|| {
+                err(
+                    &block_path,
+                    format!("is required when provider is \"{}\"", provider.name()),
+                )
+            })?
+            .as_object()
+            .ok_or_else(|| err(&block_path, "must be an object"))?;
+        for (key, value) in block {
+            if !(value.is_string() || value.is_number() || value.is_boolean() || value.is_array()) {
+                return Err(err(
+                    &format!("{block_path}.{key}"),
+                    "must be a string, number, boolean or list",
+                ));
+            }
+        }
+        if provider == ProviderKind::Local {
+            check_keys(block, &block_path, &["key_id"])?;
+        }
+        let master_key_id = required_str(block, &block_path, provider.master_key_field())?;
+        if master_key_id.len() > MAX_KEY_ID_LEN {
+            return Err(err(
+                &format!("{block_path}.{}", provider.master_key_field()),
+                format!("must be at most {MAX_KEY_ID_LEN} characters"),
+            ));
+        }
+        if master_key_id.chars().any(char::is_control) {
+            return Err(err(
+                &format!("{block_path}.{}", provider.master_key_field()),
+                "must not contain control characters",
+            ));
+        }
+        for field in provider.other_required_fields() {
+            required_str(block, &block_path, field)?;
+        }
+
+        let rotation = match section(root, encryption, "key_rotation")? {
+            None => RotationPolicy {
+                enabled: false,
+                interval_days: DEFAULT_ROTATION_INTERVAL_DAYS,
+            },
+            Some((path, obj)) => {
+                check_keys(obj, &path, &["enabled", "interval_days"])?;
+                RotationPolicy {
+                    enabled: opt_bool(obj, &path, "enabled", false)?,
+                    interval_days: opt_int(
+                        obj,
+                        &path,
+                        "interval_days",
+                        DEFAULT_ROTATION_INTERVAL_DAYS,
+                        1,
+                        MAX_INTERVAL_DAYS,
+                    )?,
+                }
+            }
+        };
+        let cache = match section(root, encryption, "cache_config")? {
+            None => CachePolicy {
+                ttl_seconds: DEFAULT_CACHE_TTL_SECONDS,
+                max_entries: DEFAULT_CACHE_MAX_ENTRIES,
+                grace_period_seconds: DEFAULT_GRACE_PERIOD_SECONDS,
+            },
+            Some((path, obj)) => {
+                check_keys(
+                    obj,
+                    &path,
+                    &["ttl_seconds", "max_entries", "grace_period_seconds"],
+                )?;
+                CachePolicy {
+                    ttl_seconds: opt_int(
+                        obj,
+                        &path,
+                        "ttl_seconds",
+                        DEFAULT_CACHE_TTL_SECONDS,
+                        1,
+                        MAX_TTL_SECONDS,
+                    )?,
+                    max_entries: opt_int(
+                        obj,
+                        &path,
+                        "max_entries",
+                        DEFAULT_CACHE_MAX_ENTRIES,
+                        1,
+                        MAX_CACHE_ENTRIES,
+                    )?,
+                    grace_period_seconds: opt_int(
+                        obj,
+                        &path,
+                        "grace_period_seconds",
+                        DEFAULT_GRACE_PERIOD_SECONDS,
+                        0,
+                        MAX_GRACE_SECONDS,
+                    )?,
+                }
+            }
+        };
+        let audit = match section(root, encryption, "audit")? {
+            None => AuditPolicy {
+                log_all_operations: true,
+                alert_on_failures: true,
+            },
+            Some((path, obj)) => {
+                check_keys(obj, &path, &["log_all_operations", "alert_on_failures"])?;
+                AuditPolicy {
+                    log_all_operations: opt_bool(obj, &path, "log_all_operations", true)?,
+                    alert_on_failures: opt_bool(obj, &path, "alert_on_failures", true)?,
+                }
+            }
+        };
+
+        Ok(TenantConfig {
+            tenant_id: tenant_id.to_string(),
+            customer: customer.to_string(),
+            provider,
+            master_key_id: master_key_id.to_string(),
+            provider_options: block.clone(),
+            rotation,
+            cache,
+            audit,
+        })
+    }
+}
+
+/// A section that may sit under `encryption` (the guide's place) or at the top level.
+fn section<'a>(
+    root: &'a Map<String, Value>,
+    encryption: &'a Map<String, Value>,
+    name: &str,
+) -> Result<Option<(String, &'a Map<String, Value>)>, ConfigError> {
+    let (path, value) = match (encryption.get(name), root.get(name)) {
+        (Some(_), Some(_)) => {
+            return Err(err(
+                name,
+                format!(
+                    "is given both at the top level and under encryption; keep encryption.{name}"
+                ),
+            ));
+        }
+        (Some(v), None) => (format!("encryption.{name}"), v),
+        (None, Some(v)) => (name.to_string(), v),
+        (None, None) => return Ok(None),
+    };
+    let obj = value
+        .as_object()
+        .ok_or_else(|| err(&path, "must be an object"))?;
+    Ok(Some((path, obj)))
+}
+
+fn join(path: &str, key: &str) -> String {
+    if path.is_empty() {
+        key.to_string()
+    } else {
+        format!("{path}.{key}")
+    }
+}
+
+/// Refuses unknown keys, so a typo such as `ttl_second` is an error, not a silent default.
+fn check_keys(obj: &Map<String, Value>, path: &str, allowed: &[&str]) -> Result<(), ConfigError> {
+    for key in obj.keys() {
+        if !allowed.contains(&key.as_str()) {
+            return Err(err(
+                &join(path, &printable(key)),
+                format!("unknown field; expected one of: {}", allowed.join(", ")),
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn required_str<'a>(
+    obj: &'a Map<String, Value>,
+    path: &str,
+    key: &str,
+) -> Result<&'a str, ConfigError> {
+    let field = join(path, key);
+    match obj.get(key) {
+        None | Some(Value::Null) => Err(err(&field, "is required")),
+        Some(Value::String(s)) if s.trim().is_empty() => Err(err(&field, "must not be empty")),
+        Some(Value::String(s)) => Ok(s),
+        Some(_) => Err(err(&field, "must be a string")),
+    }
+}
+
+fn opt_bool(
+    obj: &Map<String, Value>,
+    path: &str,
+    key: &str,
+    default: bool,
+) -> Result<bool, ConfigError> {
+    match obj.get(key) {
+        None => Ok(default),
+        Some(Value::Bool(b)) => Ok(*b),
+        Some(_) => Err(err(&join(path, key), "must be true or false")),
+    }
+}
+
+fn opt_int(
+    obj: &Map<String, Value>,
+    path: &str,
+    key: &str,
+    default: u32,
+    min: i64,
+    max: i64,
+) -> Result<u32, ConfigError> {
+    match obj.get(key) {
+        None => Ok(default),
+        Some(v) => match v.as_i64() {
+            Some(n) if (min..=max).contains(&n) => Ok(n as u32),
+            _ => Err(err(
+                &join(path, key),
+                format!("must be an integer between {min} and {max}"),
+            )),
+        },
+    }
+}
+
+/// Field names and provider names from user input are echoed in messages; keep
+/// them short and free of control characters.
+fn printable(s: &str) -> String {
+    let cleaned: String = s.chars().filter(|c| !c.is_control()).take(64).collect();
+    if cleaned.len() < s.len() {
+        format!("{cleaned}...")
+    } else {
+        cleaned
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn guide_doc() -> Value {
+        json!({
+            "customer": "acme_corp",
+            "tenant_id": "tenant_12345",
+            "encryption": {
+                "provider": "local",
+                "local": {"key_id": "acme-cmk-1"},
+                "key_rotation": {"enabled": true, "interval_days": 90},
+                "cache_config": {"ttl_seconds": 86400, "max_entries": 1000},
+                "audit": {"log_all_operations": true, "alert_on_failures": true}
+            }
+        })
+    }
+
+    fn error_of(doc: Value) -> ConfigError {
+        TenantConfig::from_json(&doc).unwrap_err()
+    }
+
+    #[test]
+    fn guide_shaped_document_parses() {
+        let c = TenantConfig::from_json(&guide_doc()).unwrap();
+        assert_eq!(c.tenant_id, "tenant_12345");
+        assert_eq!(c.customer, "acme_corp");
+        assert_eq!(c.provider, ProviderKind::Local);
+        assert_eq!(c.master_key_id, "acme-cmk-1");
+        assert_eq!(
+            c.rotation,
+            RotationPolicy {
+                enabled: true,
+                interval_days: 90
+            }
+        );
+        assert_eq!(c.cache.ttl_seconds, 86_400);
+        assert_eq!(c.cache.max_entries, 1_000);
+        assert_eq!(c.cache.grace_period_seconds, 0);
+        assert!(c.audit.log_all_operations && c.audit.alert_on_failures);
+    }
+
+    #[test]
+    fn guide_aws_block_parses_with_its_master_key() {
+        let doc = json!({
+            "customer": "acme_corp", "tenant_id": "tenant_12345",
+            "encryption": {"provider": "aws_kms", "aws_kms": {
+                "key_arn": "arn:aws:kms:us-east-1:123456789:key/abc-123",
+                "role_arn": "arn:aws:iam::123456789:role/byok-access",
+                "external_id": "unique-external-id-12345"}}
+        });
+        let c = TenantConfig::from_json(&doc).unwrap();
+        assert_eq!(c.provider, ProviderKind::AwsKms);
+        assert_eq!(
+            c.master_key_id,
+            "arn:aws:kms:us-east-1:123456789:key/abc-123"
+        );
+        assert_eq!(
+            c.provider_options["external_id"],
+            "unique-external-id-12345"
+        );
+    }
+
+    #[test]
+    fn defaults_apply_when_sections_are_absent() {
+        let doc = json!({"customer": "c", "tenant_id": "t1",
+            "encryption": {"provider": "local", "local": {"key_id": "k"}}});
+        let c = TenantConfig::from_json(&doc).unwrap();
+        assert!(!c.rotation.enabled);
+        assert_eq!(c.rotation.interval_days, DEFAULT_ROTATION_INTERVAL_DAYS);
+        assert_eq!(c.cache.ttl_seconds, DEFAULT_CACHE_TTL_SECONDS);
+        assert_eq!(c.cache.max_entries, DEFAULT_CACHE_MAX_ENTRIES);
+    }
+
+    #[test]
+    fn top_level_sections_are_accepted_but_not_twice() {
+        let mut doc = guide_doc();
+        let cache = doc["encryption"]
+            .as_object_mut()
+            .unwrap()
+            .remove("cache_config")
+            .unwrap();
+        doc.as_object_mut()
+            .unwrap()
+            .insert("cache_config".into(), cache.clone());
+        assert_eq!(
+            TenantConfig::from_json(&doc).unwrap().cache.max_entries,
+            1000
+        );
+        doc["encryption"]
+            .as_object_mut()
+            .unwrap()
+            .insert("cache_config".into(), cache);
+        assert_eq!(error_of(doc).field, "cache_config");
+    }
+
+    #[test]
+    fn each_bad_field_is_named() {
+        let cases: Vec<(fn(&mut Value), &str)> = vec![
+            (|d| d["tenant_id"] = json!(""), "tenant_id"),
+            (
+                |d| d["tenant_id"] = json!("a'; drop table x; --"),
+                "tenant_id",
+            ),
+            (|d| d["tenant_id"] = json!(7), "tenant_id"),
+            (
+                |d| {
+                    d.as_object_mut().unwrap().remove("tenant_id");
+                },
+                "tenant_id",
+            ),
+            (
+                |d| {
+                    d.as_object_mut().unwrap().remove("customer");
+                },
+                "customer",
+            ),
+            (
+                |d| {
+                    d.as_object_mut().unwrap().remove("encryption");
+                },
+                "encryption",
+            ),
+            (
+                |d| d["encryption"]["provider"] = json!("rot13"),
+                "encryption.provider",
+            ),
+            (
+                |d| {
+                    d["encryption"].as_object_mut().unwrap().remove("provider");
+                },
+                "encryption.provider",
+            ),
+            (
+                |d| {
+                    d["encryption"].as_object_mut().unwrap().remove("local");
+                },
+                "encryption.local",
+            ),
+            (
+                |d| d["encryption"]["local"] = json!({}),
+                "encryption.local.key_id",
+            ),
+            (
+                |d| d["encryption"]["local"]["key_id"] = json!("  "),
+                "encryption.local.key_id",
+            ),
+            (
+                |d| d["encryption"]["local"]["colour"] = json!("red"),
+                "encryption.local.colour",
+            ),
+            (
+                |d| d["encryption"]["cache_config"]["ttl_seconds"] = json!(0),
+                "encryption.cache_config.ttl_seconds",
+            ),
+            (
+                |d| d["encryption"]["cache_config"]["ttl_seconds"] = json!("86400"),
+                "encryption.cache_config.ttl_seconds",
+            ),
+            (
+                |d| d["encryption"]["cache_config"]["max_entries"] = json!(-1),
+                "encryption.cache_config.max_entries",
+            ),
+            (
+                |d| d["encryption"]["cache_config"]["ttl_second"] = json!(5),
+                "encryption.cache_config.ttl_second",
+            ),
+            (
+                |d| d["encryption"]["key_rotation"]["interval_days"] = json!(1.5),
+                "encryption.key_rotation.interval_days",
+            ),
+            (
+                |d| d["encryption"]["key_rotation"]["enabled"] = json!("yes"),
+                "encryption.key_rotation.enabled",
+            ),
+            (
+                |d| d["encryption"]["audit"]["alert_on_failures"] = json!(1),
+                "encryption.audit.alert_on_failures",
+            ),
+            (|d| d["surprise"] = json!(1), "surprise"),
+        ];
+        for (mutate, field) in cases {
+            let mut doc = guide_doc();
+            mutate(&mut doc);
+            assert_eq!(error_of(doc.clone()).field, field, "document: {doc}");
+        }
+        assert_eq!(error_of(json!([1, 2])).field, "(document)");
+    }
+
+    #[test]
+    fn other_providers_need_their_fields() {
+        let doc = json!({"customer": "c", "tenant_id": "t",
+            "encryption": {"provider": "azure_kv", "azure_kv": {"key_name": "platform-cmk"}}});
+        assert_eq!(error_of(doc).field, "encryption.azure_kv.vault_url");
+        let doc = json!({"customer": "c", "tenant_id": "t",
+            "encryption": {"provider": "vault", "vault": {"address": "https://v:8200"}}});
+        assert_eq!(error_of(doc).field, "encryption.vault.key_name");
+    }
+
+    #[test]
+    fn tenant_id_alphabet() {
+        for ok in ["t", "tenant_12345", "acme:prod@eu-1.a"] {
+            assert!(check_tenant_id(ok).is_ok(), "{ok}");
+        }
+        for bad in ["", "-t", "a b", "t\n", "ünï", "a\"b", &"x".repeat(129)] {
+            assert!(check_tenant_id(bad).is_err(), "{bad:?}");
+        }
+    }
+}

@@ -1,0 +1,351 @@
+//! Sealing and opening values with AES-256-GCM under a data key.
+//!
+//! The AAD of every value is
+//! `envelope header (version, algorithm, DEK id) || u16 tenant length || tenant id || context`,
+//! so a value copied to another tenant, another key id, or used with another
+//! caller context (column name, primary key...) fails to open. The context comes
+//! last, which makes the encoding unambiguous without a second length prefix.
+
+use aes_gcm::aead::inout::InOutBuf;
+use aes_gcm::{AeadInOut, Aes256Gcm, KeyInit, Nonce, Tag};
+use zeroize::{Zeroize, ZeroizeOnDrop};
+
+use crate::envelope::{self, Envelope, HEADER_LEN, NONCE_LEN};
+
+/// Length of a data key: AES-256.
+pub const DEK_LEN: usize = 32;
+
+/// Longest tenant id the AAD encoding (and the catalog) accepts.
+pub const MAX_TENANT_ID_LEN: usize = 128;
+
+/// AADs up to this size are built on the stack, so sealing with an ordinary
+/// context does not allocate.
+const STACK_AAD_LEN: usize = 512;
+
+/// A plaintext data key. Zeroized when dropped; never printed.
+#[derive(Clone, Zeroize, ZeroizeOnDrop, PartialEq, Eq)]
+pub struct DataKey([u8; DEK_LEN]);
+
+impl DataKey {
+    /// A new random key from the OS CSPRNG.
+    pub fn generate() -> Result<Self, CryptoError> {
+        let mut key = DataKey([0u8; DEK_LEN]);
+        getrandom::fill(&mut key.0).map_err(|_| CryptoError::RandomUnavailable)?;
+        Ok(key)
+    }
+
+    /// Takes the bytes of an unwrapped key; `bytes` should be zeroized by the caller.
+    pub fn from_slice(bytes: &[u8]) -> Result<Self, CryptoError> {
+        let bytes: [u8; DEK_LEN] = bytes
+            .try_into()
+            .map_err(|_| CryptoError::BadKeyLength(bytes.len()))?;
+        Ok(DataKey(bytes))
+    }
+
+    pub fn expose(&self) -> &[u8; DEK_LEN] {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for DataKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("DataKey(<redacted>)")
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CryptoError {
+    /// Wrong key, wrong tenant, wrong context, or a modified value: GCM cannot tell
+    /// which, and saying more would help an attacker.
+    #[error("the value or its context does not match: authentication failed")]
+    AuthenticationFailed,
+    #[error("the value was sealed under data key {found}, not {expected}")]
+    WrongKey { expected: u64, found: u64 },
+    #[error("the operating system's random number generator is unavailable")]
+    RandomUnavailable,
+    #[error("a data key must be {DEK_LEN} bytes, got {0}")]
+    BadKeyLength(usize),
+    #[error("tenant id is longer than {MAX_TENANT_ID_LEN} bytes")]
+    TenantIdTooLong,
+    #[error("output buffer has the wrong length")]
+    BadOutputLength,
+}
+
+/// A ready AES-256-GCM key schedule for one DEK, bound to its tenant. This is
+/// what the backend caches, so a cache hit costs no key expansion.
+pub struct DekCipher {
+    cipher: Aes256Gcm,
+    dek_id: u64,
+    header: [u8; HEADER_LEN],
+    tenant_id: Box<str>,
+}
+
+impl DekCipher {
+    pub fn new(dek_id: u64, tenant_id: &str, key: &DataKey) -> Result<Self, CryptoError> {
+        if tenant_id.len() > MAX_TENANT_ID_LEN {
+            return Err(CryptoError::TenantIdTooLong);
+        }
+        let cipher = Aes256Gcm::new_from_slice(key.expose())
+            .map_err(|_| CryptoError::BadKeyLength(DEK_LEN))?;
+        Ok(DekCipher {
+            cipher,
+            dek_id,
+            header: envelope::header_for(dek_id),
+            tenant_id: tenant_id.into(),
+        })
+    }
+
+    pub fn dek_id(&self) -> u64 {
+        self.dek_id
+    }
+
+    pub fn tenant_id(&self) -> &str {
+        &self.tenant_id
+    }
+
+    /// Seals `plaintext` into `out`, which must be exactly
+    /// `envelope::sealed_len(plaintext.len())` bytes. The nonce is fresh from the OS CSPRNG.
+    pub fn seal_into(
+        &self,
+        plaintext: &[u8],
+        context: &[u8],
+        out: &mut [u8],
+    ) -> Result<(), CryptoError> {
+        if out.len() != envelope::sealed_len(plaintext.len()) {
+            return Err(CryptoError::BadOutputLength);
+        }
+        let (header, rest) = out.split_at_mut(HEADER_LEN);
+        let (nonce, rest) = rest.split_at_mut(NONCE_LEN);
+        let (body, tag_out) = rest.split_at_mut(plaintext.len());
+        header.copy_from_slice(&self.header);
+        getrandom::fill(nonce).map_err(|_| CryptoError::RandomUnavailable)?;
+        let nonce = Nonce::try_from(&*nonce).expect("NONCE_LEN is 12");
+        let buffer = InOutBuf::new(plaintext, body).expect("lengths are equal");
+        let tag = self.with_aad(context, |aad| {
+            self.cipher
+                .encrypt_inout_detached(&nonce, aad, buffer)
+                // Only possible for plaintexts beyond GCM's 64 GiB limit.
+                .map_err(|_| CryptoError::BadOutputLength)
+        })?;
+        tag_out.copy_from_slice(&tag);
+        Ok(())
+    }
+
+    /// Opens `envelope` into `out`, which must be exactly `envelope.plaintext_len()`
+    /// bytes. On failure `out` is zeroed, so no unauthenticated plaintext escapes.
+    pub fn open_into(
+        &self,
+        envelope: &Envelope<'_>,
+        context: &[u8],
+        out: &mut [u8],
+    ) -> Result<(), CryptoError> {
+        if envelope.dek_id() != self.dek_id {
+            return Err(CryptoError::WrongKey {
+                expected: self.dek_id,
+                found: envelope.dek_id(),
+            });
+        }
+        if out.len() != envelope.plaintext_len() {
+            return Err(CryptoError::BadOutputLength);
+        }
+        let nonce = Nonce::try_from(&envelope.nonce()[..]).expect("NONCE_LEN is 12");
+        let tag = Tag::try_from(&envelope.tag()[..]).expect("TAG_LEN is 16");
+        let ciphertext = envelope.ciphertext();
+        let result = self.with_aad(context, |aad| {
+            let buffer = InOutBuf::new(ciphertext, &mut *out).expect("lengths are equal");
+            self.cipher
+                .decrypt_inout_detached(&nonce, aad, buffer, &tag)
+                .map_err(|_| CryptoError::AuthenticationFailed)
+        });
+        if result.is_err() {
+            out.zeroize();
+        }
+        result
+    }
+
+    /// Convenience for tests and tools: seal into a new vector.
+    pub fn seal(&self, plaintext: &[u8], context: &[u8]) -> Result<Vec<u8>, CryptoError> {
+        let mut out = vec![0u8; envelope::sealed_len(plaintext.len())];
+        self.seal_into(plaintext, context, &mut out)?;
+        Ok(out)
+    }
+
+    /// Convenience for tests and tools: open into a new vector.
+    pub fn open(&self, sealed: &[u8], context: &[u8]) -> Result<Vec<u8>, OpenError> {
+        let envelope = Envelope::parse(sealed)?;
+        let mut out = vec![0u8; envelope.plaintext_len()];
+        self.open_into(&envelope, context, &mut out)?;
+        Ok(out)
+    }
+
+    /// Calls `f` with this key's AAD for `context`, built on the stack when it fits.
+    fn with_aad<R>(&self, context: &[u8], f: impl FnOnce(&[u8]) -> R) -> R {
+        let tenant = self.tenant_id.as_bytes();
+        let len = HEADER_LEN + 2 + tenant.len() + context.len();
+        let fill = |buf: &mut [u8]| {
+            buf[..HEADER_LEN].copy_from_slice(&self.header);
+            // tenant ids are at most MAX_TENANT_ID_LEN bytes (checked in new), so u16 holds it
+            buf[HEADER_LEN..HEADER_LEN + 2].copy_from_slice(&(tenant.len() as u16).to_be_bytes());
+            buf[HEADER_LEN + 2..HEADER_LEN + 2 + tenant.len()].copy_from_slice(tenant);
+            buf[HEADER_LEN + 2 + tenant.len()..].copy_from_slice(context);
+        };
+        if len <= STACK_AAD_LEN {
+            let mut stack = [0u8; STACK_AAD_LEN];
+            fill(&mut stack[..len]);
+            f(&stack[..len])
+        } else {
+            let mut heap = vec![0u8; len];
+            fill(&mut heap);
+            f(&heap)
+        }
+    }
+}
+
+/// Either the bytes were not an envelope, or the envelope did not open.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum OpenError {
+    #[error(transparent)]
+    Format(#[from] envelope::FormatError),
+    #[error(transparent)]
+    Crypto(#[from] CryptoError),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashSet;
+
+    fn cipher(dek_id: u64, tenant: &str) -> DekCipher {
+        let key = DataKey::from_slice(&[9u8; DEK_LEN]).unwrap();
+        DekCipher::new(dek_id, tenant, &key).unwrap()
+    }
+
+    #[test]
+    fn round_trip_various_lengths() {
+        let c = cipher(1, "tenant_a");
+        for n in [0usize, 1, 15, 16, 17, 100, 1000, 70_000] {
+            let plaintext: Vec<u8> = (0..n).map(|i| (i * 31 % 251) as u8).collect();
+            let sealed = c.seal(&plaintext, b"public.t.c").unwrap();
+            assert_eq!(sealed.len(), envelope::sealed_len(n));
+            assert_eq!(c.open(&sealed, b"public.t.c").unwrap(), plaintext);
+        }
+    }
+
+    #[test]
+    fn long_context_uses_the_heap_path_and_still_binds() {
+        let c = cipher(1, "t");
+        let context = vec![b'x'; STACK_AAD_LEN * 2];
+        let sealed = c.seal(b"v", &context).unwrap();
+        assert_eq!(c.open(&sealed, &context).unwrap(), b"v");
+        assert_eq!(
+            c.open(&sealed, &context[1..]).unwrap_err(),
+            OpenError::Crypto(CryptoError::AuthenticationFailed)
+        );
+    }
+
+    #[test]
+    fn every_single_bit_flip_fails_to_open() {
+        let c = cipher(7, "tenant_a");
+        let sealed = c.seal(b"secret value 123", b"ctx").unwrap();
+        for pos in 0..sealed.len() {
+            for bit in 0..8 {
+                let mut tampered = sealed.clone();
+                tampered[pos] ^= 1 << bit;
+                assert!(
+                    c.open(&tampered, b"ctx").is_err(),
+                    "flip of bit {bit} at byte {pos} was not detected"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn every_truncation_fails_to_open() {
+        let c = cipher(7, "tenant_a");
+        let sealed = c.seal(b"secret value 123", b"").unwrap();
+        for len in 0..sealed.len() {
+            assert!(c.open(&sealed[..len], b"").is_err(), "truncation to {len}");
+        }
+    }
+
+    #[test]
+    fn wrong_context_tenant_or_key_fails() {
+        let a = cipher(7, "tenant_a");
+        let sealed = a.seal(b"v", b"public.t.c").unwrap();
+        assert_eq!(
+            a.open(&sealed, b"public.t.d").unwrap_err(),
+            OpenError::Crypto(CryptoError::AuthenticationFailed)
+        );
+        // Same key bytes and id, other tenant: the AAD differs.
+        let b = cipher(7, "tenant_b");
+        assert_eq!(
+            b.open(&sealed, b"public.t.c").unwrap_err(),
+            OpenError::Crypto(CryptoError::AuthenticationFailed)
+        );
+        // Tenant/context boundary is unambiguous: ("ab", "c") != ("a", "bc").
+        let ab = cipher(3, "ab");
+        let a2 = cipher(3, "a");
+        let sealed = ab.seal(b"v", b"c").unwrap();
+        assert!(a2.open(&sealed, b"bc").is_err());
+        // Another key id is refused before any crypto.
+        let other = cipher(8, "tenant_a");
+        assert_eq!(
+            other.open(&a.seal(b"v", b"").unwrap(), b"").unwrap_err(),
+            OpenError::Crypto(CryptoError::WrongKey {
+                expected: 8,
+                found: 7
+            })
+        );
+    }
+
+    #[test]
+    fn a_different_key_fails() {
+        let a = cipher(1, "t");
+        let other_key = DataKey::from_slice(&[8u8; DEK_LEN]).unwrap();
+        let b = DekCipher::new(1, "t", &other_key).unwrap();
+        let sealed = a.seal(b"v", b"").unwrap();
+        assert!(b.open(&sealed, b"").is_err());
+    }
+
+    #[test]
+    fn failed_open_leaves_no_plaintext_in_the_output() {
+        let c = cipher(1, "t");
+        let mut sealed = c.seal(b"0123456789", b"").unwrap();
+        let last = sealed.len() - 1;
+        sealed[last] ^= 1;
+        let env = Envelope::parse(&sealed).unwrap();
+        let mut out = [0xAAu8; 10];
+        assert!(c.open_into(&env, b"", &mut out).is_err());
+        assert_eq!(out, [0u8; 10]);
+    }
+
+    #[test]
+    fn nonces_are_unique_over_a_million_seals() {
+        let c = cipher(1, "t");
+        let mut seen = HashSet::with_capacity(1_000_000);
+        let mut out = [0u8; envelope::OVERHEAD + 1];
+        for _ in 0..1_000_000 {
+            c.seal_into(b"x", b"", &mut out).unwrap();
+            let env = Envelope::parse(&out).unwrap();
+            assert!(seen.insert(*env.nonce()), "nonce repeated");
+        }
+    }
+
+    #[test]
+    fn generated_keys_differ_and_debug_is_redacted() {
+        let a = DataKey::generate().unwrap();
+        let b = DataKey::generate().unwrap();
+        assert_ne!(a, b);
+        assert_eq!(format!("{a:?}"), "DataKey(<redacted>)");
+    }
+
+    #[test]
+    fn overlong_tenant_is_refused() {
+        let key = DataKey::from_slice(&[1u8; DEK_LEN]).unwrap();
+        let tenant = "x".repeat(MAX_TENANT_ID_LEN + 1);
+        assert_eq!(
+            DekCipher::new(1, &tenant, &key).err(),
+            Some(CryptoError::TenantIdTooLong)
+        );
+    }
+}

@@ -1,0 +1,8 @@
+//! byok_pg's core, free of PostgreSQL: the sealed-value envelope, AES-256-GCM
+//! sealing under data keys, the data-key cache, and tenant configuration.
+//! Everything here is covered by plain `cargo test`.
+
+pub mod cache;
+pub mod config;
+pub mod crypto;
+pub mod envelope;

@@ -1,0 +1,56 @@
+//! The error every provider's own error type converts into. The SQL layer maps
+//! `kind` to a SQLSTATE; `message` and `detail` are shown to the user, so they
+//! never carry key material, credentials or plaintext.
+
+use byok_core::config::ProviderKind;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// The master key (or a version of it) does not exist.
+    KeyNotFound,
+    /// The key manager refused: permissions, credentials.
+    AccessDenied,
+    /// The master key (version) exists but is disabled or scheduled for deletion.
+    KeyDisabled,
+    /// The wrapped key does not open: wrong master key, wrong tenant binding, or
+    /// a modified blob.
+    UnwrapFailed,
+    /// The key manager could not be reached or is not working.
+    Unavailable,
+    /// The key manager throttled us past our retry budget.
+    Throttled,
+    /// The provider's configuration or local files are wrong.
+    Misconfigured,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct ProviderError {
+    pub provider: ProviderKind,
+    pub kind: ErrorKind,
+    pub message: String,
+    pub detail: Option<String>,
+    pub hint: Option<String>,
+}
+
+impl ProviderError {
+    pub fn new(provider: ProviderKind, kind: ErrorKind, message: impl Into<String>) -> Self {
+        ProviderError {
+            provider,
+            kind,
+            message: message.into(),
+            detail: None,
+            hint: None,
+        }
+    }
+
+    pub fn with_detail(mut self, detail: impl Into<String>) -> Self {
+        self.detail = Some(detail.into());
+        self
+    }
+
+    pub fn with_hint(mut self, hint: impl Into<String>) -> Self {
+        self.hint = Some(hint.into());
+        self
+    }
+}

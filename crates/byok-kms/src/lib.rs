@@ -1,0 +1,12 @@
+//! Key providers for byok_pg: the interface every key manager implements, and
+//! one module per key manager. Nothing here depends on PostgreSQL.
+//!
+//! A provider only ever wraps, unwraps or generates data keys under a master key
+//! (CMK) that it names; the master key itself never leaves the key manager.
+
+pub mod error;
+pub mod local;
+pub mod provider;
+
+pub use error::{ErrorKind, ProviderError};
+pub use provider::{KeyContext, KeyProvider, MasterKeyInfo, WrappedDek};

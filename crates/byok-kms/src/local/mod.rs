@@ -1,0 +1,226 @@
+//! The built-in `local` provider: the embedded default, so byok_pg can be tried
+//! without any cloud account.
+//!
+//! One 256-bit root secret lives in a file (see [`keyfile`]). Each master key id
+//! names a key derived from it with HKDF-SHA256, so a tenant can rotate to a new
+//! `key_id` without a new file. Data keys are wrapped with AES-256-GCM; the AAD
+//! binds the wrapped key to its tenant, its DEK id and its master key id. The
+//! "version" recorded for a wrapped key is a key check value of the derived key,
+//! which tells "this file is not the one that wrapped the key" apart from
+//! "the wrapped key was modified or moved".
+//!
+//! Threat model: the root secret sits on the database server, usually beside
+//! the data. It protects dumps, logical copies and backups that leave without
+//! the file; it does not protect against someone who can read the data
+//! directory. Use a real key manager for that.
+
+mod keyfile;
+#[cfg(test)]
+mod tests;
+
+use std::path::{Path, PathBuf};
+
+use aes_gcm::aead::inout::InOutBuf;
+use aes_gcm::{AeadInOut, Aes256Gcm, KeyInit, Nonce, Tag};
+use byok_core::config::ProviderKind;
+use byok_core::crypto::{DEK_LEN, DataKey};
+use hkdf::Hkdf;
+use sha2::Sha256;
+use zeroize::Zeroizing;
+
+pub use keyfile::KeyFileError;
+
+use crate::error::{ErrorKind, ProviderError};
+use crate::provider::{KeyContext, KeyProvider, MasterKeyInfo, WrappedDek};
+
+const WRAP_FORMAT_V1: u8 = 1;
+const NONCE_LEN: usize = 12;
+const TAG_LEN: usize = 16;
+const WRAPPED_LEN: usize = 1 + NONCE_LEN + DEK_LEN + TAG_LEN;
+const HKDF_SALT: &[u8] = b"byok_pg/local/v1";
+const WRAP_AAD_LABEL: &[u8] = b"byok_pg/local/wrap/v1\0";
+
+#[derive(Debug, thiserror::Error)]
+pub enum LocalError {
+    #[error(transparent)]
+    KeyFile(#[from] KeyFileError),
+    #[error("data key {dek_id} was wrapped by a different local master key file")]
+    WrongRootSecret { dek_id: u64 },
+    #[error(
+        "wrapped data key {dek_id} does not open: it was modified or belongs to another tenant or master key"
+    )]
+    UnwrapFailed { dek_id: u64 },
+    #[error("wrapped data key {dek_id} is {len} bytes; expected {WRAPPED_LEN}")]
+    BadBlob { dek_id: u64, len: usize },
+    #[error("the operating system's random number generator is unavailable")]
+    RandomUnavailable,
+}
+
+impl From<LocalError> for ProviderError {
+    fn from(e: LocalError) -> Self {
+        let message = e.to_string();
+        let local = |kind| ProviderError::new(ProviderKind::Local, kind, message.clone());
+        match e {
+            LocalError::KeyFile(KeyFileError::TooOpen { .. }) => local(ErrorKind::Misconfigured)
+                .with_hint("chmod 600 the file; it must be owned by and readable only by the server's OS user"),
+            LocalError::KeyFile(KeyFileError::Missing { .. }) => local(ErrorKind::Misconfigured).with_hint(
+                "restore the file from your key backup, or point byok.local_master_key_file at it",
+            ),
+            LocalError::KeyFile(_) => local(ErrorKind::Misconfigured)
+                .with_hint("check byok.local_master_key_file and the file's contents and permissions"),
+            LocalError::WrongRootSecret { .. } => local(ErrorKind::UnwrapFailed)
+                .with_detail("the key check value recorded with the data key differs from the current file's")
+                .with_hint("restore the master key file this database was encrypted with"),
+            LocalError::UnwrapFailed { .. } | LocalError::BadBlob { .. } => local(ErrorKind::UnwrapFailed),
+            LocalError::RandomUnavailable => local(ErrorKind::Unavailable),
+        }
+    }
+}
+
+pub struct LocalProvider {
+    path: PathBuf,
+    root_secret: Zeroizing<[u8; keyfile::ROOT_SECRET_LEN]>,
+}
+
+impl LocalProvider {
+    /// Opens the root secret at `path`, creating it (mode 0600) when `create` is set and it is missing.
+    pub fn open(path: &Path, create: bool) -> Result<Self, LocalError> {
+        Ok(LocalProvider {
+            path: path.to_path_buf(),
+            root_secret: keyfile::load_or_create(path, create)?,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn derive(&self, label: &[u8], cmk_id: &str) -> Zeroizing<[u8; 32]> {
+        let hkdf = Hkdf::<Sha256>::new(Some(HKDF_SALT), &self.root_secret[..]);
+        let mut okm = Zeroizing::new([0u8; 32]);
+        hkdf.expand_multi_info(&[label, cmk_id.as_bytes()], &mut okm[..])
+            .expect("32 bytes is a valid HKDF-SHA256 output length");
+        okm
+    }
+
+    fn kek(&self, cmk_id: &str) -> Aes256Gcm {
+        let key = self.derive(b"kek\0", cmk_id);
+        Aes256Gcm::new_from_slice(&key[..]).expect("32-byte key")
+    }
+
+    /// A public fingerprint of the derived master key: 8 bytes of a separate HKDF output.
+    fn key_check_value(&self, cmk_id: &str) -> String {
+        let kcv = self.derive(b"kcv\0", cmk_id);
+        kcv[..8].iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    fn aad(cmk_id: &str, context: &KeyContext<'_>) -> Vec<u8> {
+        let mut aad = Vec::with_capacity(
+            WRAP_AAD_LABEL.len() + 2 + context.tenant_id.len() + 8 + cmk_id.len(),
+        );
+        aad.extend_from_slice(WRAP_AAD_LABEL);
+        aad.extend_from_slice(&(context.tenant_id.len() as u16).to_be_bytes());
+        aad.extend_from_slice(context.tenant_id.as_bytes());
+        aad.extend_from_slice(&context.dek_id.to_be_bytes());
+        aad.extend_from_slice(cmk_id.as_bytes());
+        aad
+    }
+
+    pub fn wrap(
+        &self,
+        cmk_id: &str,
+        dek: &DataKey,
+        context: &KeyContext<'_>,
+    ) -> Result<WrappedDek, LocalError> {
+        let mut blob = vec![0u8; WRAPPED_LEN];
+        blob[0] = WRAP_FORMAT_V1;
+        let (nonce, rest) = blob[1..].split_at_mut(NONCE_LEN);
+        getrandom::fill(nonce).map_err(|_| LocalError::RandomUnavailable)?;
+        let nonce = Nonce::try_from(&*nonce).expect("12 bytes");
+        let (body, tag_out) = rest.split_at_mut(DEK_LEN);
+        let tag = self
+            .kek(cmk_id)
+            .encrypt_inout_detached(
+                &nonce,
+                &Self::aad(cmk_id, context),
+                InOutBuf::new(dek.expose(), body).expect("equal lengths"),
+            )
+            .expect("a 32-byte plaintext is within GCM's limits");
+        tag_out.copy_from_slice(&tag);
+        Ok(WrappedDek {
+            blob,
+            cmk_id: cmk_id.to_string(),
+            cmk_version: self.key_check_value(cmk_id),
+        })
+    }
+
+    fn unwrap_local(
+        &self,
+        wrapped: &WrappedDek,
+        context: &KeyContext<'_>,
+    ) -> Result<DataKey, LocalError> {
+        let dek_id = context.dek_id;
+        if wrapped.blob.len() != WRAPPED_LEN || wrapped.blob[0] != WRAP_FORMAT_V1 {
+            return Err(LocalError::BadBlob {
+                dek_id,
+                len: wrapped.blob.len(),
+            });
+        }
+        if wrapped.cmk_version != self.key_check_value(&wrapped.cmk_id) {
+            return Err(LocalError::WrongRootSecret { dek_id });
+        }
+        let nonce = Nonce::try_from(&wrapped.blob[1..1 + NONCE_LEN]).expect("12 bytes");
+        let tag = Tag::try_from(&wrapped.blob[1 + NONCE_LEN + DEK_LEN..]).expect("16 bytes");
+        let mut plain = Zeroizing::new([0u8; DEK_LEN]);
+        self.kek(&wrapped.cmk_id)
+            .decrypt_inout_detached(
+                &nonce,
+                &Self::aad(&wrapped.cmk_id, context),
+                InOutBuf::new(
+                    &wrapped.blob[1 + NONCE_LEN..1 + NONCE_LEN + DEK_LEN],
+                    &mut plain[..],
+                )
+                .expect("equal lengths"),
+                &tag,
+            )
+            .map_err(|_| LocalError::UnwrapFailed { dek_id })?;
+        Ok(DataKey::from_slice(&plain[..]).expect("32 bytes"))
+    }
+}
+
+impl KeyProvider for LocalProvider {
+    fn kind(&self) -> ProviderKind {
+        ProviderKind::Local
+    }
+
+    fn generate_data_key(
+        &self,
+        cmk_id: &str,
+        context: &KeyContext<'_>,
+    ) -> Result<(DataKey, WrappedDek), ProviderError> {
+        let dek = DataKey::generate().map_err(|_| LocalError::RandomUnavailable)?;
+        let wrapped = self.wrap(cmk_id, &dek, context)?;
+        Ok((dek, wrapped))
+    }
+
+    fn unwrap(
+        &self,
+        wrapped: &WrappedDek,
+        context: &KeyContext<'_>,
+    ) -> Result<DataKey, ProviderError> {
+        Ok(self.unwrap_local(wrapped, context)?)
+    }
+
+    fn describe_master_key(&self, cmk_id: &str) -> Result<MasterKeyInfo, ProviderError> {
+        Ok(MasterKeyInfo {
+            cmk_id: cmk_id.to_string(),
+            version: self.key_check_value(cmk_id),
+            enabled: true,
+            can_wrap: true,
+            description: format!(
+                "derived from the local master key file \"{}\"",
+                self.path.display()
+            ),
+        })
+    }
+}
