@@ -1,2 +1,53 @@
+//! byok_pg: per-tenant column encryption under customer-held keys.
+//!
+//! This crate is the thin PostgreSQL layer; the format, crypto, cache and
+//! configuration live in `byok-core`, the key providers in `byok-kms`.
+
 use pgrx::prelude::*;
+
+mod api;
+mod catalog;
+mod errors;
+mod gucs;
+mod keyring;
+mod postgres;
+mod providers;
+mod types;
+
 ::pgrx::pg_module_magic!(name, version);
+
+// The type and the per-row C functions come first, the catalog last.
+extension_sql_file!("../sql/types.sql", name = "types", bootstrap);
+extension_sql_file!("../sql/catalog.sql", name = "catalog", finalize);
+extension_sql!(
+    r#"
+-- Administration is for superusers (or roles they grant it to).
+REVOKE EXECUTE ON FUNCTION byok.configure_tenant(jsonb) FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION byok.rotate_data_key(text) FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION byok.set_data_key_state(bigint, text) FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION byok.destroy_data_key(bigint, bigint) FROM PUBLIC;
+"#,
+    name = "grants",
+    requires = [
+        api::tenants::configure_tenant,
+        api::tenants::rotate_data_key,
+        api::tenants::set_data_key_state,
+        api::tenants::destroy_data_key
+    ]
+);
+
+#[pg_guard]
+pub extern "C-unwind" fn _PG_init() {
+    gucs::init();
+    postgres::invalidation::register();
+}
+
+#[cfg(test)]
+pub mod pg_test {
+    pub fn setup(_options: Vec<&str>) {}
+
+    #[must_use]
+    pub fn postgresql_conf_options() -> Vec<&'static str> {
+        vec!["shared_preload_libraries='byok_pg'"]
+    }
+}

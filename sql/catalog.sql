@@ -1,0 +1,84 @@
+-- The key catalog. Both tables and the key id sequence are extension
+-- configuration: pg_dump includes their rows, so a dump restored into a cluster
+-- that can reach the same master keys decrypts everything.
+
+CREATE TABLE byok.tenant_config (
+    tenant_id text PRIMARY KEY
+        CHECK (tenant_id ~ '^[A-Za-z0-9][A-Za-z0-9_.:@-]{0,127}$'),
+    customer text NOT NULL,
+    provider text NOT NULL
+        CHECK (provider IN ('local', 'aws_kms', 'azure_kv', 'gcp_kms', 'vault')),
+    master_key_id text NOT NULL,
+    provider_options jsonb NOT NULL DEFAULT '{}',
+    rotation_enabled boolean NOT NULL DEFAULT false,
+    rotation_interval_days integer NOT NULL DEFAULT 90 CHECK (rotation_interval_days BETWEEN 1 AND 3650),
+    cache_ttl_seconds integer NOT NULL DEFAULT 86400 CHECK (cache_ttl_seconds >= 1),
+    cache_max_entries integer NOT NULL DEFAULT 1000 CHECK (cache_max_entries >= 1),
+    cache_grace_period_seconds integer NOT NULL DEFAULT 0 CHECK (cache_grace_period_seconds >= 0),
+    audit_log_all_operations boolean NOT NULL DEFAULT true,
+    audit_alert_on_failures boolean NOT NULL DEFAULT true,
+    -- the document as given to byok.configure_tenant()
+    config jsonb NOT NULL,
+    created_at timestamptz NOT NULL DEFAULT now(),
+    updated_at timestamptz NOT NULL DEFAULT now()
+);
+COMMENT ON TABLE byok.tenant_config IS 'One row per tenant, from its byok_config document';
+
+CREATE SEQUENCE byok.data_key_id_seq;
+
+CREATE TABLE byok.wrapped_data_keys (
+    dek_id bigint PRIMARY KEY DEFAULT nextval('byok.data_key_id_seq'),
+    tenant_id text NOT NULL REFERENCES byok.tenant_config (tenant_id),
+    -- the data key wrapped by the tenant's master key; NULL once destroyed
+    wrapped_dek bytea,
+    provider text NOT NULL,
+    cmk_id text NOT NULL,
+    cmk_version text NOT NULL,
+    state text NOT NULL CHECK (state IN ('active', 'decrypt-only', 'retired', 'destroyed')),
+    created_at timestamptz NOT NULL DEFAULT now(),
+    -- when it stopped being the tenant's active key
+    rotated_at timestamptz,
+    destroyed_at timestamptz,
+    CHECK ((state = 'destroyed') = (wrapped_dek IS NULL))
+);
+ALTER SEQUENCE byok.data_key_id_seq OWNED BY byok.wrapped_data_keys.dek_id;
+CREATE UNIQUE INDEX wrapped_data_keys_one_active_per_tenant
+    ON byok.wrapped_data_keys (tenant_id) WHERE state = 'active';
+CREATE INDEX wrapped_data_keys_tenant ON byok.wrapped_data_keys (tenant_id);
+COMMENT ON TABLE byok.wrapped_data_keys IS 'Data keys, stored only wrapped by their tenant''s master key';
+
+SELECT pg_catalog.pg_extension_config_dump('byok.tenant_config', '');
+SELECT pg_catalog.pg_extension_config_dump('byok.wrapped_data_keys', '');
+SELECT pg_catalog.pg_extension_config_dump('byok.data_key_id_seq', '');
+
+-- Any change to the catalog, by our functions or by hand, tells every backend
+-- (at commit, through PostgreSQL's own invalidation messages) to drop its ready keys.
+CREATE FUNCTION byok.invalidate_key_caches() RETURNS trigger
+    AS 'MODULE_PATHNAME', 'byok_invalidate_key_caches' LANGUAGE C;
+CREATE TRIGGER invalidate_key_caches
+    AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON byok.tenant_config
+    FOR EACH STATEMENT EXECUTE FUNCTION byok.invalidate_key_caches();
+CREATE TRIGGER invalidate_key_caches
+    AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON byok.wrapped_data_keys
+    FOR EACH STATEMENT EXECUTE FUNCTION byok.invalidate_key_caches();
+
+-- Views without key material.
+CREATE VIEW byok.tenants AS
+    SELECT tenant_id, customer, provider, master_key_id, provider_options,
+           rotation_enabled, rotation_interval_days,
+           cache_ttl_seconds, cache_max_entries, cache_grace_period_seconds,
+           audit_log_all_operations, audit_alert_on_failures,
+           created_at, updated_at
+      FROM byok.tenant_config;
+COMMENT ON VIEW byok.tenants IS 'Tenants and their settings (no key material)';
+
+CREATE VIEW byok.data_keys AS
+    SELECT dek_id, tenant_id, provider, cmk_id, cmk_version, state,
+           created_at, rotated_at, destroyed_at
+      FROM byok.wrapped_data_keys;
+COMMENT ON VIEW byok.data_keys IS 'Data keys and their states (no key material)';
+
+-- Only administrators touch the catalog; applications reach keys through the
+-- encrypt/decrypt functions, which read it with the extension owner's rights.
+REVOKE ALL ON byok.tenant_config, byok.wrapped_data_keys, byok.data_key_id_seq FROM PUBLIC;
+REVOKE ALL ON byok.tenants, byok.data_keys FROM PUBLIC;

@@ -1,0 +1,86 @@
+//! `byok.encrypt`, `byok.encrypt_text`, `byok.decrypt`, `byok.decrypt_text`: the
+//! per-row path. Arguments are read in place and the result is built in one
+//! palloc'd varlena; on a key-cache hit nothing else is allocated.
+
+use byok_core::envelope::{self, Envelope};
+use pgrx::pg_sys;
+use pgrx::prelude::*;
+
+use crate::errors::{ByokError, OrRaise};
+use crate::keyring;
+use crate::postgres::fmgr::{arg_datum, nargs, pg_function_info_v1};
+use crate::postgres::varlena::{MAX_VARLENA_PAYLOAD, VarlenaBuf, datum_bytes};
+
+pg_function_info_v1!(byok_encrypt, byok_decrypt, byok_decrypt_text);
+
+/// The optional `context` argument (SQL default '').
+#[inline(always)]
+unsafe fn context_arg<'a>(fcinfo: pg_sys::FunctionCallInfo, index: usize) -> &'a [u8] {
+    unsafe {
+        if nargs(fcinfo) > index {
+            datum_bytes(arg_datum(fcinfo, index))
+        } else {
+            &[]
+        }
+    }
+}
+
+/// `encrypt(tenant_id text, plaintext bytea|text, context text DEFAULT '')`
+#[pg_guard]
+#[unsafe(no_mangle)]
+pub unsafe extern "C-unwind" fn byok_encrypt(fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Datum {
+    let (tenant, plaintext, context) = unsafe {
+        (
+            datum_bytes(arg_datum(fcinfo, 0)),
+            datum_bytes(arg_datum(fcinfo, 1)),
+            context_arg(fcinfo, 2),
+        )
+    };
+    let sealed_len = envelope::sealed_len(plaintext.len());
+    if sealed_len > MAX_VARLENA_PAYLOAD {
+        ByokError::ValueTooLarge(plaintext.len()).raise();
+    }
+    let tenant = std::str::from_utf8(tenant)
+        .map_err(|_| ByokError::InvalidArgument {
+            message: "invalid tenant id: not valid UTF-8".into(),
+            hint: None,
+        })
+        .or_raise();
+    let mut out = VarlenaBuf::new(sealed_len);
+    keyring::seal(tenant, plaintext, context, out.as_mut_slice()).or_raise();
+    out.into_datum()
+}
+
+#[inline(always)]
+unsafe fn decrypt_into_varlena(fcinfo: pg_sys::FunctionCallInfo) -> VarlenaBuf {
+    let (sealed, context) = unsafe { (datum_bytes(arg_datum(fcinfo, 0)), context_arg(fcinfo, 1)) };
+    let envelope = Envelope::parse(sealed)
+        .map_err(ByokError::MalformedValue)
+        .or_raise();
+    let mut out = VarlenaBuf::new(envelope.plaintext_len());
+    keyring::open(&envelope, context, out.as_mut_slice()).or_raise();
+    out
+}
+
+/// `decrypt(value byok.encrypted, context text DEFAULT '') RETURNS bytea`
+#[pg_guard]
+#[unsafe(no_mangle)]
+pub unsafe extern "C-unwind" fn byok_decrypt(fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Datum {
+    unsafe { decrypt_into_varlena(fcinfo) }.into_datum()
+}
+
+/// `decrypt_text(value byok.encrypted, context text DEFAULT '') RETURNS text`
+#[pg_guard]
+#[unsafe(no_mangle)]
+pub unsafe extern "C-unwind" fn byok_decrypt_text(
+    fcinfo: pg_sys::FunctionCallInfo,
+) -> pg_sys::Datum {
+    let mut out = unsafe { decrypt_into_varlena(fcinfo) };
+    let text = out.as_mut_slice();
+    let valid = unsafe { pg_sys::pg_verifymbstr(text.as_ptr().cast(), text.len() as i32, true) };
+    if !valid {
+        // `out` is wiped and freed as the error unwinds.
+        ByokError::NotText.raise();
+    }
+    out.into_datum()
+}

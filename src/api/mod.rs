@@ -1,0 +1,4 @@
+//! SQL-facing functions, one file per concern.
+
+pub mod crypt;
+pub mod tenants;

@@ -1,0 +1,219 @@
+//! Reading and writing the key catalog (`sql/catalog.sql`) through SPI. Only
+//! cache misses and administrative functions come here, never a cache hit.
+//!
+//! Lookups made on behalf of encrypt/decrypt run with the extension owner's
+//! rights (like a SECURITY DEFINER function), so applications need no grant on
+//! the catalog tables. Every operator is schema-qualified, so the caller's
+//! search_path cannot substitute its own.
+
+use std::cell::Cell;
+
+use byok_core::config::ProviderKind;
+use byok_kms::WrappedDek;
+use pgrx::datum::DatumWithOid;
+use pgrx::pg_sys;
+use pgrx::prelude::*;
+
+use crate::errors::ByokError;
+
+/// The OIDs the key caches care about, looked up once per backend.
+#[derive(Debug, Clone, Copy)]
+pub struct CatalogIds {
+    pub owner: pg_sys::Oid,
+    pub tenant_config: pg_sys::Oid,
+    pub wrapped_data_keys: pg_sys::Oid,
+}
+
+thread_local! {
+    static CATALOG_IDS: Cell<Option<CatalogIds>> = const { Cell::new(None) };
+}
+
+/// Forgets the cached OIDs (the extension may have been dropped and re-created).
+pub fn forget_catalog_ids() {
+    CATALOG_IDS.with(|c| c.set(None));
+}
+
+pub fn known_catalog_ids() -> Option<CatalogIds> {
+    CATALOG_IDS.with(|c| c.get())
+}
+
+fn catalog_ids() -> Result<CatalogIds, ByokError> {
+    if let Some(ids) = known_catalog_ids() {
+        return Ok(ids);
+    }
+    let ids = Spi::connect(|client| -> Result<Option<CatalogIds>, ByokError> {
+        let table = client.select(
+            "SELECT e.extowner, c.oid, k.oid
+               FROM pg_catalog.pg_extension e,
+                    pg_catalog.pg_class c, pg_catalog.pg_class k
+              WHERE e.extname OPERATOR(pg_catalog.=) 'byok_pg'
+                AND c.oid OPERATOR(pg_catalog.=) pg_catalog.to_regclass('byok.tenant_config')
+                AND k.oid OPERATOR(pg_catalog.=) pg_catalog.to_regclass('byok.wrapped_data_keys')",
+            Some(1),
+            &[],
+        )?;
+        if table.is_empty() {
+            return Ok(None);
+        }
+        let row = table.first();
+        Ok(Some(CatalogIds {
+            owner: row.get(1)?.unwrap_or(pg_sys::InvalidOid),
+            tenant_config: row.get(2)?.unwrap_or(pg_sys::InvalidOid),
+            wrapped_data_keys: row.get(3)?.unwrap_or(pg_sys::InvalidOid),
+        }))
+    })?;
+    let ids = ids.ok_or_else(|| {
+        ByokError::Catalog("the byok_pg extension is not installed in this database".into())
+    })?;
+    CATALOG_IDS.with(|c| c.set(Some(ids)));
+    Ok(ids)
+}
+
+/// Runs `f` with the extension owner's user id (and restores the caller's
+/// afterwards, also when `f` raises an error).
+fn as_catalog_owner<R>(f: impl FnOnce() -> Result<R, ByokError>) -> Result<R, ByokError> {
+    let ids = catalog_ids()?;
+    struct Restore(pg_sys::Oid, i32);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            unsafe { pg_sys::SetUserIdAndSecContext(self.0, self.1) };
+        }
+    }
+    let mut saved_user = pg_sys::InvalidOid;
+    let mut saved_context = 0;
+    unsafe {
+        pg_sys::GetUserIdAndSecContext(&mut saved_user, &mut saved_context);
+        pg_sys::SetUserIdAndSecContext(
+            ids.owner,
+            saved_context
+                | pg_sys::SECURITY_LOCAL_USERID_CHANGE as i32
+                | pg_sys::SECURITY_RESTRICTED_OPERATION as i32,
+        );
+    }
+    let _restore = Restore(saved_user, saved_context);
+    f()
+}
+
+/// A data key as the catalog holds it, with what is needed to unwrap and cache it.
+#[derive(Debug, Clone)]
+pub struct DataKeyRecord {
+    pub tenant_id: String,
+    pub state: KeyState,
+    pub provider: ProviderKind,
+    pub wrapped: Option<WrappedDek>,
+    pub cache_ttl_seconds: u32,
+    pub cache_max_entries: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyState {
+    Active,
+    DecryptOnly,
+    Retired,
+    Destroyed,
+}
+
+impl KeyState {
+    pub fn name(self) -> &'static str {
+        match self {
+            KeyState::Active => "active",
+            KeyState::DecryptOnly => "decrypt-only",
+            KeyState::Retired => "retired",
+            KeyState::Destroyed => "destroyed",
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<Self> {
+        [
+            KeyState::Active,
+            KeyState::DecryptOnly,
+            KeyState::Retired,
+            KeyState::Destroyed,
+        ]
+        .into_iter()
+        .find(|s| s.name() == name)
+    }
+}
+
+fn provider_of(name: &str) -> Result<ProviderKind, ByokError> {
+    ProviderKind::from_name(name)
+        .ok_or_else(|| ByokError::Catalog(format!("unknown provider \"{name}\" in the catalog")))
+}
+
+fn state_of(name: &str) -> Result<KeyState, ByokError> {
+    KeyState::from_name(name)
+        .ok_or_else(|| ByokError::Catalog(format!("unknown key state \"{name}\" in the catalog")))
+}
+
+/// The data key `dek_id`, or `None` if the catalog has no such key.
+pub fn load_data_key(dek_id: u64) -> Result<Option<DataKeyRecord>, ByokError> {
+    as_catalog_owner(|| {
+        Spi::connect(|client| {
+            let args = [DatumWithOid::from(dek_id as i64)];
+            let table = client.select(
+                "SELECT k.tenant_id, k.state, k.provider, k.wrapped_dek, k.cmk_id, k.cmk_version,
+                        t.cache_ttl_seconds, t.cache_max_entries
+                   FROM byok.wrapped_data_keys k
+                   JOIN byok.tenant_config t ON t.tenant_id OPERATOR(pg_catalog.=) k.tenant_id
+                  WHERE k.dek_id OPERATOR(pg_catalog.=) $1",
+                Some(1),
+                &args,
+            )?;
+            if table.is_empty() {
+                return Ok(None);
+            }
+            let row = table.first();
+            let wrapped = row
+                .get::<Vec<u8>>(4)?
+                .map(|blob| -> Result<WrappedDek, ByokError> {
+                    Ok(WrappedDek {
+                        blob,
+                        cmk_id: row.get::<String>(5)?.unwrap_or_default(),
+                        cmk_version: row.get::<String>(6)?.unwrap_or_default(),
+                    })
+                });
+            Ok(Some(DataKeyRecord {
+                tenant_id: row.get::<String>(1)?.unwrap_or_default(),
+                state: state_of(&row.get::<String>(2)?.unwrap_or_default())?,
+                provider: provider_of(&row.get::<String>(3)?.unwrap_or_default())?,
+                wrapped: wrapped.transpose()?,
+                cache_ttl_seconds: row.get::<i32>(7)?.unwrap_or(1).max(1) as u32,
+                cache_max_entries: row.get::<i32>(8)?.unwrap_or(1).max(1) as u32,
+            }))
+        })
+    })
+}
+
+/// What encrypt needs to know about a tenant.
+#[derive(Debug, Clone)]
+pub struct TenantKeyInfo {
+    pub active_dek_id: Option<u64>,
+    pub cache_ttl_seconds: u32,
+}
+
+/// The tenant's active data key id, or `None` if the tenant does not exist.
+pub fn load_tenant_key_info(tenant_id: &str) -> Result<Option<TenantKeyInfo>, ByokError> {
+    as_catalog_owner(|| {
+        Spi::connect(|client| {
+            let args = [DatumWithOid::from(tenant_id)];
+            let table = client.select(
+                "SELECT k.dek_id, t.cache_ttl_seconds
+                   FROM byok.tenant_config t
+                   LEFT JOIN byok.wrapped_data_keys k
+                          ON k.tenant_id OPERATOR(pg_catalog.=) t.tenant_id
+                         AND k.state OPERATOR(pg_catalog.=) 'active'
+                  WHERE t.tenant_id OPERATOR(pg_catalog.=) $1",
+                Some(1),
+                &args,
+            )?;
+            if table.is_empty() {
+                return Ok(None);
+            }
+            let row = table.first();
+            Ok(Some(TenantKeyInfo {
+                active_dek_id: row.get::<i64>(1)?.map(|id| id as u64),
+                cache_ttl_seconds: row.get::<i32>(2)?.unwrap_or(1).max(1) as u32,
+            }))
+        })
+    })
+}

@@ -1,0 +1,222 @@
+//! Every failure the extension reports, each with its SQLSTATE, message, and
+//! detail/hint where they help. Messages never carry key material, plaintext or
+//! credentials; a value that fails authentication is never described byte by byte.
+//!
+//! | condition                                   | SQLSTATE |
+//! |---------------------------------------------|----------|
+//! | malformed `byok.encrypted` text literal       | 22P02    |
+//! | malformed `byok.encrypted` binary input       | 22P03    |
+//! | invalid tenant configuration                | 22023    |
+//! | provider named but not in this build        | 0A000    |
+//! | unknown tenant or data key                  | 42704    |
+//! | other tenant than `byok.tenant`; KMS refused  | 42501    |
+//! | authentication failed (tampered, truncated, wrong context or tenant) | 22000 |
+//! | stored value structurally malformed          | 22000    |
+//! | data key retired, destroyed, or disabled    | 55000    |
+//! | decrypted bytes not valid text              | 22021    |
+//! | value too large                             | 54000    |
+//! | wrapped data key does not unwrap            | 39000    |
+//! | key manager unreachable or throttling       | 58000    |
+//! | local master key file missing or bad        | F0000    |
+
+use byok_core::config::{ConfigError, ProviderKind};
+use byok_core::envelope::{FormatError, TextError};
+use byok_kms::{ErrorKind, ProviderError};
+use pgrx::pg_sys::panic::ErrorReport;
+use pgrx::{PgLogLevel, PgSqlErrorCode};
+
+#[derive(Debug)]
+pub enum ByokError {
+    MalformedText(TextError),
+    MalformedBinary(FormatError),
+    InvalidConfig(ConfigError),
+    InvalidArgument {
+        message: String,
+        hint: Option<String>,
+    },
+    ProviderNotAvailable(ProviderKind),
+    UnknownTenant(String),
+    UnknownDataKey(u64),
+    NoActiveDataKey(String),
+    TenantMismatchOnEncrypt {
+        requested: String,
+        session: String,
+    },
+    TenantMismatchOnDecrypt {
+        session: String,
+    },
+    AuthenticationFailed {
+        dek_id: u64,
+    },
+    KeyDestroyed(u64),
+    KeyRetired(u64),
+    InvalidKeyState {
+        dek_id: u64,
+        from: String,
+        to: String,
+    },
+    NotText,
+    ValueTooLarge(usize),
+    MalformedValue(FormatError),
+    Provider(ProviderError),
+    Catalog(String),
+    Internal(String),
+}
+
+impl From<ProviderError> for ByokError {
+    fn from(e: ProviderError) -> Self {
+        ByokError::Provider(e)
+    }
+}
+
+impl From<pgrx::spi::Error> for ByokError {
+    fn from(e: pgrx::spi::Error) -> Self {
+        ByokError::Catalog(e.to_string())
+    }
+}
+
+impl ByokError {
+    pub fn into_report(self) -> ErrorReport {
+        use PgSqlErrorCode::*;
+        let report = |code, message: String| ErrorReport::new(code, message, "byok_pg");
+        match self {
+            ByokError::MalformedText(e) => report(
+                ERRCODE_INVALID_TEXT_REPRESENTATION,
+                format!("invalid input syntax for type byok.encrypted: {e}"),
+            )
+            .set_hint("byok.encrypted literals are produced by byok.encrypt(); they look like \"byok:\" followed by base64"),
+            ByokError::MalformedBinary(e) => report(
+                ERRCODE_INVALID_BINARY_REPRESENTATION,
+                format!("invalid binary representation of byok.encrypted: {e}"),
+            ),
+            ByokError::InvalidConfig(e) => report(
+                ERRCODE_INVALID_PARAMETER_VALUE,
+                format!("invalid tenant configuration: {e}"),
+            )
+            .set_detail(format!("field: {}", e.field))
+            .set_hint("the document follows byok_config.yaml: customer, tenant_id, encryption.provider and its block, key_rotation, cache_config, audit"),
+            ByokError::InvalidArgument { message, hint } => {
+                let r = report(ERRCODE_INVALID_PARAMETER_VALUE, message);
+                match hint {
+                    Some(h) => r.set_hint(h),
+                    None => r,
+                }
+            }
+            ByokError::ProviderNotAvailable(p) => report(
+                ERRCODE_FEATURE_NOT_SUPPORTED,
+                format!("key provider \"{}\" is not available in this build of byok_pg", p.name()),
+            )
+            .set_hint("use provider \"local\", or a build that includes this provider"),
+            ByokError::UnknownTenant(t) => report(ERRCODE_UNDEFINED_OBJECT, format!("tenant \"{t}\" does not exist"))
+                .set_hint("create it with byok.configure_tenant()"),
+            ByokError::UnknownDataKey(id) => report(
+                ERRCODE_UNDEFINED_OBJECT,
+                format!("data key {id} does not exist"),
+            )
+            .set_detail("the value was sealed under a data key this database does not have")
+            .set_hint("was the value copied from another database, or its catalog not restored?"),
+            ByokError::NoActiveDataKey(t) => report(
+                ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+                format!("tenant \"{t}\" has no active data key"),
+            )
+            .set_hint("create one with byok.rotate_data_key()"),
+            ByokError::TenantMismatchOnEncrypt { requested, session } => report(
+                ERRCODE_INSUFFICIENT_PRIVILEGE,
+                format!("cannot encrypt for tenant \"{requested}\": this session is restricted to tenant \"{session}\""),
+            )
+            .set_detail("byok.tenant is set"),
+            ByokError::TenantMismatchOnDecrypt { session } => report(
+                ERRCODE_INSUFFICIENT_PRIVILEGE,
+                format!("cannot decrypt a value of another tenant: this session is restricted to tenant \"{session}\""),
+            )
+            .set_detail("byok.tenant is set"),
+            ByokError::AuthenticationFailed { dek_id } => report(
+                ERRCODE_DATA_EXCEPTION,
+                "cannot decrypt: the value or its context does not match (authentication failed)".to_string(),
+            )
+            .set_detail(format!("data key {dek_id}; the value was modified or truncated, belongs to another tenant, or was sealed with another context"))
+            .set_hint("pass the same context that was given to byok.encrypt()"),
+            ByokError::KeyDestroyed(id) => report(
+                ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+                format!("data key {id} has been destroyed"),
+            )
+            .set_detail("values sealed under a destroyed key can no longer be decrypted"),
+            ByokError::KeyRetired(id) => report(
+                ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+                format!("data key {id} is retired"),
+            )
+            .set_hint(format!("to read values still sealed under it, run SELECT byok.set_data_key_state({id}, 'decrypt-only')")),
+            ByokError::InvalidKeyState { dek_id, from, to } => report(
+                ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+                format!("data key {dek_id} cannot go from state \"{from}\" to \"{to}\""),
+            )
+            .set_hint("allowed: decrypt-only <-> retired, and decrypt-only or retired -> destroyed; the active key changes with byok.rotate_data_key()"),
+            ByokError::NotText => report(
+                ERRCODE_CHARACTER_NOT_IN_REPERTOIRE,
+                "decrypted value is not valid text in the database encoding".to_string(),
+            )
+            .set_hint("use byok.decrypt() to get the bytes"),
+            ByokError::ValueTooLarge(len) => report(
+                ERRCODE_PROGRAM_LIMIT_EXCEEDED,
+                format!("value of {len} bytes is too large to encrypt"),
+            )
+            .set_detail("a sealed value must fit in 1 GB"),
+            ByokError::Provider(e) => provider_report(e),
+            ByokError::MalformedValue(e) => report(
+                ERRCODE_DATA_EXCEPTION,
+                format!("cannot decrypt: the stored value is malformed: {e}"),
+            )
+            .set_detail("the value was modified or truncated"),
+            ByokError::Internal(msg) => report(ERRCODE_INTERNAL_ERROR, format!("byok_pg internal error: {msg}")),
+            ByokError::Catalog(msg) => report(
+                ERRCODE_INTERNAL_ERROR,
+                format!("byok_pg catalog query failed: {msg}"),
+            ),
+        }
+    }
+
+    /// Raises this error as an ERROR; does not return.
+    pub fn raise(self) -> ! {
+        self.into_report().report(PgLogLevel::ERROR);
+        unreachable!("ERROR does not return")
+    }
+}
+
+fn provider_report(e: ProviderError) -> ErrorReport {
+    use PgSqlErrorCode::*;
+    let code = match e.kind {
+        ErrorKind::KeyNotFound => ERRCODE_UNDEFINED_OBJECT,
+        ErrorKind::AccessDenied => ERRCODE_INSUFFICIENT_PRIVILEGE,
+        ErrorKind::KeyDisabled => ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+        ErrorKind::UnwrapFailed => ERRCODE_EXTERNAL_ROUTINE_INVOCATION_EXCEPTION,
+        ErrorKind::Unavailable | ErrorKind::Throttled => ERRCODE_SYSTEM_ERROR,
+        ErrorKind::Misconfigured => ERRCODE_CONFIG_FILE_ERROR,
+    };
+    let mut report = ErrorReport::new(
+        code,
+        format!("key provider \"{}\": {}", e.provider.name(), e.message),
+        "byok_pg",
+    );
+    if let Some(detail) = e.detail {
+        report = report.set_detail(detail);
+    }
+    if let Some(hint) = e.hint {
+        report = report.set_hint(hint);
+    }
+    report
+}
+
+/// `Result<T, ByokError>` unwrapped, raising the error.
+pub trait OrRaise<T> {
+    fn or_raise(self) -> T;
+}
+
+impl<T, E: Into<ByokError>> OrRaise<T> for Result<T, E> {
+    #[inline]
+    fn or_raise(self) -> T {
+        match self {
+            Ok(v) => v,
+            Err(e) => e.into().raise(),
+        }
+    }
+}

@@ -1,0 +1,74 @@
+//! Every configuration parameter of byok_pg, in one place.
+
+use std::ffi::{CStr, CString};
+
+use pgrx::{GucContext, GucFlags, GucRegistry, GucSetting};
+
+/// `byok.tenant` (any user, per session or transaction): when set, this session
+/// may only encrypt for and decrypt values of this tenant; anything else fails
+/// with SQLSTATE 42501. Applications set it per connection or per transaction
+/// (`SET LOCAL byok.tenant = 'tenant_12345'`) as a guard against cross-tenant reads.
+pub static TENANT: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
+
+/// `byok.local_master_key_file` (superuser only): path of the `local` provider's
+/// root secret. Empty (the default) means `byok_local_master.key` in the data
+/// directory, created with mode 0600 the first time a local tenant is configured.
+pub static LOCAL_MASTER_KEY_FILE: GucSetting<Option<CString>> =
+    GucSetting::<Option<CString>>::new(None);
+
+/// `byok.backend_cache_max_entries` (superuser only): upper bound on the data
+/// keys one backend keeps ready, across all tenants; each tenant's own
+/// `cache_config.max_entries` applies within it.
+pub static BACKEND_CACHE_MAX_ENTRIES: GucSetting<i32> = GucSetting::<i32>::new(10_000);
+
+pub fn init() {
+    GucRegistry::define_string_guc(
+        c"byok.tenant",
+        c"Restricts this session to one tenant's data.",
+        c"When set, encrypting for or decrypting values of any other tenant fails with SQLSTATE 42501.",
+        &TENANT,
+        GucContext::Userset,
+        GucFlags::default(),
+    );
+    GucRegistry::define_string_guc(
+        c"byok.local_master_key_file",
+        c"Path of the local key provider's master key file.",
+        c"Empty means byok_local_master.key in the data directory, created with mode 0600 on first use.",
+        &LOCAL_MASTER_KEY_FILE,
+        GucContext::Suset,
+        GucFlags::SUPERUSER_ONLY,
+    );
+    GucRegistry::define_int_guc(
+        c"byok.backend_cache_max_entries",
+        c"Most data keys one backend keeps ready, across all tenants.",
+        c"Each tenant's cache_config.max_entries applies within this bound.",
+        &BACKEND_CACHE_MAX_ENTRIES,
+        1,
+        1_000_000,
+        GucContext::Suset,
+        GucFlags::default(),
+    );
+}
+
+/// The session's tenant restriction, read in place (no copy: this is on the per-row path).
+#[inline]
+pub fn session_tenant() -> Option<&'static CStr> {
+    // SAFETY: the GUC machinery owns the string and only replaces it between
+    // statements; we never hold the reference across one.
+    unsafe {
+        let raw = *TENANT.as_ptr();
+        if raw.is_null() {
+            return None;
+        }
+        let value = CStr::from_ptr(raw);
+        if value.is_empty() { None } else { Some(value) }
+    }
+}
+
+/// The configured local master key file, if one is set.
+pub fn local_master_key_file() -> Option<String> {
+    LOCAL_MASTER_KEY_FILE
+        .get()
+        .map(|s| s.to_string_lossy().into_owned())
+        .filter(|s| !s.is_empty())
+}

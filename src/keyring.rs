@@ -1,0 +1,230 @@
+//! The backend's ready data keys (L1) and the per-row seal/open paths.
+//!
+//! A hit is a hash lookup, a clock read and the AES-GCM work itself: no SPI,
+//! no provider call, no allocation. A miss reads the catalog (SPI), asks the
+//! tenant's key provider to unwrap the data key, and caches the expanded
+//! cipher under the tenant's `cache_config` limits. Any change to the catalog
+//! reaches every backend as a relcache invalidation at commit, which drops all
+//! ready keys here before the next use.
+
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use byok_core::cache::{CacheLimits, CacheStats, KeyCache};
+use byok_core::config::check_tenant_id;
+use byok_core::crypto::{CryptoError, DekCipher};
+use byok_core::envelope::Envelope;
+use byok_kms::KeyContext;
+
+use crate::catalog::{self, KeyState};
+use crate::errors::ByokError;
+use crate::gucs;
+use crate::providers;
+
+struct ActiveKey {
+    dek_id: u64,
+    expires_at: Instant,
+}
+
+struct KeyRing {
+    ciphers: KeyCache<DekCipher>,
+    /// tenant id -> its active data key, so encrypt finds its key without SPI.
+    active: HashMap<Box<str>, ActiveKey>,
+}
+
+thread_local! {
+    static RING: RefCell<KeyRing> = RefCell::new(KeyRing {
+        ciphers: KeyCache::new(gucs::BACKEND_CACHE_MAX_ENTRIES.get() as usize),
+        active: HashMap::new(),
+    });
+    /// Set by the invalidation callback, which must not touch the ring itself
+    /// (it can run while the ring is borrowed).
+    static STALE: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Marks every ready key stale; they are dropped (and zeroized) before next use.
+pub fn invalidate_all() {
+    STALE.with(|s| s.set(true));
+}
+
+impl KeyRing {
+    #[inline]
+    fn sync_invalidations(&mut self) {
+        if STALE.with(|s| s.replace(false)) {
+            self.ciphers.clear();
+            self.active.clear();
+            self.ciphers
+                .set_capacity(gucs::BACKEND_CACHE_MAX_ENTRIES.get() as usize);
+        }
+    }
+}
+
+/// Fails if `byok.tenant` restricts this session to another tenant.
+#[inline]
+fn check_session_tenant_for_decrypt(tenant_id: &str) -> Result<(), ByokError> {
+    match gucs::session_tenant() {
+        Some(session) if session.to_bytes() != tenant_id.as_bytes() => {
+            Err(ByokError::TenantMismatchOnDecrypt {
+                session: session.to_string_lossy().into_owned(),
+            })
+        }
+        _ => Ok(()),
+    }
+}
+
+#[inline]
+fn check_session_tenant_for_encrypt(tenant_id: &str) -> Result<(), ByokError> {
+    match gucs::session_tenant() {
+        Some(session) if session.to_bytes() != tenant_id.as_bytes() => {
+            Err(ByokError::TenantMismatchOnEncrypt {
+                requested: tenant_id.to_string(),
+                session: session.to_string_lossy().into_owned(),
+            })
+        }
+        _ => Ok(()),
+    }
+}
+
+fn crypto_error(dek_id: u64, e: CryptoError) -> ByokError {
+    match e {
+        CryptoError::AuthenticationFailed | CryptoError::WrongKey { .. } => {
+            ByokError::AuthenticationFailed { dek_id }
+        }
+        other => ByokError::Internal(other.to_string()),
+    }
+}
+
+/// Opens `envelope` into `out` (exactly `envelope.plaintext_len()` bytes).
+pub fn open(envelope: &Envelope<'_>, context: &[u8], out: &mut [u8]) -> Result<(), ByokError> {
+    let dek_id = envelope.dek_id();
+    let now = Instant::now();
+    let open_with = |cipher: &DekCipher, out: &mut [u8]| -> Result<(), ByokError> {
+        check_session_tenant_for_decrypt(cipher.tenant_id())?;
+        cipher
+            .open_into(envelope, context, out)
+            .map_err(|e| crypto_error(dek_id, e))
+    };
+    let hit = RING.with_borrow_mut(|ring| {
+        ring.sync_invalidations();
+        ring.ciphers
+            .get(dek_id, now)
+            .map(|cipher| open_with(cipher, &mut *out))
+    });
+    if let Some(result) = hit {
+        return result;
+    }
+    let (cipher, limits) = load_cipher(dek_id)?;
+    let result = open_with(&cipher, out);
+    RING.with_borrow_mut(|ring| {
+        ring.sync_invalidations();
+        let tenant: Box<str> = cipher.tenant_id().into();
+        ring.ciphers.insert(dek_id, &tenant, cipher, limits, now);
+    });
+    result
+}
+
+/// Seals `plaintext` for `tenant_id` into `out` (exactly `sealed_len(plaintext.len())` bytes).
+pub fn seal(
+    tenant_id: &str,
+    plaintext: &[u8],
+    context: &[u8],
+    out: &mut [u8],
+) -> Result<(), ByokError> {
+    check_session_tenant_for_encrypt(tenant_id)?;
+    let now = Instant::now();
+    let hit = RING.with_borrow_mut(|ring| {
+        ring.sync_invalidations();
+        let active = ring.active.get(tenant_id).filter(|a| a.expires_at > now)?;
+        let dek_id = active.dek_id;
+        let cipher = ring.ciphers.get(dek_id, now)?;
+        Some(
+            cipher
+                .seal_into(plaintext, context, &mut *out)
+                .map_err(|e| crypto_error(dek_id, e)),
+        )
+    });
+    if let Some(result) = hit {
+        return result;
+    }
+
+    // Miss: find the tenant's active key, make sure its cipher is ready, remember both.
+    check_tenant_id(tenant_id).map_err(|problem| ByokError::InvalidArgument {
+        message: format!("invalid tenant id: {problem}"),
+        hint: None,
+    })?;
+    let info = catalog::load_tenant_key_info(tenant_id)?
+        .ok_or_else(|| ByokError::UnknownTenant(tenant_id.to_string()))?;
+    let dek_id = info
+        .active_dek_id
+        .ok_or_else(|| ByokError::NoActiveDataKey(tenant_id.to_string()))?;
+    let cached = RING.with_borrow_mut(|ring| {
+        ring.sync_invalidations();
+        ring.ciphers.get(dek_id, now).map(|cipher| {
+            cipher
+                .seal_into(plaintext, context, &mut *out)
+                .map_err(|e| crypto_error(dek_id, e))
+        })
+    });
+    let result = match cached {
+        Some(result) => result,
+        None => {
+            let (cipher, limits) = load_cipher(dek_id)?;
+            let result = cipher
+                .seal_into(plaintext, context, out)
+                .map_err(|e| crypto_error(dek_id, e));
+            RING.with_borrow_mut(|ring| {
+                ring.ciphers.insert(dek_id, tenant_id, cipher, limits, now)
+            });
+            result
+        }
+    };
+    RING.with_borrow_mut(|ring| {
+        ring.active.insert(
+            tenant_id.into(),
+            ActiveKey {
+                dek_id,
+                expires_at: now + Duration::from_secs(info.cache_ttl_seconds as u64),
+            },
+        );
+    });
+    result
+}
+
+/// Reads, checks and unwraps data key `dek_id` into a ready cipher.
+fn load_cipher(dek_id: u64) -> Result<(DekCipher, CacheLimits), ByokError> {
+    let record = catalog::load_data_key(dek_id)?.ok_or(ByokError::UnknownDataKey(dek_id))?;
+    // Refuse before asking the key manager for anything.
+    check_session_tenant_for_decrypt(&record.tenant_id)?;
+    match record.state {
+        KeyState::Destroyed => return Err(ByokError::KeyDestroyed(dek_id)),
+        KeyState::Retired => return Err(ByokError::KeyRetired(dek_id)),
+        KeyState::Active | KeyState::DecryptOnly => {}
+    }
+    let wrapped = record
+        .wrapped
+        .as_ref()
+        .ok_or(ByokError::KeyDestroyed(dek_id))?;
+    let provider = providers::provider(record.provider, false)?;
+    let context = KeyContext {
+        tenant_id: &record.tenant_id,
+        dek_id,
+    };
+    // `dek` is zeroized when it goes out of scope; only the key schedule is kept.
+    let dek = provider.unwrap(wrapped, &context)?;
+    let cipher = DekCipher::new(dek_id, &record.tenant_id, &dek)
+        .map_err(|e| ByokError::Internal(e.to_string()))?;
+    let limits = CacheLimits {
+        ttl: Duration::from_secs(record.cache_ttl_seconds as u64),
+        max_entries: record.cache_max_entries as usize,
+    };
+    Ok((cipher, limits))
+}
+
+/// Counters and size of this backend's cache.
+pub fn stats() -> (usize, CacheStats) {
+    RING.with_borrow_mut(|ring| {
+        ring.sync_invalidations();
+        (ring.ciphers.len(), ring.ciphers.stats())
+    })
+}

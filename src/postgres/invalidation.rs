@@ -1,0 +1,61 @@
+//! Keeping every backend's ready keys in step with the catalog.
+//!
+//! A statement trigger on the catalog tables sends a relcache invalidation for
+//! the table it fired on. PostgreSQL delivers it to every backend when the
+//! transaction commits (and to this one at the next command), where
+//! [`relcache_callback`] marks the key ring stale. Changes made by hand with
+//! plain SQL are covered too, and an aborted change invalidates nothing.
+
+use pgrx::pg_sys;
+use pgrx::prelude::*;
+
+use crate::postgres::fmgr::pg_function_info_v1;
+use crate::{catalog, keyring};
+
+pub fn register() {
+    unsafe {
+        pg_sys::CacheRegisterRelcacheCallback(Some(relcache_callback), pg_sys::Datum::from(0))
+    };
+}
+
+/// Runs inside invalidation processing: it must not error or allocate, so it only sets flags.
+#[pg_guard]
+unsafe extern "C-unwind" fn relcache_callback(_arg: pg_sys::Datum, relid: pg_sys::Oid) {
+    let ours = match catalog::known_catalog_ids() {
+        // Nothing cached yet that could be stale, unless everything is being reset.
+        None => relid == pg_sys::InvalidOid,
+        Some(ids) => {
+            relid == pg_sys::InvalidOid
+                || relid == ids.tenant_config
+                || relid == ids.wrapped_data_keys
+        }
+    };
+    if ours {
+        keyring::invalidate_all();
+        catalog::forget_catalog_ids();
+    }
+}
+
+pg_function_info_v1!(byok_invalidate_key_caches);
+
+/// `byok.invalidate_key_caches()`: the statement trigger on the catalog tables.
+#[pg_guard]
+#[unsafe(no_mangle)]
+pub unsafe extern "C-unwind" fn byok_invalidate_key_caches(
+    fcinfo: pg_sys::FunctionCallInfo,
+) -> pg_sys::Datum {
+    unsafe {
+        let context = (*fcinfo).context;
+        if context.is_null() || (*context).type_ != pg_sys::NodeTag::T_TriggerData {
+            ereport!(
+                ERROR,
+                PgSqlErrorCode::ERRCODE_E_R_I_E_TRIGGER_PROTOCOL_VIOLATED,
+                "byok.invalidate_key_caches() may only be called as a trigger"
+            );
+        }
+        let trigger = context.cast::<pg_sys::TriggerData>();
+        pg_sys::CacheInvalidateRelcacheByRelid((*(*trigger).tg_relation).rd_id);
+        keyring::invalidate_all();
+        pg_sys::Datum::from(0)
+    }
+}
