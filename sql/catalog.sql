@@ -82,3 +82,4 @@ COMMENT ON VIEW byok.data_keys IS 'Data keys and their states (no key material)'
 -- encrypt/decrypt functions, which read it with the extension owner's rights.
 REVOKE ALL ON byok.tenant_config, byok.wrapped_data_keys, byok.data_key_id_seq FROM PUBLIC;
 REVOKE ALL ON byok.tenants, byok.data_keys FROM PUBLIC;
+GRANT USAGE ON SCHEMA byok TO PUBLIC;

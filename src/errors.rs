@@ -113,8 +113,7 @@ impl ByokError {
                 ERRCODE_UNDEFINED_OBJECT,
                 format!("data key {id} does not exist"),
             )
-            .set_detail("the value was sealed under a data key this database does not have")
-            .set_hint("was the value copied from another database, or its catalog not restored?"),
+            .set_hint("see byok.data_keys; a value naming a missing key was copied from another database, or the key catalog was not restored with it"),
             ByokError::NoActiveDataKey(t) => report(
                 ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
                 format!("tenant \"{t}\" has no active data key"),

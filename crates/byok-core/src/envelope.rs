@@ -158,9 +158,14 @@ pub fn decode_text(text: &str) -> Result<Vec<u8>, TextError> {
     let body = text
         .strip_prefix(TEXT_PREFIX)
         .ok_or(TextError::MissingPrefix)?;
-    let bytes = BASE64
-        .decode(body.as_bytes())
-        .map_err(|e| TextError::InvalidBase64(e.to_string()))?;
+    // PostgreSQL's encode(..., 'base64') breaks lines every 76 characters; accept that.
+    let bytes = if body.bytes().any(|b| b.is_ascii_whitespace()) {
+        let compact: Vec<u8> = body.bytes().filter(|b| !b.is_ascii_whitespace()).collect();
+        BASE64.decode(compact)
+    } else {
+        BASE64.decode(body.as_bytes())
+    }
+    .map_err(|e| TextError::InvalidBase64(e.to_string()))?;
     Envelope::parse(&bytes)?;
     Ok(bytes)
 }
@@ -232,6 +237,14 @@ mod tests {
             assert_eq!(text.len(), text_len(bytes.len()));
             assert_eq!(decode_text(&text).unwrap(), bytes);
         }
+    }
+
+    #[test]
+    fn line_broken_base64_is_accepted() {
+        let bytes = sample(100);
+        let text = encode_text(&bytes);
+        let (head, tail) = text.split_at(40);
+        assert_eq!(decode_text(&format!("{head}\n{tail}\n")).unwrap(), bytes);
     }
 
     #[test]

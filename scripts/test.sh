@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# Runs every test: the Rust unit tests of the core crates, the golden pg_regress
+# suite, and the scripted multi-session tests. Sets up what it needs first.
+# Usage: bash scripts/test.sh            (as root or as a user who can install into PostgreSQL)
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+cd "$BYOK_ROOT"
+
+passed=0
+failed=0
+failures=()
+record() { # record NAME STATUS
+    if [ "$2" -eq 0 ]; then passed=$((passed + 1)); echo "PASS: $1"
+    else failed=$((failed + 1)); failures+=("$1"); echo "FAIL: $1"; fi
+}
+
+ensure_toolchain
+
+log "style: cargo fmt --check, cargo clippy"
+status=0; cargo fmt --all --check || status=$?
+record "cargo fmt" $status
+status=0; cargo clippy --workspace --all-targets --quiet -- -D warnings || status=$?
+record "cargo clippy" $status
+
+log "unit tests: byok-core, byok-kms (no PostgreSQL)"
+status=0; cargo test -p byok-core -p byok-kms --release 2>&1 | tee "$BYOK_WORK.cargo-test.log" | grep -E "^test result|FAILED|panicked" || status=$?
+grep -q "FAILED\|error:" "$BYOK_WORK.cargo-test.log" && status=1
+record "cargo test (core, kms)" $status
+
+install_extension
+
+log "pg_regress: tests/pg_regress"
+start_cluster regress 54330
+psql_at regress 54330 -d postgres -q -c "CREATE DATABASE byok_regress"
+rm -rf "$BYOK_WORK/regress-out"; mkdir -p "$BYOK_WORK/regress-out"
+tests=$(cd tests/pg_regress/sql && ls *.sql | sed 's/\.sql$//' | sort)
+status=0
+PGOPTIONS="-c client_min_messages=warning" \
+"/usr/lib/postgresql/${PG_MAJOR}/lib/pgxs/src/test/regress/pg_regress" \
+    --use-existing --host="$BYOK_WORK/regress" --port=54330 --user=postgres \
+    --dbname=byok_regress --bindir="$PG_BIN" \
+    --inputdir=tests/pg_regress --outputdir="$BYOK_WORK/regress-out" \
+    $tests || status=$?
+if [ $status -ne 0 ] && [ -f "$BYOK_WORK/regress-out/regression.diffs" ]; then
+    head -200 "$BYOK_WORK/regress-out/regression.diffs"
+fi
+record "pg_regress" $status
+stop_cluster regress
+
+for script in tests/scripts/*.sh; do
+    log "scripted: $script"
+    status=0; bash "$script" || status=$?
+    record "$(basename "$script" .sh)" $status
+done
+
+echo
+[ $failed -eq 0 ] || printf 'failed: %s\n' "${failures[@]}"
+echo "$passed passed, $failed failed"
+[ $failed -eq 0 ]

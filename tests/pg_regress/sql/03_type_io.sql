@@ -1,0 +1,49 @@
+\set VERBOSITY default
+\set SHOW_CONTEXT never
+-- The text form is "byok:" followed by base64 of the sealed bytes, so values survive
+-- COPY, pg_dump and any text channel; binary COPY carries the raw bytes.
+SELECT left(byok.encrypt_text('tenant_12345', 'x')::text, 5) AS prefix;
+
+-- Malformed literals are refused with the reason (SQLSTATE 22P02), never a crash.
+SELECT 'hello'::byok.encrypted;
+\echo SQLSTATE :LAST_ERROR_SQLSTATE
+SELECT ''::byok.encrypted;
+\echo SQLSTATE :LAST_ERROR_SQLSTATE
+SELECT 'byok:***'::byok.encrypted;
+\echo SQLSTATE :LAST_ERROR_SQLSTATE
+SELECT 'byok:AAAA'::byok.encrypted;
+\echo SQLSTATE :LAST_ERROR_SQLSTATE
+SELECT ('byok:' || encode('\x02'::bytea || decode(repeat('00', 40), 'hex'), 'base64'))::byok.encrypted;
+\echo SQLSTATE :LAST_ERROR_SQLSTATE
+SELECT ('byok:' || encode('\x0107'::bytea || decode(repeat('00', 40), 'hex'), 'base64'))::byok.encrypted;
+\echo SQLSTATE :LAST_ERROR_SQLSTATE
+SELECT ('byok:' || encode('\x0101'::bytea || decode(repeat('00', 40), 'hex'), 'base64'))::byok.encrypted;
+\echo SQLSTATE :LAST_ERROR_SQLSTATE
+
+-- COPY out and back in, in text and in binary: every value still opens.
+CREATE TABLE notes (id int, body byok.encrypted);
+INSERT INTO notes SELECT g, byok.encrypt_text('tenant_12345', 'note ' || g, 'notes.body')
+  FROM generate_series(1, 100) g;
+CREATE TABLE notes_text (LIKE notes);
+CREATE TABLE notes_binary (LIKE notes);
+COPY notes TO '/tmp/byok_pg_regress_notes.txt';
+COPY notes_text FROM '/tmp/byok_pg_regress_notes.txt';
+COPY notes TO '/tmp/byok_pg_regress_notes.bin' WITH (FORMAT binary);
+COPY notes_binary FROM '/tmp/byok_pg_regress_notes.bin' WITH (FORMAT binary);
+SELECT count(*) FILTER (WHERE byok.decrypt_text(t.body, 'notes.body') = 'note ' || t.id) AS text_ok,
+       count(*) FILTER (WHERE byok.decrypt_text(b.body, 'notes.body') = 'note ' || b.id) AS binary_ok,
+       count(*) FILTER (WHERE t.body::text = n.body::text AND b.body::text = n.body::text) AS identical
+  FROM notes n JOIN notes_text t USING (id) JOIN notes_binary b USING (id);
+
+-- Binary input checks the structure too: a binary COPY file holding a 10-byte
+-- value is refused (SQLSTATE 22P03). (The file is written through perl.)
+COPY (SELECT encode('\x5047434f50590aff0d0a00'::bytea   -- signature
+                 || '\x0000000000000000'::bytea         -- flags, header extension
+                 || '\x0001'::bytea || '\x0000000a'::bytea -- one field of 10 bytes
+                 || '\x01010000000000000001'::bytea     -- version, algorithm, key id: nothing else
+                 || '\xffff'::bytea, 'hex'))
+  TO PROGRAM 'perl -ne ''chomp; print pack("H*", $_)'' > /tmp/byok_pg_regress_short.bin';
+CREATE TABLE one_value (v byok.encrypted);
+COPY one_value FROM '/tmp/byok_pg_regress_short.bin' WITH (FORMAT binary);
+\echo SQLSTATE :LAST_ERROR_SQLSTATE
+SELECT count(*) AS loaded FROM one_value;
