@@ -7,13 +7,14 @@
 //! reaches every backend as a relcache invalidation at commit, which drops all
 //! ready keys here before the next use.
 
-use std::cell::{Cell, RefCell};
+use std::cell::RefCell;
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use byok_core::cache::{CacheLimits, CacheStats, KeyCache};
 use byok_core::config::check_tenant_id;
-use byok_core::crypto::{CryptoError, DekCipher};
+use byok_core::crypto::{CryptoError, DekCipher, NoncePool};
 use byok_core::envelope::Envelope;
 use byok_kms::KeyContext;
 
@@ -33,25 +34,53 @@ struct KeyRing {
     active: HashMap<Box<str>, ActiveKey>,
 }
 
-thread_local! {
-    static RING: RefCell<KeyRing> = RefCell::new(KeyRing {
-        ciphers: KeyCache::new(gucs::BACKEND_CACHE_MAX_ENTRIES.get() as usize),
-        active: HashMap::new(),
-    });
-    /// Set by the invalidation callback, which must not touch the ring itself
-    /// (it can run while the ring is borrowed).
-    static STALE: Cell<bool> = const { Cell::new(false) };
+/// The backend's key state. PostgreSQL runs a backend's SQL functions on one
+/// thread, so a plain static with interior mutability is enough, and it avoids
+/// the thread-local lookup a shared library pays on every access.
+struct BackendCell<T>(RefCell<T>);
+
+// SAFETY: only the backend's main thread calls into this module (SQL functions,
+// invalidation callbacks); no other thread ever reaches these statics.
+unsafe impl<T> Sync for BackendCell<T> {}
+
+impl<T> BackendCell<T> {
+    #[inline]
+    fn with_borrow_mut<R>(&self, f: impl FnOnce(&mut T) -> R) -> R {
+        f(&mut self.0.borrow_mut())
+    }
+}
+
+static RING: BackendCell<Option<KeyRing>> = BackendCell(RefCell::new(None));
+static NONCES: BackendCell<Option<NoncePool>> = BackendCell(RefCell::new(None));
+
+/// Set by the invalidation callback, which must not touch the ring itself
+/// (it can run while the ring is borrowed).
+static STALE: AtomicBool = AtomicBool::new(false);
+
+impl BackendCell<Option<KeyRing>> {
+    #[inline]
+    fn with_ring<R>(&self, f: impl FnOnce(&mut KeyRing) -> R) -> R {
+        self.with_borrow_mut(|ring| {
+            let ring = ring.get_or_insert_with(|| KeyRing {
+                ciphers: KeyCache::new(gucs::BACKEND_CACHE_MAX_ENTRIES.get() as usize),
+                active: HashMap::new(),
+            });
+            ring.sync_invalidations();
+            f(ring)
+        })
+    }
 }
 
 /// Marks every ready key stale; they are dropped (and zeroized) before next use.
 pub fn invalidate_all() {
-    STALE.with(|s| s.set(true));
+    STALE.store(true, Ordering::Relaxed);
 }
 
 impl KeyRing {
     #[inline]
     fn sync_invalidations(&mut self) {
-        if STALE.with(|s| s.replace(false)) {
+        if STALE.load(Ordering::Relaxed) {
+            STALE.store(false, Ordering::Relaxed);
             self.ciphers.clear();
             self.active.clear();
             self.ciphers
@@ -86,6 +115,23 @@ fn check_session_tenant_for_encrypt(tenant_id: &str) -> Result<(), ByokError> {
     }
 }
 
+/// Seals with a nonce from this process's pool of OS CSPRNG output. The pool is
+/// owned by the backend's pid, so a process forked from one that used it
+/// (which PostgreSQL does not do, but nothing here relies on that) refills it.
+#[inline]
+fn seal_with(
+    cipher: &DekCipher,
+    plaintext: &[u8],
+    context: &[u8],
+    out: &mut [u8],
+) -> Result<(), CryptoError> {
+    let owner = unsafe { pgrx::pg_sys::MyProcPid } as u64;
+    NONCES.with_borrow_mut(|pool| {
+        let pool = pool.get_or_insert_with(NoncePool::default);
+        cipher.seal_into_with(plaintext, context, out, |nonce| pool.fill(owner, nonce))
+    })
+}
+
 fn crypto_error(dek_id: u64, e: CryptoError) -> ByokError {
     match e {
         CryptoError::AuthenticationFailed | CryptoError::WrongKey { .. } => {
@@ -105,8 +151,7 @@ pub fn open(envelope: &Envelope<'_>, context: &[u8], out: &mut [u8]) -> Result<(
             .open_into(envelope, context, out)
             .map_err(|e| crypto_error(dek_id, e))
     };
-    let hit = RING.with_borrow_mut(|ring| {
-        ring.sync_invalidations();
+    let hit = RING.with_ring(|ring| {
         ring.ciphers
             .get(dek_id, now)
             .map(|cipher| open_with(cipher, &mut *out))
@@ -116,8 +161,7 @@ pub fn open(envelope: &Envelope<'_>, context: &[u8], out: &mut [u8]) -> Result<(
     }
     let (cipher, limits) = load_cipher(dek_id)?;
     let result = open_with(&cipher, out);
-    RING.with_borrow_mut(|ring| {
-        ring.sync_invalidations();
+    RING.with_ring(|ring| {
         let tenant: Box<str> = cipher.tenant_id().into();
         ring.ciphers.insert(dek_id, &tenant, cipher, limits, now);
     });
@@ -133,16 +177,11 @@ pub fn seal(
 ) -> Result<(), ByokError> {
     check_session_tenant_for_encrypt(tenant_id)?;
     let now = Instant::now();
-    let hit = RING.with_borrow_mut(|ring| {
-        ring.sync_invalidations();
+    let hit = RING.with_ring(|ring| {
         let active = ring.active.get(tenant_id).filter(|a| a.expires_at > now)?;
         let dek_id = active.dek_id;
         let cipher = ring.ciphers.get(dek_id, now)?;
-        Some(
-            cipher
-                .seal_into(plaintext, context, &mut *out)
-                .map_err(|e| crypto_error(dek_id, e)),
-        )
+        Some(seal_with(cipher, plaintext, context, &mut *out).map_err(|e| crypto_error(dek_id, e)))
     });
     if let Some(result) = hit {
         return result;
@@ -158,28 +197,22 @@ pub fn seal(
     let dek_id = info
         .active_dek_id
         .ok_or_else(|| ByokError::NoActiveDataKey(tenant_id.to_string()))?;
-    let cached = RING.with_borrow_mut(|ring| {
-        ring.sync_invalidations();
+    let cached = RING.with_ring(|ring| {
         ring.ciphers.get(dek_id, now).map(|cipher| {
-            cipher
-                .seal_into(plaintext, context, &mut *out)
-                .map_err(|e| crypto_error(dek_id, e))
+            seal_with(cipher, plaintext, context, &mut *out).map_err(|e| crypto_error(dek_id, e))
         })
     });
     let result = match cached {
         Some(result) => result,
         None => {
             let (cipher, limits) = load_cipher(dek_id)?;
-            let result = cipher
-                .seal_into(plaintext, context, out)
-                .map_err(|e| crypto_error(dek_id, e));
-            RING.with_borrow_mut(|ring| {
-                ring.ciphers.insert(dek_id, tenant_id, cipher, limits, now)
-            });
+            let result =
+                seal_with(&cipher, plaintext, context, out).map_err(|e| crypto_error(dek_id, e));
+            RING.with_ring(|ring| ring.ciphers.insert(dek_id, tenant_id, cipher, limits, now));
             result
         }
     };
-    RING.with_borrow_mut(|ring| {
+    RING.with_ring(|ring| {
         ring.active.insert(
             tenant_id.into(),
             ActiveKey {
@@ -223,8 +256,5 @@ fn load_cipher(dek_id: u64) -> Result<(DekCipher, CacheLimits), ByokError> {
 
 /// Counters and size of this backend's cache.
 pub fn stats() -> (usize, CacheStats) {
-    RING.with_borrow_mut(|ring| {
-        ring.sync_invalidations();
-        (ring.ciphers.len(), ring.ciphers.stats())
-    })
+    RING.with_ring(|ring| (ring.ciphers.len(), ring.ciphers.stats()))
 }

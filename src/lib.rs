@@ -38,8 +38,27 @@ REVOKE EXECUTE ON FUNCTION byok.destroy_data_key(bigint, bigint) FROM PUBLIC;
 
 #[pg_guard]
 pub extern "C-unwind" fn _PG_init() {
+    check_cpu();
     gucs::init();
     postgres::invalidation::register();
+}
+
+/// x86-64 builds use AES-NI, PCLMULQDQ and AVX2 directly (see .cargo/config.toml).
+fn check_cpu() {
+    #[cfg(all(target_arch = "x86_64", target_feature = "aes"))]
+    {
+        let ok = std::arch::is_x86_feature_detected!("aes")
+            && std::arch::is_x86_feature_detected!("pclmulqdq")
+            && std::arch::is_x86_feature_detected!("avx2");
+        if !ok {
+            pgrx::ereport!(
+                ERROR,
+                PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
+                "this build of byok_pg needs a CPU with AES-NI, PCLMULQDQ and AVX2",
+                "rebuild it for this CPU with CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUSTFLAGS=\"\" cargo pgrx install"
+            );
+        }
+    }
 }
 
 #[cfg(test)]

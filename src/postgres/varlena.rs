@@ -2,7 +2,9 @@
 //! Rust-side copy.
 
 use pgrx::pg_sys;
-use pgrx::varlena::{set_varsize_4b, vardata_any, varsize_any_exhdr};
+use pgrx::varlena::{
+    set_varsize_4b, varatt_is_1b_e, varatt_is_4b_c, vardata_any, varsize_any_exhdr,
+};
 
 /// The bytes of a varlena datum (text, bytea, byok.encrypted), detoasted only when
 /// it is compressed or stored out of line. The slice lives as long as the current
@@ -13,7 +15,13 @@ use pgrx::varlena::{set_varsize_4b, vardata_any, varsize_any_exhdr};
 #[inline(always)]
 pub unsafe fn datum_bytes<'a>(datum: pg_sys::Datum) -> &'a [u8] {
     unsafe {
-        let varlena = pg_sys::pg_detoast_datum_packed(datum.cast_mut_ptr());
+        let mut varlena = datum.cast_mut_ptr::<pg_sys::varlena>();
+        // What PG_DETOAST_DATUM_PACKED does, with its test inline: only compressed or
+        // out-of-line values need the call into PostgreSQL, which pgrx guards with a
+        // sigsetjmp that would otherwise cost every row.
+        if varatt_is_1b_e(varlena) || varatt_is_4b_c(varlena) {
+            varlena = pg_sys::pg_detoast_datum_packed(varlena);
+        }
         std::slice::from_raw_parts(
             vardata_any(varlena).cast::<u8>(),
             varsize_any_exhdr(varlena),

@@ -332,12 +332,15 @@ impl TenantConfig {
     }
 }
 
+/// A located section: its dotted path and its object.
+type Section<'a> = (String, &'a Map<String, Value>);
+
 /// A section that may sit under `encryption` (the guide's place) or at the top level.
 fn section<'a>(
     root: &'a Map<String, Value>,
     encryption: &'a Map<String, Value>,
     name: &str,
-) -> Result<Option<(String, &'a Map<String, Value>)>, ConfigError> {
+) -> Result<Option<Section<'a>>, ConfigError> {
     let (path, value) = match (encryption.get(name), root.get(name)) {
         (Some(_), Some(_)) => {
             return Err(err(
@@ -535,7 +538,8 @@ mod tests {
 
     #[test]
     fn each_bad_field_is_named() {
-        let cases: Vec<(fn(&mut Value), &str)> = vec![
+        type Mutation = fn(&mut Value);
+        let cases: Vec<(Mutation, &str)> = vec![
             (|d| d["tenant_id"] = json!(""), "tenant_id"),
             (
                 |d| d["tenant_id"] = json!("a'; drop table x; --"),

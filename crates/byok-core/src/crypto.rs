@@ -19,8 +19,8 @@ pub const DEK_LEN: usize = 32;
 pub const MAX_TENANT_ID_LEN: usize = 128;
 
 /// AADs up to this size are built on the stack, so sealing with an ordinary
-/// context does not allocate.
-const STACK_AAD_LEN: usize = 512;
+/// context does not allocate. Small, because the buffer is zeroed on every call.
+const STACK_AAD_LEN: usize = 160;
 
 /// A plaintext data key. Zeroized when dropped; never printed.
 #[derive(Clone, Zeroize, ZeroizeOnDrop, PartialEq, Eq)]
@@ -111,6 +111,20 @@ impl DekCipher {
         context: &[u8],
         out: &mut [u8],
     ) -> Result<(), CryptoError> {
+        self.seal_into_with(plaintext, context, out, |nonce| {
+            getrandom::fill(nonce).map_err(|_| CryptoError::RandomUnavailable)
+        })
+    }
+
+    /// As [`seal_into`](Self::seal_into), with the nonce drawn by `fill_nonce`
+    /// (for example from a [`NoncePool`]). It must never repeat under one key.
+    pub fn seal_into_with(
+        &self,
+        plaintext: &[u8],
+        context: &[u8],
+        out: &mut [u8],
+        fill_nonce: impl FnOnce(&mut [u8]) -> Result<(), CryptoError>,
+    ) -> Result<(), CryptoError> {
         if out.len() != envelope::sealed_len(plaintext.len()) {
             return Err(CryptoError::BadOutputLength);
         }
@@ -118,7 +132,7 @@ impl DekCipher {
         let (nonce, rest) = rest.split_at_mut(NONCE_LEN);
         let (body, tag_out) = rest.split_at_mut(plaintext.len());
         header.copy_from_slice(&self.header);
-        getrandom::fill(nonce).map_err(|_| CryptoError::RandomUnavailable)?;
+        fill_nonce(nonce)?;
         let nonce = Nonce::try_from(&*nonce).expect("NONCE_LEN is 12");
         let buffer = InOutBuf::new(plaintext, body).expect("lengths are equal");
         let tag = self.with_aad(context, |aad| {
@@ -198,6 +212,46 @@ impl DekCipher {
             fill(&mut heap);
             f(&heap)
         }
+    }
+}
+
+/// Nonces from the OS CSPRNG, read 4 KiB at a time instead of one system call
+/// per value. GCM needs nonces that never repeat under a key, not secret ones;
+/// what could repeat them is a process fork copying the buffer, so the buffer
+/// belongs to one process (`owner`, e.g. its pid) and is discarded when asked
+/// for by another.
+pub struct NoncePool {
+    buf: [u8; NONCE_POOL_LEN],
+    pos: usize,
+    owner: u64,
+}
+
+const NONCE_POOL_LEN: usize = NONCE_LEN * 341;
+
+impl Default for NoncePool {
+    fn default() -> Self {
+        NoncePool {
+            buf: [0u8; NONCE_POOL_LEN],
+            pos: NONCE_POOL_LEN,
+            owner: 0,
+        }
+    }
+}
+
+impl NoncePool {
+    /// Fills `nonce` (12 bytes) with unused CSPRNG output owned by `owner`.
+    #[inline]
+    pub fn fill(&mut self, owner: u64, nonce: &mut [u8]) -> Result<(), CryptoError> {
+        if self.owner != owner || self.pos + NONCE_LEN > NONCE_POOL_LEN {
+            getrandom::fill(&mut self.buf).map_err(|_| CryptoError::RandomUnavailable)?;
+            self.pos = 0;
+            self.owner = owner;
+        }
+        nonce.copy_from_slice(&self.buf[self.pos..self.pos + NONCE_LEN]);
+        // Each nonce is handed out once: wipe it from the pool.
+        self.buf[self.pos..self.pos + NONCE_LEN].fill(0);
+        self.pos += NONCE_LEN;
+        Ok(())
     }
 }
 
@@ -329,6 +383,35 @@ mod tests {
             let env = Envelope::parse(&out).unwrap();
             assert!(seen.insert(*env.nonce()), "nonce repeated");
         }
+    }
+
+    #[test]
+    fn pooled_nonces_are_unique_and_a_new_owner_gets_fresh_ones() {
+        let c = cipher(1, "t");
+        let mut pool = NoncePool::default();
+        let mut seen = HashSet::new();
+        let mut out = [0u8; envelope::OVERHEAD];
+        for i in 0..100_000u64 {
+            // a change of owner (a forked child) must not replay the parent's pool
+            let owner = 1 + i / 50_000;
+            c.seal_into_with(b"", b"", &mut out, |n| pool.fill(owner, n))
+                .unwrap();
+            assert!(
+                seen.insert(*Envelope::parse(&out).unwrap().nonce()),
+                "nonce repeated at {i}"
+            );
+            assert_eq!(c.open(&out, b"").unwrap(), b"");
+        }
+        let mut child = NoncePool {
+            buf: pool.buf,
+            pos: pool.pos,
+            owner: pool.owner,
+        };
+        let mut a = [0u8; NONCE_LEN];
+        let mut b = [0u8; NONCE_LEN];
+        pool.fill(2, &mut a).unwrap();
+        child.fill(3, &mut b).unwrap();
+        assert_ne!(a, b, "a copy of the pool under a new owner must refill");
     }
 
     #[test]
