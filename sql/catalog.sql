@@ -12,8 +12,9 @@ CREATE TABLE byok.tenant_config (
     provider_options jsonb NOT NULL DEFAULT '{}',
     rotation_enabled boolean NOT NULL DEFAULT false,
     rotation_interval_days integer NOT NULL DEFAULT 90 CHECK (rotation_interval_days BETWEEN 1 AND 3650),
-    cache_ttl_seconds integer NOT NULL DEFAULT 86400 CHECK (cache_ttl_seconds >= 1),
-    cache_max_entries integer NOT NULL DEFAULT 1000 CHECK (cache_max_entries >= 1),
+    -- NULL: the server's byok.cache_ttl_seconds / byok.cache_max_entries
+    cache_ttl_seconds integer CHECK (cache_ttl_seconds >= 1),
+    cache_max_entries integer CHECK (cache_max_entries >= 1),
     cache_grace_period_seconds integer NOT NULL DEFAULT 0 CHECK (cache_grace_period_seconds >= 0),
     audit_log_all_operations boolean NOT NULL DEFAULT true,
     audit_alert_on_failures boolean NOT NULL DEFAULT true,

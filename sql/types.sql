@@ -1,3 +1,10 @@
+-- The key broker and its shared memory exist only when byok_pg is preloaded:
+-- refuse to install otherwise, saying what to add to postgresql.conf.
+CREATE FUNCTION byok.require_preload() RETURNS void
+    AS 'MODULE_PATHNAME', 'byok_require_preload' LANGUAGE C;
+SELECT byok.require_preload();
+DROP FUNCTION byok.require_preload();
+
 -- byok.encrypted: a sealed value (see crates/byok-core/src/envelope.rs for the layout).
 -- Declared by hand because it has binary send/recv and is built in place by the
 -- C functions below.

@@ -69,6 +69,15 @@ fn catalog_ids() -> Result<CatalogIds, ByokError> {
     Ok(ids)
 }
 
+/// Makes every backend of this database drop its ready keys when the current
+/// transaction commits (PostgreSQL's relcache invalidation, as the catalog
+/// trigger does).
+pub fn invalidate_everywhere() -> Result<(), ByokError> {
+    let ids = catalog_ids()?;
+    unsafe { pg_sys::CacheInvalidateRelcacheByRelid(ids.wrapped_data_keys) };
+    Ok(())
+}
+
 /// Runs `f` with the extension owner's user id (and restores the caller's
 /// afterwards, also when `f` raises an error).
 fn as_catalog_owner<R>(f: impl FnOnce() -> Result<R, ByokError>) -> Result<R, ByokError> {
@@ -101,8 +110,26 @@ pub struct DataKeyRecord {
     pub state: KeyState,
     pub provider: ProviderKind,
     pub wrapped: Option<WrappedDek>,
-    pub cache_ttl_seconds: u32,
-    pub cache_max_entries: u32,
+    /// The tenant's provider block (the broker needs it to reach the key manager).
+    pub provider_options: serde_json::Map<String, serde_json::Value>,
+    pub cache: byok_kms::protocol::CacheSettings,
+}
+
+/// A tenant's cache settings, the server's defaults filling what it leaves out.
+pub fn cache_settings(
+    ttl: Option<i32>,
+    max_entries: Option<i32>,
+    grace: Option<i32>,
+) -> byok_kms::protocol::CacheSettings {
+    byok_kms::protocol::CacheSettings {
+        ttl_seconds: ttl
+            .unwrap_or_else(|| crate::gucs::CACHE_TTL_SECONDS.get())
+            .max(1) as u32,
+        max_entries: max_entries
+            .unwrap_or_else(|| crate::gucs::CACHE_MAX_ENTRIES.get())
+            .max(1) as u32,
+        grace_period_seconds: grace.unwrap_or(0).max(0) as u32,
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -152,7 +179,8 @@ pub fn load_data_key(dek_id: u64) -> Result<Option<DataKeyRecord>, ByokError> {
             let args = [DatumWithOid::from(dek_id as i64)];
             let table = client.select(
                 "SELECT k.tenant_id, k.state, k.provider, k.wrapped_dek, k.cmk_id, k.cmk_version,
-                        t.cache_ttl_seconds, t.cache_max_entries
+                        t.cache_ttl_seconds, t.cache_max_entries, t.cache_grace_period_seconds,
+                        t.provider_options
                    FROM byok.wrapped_data_keys k
                    JOIN byok.tenant_config t ON t.tenant_id OPERATOR(pg_catalog.=) k.tenant_id
                   WHERE k.dek_id OPERATOR(pg_catalog.=) $1",
@@ -177,8 +205,11 @@ pub fn load_data_key(dek_id: u64) -> Result<Option<DataKeyRecord>, ByokError> {
                 state: state_of(&row.get::<String>(2)?.unwrap_or_default())?,
                 provider: provider_of(&row.get::<String>(3)?.unwrap_or_default())?,
                 wrapped: wrapped.transpose()?,
-                cache_ttl_seconds: row.get::<i32>(7)?.unwrap_or(1).max(1) as u32,
-                cache_max_entries: row.get::<i32>(8)?.unwrap_or(1).max(1) as u32,
+                cache: cache_settings(row.get::<i32>(7)?, row.get::<i32>(8)?, row.get::<i32>(9)?),
+                provider_options: match row.get::<pgrx::JsonB>(10)?.map(|j| j.0) {
+                    Some(serde_json::Value::Object(map)) => map,
+                    _ => serde_json::Map::new(),
+                },
             }))
         })
     })
@@ -188,7 +219,7 @@ pub fn load_data_key(dek_id: u64) -> Result<Option<DataKeyRecord>, ByokError> {
 #[derive(Debug, Clone)]
 pub struct TenantKeyInfo {
     pub active_dek_id: Option<u64>,
-    pub cache_ttl_seconds: u32,
+    pub cache: byok_kms::protocol::CacheSettings,
 }
 
 /// The tenant's active data key id, or `None` if the tenant does not exist.
@@ -197,7 +228,7 @@ pub fn load_tenant_key_info(tenant_id: &str) -> Result<Option<TenantKeyInfo>, By
         Spi::connect(|client| {
             let args = [DatumWithOid::from(tenant_id)];
             let table = client.select(
-                "SELECT k.dek_id, t.cache_ttl_seconds
+                "SELECT k.dek_id, t.cache_ttl_seconds, t.cache_max_entries, t.cache_grace_period_seconds
                    FROM byok.tenant_config t
                    LEFT JOIN byok.wrapped_data_keys k
                           ON k.tenant_id OPERATOR(pg_catalog.=) t.tenant_id
@@ -212,7 +243,7 @@ pub fn load_tenant_key_info(tenant_id: &str) -> Result<Option<TenantKeyInfo>, By
             let row = table.first();
             Ok(Some(TenantKeyInfo {
                 active_dek_id: row.get::<i64>(1)?.map(|id| id as u64),
-                cache_ttl_seconds: row.get::<i32>(2)?.unwrap_or(1).max(1) as u32,
+                cache: cache_settings(row.get::<i32>(2)?, row.get::<i32>(3)?, row.get::<i32>(4)?),
             }))
         })
     })

@@ -16,10 +16,12 @@
 //! | decrypted bytes not valid text              | 22021    |
 //! | value too large                             | 54000    |
 //! | wrapped data key does not unwrap            | 39000    |
-//! | key manager unreachable or throttling       | 58000    |
-//! | local master key file missing or bad        | F0000    |
+//! | key manager unreachable, throttling, or broker timeout | 58000 |
+//! | all broker request slots busy past the timeout | 53000 |
+//! | not loaded through shared_preload_libraries | 55000    |
+//! | local master key file malformed or readable by others | F0000 |
 
-use byok_core::config::{ConfigError, ProviderKind};
+use byok_core::config::ConfigError;
 use byok_core::envelope::{FormatError, TextError};
 use byok_kms::{ErrorKind, ProviderError};
 use pgrx::pg_sys::panic::ErrorReport;
@@ -34,7 +36,6 @@ pub enum ByokError {
         message: String,
         hint: Option<String>,
     },
-    ProviderNotAvailable(ProviderKind),
     UnknownTenant(String),
     UnknownDataKey(u64),
     NoActiveDataKey(String),
@@ -58,6 +59,15 @@ pub enum ByokError {
     NotText,
     ValueTooLarge(usize),
     MalformedValue(FormatError),
+    NotPreloaded,
+    BrokerTimeout {
+        timeout_ms: u64,
+        broker_up: bool,
+    },
+    BrokerBusy {
+        slots: usize,
+        timeout_ms: u64,
+    },
     Provider(ProviderError),
     Catalog(String),
     Internal(String),
@@ -102,11 +112,6 @@ impl ByokError {
                     None => r,
                 }
             }
-            ByokError::ProviderNotAvailable(p) => report(
-                ERRCODE_FEATURE_NOT_SUPPORTED,
-                format!("key provider \"{}\" is not available in this build of byok_pg", p.name()),
-            )
-            .set_hint("use provider \"local\", or a build that includes this provider"),
             ByokError::UnknownTenant(t) => report(ERRCODE_UNDEFINED_OBJECT, format!("tenant \"{t}\" does not exist"))
                 .set_hint("create it with byok.configure_tenant()"),
             ByokError::UnknownDataKey(id) => report(
@@ -166,6 +171,30 @@ impl ByokError {
                 format!("cannot decrypt: the stored value is malformed: {e}"),
             )
             .set_detail("the value was modified or truncated"),
+            ByokError::NotPreloaded => report(
+                ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+                "byok_pg is not loaded through shared_preload_libraries".to_string(),
+            )
+            .set_detail("the key broker and its shared memory only exist when the library is preloaded")
+            .set_hint("add byok_pg to shared_preload_libraries in postgresql.conf (shared_preload_libraries = 'byok_pg') and restart the server"),
+            ByokError::BrokerTimeout { timeout_ms, broker_up } => {
+                let r = report(
+                    ERRCODE_SYSTEM_ERROR,
+                    format!("the key broker did not answer within {timeout_ms} ms"),
+                );
+                if broker_up {
+                    r.set_detail("the key manager is slow or unreachable")
+                        .set_hint("check byok.metrics and the key manager; byok.kms_timeout_ms sets the limit")
+                } else {
+                    r.set_detail("the key broker process is not running")
+                        .set_hint("it is restarted automatically; see the server log")
+                }
+            }
+            ByokError::BrokerBusy { slots, timeout_ms } => report(
+                ERRCODE_INSUFFICIENT_RESOURCES,
+                format!("all {slots} key broker request slots stayed busy for {timeout_ms} ms"),
+            )
+            .set_hint("the key manager is slow or many keys are being fetched at once; retry, or check byok.metrics"),
             ByokError::Internal(msg) => report(ERRCODE_INTERNAL_ERROR, format!("byok_pg internal error: {msg}")),
             ByokError::Catalog(msg) => report(
                 ERRCODE_INTERNAL_ERROR,
@@ -190,6 +219,7 @@ fn provider_report(e: ProviderError) -> ErrorReport {
         ErrorKind::UnwrapFailed => ERRCODE_EXTERNAL_ROUTINE_INVOCATION_EXCEPTION,
         ErrorKind::Unavailable | ErrorKind::Throttled => ERRCODE_SYSTEM_ERROR,
         ErrorKind::Misconfigured => ERRCODE_CONFIG_FILE_ERROR,
+        ErrorKind::NotSupported => ERRCODE_FEATURE_NOT_SUPPORTED,
     };
     let mut report = ErrorReport::new(
         code,

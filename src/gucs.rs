@@ -10,9 +10,10 @@ use pgrx::{GucContext, GucFlags, GucRegistry, GucSetting};
 /// (`SET LOCAL byok.tenant = 'tenant_12345'`) as a guard against cross-tenant reads.
 pub static TENANT: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 
-/// `byok.local_master_key_file` (superuser only): path of the `local` provider's
-/// root secret. Empty (the default) means `byok_local_master.key` in the data
-/// directory, created with mode 0600 the first time a local tenant is configured.
+/// `byok.local_master_key_file` (server configuration, visible to superusers
+/// only): path of the `local` provider's root secret, read by the key broker.
+/// Empty (the default) means `byok_local_master.key` in the data directory,
+/// created with mode 0600 the first time a local tenant is configured.
 pub static LOCAL_MASTER_KEY_FILE: GucSetting<Option<CString>> =
     GucSetting::<Option<CString>>::new(None);
 
@@ -20,6 +21,18 @@ pub static LOCAL_MASTER_KEY_FILE: GucSetting<Option<CString>> =
 /// keys one backend keeps ready, across all tenants; each tenant's own
 /// `cache_config.max_entries` applies within it.
 pub static BACKEND_CACHE_MAX_ENTRIES: GucSetting<i32> = GucSetting::<i32>::new(10_000);
+
+/// `byok.kms_timeout_ms` (any user): how long a request to the key broker, and
+/// the broker's call to the key manager, may take before failing.
+pub static KMS_TIMEOUT_MS: GucSetting<i32> = GucSetting::<i32>::new(5_000);
+
+/// `byok.cache_ttl_seconds` (server configuration): how long a data key stays
+/// ready in the caches, for tenants whose `cache_config` sets no `ttl_seconds`.
+pub static CACHE_TTL_SECONDS: GucSetting<i32> = GucSetting::<i32>::new(86_400);
+
+/// `byok.cache_max_entries` (server configuration): how many of a tenant's data
+/// keys the caches keep, for tenants whose `cache_config` sets no `max_entries`.
+pub static CACHE_MAX_ENTRIES: GucSetting<i32> = GucSetting::<i32>::new(1_000);
 
 pub fn init() {
     GucRegistry::define_string_guc(
@@ -35,8 +48,38 @@ pub fn init() {
         c"Path of the local key provider's master key file.",
         c"Empty means byok_local_master.key in the data directory, created with mode 0600 on first use.",
         &LOCAL_MASTER_KEY_FILE,
-        GucContext::Suset,
+        GucContext::Sighup,
         GucFlags::SUPERUSER_ONLY,
+    );
+    GucRegistry::define_int_guc(
+        c"byok.kms_timeout_ms",
+        c"How long a key request may wait for the key broker and the key manager.",
+        c"Past it the request fails; query cancel and statement_timeout interrupt the wait at once.",
+        &KMS_TIMEOUT_MS,
+        1,
+        600_000,
+        GucContext::Userset,
+        GucFlags::UNIT_MS,
+    );
+    GucRegistry::define_int_guc(
+        c"byok.cache_ttl_seconds",
+        c"How long a data key stays cached, unless the tenant's cache_config says otherwise.",
+        c"Applies to the backends' caches and the key broker's shared cache.",
+        &CACHE_TTL_SECONDS,
+        1,
+        31_536_000,
+        GucContext::Sighup,
+        GucFlags::UNIT_S,
+    );
+    GucRegistry::define_int_guc(
+        c"byok.cache_max_entries",
+        c"How many of a tenant's data keys stay cached, unless its cache_config says otherwise.",
+        c"Applies to the backends' caches and the key broker's shared cache.",
+        &CACHE_MAX_ENTRIES,
+        1,
+        1_000_000,
+        GucContext::Sighup,
+        GucFlags::default(),
     );
     GucRegistry::define_int_guc(
         c"byok.backend_cache_max_entries",

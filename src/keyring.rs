@@ -16,20 +16,28 @@ use byok_core::cache::{CacheLimits, CacheStats, KeyCache};
 use byok_core::config::check_tenant_id;
 use byok_core::crypto::{CryptoError, DekCipher, NoncePool};
 use byok_core::envelope::Envelope;
-use byok_kms::KeyContext;
+use byok_kms::protocol::{ProviderRef, TenantRef};
 
+use crate::broker;
+use crate::broker::metrics::PendingCounts;
 use crate::catalog::{self, KeyState};
 use crate::errors::ByokError;
 use crate::gucs;
-use crate::providers;
+use pgrx::pg_sys;
 
 struct ActiveKey {
     dek_id: u64,
     expires_at: Instant,
 }
 
+/// A data key ready for use: its expanded cipher, and its not-yet-published counters.
+struct ReadyKey {
+    cipher: DekCipher,
+    counts: PendingCounts,
+}
+
 struct KeyRing {
-    ciphers: KeyCache<DekCipher>,
+    ciphers: KeyCache<ReadyKey>,
     /// tenant id -> its active data key, so encrypt finds its key without SPI.
     active: HashMap<Box<str>, ActiveKey>,
 }
@@ -61,9 +69,12 @@ impl BackendCell<Option<KeyRing>> {
     #[inline]
     fn with_ring<R>(&self, f: impl FnOnce(&mut KeyRing) -> R) -> R {
         self.with_borrow_mut(|ring| {
-            let ring = ring.get_or_insert_with(|| KeyRing {
-                ciphers: KeyCache::new(gucs::BACKEND_CACHE_MAX_ENTRIES.get() as usize),
-                active: HashMap::new(),
+            let ring = ring.get_or_insert_with(|| {
+                register_xact_callback();
+                KeyRing {
+                    ciphers: KeyCache::new(gucs::BACKEND_CACHE_MAX_ENTRIES.get() as usize),
+                    active: HashMap::new(),
+                }
             });
             ring.sync_invalidations();
             f(ring)
@@ -145,25 +156,32 @@ fn crypto_error(dek_id: u64, e: CryptoError) -> ByokError {
 pub fn open(envelope: &Envelope<'_>, context: &[u8], out: &mut [u8]) -> Result<(), ByokError> {
     let dek_id = envelope.dek_id();
     let now = Instant::now();
-    let open_with = |cipher: &DekCipher, out: &mut [u8]| -> Result<(), ByokError> {
-        check_session_tenant_for_decrypt(cipher.tenant_id())?;
-        cipher
+    let open_with = |ready: &ReadyKey, out: &mut [u8]| -> Result<(), ByokError> {
+        check_session_tenant_for_decrypt(ready.cipher.tenant_id())?;
+        let result = ready
+            .cipher
             .open_into(envelope, context, out)
-            .map_err(|e| crypto_error(dek_id, e))
+            .map_err(|e| crypto_error(dek_id, e));
+        if result.is_err() {
+            ready.counts.decrypt_failed();
+        }
+        result
     };
     let hit = RING.with_ring(|ring| {
-        ring.ciphers
-            .get(dek_id, now)
-            .map(|cipher| open_with(cipher, &mut *out))
+        ring.ciphers.get(&dek_id, now).map(|ready| {
+            ready.counts.hit(true);
+            open_with(ready, &mut *out)
+        })
     });
     if let Some(result) = hit {
         return result;
     }
-    let (cipher, limits) = load_cipher(dek_id)?;
-    let result = open_with(&cipher, out);
+    let (ready, limits) = load_cipher(dek_id)?;
+    ready.counts.miss(true);
+    let result = open_with(&ready, out);
     RING.with_ring(|ring| {
-        let tenant: Box<str> = cipher.tenant_id().into();
-        ring.ciphers.insert(dek_id, &tenant, cipher, limits, now);
+        let tenant: Box<str> = ready.cipher.tenant_id().into();
+        ring.ciphers.insert(dek_id, &tenant, ready, limits, now);
     });
     result
 }
@@ -177,11 +195,15 @@ pub fn seal(
 ) -> Result<(), ByokError> {
     check_session_tenant_for_encrypt(tenant_id)?;
     let now = Instant::now();
+    let seal_ready = |ready: &ReadyKey, dek_id: u64, out: &mut [u8]| {
+        seal_with(&ready.cipher, plaintext, context, out).map_err(|e| crypto_error(dek_id, e))
+    };
     let hit = RING.with_ring(|ring| {
         let active = ring.active.get(tenant_id).filter(|a| a.expires_at > now)?;
         let dek_id = active.dek_id;
-        let cipher = ring.ciphers.get(dek_id, now)?;
-        Some(seal_with(cipher, plaintext, context, &mut *out).map_err(|e| crypto_error(dek_id, e)))
+        let ready = ring.ciphers.get(&dek_id, now)?;
+        ready.counts.hit(false);
+        Some(seal_ready(ready, dek_id, &mut *out))
     });
     if let Some(result) = hit {
         return result;
@@ -198,17 +220,18 @@ pub fn seal(
         .active_dek_id
         .ok_or_else(|| ByokError::NoActiveDataKey(tenant_id.to_string()))?;
     let cached = RING.with_ring(|ring| {
-        ring.ciphers.get(dek_id, now).map(|cipher| {
-            seal_with(cipher, plaintext, context, &mut *out).map_err(|e| crypto_error(dek_id, e))
+        ring.ciphers.get(&dek_id, now).map(|ready| {
+            ready.counts.hit(false);
+            seal_ready(ready, dek_id, &mut *out)
         })
     });
     let result = match cached {
         Some(result) => result,
         None => {
-            let (cipher, limits) = load_cipher(dek_id)?;
-            let result =
-                seal_with(&cipher, plaintext, context, out).map_err(|e| crypto_error(dek_id, e));
-            RING.with_ring(|ring| ring.ciphers.insert(dek_id, tenant_id, cipher, limits, now));
+            let (ready, limits) = load_cipher(dek_id)?;
+            ready.counts.miss(false);
+            let result = seal_ready(&ready, dek_id, out);
+            RING.with_ring(|ring| ring.ciphers.insert(dek_id, tenant_id, ready, limits, now));
             result
         }
     };
@@ -217,7 +240,7 @@ pub fn seal(
             tenant_id.into(),
             ActiveKey {
                 dek_id,
-                expires_at: now + Duration::from_secs(info.cache_ttl_seconds as u64),
+                expires_at: now + Duration::from_secs(info.cache.ttl_seconds as u64),
             },
         );
     });
@@ -225,7 +248,7 @@ pub fn seal(
 }
 
 /// Reads, checks and unwraps data key `dek_id` into a ready cipher.
-fn load_cipher(dek_id: u64) -> Result<(DekCipher, CacheLimits), ByokError> {
+fn load_cipher(dek_id: u64) -> Result<(ReadyKey, CacheLimits), ByokError> {
     let record = catalog::load_data_key(dek_id)?.ok_or(ByokError::UnknownDataKey(dek_id))?;
     // Refuse before asking the key manager for anything.
     check_session_tenant_for_decrypt(&record.tenant_id)?;
@@ -236,22 +259,61 @@ fn load_cipher(dek_id: u64) -> Result<(DekCipher, CacheLimits), ByokError> {
     }
     let wrapped = record
         .wrapped
-        .as_ref()
+        .clone()
         .ok_or(ByokError::KeyDestroyed(dek_id))?;
-    let provider = providers::provider(record.provider, false)?;
-    let context = KeyContext {
-        tenant_id: &record.tenant_id,
-        dek_id,
-    };
+    // From the broker's shared cache, or the key manager through the broker.
     // `dek` is zeroized when it goes out of scope; only the key schedule is kept.
-    let dek = provider.unwrap(wrapped, &context)?;
+    let (dek, _stale) = broker::unwrap(
+        TenantRef {
+            database: broker::this_database(),
+            tenant_id: record.tenant_id.clone(),
+        },
+        ProviderRef {
+            provider: record.provider.name().to_string(),
+            options: record.provider_options.clone(),
+            create_key_store: false,
+        },
+        dek_id,
+        wrapped,
+        record.cache,
+    )?;
     let cipher = DekCipher::new(dek_id, &record.tenant_id, &dek)
         .map_err(|e| ByokError::Internal(e.to_string()))?;
     let limits = CacheLimits {
-        ttl: Duration::from_secs(record.cache_ttl_seconds as u64),
-        max_entries: record.cache_max_entries as usize,
+        ttl: Duration::from_secs(record.cache.ttl_seconds as u64),
+        max_entries: record.cache.max_entries as usize,
     };
-    Ok((cipher, limits))
+    let counts = PendingCounts::new(record.provider, &record.tenant_id);
+    Ok((ReadyKey { cipher, counts }, limits))
+}
+
+/// Publishes this backend's pending per-key counters to shared memory.
+pub fn flush_metrics() {
+    if let Ok(ring) = RING.0.try_borrow()
+        && let Some(ring) = ring.as_ref()
+    {
+        ring.ciphers.values().for_each(|ready| ready.counts.flush());
+    }
+}
+
+fn register_xact_callback() {
+    unsafe { pg_sys::RegisterXactCallback(Some(at_transaction_end), std::ptr::null_mut()) };
+}
+
+/// Counters reach shared memory at the end of every transaction at the latest.
+#[pgrx::pg_guard]
+unsafe extern "C-unwind" fn at_transaction_end(
+    event: pg_sys::XactEvent::Type,
+    _arg: *mut std::ffi::c_void,
+) {
+    if matches!(
+        event,
+        pg_sys::XactEvent::XACT_EVENT_COMMIT
+            | pg_sys::XactEvent::XACT_EVENT_ABORT
+            | pg_sys::XactEvent::XACT_EVENT_PARALLEL_COMMIT
+    ) {
+        flush_metrics();
+    }
 }
 
 /// Counters and size of this backend's cache.

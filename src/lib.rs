@@ -6,6 +6,7 @@
 use pgrx::prelude::*;
 
 mod api;
+mod broker;
 mod catalog;
 mod errors;
 mod gucs;
@@ -26,13 +27,34 @@ REVOKE EXECUTE ON FUNCTION byok.configure_tenant(jsonb) FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION byok.rotate_data_key(text) FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION byok.set_data_key_state(bigint, text) FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION byok.destroy_data_key(bigint, bigint) FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION byok.flush_cache(text) FROM PUBLIC;
+
+-- Monitoring, named as in the guide's monitoring_rules.yaml.
+CREATE VIEW byok.metrics AS
+SELECT d.datname AS database, m.provider, m.tenant_id,
+       CASE WHEN m.kms_calls > 0
+            THEN (m.kms_calls - m.kms_failures)::float8 / m.kms_calls END AS kms_api_success_rate,
+       m.dek_generation_p99_ms,
+       CASE WHEN m.l1_hits + m.l1_misses > 0
+            THEN (m.l1_hits + m.l2_hits)::float8 / (m.l1_hits + m.l1_misses) END AS key_cache_hit_ratio,
+       CASE WHEN m.decrypts > 0
+            THEN m.decrypt_failures::float8 / m.decrypts END AS decrypt_failures_rate,
+       m.kms_calls, m.kms_failures, m.dek_generations,
+       m.l1_hits, m.l1_misses, m.l2_hits, m.l2_misses, m.served_stale,
+       m.decrypts, m.decrypt_failures, m.encrypts, m.kms_latency_histogram
+  FROM byok.metrics_counters() m
+  LEFT JOIN pg_catalog.pg_database d ON d.oid = m.database_oid;
+COMMENT ON VIEW byok.metrics IS
+    'Per provider and tenant: kms_api_success_rate, dek_generation_p99_ms, key_cache_hit_ratio, decrypt_failures_rate, and their counters';
 "#,
     name = "grants",
     requires = [
         api::tenants::configure_tenant,
         api::tenants::rotate_data_key,
         api::tenants::set_data_key_state,
-        api::tenants::destroy_data_key
+        api::tenants::destroy_data_key,
+        api::tenants::flush_cache,
+        broker::metrics::metrics_counters
     ]
 );
 
@@ -41,6 +63,27 @@ pub extern "C-unwind" fn _PG_init() {
     check_cpu();
     gucs::init();
     postgres::invalidation::register();
+    // The broker and its shared memory can only be set up from shared_preload_libraries;
+    // loaded any other way, key operations fail with a message saying so.
+    if unsafe { pg_sys::process_shared_preload_libraries_in_progress } {
+        broker::shmem::install_hooks();
+        broker::worker::register();
+    }
+}
+
+postgres::fmgr::pg_function_info_v1!(byok_require_preload);
+
+/// Called first by the extension script: CREATE EXTENSION fails, saying what to
+/// add to postgresql.conf, when the library was not preloaded.
+#[pg_guard]
+#[unsafe(no_mangle)]
+pub unsafe extern "C-unwind" fn byok_require_preload(
+    _fcinfo: pg_sys::FunctionCallInfo,
+) -> pg_sys::Datum {
+    if broker::shmem::shared().is_none() {
+        errors::ByokError::NotPreloaded.raise();
+    }
+    pg_sys::Datum::from(0)
 }
 
 /// x86-64 builds use AES-NI, PCLMULQDQ and AVX2 directly (see .cargo/config.toml).

@@ -6,7 +6,7 @@
 //! A hit is one hash lookup and one clock comparison: no allocation.
 
 use std::collections::HashMap;
-use std::hash::{BuildHasherDefault, Hasher};
+use std::hash::{BuildHasher, BuildHasherDefault, Hash, Hasher};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -67,18 +67,20 @@ struct Entry<V> {
     last_used: u64,
 }
 
-pub struct KeyCache<V> {
-    entries: KeyIdMap<Entry<V>>,
+/// Keyed by data-key id (`u64`, the backend's cache) or by any hashable key
+/// (the broker's cache, keyed by database and key).
+pub struct KeyCache<V, K = u64, S = BuildHasherDefault<KeyIdHasher>> {
+    entries: HashMap<K, Entry<V>, S>,
     capacity: usize,
     tick: u64,
     stats: CacheStats,
 }
 
-impl<V> KeyCache<V> {
+impl<V, K: Hash + Eq + Clone, S: BuildHasher + Default> KeyCache<V, K, S> {
     /// `capacity` bounds the whole cache, whatever the tenants' own limits say.
     pub fn new(capacity: usize) -> Self {
         KeyCache {
-            entries: KeyIdMap::default(),
+            entries: HashMap::default(),
             capacity: capacity.max(1),
             tick: 0,
             stats: CacheStats::default(),
@@ -86,8 +88,8 @@ impl<V> KeyCache<V> {
     }
 
     /// The live entry for `key`, if any; an expired entry is dropped here.
-    pub fn get(&mut self, key: u64, now: Instant) -> Option<&V> {
-        let expired = match self.entries.get(&key) {
+    pub fn get(&mut self, key: &K, now: Instant) -> Option<&V> {
+        let expired = match self.entries.get(key) {
             None => {
                 self.stats.misses += 1;
                 return None;
@@ -95,21 +97,21 @@ impl<V> KeyCache<V> {
             Some(entry) => entry.expires_at <= now,
         };
         if expired {
-            self.entries.remove(&key);
+            self.entries.remove(key);
             self.stats.expirations += 1;
             self.stats.misses += 1;
             return None;
         }
         self.tick += 1;
         self.stats.hits += 1;
-        let entry = self.entries.get_mut(&key).expect("present above");
+        let entry = self.entries.get_mut(key).expect("present above");
         entry.last_used = self.tick;
         Some(&entry.value)
     }
 
     /// Caches `value` for `key` under `tenant`'s limits, evicting the least recently
     /// used entry of that tenant (or of the whole cache) when full.
-    pub fn insert(&mut self, key: u64, tenant: &str, value: V, limits: CacheLimits, now: Instant) {
+    pub fn insert(&mut self, key: K, tenant: &str, value: V, limits: CacheLimits, now: Instant) {
         self.entries.remove(&key);
         self.drop_expired(now);
         let tenant_limit = limits.max_entries.max(1);
@@ -137,8 +139,8 @@ impl<V> KeyCache<V> {
         );
     }
 
-    pub fn remove(&mut self, key: u64) -> bool {
-        let removed = self.entries.remove(&key).is_some();
+    pub fn remove(&mut self, key: &K) -> bool {
+        let removed = self.entries.remove(key).is_some();
         if removed {
             self.stats.invalidations += 1;
         }
@@ -154,6 +156,15 @@ impl<V> KeyCache<V> {
         removed
     }
 
+    /// Drops every entry for which `doomed(key, tenant)` holds; returns how many.
+    pub fn remove_where(&mut self, doomed: impl Fn(&K, &str) -> bool) -> usize {
+        let before = self.entries.len();
+        self.entries.retain(|k, e| !doomed(k, &e.tenant));
+        let removed = before - self.entries.len();
+        self.stats.invalidations += removed as u64;
+        removed
+    }
+
     /// Drops everything; returns how many entries there were.
     pub fn clear(&mut self) -> usize {
         let removed = self.entries.len();
@@ -164,6 +175,11 @@ impl<V> KeyCache<V> {
 
     pub fn len(&self) -> usize {
         self.entries.len()
+    }
+
+    /// Every cached value, live or not yet dropped after expiring.
+    pub fn values(&self) -> impl Iterator<Item = &V> {
+        self.entries.values().map(|e| &e.value)
     }
 
     pub fn is_empty(&self) -> bool {
@@ -200,7 +216,7 @@ impl<V> KeyCache<V> {
             .iter()
             .filter(|(_, e)| tenant.is_none_or(|t| &*e.tenant == t))
             .min_by_key(|(_, e)| e.last_used)
-            .map(|(k, _)| *k);
+            .map(|(k, _)| k.clone());
         if let Some(key) = victim {
             self.entries.remove(&key);
             self.stats.evictions += 1;
@@ -222,11 +238,11 @@ mod tests {
 
     #[test]
     fn hit_then_expiry() {
-        let mut cache = KeyCache::new(100);
+        let mut cache: KeyCache<_> = KeyCache::new(100);
         let t0 = Instant::now();
         cache.insert(1, "a", "k1", limits(10, 10), t0);
-        assert_eq!(cache.get(1, t0 + Duration::from_secs(9)), Some(&"k1"));
-        assert_eq!(cache.get(1, t0 + Duration::from_secs(10)), None);
+        assert_eq!(cache.get(&1, t0 + Duration::from_secs(9)), Some(&"k1"));
+        assert_eq!(cache.get(&1, t0 + Duration::from_secs(10)), None);
         assert_eq!(cache.len(), 0);
         let s = cache.stats();
         assert_eq!((s.hits, s.misses, s.expirations), (1, 1, 1));
@@ -234,42 +250,42 @@ mod tests {
 
     #[test]
     fn per_tenant_limit_evicts_that_tenants_lru_only() {
-        let mut cache = KeyCache::new(100);
+        let mut cache: KeyCache<_> = KeyCache::new(100);
         let t0 = Instant::now();
         cache.insert(100, "b", "b100", limits(60, 10), t0);
         cache.insert(1, "a", "a1", limits(60, 2), t0);
         cache.insert(2, "a", "a2", limits(60, 2), t0);
-        assert!(cache.get(1, t0).is_some()); // 1 is now more recent than 2
+        assert!(cache.get(&1, t0).is_some()); // 1 is now more recent than 2
         cache.insert(3, "a", "a3", limits(60, 2), t0);
-        assert!(cache.get(2, t0).is_none(), "tenant a's LRU entry went");
-        assert!(cache.get(1, t0).is_some());
-        assert!(cache.get(3, t0).is_some());
-        assert!(cache.get(100, t0).is_some(), "tenant b untouched");
+        assert!(cache.get(&2, t0).is_none(), "tenant a's LRU entry went");
+        assert!(cache.get(&1, t0).is_some());
+        assert!(cache.get(&3, t0).is_some());
+        assert!(cache.get(&100, t0).is_some(), "tenant b untouched");
         assert_eq!(cache.stats().evictions, 1);
     }
 
     #[test]
     fn global_capacity_bounds_all_tenants() {
-        let mut cache = KeyCache::new(3);
+        let mut cache: KeyCache<_> = KeyCache::new(3);
         let t0 = Instant::now();
         for k in 0..10u64 {
             cache.insert(k, &format!("t{k}"), k, limits(60, 1000), t0);
             assert!(cache.len() <= 3);
         }
-        assert!(cache.get(9, t0).is_some());
-        assert!(cache.get(0, t0).is_none());
+        assert!(cache.get(&9, t0).is_some());
+        assert!(cache.get(&0, t0).is_none());
     }
 
     #[test]
     fn invalidation() {
-        let mut cache = KeyCache::new(10);
+        let mut cache: KeyCache<_> = KeyCache::new(10);
         let t0 = Instant::now();
         cache.insert(1, "a", 1, limits(60, 10), t0);
         cache.insert(2, "a", 2, limits(60, 10), t0);
         cache.insert(3, "b", 3, limits(60, 10), t0);
         assert_eq!(cache.remove_tenant("a"), 2);
-        assert!(cache.remove(3));
-        assert!(!cache.remove(3));
+        assert!(cache.remove(&3));
+        assert!(!cache.remove(&3));
         assert!(cache.is_empty());
     }
 
@@ -283,12 +299,12 @@ mod tests {
     #[test]
     fn evicted_and_expired_values_are_dropped() {
         let drops = AtomicUsize::new(0);
-        let mut cache = KeyCache::new(1);
+        let mut cache: KeyCache<_> = KeyCache::new(1);
         let t0 = Instant::now();
         cache.insert(1, "a", DropCounter(&drops), limits(1, 10), t0);
         cache.insert(2, "a", DropCounter(&drops), limits(1, 10), t0);
         assert_eq!(drops.load(Ordering::SeqCst), 1);
-        assert!(cache.get(2, t0 + Duration::from_secs(5)).is_none());
+        assert!(cache.get(&2, t0 + Duration::from_secs(5)).is_none());
         assert_eq!(drops.load(Ordering::SeqCst), 2);
     }
 }

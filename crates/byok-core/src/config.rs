@@ -90,10 +90,12 @@ pub struct RotationPolicy {
     pub interval_days: u32,
 }
 
+/// A tenant's cache settings. `None` means the server's default
+/// (`byok.cache_ttl_seconds`, `byok.cache_max_entries`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CachePolicy {
-    pub ttl_seconds: u32,
-    pub max_entries: u32,
+    pub ttl_seconds: Option<u32>,
+    pub max_entries: Option<u32>,
     pub grace_period_seconds: u32,
 }
 
@@ -267,8 +269,8 @@ impl TenantConfig {
         };
         let cache = match section(root, encryption, "cache_config")? {
             None => CachePolicy {
-                ttl_seconds: DEFAULT_CACHE_TTL_SECONDS,
-                max_entries: DEFAULT_CACHE_MAX_ENTRIES,
+                ttl_seconds: None,
+                max_entries: None,
                 grace_period_seconds: DEFAULT_GRACE_PERIOD_SECONDS,
             },
             Some((path, obj)) => {
@@ -278,22 +280,33 @@ impl TenantConfig {
                     &["ttl_seconds", "max_entries", "grace_period_seconds"],
                 )?;
                 CachePolicy {
-                    ttl_seconds: opt_int(
-                        obj,
-                        &path,
-                        "ttl_seconds",
-                        DEFAULT_CACHE_TTL_SECONDS,
-                        1,
-                        MAX_TTL_SECONDS,
-                    )?,
-                    max_entries: opt_int(
-                        obj,
-                        &path,
-                        "max_entries",
-                        DEFAULT_CACHE_MAX_ENTRIES,
-                        1,
-                        MAX_CACHE_ENTRIES,
-                    )?,
+                    // Absent: the server's default (byok.cache_ttl_seconds, byok.cache_max_entries).
+                    ttl_seconds: obj
+                        .contains_key("ttl_seconds")
+                        .then(|| {
+                            opt_int(
+                                obj,
+                                &path,
+                                "ttl_seconds",
+                                DEFAULT_CACHE_TTL_SECONDS,
+                                1,
+                                MAX_TTL_SECONDS,
+                            )
+                        })
+                        .transpose()?,
+                    max_entries: obj
+                        .contains_key("max_entries")
+                        .then(|| {
+                            opt_int(
+                                obj,
+                                &path,
+                                "max_entries",
+                                DEFAULT_CACHE_MAX_ENTRIES,
+                                1,
+                                MAX_CACHE_ENTRIES,
+                            )
+                        })
+                        .transpose()?,
                     grace_period_seconds: opt_int(
                         obj,
                         &path,
@@ -476,8 +489,8 @@ mod tests {
                 interval_days: 90
             }
         );
-        assert_eq!(c.cache.ttl_seconds, 86_400);
-        assert_eq!(c.cache.max_entries, 1_000);
+        assert_eq!(c.cache.ttl_seconds, Some(86_400));
+        assert_eq!(c.cache.max_entries, Some(1_000));
         assert_eq!(c.cache.grace_period_seconds, 0);
         assert!(c.audit.log_all_operations && c.audit.alert_on_failures);
     }
@@ -510,8 +523,9 @@ mod tests {
         let c = TenantConfig::from_json(&doc).unwrap();
         assert!(!c.rotation.enabled);
         assert_eq!(c.rotation.interval_days, DEFAULT_ROTATION_INTERVAL_DAYS);
-        assert_eq!(c.cache.ttl_seconds, DEFAULT_CACHE_TTL_SECONDS);
-        assert_eq!(c.cache.max_entries, DEFAULT_CACHE_MAX_ENTRIES);
+        // No cache_config: the server's defaults apply.
+        assert_eq!(c.cache.ttl_seconds, None);
+        assert_eq!(c.cache.max_entries, None);
     }
 
     #[test]
@@ -527,7 +541,7 @@ mod tests {
             .insert("cache_config".into(), cache.clone());
         assert_eq!(
             TenantConfig::from_json(&doc).unwrap().cache.max_entries,
-            1000
+            Some(1000)
         );
         doc["encryption"]
             .as_object_mut()

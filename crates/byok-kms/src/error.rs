@@ -4,7 +4,8 @@
 
 use byok_core::config::ProviderKind;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum ErrorKind {
     /// The master key (or a version of it) does not exist.
     KeyNotFound,
@@ -21,6 +22,17 @@ pub enum ErrorKind {
     Throttled,
     /// The provider's configuration or local files are wrong.
     Misconfigured,
+    /// The provider is known but not part of this build.
+    NotSupported,
+}
+
+impl ErrorKind {
+    /// Failures of reaching the key manager, as opposed to its refusals. Only these
+    /// let the shared cache serve a key past its TTL (the grace period): a refusal
+    /// (revoked access, disabled key) must take effect.
+    pub fn is_availability(self) -> bool {
+        matches!(self, ErrorKind::Unavailable | ErrorKind::Throttled)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -5,8 +5,12 @@
 //! (CMK) that it names; the master key itself never leaves the key manager.
 
 pub mod error;
+pub mod histogram;
 pub mod local;
+pub mod protocol;
 pub mod provider;
+pub mod service;
 
 pub use error::{ErrorKind, ProviderError};
 pub use provider::{KeyContext, KeyProvider, MasterKeyInfo, WrappedDek};
+pub use service::{KeyService, MetricEvent, MetricsSink, Outcome, ServiceSettings};

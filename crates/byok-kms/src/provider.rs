@@ -1,7 +1,12 @@
-//! The provider interface.
+//! The provider interface. Calls are async: the key broker runs them on its
+//! tokio runtime, so a slow key manager never blocks another tenant's call.
+
+use std::future::Future;
+use std::pin::Pin;
 
 use byok_core::config::ProviderKind;
 use byok_core::crypto::DataKey;
+use serde::{Deserialize, Serialize};
 
 use crate::error::ProviderError;
 
@@ -14,8 +19,9 @@ pub struct KeyContext<'a> {
 }
 
 /// A data key as stored: wrapped by a master key, never in the clear.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct WrappedDek {
+    #[serde(with = "hex_bytes")]
     pub blob: Vec<u8>,
     /// The master key that wrapped it, as the provider names it.
     pub cmk_id: String,
@@ -24,7 +30,7 @@ pub struct WrappedDek {
 }
 
 /// What validation learns about a master key.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MasterKeyInfo {
     pub cmk_id: String,
     pub version: String,
@@ -33,23 +39,51 @@ pub struct MasterKeyInfo {
     pub description: String,
 }
 
+pub type ProviderFuture<'a, T> =
+    Pin<Box<dyn Future<Output = Result<T, ProviderError>> + Send + 'a>>;
+
 pub trait KeyProvider: Send + Sync {
     fn kind(&self) -> ProviderKind;
 
     /// A new random data key and its wrapped form under `cmk_id`.
-    fn generate_data_key(
-        &self,
-        cmk_id: &str,
-        context: &KeyContext<'_>,
-    ) -> Result<(DataKey, WrappedDek), ProviderError>;
+    fn generate_data_key<'a>(
+        &'a self,
+        cmk_id: &'a str,
+        context: KeyContext<'a>,
+    ) -> ProviderFuture<'a, (DataKey, WrappedDek)>;
 
     /// The plaintext of a wrapped data key.
-    fn unwrap(
-        &self,
-        wrapped: &WrappedDek,
-        context: &KeyContext<'_>,
-    ) -> Result<DataKey, ProviderError>;
+    fn unwrap<'a>(
+        &'a self,
+        wrapped: &'a WrappedDek,
+        context: KeyContext<'a>,
+    ) -> ProviderFuture<'a, DataKey>;
 
     /// Checks that `cmk_id` exists, is enabled and may wrap and unwrap.
-    fn describe_master_key(&self, cmk_id: &str) -> Result<MasterKeyInfo, ProviderError>;
+    fn describe_master_key<'a>(&'a self, cmk_id: &'a str) -> ProviderFuture<'a, MasterKeyInfo>;
+}
+
+/// Bytes as lowercase hex in JSON.
+pub(crate) mod hex_bytes {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(bytes: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        let mut out = String::with_capacity(bytes.len() * 2);
+        for b in bytes {
+            out.push(char::from_digit((b >> 4) as u32, 16).expect("nibble"));
+            out.push(char::from_digit((b & 15) as u32, 16).expect("nibble"));
+        }
+        s.serialize_str(&out)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        let text = String::deserialize(d)?;
+        if text.len() % 2 != 0 {
+            return Err(serde::de::Error::custom("odd number of hex digits"));
+        }
+        (0..text.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&text[i..i + 2], 16).map_err(serde::de::Error::custom))
+            .collect()
+    }
 }

@@ -28,7 +28,8 @@ SELECT count(*) AS columns_with_key_material FROM information_schema.columns
  WHERE table_schema = 'byok' AND table_name IN ('tenants', 'data_keys')
    AND column_name LIKE '%wrapped%';
 
--- Sections left out take the guide's defaults (cache 24 h, 1000 entries, rotation every 90 days, off).
+-- Sections left out take defaults: rotation off (every 90 days when on), audit on, and
+-- the server's cache settings (byok.cache_ttl_seconds, byok.cache_max_entries), shown as NULL.
 SELECT byok.configure_tenant('{"customer": "globex", "tenant_id": "globex-eu",
   "encryption": {"provider": "local", "local": {"key_id": "globex-cmk"}}}');
 SELECT tenant_id, rotation_enabled, rotation_interval_days, cache_ttl_seconds, cache_max_entries,

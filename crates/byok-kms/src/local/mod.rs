@@ -31,7 +31,7 @@ use zeroize::Zeroizing;
 pub use keyfile::KeyFileError;
 
 use crate::error::{ErrorKind, ProviderError};
-use crate::provider::{KeyContext, KeyProvider, MasterKeyInfo, WrappedDek};
+use crate::provider::{KeyContext, KeyProvider, MasterKeyInfo, ProviderFuture, WrappedDek};
 
 const WRAP_FORMAT_V1: u8 = 1;
 const NONCE_LEN: usize = 12;
@@ -63,7 +63,7 @@ impl From<LocalError> for ProviderError {
         match e {
             LocalError::KeyFile(KeyFileError::TooOpen { .. }) => local(ErrorKind::Misconfigured)
                 .with_hint("chmod 600 the file; it must be owned by and readable only by the server's OS user"),
-            LocalError::KeyFile(KeyFileError::Missing { .. }) => local(ErrorKind::Misconfigured).with_hint(
+            LocalError::KeyFile(KeyFileError::Missing { .. }) => local(ErrorKind::Unavailable).with_hint(
                 "restore the file from your key backup, or point byok.local_master_key_file at it",
             ),
             LocalError::KeyFile(_) => local(ErrorKind::Misconfigured)
@@ -77,26 +77,51 @@ impl From<LocalError> for ProviderError {
     }
 }
 
+/// The local key store. Like a key manager, it is consulted on every
+/// operation: the root secret is read from its file each time (a few
+/// microseconds, and only on cache misses), so a removed or replaced file takes
+/// effect at once instead of being masked by a copy in memory.
+#[derive(Clone)]
 pub struct LocalProvider {
     path: PathBuf,
-    root_secret: Zeroizing<[u8; keyfile::ROOT_SECRET_LEN]>,
+    create: bool,
 }
 
+/// One operation's view of the root secret; zeroized when dropped.
+struct RootSecret(Zeroizing<[u8; keyfile::ROOT_SECRET_LEN]>);
+
 impl LocalProvider {
-    /// Opens the root secret at `path`, creating it (mode 0600) when `create` is set and it is missing.
-    pub fn open(path: &Path, create: bool) -> Result<Self, LocalError> {
-        Ok(LocalProvider {
+    /// A provider over the root secret at `path`. With `create`, a missing file is
+    /// created (mode 0600) on first use; without, a missing file is an error.
+    pub fn new(path: &Path, create: bool) -> Self {
+        LocalProvider {
             path: path.to_path_buf(),
-            root_secret: keyfile::load_or_create(path, create)?,
-        })
+            create,
+        }
+    }
+
+    /// Opens the root secret now (creating it if allowed), to surface file problems early.
+    pub fn open(path: &Path, create: bool) -> Result<Self, LocalError> {
+        let provider = LocalProvider::new(path, create);
+        provider.secret()?;
+        Ok(provider)
     }
 
     pub fn path(&self) -> &Path {
         &self.path
     }
 
+    fn secret(&self) -> Result<RootSecret, LocalError> {
+        Ok(RootSecret(keyfile::load_or_create(
+            &self.path,
+            self.create,
+        )?))
+    }
+}
+
+impl RootSecret {
     fn derive(&self, label: &[u8], cmk_id: &str) -> Zeroizing<[u8; 32]> {
-        let hkdf = Hkdf::<Sha256>::new(Some(HKDF_SALT), &self.root_secret[..]);
+        let hkdf = Hkdf::<Sha256>::new(Some(HKDF_SALT), &self.0[..]);
         let mut okm = Zeroizing::new([0u8; 32]);
         hkdf.expand_multi_info(&[label, cmk_id.as_bytes()], &mut okm[..])
             .expect("32 bytes is a valid HKDF-SHA256 output length");
@@ -126,7 +151,7 @@ impl LocalProvider {
         aad
     }
 
-    pub fn wrap(
+    fn wrap(
         &self,
         cmk_id: &str,
         dek: &DataKey,
@@ -188,33 +213,39 @@ impl LocalProvider {
     }
 }
 
-impl KeyProvider for LocalProvider {
-    fn kind(&self) -> ProviderKind {
-        ProviderKind::Local
+impl LocalProvider {
+    /// Wraps `dek` under `cmk_id`.
+    pub fn wrap(
+        &self,
+        cmk_id: &str,
+        dek: &DataKey,
+        context: &KeyContext<'_>,
+    ) -> Result<WrappedDek, LocalError> {
+        self.secret()?.wrap(cmk_id, dek, context)
     }
 
-    fn generate_data_key(
+    pub fn generate_now(
         &self,
         cmk_id: &str,
         context: &KeyContext<'_>,
-    ) -> Result<(DataKey, WrappedDek), ProviderError> {
+    ) -> Result<(DataKey, WrappedDek), LocalError> {
         let dek = DataKey::generate().map_err(|_| LocalError::RandomUnavailable)?;
-        let wrapped = self.wrap(cmk_id, &dek, context)?;
+        let wrapped = self.secret()?.wrap(cmk_id, &dek, context)?;
         Ok((dek, wrapped))
     }
 
-    fn unwrap(
+    pub fn unwrap_now(
         &self,
         wrapped: &WrappedDek,
         context: &KeyContext<'_>,
-    ) -> Result<DataKey, ProviderError> {
-        Ok(self.unwrap_local(wrapped, context)?)
+    ) -> Result<DataKey, LocalError> {
+        self.secret()?.unwrap_local(wrapped, context)
     }
 
-    fn describe_master_key(&self, cmk_id: &str) -> Result<MasterKeyInfo, ProviderError> {
+    pub fn describe_now(&self, cmk_id: &str) -> Result<MasterKeyInfo, LocalError> {
         Ok(MasterKeyInfo {
             cmk_id: cmk_id.to_string(),
-            version: self.key_check_value(cmk_id),
+            version: self.secret()?.key_check_value(cmk_id),
             enabled: true,
             can_wrap: true,
             description: format!(
@@ -222,5 +253,80 @@ impl KeyProvider for LocalProvider {
                 self.path.display()
             ),
         })
+    }
+
+    #[cfg(test)]
+    fn key_check_value(&self, cmk_id: &str) -> String {
+        self.secret().unwrap().key_check_value(cmk_id)
+    }
+}
+
+/// The local key store does file I/O, which may block (a network file system, a
+/// hung device): it runs on tokio's blocking pool so the broker's timeout holds.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, LocalError> + Send + 'static,
+) -> Result<T, ProviderError> {
+    match tokio::task::spawn_blocking(f).await {
+        Ok(result) => Ok(result?),
+        Err(_) => Err(ProviderError::new(
+            ProviderKind::Local,
+            ErrorKind::Unavailable,
+            "the local key store task failed",
+        )),
+    }
+}
+
+impl KeyProvider for LocalProvider {
+    fn kind(&self) -> ProviderKind {
+        ProviderKind::Local
+    }
+
+    fn generate_data_key<'a>(
+        &'a self,
+        cmk_id: &'a str,
+        context: KeyContext<'a>,
+    ) -> ProviderFuture<'a, (DataKey, WrappedDek)> {
+        let (me, cmk_id, tenant, dek_id) = (
+            self.clone(),
+            cmk_id.to_string(),
+            context.tenant_id.to_string(),
+            context.dek_id,
+        );
+        Box::pin(blocking(move || {
+            me.generate_now(
+                &cmk_id,
+                &KeyContext {
+                    tenant_id: &tenant,
+                    dek_id,
+                },
+            )
+        }))
+    }
+
+    fn unwrap<'a>(
+        &'a self,
+        wrapped: &'a WrappedDek,
+        context: KeyContext<'a>,
+    ) -> ProviderFuture<'a, DataKey> {
+        let (me, wrapped, tenant, dek_id) = (
+            self.clone(),
+            wrapped.clone(),
+            context.tenant_id.to_string(),
+            context.dek_id,
+        );
+        Box::pin(blocking(move || {
+            me.unwrap_now(
+                &wrapped,
+                &KeyContext {
+                    tenant_id: &tenant,
+                    dek_id,
+                },
+            )
+        }))
+    }
+
+    fn describe_master_key<'a>(&'a self, cmk_id: &'a str) -> ProviderFuture<'a, MasterKeyInfo> {
+        let (me, cmk_id) = (self.clone(), cmk_id.to_string());
+        Box::pin(blocking(move || me.describe_now(&cmk_id)))
     }
 }

@@ -1,0 +1,161 @@
+//! Requests from backends to the key broker and its answers, as carried through
+//! the shared-memory slots. Encoded as JSON: they are small, rare (only cache
+//! misses and administration), and readable when debugging. A plaintext data key
+//! never goes through this encoding; it travels in a separate, zeroized field of
+//! the slot.
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+use crate::error::{ErrorKind, ProviderError};
+use crate::provider::{MasterKeyInfo, WrappedDek};
+
+/// A tenant's cache settings, from its `cache_config` (or the server defaults).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CacheSettings {
+    pub ttl_seconds: u32,
+    pub max_entries: u32,
+    pub grace_period_seconds: u32,
+}
+
+/// Who a request is for: the database (OID) whose catalog holds the tenant, and
+/// the tenant.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TenantRef {
+    pub database: u32,
+    pub tenant_id: String,
+}
+
+/// Which key manager, configured how (the tenant's provider block).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ProviderRef {
+    pub provider: String,
+    pub options: Map<String, Value>,
+    /// May the local provider create its key file? Only when configuring a tenant,
+    /// so a lost file is never silently replaced while data still needs it.
+    #[serde(default)]
+    pub create_key_store: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Request {
+    /// The plaintext of a wrapped data key (from the shared cache or the key manager).
+    Unwrap {
+        tenant: TenantRef,
+        provider: ProviderRef,
+        dek_id: u64,
+        wrapped: WrappedDek,
+        cache: CacheSettings,
+    },
+    /// A new data key, wrapped under `cmk_id`.
+    Generate {
+        tenant: TenantRef,
+        provider: ProviderRef,
+        dek_id: u64,
+        cmk_id: String,
+    },
+    /// What the key manager says about a master key.
+    Validate {
+        tenant: TenantRef,
+        provider: ProviderRef,
+        cmk_id: String,
+    },
+    /// Drops shared-cache entries of a database, or of one tenant in it.
+    Flush {
+        database: u32,
+        tenant_id: Option<String>,
+    },
+}
+
+/// A provider error as it crosses the slot.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorWire {
+    pub provider: String,
+    pub kind: ErrorKind,
+    pub message: String,
+    pub detail: Option<String>,
+    pub hint: Option<String>,
+}
+
+impl From<&ProviderError> for ErrorWire {
+    fn from(e: &ProviderError) -> Self {
+        ErrorWire {
+            provider: e.provider.name().to_string(),
+            kind: e.kind,
+            message: e.message.clone(),
+            detail: e.detail.clone(),
+            hint: e.hint.clone(),
+        }
+    }
+}
+
+impl ErrorWire {
+    pub fn into_error(self) -> ProviderError {
+        let provider = byok_core::config::ProviderKind::from_name(&self.provider)
+            .unwrap_or(byok_core::config::ProviderKind::Local);
+        ProviderError {
+            provider,
+            kind: self.kind,
+            message: self.message,
+            detail: self.detail,
+            hint: self.hint,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "result", rename_all = "snake_case")]
+pub enum Response {
+    /// The plaintext key is in the slot's key field. `stale` says it was served
+    /// from the shared cache past its TTL because the key manager was unreachable.
+    DataKey {
+        stale: bool,
+    },
+    Generated {
+        wrapped: WrappedDek,
+    },
+    KeyInfo {
+        info: MasterKeyInfo,
+    },
+    Flushed {
+        entries: u64,
+    },
+    Failed {
+        error: ErrorWire,
+    },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_round_trip_through_json() {
+        let request = Request::Unwrap {
+            tenant: TenantRef {
+                database: 5,
+                tenant_id: "t".into(),
+            },
+            provider: ProviderRef {
+                provider: "local".into(),
+                options: Map::new(),
+                create_key_store: false,
+            },
+            dek_id: 9,
+            wrapped: WrappedDek {
+                blob: vec![0, 1, 254, 255],
+                cmk_id: "k".into(),
+                cmk_version: "v".into(),
+            },
+            cache: CacheSettings {
+                ttl_seconds: 1,
+                max_entries: 2,
+                grace_period_seconds: 3,
+            },
+        };
+        let json = serde_json::to_vec(&request).unwrap();
+        assert!(String::from_utf8_lossy(&json).contains("\"blob\":\"0001feff\""));
+        assert_eq!(serde_json::from_slice::<Request>(&json).unwrap(), request);
+    }
+}

@@ -1,0 +1,436 @@
+//! The key broker's service: answers [`Request`]s from a shared data-key cache
+//! (L2) or, on a miss, from the tenant's key provider (L3), so the number of
+//! key-manager calls follows the number of data keys, not of connections or rows.
+//!
+//! - Concurrent misses for the same key wait on one provider call (coalescing).
+//! - Entries live for the tenant's `ttl_seconds`; while the key manager is
+//!   unreachable they are served for `grace_period_seconds` more, then the
+//!   service fails closed. Refusals (access denied, disabled key) are never
+//!   papered over.
+//! - Plaintext keys are zeroized when evicted, expired or flushed.
+//! - Every provider call is bounded by the configured timeout.
+//!
+//! No PostgreSQL here: the broker process feeds it requests from shared memory.
+
+use std::collections::HashMap;
+use std::collections::hash_map::RandomState;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use byok_core::cache::{CacheLimits, KeyCache};
+use byok_core::config::ProviderKind;
+use byok_core::crypto::DataKey;
+use sha2::{Digest, Sha256};
+use tokio::sync::watch;
+
+use crate::error::{ErrorKind, ProviderError};
+use crate::local::LocalProvider;
+use crate::protocol::{CacheSettings, ErrorWire, ProviderRef, Request, Response, TenantRef};
+use crate::provider::{KeyContext, KeyProvider};
+
+/// Settings from the server configuration (GUCs), reloadable.
+#[derive(Debug, Clone)]
+pub struct ServiceSettings {
+    pub local_key_file: PathBuf,
+    /// Bound on the whole shared cache.
+    pub max_entries: usize,
+    /// Bound on each provider call.
+    pub provider_timeout: Duration,
+}
+
+/// Key-manager operations, for metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KmsOp {
+    Unwrap,
+    Generate,
+    Validate,
+}
+
+/// What the service reports about its work; the broker keeps the counters in
+/// shared memory for `byok.metrics`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum MetricEvent {
+    KmsCall {
+        op: KmsOp,
+        ok: bool,
+        latency: Duration,
+    },
+    SharedCacheHit,
+    SharedCacheMiss,
+    ServedStale,
+}
+
+pub trait MetricsSink: Send + Sync {
+    fn record(&self, provider: ProviderKind, tenant: &TenantRef, event: MetricEvent);
+}
+
+/// A sink that drops everything (tests, tools).
+pub struct NoMetrics;
+
+impl MetricsSink for NoMetrics {
+    fn record(&self, _: ProviderKind, _: &TenantRef, _: MetricEvent) {}
+}
+
+/// What identifies a data key across the cluster: its database and id, and a
+/// digest of its wrapped form and binding, so a restored or re-created catalog
+/// with the same ids never picks up another key.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct CacheKey {
+    database: u32,
+    dek_id: u64,
+    digest: [u8; 32],
+}
+
+struct CachedKey {
+    dek: DataKey,
+    fresh_until: Instant,
+}
+
+type Flight = watch::Receiver<Option<Result<DataKey, ProviderError>>>;
+
+/// The outcome of a request: the answer, and the plaintext key when there is one
+/// (it travels apart from the encoded answer).
+pub struct Outcome {
+    pub response: Response,
+    pub data_key: Option<DataKey>,
+}
+
+impl Outcome {
+    fn failed(e: &ProviderError) -> Self {
+        Outcome {
+            response: Response::Failed {
+                error: ErrorWire::from(e),
+            },
+            data_key: None,
+        }
+    }
+}
+
+pub struct KeyService {
+    settings: RwLock<ServiceSettings>,
+    cache: Mutex<KeyCache<CachedKey, CacheKey, RandomState>>,
+    inflight: Mutex<HashMap<CacheKey, Flight>>,
+    metrics: Arc<dyn MetricsSink>,
+}
+
+impl KeyService {
+    pub fn new(settings: ServiceSettings, metrics: Arc<dyn MetricsSink>) -> Self {
+        KeyService {
+            cache: Mutex::new(KeyCache::new(settings.max_entries)),
+            settings: RwLock::new(settings),
+            inflight: Mutex::new(HashMap::new()),
+            metrics,
+        }
+    }
+
+    /// New settings (after a configuration reload).
+    pub fn reconfigure(&self, settings: ServiceSettings) {
+        self.cache
+            .lock()
+            .expect("cache lock")
+            .set_capacity(settings.max_entries);
+        *self.settings.write().expect("settings lock") = settings;
+    }
+
+    pub fn cached_entries(&self) -> usize {
+        self.cache.lock().expect("cache lock").len()
+    }
+
+    pub async fn handle(&self, request: Request) -> Outcome {
+        match request {
+            Request::Unwrap {
+                tenant,
+                provider,
+                dek_id,
+                wrapped,
+                cache,
+            } => match self
+                .unwrap(&tenant, &provider, dek_id, &wrapped, cache)
+                .await
+            {
+                Ok((dek, stale)) => Outcome {
+                    response: Response::DataKey { stale },
+                    data_key: Some(dek),
+                },
+                Err(e) => Outcome::failed(&e),
+            },
+            Request::Generate {
+                tenant,
+                provider,
+                dek_id,
+                cmk_id,
+            } => {
+                let tenant_id = tenant.tenant_id.as_str();
+                let cmk_id = cmk_id.as_str();
+                let result = self
+                    .call(&provider, &tenant, KmsOp::Generate, |p| async move {
+                        let context = KeyContext { tenant_id, dek_id };
+                        p.generate_data_key(cmk_id, context).await
+                    })
+                    .await;
+                match result {
+                    // The new key's plaintext is not needed by the caller: it is
+                    // unwrapped (and cached) on first use like any other.
+                    Ok((_dek, wrapped)) => Outcome {
+                        response: Response::Generated { wrapped },
+                        data_key: None,
+                    },
+                    Err(e) => Outcome::failed(&e),
+                }
+            }
+            Request::Validate {
+                tenant,
+                provider,
+                cmk_id,
+            } => {
+                let cmk_id = cmk_id.as_str();
+                let result = self
+                    .call(&provider, &tenant, KmsOp::Validate, |p| async move {
+                        p.describe_master_key(cmk_id).await
+                    })
+                    .await;
+                match result {
+                    Ok(info) => Outcome {
+                        response: Response::KeyInfo { info },
+                        data_key: None,
+                    },
+                    Err(e) => Outcome::failed(&e),
+                }
+            }
+            Request::Flush {
+                database,
+                tenant_id,
+            } => {
+                let prefix = tenant_label(database, "");
+                let exact = tenant_id.map(|t| tenant_label(database, &t));
+                let entries = self
+                    .cache
+                    .lock()
+                    .expect("cache lock")
+                    .remove_where(|_, label| match &exact {
+                        Some(exact) => label == exact,
+                        None => label.starts_with(&prefix),
+                    });
+                Outcome {
+                    response: Response::Flushed {
+                        entries: entries as u64,
+                    },
+                    data_key: None,
+                }
+            }
+        }
+    }
+
+    async fn unwrap(
+        &self,
+        tenant: &TenantRef,
+        provider: &ProviderRef,
+        dek_id: u64,
+        wrapped: &crate::provider::WrappedDek,
+        settings: CacheSettings,
+    ) -> Result<(DataKey, bool), ProviderError> {
+        let kind = provider_kind(provider)?;
+        let key = CacheKey {
+            database: tenant.database,
+            dek_id,
+            digest: digest(tenant, wrapped),
+        };
+        let now = Instant::now();
+        let stale = {
+            let mut cache = self.cache.lock().expect("cache lock");
+            match cache.get(&key, now) {
+                Some(entry) if now < entry.fresh_until => {
+                    self.metrics
+                        .record(kind, tenant, MetricEvent::SharedCacheHit);
+                    return Ok((entry.dek.clone(), false));
+                }
+                Some(entry) => Some(entry.dek.clone()),
+                None => None,
+            }
+        };
+        self.metrics
+            .record(kind, tenant, MetricEvent::SharedCacheMiss);
+
+        let result = self
+            .coalesced(key.clone(), async {
+                let result = self
+                    .call(provider, tenant, KmsOp::Unwrap, |p| async move {
+                        let context = KeyContext {
+                            tenant_id: &tenant.tenant_id,
+                            dek_id,
+                        };
+                        p.unwrap(wrapped, context).await
+                    })
+                    .await;
+                if let Ok(dek) = &result {
+                    let ttl = Duration::from_secs(settings.ttl_seconds.max(1) as u64);
+                    let grace = Duration::from_secs(settings.grace_period_seconds as u64);
+                    let fetched = Instant::now();
+                    self.cache.lock().expect("cache lock").insert(
+                        key.clone(),
+                        &tenant_label(tenant.database, &tenant.tenant_id),
+                        CachedKey {
+                            dek: dek.clone(),
+                            fresh_until: fetched + ttl,
+                        },
+                        // Kept through the grace period, so it can be served if the KMS is down.
+                        CacheLimits {
+                            ttl: ttl + grace,
+                            max_entries: settings.max_entries.max(1) as usize,
+                        },
+                        fetched,
+                    );
+                }
+                result
+            })
+            .await;
+        match (result, stale) {
+            (Ok(dek), _) => Ok((dek, false)),
+            (Err(e), Some(dek)) if e.kind.is_availability() => {
+                self.metrics.record(kind, tenant, MetricEvent::ServedStale);
+                Ok((dek, true))
+            }
+            (Err(e), _) => Err(e),
+        }
+    }
+
+    /// Runs `call` once for all concurrent requests of the same key.
+    async fn coalesced(
+        &self,
+        key: CacheKey,
+        call: impl std::future::Future<Output = Result<DataKey, ProviderError>>,
+    ) -> Result<DataKey, ProviderError> {
+        let (leader, mut flight) = {
+            let mut inflight = self.inflight.lock().expect("inflight lock");
+            match inflight.get(&key) {
+                Some(flight) => (None, flight.clone()),
+                None => {
+                    let (tx, rx) = watch::channel(None);
+                    inflight.insert(key.clone(), rx.clone());
+                    (Some(tx), rx)
+                }
+            }
+        };
+        if let Some(tx) = leader {
+            let result = call.await;
+            self.inflight.lock().expect("inflight lock").remove(&key);
+            tx.send_replace(Some(result.clone()));
+            return result;
+        }
+        loop {
+            if let Some(result) = flight.borrow().clone() {
+                return result;
+            }
+            if flight.changed().await.is_err() {
+                return Err(ProviderError::new(
+                    ProviderKind::Local,
+                    ErrorKind::Unavailable,
+                    "the key manager call this request waited on was abandoned",
+                ));
+            }
+        }
+    }
+
+    /// One provider call, bounded by the timeout and recorded in the metrics.
+    async fn call<T, F>(
+        &self,
+        provider: &ProviderRef,
+        tenant: &TenantRef,
+        op: KmsOp,
+        f: impl FnOnce(Arc<dyn KeyProvider>) -> F,
+    ) -> Result<T, ProviderError>
+    where
+        F: std::future::Future<Output = Result<T, ProviderError>>,
+    {
+        let kind = provider_kind(provider)?;
+        let instance = self.instance(kind, provider)?;
+        let timeout = self
+            .settings
+            .read()
+            .expect("settings lock")
+            .provider_timeout;
+        let started = Instant::now();
+        let result = match tokio::time::timeout(timeout, f(instance)).await {
+            Ok(result) => result,
+            Err(_) => Err(ProviderError::new(
+                kind,
+                ErrorKind::Unavailable,
+                format!(
+                    "the key manager did not answer within {} ms",
+                    timeout.as_millis()
+                ),
+            )
+            .with_hint("check the key manager's reachability, or raise byok.kms_timeout_ms")),
+        };
+        self.metrics.record(
+            kind,
+            tenant,
+            MetricEvent::KmsCall {
+                op,
+                ok: result.is_ok(),
+                latency: started.elapsed(),
+            },
+        );
+        result
+    }
+
+    fn instance(
+        &self,
+        kind: ProviderKind,
+        provider: &ProviderRef,
+    ) -> Result<Arc<dyn KeyProvider>, ProviderError> {
+        match kind {
+            ProviderKind::Local => {
+                let path = self
+                    .settings
+                    .read()
+                    .expect("settings lock")
+                    .local_key_file
+                    .clone();
+                Ok(Arc::new(LocalProvider::new(
+                    &path,
+                    provider.create_key_store,
+                )))
+            }
+            other => Err(ProviderError::new(
+                other,
+                ErrorKind::NotSupported,
+                "not available in this build of byok_pg",
+            )
+            .with_hint("use provider \"local\", or a build that includes this provider")),
+        }
+    }
+}
+
+fn provider_kind(provider: &ProviderRef) -> Result<ProviderKind, ProviderError> {
+    ProviderKind::from_name(&provider.provider).ok_or_else(|| {
+        ProviderError::new(
+            ProviderKind::Local,
+            ErrorKind::Misconfigured,
+            format!("unknown key provider \"{}\"", provider.provider),
+        )
+    })
+}
+
+/// The per-tenant label of shared-cache entries: database, then tenant.
+fn tenant_label(database: u32, tenant_id: &str) -> String {
+    format!("{database}/{tenant_id}")
+}
+
+fn digest(tenant: &TenantRef, wrapped: &crate::provider::WrappedDek) -> [u8; 32] {
+    let mut h = Sha256::new();
+    for part in [
+        tenant.tenant_id.as_bytes(),
+        wrapped.cmk_id.as_bytes(),
+        wrapped.cmk_version.as_bytes(),
+        &wrapped.blob,
+    ] {
+        h.update((part.len() as u64).to_be_bytes());
+        h.update(part);
+    }
+    h.finalize().into()
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,347 @@
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use serde_json::Map;
+
+use super::*;
+use crate::local::LocalProvider;
+use crate::provider::WrappedDek;
+
+#[derive(Default)]
+struct Counting {
+    kms_calls: AtomicUsize,
+    hits: AtomicUsize,
+    misses: AtomicUsize,
+    stale: AtomicUsize,
+}
+
+impl MetricsSink for Counting {
+    fn record(&self, _: ProviderKind, _: &TenantRef, event: MetricEvent) {
+        let counter = match event {
+            MetricEvent::KmsCall { .. } => &self.kms_calls,
+            MetricEvent::SharedCacheHit => &self.hits,
+            MetricEvent::SharedCacheMiss => &self.misses,
+            MetricEvent::ServedStale => &self.stale,
+        };
+        counter.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+struct Fixture {
+    _dir: tempfile::TempDir,
+    key_file: PathBuf,
+    service: Arc<KeyService>,
+    metrics: Arc<Counting>,
+}
+
+fn fixture() -> Fixture {
+    let dir = tempfile::tempdir().unwrap();
+    let key_file = dir.path().join("master.key");
+    let metrics = Arc::new(Counting::default());
+    let service = Arc::new(KeyService::new(
+        ServiceSettings {
+            local_key_file: key_file.clone(),
+            max_entries: 100,
+            provider_timeout: Duration::from_secs(2),
+        },
+        metrics.clone(),
+    ));
+    Fixture {
+        _dir: dir,
+        key_file,
+        service,
+        metrics,
+    }
+}
+
+fn tenant(t: &str) -> TenantRef {
+    TenantRef {
+        database: 1,
+        tenant_id: t.into(),
+    }
+}
+
+fn local() -> ProviderRef {
+    ProviderRef {
+        provider: "local".into(),
+        options: Map::new(),
+        create_key_store: true,
+    }
+}
+
+fn settings(ttl: u32, grace: u32) -> CacheSettings {
+    CacheSettings {
+        ttl_seconds: ttl,
+        max_entries: 10,
+        grace_period_seconds: grace,
+    }
+}
+
+/// A wrapped key made directly with the local provider, and its plaintext.
+fn wrapped_key(f: &Fixture, t: &str, dek_id: u64) -> (DataKey, WrappedDek) {
+    LocalProvider::new(&f.key_file, true)
+        .generate_now(
+            "cmk",
+            &KeyContext {
+                tenant_id: t,
+                dek_id,
+            },
+        )
+        .unwrap()
+}
+
+fn unwrap_request(t: &str, dek_id: u64, wrapped: &WrappedDek, cache: CacheSettings) -> Request {
+    Request::Unwrap {
+        tenant: tenant(t),
+        // Only configuring a tenant may create the key store, never reading a key.
+        provider: ProviderRef {
+            create_key_store: false,
+            ..local()
+        },
+        dek_id,
+        wrapped: wrapped.clone(),
+        cache,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_misses_for_one_key_make_one_provider_call() {
+    let f = fixture();
+    let (dek, wrapped) = wrapped_key(&f, "t", 7);
+    let tasks: Vec<_> = (0..32)
+        .map(|_| {
+            let service = f.service.clone();
+            let request = unwrap_request("t", 7, &wrapped, settings(60, 0));
+            tokio::spawn(async move { service.handle(request).await })
+        })
+        .collect();
+    for task in tasks {
+        let outcome = task.await.unwrap();
+        assert_eq!(outcome.response, Response::DataKey { stale: false });
+        assert_eq!(outcome.data_key.unwrap(), dek);
+    }
+    assert_eq!(f.metrics.kms_calls.load(Ordering::SeqCst), 1);
+    // Later requests are shared-cache hits.
+    f.service
+        .handle(unwrap_request("t", 7, &wrapped, settings(60, 0)))
+        .await;
+    assert_eq!(f.metrics.kms_calls.load(Ordering::SeqCst), 1);
+    assert!(f.metrics.hits.load(Ordering::SeqCst) >= 1);
+}
+
+#[tokio::test]
+async fn expired_entries_are_fetched_again() {
+    let f = fixture();
+    let (_, wrapped) = wrapped_key(&f, "t", 1);
+    f.service
+        .handle(unwrap_request("t", 1, &wrapped, settings(1, 0)))
+        .await;
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    f.service
+        .handle(unwrap_request("t", 1, &wrapped, settings(1, 0)))
+        .await;
+    assert_eq!(f.metrics.kms_calls.load(Ordering::SeqCst), 2);
+}
+
+#[tokio::test]
+async fn grace_period_serves_cached_keys_while_the_key_store_is_down_then_fails_closed() {
+    let f = fixture();
+    let (dek, wrapped) = wrapped_key(&f, "t", 1);
+    let (_, wrapped_no_grace) = wrapped_key(&f, "u", 2);
+    f.service
+        .handle(unwrap_request("t", 1, &wrapped, settings(1, 2)))
+        .await;
+    f.service
+        .handle(unwrap_request("u", 2, &wrapped_no_grace, settings(1, 0)))
+        .await;
+    std::fs::rename(&f.key_file, f.key_file.with_extension("away")).unwrap();
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+
+    let outcome = f
+        .service
+        .handle(unwrap_request("t", 1, &wrapped, settings(1, 2)))
+        .await;
+    assert_eq!(outcome.response, Response::DataKey { stale: true });
+    assert_eq!(outcome.data_key.unwrap(), dek);
+    assert_eq!(f.metrics.stale.load(Ordering::SeqCst), 1);
+    // Without a grace period the expired key is not served.
+    let outcome = f
+        .service
+        .handle(unwrap_request("u", 2, &wrapped_no_grace, settings(1, 0)))
+        .await;
+    assert!(
+        matches!(outcome.response, Response::Failed { ref error } if error.kind == ErrorKind::Unavailable)
+    );
+    // Past TTL + grace, the service fails closed.
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    let outcome = f
+        .service
+        .handle(unwrap_request("t", 1, &wrapped, settings(1, 2)))
+        .await;
+    assert!(
+        matches!(outcome.response, Response::Failed { ref error } if error.kind == ErrorKind::Unavailable)
+    );
+    assert!(outcome.data_key.is_none());
+}
+
+#[tokio::test]
+async fn a_refusal_is_not_papered_over_by_the_grace_period() {
+    let f = fixture();
+    let (_, wrapped) = wrapped_key(&f, "t", 1);
+    f.service
+        .handle(unwrap_request("t", 1, &wrapped, settings(1, 60)))
+        .await;
+    // Another key store: the key manager now refuses this key.
+    std::fs::remove_file(&f.key_file).unwrap();
+    LocalProvider::open(&f.key_file, true).unwrap();
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let outcome = f
+        .service
+        .handle(unwrap_request("t", 1, &wrapped, settings(1, 60)))
+        .await;
+    assert!(
+        matches!(outcome.response, Response::Failed { ref error } if error.kind == ErrorKind::UnwrapFailed)
+    );
+}
+
+#[tokio::test]
+async fn flush_drops_a_tenant_or_a_database() {
+    let f = fixture();
+    let (_, a) = wrapped_key(&f, "a", 1);
+    let (_, b) = wrapped_key(&f, "b", 2);
+    f.service
+        .handle(unwrap_request("a", 1, &a, settings(60, 0)))
+        .await;
+    f.service
+        .handle(unwrap_request("b", 2, &b, settings(60, 0)))
+        .await;
+    assert_eq!(f.service.cached_entries(), 2);
+    let outcome = f
+        .service
+        .handle(Request::Flush {
+            database: 1,
+            tenant_id: Some("a".into()),
+        })
+        .await;
+    assert_eq!(outcome.response, Response::Flushed { entries: 1 });
+    let outcome = f
+        .service
+        .handle(Request::Flush {
+            database: 2,
+            tenant_id: None,
+        })
+        .await;
+    assert_eq!(outcome.response, Response::Flushed { entries: 0 });
+    let outcome = f
+        .service
+        .handle(Request::Flush {
+            database: 1,
+            tenant_id: None,
+        })
+        .await;
+    assert_eq!(outcome.response, Response::Flushed { entries: 1 });
+    assert_eq!(f.service.cached_entries(), 0);
+}
+
+#[tokio::test]
+async fn a_key_with_the_same_id_but_another_wrapping_is_not_confused() {
+    let f = fixture();
+    let (dek1, w1) = wrapped_key(&f, "t", 1);
+    let (dek2, w2) = wrapped_key(&f, "t", 1);
+    assert_ne!(dek1, dek2);
+    let o1 = f
+        .service
+        .handle(unwrap_request("t", 1, &w1, settings(60, 0)))
+        .await;
+    let o2 = f
+        .service
+        .handle(unwrap_request("t", 1, &w2, settings(60, 0)))
+        .await;
+    assert_eq!(o1.data_key.unwrap(), dek1);
+    assert_eq!(o2.data_key.unwrap(), dek2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_key_store_times_out() {
+    let f = fixture();
+    let (_, wrapped) = wrapped_key(&f, "t", 1);
+    f.service.reconfigure(ServiceSettings {
+        local_key_file: f.key_file.clone(),
+        max_entries: 100,
+        provider_timeout: Duration::from_millis(300),
+    });
+    // A FIFO without a writer: opening it blocks, like a key manager that never answers.
+    std::fs::remove_file(&f.key_file).unwrap();
+    let status = std::process::Command::new("mkfifo")
+        .arg(&f.key_file)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let started = Instant::now();
+    let outcome = f
+        .service
+        .handle(unwrap_request("t", 1, &wrapped, settings(60, 0)))
+        .await;
+    assert!(started.elapsed() < Duration::from_secs(2));
+    match outcome.response {
+        Response::Failed { error } => {
+            assert_eq!(error.kind, ErrorKind::Unavailable);
+            assert!(
+                error.message.contains("did not answer within 300 ms"),
+                "{}",
+                error.message
+            );
+        }
+        other => panic!("expected a timeout, got {other:?}"),
+    }
+    // Release the blocked reader so the test's blocking thread ends.
+    let _ = std::fs::OpenOptions::new().write(true).open(&f.key_file);
+}
+
+#[tokio::test]
+async fn validate_and_generate_and_unsupported_providers() {
+    let f = fixture();
+    let outcome = f
+        .service
+        .handle(Request::Validate {
+            tenant: tenant("t"),
+            provider: local(),
+            cmk_id: "cmk".into(),
+        })
+        .await;
+    assert!(
+        matches!(outcome.response, Response::KeyInfo { ref info } if info.enabled && info.can_wrap)
+    );
+    let outcome = f
+        .service
+        .handle(Request::Generate {
+            tenant: tenant("t"),
+            provider: local(),
+            dek_id: 3,
+            cmk_id: "cmk".into(),
+        })
+        .await;
+    let Response::Generated { wrapped } = outcome.response else {
+        panic!("expected a generated key")
+    };
+    assert!(outcome.data_key.is_none());
+    let unwrapped = f
+        .service
+        .handle(unwrap_request("t", 3, &wrapped, settings(60, 0)))
+        .await;
+    assert!(unwrapped.data_key.is_some());
+    let outcome = f
+        .service
+        .handle(Request::Validate {
+            tenant: tenant("t"),
+            provider: ProviderRef {
+                provider: "aws_kms".into(),
+                options: Map::new(),
+                create_key_store: false,
+            },
+            cmk_id: "arn".into(),
+        })
+        .await;
+    assert!(
+        matches!(outcome.response, Response::Failed { ref error } if error.kind == ErrorKind::NotSupported)
+    );
+}

@@ -1,0 +1,97 @@
+//! The key broker: one background worker owns every key-provider client and the
+//! shared data-key cache; backends reach it through request slots in shared
+//! memory. See `shmem` for the slot protocol, `client` for the backend side and
+//! `worker` for the broker process.
+
+pub mod client;
+pub mod metrics;
+pub mod shmem;
+pub mod worker;
+
+use byok_core::crypto::DataKey;
+use byok_kms::protocol::{CacheSettings, ProviderRef, Request, Response, TenantRef};
+use byok_kms::{MasterKeyInfo, WrappedDek};
+use pgrx::pg_sys;
+
+use crate::errors::ByokError;
+
+/// The current database, as the broker's requests name it.
+pub fn this_database() -> u32 {
+    u32::from(unsafe { pg_sys::MyDatabaseId })
+}
+
+fn failed(response: Response) -> ByokError {
+    match response {
+        Response::Failed { error } => ByokError::Provider(error.into_error()),
+        other => ByokError::Internal(format!("unexpected answer from the key broker: {other:?}")),
+    }
+}
+
+/// The plaintext of a wrapped data key, from the shared cache or the key manager.
+pub fn unwrap(
+    tenant: TenantRef,
+    provider: ProviderRef,
+    dek_id: u64,
+    wrapped: WrappedDek,
+    cache: CacheSettings,
+) -> Result<(DataKey, bool), ByokError> {
+    let answer = client::call(&Request::Unwrap {
+        tenant,
+        provider,
+        dek_id,
+        wrapped,
+        cache,
+    })?;
+    match (answer.response, answer.data_key) {
+        (Response::DataKey { stale }, Some(dek)) => Ok((dek, stale)),
+        (other, _) => Err(failed(other)),
+    }
+}
+
+/// A new data key wrapped under `cmk_id`.
+pub fn generate(
+    tenant: TenantRef,
+    provider: ProviderRef,
+    dek_id: u64,
+    cmk_id: &str,
+) -> Result<WrappedDek, ByokError> {
+    let answer = client::call(&Request::Generate {
+        tenant,
+        provider,
+        dek_id,
+        cmk_id: cmk_id.to_string(),
+    })?;
+    match answer.response {
+        Response::Generated { wrapped } => Ok(wrapped),
+        other => Err(failed(other)),
+    }
+}
+
+/// What the key manager says about a master key.
+pub fn validate(
+    tenant: TenantRef,
+    provider: ProviderRef,
+    cmk_id: &str,
+) -> Result<MasterKeyInfo, ByokError> {
+    let answer = client::call(&Request::Validate {
+        tenant,
+        provider,
+        cmk_id: cmk_id.to_string(),
+    })?;
+    match answer.response {
+        Response::KeyInfo { info } => Ok(info),
+        other => Err(failed(other)),
+    }
+}
+
+/// Drops the shared cache's keys of this database, or of one of its tenants.
+pub fn flush(tenant_id: Option<String>) -> Result<u64, ByokError> {
+    let answer = client::call(&Request::Flush {
+        database: this_database(),
+        tenant_id,
+    })?;
+    match answer.response {
+        Response::Flushed { entries } => Ok(entries),
+        other => Err(failed(other)),
+    }
+}
