@@ -45,6 +45,12 @@ RESET byok.tenant;
 SELECT byok.decrypt_text(('byok:' || encode(set_byte(decode(substr(diagnosis::text, 6), 'base64'), 20, 0), 'base64'))::byok.encrypted,
                          'patients.diagnosis') FROM patients WHERE id = 1;
 SELECT * FROM byok.backend_cache_stats();
+
+-- 5. Monitoring: one key-manager call per data key, and the cache hit ratio.
+SELECT tenant_id, kms_api_success_rate, dek_generation_p99_ms, key_cache_hit_ratio,
+       decrypt_failures_rate, kms_calls, l1_hits, decrypts, decrypt_failures
+  FROM byok.metrics;
+SELECT * FROM byok.broker_status();
 SQL
 log "demo done. Connect with: psql -h $BYOK_WORK/demo -p $PORT -U postgres"
 log "stop it with: bash scripts/demo.sh --stop   (or pg_ctl -D $BYOK_WORK/demo/data stop as postgres)"
