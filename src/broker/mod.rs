@@ -67,6 +67,29 @@ pub fn generate(
     }
 }
 
+/// The same data key wrapped under `new_cmk_id`; the plaintext stays in the broker
+/// (or, where the provider can rewrap natively, in the key manager).
+#[allow(dead_code)] // called by master-key rotation (issue 8)
+pub fn rewrap(
+    tenant: TenantRef,
+    provider: ProviderRef,
+    dek_id: u64,
+    wrapped: WrappedDek,
+    new_cmk_id: &str,
+) -> Result<WrappedDek, ByokError> {
+    let answer = client::call(&Request::Rewrap {
+        tenant,
+        provider,
+        dek_id,
+        wrapped,
+        new_cmk_id: new_cmk_id.to_string(),
+    })?;
+    match answer.response {
+        Response::Generated { wrapped } => Ok(wrapped),
+        other => Err(failed(other)),
+    }
+}
+
 /// What the key manager says about a master key.
 pub fn validate(
     tenant: TenantRef,

@@ -55,6 +55,15 @@ pub enum Request {
         dek_id: u64,
         cmk_id: String,
     },
+    /// The same data key wrapped under another master key (rotation); the
+    /// plaintext never leaves the broker (or, where it can, the key manager).
+    Rewrap {
+        tenant: TenantRef,
+        provider: ProviderRef,
+        dek_id: u64,
+        wrapped: WrappedDek,
+        new_cmk_id: String,
+    },
     /// What the key manager says about a master key.
     Validate {
         tenant: TenantRef,

@@ -61,6 +61,15 @@ pub trait KeyProvider: Send + Sync {
 
     /// Checks that `cmk_id` exists, is enabled and may wrap and unwrap.
     fn describe_master_key<'a>(&'a self, cmk_id: &'a str) -> ProviderFuture<'a, MasterKeyInfo>;
+
+    /// The same data key wrapped under `new_cmk_id` (a master-key rotation).
+    /// Providers with a native rewrap keep the plaintext inside the key manager.
+    fn rewrap<'a>(
+        &'a self,
+        wrapped: &'a WrappedDek,
+        new_cmk_id: &'a str,
+        context: KeyContext<'a>,
+    ) -> ProviderFuture<'a, WrappedDek>;
 }
 
 /// Bytes as lowercase hex in JSON.

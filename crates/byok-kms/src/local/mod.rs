@@ -242,6 +242,18 @@ impl LocalProvider {
         self.secret()?.unwrap_local(wrapped, context)
     }
 
+    /// Unwraps and wraps again under `new_cmk_id`, in one read of the key file.
+    pub fn rewrap_now(
+        &self,
+        wrapped: &WrappedDek,
+        new_cmk_id: &str,
+        context: &KeyContext<'_>,
+    ) -> Result<WrappedDek, LocalError> {
+        let secret = self.secret()?;
+        let dek = secret.unwrap_local(wrapped, context)?;
+        secret.wrap(new_cmk_id, &dek, context)
+    }
+
     pub fn describe_now(&self, cmk_id: &str) -> Result<MasterKeyInfo, LocalError> {
         Ok(MasterKeyInfo {
             cmk_id: cmk_id.to_string(),
@@ -328,5 +340,25 @@ impl KeyProvider for LocalProvider {
     fn describe_master_key<'a>(&'a self, cmk_id: &'a str) -> ProviderFuture<'a, MasterKeyInfo> {
         let (me, cmk_id) = (self.clone(), cmk_id.to_string());
         Box::pin(blocking(move || me.describe_now(&cmk_id)))
+    }
+
+    fn rewrap<'a>(
+        &'a self,
+        wrapped: &'a WrappedDek,
+        new_cmk_id: &'a str,
+        context: KeyContext<'a>,
+    ) -> ProviderFuture<'a, WrappedDek> {
+        let (me, wrapped, new_cmk_id) = (self.clone(), wrapped.clone(), new_cmk_id.to_string());
+        let (tenant, dek_id) = (context.tenant_id.to_string(), context.dek_id);
+        Box::pin(blocking(move || {
+            me.rewrap_now(
+                &wrapped,
+                &new_cmk_id,
+                &KeyContext {
+                    tenant_id: &tenant,
+                    dek_id,
+                },
+            )
+        }))
     }
 }

@@ -44,6 +44,7 @@ pub struct ServiceSettings {
 pub enum KmsOp {
     Unwrap,
     Generate,
+    Rewrap,
     Validate,
 }
 
@@ -193,6 +194,29 @@ impl KeyService {
                 match result {
                     Ok(info) => Outcome {
                         response: Response::KeyInfo { info },
+                        data_key: None,
+                    },
+                    Err(e) => Outcome::failed(&e),
+                }
+            }
+            Request::Rewrap {
+                tenant,
+                provider,
+                dek_id,
+                wrapped,
+                new_cmk_id,
+            } => {
+                let tenant_id = tenant.tenant_id.as_str();
+                let (wrapped_ref, new_cmk) = (&wrapped, new_cmk_id.as_str());
+                let result = self
+                    .call(&provider, &tenant, KmsOp::Rewrap, |p| async move {
+                        let context = KeyContext { tenant_id, dek_id };
+                        p.rewrap(wrapped_ref, new_cmk, context).await
+                    })
+                    .await;
+                match result {
+                    Ok(wrapped) => Outcome {
+                        response: Response::Generated { wrapped },
                         data_key: None,
                     },
                     Err(e) => Outcome::failed(&e),

@@ -298,6 +298,50 @@ async fn a_hung_key_store_times_out() {
 }
 
 #[tokio::test]
+async fn rewrap_moves_a_key_to_another_master_key_without_changing_it() {
+    let f = fixture();
+    let (dek, wrapped) = wrapped_key(&f, "t", 4);
+    let outcome = f
+        .service
+        .handle(Request::Rewrap {
+            tenant: tenant("t"),
+            provider: local(),
+            dek_id: 4,
+            wrapped: wrapped.clone(),
+            new_cmk_id: "cmk-2".into(),
+        })
+        .await;
+    let Response::Generated { wrapped: rewrapped } = outcome.response else {
+        panic!("expected a rewrapped key")
+    };
+    assert!(
+        outcome.data_key.is_none(),
+        "a rewrap never hands out the plaintext"
+    );
+    assert_eq!(rewrapped.cmk_id, "cmk-2");
+    assert_ne!(rewrapped.blob, wrapped.blob);
+    let opened = f
+        .service
+        .handle(unwrap_request("t", 4, &rewrapped, settings(60, 0)))
+        .await;
+    assert_eq!(opened.data_key.unwrap(), dek);
+    // Still bound to its tenant and id.
+    let moved = f
+        .service
+        .handle(Request::Rewrap {
+            tenant: tenant("other"),
+            provider: local(),
+            dek_id: 4,
+            wrapped,
+            new_cmk_id: "cmk-2".into(),
+        })
+        .await;
+    assert!(
+        matches!(moved.response, Response::Failed { ref error } if error.kind == ErrorKind::UnwrapFailed)
+    );
+}
+
+#[tokio::test]
 async fn validate_and_generate_and_unsupported_providers() {
     let f = fixture();
     let outcome = f
