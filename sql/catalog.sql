@@ -18,6 +18,9 @@ CREATE TABLE byok.tenant_config (
     cache_grace_period_seconds integer NOT NULL DEFAULT 0 CHECK (cache_grace_period_seconds >= 0),
     audit_log_all_operations boolean NOT NULL DEFAULT true,
     audit_alert_on_failures boolean NOT NULL DEFAULT true,
+    -- after a master-key rotation: the key it replaced, and when that one counts as retired
+    previous_master_key_id text,
+    previous_master_key_retires_at timestamptz,
     -- the document as given to byok.configure_tenant()
     config jsonb NOT NULL,
     created_at timestamptz NOT NULL DEFAULT now(),
@@ -65,7 +68,8 @@ CREATE TRIGGER invalidate_key_caches
 
 -- Views without key material.
 CREATE VIEW byok.tenants AS
-    SELECT tenant_id, customer, provider, master_key_id, provider_options,
+    SELECT tenant_id, customer, provider, master_key_id,
+           previous_master_key_id, previous_master_key_retires_at, provider_options,
            rotation_enabled, rotation_interval_days,
            cache_ttl_seconds, cache_max_entries, cache_grace_period_seconds,
            audit_log_all_operations, audit_alert_on_failures,

@@ -28,6 +28,27 @@ REVOKE EXECUTE ON FUNCTION byok.rotate_data_key(text) FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION byok.set_data_key_state(bigint, text) FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION byok.destroy_data_key(bigint, bigint) FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION byok.flush_cache(text) FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION byok.rotate_master_key_step(text, text, interval) FROM PUBLIC;
+
+-- The guide's customer-initiated rotation. Commits after every batch, so it can
+-- run on a live database and, after a crash, be called again to finish.
+CREATE PROCEDURE byok.rotate_master_key(tenant_id text, new_key_id text,
+                                        grace_period interval DEFAULT '24 hours')
+LANGUAGE plpgsql AS $proc$
+DECLARE
+    rewrapped bigint;
+    total bigint := 0;
+BEGIN
+    LOOP
+        rewrapped := byok.rotate_master_key_step(tenant_id, new_key_id, grace_period);
+        total := total + rewrapped;
+        COMMIT;
+        EXIT WHEN rewrapped = 0;
+    END LOOP;
+    RAISE NOTICE 'tenant %: % data key(s) rewrapped under master key %', tenant_id, total, new_key_id;
+END
+$proc$;
+REVOKE EXECUTE ON PROCEDURE byok.rotate_master_key(text, text, interval) FROM PUBLIC;
 
 -- Monitoring, named as in the guide's monitoring_rules.yaml.
 CREATE VIEW byok.metrics AS
@@ -40,7 +61,7 @@ SELECT d.datname AS database, m.provider, m.tenant_id,
        CASE WHEN m.decrypts > 0
             THEN m.decrypt_failures::float8 / m.decrypts END AS decrypt_failures_rate,
        m.kms_calls, m.kms_failures, m.dek_generations,
-       m.l1_hits, m.l1_misses, m.l2_hits, m.l2_misses, m.served_stale,
+       m.l1_hits, m.l1_misses, m.l2_hits, m.l2_misses, m.served_stale, m.served_by_replica,
        m.decrypts, m.decrypt_failures, m.encrypts, m.kms_latency_histogram
   FROM byok.metrics_counters() m
   LEFT JOIN pg_catalog.pg_database d ON d.oid = m.database_oid;
@@ -54,6 +75,7 @@ COMMENT ON VIEW byok.metrics IS
         api::tenants::set_data_key_state,
         api::tenants::destroy_data_key,
         api::tenants::flush_cache,
+        api::rotation::rotate_master_key_step,
         broker::metrics::metrics_counters
     ]
 );

@@ -95,7 +95,9 @@ fn upsert_tenant(
                 message: format!(
                     "tenant \"{tenant_id}\" already uses master key \"{master_key_id}\" of provider \"{provider_name}\"; configure_tenant does not change a tenant's master key"
                 ),
-                hint: Some("moving a tenant to a new master key rewraps its data keys: use the master-key rotation procedure".into()),
+                hint: Some(format!(
+                    "moving a tenant to a new master key rewraps its data keys: CALL byok.rotate_master_key('{tenant_id}', 'NEW-KEY-ID')"
+                )),
             });
         }
     }

@@ -103,6 +103,7 @@ struct Totals {
     l2_hits: u64,
     l2_misses: u64,
     served_stale: u64,
+    served_by_replica: u64,
     decrypts: u64,
     decrypt_failures: u64,
     encrypts: u64,
@@ -133,6 +134,7 @@ fn metrics_counters() -> TableIterator<
         name!(l2_hits, i64),
         name!(l2_misses, i64),
         name!(served_stale, i64),
+        name!(served_by_replica, i64),
         name!(decrypts, i64),
         name!(decrypt_failures, i64),
         name!(encrypts, i64),
@@ -162,6 +164,7 @@ fn metrics_counters() -> TableIterator<
             t.l2_hits += load(&m.l2_hits);
             t.l2_misses += load(&m.l2_misses);
             t.served_stale += load(&m.served_stale);
+            t.served_by_replica += load(&m.served_by_replica);
             t.decrypts += load(&m.decrypts);
             t.decrypt_failures += load(&m.decrypt_failures);
             t.encrypts += load(&m.encrypts);
@@ -191,6 +194,7 @@ fn metrics_counters() -> TableIterator<
                 t.l2_hits as i64,
                 t.l2_misses as i64,
                 t.served_stale as i64,
+                t.served_by_replica as i64,
                 t.decrypts as i64,
                 t.decrypt_failures as i64,
                 t.encrypts as i64,

@@ -65,6 +65,7 @@ pub struct MetricSlot {
     pub l2_hits: AtomicU64,
     pub l2_misses: AtomicU64,
     pub served_stale: AtomicU64,
+    pub served_by_replica: AtomicU64,
     pub decrypts: AtomicU64,
     pub decrypt_failures: AtomicU64,
     pub encrypts: AtomicU64,

@@ -78,6 +78,7 @@ impl MetricsSink for SharedMetrics {
             MetricEvent::SharedCacheHit => add(&m.l2_hits),
             MetricEvent::SharedCacheMiss => add(&m.l2_misses),
             MetricEvent::ServedStale => add(&m.served_stale),
+            MetricEvent::ServedByReplica => add(&m.served_by_replica),
         }
     }
 }

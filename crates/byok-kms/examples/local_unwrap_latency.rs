@@ -18,10 +18,7 @@ fn main() {
         .and_then(|a| a.parse().ok())
         .unwrap_or(2000);
     let provider = LocalProvider::open(&path, true).unwrap();
-    let context = KeyContext {
-        tenant_id: "bench",
-        dek_id: 1,
-    };
+    let context = KeyContext::new("bench", 1);
     let (_, wrapped) = provider.generate_now("bench-cmk", &context).unwrap();
     let mut micros: Vec<f64> = (0..n)
         .map(|_| {

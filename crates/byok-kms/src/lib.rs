@@ -4,6 +4,8 @@
 //! A provider only ever wraps, unwraps or generates data keys under a master key
 //! (CMK) that it names; the master key itself never leaves the key manager.
 
+#[cfg(feature = "aws")]
+pub mod aws;
 pub mod error;
 pub mod histogram;
 pub mod local;

@@ -16,6 +16,42 @@ use crate::error::ProviderError;
 pub struct KeyContext<'a> {
     pub tenant_id: &'a str,
     pub dek_id: u64,
+    /// Where the provider notes facts about the call for the metrics.
+    pub report: &'a CallReport,
+}
+
+impl<'a> KeyContext<'a> {
+    /// A context whose report nobody reads.
+    pub fn new(tenant_id: &'a str, dek_id: u64) -> Self {
+        KeyContext {
+            tenant_id,
+            dek_id,
+            report: &NO_REPORT,
+        }
+    }
+}
+
+/// Facts a provider notes about one call.
+#[derive(Debug, Default)]
+pub struct CallReport {
+    /// Set when a replica (another region) answered because the primary failed.
+    pub served_by_replica: std::sync::Mutex<Option<String>>,
+}
+
+static NO_REPORT: CallReport = CallReport {
+    served_by_replica: std::sync::Mutex::new(None),
+};
+
+impl CallReport {
+    pub fn replica(&self) -> Option<String> {
+        self.served_by_replica.lock().ok().and_then(|r| r.clone())
+    }
+
+    pub fn note_replica(&self, which: &str) {
+        if let Ok(mut r) = self.served_by_replica.lock() {
+            *r = Some(which.to_string());
+        }
+    }
 }
 
 /// A data key as stored: wrapped by a master key, never in the clear.

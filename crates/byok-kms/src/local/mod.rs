@@ -305,13 +305,7 @@ impl KeyProvider for LocalProvider {
             context.dek_id,
         );
         Box::pin(blocking(move || {
-            me.generate_now(
-                &cmk_id,
-                &KeyContext {
-                    tenant_id: &tenant,
-                    dek_id,
-                },
-            )
+            me.generate_now(&cmk_id, &KeyContext::new(&tenant, dek_id))
         }))
     }
 
@@ -327,13 +321,7 @@ impl KeyProvider for LocalProvider {
             context.dek_id,
         );
         Box::pin(blocking(move || {
-            me.unwrap_now(
-                &wrapped,
-                &KeyContext {
-                    tenant_id: &tenant,
-                    dek_id,
-                },
-            )
+            me.unwrap_now(&wrapped, &KeyContext::new(&tenant, dek_id))
         }))
     }
 
@@ -351,14 +339,7 @@ impl KeyProvider for LocalProvider {
         let (me, wrapped, new_cmk_id) = (self.clone(), wrapped.clone(), new_cmk_id.to_string());
         let (tenant, dek_id) = (context.tenant_id.to_string(), context.dek_id);
         Box::pin(blocking(move || {
-            me.rewrap_now(
-                &wrapped,
-                &new_cmk_id,
-                &KeyContext {
-                    tenant_id: &tenant,
-                    dek_id,
-                },
-            )
+            me.rewrap_now(&wrapped, &new_cmk_id, &KeyContext::new(&tenant, dek_id))
         }))
     }
 }

@@ -4,10 +4,7 @@ use std::os::unix::fs::PermissionsExt;
 use super::*;
 
 fn ctx(tenant: &str, dek_id: u64) -> KeyContext<'_> {
-    KeyContext {
-        tenant_id: tenant,
-        dek_id,
-    }
+    KeyContext::new(tenant, dek_id)
 }
 
 #[test]

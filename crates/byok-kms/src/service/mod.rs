@@ -27,7 +27,7 @@ use tokio::sync::watch;
 use crate::error::{ErrorKind, ProviderError};
 use crate::local::LocalProvider;
 use crate::protocol::{CacheSettings, ErrorWire, ProviderRef, Request, Response, TenantRef};
-use crate::provider::{KeyContext, KeyProvider};
+use crate::provider::{CallReport, KeyContext, KeyProvider};
 
 /// Settings from the server configuration (GUCs), reloadable.
 #[derive(Debug, Clone)]
@@ -60,6 +60,8 @@ pub enum MetricEvent {
     SharedCacheHit,
     SharedCacheMiss,
     ServedStale,
+    /// A replica key (another region) answered because the primary failed.
+    ServedByReplica,
 }
 
 pub trait MetricsSink: Send + Sync {
@@ -112,6 +114,8 @@ pub struct KeyService {
     settings: RwLock<ServiceSettings>,
     cache: Mutex<KeyCache<CachedKey, CacheKey, RandomState>>,
     inflight: Mutex<HashMap<CacheKey, Flight>>,
+    /// Clients of remote key managers, by provider and configuration.
+    clients: Mutex<HashMap<String, Arc<dyn KeyProvider>>>,
     metrics: Arc<dyn MetricsSink>,
 }
 
@@ -121,6 +125,7 @@ impl KeyService {
             cache: Mutex::new(KeyCache::new(settings.max_entries)),
             settings: RwLock::new(settings),
             inflight: Mutex::new(HashMap::new()),
+            clients: Mutex::new(HashMap::new()),
             metrics,
         }
     }
@@ -165,10 +170,19 @@ impl KeyService {
                 let tenant_id = tenant.tenant_id.as_str();
                 let cmk_id = cmk_id.as_str();
                 let result = self
-                    .call(&provider, &tenant, KmsOp::Generate, |p| async move {
-                        let context = KeyContext { tenant_id, dek_id };
-                        p.generate_data_key(cmk_id, context).await
-                    })
+                    .call(
+                        &provider,
+                        &tenant,
+                        KmsOp::Generate,
+                        |p, report| async move {
+                            let context = KeyContext {
+                                tenant_id,
+                                dek_id,
+                                report: &report,
+                            };
+                            p.generate_data_key(cmk_id, context).await
+                        },
+                    )
                     .await;
                 match result {
                     // The new key's plaintext is not needed by the caller: it is
@@ -187,9 +201,12 @@ impl KeyService {
             } => {
                 let cmk_id = cmk_id.as_str();
                 let result = self
-                    .call(&provider, &tenant, KmsOp::Validate, |p| async move {
-                        p.describe_master_key(cmk_id).await
-                    })
+                    .call(
+                        &provider,
+                        &tenant,
+                        KmsOp::Validate,
+                        |p, _report| async move { p.describe_master_key(cmk_id).await },
+                    )
                     .await;
                 match result {
                     Ok(info) => Outcome {
@@ -209,8 +226,12 @@ impl KeyService {
                 let tenant_id = tenant.tenant_id.as_str();
                 let (wrapped_ref, new_cmk) = (&wrapped, new_cmk_id.as_str());
                 let result = self
-                    .call(&provider, &tenant, KmsOp::Rewrap, |p| async move {
-                        let context = KeyContext { tenant_id, dek_id };
+                    .call(&provider, &tenant, KmsOp::Rewrap, |p, report| async move {
+                        let context = KeyContext {
+                            tenant_id,
+                            dek_id,
+                            report: &report,
+                        };
                         p.rewrap(wrapped_ref, new_cmk, context).await
                     })
                     .await;
@@ -279,10 +300,11 @@ impl KeyService {
         let result = self
             .coalesced(key.clone(), async {
                 let result = self
-                    .call(provider, tenant, KmsOp::Unwrap, |p| async move {
+                    .call(provider, tenant, KmsOp::Unwrap, |p, report| async move {
                         let context = KeyContext {
                             tenant_id: &tenant.tenant_id,
                             dek_id,
+                            report: &report,
                         };
                         p.unwrap(wrapped, context).await
                     })
@@ -362,20 +384,21 @@ impl KeyService {
         provider: &ProviderRef,
         tenant: &TenantRef,
         op: KmsOp,
-        f: impl FnOnce(Arc<dyn KeyProvider>) -> F,
+        f: impl FnOnce(Arc<dyn KeyProvider>, Arc<CallReport>) -> F,
     ) -> Result<T, ProviderError>
     where
         F: std::future::Future<Output = Result<T, ProviderError>>,
     {
         let kind = provider_kind(provider)?;
-        let instance = self.instance(kind, provider)?;
+        let instance = self.instance(kind, provider).await?;
         let timeout = self
             .settings
             .read()
             .expect("settings lock")
             .provider_timeout;
         let started = Instant::now();
-        let result = match tokio::time::timeout(timeout, f(instance)).await {
+        let report = Arc::new(CallReport::default());
+        let result = match tokio::time::timeout(timeout, f(instance, report.clone())).await {
             Ok(result) => result,
             Err(_) => Err(ProviderError::new(
                 kind,
@@ -396,26 +419,49 @@ impl KeyService {
                 latency: started.elapsed(),
             },
         );
+        if report.replica().is_some() {
+            self.metrics
+                .record(kind, tenant, MetricEvent::ServedByReplica);
+        }
         result
     }
 
-    fn instance(
+    /// The provider for a tenant's settings. Clients of remote key managers are
+    /// built once per distinct configuration and kept: they hold connection pools
+    /// and refreshed credentials.
+    async fn instance(
         &self,
         kind: ProviderKind,
         provider: &ProviderRef,
     ) -> Result<Arc<dyn KeyProvider>, ProviderError> {
+        let settings = self.settings.read().expect("settings lock").clone();
         match kind {
-            ProviderKind::Local => {
-                let path = self
-                    .settings
-                    .read()
-                    .expect("settings lock")
-                    .local_key_file
-                    .clone();
-                Ok(Arc::new(LocalProvider::new(
-                    &path,
-                    provider.create_key_store,
-                )))
+            ProviderKind::Local => Ok(Arc::new(LocalProvider::new(
+                &settings.local_key_file,
+                provider.create_key_store,
+            ))),
+            #[cfg(feature = "aws")]
+            ProviderKind::AwsKms => {
+                let cache_key = format!(
+                    "aws_kms/{}/{}",
+                    serde_json::Value::Object(provider.options.clone()),
+                    settings.provider_timeout.as_millis()
+                );
+                if let Some(client) = self.clients.lock().expect("clients lock").get(&cache_key) {
+                    return Ok(client.clone());
+                }
+                let client: Arc<dyn KeyProvider> = Arc::new(
+                    crate::aws::AwsKmsProvider::from_options(
+                        &provider.options,
+                        settings.provider_timeout,
+                    )
+                    .await?,
+                );
+                self.clients
+                    .lock()
+                    .expect("clients lock")
+                    .insert(cache_key, client.clone());
+                Ok(client)
             }
             other => Err(ProviderError::new(
                 other,

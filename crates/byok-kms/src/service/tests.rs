@@ -21,6 +21,7 @@ impl MetricsSink for Counting {
             MetricEvent::SharedCacheHit => &self.hits,
             MetricEvent::SharedCacheMiss => &self.misses,
             MetricEvent::ServedStale => &self.stale,
+            MetricEvent::ServedByReplica => return,
         };
         counter.fetch_add(1, Ordering::SeqCst);
     }
@@ -79,13 +80,7 @@ fn settings(ttl: u32, grace: u32) -> CacheSettings {
 /// A wrapped key made directly with the local provider, and its plaintext.
 fn wrapped_key(f: &Fixture, t: &str, dek_id: u64) -> (DataKey, WrappedDek) {
     LocalProvider::new(&f.key_file, true)
-        .generate_now(
-            "cmk",
-            &KeyContext {
-                tenant_id: t,
-                dek_id,
-            },
-        )
+        .generate_now("cmk", &KeyContext::new(t, dek_id))
         .unwrap()
 }
 
@@ -378,7 +373,7 @@ async fn validate_and_generate_and_unsupported_providers() {
         .handle(Request::Validate {
             tenant: tenant("t"),
             provider: ProviderRef {
-                provider: "aws_kms".into(),
+                provider: "vault".into(),
                 options: Map::new(),
                 create_key_store: false,
             },

@@ -1,0 +1,357 @@
+//! AWS KMS (`provider: aws_kms`), through the official `aws-sdk-kms`.
+//!
+//! - New data keys: `GenerateDataKey` (AES_256); unwrap: `Decrypt`; master-key
+//!   rotation: `ReEncrypt` (the plaintext never leaves KMS); validation:
+//!   `DescribeKey` (state Enabled, usage ENCRYPT_DECRYPT).
+//! - Every call carries an encryption context binding the data key to its tenant
+//!   and id, so a wrapped key moved to another tenant does not decrypt.
+//! - Credentials: the standard chain (environment, shared files, web identity,
+//!   instance metadata), or `role_arn` (+ `external_id`) assumed through STS; the
+//!   SDK's identity cache refreshes them before they expire.
+//! - Disaster recovery: `replica_key_arns` (multi-Region replicas) are tried in
+//!   order when the primary Region cannot be reached.
+//! - Throttling and transient faults are retried by the SDK with exponential
+//!   backoff and jitter; the broker bounds the whole call by `byok.kms_timeout_ms`.
+
+mod errors;
+mod options;
+#[cfg(test)]
+mod tests;
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use aws_config::BehaviorVersion;
+use aws_config::retry::RetryConfig;
+use aws_config::timeout::TimeoutConfig;
+use aws_sdk_kms::Client;
+use aws_sdk_kms::primitives::Blob;
+use aws_sdk_kms::types::{DataKeySpec, KeyState, KeyUsageType};
+use byok_core::config::ProviderKind;
+use byok_core::crypto::DataKey;
+use serde_json::{Map, Value};
+use zeroize::Zeroize;
+
+pub use errors::AwsError;
+pub use options::AwsOptions;
+
+use crate::error::ProviderError;
+use crate::provider::{KeyContext, KeyProvider, MasterKeyInfo, ProviderFuture, WrappedDek};
+
+/// One Region's client and the key to use there.
+struct Target {
+    client: Client,
+    key_id: String,
+    region: String,
+}
+
+impl AwsKmsProvider {
+    fn target(&self, index: usize) -> &Target {
+        if index == 0 {
+            &self.primary
+        } else {
+            &self.replicas[index - 1]
+        }
+    }
+}
+
+pub struct AwsKmsProvider {
+    primary: Target,
+    replicas: Vec<Target>,
+}
+
+/// The encryption context every wrapped data key is bound to.
+fn encryption_context(context: &KeyContext<'_>) -> HashMap<String, String> {
+    HashMap::from([
+        ("byok:tenant".to_string(), context.tenant_id.to_string()),
+        ("byok:dek_id".to_string(), context.dek_id.to_string()),
+    ])
+}
+
+impl AwsKmsProvider {
+    pub async fn from_options(
+        options: &Map<String, Value>,
+        timeout: Duration,
+    ) -> Result<Self, ProviderError> {
+        let options = AwsOptions::parse(options)?;
+        let primary = Self::build_target(
+            &options,
+            &options.key_arn,
+            options.primary_region()?,
+            options.endpoint_url.clone(),
+            timeout,
+        )
+        .await;
+        let mut replicas = Vec::new();
+        for arn in &options.replica_key_arns {
+            let region = options::region_of_arn(arn).ok_or_else(|| {
+                AwsError::config(format!(
+                    "replica_key_arns: \"{arn}\" is not a KMS key ARN with a Region"
+                ))
+            })?;
+            let endpoint = options.replica_endpoint_urls.get(&region).cloned();
+            replicas.push(Self::build_target(&options, arn, region, endpoint, timeout).await);
+        }
+        Ok(AwsKmsProvider { primary, replicas })
+    }
+
+    async fn build_target(
+        options: &AwsOptions,
+        key_id: &str,
+        region: String,
+        endpoint: Option<String>,
+        timeout: Duration,
+    ) -> Target {
+        let mut loader = aws_config::defaults(BehaviorVersion::latest())
+            .region(aws_config::Region::new(region.clone()))
+            // Standard retry mode: exponential backoff with jitter, throttling included.
+            .retry_config(RetryConfig::standard().with_max_attempts(4))
+            .timeout_config(
+                TimeoutConfig::builder()
+                    .operation_timeout(timeout)
+                    .connect_timeout(timeout.min(Duration::from_secs(3)))
+                    .build(),
+            );
+        if let Some(endpoint) = &endpoint {
+            loader = loader.endpoint_url(endpoint);
+        }
+        if let Some(profile) = &options.profile {
+            loader = loader.profile_name(profile);
+        }
+        let base = loader.load().await;
+        let config = match &options.role_arn {
+            None => base,
+            Some(role_arn) => {
+                let mut assume = aws_config::sts::AssumeRoleProvider::builder(role_arn)
+                    .session_name(
+                        options
+                            .session_name
+                            .clone()
+                            .unwrap_or_else(|| "byok_pg".into()),
+                    )
+                    .region(aws_config::Region::new(region.clone()))
+                    .configure(&base);
+                if let Some(external_id) = &options.external_id {
+                    assume = assume.external_id(external_id);
+                }
+                let provider = assume.build().await;
+                return Target {
+                    client: Client::from_conf(
+                        aws_sdk_kms::config::Builder::from(&base)
+                            .credentials_provider(provider)
+                            .build(),
+                    ),
+                    key_id: key_id.to_string(),
+                    region,
+                };
+            }
+        };
+        Target {
+            client: Client::new(&config),
+            key_id: key_id.to_string(),
+            region,
+        }
+    }
+
+    /// Runs `call` against the primary, then each replica while the failure is
+    /// one of reaching the Region (not a refusal).
+    /// `call` gets the index of the target: 0 the primary, 1.. the replicas.
+    async fn with_fallback<T, F, Fut>(
+        &self,
+        context: Option<&KeyContext<'_>>,
+        call: F,
+    ) -> Result<T, ProviderError>
+    where
+        F: Fn(usize) -> Fut,
+        Fut: std::future::Future<Output = Result<T, ProviderError>>,
+    {
+        let mut result = call(0).await;
+        for (i, replica) in self.replicas.iter().enumerate() {
+            match &result {
+                Err(e) if e.kind.is_availability() => {}
+                _ => break,
+            }
+            result = call(i + 1).await;
+            if result.is_ok()
+                && let Some(context) = context
+            {
+                context.report.note_replica(&replica.region);
+            }
+        }
+        result
+    }
+}
+
+fn blob_to_key(blob: Option<&Blob>) -> Result<DataKey, ProviderError> {
+    let bytes = blob.ok_or_else(|| AwsError::protocol("the answer had no plaintext"))?;
+    DataKey::from_slice(bytes.as_ref())
+        .map_err(|_| AwsError::protocol("the data key is not 32 bytes").into())
+}
+
+impl KeyProvider for AwsKmsProvider {
+    fn kind(&self) -> ProviderKind {
+        ProviderKind::AwsKms
+    }
+
+    fn generate_data_key<'a>(
+        &'a self,
+        cmk_id: &'a str,
+        context: KeyContext<'a>,
+    ) -> ProviderFuture<'a, (DataKey, WrappedDek)> {
+        Box::pin(async move {
+            // New keys are generated in the primary Region only: a replica can
+            // decrypt what the primary wrapped, and generation is rare.
+            let target = &self.primary;
+            let out = target
+                .client
+                .generate_data_key()
+                .key_id(cmk_id)
+                .key_spec(DataKeySpec::Aes256)
+                .set_encryption_context(Some(encryption_context(&context)))
+                .send()
+                .await
+                .map_err(|e| errors::from_sdk("GenerateDataKey", e))?;
+            let dek = blob_to_key(out.plaintext())?;
+            let blob = out
+                .ciphertext_blob()
+                .ok_or_else(|| AwsError::protocol("the answer had no ciphertext"))?
+                .as_ref()
+                .to_vec();
+            let version = out.key_id().unwrap_or(cmk_id).to_string();
+            // The SDK's copy of the plaintext goes with `out`; ours is a zeroizing DataKey.
+            drop(out);
+            Ok((
+                dek,
+                WrappedDek {
+                    blob,
+                    cmk_id: cmk_id.to_string(),
+                    cmk_version: version,
+                },
+            ))
+        })
+    }
+
+    fn unwrap<'a>(
+        &'a self,
+        wrapped: &'a WrappedDek,
+        context: KeyContext<'a>,
+    ) -> ProviderFuture<'a, DataKey> {
+        Box::pin(async move {
+            self.with_fallback(Some(&context), |index| async move {
+                let target = self.target(index);
+                // Name the key, so KMS refuses a blob wrapped by another key
+                // (IncorrectKeyException) instead of trusting the blob's own header.
+                let key_id = if index == 0 {
+                    wrapped.cmk_version.as_str()
+                } else {
+                    target.key_id.as_str()
+                };
+                let mut out = target
+                    .client
+                    .decrypt()
+                    .ciphertext_blob(Blob::new(wrapped.blob.clone()))
+                    .key_id(key_id)
+                    .set_encryption_context(Some(encryption_context(&context)))
+                    .send()
+                    .await
+                    .map_err(|e| errors::from_sdk("Decrypt", e))?;
+                let dek = blob_to_key(out.plaintext());
+                if let Some(plain) = out.plaintext.take() {
+                    plain.into_inner().zeroize();
+                }
+                dek
+            })
+            .await
+        })
+    }
+
+    fn describe_master_key<'a>(&'a self, cmk_id: &'a str) -> ProviderFuture<'a, MasterKeyInfo> {
+        Box::pin(async move {
+            let out = self
+                .with_fallback(None, |index| async move {
+                    let target = self.target(index);
+                    let key_id = if index == 0 {
+                        cmk_id
+                    } else {
+                        target.key_id.as_str()
+                    };
+                    target
+                        .client
+                        .describe_key()
+                        .key_id(key_id)
+                        .send()
+                        .await
+                        .map_err(|e| errors::from_sdk("DescribeKey", e))
+                })
+                .await?;
+            let meta = out
+                .key_metadata()
+                .ok_or_else(|| AwsError::protocol("DescribeKey returned no key metadata"))?;
+            let state = meta.key_state().cloned();
+            Ok(MasterKeyInfo {
+                cmk_id: cmk_id.to_string(),
+                version: meta.arn().unwrap_or(cmk_id).to_string(),
+                enabled: meta.enabled() && state == Some(KeyState::Enabled),
+                // An absent KeyUsage is KMS's default, ENCRYPT_DECRYPT.
+                can_wrap: meta
+                    .key_usage()
+                    .is_none_or(|u| *u == KeyUsageType::EncryptDecrypt),
+                description: format!(
+                    "AWS KMS key {} in {} (state {})",
+                    meta.arn().unwrap_or(cmk_id),
+                    self.primary.region,
+                    state
+                        .map(|s| s.as_str().to_string())
+                        .unwrap_or_else(|| "unknown".into())
+                ),
+            })
+        })
+    }
+
+    fn rewrap<'a>(
+        &'a self,
+        wrapped: &'a WrappedDek,
+        new_cmk_id: &'a str,
+        context: KeyContext<'a>,
+    ) -> ProviderFuture<'a, WrappedDek> {
+        Box::pin(async move {
+            let encryption_context = encryption_context(&context);
+            let out = self
+                .primary
+                .client
+                .re_encrypt()
+                .ciphertext_blob(Blob::new(wrapped.blob.clone()))
+                .source_key_id(&wrapped.cmk_version)
+                .set_source_encryption_context(Some(encryption_context.clone()))
+                .destination_key_id(new_cmk_id)
+                .set_destination_encryption_context(Some(encryption_context))
+                .send()
+                .await
+                .map_err(|e| errors::from_sdk("ReEncrypt", e))?;
+            let blob = out
+                .ciphertext_blob()
+                .ok_or_else(|| AwsError::protocol("ReEncrypt returned no ciphertext"))?
+                .as_ref()
+                .to_vec();
+            Ok(WrappedDek {
+                blob,
+                cmk_id: new_cmk_id.to_string(),
+                cmk_version: out.key_id().unwrap_or(new_cmk_id).to_string(),
+            })
+        })
+    }
+}
+
+impl From<AwsError> for ProviderError {
+    fn from(e: AwsError) -> Self {
+        let kind = e.kind();
+        let mut err = ProviderError::new(ProviderKind::AwsKms, kind, e.to_string());
+        if let Some(detail) = e.detail() {
+            err = err.with_detail(detail);
+        }
+        if let Some(hint) = e.hint() {
+            err = err.with_hint(hint);
+        }
+        err
+    }
+}
