@@ -299,6 +299,15 @@ impl KeyService {
 
         let result = self
             .coalesced(key.clone(), async {
+                // Re-check as the leader: a previous leader fills the cache before it
+                // leaves the in-flight map, so a request that missed the cache just
+                // before that finds the key here instead of calling the provider again.
+                let now = Instant::now();
+                if let Some(entry) = self.cache.lock().expect("cache lock").get(&key, now)
+                    && now < entry.fresh_until
+                {
+                    return Ok(entry.dek.clone());
+                }
                 let result = self
                     .call(provider, tenant, KmsOp::Unwrap, |p, report| async move {
                         let context = KeyContext {
