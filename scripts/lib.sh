@@ -34,6 +34,11 @@ ensure_toolchain() {
     if command -v pg_lsclusters >/dev/null && pg_lsclusters -h 2>/dev/null | grep -q online; then
         pg_ctlcluster "${PG_MAJOR}" main stop 2>/dev/null || true
     fi
+    # Key-manager emulators for the provider tests (PyPI).
+    if ! python3 -m pip show moto 2>/dev/null | grep -q "^Version: 5.2.5$"; then
+        log "installing the AWS KMS emulator (moto 5.2.5)"
+        python3 -m pip install -q 'moto[server]==5.2.5'
+    fi
     if ! cargo pgrx --version 2>/dev/null | grep -q "$PGRX_VERSION"; then
         log "installing cargo-pgrx ${PGRX_VERSION} (a few minutes, once)"
         cargo install cargo-pgrx --version "=${PGRX_VERSION}" --locked --debug

@@ -109,7 +109,7 @@ fn build_runtime() -> tokio::runtime::Runtime {
             .worker_threads(2)
             .max_blocking_threads(16)
             .thread_name("byok-broker")
-            .enable_time()
+            .enable_all()
             .build();
         libc::pthread_sigmask(libc::SIG_SETMASK, &previous, std::ptr::null_mut());
         match runtime {
@@ -208,8 +208,15 @@ pub extern "C-unwind" fn byok_broker_main(_arg: pg_sys::Datum) {
             match request {
                 Ok(request) => {
                     let (service, done_tx, wake) = (service.clone(), done_tx.clone(), wake.clone());
+                    let work = runtime.spawn(async move { service.handle(request).await });
                     runtime.spawn(async move {
-                        let outcome = service.handle(request).await;
+                        // A provider that panics must still answer, or its slot would never be freed.
+                        let outcome = work.await.unwrap_or_else(|_| {
+                            failure(
+                                ErrorKind::Unavailable,
+                                "the key provider failed unexpectedly; see the server log".into(),
+                            )
+                        });
                         let _ = done_tx.send(Completion {
                             slot: index,
                             request_id,

@@ -220,11 +220,9 @@ impl TenantConfig {
             .as_object()
             .ok_or_else(|| err(&block_path, "must be an object"))?;
         for (key, value) in block {
-            if !(value.is_string() || value.is_number() || value.is_boolean() || value.is_array()) {
-                return Err(err(
-                    &format!("{block_path}.{key}"),
-                    "must be a string, number, boolean or list",
-                ));
+            // Provider blocks are checked in full by their provider; here only nulls are refused.
+            if value.is_null() {
+                return Err(err(&format!("{block_path}.{key}"), "must not be null"));
             }
         }
         if provider == ProviderKind::Local {

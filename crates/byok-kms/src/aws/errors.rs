@@ -18,6 +18,8 @@ pub enum AwsError {
     Unreachable {
         operation: &'static str,
         reason: String,
+        /// The SDK's error chain (endpoints, credential providers; never secrets).
+        cause: String,
     },
     #[error("AWS KMS configuration: {0}")]
     Config(String),
@@ -48,6 +50,7 @@ impl AwsError {
             AwsError::Service {
                 operation, code, ..
             } => Some(format!("AWS error code {code} from {operation}")),
+            AwsError::Unreachable { cause, .. } => Some(cause.clone()),
             _ => None,
         }
     }
@@ -106,46 +109,50 @@ pub fn kind_of_code(code: &str) -> ErrorKind {
     }
 }
 
+/// The error code implied by an HTTP status, for answers whose body has none.
+pub fn code_of_status(status: u16) -> &'static str {
+    match status {
+        401 | 403 => "AccessDeniedException",
+        404 => "NotFoundException",
+        429 => "ThrottlingException",
+        500..=599 => "KMSInternalException",
+        _ => "Unknown",
+    }
+}
+
 /// Maps an SDK error of `operation`.
-pub fn from_sdk<E, R>(operation: &'static str, e: SdkError<E, R>) -> crate::error::ProviderError
+pub fn from_sdk<E>(operation: &'static str, e: SdkError<E>) -> crate::error::ProviderError
 where
     E: ProvideErrorMetadata + std::error::Error + 'static,
-    R: std::fmt::Debug,
 {
+    let unreachable = |reason: &str| AwsError::Unreachable {
+        operation,
+        reason: reason.to_string(),
+        cause: aws_smithy_types::error::display::DisplayErrorContext(&e).to_string(),
+    };
     let error = match &e {
         SdkError::ServiceError(service) => {
             let err = service.err();
+            // A body without a readable code (proxies, emulators) still has a status.
+            let code = err
+                .code()
+                .map(str::to_string)
+                .unwrap_or_else(|| code_of_status(service.raw().status().as_u16()).to_string());
             AwsError::Service {
                 operation,
-                code: err.code().unwrap_or("Unknown").to_string(),
+                code,
                 message: err
                     .message()
                     .map(|m| format!("{operation} failed: {m}"))
                     .unwrap_or_else(|| format!("{operation} failed")),
             }
         }
-        SdkError::TimeoutError(_) => AwsError::Unreachable {
-            operation,
-            reason: "timed out".into(),
-        },
-        SdkError::DispatchFailure(failure) => AwsError::Unreachable {
-            operation,
-            reason: if failure.is_timeout() {
-                "timed out".into()
-            } else if failure.is_io() {
-                "connection failed".into()
-            } else {
-                "the request could not be sent".into()
-            },
-        },
-        SdkError::ResponseError(_) => AwsError::Unreachable {
-            operation,
-            reason: "the response could not be read".into(),
-        },
-        _ => AwsError::Unreachable {
-            operation,
-            reason: "the request could not be built".into(),
-        },
+        SdkError::TimeoutError(_) => unreachable("timed out"),
+        SdkError::DispatchFailure(failure) if failure.is_timeout() => unreachable("timed out"),
+        SdkError::DispatchFailure(failure) if failure.is_io() => unreachable("connection failed"),
+        SdkError::DispatchFailure(_) => unreachable("the request could not be sent"),
+        SdkError::ResponseError(_) => unreachable("the response could not be read"),
+        _ => unreachable("the request could not be built"),
     };
     error.into()
 }

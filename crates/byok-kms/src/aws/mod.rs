@@ -105,7 +105,14 @@ impl AwsKmsProvider {
         let mut loader = aws_config::defaults(BehaviorVersion::latest())
             .region(aws_config::Region::new(region.clone()))
             // Standard retry mode: exponential backoff with jitter, throttling included.
-            .retry_config(RetryConfig::standard().with_max_attempts(4))
+            // Backoff from 100 ms, at most 1 s between attempts: a Region that keeps
+            // failing must leave time (within byok.kms_timeout_ms) for the replicas.
+            .retry_config(
+                RetryConfig::standard()
+                    .with_max_attempts(4)
+                    .with_initial_backoff(Duration::from_millis(100))
+                    .with_max_backoff(Duration::from_secs(1)),
+            )
             .timeout_config(
                 TimeoutConfig::builder()
                     .operation_timeout(timeout)
@@ -199,18 +206,27 @@ impl KeyProvider for AwsKmsProvider {
         context: KeyContext<'a>,
     ) -> ProviderFuture<'a, (DataKey, WrappedDek)> {
         Box::pin(async move {
-            // New keys are generated in the primary Region only: a replica can
-            // decrypt what the primary wrapped, and generation is rare.
-            let target = &self.primary;
-            let out = target
-                .client
-                .generate_data_key()
-                .key_id(cmk_id)
-                .key_spec(DataKeySpec::Aes256)
-                .set_encryption_context(Some(encryption_context(&context)))
-                .send()
-                .await
-                .map_err(|e| errors::from_sdk("GenerateDataKey", e))?;
+            // A multi-Region replica generates keys its primary can decrypt, and the
+            // other way round, so generation falls back to replicas too.
+            let out = self
+                .with_fallback(Some(&context), |index| async move {
+                    let target = self.target(index);
+                    let key_id = if index == 0 {
+                        cmk_id
+                    } else {
+                        target.key_id.as_str()
+                    };
+                    target
+                        .client
+                        .generate_data_key()
+                        .key_id(key_id)
+                        .key_spec(DataKeySpec::Aes256)
+                        .set_encryption_context(Some(encryption_context(&context)))
+                        .send()
+                        .await
+                        .map_err(|e| errors::from_sdk("GenerateDataKey", e))
+                })
+                .await?;
             let dek = blob_to_key(out.plaintext())?;
             let blob = out
                 .ciphertext_blob()

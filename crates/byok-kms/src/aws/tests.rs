@@ -51,6 +51,15 @@ fn regions_of_arns() {
 }
 
 #[test]
+fn statuses_without_a_code_map_to_codes() {
+    use super::errors::code_of_status;
+    assert_eq!(kind_of_code(code_of_status(403)), ErrorKind::AccessDenied);
+    assert_eq!(kind_of_code(code_of_status(429)), ErrorKind::Throttled);
+    assert_eq!(kind_of_code(code_of_status(503)), ErrorKind::Unavailable);
+    assert_eq!(code_of_status(400), "Unknown");
+}
+
+#[test]
 fn error_codes_map_to_kinds() {
     assert_eq!(
         kind_of_code("AccessDeniedException"),
