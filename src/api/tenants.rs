@@ -70,6 +70,7 @@ fn check_master_key(
             ErrorKind::AccessDenied,
             format!("master key \"{cmk_id}\" may not wrap and unwrap keys"),
         )
+        .with_detail(info.description)
         .into());
     }
     Ok(())

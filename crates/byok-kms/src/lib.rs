@@ -12,6 +12,8 @@ pub mod local;
 pub mod protocol;
 pub mod provider;
 pub mod service;
+#[cfg(feature = "vault")]
+pub mod vault;
 
 pub use error::{ErrorKind, ProviderError};
 pub use provider::{KeyContext, KeyProvider, MasterKeyInfo, WrappedDek};

@@ -373,7 +373,7 @@ async fn validate_and_generate_and_unsupported_providers() {
         .handle(Request::Validate {
             tenant: tenant("t"),
             provider: ProviderRef {
-                provider: "vault".into(),
+                provider: "azure_kv".into(),
                 options: Map::new(),
                 create_key_store: false,
             },

@@ -1,0 +1,363 @@
+//! HashiCorp Vault (and OpenBao) transit engine (`provider: vault`), through `vaultrs`.
+//!
+//! - New data keys: `transit/datakey/plaintext`; unwrap: `decrypt`; rotation to
+//!   the key's newest version: `rewrap` (the plaintext stays in Vault); to another
+//!   key: decrypt and encrypt inside the broker; validation: key read.
+//! - Binding: the transit key must be a *derived* key (`derived=true`); every call
+//!   passes a derivation `context` made of the tenant and data-key id, so a wrapped
+//!   key moved to another tenant does not decrypt. (`associated_data` would not
+//!   do: `rewrap` does not accept it.)
+//! - The version of each wrapped key (`vault:vN:`) is recorded; after
+//!   `transit/keys/K/rotate`, `CALL byok.rotate_master_key(tenant, K)` moves every
+//!   data key to the newest version, after which `min_decryption_version` can be raised.
+//! - Auth: a token read from a file, AppRole (secret id from a file), or
+//!   Kubernetes. Tokens are renewed (or logins repeated) before they expire, and
+//!   re-acquired once after a 403.
+
+mod errors;
+mod options;
+#[cfg(test)]
+mod tests;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as BASE64;
+use byok_core::config::ProviderKind;
+use byok_core::crypto::DataKey;
+use serde_json::{Map, Value};
+use tokio::sync::Mutex;
+use vaultrs::api::transit::requests::{
+    DataKeyType, DecryptDataRequest, EncryptDataRequest, GenerateDataKeyRequest, RewrapDataRequest,
+};
+use vaultrs::client::{VaultClient, VaultClientSettingsBuilder};
+use zeroize::Zeroizing;
+
+pub use errors::VaultError;
+pub use options::{AuthOptions, VaultOptions};
+
+use crate::error::ProviderError;
+use crate::provider::{KeyContext, KeyProvider, MasterKeyInfo, ProviderFuture, WrappedDek};
+
+struct Session {
+    client: Arc<VaultClient>,
+    /// When to renew or log in again (two thirds of the token's lifetime).
+    refresh_at: Option<Instant>,
+}
+
+pub struct VaultProvider {
+    options: VaultOptions,
+    timeout: Duration,
+    session: Mutex<Option<Session>>,
+}
+
+/// The derivation context binding a data key to its tenant and id.
+fn derivation_context(context: &KeyContext<'_>) -> String {
+    BASE64.encode(format!(
+        "byok_pg\0{}\0{}",
+        context.tenant_id, context.dek_id
+    ))
+}
+
+/// `vault:v3:...` -> `v3`.
+fn version_of(ciphertext: &str) -> String {
+    ciphertext.split(':').nth(1).unwrap_or("v?").to_string()
+}
+
+fn read_secret_file(what: &str, path: &str) -> Result<Zeroizing<String>, VaultError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| VaultError::Config(format!("cannot read the {what} file \"{path}\": {e}")))?;
+    let text = Zeroizing::new(text);
+    Ok(Zeroizing::new(text.trim().to_string()))
+}
+
+impl VaultProvider {
+    pub fn from_options(
+        options: &Map<String, Value>,
+        timeout: Duration,
+    ) -> Result<Self, ProviderError> {
+        Ok(VaultProvider {
+            options: VaultOptions::parse(options)?,
+            timeout,
+            session: Mutex::new(None),
+        })
+    }
+
+    fn client_with(&self, token: &str) -> Result<VaultClient, VaultError> {
+        let mut settings = VaultClientSettingsBuilder::default();
+        settings
+            .address(&self.options.address)
+            .token(token)
+            .timeout(Some(self.timeout))
+            .verify(!self.options.tls_skip_verify);
+        if let Some(ns) = &self.options.namespace {
+            settings.namespace(Some(ns.clone()));
+        }
+        if let Some(ca) = &self.options.ca_cert_file {
+            settings.ca_certs(vec![ca.clone()]);
+        }
+        let settings = settings
+            .build()
+            .map_err(|e| VaultError::Config(format!("vault client settings: {e}")))?;
+        VaultClient::new(settings).map_err(|e| VaultError::from_client("connect", e))
+    }
+
+    /// A fresh session: the token from its file, or a login.
+    async fn login(&self) -> Result<Session, VaultError> {
+        let (token, lease) = match &self.options.auth {
+            AuthOptions::Token { token_file } => {
+                let token = read_secret_file("token", token_file)?;
+                let client = self.client_with(&token)?;
+                let ttl = vaultrs::token::lookup_self(&client)
+                    .await
+                    .map_err(|e| VaultError::from_client("token lookup", e))?
+                    .ttl;
+                (token, ttl)
+            }
+            AuthOptions::Approle {
+                mount,
+                role_id,
+                secret_id_file,
+            } => {
+                let secret_id = read_secret_file("AppRole secret id", secret_id_file)?;
+                let client = self.client_with("")?;
+                let auth = vaultrs::auth::approle::login(&client, mount, role_id, &secret_id)
+                    .await
+                    .map_err(|e| VaultError::from_client("AppRole login", e))?;
+                (Zeroizing::new(auth.client_token), auth.lease_duration)
+            }
+            AuthOptions::Kubernetes {
+                mount,
+                role,
+                jwt_file,
+            } => {
+                let jwt = read_secret_file("service-account token", jwt_file)?;
+                let client = self.client_with("")?;
+                let auth = vaultrs::auth::kubernetes::login(&client, mount, role, &jwt)
+                    .await
+                    .map_err(|e| VaultError::from_client("Kubernetes login", e))?;
+                (Zeroizing::new(auth.client_token), auth.lease_duration)
+            }
+        };
+        Ok(Session {
+            client: Arc::new(self.client_with(&token)?),
+            // Tokens without a TTL (root, some periodic tokens) never need refreshing.
+            refresh_at: (lease > 0).then(|| Instant::now() + Duration::from_secs(lease * 2 / 3)),
+        })
+    }
+
+    async fn client(&self, force_new: bool) -> Result<Arc<VaultClient>, VaultError> {
+        let mut session = self.session.lock().await;
+        let stale = match session.as_ref() {
+            None => true,
+            Some(s) => force_new || s.refresh_at.is_some_and(|at| Instant::now() >= at),
+        };
+        if stale {
+            *session = Some(self.login().await?);
+        }
+        Ok(session.as_ref().expect("set above").client.clone())
+    }
+
+    /// Runs `call`; after a 403 (expired or revoked token) logs in again and retries once.
+    async fn with_client<T, F, Fut>(&self, call: F) -> Result<T, ProviderError>
+    where
+        F: Fn(Arc<VaultClient>) -> Fut,
+        Fut: std::future::Future<Output = Result<T, VaultError>>,
+    {
+        let result = call(self.client(false).await?).await;
+        match result {
+            Err(e) if e.is_forbidden() => {
+                let retry = call(self.client(true).await?).await;
+                retry.map_err(Into::into)
+            }
+            other => other.map_err(Into::into),
+        }
+    }
+
+    fn key_from_base64(plaintext: &str) -> Result<DataKey, VaultError> {
+        let bytes = Zeroizing::new(
+            BASE64
+                .decode(plaintext)
+                .map_err(|_| VaultError::Protocol("the plaintext is not base64".into()))?,
+        );
+        DataKey::from_slice(&bytes)
+            .map_err(|_| VaultError::Protocol("the data key is not 32 bytes".into()))
+    }
+}
+
+impl KeyProvider for VaultProvider {
+    fn kind(&self) -> ProviderKind {
+        ProviderKind::Vault
+    }
+
+    fn generate_data_key<'a>(
+        &'a self,
+        cmk_id: &'a str,
+        context: KeyContext<'a>,
+    ) -> ProviderFuture<'a, (DataKey, WrappedDek)> {
+        Box::pin(async move {
+            let derivation = derivation_context(&context);
+            let out = self
+                .with_client(|client| {
+                    let derivation = derivation.clone();
+                    async move {
+                        let mut opts = GenerateDataKeyRequest::builder();
+                        opts.context(derivation).bits(256u16);
+                        vaultrs::transit::generate::data_key(
+                            client.as_ref(),
+                            &self.options.mount,
+                            cmk_id,
+                            DataKeyType::Plaintext,
+                            Some(&mut opts),
+                        )
+                        .await
+                        .map_err(|e| VaultError::from_client("datakey", e))
+                    }
+                })
+                .await?;
+            let plaintext = Zeroizing::new(out.plaintext.unwrap_or_default());
+            let dek = Self::key_from_base64(&plaintext)?;
+            Ok((
+                dek,
+                WrappedDek {
+                    cmk_version: version_of(&out.ciphertext),
+                    blob: out.ciphertext.into_bytes(),
+                    cmk_id: cmk_id.to_string(),
+                },
+            ))
+        })
+    }
+
+    fn unwrap<'a>(
+        &'a self,
+        wrapped: &'a WrappedDek,
+        context: KeyContext<'a>,
+    ) -> ProviderFuture<'a, DataKey> {
+        Box::pin(async move {
+            let ciphertext = String::from_utf8(wrapped.blob.clone()).map_err(|_| {
+                VaultError::Protocol("the wrapped key is not a Vault ciphertext".into())
+            })?;
+            let derivation = derivation_context(&context);
+            let out = self
+                .with_client(|client| {
+                    let (ciphertext, derivation) = (ciphertext.clone(), derivation.clone());
+                    async move {
+                        let mut opts = DecryptDataRequest::builder();
+                        opts.context(derivation);
+                        vaultrs::transit::data::decrypt(
+                            client.as_ref(),
+                            &self.options.mount,
+                            &wrapped.cmk_id,
+                            &ciphertext,
+                            Some(&mut opts),
+                        )
+                        .await
+                        .map_err(|e| VaultError::from_client("decrypt", e))
+                    }
+                })
+                .await?;
+            let plaintext = Zeroizing::new(out.plaintext);
+            Ok(Self::key_from_base64(&plaintext)?)
+        })
+    }
+
+    fn describe_master_key<'a>(&'a self, cmk_id: &'a str) -> ProviderFuture<'a, MasterKeyInfo> {
+        Box::pin(async move {
+            let key = self
+                .with_client(|client| async move {
+                    vaultrs::transit::key::read(client.as_ref(), &self.options.mount, cmk_id)
+                        .await
+                        .map_err(|e| VaultError::from_client("key read", e))
+                })
+                .await?;
+            let latest = match &key.keys {
+                vaultrs::api::transit::responses::ReadKeyData::Symmetric(versions) => versions
+                    .keys()
+                    .filter_map(|v| v.parse::<u64>().ok())
+                    .max()
+                    .unwrap_or(0),
+                _ => 0,
+            };
+            let usable = key.supports_encryption && key.supports_decryption;
+            Ok(MasterKeyInfo {
+                cmk_id: cmk_id.to_string(),
+                version: format!("v{latest}"),
+                enabled: true,
+                can_wrap: usable && key.derived,
+                description: if !key.derived {
+                    format!(
+                        "transit key \"{cmk_id}\" is not a derived key; create it with derived=true so data keys can be bound to their tenant"
+                    )
+                } else {
+                    format!(
+                        "transit key \"{cmk_id}\" at {}/{}, version {latest}, min_decryption_version {}",
+                        self.options.address, self.options.mount, key.min_decryption_version
+                    )
+                },
+            })
+        })
+    }
+
+    fn rewrap<'a>(
+        &'a self,
+        wrapped: &'a WrappedDek,
+        new_cmk_id: &'a str,
+        context: KeyContext<'a>,
+    ) -> ProviderFuture<'a, WrappedDek> {
+        Box::pin(async move {
+            let ciphertext = String::from_utf8(wrapped.blob.clone()).map_err(|_| {
+                VaultError::Protocol("the wrapped key is not a Vault ciphertext".into())
+            })?;
+            let derivation = derivation_context(&context);
+            let rewrapped = if new_cmk_id == wrapped.cmk_id {
+                // Same key, newest version: Vault rewraps without revealing the plaintext.
+                self.with_client(|client| {
+                    let (ciphertext, derivation) = (ciphertext.clone(), derivation.clone());
+                    async move {
+                        let mut opts = RewrapDataRequest::builder();
+                        opts.context(derivation);
+                        vaultrs::transit::data::rewrap(
+                            client.as_ref(),
+                            &self.options.mount,
+                            new_cmk_id,
+                            &ciphertext,
+                            Some(&mut opts),
+                        )
+                        .await
+                        .map_err(|e| VaultError::from_client("rewrap", e))
+                    }
+                })
+                .await?
+                .ciphertext
+            } else {
+                // Another transit key: decrypt and encrypt again here, in the broker.
+                let dek = self.unwrap(wrapped, context).await?;
+                let plaintext = Zeroizing::new(BASE64.encode(dek.expose()));
+                self.with_client(|client| {
+                    let (plaintext, derivation) = (plaintext.clone(), derivation.clone());
+                    async move {
+                        let mut opts = EncryptDataRequest::builder();
+                        opts.context(derivation);
+                        vaultrs::transit::data::encrypt(
+                            client.as_ref(),
+                            &self.options.mount,
+                            new_cmk_id,
+                            &plaintext,
+                            Some(&mut opts),
+                        )
+                        .await
+                        .map_err(|e| VaultError::from_client("encrypt", e))
+                    }
+                })
+                .await?
+                .ciphertext
+            };
+            Ok(WrappedDek {
+                cmk_version: version_of(&rewrapped),
+                blob: rewrapped.into_bytes(),
+                cmk_id: new_cmk_id.to_string(),
+            })
+        })
+    }
+}

