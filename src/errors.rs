@@ -19,6 +19,7 @@
 //! | key manager unreachable, throttling, or broker timeout | 58000 |
 //! | all broker request slots busy past the timeout | 53000 |
 //! | not loaded through shared_preload_libraries | 55000    |
+//! | key administration on a standby             | 25006    |
 //! | local master key file malformed or readable by others | F0000 |
 
 use byok_core::config::ConfigError;
@@ -60,6 +61,7 @@ pub enum ByokError {
     ValueTooLarge(usize),
     MalformedValue(FormatError),
     NotPreloaded,
+    ReadOnlyStandby(&'static str),
     BrokerTimeout {
         timeout_ms: u64,
         broker_up: bool,
@@ -171,6 +173,12 @@ impl ByokError {
                 format!("cannot decrypt: the stored value is malformed: {e}"),
             )
             .set_detail("the value was modified or truncated"),
+            ByokError::ReadOnlyStandby(action) => report(
+                ERRCODE_READ_ONLY_SQL_TRANSACTION,
+                format!("cannot {action} on a standby server"),
+            )
+            .set_detail("the key catalog is read-only during recovery; standbys decrypt with the keys replicated from the primary")
+            .set_hint("run it on the primary; the standby follows through replication"),
             ByokError::NotPreloaded => report(
                 ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
                 "byok_pg is not loaded through shared_preload_libraries".to_string(),

@@ -66,6 +66,7 @@ fn load_tenant(tenant_id: &str) -> Result<Tenant, ByokError> {
 /// master key. Returns how many it rewrapped (0 when the rotation is complete).
 #[pg_extern(volatile, parallel_unsafe, strict)]
 fn rotate_master_key_step(tenant_id: &str, new_key_id: &str, grace_period: Interval) -> i64 {
+    super::require_primary("rotate a master key");
     let new_key_id = new_key_id.trim();
     if new_key_id.is_empty() || new_key_id.chars().any(char::is_control) {
         ByokError::InvalidArgument {

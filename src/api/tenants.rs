@@ -21,6 +21,7 @@ use crate::{broker, keyring};
 /// makes sure it has an active data key. Returns the tenant id.
 #[pg_extern(volatile, parallel_unsafe, strict)]
 fn configure_tenant(config: JsonB) -> String {
+    super::require_primary("configure a tenant");
     let config = TenantConfig::from_json(&config.0)
         .map_err(ByokError::InvalidConfig)
         .or_raise();
@@ -212,6 +213,7 @@ fn create_data_key(
 /// decrypt-only. Returns the new key's id.
 #[pg_extern(volatile, parallel_unsafe, strict)]
 fn rotate_data_key(tenant_id: &str) -> i64 {
+    super::require_primary("rotate a data key");
     let dek_id = Spi::connect_mut(|client| -> Result<i64, ByokError> {
         let tenant = client.update(
             "SELECT provider, master_key_id, provider_options FROM byok.tenant_config WHERE tenant_id = $1 FOR UPDATE",
@@ -253,6 +255,7 @@ fn rotate_data_key(tenant_id: &str) -> i64 {
 /// is destroyed; setting it back to `decrypt-only` undoes that.
 #[pg_extern(volatile, parallel_unsafe, strict)]
 fn set_data_key_state(dek_id: i64, state: &str) -> String {
+    super::require_primary("change a data key's state");
     let target = KeyState::from_name(state)
         .filter(|s| matches!(s, KeyState::DecryptOnly | KeyState::Retired))
         .ok_or_else(|| ByokError::InvalidArgument {
@@ -306,6 +309,7 @@ fn current_state(client: &mut SpiClient<'_>, dek_id: i64) -> Result<KeyState, By
 /// the key id. Irreversible.
 #[pg_extern(volatile, parallel_unsafe, strict)]
 fn destroy_data_key(dek_id: i64, confirm: i64) -> String {
+    super::require_primary("destroy a data key");
     if confirm != dek_id {
         ByokError::InvalidArgument {
             message: "destroy_data_key: confirm must repeat the data key id".into(),
