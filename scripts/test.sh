@@ -16,10 +16,14 @@ record() { # record NAME STATUS
 ensure_toolchain
 
 log "style: cargo fmt --check, cargo clippy"
-status=0; cargo fmt --all --check || status=$?
+status=0; cargo fmt --all --check && cargo fmt --manifest-path fuzz/Cargo.toml --check || status=$?
 record "cargo fmt" $status
 status=0; cargo clippy --workspace --all-targets --quiet -- -D warnings || status=$?
 record "cargo clippy" $status
+
+log "fuzzing: envelope, text input, tenant config (${FUZZ_SECONDS:-60}s each)"
+status=0; bash scripts/fuzz.sh "${FUZZ_SECONDS:-60}" || status=$?
+record "fuzzing" $status
 
 log "unit tests: byok-core, byok-kms (no PostgreSQL)"
 status=0; cargo test -p byok-core -p byok-kms --release 2>&1 | tee "$BYOK_WORK.cargo-test.log" | grep -E "^test result|FAILED|panicked" || status=$?

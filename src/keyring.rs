@@ -139,7 +139,9 @@ fn seal_with(
     let owner = unsafe { pgrx::pg_sys::MyProcPid } as u64;
     NONCES.with_borrow_mut(|pool| {
         let pool = pool.get_or_insert_with(NoncePool::default);
-        cipher.seal_into_with(plaintext, context, out, |nonce| pool.fill(owner, nonce))
+        cipher.seal_into_with(plaintext, context, out, &mut |nonce| {
+            pool.fill(owner, nonce)
+        })
     })
 }
 

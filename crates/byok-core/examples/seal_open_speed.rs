@@ -32,7 +32,7 @@ fn main() {
     let t = Instant::now();
     for _ in 0..n {
         cipher
-            .seal_into_with(black_box(&plaintext), b"", &mut sealed, |nonce| {
+            .seal_into_with(black_box(&plaintext), b"", &mut sealed, &mut |nonce| {
                 pool.fill(1, nonce)
             })
             .unwrap();

@@ -442,6 +442,10 @@ fn opt_int(
 /// Field names and provider names from user input are echoed in messages; keep
 /// them short and free of control characters.
 fn printable(s: &str) -> String {
+    if s.is_empty() {
+        // An empty JSON key must still name something in the error.
+        return "\"\"".to_string();
+    }
     let cleaned: String = s.chars().filter(|c| !c.is_control()).take(64).collect();
     if cleaned.len() < s.len() {
         format!("{cleaned}...")
@@ -640,6 +644,18 @@ mod tests {
             assert_eq!(error_of(doc.clone()).field, field, "document: {doc}");
         }
         assert_eq!(error_of(json!([1, 2])).field, "(document)");
+    }
+
+    /// Found by the tenant_config fuzz target: an empty key gave an error with an empty field.
+    #[test]
+    fn an_empty_key_is_named_in_the_error() {
+        let doc = serde_json::json!({"": {"provider": "local"}});
+        let e = error_of(doc);
+        assert_eq!(e.field, "\"\"");
+        assert!(e.to_string().starts_with("\"\": unknown field"), "{e}");
+        let doc = serde_json::json!({"customer": "c", "tenant_id": "t",
+            "encryption": {"provider": "local", "local": {"key_id": "k"}, "": 1}});
+        assert_eq!(error_of(doc).field, "encryption.\"\"");
     }
 
     #[test]

@@ -111,19 +111,23 @@ impl DekCipher {
         context: &[u8],
         out: &mut [u8],
     ) -> Result<(), CryptoError> {
-        self.seal_into_with(plaintext, context, out, |nonce| {
+        self.seal_into_with(plaintext, context, out, &mut |nonce| {
             getrandom::fill(nonce).map_err(|_| CryptoError::RandomUnavailable)
         })
     }
 
     /// As [`seal_into`](Self::seal_into), with the nonce drawn by `fill_nonce`
     /// (for example from a [`NoncePool`]). It must never repeat under one key.
+    ///
+    /// `fill_nonce` is a trait object on purpose: a generic parameter would make
+    /// every caller instantiate (and, in a debug build, leave unoptimized) the
+    /// whole AES-GCM path; this way it is compiled here once.
     pub fn seal_into_with(
         &self,
         plaintext: &[u8],
         context: &[u8],
         out: &mut [u8],
-        fill_nonce: impl FnOnce(&mut [u8]) -> Result<(), CryptoError>,
+        fill_nonce: &mut dyn FnMut(&mut [u8]) -> Result<(), CryptoError>,
     ) -> Result<(), CryptoError> {
         if out.len() != envelope::sealed_len(plaintext.len()) {
             return Err(CryptoError::BadOutputLength);
@@ -394,7 +398,7 @@ mod tests {
         for i in 0..100_000u64 {
             // a change of owner (a forked child) must not replay the parent's pool
             let owner = 1 + i / 50_000;
-            c.seal_into_with(b"", b"", &mut out, |n| pool.fill(owner, n))
+            c.seal_into_with(b"", b"", &mut out, &mut |n| pool.fill(owner, n))
                 .unwrap();
             assert!(
                 seen.insert(*Envelope::parse(&out).unwrap().nonce()),
