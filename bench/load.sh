@@ -4,14 +4,15 @@
 # they open) and encrypted updates. At the end: no errors, no lost rows (count and
 # checksum of the decrypted values equal those of a plaintext shadow column kept
 # in the same transactions), and the key-manager calls it took.
-# Usage: bash bench/load.sh   [CLIENTS=16 DURATION=60 TENANTS=64]
+# Usage: bash bench/load.sh   [CLIENTS=16 DURATION=60 TENANTS=64 PROFILE=release]
 source "$(dirname "${BASH_SOURCE[0]}")/../scripts/lib.sh"
 CLIENTS=${CLIENTS:-16}
 DURATION=${DURATION:-60}
 TENANTS=${TENANTS:-64}
 PORT=54347
 ensure_toolchain
-PROFILE=release install_extension
+# The test command runs this with PROFILE=debug, reusing the build it installed.
+PROFILE=${PROFILE:-release} install_extension
 start_cluster bench_load $PORT "max_connections = 60" "shared_buffers = '256MB'"
 trap 'stop_cluster bench_load' EXIT
 q() { psql_at bench_load $PORT -d postgres -qAt "$@"; }

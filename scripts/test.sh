@@ -56,6 +56,11 @@ for script in tests/scripts/*.sh; do
     record "$(basename "$script" .sh)" $status
 done
 
+log "load: pgbench 16 clients x 64 tenants for ${LOAD_SECONDS:-20}s (bench/load.sh; 60 s on demand)"
+# (pipefail is on: the pipeline fails when load.sh does)
+status=0; PROFILE=debug DURATION="${LOAD_SECONDS:-20}" bash bench/load.sh 2>&1 | tail -8 || status=$?
+record "load" $status
+
 echo
 [ $failed -eq 0 ] || printf 'failed: %s\n' "${failures[@]}"
 echo "$passed passed, $failed failed"
