@@ -6,7 +6,8 @@ source "$(dirname "${BASH_SOURCE[0]}")/../../scripts/lib.sh"
 set +e   # every outcome is checked below
 PORT=54344
 HTTP_PORT=18210
-TLS_PORT=18211
+# A dev server also listens on its port + 1 (cluster traffic): keep the two apart.
+TLS_PORT=18220
 NAME=vault_cluster
 fail=0
 ok() { echo "ok: $1"; }
@@ -30,7 +31,13 @@ BAO_HTTP=$!
 BAO_TLS=$!
 trap 'kill $BAO_HTTP $BAO_TLS 2>/dev/null; stop_cluster $NAME' EXIT
 for _ in $(seq 1 100); do [ -s "$FIXTURES/tls/vault-ca.pem" ] && break; sleep 0.1; done
-sleep 1
+# Ready when each answers its status endpoint.
+for addr in "http://127.0.0.1:$HTTP_PORT" "https://127.0.0.1:$TLS_PORT"; do
+    for _ in $(seq 1 150); do
+        BAO_ADDR=$addr BAO_CACERT="$FIXTURES/tls/vault-ca.pem" "$BAO" status >/dev/null 2>&1 && break
+        sleep 0.2
+    done
+done
 
 # Set up each server as its operator would: transit, a derived key, a least-privilege
 # policy, AppRole, and credentials in files only the server's OS user can read.
