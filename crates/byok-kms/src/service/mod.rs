@@ -493,6 +493,27 @@ impl KeyService {
                     .insert(cache_key, client.clone());
                 Ok(client)
             }
+            #[cfg(feature = "azure")]
+            ProviderKind::AzureKv => {
+                let cache_key = format!(
+                    "azure_kv/{}/{}",
+                    serde_json::Value::Object(provider.options.clone()),
+                    settings.provider_timeout.as_millis()
+                );
+                if let Some(client) = self.clients.lock().expect("clients lock").get(&cache_key) {
+                    return Ok(client.clone());
+                }
+                let client: Arc<dyn KeyProvider> =
+                    Arc::new(crate::azure::AzureKvProvider::from_options(
+                        &provider.options,
+                        settings.provider_timeout,
+                    )?);
+                self.clients
+                    .lock()
+                    .expect("clients lock")
+                    .insert(cache_key, client.clone());
+                Ok(client)
+            }
             other => Err(ProviderError::new(
                 other,
                 ErrorKind::NotSupported,

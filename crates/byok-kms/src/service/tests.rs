@@ -373,7 +373,7 @@ async fn validate_and_generate_and_unsupported_providers() {
         .handle(Request::Validate {
             tenant: tenant("t"),
             provider: ProviderRef {
-                provider: "azure_kv".into(),
+                provider: "gcp_kms".into(),
                 options: Map::new(),
                 create_key_store: false,
             },

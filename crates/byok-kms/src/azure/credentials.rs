@@ -1,0 +1,146 @@
+//! Credentials the SDK does not provide without OpenSSL or a process: a bearer
+//! token from a file, and the client assertion of certificate auth (an RS256
+//! JWT signed with the service principal's key, through aws-lc-rs).
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use async_trait::async_trait;
+use aws_lc_rs::digest::{SHA1_FOR_LEGACY_USE_ONLY, digest};
+use aws_lc_rs::rand::{SecureRandom, SystemRandom};
+use aws_lc_rs::signature::{RSA_PKCS1_SHA256, RsaKeyPair};
+use azure_core::credentials::{AccessToken, TokenCredential, TokenRequestOptions};
+use azure_core::error::{Error, ErrorKind};
+use azure_core::http::ClientMethodOptions;
+use azure_core::time::{Duration, OffsetDateTime};
+use azure_identity::ClientAssertion;
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64URL;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivatePkcs8KeyDer};
+use zeroize::Zeroizing;
+
+/// A bearer token kept in a file by something else (a sidecar, a workload
+/// identity agent). Read on every use, so a refreshed file takes effect at once.
+#[derive(Debug)]
+pub struct TokenFileCredential {
+    pub path: String,
+}
+
+#[async_trait]
+impl TokenCredential for TokenFileCredential {
+    async fn get_token(
+        &self,
+        _scopes: &[&str],
+        _options: Option<TokenRequestOptions<'_>>,
+    ) -> azure_core::Result<AccessToken> {
+        let text = Zeroizing::new(std::fs::read_to_string(&self.path).map_err(|e| {
+            Error::with_message(
+                ErrorKind::Credential,
+                format!("cannot read the token file \"{}\": {e}", self.path),
+            )
+        })?);
+        let token = text.trim();
+        if token.is_empty() {
+            return Err(Error::with_message(
+                ErrorKind::Credential,
+                format!("the token file \"{}\" is empty", self.path),
+            ));
+        }
+        // The file's token has no known expiry; a short one makes the SDK come back soon.
+        Ok(AccessToken::new(
+            token.to_string(),
+            OffsetDateTime::now_utc() + Duration::minutes(5),
+        ))
+    }
+}
+
+/// Signs client assertions with the certificate and PKCS#8 RSA key in one PEM file.
+#[derive(Debug)]
+pub struct CertificateAssertion {
+    pub path: String,
+    pub client_id: String,
+    /// The token endpoint, the assertion's audience.
+    pub audience: String,
+}
+
+fn credential_error(text: String) -> Error {
+    Error::with_message(ErrorKind::Credential, text)
+}
+
+impl CertificateAssertion {
+    /// Checks the file now, so a bad file fails at configuration time.
+    pub fn check(&self) -> Result<(), String> {
+        self.material().map(|_| ())
+    }
+
+    fn material(&self) -> Result<(Vec<u8>, RsaKeyPair), String> {
+        let pem = Zeroizing::new(std::fs::read(&self.path).map_err(|e| {
+            format!(
+                "cannot read the client certificate file \"{}\": {e}",
+                self.path
+            )
+        })?);
+        let cert = CertificateDer::pem_slice_iter(&pem)
+            .next()
+            .and_then(Result::ok)
+            .ok_or_else(|| format!("\"{}\" holds no PEM certificate", self.path))?;
+        let key = PrivatePkcs8KeyDer::from_pem_slice(&pem).map_err(|_| {
+            format!(
+                "\"{}\" holds no PKCS#8 private key (\"BEGIN PRIVATE KEY\")",
+                self.path
+            )
+        })?;
+        let pair = RsaKeyPair::from_pkcs8(key.secret_pkcs8_der()).map_err(|e| {
+            format!(
+                "the private key in \"{}\" is not an RSA key: {e}",
+                self.path
+            )
+        })?;
+        Ok((cert.to_vec(), pair))
+    }
+
+    fn assertion(&self) -> Result<String, String> {
+        let (cert, pair) = self.material()?;
+        let thumbprint = digest(&SHA1_FOR_LEGACY_USE_ONLY, &cert);
+        let header = serde_json::json!({
+            "alg": "RS256", "typ": "JWT", "x5t": B64URL.encode(thumbprint.as_ref())
+        });
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_err(|e| e.to_string())?
+            .as_secs();
+        let mut jti = [0u8; 16];
+        SystemRandom::new()
+            .fill(&mut jti)
+            .map_err(|_| "no randomness".to_string())?;
+        let claims = serde_json::json!({
+            "aud": self.audience, "iss": self.client_id, "sub": self.client_id,
+            "jti": jti.iter().map(|b| format!("{b:02x}")).collect::<String>(),
+            "nbf": now, "iat": now, "exp": now + 600,
+        });
+        let signing_input = format!(
+            "{}.{}",
+            B64URL.encode(header.to_string()),
+            B64URL.encode(claims.to_string())
+        );
+        let mut signature = vec![0u8; pair.public_modulus_len()];
+        pair.sign(
+            &RSA_PKCS1_SHA256,
+            &SystemRandom::new(),
+            signing_input.as_bytes(),
+            &mut signature,
+        )
+        .map_err(|_| "signing the client assertion failed".to_string())?;
+        Ok(format!("{signing_input}.{}", B64URL.encode(signature)))
+    }
+}
+
+#[async_trait]
+impl ClientAssertion for CertificateAssertion {
+    async fn secret(
+        &self,
+        _options: Option<ClientMethodOptions<'_>>,
+    ) -> azure_core::Result<String> {
+        self.assertion().map_err(credential_error)
+    }
+}
