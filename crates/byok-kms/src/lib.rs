@@ -9,7 +9,11 @@ pub mod aws;
 #[cfg(feature = "azure")]
 pub mod azure;
 pub mod error;
+#[cfg(feature = "gcp")]
+pub mod gcp;
 pub mod histogram;
+#[cfg(any(feature = "azure", feature = "gcp"))]
+pub mod jwt;
 pub mod local;
 pub mod protocol;
 pub mod provider;

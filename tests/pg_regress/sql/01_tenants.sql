@@ -73,7 +73,7 @@ SELECT byok.configure_tenant('"just a string"');
 SELECT byok.configure_tenant('{"customer": "x", "tenant_id": "t1", "encryption": {"provider": "aws_kms",
   "aws_kms": {"role_arn": "arn:aws:iam::123456789:role/byok-access"}}}');
 \echo SQLSTATE :LAST_ERROR_SQLSTATE
--- ...and are refused clearly by a build that does not include them (SQLSTATE 0A000).
+-- ...and their provider checks the rest of the block before calling anyone (F0000).
 SELECT byok.configure_tenant('{"customer": "x", "tenant_id": "t1", "encryption": {"provider": "gcp_kms",
   "gcp_kms": {"key_name": "projects/acme/locations/us/keyRings/byok/cryptoKeys/platform-cmk"}}}');
 \echo SQLSTATE :LAST_ERROR_SQLSTATE

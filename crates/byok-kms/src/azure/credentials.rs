@@ -2,12 +2,9 @@
 //! token from a file, and the client assertion of certificate auth (an RS256
 //! JWT signed with the service principal's key, through aws-lc-rs).
 
-use std::time::{SystemTime, UNIX_EPOCH};
-
 use async_trait::async_trait;
 use aws_lc_rs::digest::{SHA1_FOR_LEGACY_USE_ONLY, digest};
 use aws_lc_rs::rand::{SecureRandom, SystemRandom};
-use aws_lc_rs::signature::{RSA_PKCS1_SHA256, RsaKeyPair};
 use azure_core::credentials::{AccessToken, TokenCredential, TokenRequestOptions};
 use azure_core::error::{Error, ErrorKind};
 use azure_core::http::ClientMethodOptions;
@@ -15,9 +12,11 @@ use azure_core::time::{Duration, OffsetDateTime};
 use azure_identity::ClientAssertion;
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64URL;
+use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, PrivatePkcs8KeyDer};
 use zeroize::Zeroizing;
+
+use crate::jwt;
 
 /// A bearer token kept in a file by something else (a sidecar, a workload
 /// identity agent). Read on every use, so a refreshed file takes effect at once.
@@ -73,7 +72,7 @@ impl CertificateAssertion {
         self.material().map(|_| ())
     }
 
-    fn material(&self) -> Result<(Vec<u8>, RsaKeyPair), String> {
+    fn material(&self) -> Result<(Vec<u8>, aws_lc_rs::signature::RsaKeyPair), String> {
         let pem = Zeroizing::new(std::fs::read(&self.path).map_err(|e| {
             format!(
                 "cannot read the client certificate file \"{}\": {e}",
@@ -84,18 +83,7 @@ impl CertificateAssertion {
             .next()
             .and_then(Result::ok)
             .ok_or_else(|| format!("\"{}\" holds no PEM certificate", self.path))?;
-        let key = PrivatePkcs8KeyDer::from_pem_slice(&pem).map_err(|_| {
-            format!(
-                "\"{}\" holds no PKCS#8 private key (\"BEGIN PRIVATE KEY\")",
-                self.path
-            )
-        })?;
-        let pair = RsaKeyPair::from_pkcs8(key.secret_pkcs8_der()).map_err(|e| {
-            format!(
-                "the private key in \"{}\" is not an RSA key: {e}",
-                self.path
-            )
-        })?;
+        let pair = jwt::rsa_key_from_pem(&pem, &format!("\"{}\"", self.path))?;
         Ok((cert.to_vec(), pair))
     }
 
@@ -105,10 +93,7 @@ impl CertificateAssertion {
         let header = serde_json::json!({
             "alg": "RS256", "typ": "JWT", "x5t": B64URL.encode(thumbprint.as_ref())
         });
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_err(|e| e.to_string())?
-            .as_secs();
+        let now = jwt::now_seconds();
         let mut jti = [0u8; 16];
         SystemRandom::new()
             .fill(&mut jti)
@@ -118,20 +103,7 @@ impl CertificateAssertion {
             "jti": jti.iter().map(|b| format!("{b:02x}")).collect::<String>(),
             "nbf": now, "iat": now, "exp": now + 600,
         });
-        let signing_input = format!(
-            "{}.{}",
-            B64URL.encode(header.to_string()),
-            B64URL.encode(claims.to_string())
-        );
-        let mut signature = vec![0u8; pair.public_modulus_len()];
-        pair.sign(
-            &RSA_PKCS1_SHA256,
-            &SystemRandom::new(),
-            signing_input.as_bytes(),
-            &mut signature,
-        )
-        .map_err(|_| "signing the client assertion failed".to_string())?;
-        Ok(format!("{signing_input}.{}", B64URL.encode(signature)))
+        jwt::sign_rs256(&pair, &header, &claims)
     }
 }
 

@@ -493,6 +493,29 @@ impl KeyService {
                     .insert(cache_key, client.clone());
                 Ok(client)
             }
+            #[cfg(feature = "gcp")]
+            ProviderKind::GcpKms => {
+                let cache_key = format!(
+                    "gcp_kms/{}/{}",
+                    serde_json::Value::Object(provider.options.clone()),
+                    settings.provider_timeout.as_millis()
+                );
+                if let Some(client) = self.clients.lock().expect("clients lock").get(&cache_key) {
+                    return Ok(client.clone());
+                }
+                let client: Arc<dyn KeyProvider> = Arc::new(
+                    crate::gcp::GcpKmsProvider::from_options(
+                        &provider.options,
+                        settings.provider_timeout,
+                    )
+                    .await?,
+                );
+                self.clients
+                    .lock()
+                    .expect("clients lock")
+                    .insert(cache_key, client.clone());
+                Ok(client)
+            }
             #[cfg(feature = "azure")]
             ProviderKind::AzureKv => {
                 let cache_key = format!(
@@ -514,6 +537,8 @@ impl KeyService {
                     .insert(cache_key, client.clone());
                 Ok(client)
             }
+            // Reached only in builds without some provider features.
+            #[allow(unreachable_patterns)]
             other => Err(ProviderError::new(
                 other,
                 ErrorKind::NotSupported,

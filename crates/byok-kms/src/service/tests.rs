@@ -337,7 +337,7 @@ async fn rewrap_moves_a_key_to_another_master_key_without_changing_it() {
 }
 
 #[tokio::test]
-async fn validate_and_generate_and_unsupported_providers() {
+async fn validate_and_generate_and_misconfigured_providers() {
     let f = fixture();
     let outcome = f
         .service
@@ -380,7 +380,11 @@ async fn validate_and_generate_and_unsupported_providers() {
             cmk_id: "arn".into(),
         })
         .await;
+    // A remote provider's block is checked by the provider before any call.
     assert!(
-        matches!(outcome.response, Response::Failed { ref error } if error.kind == ErrorKind::NotSupported)
+        matches!(outcome.response, Response::Failed { ref error }
+            if error.kind == ErrorKind::Misconfigured && error.message.contains("encryption.gcp_kms: missing field")),
+        "{:?}",
+        outcome.response
     );
 }
