@@ -88,3 +88,407 @@ COMMENT ON VIEW byok.data_keys IS 'Data keys and their states (no key material)'
 REVOKE ALL ON byok.tenant_config, byok.wrapped_data_keys, byok.data_key_id_seq FROM PUBLIC;
 REVOKE ALL ON byok.tenants, byok.data_keys FROM PUBLIC;
 GRANT USAGE ON SCHEMA byok TO PUBLIC;
+
+-- ---------------------------------------------------------------------------
+-- Re-encryption jobs. Registered columns are rewritten under their tenants'
+-- active data keys by a background worker, one short transaction per batch;
+-- progress (including a scan cursor) is checkpointed in the job row, so a job
+-- interrupted by a crash resumes where it stopped without rewriting any row
+-- twice (only values under decrypt-only keys are ever rewritten).
+
+CREATE TABLE byok.protected_column_registry (
+    relid regclass NOT NULL,
+    column_name name NOT NULL,
+    tenant_column name,
+    -- the context every value of the column is sealed with ('' = none)
+    context text NOT NULL DEFAULT '',
+    registered_at timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (relid, column_name)
+);
+COMMENT ON TABLE byok.protected_column_registry IS 'Columns of type byok.encrypted that re-encryption jobs rewrite';
+
+CREATE TABLE byok.reencrypt_jobs (
+    job_id bigserial PRIMARY KEY,
+    tenant_id text,
+    relid regclass,
+    state text NOT NULL DEFAULT 'pending'
+        CHECK (state IN ('pending', 'running', 'paused', 'verifying', 'done', 'failed', 'cancelled')),
+    rows_total bigint NOT NULL DEFAULT 0,
+    rows_done bigint NOT NULL DEFAULT 0,
+    batches bigint NOT NULL DEFAULT 0,
+    -- the checkpoint: which column, where the scan is, and whether it is sweeping stragglers
+    cursor_relid regclass,
+    cursor_column name,
+    cursor_ctid tid NOT NULL DEFAULT '(0,0)',
+    sweeping boolean NOT NULL DEFAULT false,
+    scan_done boolean NOT NULL DEFAULT false,
+    keys_retired bigint NOT NULL DEFAULT 0,
+    last_error text,
+    created_at timestamptz NOT NULL DEFAULT now(),
+    started_at timestamptz,
+    updated_at timestamptz NOT NULL DEFAULT now(),
+    finished_at timestamptz
+);
+COMMENT ON TABLE byok.reencrypt_jobs IS 'Re-encryption jobs and their checkpoints';
+SELECT pg_catalog.pg_extension_config_dump('byok.protected_column_registry', '');
+
+CREATE VIEW byok.protected_columns AS
+SELECT relid AS table_name, column_name, tenant_column, context, registered_at
+  FROM byok.protected_column_registry;
+COMMENT ON VIEW byok.protected_columns IS 'Columns registered with byok.protect_column()';
+
+CREATE VIEW byok.jobs AS
+SELECT job_id, tenant_id, relid AS table_name, state, rows_done, rows_total,
+       CASE WHEN rows_total > 0 THEN round(100.0 * least(rows_done, rows_total) / rows_total, 1) ELSE 100.0 END AS percent_done,
+       CASE WHEN started_at IS NOT NULL AND updated_at > started_at
+            THEN round(rows_done / extract(epoch FROM updated_at - started_at))::bigint END AS rows_per_second,
+       CASE WHEN state IN ('running', 'pending') AND rows_done > 0 AND updated_at > started_at
+            THEN (greatest(rows_total - rows_done, 0) * (updated_at - started_at) / rows_done) END AS eta,
+       batches, keys_retired, last_error, created_at, started_at, updated_at, finished_at
+  FROM byok.reencrypt_jobs;
+COMMENT ON VIEW byok.jobs IS 'Re-encryption jobs: state, progress, rate, ETA, last error';
+
+CREATE FUNCTION byok.protect_column(tbl regclass, col name, tenant_col name DEFAULT NULL,
+                                    context text DEFAULT NULL)
+RETURNS void LANGUAGE plpgsql SET search_path = pg_catalog AS $fn$
+DECLARE
+    coltype regtype;
+BEGIN
+    SELECT a.atttypid::regtype INTO coltype FROM pg_attribute a
+     WHERE a.attrelid = tbl AND a.attname = col AND a.attnum > 0 AND NOT a.attisdropped;
+    IF coltype IS NULL THEN
+        RAISE EXCEPTION 'column "%" of % does not exist', col, tbl USING ERRCODE = '42703';
+    END IF;
+    IF coltype <> 'byok.encrypted'::regtype THEN
+        RAISE EXCEPTION 'column "%" of % is of type %, not byok.encrypted', col, tbl, coltype
+            USING ERRCODE = '42804', HINT = 'encrypt it first: ALTER TABLE ... ALTER COLUMN ... TYPE byok.encrypted USING byok.encrypt(...)';
+    END IF;
+    IF tenant_col IS NOT NULL AND NOT EXISTS (SELECT 1 FROM pg_attribute a WHERE a.attrelid = tbl
+               AND a.attname = tenant_col AND a.attnum > 0 AND NOT a.attisdropped) THEN
+        RAISE EXCEPTION 'tenant column "%" of % does not exist', tenant_col, tbl USING ERRCODE = '42703';
+    END IF;
+    INSERT INTO byok.protected_column_registry (relid, column_name, tenant_column, context)
+    VALUES (tbl, col, tenant_col, coalesce(context, ''))
+    ON CONFLICT (relid, column_name) DO UPDATE
+       SET tenant_column = EXCLUDED.tenant_column, context = EXCLUDED.context;
+END
+$fn$;
+COMMENT ON FUNCTION byok.protect_column(regclass, name, name, text) IS
+    'Registers a byok.encrypted column (and the context its values are sealed with) for re-encryption jobs';
+
+-- The data keys whose values a job rewrites: decrypt-only keys of its tenant(s).
+CREATE FUNCTION byok.job_old_keys(p_tenant text) RETURNS bigint[]
+LANGUAGE sql STABLE SET search_path = pg_catalog AS $fn$
+    SELECT coalesce(array_agg(dek_id), '{}') FROM byok.wrapped_data_keys
+     WHERE state = 'decrypt-only' AND (p_tenant IS NULL OR tenant_id = p_tenant)
+$fn$;
+
+-- How many values of a job's columns are still under old keys.
+CREATE FUNCTION byok.job_remaining(p_tenant text, p_relid regclass) RETURNS bigint
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog AS $fn$
+DECLARE
+    c record;
+    n bigint;
+    total bigint := 0;
+    old_keys bigint[] := byok.job_old_keys(p_tenant);
+BEGIN
+    FOR c IN SELECT * FROM byok.protected_column_registry
+              WHERE p_relid IS NULL OR relid = p_relid ORDER BY relid::oid, column_name LOOP
+        EXECUTE format('SELECT count(*) FROM %s WHERE byok.data_key_id(%I) = ANY($1)', c.relid, c.column_name)
+           INTO n USING old_keys;
+        total := total + n;
+    END LOOP;
+    RETURN total;
+END
+$fn$;
+
+CREATE FUNCTION byok.start_reencrypt(tenant_id text DEFAULT NULL, tbl regclass DEFAULT NULL)
+RETURNS bigint LANGUAGE plpgsql SET search_path = pg_catalog AS $fn$
+DECLARE
+    job bigint;
+BEGIN
+    IF tenant_id IS NOT NULL AND NOT EXISTS (SELECT 1 FROM byok.tenant_config t WHERE t.tenant_id = start_reencrypt.tenant_id) THEN
+        RAISE EXCEPTION 'unknown tenant "%"', tenant_id USING ERRCODE = '42704';
+    END IF;
+    IF NOT EXISTS (SELECT 1 FROM byok.protected_column_registry r WHERE tbl IS NULL OR r.relid = tbl) THEN
+        RAISE EXCEPTION 'no registered column%', CASE WHEN tbl IS NULL THEN '' ELSE ' in ' || tbl::text END
+            USING ERRCODE = '55000', HINT = 'register columns with byok.protect_column(table, column)';
+    END IF;
+    INSERT INTO byok.reencrypt_jobs (tenant_id, relid, rows_total)
+    VALUES (tenant_id, tbl, byok.job_remaining(tenant_id, tbl))
+    RETURNING job_id INTO job;
+    -- The worker starts once this transaction commits (it waits for the row).
+    PERFORM byok.launch_job(job);
+    RETURN job;
+END
+$fn$;
+COMMENT ON FUNCTION byok.start_reencrypt(text, regclass) IS
+    'Starts a background job rewriting registered columns under the active data keys; returns its id (see byok.jobs)';
+
+CREATE FUNCTION byok.set_job_state(p_job bigint, p_from text[], p_to text) RETURNS text
+LANGUAGE plpgsql SET search_path = pg_catalog AS $fn$
+DECLARE
+    current text;
+BEGIN
+    SELECT state INTO current FROM byok.reencrypt_jobs WHERE job_id = p_job FOR UPDATE;
+    IF current IS NULL THEN
+        RAISE EXCEPTION 'no re-encryption job %', p_job USING ERRCODE = '42704';
+    END IF;
+    IF current = p_to THEN
+        RETURN current;
+    END IF;
+    IF NOT current = ANY(p_from) THEN
+        RAISE EXCEPTION 'job % is %; it cannot become %', p_job, current, p_to USING ERRCODE = '55000';
+    END IF;
+    UPDATE byok.reencrypt_jobs SET state = p_to, updated_at = now(),
+           finished_at = CASE WHEN p_to = 'cancelled' THEN now() END
+     WHERE job_id = p_job;
+    RETURN p_to;
+END
+$fn$;
+
+CREATE FUNCTION byok.pause_job(job_id bigint) RETURNS text
+LANGUAGE sql SET search_path = pg_catalog
+AS $fn$ SELECT byok.set_job_state(job_id, '{pending,running}', 'paused') $fn$;
+CREATE FUNCTION byok.cancel_job(job_id bigint) RETURNS text
+LANGUAGE sql SET search_path = pg_catalog
+AS $fn$ SELECT byok.set_job_state(job_id, '{pending,running,paused,failed}', 'cancelled') $fn$;
+CREATE FUNCTION byok.resume_job(job_id bigint) RETURNS text
+LANGUAGE plpgsql SET search_path = pg_catalog AS $fn$
+DECLARE
+    state text := byok.set_job_state(job_id, '{paused,failed}', 'running');
+BEGIN
+    UPDATE byok.reencrypt_jobs j SET last_error = NULL WHERE j.job_id = resume_job.job_id;
+    PERFORM byok.launch_job(job_id);
+    RETURN state;
+END
+$fn$;
+
+-- Waits until the job ends (done, failed or cancelled) or the timeout passes; returns its state.
+CREATE FUNCTION byok.wait_job(job_id bigint, timeout interval DEFAULT '1 hour') RETURNS text
+LANGUAGE plpgsql SET search_path = pg_catalog AS $fn$
+DECLARE
+    deadline timestamptz := clock_timestamp() + timeout;
+    current text;
+    started_here boolean;
+    n bigint;
+BEGIN
+    SELECT j.state, j.xmin = pg_current_xact_id()::xid INTO current, started_here
+      FROM byok.reencrypt_jobs j WHERE j.job_id = wait_job.job_id;
+    IF current IS NULL THEN
+        RAISE EXCEPTION 'no re-encryption job %', job_id USING ERRCODE = '42704';
+    END IF;
+    IF started_here THEN
+        -- Started in this very transaction (a migration run as one transaction): no
+        -- worker can see the job before it commits, so the work is done here, in it.
+        UPDATE byok.reencrypt_jobs j SET state = 'running', started_at = coalesce(started_at, now())
+         WHERE j.job_id = wait_job.job_id AND j.state = 'pending';
+        LOOP
+            n := byok.reencrypt_step(job_id, current_setting('byok.reencrypt_batch_size')::integer);
+            EXIT WHEN n < 0;
+        END LOOP;
+        IF n = -2 THEN
+            PERFORM byok.finish_job(job_id);
+        END IF;
+        SELECT j.state INTO current FROM byok.reencrypt_jobs j WHERE j.job_id = wait_job.job_id;
+        RETURN current;
+    END IF;
+    LOOP
+        SELECT j.state INTO current FROM byok.reencrypt_jobs j WHERE j.job_id = wait_job.job_id;
+        EXIT WHEN current IN ('done', 'failed', 'cancelled') OR clock_timestamp() >= deadline;
+        PERFORM pg_sleep(0.1);
+    END LOOP;
+    RETURN current;
+END
+$fn$;
+COMMENT ON FUNCTION byok.wait_job(bigint, interval) IS
+    'For migrations: waits for a job to end (or the timeout) and returns its state; in the transaction that started the job, does the work itself';
+
+-- One batch of a job, in the caller's transaction: returns the values rewritten,
+-- -1 when the job is not running, -2 when every column is done. Errors are
+-- recorded in the job (state failed) instead of being raised.
+CREATE FUNCTION byok.reencrypt_step(p_job bigint, p_batch integer) RETURNS bigint
+LANGUAGE plpgsql SET search_path = pg_catalog AS $fn$
+DECLARE
+    j byok.reencrypt_jobs;
+    c byok.protected_column_registry;
+    old_keys bigint[];
+    n bigint := 0;
+    start_page bigint;
+    pages bigint;
+    table_pages bigint;
+    per_page float8;
+BEGIN
+    SELECT * INTO j FROM byok.reencrypt_jobs WHERE job_id = p_job FOR UPDATE;
+    IF j.state IS DISTINCT FROM 'running' THEN
+        RETURN -1;
+    END IF;
+    IF j.scan_done THEN
+        RETURN -2;
+    END IF;
+    old_keys := byok.job_old_keys(j.tenant_id);
+    -- The current column, or the first one after it.
+    SELECT * INTO c FROM byok.protected_column_registry r
+     WHERE (j.relid IS NULL OR r.relid = j.relid)
+       AND (j.cursor_relid IS NULL OR (r.relid::oid, r.column_name) >= (j.cursor_relid::oid, j.cursor_column))
+     ORDER BY r.relid::oid, r.column_name LIMIT 1;
+    IF c.relid IS NULL THEN
+        UPDATE byok.reencrypt_jobs SET scan_done = true WHERE job_id = p_job;
+        RETURN -2;
+    END IF;
+    IF j.cursor_relid IS DISTINCT FROM c.relid OR j.cursor_column IS DISTINCT FROM c.column_name THEN
+        j.cursor_ctid := '(0,0)';
+        j.sweeping := false;
+    END IF;
+    BEGIN
+        IF NOT j.sweeping THEN
+            -- A range of pages from the checkpoint (a TID range scan), sized to about
+            -- one batch of rows; only rows under old keys are rewritten (and locked).
+            start_page := (j.cursor_ctid::text::point)[0]::bigint;
+            table_pages := pg_relation_size(c.relid) / current_setting('block_size')::bigint;
+            SELECT CASE WHEN relpages > 0 AND reltuples > 0 THEN reltuples / relpages ELSE 50 END
+              INTO per_page FROM pg_class WHERE oid = c.relid;
+            pages := greatest(1, ceil(p_batch / greatest(per_page, 1)))::bigint;
+            IF start_page >= table_pages THEN
+                j.sweeping := true;   -- end of the table: next, values that moved behind the cursor
+            ELSE
+                EXECUTE format(
+                    'WITH rewritten AS (UPDATE %1$s t SET %2$I = byok.reencrypt(t.%2$I, $2)
+                                         WHERE t.ctid >= $3 AND t.ctid < $4 AND byok.data_key_id(t.%2$I) = ANY($1)
+                                         RETURNING 1)
+                     SELECT count(*) FROM rewritten',
+                    c.relid, c.column_name)
+                   INTO n USING old_keys, c.context, j.cursor_ctid,
+                                format('(%s,0)', start_page + pages)::tid;
+                j.cursor_ctid := format('(%s,0)', start_page + pages)::tid;
+            END IF;
+        ELSE
+            -- Stragglers: rows moved behind the cursor or locked when it passed.
+            EXECUTE format(
+                'WITH todo AS (SELECT ctid FROM %1$s WHERE byok.data_key_id(%2$I) = ANY($1) LIMIT $2 FOR UPDATE SKIP LOCKED),
+                      rewritten AS (UPDATE %1$s t SET %2$I = byok.reencrypt(t.%2$I, $3) FROM todo
+                                     WHERE t.ctid = todo.ctid AND byok.data_key_id(t.%2$I) = ANY($1) RETURNING 1)
+                 SELECT count(*) FROM rewritten',
+                c.relid, c.column_name)
+               INTO n USING old_keys, p_batch, c.context;
+            IF n = 0 THEN
+                -- Column done: on to the next one, or the end of the scan.
+                SELECT r.relid, r.column_name INTO j.cursor_relid, j.cursor_column
+                  FROM byok.protected_column_registry r
+                 WHERE (j.relid IS NULL OR r.relid = j.relid)
+                   AND (r.relid::oid, r.column_name) > (c.relid::oid, c.column_name)
+                 ORDER BY r.relid::oid, r.column_name LIMIT 1;
+                UPDATE byok.reencrypt_jobs SET cursor_relid = j.cursor_relid, cursor_column = j.cursor_column,
+                       cursor_ctid = '(0,0)', sweeping = false, scan_done = NOT FOUND,
+                       batches = batches + 1, updated_at = now()
+                 WHERE job_id = p_job;
+                RETURN 0;
+            END IF;
+        END IF;
+    EXCEPTION WHEN OTHERS THEN
+        UPDATE byok.reencrypt_jobs SET state = 'failed', updated_at = now(),
+               last_error = format('%s.%s: %s (SQLSTATE %s)', c.relid, c.column_name, SQLERRM, SQLSTATE)
+         WHERE job_id = p_job;
+        RETURN -1;
+    END;
+    UPDATE byok.reencrypt_jobs SET cursor_relid = c.relid, cursor_column = c.column_name,
+           cursor_ctid = j.cursor_ctid, sweeping = j.sweeping, rows_done = rows_done + n,
+           batches = batches + 1, updated_at = now()
+     WHERE job_id = p_job;
+    RETURN n;
+END
+$fn$;
+
+-- The end of a job: every registered value of its scope must open (the guide's
+-- "verify all data accessible"); then its old data keys that nothing registered
+-- references any more become retired.
+CREATE FUNCTION byok.finish_job(p_job bigint) RETURNS text
+LANGUAGE plpgsql SET search_path = pg_catalog AS $fn$
+DECLARE
+    j byok.reencrypt_jobs;
+    c byok.protected_column_registry;
+    bad bigint;
+    referenced bigint[] := '{}';
+    ids bigint[];
+    retired bigint;
+BEGIN
+    SELECT * INTO j FROM byok.reencrypt_jobs WHERE job_id = p_job FOR UPDATE;
+    IF j.state IS DISTINCT FROM 'running' THEN
+        RETURN j.state;
+    END IF;
+    UPDATE byok.reencrypt_jobs SET state = 'verifying', updated_at = now() WHERE job_id = p_job;
+    FOR c IN SELECT * FROM byok.protected_column_registry r WHERE j.relid IS NULL OR r.relid = j.relid LOOP
+        EXECUTE format('SELECT count(*) FROM %s WHERE %I IS NOT NULL AND NOT byok.value_opens(%I, $1)',
+                       c.relid, c.column_name, c.column_name) INTO bad USING c.context;
+        IF bad > 0 THEN
+            UPDATE byok.reencrypt_jobs SET state = 'failed', updated_at = now(),
+                   last_error = format('verification: %s value(s) of %s.%s do not open', bad, c.relid, c.column_name)
+             WHERE job_id = p_job;
+            RETURN 'failed';
+        END IF;
+    END LOOP;
+    -- Keys still referenced by any registered column (in any scope) stay decrypt-only.
+    FOR c IN SELECT * FROM byok.protected_column_registry LOOP
+        EXECUTE format('SELECT array_agg(DISTINCT byok.data_key_id(%I)) FROM %s', c.column_name, c.relid) INTO ids;
+        referenced := referenced || coalesce(ids, '{}');
+    END LOOP;
+    UPDATE byok.wrapped_data_keys SET state = 'retired'
+     WHERE state = 'decrypt-only' AND (j.tenant_id IS NULL OR tenant_id = j.tenant_id)
+       AND NOT dek_id = ANY(referenced);
+    GET DIAGNOSTICS retired = ROW_COUNT;
+    UPDATE byok.reencrypt_jobs SET state = 'done', keys_retired = retired, finished_at = now(), updated_at = now()
+     WHERE job_id = p_job;
+    RETURN 'done';
+END
+$fn$;
+
+-- How many values of registered columns a data key seals (destroy_data_key refuses while > 0).
+CREATE FUNCTION byok.data_key_references(p_dek bigint) RETURNS bigint
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog AS $fn$
+DECLARE
+    c byok.protected_column_registry;
+    n bigint;
+    total bigint := 0;
+BEGIN
+    FOR c IN SELECT * FROM byok.protected_column_registry LOOP
+        EXECUTE format('SELECT count(*) FROM %s WHERE byok.data_key_id(%I) = $1', c.relid, c.column_name)
+           INTO n USING p_dek;
+        total := total + n;
+    END LOOP;
+    RETURN total;
+END
+$fn$;
+
+-- Automatic data-key rotation, run by the scheduler: tenants with
+-- key_rotation.enabled whose active key is older than interval_days.
+CREATE FUNCTION byok.rotate_due_data_keys() RETURNS bigint
+LANGUAGE plpgsql SET search_path = pg_catalog AS $fn$
+DECLARE
+    t record;
+    n bigint := 0;
+BEGIN
+    FOR t IN SELECT c.tenant_id FROM byok.tenant_config c
+               JOIN byok.wrapped_data_keys k ON k.tenant_id = c.tenant_id AND k.state = 'active'
+              WHERE c.rotation_enabled
+                AND k.created_at < now() - make_interval(days => c.rotation_interval_days) LOOP
+        BEGIN
+            PERFORM byok.rotate_data_key(t.tenant_id);
+            n := n + 1;
+        EXCEPTION WHEN OTHERS THEN
+            RAISE WARNING 'byok: scheduled data-key rotation of tenant % failed: %', t.tenant_id, SQLERRM;
+        END;
+    END LOOP;
+    RETURN n;
+END
+$fn$;
+
+REVOKE ALL ON byok.protected_column_registry, byok.reencrypt_jobs, byok.protected_columns, byok.jobs FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION byok.protect_column(regclass, name, name, text) FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION byok.start_reencrypt(text, regclass) FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION byok.set_job_state(bigint, text[], text) FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION byok.pause_job(bigint) FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION byok.resume_job(bigint) FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION byok.cancel_job(bigint) FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION byok.reencrypt_step(bigint, integer) FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION byok.finish_job(bigint) FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION byok.rotate_due_data_keys() FROM PUBLIC;

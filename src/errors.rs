@@ -57,6 +57,10 @@ pub enum ByokError {
         from: String,
         to: String,
     },
+    KeyStillReferenced {
+        dek_id: u64,
+        values: i64,
+    },
     NotText,
     ValueTooLarge(usize),
     MalformedValue(FormatError),
@@ -157,6 +161,12 @@ impl ByokError {
                 format!("data key {dek_id} cannot go from state \"{from}\" to \"{to}\""),
             )
             .set_hint("allowed: decrypt-only <-> retired, and decrypt-only or retired -> destroyed; the active key changes with byok.rotate_data_key()"),
+            ByokError::KeyStillReferenced { dek_id, values } => report(
+                ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+                format!("data key {dek_id} still seals {values} value(s) in registered columns"),
+            )
+            .set_detail("destroying it would make them unreadable forever")
+            .set_hint("re-encrypt them first: SELECT byok.wait_job(byok.start_reencrypt(tenant))"),
             ByokError::NotText => report(
                 ERRCODE_CHARACTER_NOT_IN_REPERTOIRE,
                 "decrypted value is not valid text in the database encoding".to_string(),

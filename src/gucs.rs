@@ -34,7 +34,49 @@ pub static CACHE_TTL_SECONDS: GucSetting<i32> = GucSetting::<i32>::new(86_400);
 /// keys the caches keep, for tenants whose `cache_config` sets no `max_entries`.
 pub static CACHE_MAX_ENTRIES: GucSetting<i32> = GucSetting::<i32>::new(1_000);
 
+/// `byok.reencrypt_batch_size` (server configuration): values a re-encryption
+/// job rewrites per transaction (about; batches are ranges of pages sized to it).
+pub static REENCRYPT_BATCH_SIZE: GucSetting<i32> = GucSetting::<i32>::new(1_000);
+
+/// `byok.reencrypt_max_rows_per_second` (server configuration): a ceiling on
+/// each re-encryption job's rate, so it leaves I/O to the application; 0 = none.
+pub static REENCRYPT_MAX_ROWS_PER_SECOND: GucSetting<i32> = GucSetting::<i32>::new(0);
+
+/// `byok.scheduler_naptime_seconds` (server configuration): how often the job
+/// launcher looks in every database for due data-key rotations and jobs to resume.
+pub static SCHEDULER_NAPTIME_SECONDS: GucSetting<i32> = GucSetting::<i32>::new(60);
+
 pub fn init() {
+    GucRegistry::define_int_guc(
+        c"byok.reencrypt_batch_size",
+        c"Values a re-encryption job rewrites per transaction.",
+        c"Each batch is one short transaction that locks only the rows it rewrites.",
+        &REENCRYPT_BATCH_SIZE,
+        1,
+        1_000_000,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"byok.reencrypt_max_rows_per_second",
+        c"Upper bound on a re-encryption job's rate (0: no bound).",
+        c"Jobs sleep between batches to stay under it.",
+        &REENCRYPT_MAX_ROWS_PER_SECOND,
+        0,
+        100_000_000,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"byok.scheduler_naptime_seconds",
+        c"How often the job launcher visits every database.",
+        c"Each visit rotates due data keys (key_rotation.interval_days) and resumes unfinished re-encryption jobs.",
+        &SCHEDULER_NAPTIME_SECONDS,
+        1,
+        86_400,
+        GucContext::Sighup,
+        GucFlags::UNIT_S,
+    );
     GucRegistry::define_string_guc(
         c"byok.tenant",
         c"Restricts this session to one tenant's data.",

@@ -188,6 +188,26 @@ pub fn open(envelope: &Envelope<'_>, context: &[u8], out: &mut [u8]) -> Result<(
     result
 }
 
+/// Opens `envelope` and seals its plaintext again under its tenant's active data
+/// key, with the same context (a re-encryption job's per-row step). The
+/// plaintext lives only in a buffer wiped on drop.
+pub fn reseal(envelope: &Envelope<'_>, context: &[u8], out: &mut [u8]) -> Result<(), ByokError> {
+    let mut plaintext = zeroize::Zeroizing::new(vec![0u8; envelope.plaintext_len()]);
+    open(envelope, context, &mut plaintext)?;
+    let dek_id = envelope.dek_id();
+    let tenant = RING
+        .with_ring(|ring| {
+            ring.ciphers
+                .get(&dek_id, Instant::now())
+                .map(|ready| ready.cipher.tenant_id().to_string())
+        })
+        .map(Ok)
+        .unwrap_or_else(|| {
+            load_cipher(dek_id).map(|(ready, _)| ready.cipher.tenant_id().to_string())
+        })?;
+    seal(&tenant, &plaintext, context, out)
+}
+
 /// Seals `plaintext` for `tenant_id` into `out` (exactly `sealed_len(plaintext.len())` bytes).
 pub fn seal(
     tenant_id: &str,

@@ -10,6 +10,7 @@ mod broker;
 mod catalog;
 mod errors;
 mod gucs;
+mod jobs;
 mod keyring;
 mod postgres;
 mod providers;
@@ -29,6 +30,7 @@ REVOKE EXECUTE ON FUNCTION byok.set_data_key_state(bigint, text) FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION byok.destroy_data_key(bigint, bigint) FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION byok.flush_cache(text) FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION byok.rotate_master_key_step(text, text, interval) FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION byok.launch_job(bigint) FROM PUBLIC;
 
 -- The guide's customer-initiated rotation. Commits after every batch, so it can
 -- run on a live database and, after a crash, be called again to finish.
@@ -76,6 +78,7 @@ COMMENT ON VIEW byok.metrics IS
         api::tenants::destroy_data_key,
         api::tenants::flush_cache,
         api::rotation::rotate_master_key_step,
+        api::jobs::launch_job,
         broker::metrics::metrics_counters
     ]
 );
@@ -90,6 +93,7 @@ pub extern "C-unwind" fn _PG_init() {
     if unsafe { pg_sys::process_shared_preload_libraries_in_progress } {
         broker::shmem::install_hooks();
         broker::worker::register();
+        jobs::register_launcher();
     }
 }
 

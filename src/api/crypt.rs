@@ -11,7 +11,13 @@ use crate::keyring;
 use crate::postgres::fmgr::{arg_datum, nargs, pg_function_info_v1};
 use crate::postgres::varlena::{MAX_VARLENA_PAYLOAD, VarlenaBuf, datum_bytes};
 
-pg_function_info_v1!(byok_encrypt, byok_decrypt, byok_decrypt_text);
+pg_function_info_v1!(
+    byok_encrypt,
+    byok_decrypt,
+    byok_decrypt_text,
+    byok_reencrypt,
+    byok_value_opens
+);
 
 /// The optional `context` argument (SQL default '').
 #[inline(always)]
@@ -83,4 +89,36 @@ pub unsafe extern "C-unwind" fn byok_decrypt_text(
         ByokError::NotText.raise();
     }
     out.into_datum()
+}
+
+/// `reencrypt(value byok.encrypted, context text DEFAULT '') RETURNS byok.encrypted`:
+/// the same plaintext, sealed under its tenant's active data key.
+#[pg_guard]
+#[unsafe(no_mangle)]
+pub unsafe extern "C-unwind" fn byok_reencrypt(fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Datum {
+    let (sealed, context) = unsafe { (datum_bytes(arg_datum(fcinfo, 0)), context_arg(fcinfo, 1)) };
+    let envelope = Envelope::parse(sealed)
+        .map_err(ByokError::MalformedValue)
+        .or_raise();
+    let mut out = VarlenaBuf::new(envelope::sealed_len(envelope.plaintext_len()));
+    keyring::reseal(&envelope, context, out.as_mut_slice()).or_raise();
+    out.into_datum()
+}
+
+/// `value_opens(value byok.encrypted, context text DEFAULT '') RETURNS boolean`:
+/// whether the value opens with the context (a job's verification), without raising.
+#[pg_guard]
+#[unsafe(no_mangle)]
+pub unsafe extern "C-unwind" fn byok_value_opens(
+    fcinfo: pg_sys::FunctionCallInfo,
+) -> pg_sys::Datum {
+    let (sealed, context) = unsafe { (datum_bytes(arg_datum(fcinfo, 0)), context_arg(fcinfo, 1)) };
+    let opens = match Envelope::parse(sealed) {
+        Ok(envelope) => {
+            let mut plaintext = zeroize::Zeroizing::new(vec![0u8; envelope.plaintext_len()]);
+            keyring::open(&envelope, context, &mut plaintext).is_ok()
+        }
+        Err(_) => false,
+    };
+    pg_sys::Datum::from(opens)
 }

@@ -330,6 +330,22 @@ fn destroy_data_key(dek_id: i64, confirm: i64) -> String {
             }
             KeyState::DecryptOnly | KeyState::Retired => {}
         }
+        // A key that registered columns still use is never destroyed.
+        let values = client
+            .select(
+                "SELECT byok.data_key_references($1)",
+                None,
+                &[DatumWithOid::from(dek_id)],
+            )?
+            .first()
+            .get::<i64>(1)?
+            .unwrap_or(0);
+        if values > 0 {
+            return Err(ByokError::KeyStillReferenced {
+                dek_id: dek_id as u64,
+                values,
+            });
+        }
         client.update(
             "UPDATE byok.wrapped_data_keys
                 SET state = 'destroyed', wrapped_dek = NULL, destroyed_at = now()

@@ -1,0 +1,86 @@
+#!/usr/bin/env bash
+# A re-encryption job over 200,000 rows, throttled, with the application updating
+# rows meanwhile; the server is stopped with -m immediate in the middle of it and
+# started again. The job must resume by itself and finish; every row must decrypt
+# to its value, sit under the new data key, have been rewritten at most once, and
+# rows the application updated must keep the application's value.
+source "$(dirname "${BASH_SOURCE[0]}")/../../scripts/lib.sh"
+set +e   # every outcome is checked below
+PORT=54348
+NAME=reencrypt
+ROWS=${ROWS:-200000}
+fail=0
+ok() { echo "ok: $1"; }
+not_ok() { echo "NOT OK: $1"; fail=1; }
+check() { if [ "$2" = "$3" ]; then ok "$1"; else not_ok "$1: got '$2', expected '$3'"; fi; }
+q() { psql_at $NAME $PORT -d app -qAt "$@"; }
+trap 'stop_cluster $NAME' EXIT
+
+start_cluster $NAME $PORT "byok.reencrypt_batch_size = 2000" "byok.reencrypt_max_rows_per_second = 25000" \
+    "byok.scheduler_naptime_seconds = 600"
+psql_at $NAME $PORT -d postgres -qAt -c "CREATE DATABASE app" >/dev/null
+q -c "CREATE EXTENSION byok_pg" >/dev/null
+q -c "SELECT byok.configure_tenant('{\"customer\": \"acme\", \"tenant_id\": \"acme\", \"encryption\": {\"provider\": \"local\", \"local\": {\"key_id\": \"acme-cmk\"}}}')" >/dev/null
+# shadow holds each row's plaintext; rewrites counts the job's rewrites of the row
+# (a change of data key with the same plaintext), by a trigger.
+q <<'SQL' >/dev/null
+CREATE TABLE accounts (id int PRIMARY KEY, v byok.encrypted NOT NULL, shadow text NOT NULL, rewrites int NOT NULL DEFAULT 0);
+CREATE FUNCTION count_rewrites() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF NEW.shadow = OLD.shadow AND byok.data_key_id(NEW.v) <> byok.data_key_id(OLD.v) THEN
+        NEW.rewrites := OLD.rewrites + 1;
+    END IF;
+    RETURN NEW;
+END $$;
+CREATE TRIGGER count_rewrites BEFORE UPDATE ON accounts FOR EACH ROW EXECUTE FUNCTION count_rewrites();
+SQL
+q -c "INSERT INTO accounts SELECT g, byok.encrypt_text('acme', 'value ' || g, 'accounts.v'), 'value ' || g FROM generate_series(1, $ROWS) g" >/dev/null
+q -c "SELECT byok.protect_column('accounts', 'v', context => 'accounts.v')" >/dev/null
+OLD_KEY=$(q -c "SELECT dek_id FROM byok.data_keys WHERE tenant_id = 'acme' AND state = 'active'")
+q -c "SELECT byok.rotate_data_key('acme')" >/dev/null
+NEW_KEY=$(q -c "SELECT dek_id FROM byok.data_keys WHERE tenant_id = 'acme' AND state = 'active'")
+JOB=$(q -c "SELECT byok.start_reencrypt('acme', 'accounts')")
+check "the job counts every row" "$(q -c "SELECT rows_total FROM byok.jobs WHERE job_id = $JOB")" "$ROWS"
+
+# The application keeps writing: 10 rows every 20 ms, spread over the table.
+(
+    i=0
+    while [ ! -f "$BYOK_WORK/$NAME.stop-writer" ]; do
+        i=$((i + 1))
+        q -c "UPDATE accounts SET v = byok.encrypt_text('acme', 'app ' || $i || ' ' || id, 'accounts.v'), shadow = 'app ' || $i || ' ' || id
+               WHERE id IN (SELECT (random() * ($ROWS - 1))::int + 1 FROM generate_series(1, 10))" >/dev/null 2>&1
+        sleep 0.02
+    done
+) &
+WRITER=$!
+rm -f "$BYOK_WORK/$NAME.stop-writer"
+
+# Mid-job: stop the server the hard way.
+for _ in $(seq 1 300); do
+    done_rows=$(q -c "SELECT rows_done FROM byok.jobs WHERE job_id = $JOB" 2>/dev/null)
+    [ "${done_rows:-0}" -ge $((ROWS / 3)) ] && break
+    sleep 0.1
+done
+echo "rows re-encrypted before the crash: $done_rows of $ROWS"
+[ "${done_rows:-0}" -ge $((ROWS / 3)) ] && [ "${done_rows:-0}" -lt "$ROWS" ] && ok "the crash comes mid-job" || not_ok "the crash did not come mid-job ($done_rows)"
+as_postgres "$PG_BIN/pg_ctl" -D "$BYOK_WORK/$NAME/data" -m immediate -w stop >/dev/null
+sleep 1
+as_postgres "$PG_BIN/pg_ctl" -D "$BYOK_WORK/$NAME/data" -l "$BYOK_WORK/$NAME/server.log" -w -t 60 start >/dev/null
+check "after restart the job is still unfinished" "$(q -c "SELECT state IN ('running', 'pending') FROM byok.jobs WHERE job_id = $JOB")" "t"
+
+# Nobody calls resume: the scheduler finds the job and a worker finishes it.
+state=$(q -c "SELECT byok.wait_job($JOB, '3 minutes')")
+touch "$BYOK_WORK/$NAME.stop-writer"; wait $WRITER
+check "the job resumed by itself and finished" "$state" "done"
+q -c "SELECT state, rows_done, rows_total, rows_per_second, batches, keys_retired FROM byok.jobs WHERE job_id = $JOB"
+
+check "every row decrypts to its value (application updates kept)" \
+    "$(q -c "SELECT count(*) FROM accounts WHERE byok.decrypt_text(v, 'accounts.v') = shadow")" "$ROWS"
+check "every row is under the new data key" \
+    "$(q -c "SELECT string_agg(k || ':' || n, ',') FROM (SELECT byok.data_key_id(v) AS k, count(*) AS n FROM accounts GROUP BY 1) s")" "$NEW_KEY:$ROWS"
+check "no row was rewritten twice" "$(q -c "SELECT max(rewrites) <= 1 FROM accounts")" "t"
+check "the checkpointed count equals the rows the job rewrote" \
+    "$(q -c "SELECT rows_done = (SELECT sum(rewrites) FROM accounts) FROM byok.jobs WHERE job_id = $JOB")" "t"
+echo "rows the application updated: $(q -c "SELECT count(*) FROM accounts WHERE shadow LIKE 'app %'"), rewritten by the job: $(q -c "SELECT sum(rewrites) FROM accounts")"
+check "the old data key is retired" "$(q -c "SELECT state FROM byok.data_keys WHERE dek_id = $OLD_KEY")" "retired"
+exit $fail
