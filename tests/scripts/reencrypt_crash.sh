@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# Scheduled rotation too, at the end.
 # A re-encryption job over 200,000 rows, throttled, with the application updating
 # rows meanwhile; the server is stopped with -m immediate in the middle of it and
 # started again. The job must resume by itself and finish; every row must decrypt
@@ -43,6 +44,7 @@ JOB=$(q -c "SELECT byok.start_reencrypt('acme', 'accounts')")
 check "the job counts every row" "$(q -c "SELECT rows_total FROM byok.jobs WHERE job_id = $JOB")" "$ROWS"
 
 # The application keeps writing: 10 rows every 20 ms, spread over the table.
+rm -f "$BYOK_WORK/$NAME.stop-writer"
 (
     i=0
     while [ ! -f "$BYOK_WORK/$NAME.stop-writer" ]; do
@@ -53,7 +55,6 @@ check "the job counts every row" "$(q -c "SELECT rows_total FROM byok.jobs WHERE
     done
 ) &
 WRITER=$!
-rm -f "$BYOK_WORK/$NAME.stop-writer"
 
 # Mid-job: stop the server the hard way.
 for _ in $(seq 1 300); do
@@ -81,6 +82,24 @@ check "every row is under the new data key" \
 check "no row was rewritten twice" "$(q -c "SELECT max(rewrites) <= 1 FROM accounts")" "t"
 check "the checkpointed count equals the rows the job rewrote" \
     "$(q -c "SELECT rows_done = (SELECT sum(rewrites) FROM accounts) FROM byok.jobs WHERE job_id = $JOB")" "t"
-echo "rows the application updated: $(q -c "SELECT count(*) FROM accounts WHERE shadow LIKE 'app %'"), rewritten by the job: $(q -c "SELECT sum(rewrites) FROM accounts")"
+app_rows=$(q -c "SELECT count(*) FROM accounts WHERE shadow LIKE 'app %'")
+echo "rows the application updated: $app_rows, rewritten by the job: $(q -c "SELECT sum(rewrites) FROM accounts")"
+check "the application wrote during the job" "$([ "${app_rows:-0}" -gt 0 ] && echo yes)" "yes"
 check "the old data key is retired" "$(q -c "SELECT state FROM byok.data_keys WHERE dek_id = $OLD_KEY")" "retired"
+
+echo "== scheduled data-key rotation (key_rotation.enabled, interval_days)"
+q -c "SELECT byok.configure_tenant('{\"customer\": \"acme\", \"tenant_id\": \"auto\", \"encryption\": {\"provider\": \"local\", \"local\": {\"key_id\": \"auto-cmk\"}, \"key_rotation\": {\"enabled\": true, \"interval_days\": 30}}}')" >/dev/null
+q -c "SELECT byok.configure_tenant('{\"customer\": \"acme\", \"tenant_id\": \"manual\", \"encryption\": {\"provider\": \"local\", \"local\": {\"key_id\": \"manual-cmk\"}, \"key_rotation\": {\"enabled\": false, \"interval_days\": 30}}}')" >/dev/null
+# Both tenants' keys are made 31 days old; only the one with rotation enabled is due.
+q -c "UPDATE byok.wrapped_data_keys SET created_at = now() - interval '31 days' WHERE tenant_id IN ('auto', 'manual')" >/dev/null
+q -c "ALTER SYSTEM SET byok.scheduler_naptime_seconds = 1" -c "SELECT pg_reload_conf()" >/dev/null
+for _ in $(seq 1 100); do
+    [ "$(q -c "SELECT count(*) FROM byok.data_keys WHERE tenant_id = 'auto'")" = 2 ] && break
+    sleep 0.1
+done
+check "the scheduler rotated the due tenant's key by itself" \
+    "$(q -c "SELECT string_agg(state, ',' ORDER BY dek_id) FROM byok.data_keys WHERE tenant_id = 'auto'")" "decrypt-only,active"
+check "the new key is fresh" "$(q -c "SELECT created_at > now() - interval '1 minute' FROM byok.data_keys WHERE tenant_id = 'auto' AND state = 'active'")" "t"
+check "a tenant without key_rotation.enabled is left alone" \
+    "$(q -c "SELECT string_agg(state, ',') FROM byok.data_keys WHERE tenant_id = 'manual'")" "active"
 exit $fail
