@@ -217,6 +217,8 @@ BEGIN
     INSERT INTO byok.reencrypt_jobs (tenant_id, relid, rows_total)
     VALUES (tenant_id, tbl, byok.job_remaining(tenant_id, tbl))
     RETURNING job_id INTO job;
+    PERFORM byok.audit_event('reencrypt_start', tenant_id, NULL, 'ok', NULL,
+                             jsonb_build_object('job_id', job, 'table', tbl::text));
     -- The worker starts once this transaction commits (it waits for the row).
     PERFORM byok.launch_job(job);
     RETURN job;
@@ -389,6 +391,9 @@ BEGIN
         UPDATE byok.reencrypt_jobs SET state = 'failed', updated_at = now(),
                last_error = format('%s.%s: %s (SQLSTATE %s)', c.relid, c.column_name, SQLERRM, SQLSTATE)
          WHERE job_id = p_job;
+        PERFORM byok.audit_event('reencrypt_finish', j.tenant_id, NULL, 'failed',
+                                 format('%s.%s: %s', c.relid, c.column_name, SQLERRM),
+                                 jsonb_build_object('job_id', p_job));
         RETURN -1;
     END;
     UPDATE byok.reencrypt_jobs SET cursor_relid = c.relid, cursor_column = c.column_name,
@@ -424,6 +429,9 @@ BEGIN
             UPDATE byok.reencrypt_jobs SET state = 'failed', updated_at = now(),
                    last_error = format('verification: %s value(s) of %s.%s do not open', bad, c.relid, c.column_name)
              WHERE job_id = p_job;
+            PERFORM byok.audit_event('reencrypt_finish', j.tenant_id, NULL, 'failed',
+                                     format('verification: %s value(s) of %s.%s do not open', bad, c.relid, c.column_name),
+                                     jsonb_build_object('job_id', p_job));
             RETURN 'failed';
         END IF;
     END LOOP;
@@ -438,6 +446,8 @@ BEGIN
     GET DIAGNOSTICS retired = ROW_COUNT;
     UPDATE byok.reencrypt_jobs SET state = 'done', keys_retired = retired, finished_at = now(), updated_at = now()
      WHERE job_id = p_job;
+    PERFORM byok.audit_event('reencrypt_finish', j.tenant_id, NULL, 'ok', NULL,
+                             jsonb_build_object('job_id', p_job, 'rows_done', j.rows_done, 'keys_retired', retired));
     RETURN 'done';
 END
 $fn$;
@@ -492,3 +502,111 @@ REVOKE EXECUTE ON FUNCTION byok.cancel_job(bigint) FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION byok.reencrypt_step(bigint, integer) FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION byok.finish_job(bigint) FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION byok.rotate_due_data_keys() FROM PUBLIC;
+
+-- ---------------------------------------------------------------------------
+-- The audit trail. Append-only: a trigger refuses UPDATE, DELETE and TRUNCATE,
+-- and every row carries a SHA-256 hash chained to the previous row's, so an
+-- edit made with the trigger disabled is still found by byok.verify_audit_chain().
+
+CREATE TABLE byok.audit_log (
+    id bigserial PRIMARY KEY,
+    logged_at timestamptz NOT NULL DEFAULT clock_timestamp(),
+    event text NOT NULL,
+    tenant_id text,
+    dek_id bigint,
+    role_name name NOT NULL DEFAULT session_user,
+    outcome text NOT NULL CHECK (outcome IN ('ok', 'failed')),
+    reason text,
+    details jsonb,
+    prev_hash bytea,
+    hash bytea NOT NULL
+);
+COMMENT ON TABLE byok.audit_log IS 'Key-level events, append-only, hash-chained (see byok.verify_audit_chain())';
+SELECT pg_catalog.pg_extension_config_dump('byok.audit_log', '');
+SELECT pg_catalog.pg_extension_config_dump('byok.audit_log_id_seq', '');
+
+-- The text a row's hash covers: every field, unambiguously separated.
+CREATE FUNCTION byok.audit_row_text(a byok.audit_log) RETURNS bytea
+LANGUAGE sql IMMUTABLE SET search_path = pg_catalog AS $fn$
+    SELECT convert_to(concat_ws(chr(31), a.id::text, to_char(a.logged_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US'),
+                                a.event, coalesce(a.tenant_id, chr(30)), coalesce(a.dek_id::text, chr(30)),
+                                a.role_name::text, a.outcome, coalesce(a.reason, chr(30)),
+                                coalesce(a.details::text, chr(30))), 'UTF8')
+$fn$;
+
+CREATE FUNCTION byok.audit_event(p_event text, p_tenant text, p_dek bigint, p_outcome text,
+                                 p_reason text DEFAULT NULL, p_details jsonb DEFAULT NULL)
+RETURNS bigint LANGUAGE plpgsql SET search_path = pg_catalog AS $fn$
+DECLARE
+    row byok.audit_log;
+    log_all boolean := true;
+    alert boolean := true;
+BEGIN
+    SELECT audit_log_all_operations, audit_alert_on_failures INTO log_all, alert
+      FROM byok.tenant_config WHERE tenant_id = p_tenant;
+    IF p_outcome = 'ok' AND log_all IS FALSE THEN
+        RETURN NULL;   -- the tenant's audit.log_all_operations is off: failures only
+    END IF;
+    -- One writer at a time extends the chain.
+    PERFORM pg_advisory_xact_lock(1652125547, 1);
+    row.id := nextval('byok.audit_log_id_seq');
+    row.logged_at := clock_timestamp();
+    row.event := p_event;
+    row.tenant_id := p_tenant;
+    row.dek_id := p_dek;
+    row.role_name := session_user;
+    row.outcome := p_outcome;
+    row.reason := p_reason;
+    row.details := p_details;
+    SELECT hash INTO row.prev_hash FROM byok.audit_log ORDER BY id DESC LIMIT 1;
+    row.hash := sha256(coalesce(row.prev_hash, '\x'::bytea) || byok.audit_row_text(row));
+    INSERT INTO byok.audit_log VALUES (row.*);
+    IF p_outcome = 'failed' AND alert IS NOT FALSE THEN
+        RAISE WARNING 'byok: % failed for tenant %: %', p_event, coalesce(p_tenant, '-'), coalesce(p_reason, '');
+        PERFORM pg_notify('byok_alerts', json_build_object('audit_id', row.id, 'event', p_event,
+                          'tenant_id', p_tenant, 'dek_id', p_dek, 'reason', p_reason,
+                          'at', row.logged_at)::text);
+    END IF;
+    RETURN row.id;
+END
+$fn$;
+COMMENT ON FUNCTION byok.audit_event(text, text, bigint, text, text, jsonb) IS
+    'Appends an event to the audit trail (and alerts on failures, per the tenant''s audit settings)';
+
+CREATE FUNCTION byok.audit_refuse_change() RETURNS trigger
+LANGUAGE plpgsql AS $fn$
+BEGIN
+    RAISE EXCEPTION 'byok.audit_log is append-only' USING ERRCODE = '42501',
+        HINT = 'audit rows are never changed or removed';
+END
+$fn$;
+CREATE TRIGGER audit_log_append_only BEFORE UPDATE OR DELETE ON byok.audit_log
+    FOR EACH ROW EXECUTE FUNCTION byok.audit_refuse_change();
+CREATE TRIGGER audit_log_no_truncate BEFORE TRUNCATE ON byok.audit_log
+    FOR EACH STATEMENT EXECUTE FUNCTION byok.audit_refuse_change();
+
+-- Recomputes the chain; returns the rows where it breaks (none: intact).
+CREATE FUNCTION byok.verify_audit_chain()
+RETURNS TABLE (id bigint, problem text)
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog AS $fn$
+DECLARE
+    a byok.audit_log;
+    previous bytea;
+BEGIN
+    FOR a IN SELECT * FROM byok.audit_log ORDER BY audit_log.id LOOP
+        IF a.prev_hash IS DISTINCT FROM previous THEN
+            id := a.id; problem := 'prev_hash does not match the hash of the row before it (a row was removed or reordered)';
+            RETURN NEXT;
+        ELSIF a.hash <> sha256(coalesce(a.prev_hash, '\x'::bytea) || byok.audit_row_text(a)) THEN
+            id := a.id; problem := 'hash does not match the row''s contents (the row was changed)';
+            RETURN NEXT;
+        END IF;
+        previous := a.hash;
+    END LOOP;
+END
+$fn$;
+COMMENT ON FUNCTION byok.verify_audit_chain() IS
+    'Checks the audit trail''s hash chain; returns each row where it breaks';
+
+REVOKE ALL ON byok.audit_log FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION byok.audit_event(text, text, bigint, text, text, jsonb) FROM PUBLIC;

@@ -248,3 +248,28 @@ pub fn load_tenant_key_info(tenant_id: &str) -> Result<Option<TenantKeyInfo>, By
         })
     })
 }
+
+/// Appends an event to the audit trail (`byok.audit_event`, which also alerts on
+/// failures per the tenant's `audit` settings). Administration only: never on
+/// the per-row path.
+pub fn audit(
+    event: &str,
+    tenant_id: Option<&str>,
+    dek_id: Option<i64>,
+    ok: bool,
+    reason: Option<&str>,
+    details: Option<serde_json::Value>,
+) -> Result<(), ByokError> {
+    Spi::run_with_args(
+        "SELECT byok.audit_event($1, $2, $3, $4, $5, $6)",
+        &[
+            DatumWithOid::from(event),
+            DatumWithOid::from(tenant_id),
+            DatumWithOid::from(dek_id),
+            DatumWithOid::from(if ok { "ok" } else { "failed" }),
+            DatumWithOid::from(reason),
+            DatumWithOid::from(details.map(pgrx::JsonB)),
+        ],
+    )?;
+    Ok(())
+}

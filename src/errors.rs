@@ -92,6 +92,16 @@ impl From<pgrx::spi::Error> for ByokError {
 }
 
 impl ByokError {
+    /// The message and detail a user would see, as one line (for results that
+    /// report a failure without raising it).
+    pub fn summary(self) -> String {
+        let report = self.into_report();
+        match report.detail() {
+            Some(detail) => format!("{}: {detail}", report.message()),
+            None => report.message().to_string(),
+        }
+    }
+
     pub fn into_report(self) -> ErrorReport {
         use PgSqlErrorCode::*;
         let report = |code, message: String| ErrorReport::new(code, message, "byok_pg");

@@ -31,6 +31,8 @@ REVOKE EXECUTE ON FUNCTION byok.destroy_data_key(bigint, bigint) FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION byok.flush_cache(text) FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION byok.rotate_master_key_step(text, text, interval) FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION byok.launch_job(bigint) FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION byok.validate_tenant(text) FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION byok.destroy_tenant_keys(text, text) FROM PUBLIC;
 
 -- The guide's customer-initiated rotation. Commits after every batch, so it can
 -- run on a live database and, after a crash, be called again to finish.
@@ -47,6 +49,8 @@ BEGIN
         COMMIT;
         EXIT WHEN rewrapped = 0;
     END LOOP;
+    PERFORM byok.audit_event('rotate_master_key', tenant_id, NULL, 'ok', NULL,
+                             jsonb_build_object('new_key_id', new_key_id, 'rewrapped', total));
     RAISE NOTICE 'tenant %: % data key(s) rewrapped under master key %', tenant_id, total, new_key_id;
 END
 $proc$;
@@ -79,6 +83,8 @@ COMMENT ON VIEW byok.metrics IS
         api::tenants::flush_cache,
         api::rotation::rotate_master_key_step,
         api::jobs::launch_job,
+        api::governance::validate_tenant,
+        api::governance::destroy_tenant_keys,
         broker::metrics::metrics_counters
     ]
 );

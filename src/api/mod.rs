@@ -1,6 +1,7 @@
 //! SQL-facing functions, one file per concern.
 
 pub mod crypt;
+pub mod governance;
 pub mod jobs;
 
 /// Key administration writes the catalog: refuse it clearly on a standby.

@@ -40,6 +40,18 @@ fn configure_tenant(config: JsonB) -> String {
     .or_raise();
     Spi::connect_mut(|client| upsert_tenant(client, &config, &provider)).or_raise();
     keyring::invalidate_all();
+    crate::catalog::audit(
+        "configure_tenant",
+        Some(&config.tenant_id),
+        None,
+        true,
+        None,
+        Some(serde_json::json!({
+            "provider": config.provider.name(),
+            "master_key_id": config.master_key_id,
+        })),
+    )
+    .or_raise();
     config.tenant_id
 }
 
@@ -247,6 +259,15 @@ fn rotate_data_key(tenant_id: &str) -> i64 {
     })
     .or_raise();
     keyring::invalidate_all();
+    crate::catalog::audit(
+        "rotate_data_key",
+        Some(tenant_id),
+        Some(dek_id),
+        true,
+        None,
+        None,
+    )
+    .or_raise();
     dek_id
 }
 
@@ -287,6 +308,15 @@ fn set_data_key_state(dek_id: i64, state: &str) -> String {
     })
     .or_raise();
     keyring::invalidate_all();
+    crate::catalog::audit(
+        "set_data_key_state",
+        None,
+        Some(dek_id),
+        true,
+        None,
+        Some(serde_json::json!({"state": target.name()})),
+    )
+    .or_raise();
     target.name().to_string()
 }
 
@@ -357,6 +387,7 @@ fn destroy_data_key(dek_id: i64, confirm: i64) -> String {
     })
     .or_raise();
     keyring::invalidate_all();
+    crate::catalog::audit("destroy_data_key", None, Some(dek_id), true, None, None).or_raise();
     KeyState::Destroyed.name().to_string()
 }
 
@@ -369,6 +400,15 @@ fn flush_cache(tenant_id: default!(Option<&str>, "NULL")) -> i64 {
     let flushed = broker::flush(tenant_id.map(str::to_string)).or_raise();
     crate::catalog::invalidate_everywhere().or_raise();
     keyring::invalidate_all();
+    crate::catalog::audit(
+        "flush_cache",
+        tenant_id,
+        None,
+        true,
+        None,
+        Some(serde_json::json!({"shared_entries": flushed})),
+    )
+    .or_raise();
     flushed as i64
 }
 

@@ -8,16 +8,7 @@ PORT=54343
 RELAXED=45660
 STRICT=45661
 NAME=aws
-fail=0
-ok() { echo "ok: $1"; }
-not_ok() { echo "NOT OK: $1"; fail=1; }
-check() { if [ "$2" = "$3" ]; then ok "$1"; else not_ok "$1: got '$2', expected '$3'"; fi; }
-expect_error() { # expect_error LABEL SQLSTATE TEXT SQL
-    local out
-    out=$(psql_at $NAME $PORT -d postgres -qAt -v ON_ERROR_STOP=1 -v VERBOSITY=verbose -c "$4" 2>&1)
-    if grep -q "ERROR:  $2:" <<<"$out" && grep -q -- "$3" <<<"$out"; then ok "$1 ($2)"; else not_ok "$1: $out"; fi
-    echo "$out" >> "$FIXTURES/errors.log"
-}
+source "$(dirname "${BASH_SOURCE[0]}")/../testlib.sh"
 q() { psql_at $NAME $PORT -d postgres -qAt "$@"; }
 http_get() { python3 -c "import sys, urllib.request; sys.stdout.write(urllib.request.urlopen(sys.argv[1], timeout=5).read().decode())" "$1"; }
 

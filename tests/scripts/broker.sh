@@ -11,10 +11,7 @@ start_cluster $NAME $PORT "max_connections = 120"
 trap 'release_fifo >/dev/null 2>&1; stop_cluster $NAME; stop_cluster nopreload' EXIT
 DATA="$BYOK_WORK/$NAME/data"
 KEY="$DATA/byok_local_master.key"
-fail=0
-ok() { echo "ok: $1"; }
-not_ok() { echo "NOT OK: $1"; fail=1; }
-check() { if [ "$2" = "$3" ]; then ok "$1"; else not_ok "$1: got '$2', expected '$3'"; fi; }
+source "$(dirname "${BASH_SOURCE[0]}")/../testlib.sh"
 q() { psql_at $NAME $PORT -d postgres -qAt "$@"; }
 qe() { psql_at $NAME $PORT -d postgres -qAt -v ON_ERROR_STOP=1 "$@" 2>&1; }
 

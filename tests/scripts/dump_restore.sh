@@ -7,8 +7,7 @@
 source "$(dirname "${BASH_SOURCE[0]}")/../../scripts/lib.sh"
 SRC=54335; DST=54336; NOKEY=54337
 trap 'stop_cluster dump_src; stop_cluster dump_dst; stop_cluster dump_nokey' EXIT
-fail=0
-check() { if [ "$2" = "$3" ]; then echo "ok: $1"; else echo "NOT OK: $1: got '$2', expected '$3'"; fail=1; fi; }
+source "$(dirname "${BASH_SOURCE[0]}")/../testlib.sh"
 
 start_cluster dump_src $SRC
 psql_at dump_src $SRC -d postgres -q -c "CREATE DATABASE app"

@@ -10,17 +10,8 @@ KMS_PORT=18340
 DRONGO_PORT=18350
 NAME=gcp
 STANDIN="$(cd "$(dirname "$0")/../standins/gcp_kms" && pwd)"
-fail=0
-ok() { echo "ok: $1"; }
-not_ok() { echo "NOT OK: $1"; fail=1; }
-check() { if [ "$2" = "$3" ]; then ok "$1"; else not_ok "$1: got '$2', expected '$3'"; fi; }
+source "$(dirname "${BASH_SOURCE[0]}")/../testlib.sh"
 q() { psql_at $NAME $PORT -d postgres -qAt "$@"; }
-expect_error() { # expect_error LABEL SQLSTATE TEXT SQL
-    local out
-    out=$(psql_at $NAME $PORT -d postgres -qAt -v ON_ERROR_STOP=1 -v VERBOSITY=verbose -c "$4" 2>&1)
-    if grep -q "ERROR:  $2:" <<<"$out" && grep -q -- "$3" <<<"$out"; then ok "$1 ($2)"; else not_ok "$1: $out"; fi
-    echo "$out" >> "$FIXTURES/errors.log"
-}
 
 FIXTURES="$BYOK_WORK/gcp-fixtures"
 rm -rf "$FIXTURES"; mkdir -p "$FIXTURES"; chown postgres "$FIXTURES" 2>/dev/null

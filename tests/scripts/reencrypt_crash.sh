@@ -10,10 +10,7 @@ set +e   # every outcome is checked below
 PORT=54348
 NAME=reencrypt
 ROWS=${ROWS:-200000}
-fail=0
-ok() { echo "ok: $1"; }
-not_ok() { echo "NOT OK: $1"; fail=1; }
-check() { if [ "$2" = "$3" ]; then ok "$1"; else not_ok "$1: got '$2', expected '$3'"; fi; }
+source "$(dirname "${BASH_SOURCE[0]}")/../testlib.sh"
 q() { psql_at $NAME $PORT -d app -qAt "$@"; }
 trap 'stop_cluster $NAME' EXIT
 

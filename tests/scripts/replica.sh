@@ -6,10 +6,7 @@ source "$(dirname "${BASH_SOURCE[0]}")/../../scripts/lib.sh"
 set +e   # every outcome is checked below
 PRIMARY=54345
 STANDBY=54346
-fail=0
-ok() { echo "ok: $1"; }
-not_ok() { echo "NOT OK: $1"; fail=1; }
-check() { if [ "$2" = "$3" ]; then ok "$1"; else not_ok "$1: got '$2', expected '$3'"; fi; }
+source "$(dirname "${BASH_SOURCE[0]}")/../testlib.sh"
 p() { psql_at rep_primary $PRIMARY -d postgres -qAt "$@"; }
 s() { psql_at rep_standby $STANDBY -d postgres -qAt "$@"; }
 trap 'stop_cluster rep_standby; stop_cluster rep_primary' EXIT

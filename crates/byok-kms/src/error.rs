@@ -66,3 +66,21 @@ impl ProviderError {
         self
     }
 }
+
+/// An error's chain of causes on one line, each cause once: addresses, TLS
+/// reasons, the service's codes. Callers only pass errors that hold no secret
+/// (clients never put credentials or key material in their errors).
+pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let part = s.to_string();
+        if !text.contains(&part) {
+            text.push_str(": ");
+            text.push_str(&part);
+        }
+        source = s.source();
+    }
+    // Some SDKs add line breaks and troubleshooting links; keep one line.
+    text.split_whitespace().collect::<Vec<_>>().join(" ")
+}

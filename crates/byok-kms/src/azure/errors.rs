@@ -9,7 +9,7 @@ use azure_core::error::ErrorKind as AzureKind;
 use azure_core::http::headers::{HeaderName, RETRY_AFTER};
 use byok_core::config::ProviderKind;
 
-use crate::error::{ErrorKind, ProviderError};
+use crate::error::{ErrorKind, ProviderError, error_chain};
 
 #[derive(Debug, thiserror::Error)]
 pub enum AzureError {
@@ -224,22 +224,6 @@ fn chain_has_kind(e: &azure_core::Error, wanted: impl Fn(&AzureKind) -> bool) ->
         source = s.source();
     }
     false
-}
-
-/// An error's chain of causes (addresses, TLS reasons, AADSTS codes; never secrets).
-fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        let part = s.to_string();
-        if !text.contains(&part) {
-            text.push_str(": ");
-            text.push_str(&part);
-        }
-        source = s.source();
-    }
-    // The SDK appends a troubleshooting link and line breaks; keep one line.
-    text.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
 impl From<AzureError> for ProviderError {

@@ -128,7 +128,7 @@ impl JwtGrantCredentials {
                     format!(
                         "token_uri {} could not be reached: {}",
                         key.token_uri,
-                        super::errors::error_chain(&e)
+                        crate::error::error_chain(&e)
                     ),
                 )
             })?;

@@ -5,7 +5,7 @@
 use byok_core::config::ProviderKind;
 use google_cloud_gax::error::rpc::Code;
 
-use crate::error::{ErrorKind, ProviderError};
+use crate::error::{ErrorKind, ProviderError, error_chain};
 
 #[derive(Debug, thiserror::Error)]
 pub enum GcpError {
@@ -153,21 +153,6 @@ impl GcpError {
             },
         }
     }
-}
-
-/// An error's chain of causes, on one line (never a key or token).
-pub(crate) fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        let part = s.to_string();
-        if !text.contains(&part) {
-            text.push_str(": ");
-            text.push_str(&part);
-        }
-        source = s.source();
-    }
-    text.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
 impl From<GcpError> for ProviderError {

@@ -444,6 +444,8 @@ impl KeyService {
         provider: &ProviderRef,
     ) -> Result<Arc<dyn KeyProvider>, ProviderError> {
         let settings = self.settings.read().expect("settings lock").clone();
+        let timeout = settings.provider_timeout;
+        let options = &provider.options;
         match kind {
             ProviderKind::Local => Ok(Arc::new(LocalProvider::new(
                 &settings.local_key_file,
@@ -451,91 +453,42 @@ impl KeyService {
             ))),
             #[cfg(feature = "aws")]
             ProviderKind::AwsKms => {
-                let cache_key = format!(
-                    "aws_kms/{}/{}",
-                    serde_json::Value::Object(provider.options.clone()),
-                    settings.provider_timeout.as_millis()
-                );
-                if let Some(client) = self.clients.lock().expect("clients lock").get(&cache_key) {
-                    return Ok(client.clone());
-                }
-                let client: Arc<dyn KeyProvider> = Arc::new(
-                    crate::aws::AwsKmsProvider::from_options(
-                        &provider.options,
-                        settings.provider_timeout,
+                self.cached_client(kind, provider, timeout, async {
+                    Ok(
+                        Arc::new(crate::aws::AwsKmsProvider::from_options(options, timeout).await?)
+                            as Arc<dyn KeyProvider>,
                     )
-                    .await?,
-                );
-                self.clients
-                    .lock()
-                    .expect("clients lock")
-                    .insert(cache_key, client.clone());
-                Ok(client)
+                })
+                .await
             }
             #[cfg(feature = "vault")]
             ProviderKind::Vault => {
-                let cache_key = format!(
-                    "vault/{}/{}",
-                    serde_json::Value::Object(provider.options.clone()),
-                    settings.provider_timeout.as_millis()
-                );
-                if let Some(client) = self.clients.lock().expect("clients lock").get(&cache_key) {
-                    return Ok(client.clone());
-                }
-                let client: Arc<dyn KeyProvider> =
-                    Arc::new(crate::vault::VaultProvider::from_options(
-                        &provider.options,
-                        settings.provider_timeout,
-                    )?);
-                self.clients
-                    .lock()
-                    .expect("clients lock")
-                    .insert(cache_key, client.clone());
-                Ok(client)
+                self.cached_client(kind, provider, timeout, async {
+                    Ok(
+                        Arc::new(crate::vault::VaultProvider::from_options(options, timeout)?)
+                            as Arc<dyn KeyProvider>,
+                    )
+                })
+                .await
             }
             #[cfg(feature = "gcp")]
             ProviderKind::GcpKms => {
-                let cache_key = format!(
-                    "gcp_kms/{}/{}",
-                    serde_json::Value::Object(provider.options.clone()),
-                    settings.provider_timeout.as_millis()
-                );
-                if let Some(client) = self.clients.lock().expect("clients lock").get(&cache_key) {
-                    return Ok(client.clone());
-                }
-                let client: Arc<dyn KeyProvider> = Arc::new(
-                    crate::gcp::GcpKmsProvider::from_options(
-                        &provider.options,
-                        settings.provider_timeout,
+                self.cached_client(kind, provider, timeout, async {
+                    Ok(
+                        Arc::new(crate::gcp::GcpKmsProvider::from_options(options, timeout).await?)
+                            as Arc<dyn KeyProvider>,
                     )
-                    .await?,
-                );
-                self.clients
-                    .lock()
-                    .expect("clients lock")
-                    .insert(cache_key, client.clone());
-                Ok(client)
+                })
+                .await
             }
             #[cfg(feature = "azure")]
             ProviderKind::AzureKv => {
-                let cache_key = format!(
-                    "azure_kv/{}/{}",
-                    serde_json::Value::Object(provider.options.clone()),
-                    settings.provider_timeout.as_millis()
-                );
-                if let Some(client) = self.clients.lock().expect("clients lock").get(&cache_key) {
-                    return Ok(client.clone());
-                }
-                let client: Arc<dyn KeyProvider> =
-                    Arc::new(crate::azure::AzureKvProvider::from_options(
-                        &provider.options,
-                        settings.provider_timeout,
-                    )?);
-                self.clients
-                    .lock()
-                    .expect("clients lock")
-                    .insert(cache_key, client.clone());
-                Ok(client)
+                self.cached_client(kind, provider, timeout, async {
+                    Ok(Arc::new(crate::azure::AzureKvProvider::from_options(
+                        options, timeout,
+                    )?) as Arc<dyn KeyProvider>)
+                })
+                .await
             }
             // Reached only in builds without some provider features.
             #[allow(unreachable_patterns)]
@@ -546,6 +499,33 @@ impl KeyService {
             )
             .with_hint("use provider \"local\", or a build that includes this provider")),
         }
+    }
+
+    /// The client for this provider configuration (and timeout), built by `build`
+    /// the first time and kept.
+    #[allow(dead_code)] // unused in builds without remote providers
+    async fn cached_client(
+        &self,
+        kind: ProviderKind,
+        provider: &ProviderRef,
+        timeout: Duration,
+        build: impl std::future::Future<Output = Result<Arc<dyn KeyProvider>, ProviderError>>,
+    ) -> Result<Arc<dyn KeyProvider>, ProviderError> {
+        let cache_key = format!(
+            "{}/{}/{}",
+            kind.name(),
+            serde_json::Value::Object(provider.options.clone()),
+            timeout.as_millis()
+        );
+        if let Some(client) = self.clients.lock().expect("clients lock").get(&cache_key) {
+            return Ok(client.clone());
+        }
+        let client = build.await?;
+        self.clients
+            .lock()
+            .expect("clients lock")
+            .insert(cache_key, client.clone());
+        Ok(client)
     }
 }
 

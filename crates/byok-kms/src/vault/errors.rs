@@ -4,7 +4,7 @@
 
 use vaultrs::error::ClientError;
 
-use crate::error::{ErrorKind, ProviderError};
+use crate::error::{ErrorKind, ProviderError, error_chain};
 use byok_core::config::ProviderKind;
 
 #[derive(Debug, thiserror::Error)]
@@ -110,18 +110,6 @@ impl VaultError {
             _ => None,
         }
     }
-}
-
-/// A client error's chain of causes (addresses, TLS reasons; never tokens).
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    text
 }
 
 impl From<VaultError> for ProviderError {

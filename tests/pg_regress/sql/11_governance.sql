@@ -1,0 +1,47 @@
+\set VERBOSITY default
+\set SHOW_CONTEXT never
+-- Validation: the guide's validate_byok.py as SQL (latencies are in the detail column).
+SELECT byok.configure_tenant('{"customer": "stark", "tenant_id": "stark",
+  "encryption": {"provider": "local", "local": {"key_id": "stark-cmk"}}}');
+SELECT check_name, ok FROM byok.validate_tenant('stark');
+SELECT check_name, ok, detail FROM byok.validate_tenant('no-such-tenant');
+
+-- The audit trail: every key-level event, with role and outcome.
+SELECT byok.rotate_data_key('stark') > 0 AS rotated;
+SELECT byok.flush_cache('stark') >= 0 AS flushed;
+SELECT event, tenant_id, dek_id IS NOT NULL AS has_key, role_name, outcome, reason
+  FROM byok.audit_log WHERE tenant_id = 'stark' ORDER BY id;
+
+-- It is append-only...
+UPDATE byok.audit_log SET reason = 'nothing happened' WHERE tenant_id = 'stark';
+DELETE FROM byok.audit_log WHERE tenant_id = 'stark';
+TRUNCATE byok.audit_log;
+-- ...and hash-chained: the chain is intact,
+SELECT count(*) AS breaks FROM byok.verify_audit_chain();
+-- until someone with the power to disable the trigger edits a row, or removes one.
+ALTER TABLE byok.audit_log DISABLE TRIGGER audit_log_append_only;
+UPDATE byok.audit_log SET reason = 'edited' WHERE id = (SELECT min(id) FROM byok.audit_log WHERE event = 'flush_cache' AND tenant_id = 'stark');
+DELETE FROM byok.audit_log WHERE id = (SELECT min(id) FROM byok.audit_log WHERE event = 'validate_tenant' AND tenant_id = 'stark');
+ALTER TABLE byok.audit_log ENABLE TRIGGER audit_log_append_only;
+SELECT a.event, v.problem FROM byok.verify_audit_chain() v JOIN byok.audit_log a USING (id) ORDER BY v.id;
+
+-- A tenant whose audit.log_all_operations is off: only failures are recorded.
+SELECT byok.configure_tenant('{"customer": "quiet", "tenant_id": "quiet",
+  "encryption": {"provider": "local", "local": {"key_id": "quiet-cmk"}},
+  "audit": {"log_all_operations": false, "alert_on_failures": true}}');
+SELECT byok.rotate_data_key('quiet') > 0 AS rotated;
+SELECT count(*) AS audit_rows FROM byok.audit_log WHERE tenant_id = 'quiet';
+
+-- Crypto-shredding: every key of the tenant destroyed, every cache flushed.
+CREATE TABLE stark_files (id int, body byok.encrypted);
+INSERT INTO stark_files SELECT g, byok.encrypt_text('stark', 'file ' || g) FROM generate_series(1, 3) g;
+CREATE TABLE other_files AS SELECT 1 AS id, byok.encrypt_text('quiet', 'still here') AS body;
+SELECT byok.decrypt_text(body) FROM stark_files WHERE id = 1;
+SELECT byok.destroy_tenant_keys('stark', 'not-stark');
+SELECT byok.destroy_tenant_keys('nobody', 'nobody');
+SELECT byok.destroy_tenant_keys('stark', 'stark') AS keys_destroyed;
+SELECT byok.decrypt_text(body) FROM stark_files WHERE id = 1;
+SELECT byok.encrypt_text('stark', 'new');
+SELECT byok.decrypt_text(body) FROM other_files;
+SELECT state, count(*) FROM byok.data_keys WHERE tenant_id = 'stark' GROUP BY state;
+SELECT event, outcome, details FROM byok.audit_log WHERE event = 'destroy_tenant_keys';
