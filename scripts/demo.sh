@@ -51,6 +51,18 @@ SELECT tenant_id, kms_api_success_rate, dek_generation_p99_ms, key_cache_hit_rat
        decrypt_failures_rate, kms_calls, l1_hits, decrypts, decrypt_failures
   FROM byok.metrics;
 SELECT * FROM byok.broker_status();
+
+-- 6. Re-encrypt the old rows under the new key, as a migration would, then check.
+SELECT byok.protect_column('patients', 'diagnosis', 'tenant_id', 'patients.diagnosis');
+SELECT byok.wait_job(byok.start_reencrypt('tenant_12345'), '1 minute');
+SELECT job_id, state, rows_done, rows_total, keys_retired FROM byok.jobs;
+SELECT byok.data_key_id(diagnosis) AS key, count(*) FROM patients GROUP BY 1;
+SELECT dek_id, state FROM byok.data_keys ORDER BY dek_id;
+
+-- 7. Governance: the guide's validation, and the hash-chained audit trail.
+SELECT check_name, ok FROM byok.validate_tenant('tenant_12345');
+SELECT id, event, tenant_id, dek_id, role_name, outcome FROM byok.audit_log ORDER BY id;
+SELECT count(*) AS audit_chain_breaks FROM byok.verify_audit_chain();
 SQL
 log "demo done. Connect with: psql -h $BYOK_WORK/demo -p $PORT -U postgres"
 log "stop it with: bash scripts/demo.sh --stop   (or pg_ctl -D $BYOK_WORK/demo/data stop as postgres)"

@@ -159,6 +159,12 @@ BEGIN
     IF coltype IS NULL THEN
         RAISE EXCEPTION 'column "%" of % does not exist', col, tbl USING ERRCODE = '42703';
     END IF;
+    -- Jobs rewrite registered columns as the extension's owner: only someone who
+    -- may update the table registers it (this function runs as its caller).
+    IF NOT has_column_privilege(tbl, col, 'UPDATE') THEN
+        RAISE EXCEPTION 'permission denied: % may not update column % of %', current_user, col, tbl
+            USING ERRCODE = '42501';
+    END IF;
     IF coltype <> 'byok.encrypted'::regtype THEN
         RAISE EXCEPTION 'column "%" of % is of type %, not byok.encrypted', col, tbl, coltype
             USING ERRCODE = '42804', HINT = 'encrypt it first: ALTER TABLE ... ALTER COLUMN ... TYPE byok.encrypted USING byok.encrypt(...)';
@@ -178,14 +184,14 @@ COMMENT ON FUNCTION byok.protect_column(regclass, name, name, text) IS
 
 -- The data keys whose values a job rewrites: decrypt-only keys of its tenant(s).
 CREATE FUNCTION byok.job_old_keys(p_tenant text) RETURNS bigint[]
-LANGUAGE sql STABLE SET search_path = pg_catalog AS $fn$
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog AS $fn$
     SELECT coalesce(array_agg(dek_id), '{}') FROM byok.wrapped_data_keys
      WHERE state = 'decrypt-only' AND (p_tenant IS NULL OR tenant_id = p_tenant)
 $fn$;
 
 -- How many values of a job's columns are still under old keys.
 CREATE FUNCTION byok.job_remaining(p_tenant text, p_relid regclass) RETURNS bigint
-LANGUAGE plpgsql STABLE SET search_path = pg_catalog AS $fn$
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog AS $fn$
 DECLARE
     c record;
     n bigint;
@@ -203,7 +209,7 @@ END
 $fn$;
 
 CREATE FUNCTION byok.start_reencrypt(tenant_id text DEFAULT NULL, tbl regclass DEFAULT NULL)
-RETURNS bigint LANGUAGE plpgsql SET search_path = pg_catalog AS $fn$
+RETURNS bigint LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog AS $fn$
 DECLARE
     job bigint;
 BEGIN
@@ -228,7 +234,7 @@ COMMENT ON FUNCTION byok.start_reencrypt(text, regclass) IS
     'Starts a background job rewriting registered columns under the active data keys; returns its id (see byok.jobs)';
 
 CREATE FUNCTION byok.set_job_state(p_job bigint, p_from text[], p_to text) RETURNS text
-LANGUAGE plpgsql SET search_path = pg_catalog AS $fn$
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog AS $fn$
 DECLARE
     current text;
 BEGIN
@@ -250,13 +256,13 @@ END
 $fn$;
 
 CREATE FUNCTION byok.pause_job(job_id bigint) RETURNS text
-LANGUAGE sql SET search_path = pg_catalog
+LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog
 AS $fn$ SELECT byok.set_job_state(job_id, '{pending,running}', 'paused') $fn$;
 CREATE FUNCTION byok.cancel_job(job_id bigint) RETURNS text
-LANGUAGE sql SET search_path = pg_catalog
+LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog
 AS $fn$ SELECT byok.set_job_state(job_id, '{pending,running,paused,failed}', 'cancelled') $fn$;
 CREATE FUNCTION byok.resume_job(job_id bigint) RETURNS text
-LANGUAGE plpgsql SET search_path = pg_catalog AS $fn$
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog AS $fn$
 DECLARE
     state text := byok.set_job_state(job_id, '{paused,failed}', 'running');
 BEGIN
@@ -268,7 +274,7 @@ $fn$;
 
 -- Waits until the job ends (done, failed or cancelled) or the timeout passes; returns its state.
 CREATE FUNCTION byok.wait_job(job_id bigint, timeout interval DEFAULT '1 hour') RETURNS text
-LANGUAGE plpgsql SET search_path = pg_catalog AS $fn$
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog AS $fn$
 DECLARE
     deadline timestamptz := clock_timestamp() + timeout;
     current text;
@@ -310,7 +316,7 @@ COMMENT ON FUNCTION byok.wait_job(bigint, interval) IS
 -- -1 when the job is not running, -2 when every column is done. Errors are
 -- recorded in the job (state failed) instead of being raised.
 CREATE FUNCTION byok.reencrypt_step(p_job bigint, p_batch integer) RETURNS bigint
-LANGUAGE plpgsql SET search_path = pg_catalog AS $fn$
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog AS $fn$
 DECLARE
     j byok.reencrypt_jobs;
     c byok.protected_column_registry;
@@ -408,7 +414,7 @@ $fn$;
 -- "verify all data accessible"); then its old data keys that nothing registered
 -- references any more become retired.
 CREATE FUNCTION byok.finish_job(p_job bigint) RETURNS text
-LANGUAGE plpgsql SET search_path = pg_catalog AS $fn$
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog AS $fn$
 DECLARE
     j byok.reencrypt_jobs;
     c byok.protected_column_registry;
@@ -454,7 +460,7 @@ $fn$;
 
 -- How many values of registered columns a data key seals (destroy_data_key refuses while > 0).
 CREATE FUNCTION byok.data_key_references(p_dek bigint) RETURNS bigint
-LANGUAGE plpgsql STABLE SET search_path = pg_catalog AS $fn$
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog AS $fn$
 DECLARE
     c byok.protected_column_registry;
     n bigint;
@@ -472,7 +478,7 @@ $fn$;
 -- Automatic data-key rotation, run by the scheduler: tenants with
 -- key_rotation.enabled whose active key is older than interval_days.
 CREATE FUNCTION byok.rotate_due_data_keys() RETURNS bigint
-LANGUAGE plpgsql SET search_path = pg_catalog AS $fn$
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog AS $fn$
 DECLARE
     t record;
     n bigint := 0;
@@ -535,8 +541,9 @@ LANGUAGE sql IMMUTABLE SET search_path = pg_catalog AS $fn$
 $fn$;
 
 CREATE FUNCTION byok.audit_event(p_event text, p_tenant text, p_dek bigint, p_outcome text,
-                                 p_reason text DEFAULT NULL, p_details jsonb DEFAULT NULL)
-RETURNS bigint LANGUAGE plpgsql SET search_path = pg_catalog AS $fn$
+                                 p_reason text DEFAULT NULL, p_details jsonb DEFAULT NULL,
+                                 p_role oid DEFAULT NULL)
+RETURNS bigint LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog AS $fn$
 DECLARE
     row byok.audit_log;
     log_all boolean := true;
@@ -554,7 +561,9 @@ BEGIN
     row.event := p_event;
     row.tenant_id := p_tenant;
     row.dek_id := p_dek;
-    row.role_name := session_user;
+    -- The acting role (administrative functions pass it; SQL ones run as the owner,
+    -- so they record the login role).
+    row.role_name := coalesce((SELECT rolname FROM pg_roles WHERE oid = p_role), session_user);
     row.outcome := p_outcome;
     row.reason := p_reason;
     row.details := p_details;
@@ -570,7 +579,7 @@ BEGIN
     RETURN row.id;
 END
 $fn$;
-COMMENT ON FUNCTION byok.audit_event(text, text, bigint, text, text, jsonb) IS
+COMMENT ON FUNCTION byok.audit_event(text, text, bigint, text, text, jsonb, oid) IS
     'Appends an event to the audit trail (and alerts on failures, per the tenant''s audit settings)';
 
 CREATE FUNCTION byok.audit_refuse_change() RETURNS trigger
@@ -588,7 +597,7 @@ CREATE TRIGGER audit_log_no_truncate BEFORE TRUNCATE ON byok.audit_log
 -- Recomputes the chain; returns the rows where it breaks (none: intact).
 CREATE FUNCTION byok.verify_audit_chain()
 RETURNS TABLE (id bigint, problem text)
-LANGUAGE plpgsql STABLE SET search_path = pg_catalog AS $fn$
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog AS $fn$
 DECLARE
     a byok.audit_log;
     previous bytea;
@@ -609,4 +618,49 @@ COMMENT ON FUNCTION byok.verify_audit_chain() IS
     'Checks the audit trail''s hash chain; returns each row where it breaks';
 
 REVOKE ALL ON byok.audit_log FROM PUBLIC;
-REVOKE EXECUTE ON FUNCTION byok.audit_event(text, text, bigint, text, text, jsonb) FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION byok.audit_event(text, text, bigint, text, text, jsonb, oid) FROM PUBLIC;
+
+-- ---------------------------------------------------------------------------
+-- Least privilege: two roles, nothing for PUBLIC beyond using the type.
+--   byok_user:  encrypt and decrypt (the per-row functions) only;
+--   byok_admin: the above, plus administration: tenants, rotation, jobs, caches,
+--               destruction, validation, the audit trail and the views.
+-- Administrative functions run their catalog work as the extension's owner; who
+-- may call them is decided here.
+DO $roles$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = 'byok_admin') THEN
+        CREATE ROLE byok_admin NOLOGIN;
+    END IF;
+    IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = 'byok_user') THEN
+        CREATE ROLE byok_user NOLOGIN;
+    END IF;
+END
+$roles$;
+
+REVOKE EXECUTE ON FUNCTION byok.encrypt(text, bytea, text), byok.encrypt_text(text, text, text),
+    byok.decrypt(byok.encrypted, text), byok.decrypt_text(byok.encrypted, text),
+    byok.data_key_id(byok.encrypted), byok.value_opens(byok.encrypted, text),
+    byok.verify_audit_chain(), byok.pause_job(bigint), byok.resume_job(bigint), byok.cancel_job(bigint),
+    byok.wait_job(bigint, interval), byok.data_key_references(bigint), byok.job_old_keys(text),
+    byok.job_remaining(text, regclass), byok.backend_cache_stats(), byok.broker_status(),
+    byok.metrics_counters(), byok.rotate_data_key(text)
+  FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION byok.encrypt(text, bytea, text), byok.encrypt_text(text, text, text),
+    byok.decrypt(byok.encrypted, text), byok.decrypt_text(byok.encrypted, text),
+    byok.data_key_id(byok.encrypted), byok.value_opens(byok.encrypted, text)
+  TO byok_user, byok_admin;
+GRANT EXECUTE ON FUNCTION byok.configure_tenant(jsonb), byok.rotate_data_key(text),
+    byok.set_data_key_state(bigint, text), byok.destroy_data_key(bigint, bigint),
+    byok.destroy_tenant_keys(text, text), byok.flush_cache(text), byok.validate_tenant(text),
+    byok.rotate_master_key_step(text, text, interval), byok.protect_column(regclass, name, name, text),
+    byok.start_reencrypt(text, regclass), byok.pause_job(bigint), byok.resume_job(bigint),
+    byok.cancel_job(bigint), byok.wait_job(bigint, interval), byok.data_key_references(bigint),
+    byok.verify_audit_chain(), byok.backend_cache_stats(), byok.broker_status(), byok.metrics_counters()
+  TO byok_admin;
+GRANT EXECUTE ON PROCEDURE byok.rotate_master_key(text, text, interval) TO byok_admin;
+-- protect_column runs as its caller, so the caller's rights on the table decide.
+GRANT SELECT, INSERT, UPDATE ON byok.protected_column_registry TO byok_admin;
+GRANT SELECT ON byok.tenants, byok.data_keys, byok.jobs, byok.protected_columns, byok.metrics,
+    byok.audit_log
+  TO byok_admin;

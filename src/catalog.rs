@@ -103,6 +103,45 @@ fn as_catalog_owner<R>(f: impl FnOnce() -> Result<R, ByokError>) -> Result<R, By
     f()
 }
 
+/// Runs administrative work with the extension owner's user id. Who may call it
+/// is decided by EXECUTE privileges (`byok_admin`); the catalog tables stay
+/// closed to the caller otherwise. The caller's id comes back afterwards, also
+/// when `f` raises an error; `session_user` (what the audit trail records) is
+/// never changed.
+pub fn as_extension_owner<R>(f: impl FnOnce() -> R) -> R {
+    let ids = match catalog_ids() {
+        Ok(ids) => ids,
+        Err(e) => e.raise(),
+    };
+    struct Restore(pg_sys::Oid, i32, pg_sys::Oid);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            unsafe { pg_sys::SetUserIdAndSecContext(self.0, self.1) };
+            CALLER.set(self.2);
+        }
+    }
+    let mut saved_user = pg_sys::InvalidOid;
+    let mut saved_context = 0;
+    unsafe {
+        pg_sys::GetUserIdAndSecContext(&mut saved_user, &mut saved_context);
+        pg_sys::SetUserIdAndSecContext(
+            ids.owner,
+            saved_context | pg_sys::SECURITY_LOCAL_USERID_CHANGE as i32,
+        );
+    }
+    let _restore = Restore(saved_user, saved_context, CALLER.get());
+    if CALLER.get() == pg_sys::InvalidOid {
+        CALLER.set(saved_user);
+    }
+    f()
+}
+
+thread_local! {
+    /// The role that called the administrative function now running as the
+    /// extension's owner: what the audit trail records.
+    static CALLER: Cell<pg_sys::Oid> = const { Cell::new(pg_sys::InvalidOid) };
+}
+
 /// A data key as the catalog holds it, with what is needed to unwrap and cache it.
 #[derive(Debug, Clone)]
 pub struct DataKeyRecord {
@@ -260,8 +299,12 @@ pub fn audit(
     reason: Option<&str>,
     details: Option<serde_json::Value>,
 ) -> Result<(), ByokError> {
+    let caller = match CALLER.get() {
+        oid if oid == pg_sys::InvalidOid => unsafe { pg_sys::GetUserId() },
+        oid => oid,
+    };
     Spi::run_with_args(
-        "SELECT byok.audit_event($1, $2, $3, $4, $5, $6)",
+        "SELECT byok.audit_event($1, $2, $3, $4, $5, $6, $7)",
         &[
             DatumWithOid::from(event),
             DatumWithOid::from(tenant_id),
@@ -269,6 +312,7 @@ pub fn audit(
             DatumWithOid::from(if ok { "ok" } else { "failed" }),
             DatumWithOid::from(reason),
             DatumWithOid::from(details.map(pgrx::JsonB)),
+            DatumWithOid::from(caller),
         ],
     )?;
     Ok(())

@@ -185,6 +185,19 @@ fn validate_tenant(
         name!(detail, String),
     ),
 > {
+    crate::catalog::as_extension_owner(|| validate_tenant_as_owner(tenant_id))
+}
+
+fn validate_tenant_as_owner(
+    tenant_id: &str,
+) -> TableIterator<
+    'static,
+    (
+        name!(check_name, String),
+        name!(ok, bool),
+        name!(detail, String),
+    ),
+> {
     let checks = run_checks(tenant_id);
     let failed: Vec<&str> = checks
         .iter()
@@ -206,12 +219,16 @@ fn validate_tenant(
     TableIterator::new(checks)
 }
 
+#[pg_extern(volatile, parallel_unsafe, strict)]
+fn destroy_tenant_keys(tenant_id: &str, confirm: &str) -> i64 {
+    crate::catalog::as_extension_owner(|| destroy_tenant_keys_as_owner(tenant_id, confirm))
+}
+
 /// Crypto-shredding (key compromise, tenant off-boarding): every data key of the
 /// tenant is erased (its wrapped form deleted), every cache flushed. Afterwards
 /// each of the tenant's values fails with "data key destroyed"; other tenants are
 /// untouched. `confirm` must repeat the tenant id. Irreversible.
-#[pg_extern(volatile, parallel_unsafe, strict)]
-fn destroy_tenant_keys(tenant_id: &str, confirm: &str) -> i64 {
+fn destroy_tenant_keys_as_owner(tenant_id: &str, confirm: &str) -> i64 {
     super::require_primary("destroy a tenant's keys");
     if confirm != tenant_id {
         ByokError::InvalidArgument {

@@ -61,11 +61,21 @@ fn load_tenant(tenant_id: &str) -> Result<Tenant, ByokError> {
     })
 }
 
+#[pg_extern(volatile, parallel_unsafe, strict)]
+fn rotate_master_key_step(tenant_id: &str, new_key_id: &str, grace_period: Interval) -> i64 {
+    crate::catalog::as_extension_owner(|| {
+        rotate_master_key_step_as_owner(tenant_id, new_key_id, grace_period)
+    })
+}
+
 /// One step of `byok.rotate_master_key`: on first call switches the tenant to
 /// `new_key_id`; each call rewraps up to `BATCH` data keys still under another
 /// master key. Returns how many it rewrapped (0 when the rotation is complete).
-#[pg_extern(volatile, parallel_unsafe, strict)]
-fn rotate_master_key_step(tenant_id: &str, new_key_id: &str, grace_period: Interval) -> i64 {
+fn rotate_master_key_step_as_owner(
+    tenant_id: &str,
+    new_key_id: &str,
+    grace_period: Interval,
+) -> i64 {
     super::require_primary("rotate a master key");
     let new_key_id = new_key_id.trim();
     if new_key_id.is_empty() || new_key_id.chars().any(char::is_control) {

@@ -17,10 +17,14 @@ use crate::catalog::KeyState;
 use crate::errors::{ByokError, OrRaise};
 use crate::{broker, keyring};
 
-/// Creates or updates a tenant from its `byok_config` document (as JSON) and
-/// makes sure it has an active data key. Returns the tenant id.
 #[pg_extern(volatile, parallel_unsafe, strict)]
 fn configure_tenant(config: JsonB) -> String {
+    crate::catalog::as_extension_owner(|| configure_tenant_as_owner(config))
+}
+
+/// Creates or updates a tenant from its `byok_config` document (as JSON) and
+/// makes sure it has an active data key. Returns the tenant id.
+fn configure_tenant_as_owner(config: JsonB) -> String {
     super::require_primary("configure a tenant");
     let config = TenantConfig::from_json(&config.0)
         .map_err(ByokError::InvalidConfig)
@@ -221,10 +225,14 @@ fn create_data_key(
     Ok(dek_id)
 }
 
-/// Makes a new active data key for the tenant; the previous one becomes
-/// decrypt-only. Returns the new key's id.
 #[pg_extern(volatile, parallel_unsafe, strict)]
 fn rotate_data_key(tenant_id: &str) -> i64 {
+    crate::catalog::as_extension_owner(|| rotate_data_key_as_owner(tenant_id))
+}
+
+/// Makes a new active data key for the tenant; the previous one becomes
+/// decrypt-only. Returns the new key's id.
+fn rotate_data_key_as_owner(tenant_id: &str) -> i64 {
     super::require_primary("rotate a data key");
     let dek_id = Spi::connect_mut(|client| -> Result<i64, ByokError> {
         let tenant = client.update(
@@ -271,11 +279,15 @@ fn rotate_data_key(tenant_id: &str) -> i64 {
     dek_id
 }
 
+#[pg_extern(volatile, parallel_unsafe, strict)]
+fn set_data_key_state(dek_id: i64, state: &str) -> String {
+    crate::catalog::as_extension_owner(|| set_data_key_state_as_owner(dek_id, state))
+}
+
 /// Moves a data key between `decrypt-only` and `retired`. A retired key
 /// refuses to decrypt, which shows whether any data still needs it before it
 /// is destroyed; setting it back to `decrypt-only` undoes that.
-#[pg_extern(volatile, parallel_unsafe, strict)]
-fn set_data_key_state(dek_id: i64, state: &str) -> String {
+fn set_data_key_state_as_owner(dek_id: i64, state: &str) -> String {
     super::require_primary("change a data key's state");
     let target = KeyState::from_name(state)
         .filter(|s| matches!(s, KeyState::DecryptOnly | KeyState::Retired))
@@ -334,11 +346,15 @@ fn current_state(client: &mut SpiClient<'_>, dek_id: i64) -> Result<KeyState, By
         .ok_or_else(|| ByokError::Catalog(format!("unknown key state \"{name}\"")))
 }
 
+#[pg_extern(volatile, parallel_unsafe, strict)]
+fn destroy_data_key(dek_id: i64, confirm: i64) -> String {
+    crate::catalog::as_extension_owner(|| destroy_data_key_as_owner(dek_id, confirm))
+}
+
 /// Destroys a data key that is no longer active: its wrapped form is erased, so
 /// values sealed under it can never be decrypted again. `confirm` must repeat
 /// the key id. Irreversible.
-#[pg_extern(volatile, parallel_unsafe, strict)]
-fn destroy_data_key(dek_id: i64, confirm: i64) -> String {
+fn destroy_data_key_as_owner(dek_id: i64, confirm: i64) -> String {
     super::require_primary("destroy a data key");
     if confirm != dek_id {
         ByokError::InvalidArgument {
@@ -391,12 +407,16 @@ fn destroy_data_key(dek_id: i64, confirm: i64) -> String {
     KeyState::Destroyed.name().to_string()
 }
 
+#[pg_extern(volatile, parallel_unsafe)]
+fn flush_cache(tenant_id: default!(Option<&str>, "NULL")) -> i64 {
+    crate::catalog::as_extension_owner(|| flush_cache_as_owner(tenant_id))
+}
+
 /// Drops cached data keys: from the key broker's shared cache (this database's,
 /// or one tenant's), and from every backend's cache in this database when the
 /// transaction commits (this one's at once). Returns how many shared entries
 /// went. The next use of a key fetches it from the key manager again.
-#[pg_extern(volatile, parallel_unsafe)]
-fn flush_cache(tenant_id: default!(Option<&str>, "NULL")) -> i64 {
+fn flush_cache_as_owner(tenant_id: Option<&str>) -> i64 {
     let flushed = broker::flush(tenant_id.map(str::to_string)).or_raise();
     crate::catalog::invalidate_everywhere().or_raise();
     keyring::invalidate_all();

@@ -119,8 +119,9 @@ SELECT byok.encrypt_text('tenant_12345', 'x');
 ROLLBACK;
 SHOW byok.tenant;
 
--- Applications need no rights on the key catalog to encrypt and decrypt.
-CREATE ROLE byok_app_test LOGIN;
+-- Applications need no rights on the key catalog to encrypt and decrypt: the
+-- byok_user role is enough.
+CREATE ROLE byok_app_test LOGIN IN ROLE byok_user;
 GRANT SELECT, INSERT ON customers TO byok_app_test;
 SET ROLE byok_app_test;
 SELECT * FROM byok.wrapped_data_keys;
