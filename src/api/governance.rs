@@ -185,19 +185,12 @@ fn validate_tenant(
         name!(detail, String),
     ),
 > {
-    crate::catalog::as_extension_owner(|| validate_tenant_as_owner(tenant_id))
+    TableIterator::new(crate::catalog::as_extension_owner(|| {
+        validate_tenant_as_owner(tenant_id)
+    }))
 }
 
-fn validate_tenant_as_owner(
-    tenant_id: &str,
-) -> TableIterator<
-    'static,
-    (
-        name!(check_name, String),
-        name!(ok, bool),
-        name!(detail, String),
-    ),
-> {
+fn validate_tenant_as_owner(tenant_id: &str) -> Checks {
     let checks = run_checks(tenant_id);
     let failed: Vec<&str> = checks
         .iter()
@@ -216,7 +209,7 @@ fn validate_tenant_as_owner(
         None,
     )
     .or_raise();
-    TableIterator::new(checks)
+    checks
 }
 
 #[pg_extern(volatile, parallel_unsafe, strict)]
