@@ -542,7 +542,7 @@ $fn$;
 
 CREATE FUNCTION byok.audit_event(p_event text, p_tenant text, p_dek bigint, p_outcome text,
                                  p_reason text DEFAULT NULL, p_details jsonb DEFAULT NULL,
-                                 p_role oid DEFAULT NULL)
+                                 p_role oid DEFAULT NULL, p_at timestamptz DEFAULT NULL)
 RETURNS bigint LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog AS $fn$
 DECLARE
     row byok.audit_log;
@@ -557,7 +557,8 @@ BEGIN
     -- One writer at a time extends the chain.
     PERFORM pg_advisory_xact_lock(1652125547, 1);
     row.id := nextval('byok.audit_log_id_seq');
-    row.logged_at := clock_timestamp();
+    -- When it happened (queued records: the key broker's call, an aborted operation).
+    row.logged_at := coalesce(p_at, clock_timestamp());
     row.event := p_event;
     row.tenant_id := p_tenant;
     row.dek_id := p_dek;
@@ -579,7 +580,7 @@ BEGIN
     RETURN row.id;
 END
 $fn$;
-COMMENT ON FUNCTION byok.audit_event(text, text, bigint, text, text, jsonb, oid) IS
+COMMENT ON FUNCTION byok.audit_event(text, text, bigint, text, text, jsonb, oid, timestamptz) IS
     'Appends an event to the audit trail (and alerts on failures, per the tenant''s audit settings)';
 
 CREATE FUNCTION byok.audit_refuse_change() RETURNS trigger
@@ -618,7 +619,7 @@ COMMENT ON FUNCTION byok.verify_audit_chain() IS
     'Checks the audit trail''s hash chain; returns each row where it breaks';
 
 REVOKE ALL ON byok.audit_log FROM PUBLIC;
-REVOKE EXECUTE ON FUNCTION byok.audit_event(text, text, bigint, text, text, jsonb, oid) FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION byok.audit_event(text, text, bigint, text, text, jsonb, oid, timestamptz) FROM PUBLIC;
 
 -- ---------------------------------------------------------------------------
 -- Least privilege: two roles, nothing for PUBLIC beyond using the type.
@@ -664,3 +665,231 @@ GRANT SELECT, INSERT, UPDATE ON byok.protected_column_registry TO byok_admin;
 GRANT SELECT ON byok.tenants, byok.data_keys, byok.jobs, byok.protected_columns, byok.metrics,
     byok.audit_log
   TO byok_admin;
+
+-- ---------------------------------------------------------------------------
+-- Per-tenant grants. A role may encrypt for and decrypt a tenant's values only
+-- when it (or a role it belongs to) is granted the tenant; superusers always
+-- may. The per-row functions check it once per (role, data key) and cache the
+-- answer with the key; a change here (or to role membership) drops every
+-- backend's ready keys at commit, so a revoke takes effect at once.
+
+CREATE TABLE byok.tenant_grants (
+    grantee regrole NOT NULL,
+    tenant_id text NOT NULL REFERENCES byok.tenant_config (tenant_id) ON DELETE CASCADE,
+    granted_by name NOT NULL DEFAULT session_user,
+    granted_at timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (grantee, tenant_id)
+);
+COMMENT ON TABLE byok.tenant_grants IS 'Which roles may encrypt and decrypt which tenants'' values (byok.grant_tenant)';
+SELECT pg_catalog.pg_extension_config_dump('byok.tenant_grants', '');
+CREATE TRIGGER invalidate_key_caches
+    AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON byok.tenant_grants
+    FOR EACH STATEMENT EXECUTE FUNCTION byok.invalidate_key_caches();
+
+-- Whether role p_role may use tenant p_tenant's keys (superuser, or granted
+-- directly or through membership).
+CREATE FUNCTION byok.may_use_tenant(p_role oid, p_tenant text) RETURNS boolean
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog AS $fn$
+    SELECT EXISTS (SELECT 1 FROM pg_roles WHERE oid = p_role AND rolsuper)
+        OR EXISTS (SELECT 1 FROM byok.tenant_grants g
+                    WHERE g.tenant_id = p_tenant AND pg_has_role(p_role, g.grantee::oid, 'USAGE'))
+$fn$;
+
+-- Row-level security on the catalog: administrators see every tenant, other
+-- roles the tenants they are granted. (The extension's own functions read the
+-- tables as their owner, which RLS does not restrict.)
+CREATE FUNCTION byok.tenant_visible(p_role name, p_tenant text) RETURNS boolean
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog AS $fn$
+    SELECT pg_has_role(p_role, 'byok_admin', 'USAGE')
+        OR byok.may_use_tenant((SELECT oid FROM pg_roles WHERE rolname = p_role), p_tenant)
+$fn$;
+ALTER TABLE byok.tenant_config ENABLE ROW LEVEL SECURITY;
+ALTER TABLE byok.wrapped_data_keys ENABLE ROW LEVEL SECURITY;
+ALTER TABLE byok.tenant_grants ENABLE ROW LEVEL SECURITY;
+CREATE POLICY tenant_visibility ON byok.tenant_config FOR SELECT
+    USING (byok.tenant_visible(current_user, tenant_id));
+CREATE POLICY tenant_visibility ON byok.wrapped_data_keys FOR SELECT
+    USING (byok.tenant_visible(current_user, tenant_id));
+CREATE POLICY tenant_visibility ON byok.tenant_grants FOR SELECT
+    USING (byok.tenant_visible(current_user, tenant_id));
+-- The views read the tables with the caller's rights, so the policies apply;
+-- the columns they show (never wrapped keys) are all a caller can select.
+ALTER VIEW byok.tenants SET (security_invoker = true);
+ALTER VIEW byok.data_keys SET (security_invoker = true);
+CREATE VIEW byok.tenant_access WITH (security_invoker = true) AS
+    SELECT grantee, tenant_id, granted_by, granted_at FROM byok.tenant_grants;
+COMMENT ON VIEW byok.tenant_access IS 'Per-tenant grants (byok.grant_tenant), as far as the caller may see them';
+GRANT SELECT (tenant_id, customer, provider, master_key_id, previous_master_key_id,
+              previous_master_key_retires_at, provider_options, rotation_enabled,
+              rotation_interval_days, cache_ttl_seconds, cache_max_entries,
+              cache_grace_period_seconds, audit_log_all_operations, audit_alert_on_failures,
+              created_at, updated_at)
+    ON byok.tenant_config TO byok_admin, byok_user;
+GRANT SELECT (dek_id, tenant_id, provider, cmk_id, cmk_version, state, created_at, rotated_at,
+              destroyed_at)
+    ON byok.wrapped_data_keys TO byok_admin, byok_user;
+GRANT SELECT ON byok.tenant_grants TO byok_admin, byok_user;
+GRANT SELECT ON byok.tenants, byok.data_keys, byok.tenant_access TO byok_admin, byok_user;
+REVOKE EXECUTE ON FUNCTION byok.may_use_tenant(oid, text) FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION byok.grant_tenant(text, text), byok.revoke_tenant(text, text) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION byok.tenant_visible(name, text) TO byok_admin, byok_user;
+REVOKE EXECUTE ON FUNCTION byok.tenant_visible(name, text) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION byok.grant_tenant(text, text), byok.revoke_tenant(text, text)
+  TO byok_admin;
+
+-- ---------------------------------------------------------------------------
+-- Dual control (PCI DSS): in an environment whose segregation policy requires
+-- approval (production), destroying, rotating and granting run only through a
+-- request by one byok_admin and its approval by another, within
+-- byok.approval_expiry_minutes. Both steps are in the audit trail.
+
+CREATE TABLE byok.operation_requests (
+    request_id bigserial PRIMARY KEY,
+    operation text NOT NULL CHECK (operation IN ('rotate_data_key', 'rotate_master_key',
+        'destroy_data_key', 'destroy_tenant_keys', 'grant_tenant')),
+    tenant_id text NOT NULL,
+    args jsonb NOT NULL DEFAULT '{}',
+    requested_by name NOT NULL,
+    requested_at timestamptz NOT NULL DEFAULT now(),
+    expires_at timestamptz NOT NULL,
+    state text NOT NULL DEFAULT 'pending' CHECK (state IN ('pending', 'done', 'cancelled')),
+    approved_by name,
+    approved_at timestamptz,
+    result text
+);
+COMMENT ON TABLE byok.operation_requests IS 'Operations awaiting (or given) a second administrator''s approval';
+SELECT pg_catalog.pg_extension_config_dump('byok.operation_requests', '');
+SELECT pg_catalog.pg_extension_config_dump('byok.operation_requests_request_id_seq', '');
+
+CREATE VIEW byok.pending_operations AS
+SELECT request_id, operation, tenant_id, args, requested_by, requested_at, expires_at,
+       CASE WHEN state = 'pending' AND expires_at <= now() THEN 'expired' ELSE state END AS state,
+       approved_by, approved_at, result
+  FROM byok.operation_requests;
+COMMENT ON VIEW byok.pending_operations IS 'Dual-control requests and their state (pending, done, cancelled, expired)';
+
+CREATE FUNCTION byok.request_operation(op text, tenant_id text, args jsonb DEFAULT '{}')
+RETURNS bigint LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog AS $fn$
+DECLARE
+    id bigint;
+    expected text[];
+    extra text[];
+    missing text[];
+BEGIN
+    IF op IS NULL OR tenant_id IS NULL OR args IS NULL OR jsonb_typeof(args) <> 'object' THEN
+        RAISE EXCEPTION 'request_operation: op and tenant_id are required, args must be a JSON object'
+            USING ERRCODE = '22023';
+    END IF;
+    expected := CASE op
+        WHEN 'rotate_data_key' THEN '{}'::text[]
+        WHEN 'rotate_master_key' THEN '{new_key_id,grace_period}'
+        WHEN 'destroy_data_key' THEN '{dek_id}'
+        WHEN 'destroy_tenant_keys' THEN '{}'
+        WHEN 'grant_tenant' THEN '{role}'
+    END;
+    IF expected IS NULL THEN
+        RAISE EXCEPTION 'unknown operation "%"', op USING ERRCODE = '22023',
+            HINT = 'one of rotate_data_key, rotate_master_key, destroy_data_key, destroy_tenant_keys, grant_tenant';
+    END IF;
+    SELECT array_agg(k) INTO extra FROM jsonb_object_keys(args) k WHERE NOT k = ANY(expected);
+    IF extra IS NOT NULL THEN
+        RAISE EXCEPTION 'operation % takes no argument %', op, array_to_string(extra, ', ')
+            USING ERRCODE = '22023', HINT = format('its arguments: %s', coalesce(nullif(array_to_string(expected, ', '), ''), 'none'));
+    END IF;
+    SELECT array_agg(k) INTO missing FROM unnest(expected) k
+     WHERE NOT args ? k AND k <> 'grace_period';
+    IF missing IS NOT NULL THEN
+        RAISE EXCEPTION 'operation % needs argument %', op, array_to_string(missing, ', ') USING ERRCODE = '22023';
+    END IF;
+    IF NOT EXISTS (SELECT 1 FROM byok.tenant_config t WHERE t.tenant_id = request_operation.tenant_id) THEN
+        RAISE EXCEPTION 'tenant "%" does not exist', tenant_id USING ERRCODE = '42704';
+    END IF;
+    IF op = 'destroy_data_key' AND NOT EXISTS (SELECT 1 FROM byok.wrapped_data_keys k
+            WHERE k.dek_id = (args->>'dek_id')::bigint AND k.tenant_id = request_operation.tenant_id) THEN
+        RAISE EXCEPTION 'tenant "%" has no data key %', tenant_id, args->>'dek_id' USING ERRCODE = '42704';
+    END IF;
+    IF op = 'grant_tenant' AND to_regrole(args->>'role') IS NULL THEN
+        RAISE EXCEPTION 'role "%" does not exist', args->>'role' USING ERRCODE = '42704';
+    END IF;
+    IF op = 'rotate_master_key' THEN
+        PERFORM (coalesce(args->>'grace_period', '24 hours'))::interval;
+    END IF;
+    INSERT INTO byok.operation_requests (operation, tenant_id, args, requested_by, expires_at)
+    VALUES (op, tenant_id, args, session_user,
+            now() + current_setting('byok.approval_expiry_minutes')::interval)
+    RETURNING request_id INTO id;
+    PERFORM byok.audit_event('request_operation', tenant_id, NULL, 'ok', NULL,
+                             jsonb_build_object('request_id', id, 'operation', op, 'args', args));
+    RETURN id;
+END
+$fn$;
+COMMENT ON FUNCTION byok.request_operation(text, text, jsonb) IS
+    'Asks for a dual-control operation; another byok_admin runs it with byok.approve_operation(id)';
+
+CREATE FUNCTION byok.approve_operation(id bigint) RETURNS text
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog AS $fn$
+DECLARE
+    r byok.operation_requests;
+    outcome text;
+BEGIN
+    SELECT * INTO r FROM byok.operation_requests o WHERE o.request_id = id FOR UPDATE;
+    IF r.request_id IS NULL THEN
+        RAISE EXCEPTION 'no operation request %', id USING ERRCODE = '42704';
+    END IF;
+    IF r.state <> 'pending' THEN
+        RAISE EXCEPTION 'operation request % is already %', id, r.state USING ERRCODE = '55000';
+    END IF;
+    IF r.expires_at <= now() THEN
+        PERFORM byok.audit_failure('approve_operation', r.tenant_id, 'the request has expired',
+                                   jsonb_build_object('request_id', id, 'operation', r.operation));
+        RAISE EXCEPTION 'operation request % has expired', id USING ERRCODE = '55000',
+            DETAIL = 'requests wait byok.approval_expiry_minutes for their approval',
+            HINT = 'ask again with byok.request_operation()';
+    END IF;
+    IF NOT pg_has_role(session_user, 'byok_admin', 'USAGE') THEN
+        RAISE EXCEPTION 'only a byok_admin may approve operations' USING ERRCODE = '42501';
+    END IF;
+    IF session_user = r.requested_by THEN
+        -- Queued outside this transaction, which the refusal aborts.
+        PERFORM byok.audit_failure('approve_operation', r.tenant_id,
+                                   'the requester cannot approve their own request',
+                                   jsonb_build_object('request_id', id, 'operation', r.operation));
+        RAISE EXCEPTION 'operation request % was made by %; a different administrator must approve it', id, r.requested_by
+            USING ERRCODE = '42501', DETAIL = 'dual control: two people take part in every destructive or rotating operation';
+    END IF;
+    outcome := byok.execute_approved_operation(r.operation, r.tenant_id, r.args);
+    UPDATE byok.operation_requests o SET state = 'done', approved_by = session_user, approved_at = now(),
+           result = outcome
+     WHERE o.request_id = id;
+    PERFORM byok.audit_event('approve_operation', r.tenant_id, NULL, 'ok', NULL,
+                             jsonb_build_object('request_id', id, 'operation', r.operation, 'args', r.args,
+                                                'requested_by', r.requested_by, 'result', outcome));
+    RETURN outcome;
+END
+$fn$;
+COMMENT ON FUNCTION byok.approve_operation(bigint) IS
+    'Approves and runs another administrator''s request (dual control); returns the operation''s result';
+
+CREATE FUNCTION byok.cancel_operation(id bigint) RETURNS text
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog AS $fn$
+BEGIN
+    UPDATE byok.operation_requests o SET state = 'cancelled' WHERE o.request_id = id AND o.state = 'pending';
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'no pending operation request %', id USING ERRCODE = '42704';
+    END IF;
+    PERFORM byok.audit_event('cancel_operation', (SELECT tenant_id FROM byok.operation_requests o WHERE o.request_id = id),
+                             NULL, 'ok', NULL, jsonb_build_object('request_id', id));
+    RETURN 'cancelled';
+END
+$fn$;
+
+REVOKE ALL ON byok.operation_requests, byok.pending_operations FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION byok.audit_failure(text, text, text, jsonb) FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION byok.request_operation(text, text, jsonb), byok.approve_operation(bigint),
+    byok.cancel_operation(bigint), byok.execute_approved_operation(text, text, jsonb),
+    byok.segregation_policy()
+  FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION byok.request_operation(text, text, jsonb), byok.approve_operation(bigint),
+    byok.cancel_operation(bigint), byok.segregation_policy()
+  TO byok_admin;
+GRANT SELECT ON byok.pending_operations TO byok_admin;

@@ -22,10 +22,14 @@ pub struct CatalogIds {
     pub owner: pg_sys::Oid,
     pub tenant_config: pg_sys::Oid,
     pub wrapped_data_keys: pg_sys::Oid,
+    pub tenant_grants: pg_sys::Oid,
 }
 
 thread_local! {
     static CATALOG_IDS: Cell<Option<CatalogIds>> = const { Cell::new(None) };
+    /// The extension's owner, kept across catalog invalidations (it does not
+    /// change with them), for telling the acting role apart without SPI.
+    static EXTENSION_OWNER: Cell<pg_sys::Oid> = const { Cell::new(pg_sys::InvalidOid) };
 }
 
 /// Forgets the cached OIDs (the extension may have been dropped and re-created).
@@ -43,12 +47,13 @@ fn catalog_ids() -> Result<CatalogIds, ByokError> {
     }
     let ids = Spi::connect(|client| -> Result<Option<CatalogIds>, ByokError> {
         let table = client.select(
-            "SELECT e.extowner, c.oid, k.oid
+            "SELECT e.extowner, c.oid, k.oid, g.oid
                FROM pg_catalog.pg_extension e,
-                    pg_catalog.pg_class c, pg_catalog.pg_class k
+                    pg_catalog.pg_class c, pg_catalog.pg_class k, pg_catalog.pg_class g
               WHERE e.extname OPERATOR(pg_catalog.=) 'byok_pg'
                 AND c.oid OPERATOR(pg_catalog.=) pg_catalog.to_regclass('byok.tenant_config')
-                AND k.oid OPERATOR(pg_catalog.=) pg_catalog.to_regclass('byok.wrapped_data_keys')",
+                AND k.oid OPERATOR(pg_catalog.=) pg_catalog.to_regclass('byok.wrapped_data_keys')
+                AND g.oid OPERATOR(pg_catalog.=) pg_catalog.to_regclass('byok.tenant_grants')",
             Some(1),
             &[],
         )?;
@@ -60,12 +65,14 @@ fn catalog_ids() -> Result<CatalogIds, ByokError> {
             owner: row.get(1)?.unwrap_or(pg_sys::InvalidOid),
             tenant_config: row.get(2)?.unwrap_or(pg_sys::InvalidOid),
             wrapped_data_keys: row.get(3)?.unwrap_or(pg_sys::InvalidOid),
+            tenant_grants: row.get(4)?.unwrap_or(pg_sys::InvalidOid),
         }))
     })?;
     let ids = ids.ok_or_else(|| {
         ByokError::Catalog("the byok_pg extension is not installed in this database".into())
     })?;
     CATALOG_IDS.with(|c| c.set(Some(ids)));
+    EXTENSION_OWNER.set(ids.owner);
     Ok(ids)
 }
 
@@ -288,6 +295,22 @@ pub fn load_tenant_key_info(tenant_id: &str) -> Result<Option<TenantKeyInfo>, By
     })
 }
 
+/// The role an action is recorded for: the caller of the administrative function
+/// now running as the extension's owner, else the current user; inside one of
+/// the extension's SECURITY DEFINER functions (an approved dual-control
+/// operation, a job step) the session's login role.
+pub fn acting_role() -> pg_sys::Oid {
+    let caller = match CALLER.get() {
+        oid if oid == pg_sys::InvalidOid => unsafe { pg_sys::GetUserId() },
+        oid => oid,
+    };
+    if caller == EXTENSION_OWNER.get() {
+        unsafe { pg_sys::GetSessionUserId() }
+    } else {
+        caller
+    }
+}
+
 /// Appends an event to the audit trail (`byok.audit_event`, which also alerts on
 /// failures per the tenant's `audit` settings). Administration only: never on
 /// the per-row path.
@@ -299,10 +322,7 @@ pub fn audit(
     reason: Option<&str>,
     details: Option<serde_json::Value>,
 ) -> Result<(), ByokError> {
-    let caller = match CALLER.get() {
-        oid if oid == pg_sys::InvalidOid => unsafe { pg_sys::GetUserId() },
-        oid => oid,
-    };
+    let caller = acting_role();
     Spi::run_with_args(
         "SELECT byok.audit_event($1, $2, $3, $4, $5, $6, $7)",
         &[
@@ -316,4 +336,30 @@ pub fn audit(
         ],
     )?;
     Ok(())
+}
+
+/// Whether `user` is granted tenant `tenant_id` (directly or through a role it
+/// belongs to); `byok.may_use_tenant` in the catalog.
+pub fn may_use_tenant(user: pg_sys::Oid, tenant_id: &str) -> Result<bool, ByokError> {
+    as_catalog_owner(|| {
+        Ok(Spi::get_one_with_args::<bool>(
+            "SELECT byok.may_use_tenant($1, $2)",
+            &[DatumWithOid::from(user), DatumWithOid::from(tenant_id)],
+        )?
+        .unwrap_or(false))
+    })
+}
+
+/// A role's name for messages (its OID if it no longer exists).
+pub fn role_name(user: pg_sys::Oid) -> String {
+    unsafe {
+        let name = pg_sys::GetUserNameFromId(user, true);
+        if name.is_null() {
+            u32::from(user).to_string()
+        } else {
+            std::ffi::CStr::from_ptr(name)
+                .to_string_lossy()
+                .into_owned()
+        }
+    }
 }

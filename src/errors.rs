@@ -10,6 +10,8 @@
 //! | provider named but not in this build        | 0A000    |
 //! | unknown tenant or data key                  | 42704    |
 //! | other tenant than `byok.tenant`; KMS refused  | 42501    |
+//! | tenant not granted to the role; dual control needed | 42501 |
+//! | master key without the environment's prefix | 22023    |
 //! | authentication failed (tampered, truncated, wrong context or tenant) | 22000 |
 //! | stored value structurally malformed          | 22000    |
 //! | data key retired, destroyed, or disabled    | 55000    |
@@ -38,6 +40,7 @@ pub enum ByokError {
         hint: Option<String>,
     },
     UnknownTenant(String),
+    UnknownRole(String),
     UnknownDataKey(u64),
     NoActiveDataKey(String),
     TenantMismatchOnEncrypt {
@@ -46,6 +49,20 @@ pub enum ByokError {
     },
     TenantMismatchOnDecrypt {
         session: String,
+    },
+    TenantNotGranted {
+        tenant: String,
+        role: String,
+    },
+    DualControlRequired {
+        operation: &'static str,
+        tenant: String,
+        args: String,
+    },
+    SegregationViolation {
+        master_key_id: String,
+        key_prefix: String,
+        environment: &'static str,
     },
     AuthenticationFailed {
         dek_id: u64,
@@ -130,6 +147,7 @@ impl ByokError {
             }
             ByokError::UnknownTenant(t) => report(ERRCODE_UNDEFINED_OBJECT, format!("tenant \"{t}\" does not exist"))
                 .set_hint("create it with byok.configure_tenant()"),
+            ByokError::UnknownRole(r) => report(ERRCODE_UNDEFINED_OBJECT, format!("role \"{r}\" does not exist")),
             ByokError::UnknownDataKey(id) => report(
                 ERRCODE_UNDEFINED_OBJECT,
                 format!("data key {id} does not exist"),
@@ -150,6 +168,24 @@ impl ByokError {
                 format!("cannot decrypt a value of another tenant: this session is restricted to tenant \"{session}\""),
             )
             .set_detail("byok.tenant is set"),
+            ByokError::TenantNotGranted { tenant, role } => report(
+                ERRCODE_INSUFFICIENT_PRIVILEGE,
+                format!("role \"{role}\" may not use the keys of tenant \"{tenant}\""),
+            )
+            .set_detail("encrypting and decrypting a tenant's values needs a per-tenant grant")
+            .set_hint(format!("a byok_admin grants it: SELECT byok.grant_tenant('{role}', '{tenant}')")),
+            ByokError::DualControlRequired { operation, tenant, args } => report(
+                ERRCODE_INSUFFICIENT_PRIVILEGE,
+                format!("{operation} needs dual control in this environment"),
+            )
+            .set_detail("byok.environment's segregation policy requires a second administrator's approval for destructive, rotating and granting operations")
+            .set_hint(format!("request it with SELECT byok.request_operation('{operation}', '{tenant}', '{args}'); another byok_admin runs it with byok.approve_operation(request_id)")),
+            ByokError::SegregationViolation { master_key_id, key_prefix, environment } => report(
+                ERRCODE_INVALID_PARAMETER_VALUE,
+                format!("master key \"{master_key_id}\" does not carry the {environment} key prefix \"{key_prefix}\""),
+            )
+            .set_detail("byok.environment's segregation policy keeps each environment to its own master keys; the key's name (the last segment of its id or alias) must start with the prefix")
+            .set_hint(format!("use a key (or an alias) named {key_prefix}..., or check byok.environment")),
             ByokError::AuthenticationFailed { dek_id } => report(
                 ERRCODE_DATA_EXCEPTION,
                 "cannot decrypt: the value or its context does not match (authentication failed)".to_string(),
@@ -231,9 +267,36 @@ impl ByokError {
         }
     }
 
-    /// Raises this error as an ERROR; does not return.
+    /// What the audit trail records about a failure: its tenant and data key
+    /// where known, and whether it matters outside an administrative operation
+    /// (refusals and key failures do; malformed input does not).
+    fn audit_subject(&self) -> (Option<&str>, Option<i64>, bool) {
+        match self {
+            ByokError::TenantNotGranted { tenant, .. } => (Some(tenant), None, true),
+            ByokError::TenantMismatchOnEncrypt { requested, .. } => (Some(requested), None, true),
+            ByokError::TenantMismatchOnDecrypt { .. } => (None, None, true),
+            ByokError::AuthenticationFailed { dek_id }
+            | ByokError::KeyDestroyed(dek_id)
+            | ByokError::KeyRetired(dek_id) => (None, Some(*dek_id as i64), true),
+            // (the broker records every key-manager failure itself)
+            ByokError::BrokerTimeout { .. } => (None, None, true),
+            ByokError::DualControlRequired { tenant, .. } => (Some(tenant), None, true),
+            _ => (None, None, false),
+        }
+    }
+
+    /// Raises this error as an ERROR; does not return. The failure is queued for
+    /// the audit trail first (see `audit::note_error`).
     pub fn raise(self) -> ! {
-        self.into_report().report(PgLogLevel::ERROR);
+        let (tenant, dek_id, relevant) = self.audit_subject();
+        let (tenant, dek_id) = (tenant.map(str::to_string), dek_id);
+        let report = self.into_report();
+        let summary = match report.detail() {
+            Some(detail) => format!("{}: {detail}", report.message()),
+            None => report.message().to_string(),
+        };
+        crate::audit::note_error(&summary, tenant.as_deref(), dek_id, relevant);
+        report.report(PgLogLevel::ERROR);
         unreachable!("ERROR does not return")
     }
 }

@@ -2,7 +2,7 @@
 
 use std::ffi::{CStr, CString};
 
-use pgrx::{GucContext, GucFlags, GucRegistry, GucSetting};
+use pgrx::{GucContext, GucFlags, GucRegistry, GucSetting, PostgresGucEnum};
 
 /// `byok.tenant` (any user, per session or transaction): when set, this session
 /// may only encrypt for and decrypt values of this tenant; anything else fails
@@ -46,7 +46,63 @@ pub static REENCRYPT_MAX_ROWS_PER_SECOND: GucSetting<i32> = GucSetting::<i32>::n
 /// launcher looks in every database for due data-key rotations and jobs to resume.
 pub static SCHEDULER_NAPTIME_SECONDS: GucSetting<i32> = GucSetting::<i32>::new(60);
 
+/// The deployment environments of the guide's `segregation_matrix`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PostgresGucEnum)]
+pub enum Environment {
+    /// No segregation policy (the default): any master key, no approvals.
+    #[name = c"none"]
+    Unset,
+    #[name = c"development"]
+    Development,
+    #[name = c"staging"]
+    Staging,
+    #[name = c"production"]
+    Production,
+}
+
+/// `byok.environment` (server configuration, superuser only): which row of the
+/// guide's `segregation_matrix` this server follows. Tenants' master keys must
+/// carry the environment's key prefix (`prod-`, `stage-`, `dev-`), and in
+/// `production` destroying, rotating and granting need dual control
+/// (`byok.request_operation` + `byok.approve_operation`).
+pub static ENVIRONMENT: GucSetting<Environment> =
+    GucSetting::<Environment>::new(Environment::Unset);
+
+/// `byok.key_prefix` (server configuration, superuser only): overrides the
+/// environment's key prefix from the guide's matrix; empty = the guide's.
+pub static KEY_PREFIX: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
+
+/// `byok.approval_expiry_minutes` (server configuration, superuser only): how
+/// long a dual-control request waits for its approval.
+pub static APPROVAL_EXPIRY_MINUTES: GucSetting<i32> = GucSetting::<i32>::new(60);
+
 pub fn init() {
+    GucRegistry::define_enum_guc(
+        c"byok.environment",
+        c"The deployment environment whose key segregation policy applies.",
+        c"none, development, staging or production: master keys must carry the environment's key prefix; production requires dual control for destructive and rotating operations.",
+        &ENVIRONMENT,
+        GucContext::Suset,
+        GucFlags::default(),
+    );
+    GucRegistry::define_string_guc(
+        c"byok.key_prefix",
+        c"Prefix every tenant's master key name must carry (empty: the environment's).",
+        c"Defaults follow the guide's segregation_matrix: prod-, stage-, dev-.",
+        &KEY_PREFIX,
+        GucContext::Suset,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"byok.approval_expiry_minutes",
+        c"How long a dual-control request stays open for approval.",
+        c"byok.approve_operation() refuses a request older than this.",
+        &APPROVAL_EXPIRY_MINUTES,
+        1,
+        10_080,
+        GucContext::Suset,
+        GucFlags::UNIT_MIN,
+    );
     GucRegistry::define_int_guc(
         c"byok.reencrypt_batch_size",
         c"Values a re-encryption job rewrites per transaction.",
@@ -156,4 +212,43 @@ pub fn local_master_key_file() -> Option<String> {
         .get()
         .map(|s| s.to_string_lossy().into_owned())
         .filter(|s| !s.is_empty())
+}
+
+/// The segregation policy in force: the environment, the key prefix its master
+/// keys must carry, and whether destructive operations need dual control.
+pub struct SegregationPolicy {
+    pub environment: Environment,
+    pub key_prefix: String,
+    pub approval_required: bool,
+}
+
+pub fn segregation_policy() -> SegregationPolicy {
+    let environment = ENVIRONMENT.get();
+    let guide_prefix = match environment {
+        Environment::Unset => "",
+        Environment::Development => "dev-",
+        Environment::Staging => "stage-",
+        Environment::Production => "prod-",
+    };
+    let key_prefix = KEY_PREFIX
+        .get()
+        .map(|s| s.to_string_lossy().into_owned())
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| guide_prefix.to_string());
+    SegregationPolicy {
+        environment,
+        key_prefix,
+        approval_required: environment == Environment::Production,
+    }
+}
+
+impl Environment {
+    pub fn name(self) -> &'static str {
+        match self {
+            Environment::Unset => "none",
+            Environment::Development => "development",
+            Environment::Staging => "staging",
+            Environment::Production => "production",
+        }
+    }
 }

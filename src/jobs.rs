@@ -79,8 +79,26 @@ fn reload_config_if_asked() {
 pub extern "C-unwind" fn byok_job_launcher_main(_argument: pg_sys::Datum) {
     BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
     BackgroundWorker::connect_worker_to_spi(Some("postgres"), None);
+    let mut next_visit = Instant::now();
     loop {
         reload_config_if_asked();
+        // Every second: an audit writer for each database with queued audit records.
+        if let Some(shared) = crate::broker::shmem::shared() {
+            for database in crate::broker::shmem::audit_pending_databases(shared) {
+                start_worker(
+                    "byok audit writer",
+                    "byok_audit_writer_main",
+                    pg_sys::Oid::from(database),
+                    0,
+                );
+            }
+        }
+        if Instant::now() < next_visit {
+            if !BackgroundWorker::wait_latch(Some(AUDIT_TICK)) {
+                break;
+            }
+            continue;
+        }
         let databases: Vec<pg_sys::Oid> = BackgroundWorker::transaction(|| {
             Spi::connect(|client| {
                 client
@@ -99,11 +117,43 @@ pub extern "C-unwind" fn byok_job_launcher_main(_argument: pg_sys::Datum) {
         for database in databases {
             start_worker("byok scheduler", "byok_scheduler_main", database, 0);
         }
-        let naptime = Duration::from_secs(gucs::SCHEDULER_NAPTIME_SECONDS.get().max(1) as u64);
-        if !BackgroundWorker::wait_latch(Some(naptime)) {
+        next_visit = Instant::now()
+            + Duration::from_secs(gucs::SCHEDULER_NAPTIME_SECONDS.get().max(1) as u64);
+        if !BackgroundWorker::wait_latch(Some(AUDIT_TICK)) {
             break;
         }
     }
+}
+
+/// How often the launcher looks for queued audit records.
+const AUDIT_TICK: Duration = Duration::from_secs(1);
+
+/// Writes the queued audit records of its database into `byok.audit_log`.
+#[pg_guard]
+#[unsafe(no_mangle)]
+pub extern "C-unwind" fn byok_audit_writer_main(_argument: pg_sys::Datum) {
+    BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
+    let database = database_of_worker();
+    BackgroundWorker::connect_worker_to_spi_by_oid(Some(database), None);
+    BackgroundWorker::transaction(|| {
+        let installed = Spi::get_one::<bool>(
+            "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_extension WHERE extname = 'byok_pg')",
+        )
+        .ok()
+        .flatten()
+        .unwrap_or(false);
+        if unsafe { pg_sys::RecoveryInProgress() } {
+            return; // a standby cannot write; the records wait for promotion
+        }
+        if installed {
+            crate::audit::write_queued(u32::from(database));
+        } else {
+            // The extension was dropped: nobody can read them any more.
+            if let Some(shared) = crate::broker::shmem::shared() {
+                crate::broker::shmem::take_audit(shared, u32::from(database));
+            }
+        }
+    });
 }
 
 #[pg_guard]

@@ -7,7 +7,7 @@
 //! reaches every backend as a relcache invalidation at commit, which drops all
 //! ready keys here before the next use.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -30,10 +30,55 @@ struct ActiveKey {
     expires_at: Instant,
 }
 
-/// A data key ready for use: its expanded cipher, and its not-yet-published counters.
+/// A data key ready for use: its expanded cipher, its not-yet-published
+/// counters, and the role last found to be granted its tenant.
 struct ReadyKey {
     cipher: DekCipher,
     counts: PendingCounts,
+    /// The per-row check is one comparison with the current user id; any other
+    /// role (SET ROLE, a SECURITY DEFINER function) is checked once through the
+    /// catalog. Grant and role changes drop every ready key, so this never outlives one.
+    granted_to: Cell<pg_sys::Oid>,
+}
+
+/// The role the per-row functions act for (`current_user`).
+#[inline(always)]
+fn current_user() -> pg_sys::Oid {
+    unsafe { pg_sys::GetUserId() }
+}
+
+/// Whether `user` may use tenant `tenant_id`'s keys (superusers always may;
+/// other roles need `byok.grant_tenant`). Reads the catalog: never on a hit.
+fn authorize(tenant_id: &str, user: pg_sys::Oid) -> Result<(), ByokError> {
+    if unsafe { pg_sys::superuser_arg(user) } || catalog::may_use_tenant(user, tenant_id)? {
+        Ok(())
+    } else {
+        Err(ByokError::TenantNotGranted {
+            tenant: tenant_id.to_string(),
+            role: catalog::role_name(user),
+        })
+    }
+}
+
+/// Checks that the current user may use data key `dek_id`'s tenant, and
+/// remembers the answer with the ready key.
+fn authorize_ready(dek_id: u64, user: pg_sys::Oid) -> Result<(), ByokError> {
+    let now = Instant::now();
+    let tenant = RING.with_ring(|ring| {
+        ring.ciphers
+            .get(&dek_id, now)
+            .map(|ready| ready.cipher.tenant_id().to_string())
+    });
+    let Some(tenant) = tenant else {
+        return Ok(()); // dropped meanwhile: the miss path checks it
+    };
+    authorize(&tenant, user)?;
+    RING.with_ring(|ring| {
+        if let Some(ready) = ring.ciphers.get(&dek_id, now) {
+            ready.granted_to.set(user);
+        }
+    });
+    Ok(())
 }
 
 struct KeyRing {
@@ -169,16 +214,25 @@ pub fn open(envelope: &Envelope<'_>, context: &[u8], out: &mut [u8]) -> Result<(
         }
         result
     };
+    let user = current_user();
     let hit = RING.with_ring(|ring| {
         ring.ciphers.get(&dek_id, now).map(|ready| {
+            if ready.granted_to.get() != user {
+                return None;
+            }
             ready.counts.hit(true);
-            open_with(ready, &mut *out)
+            Some(open_with(ready, &mut *out))
         })
     });
-    if let Some(result) = hit {
-        return result;
+    match hit {
+        Some(Some(result)) => return result,
+        Some(None) => {
+            authorize_ready(dek_id, user)?;
+            return open(envelope, context, out);
+        }
+        None => {}
     }
-    let (ready, limits) = load_cipher(dek_id)?;
+    let (ready, limits) = load_cipher(dek_id, user)?;
     ready.counts.miss(true);
     let result = open_with(&ready, out);
     RING.with_ring(|ring| {
@@ -203,7 +257,8 @@ pub fn reseal(envelope: &Envelope<'_>, context: &[u8], out: &mut [u8]) -> Result
         })
         .map(Ok)
         .unwrap_or_else(|| {
-            load_cipher(dek_id).map(|(ready, _)| ready.cipher.tenant_id().to_string())
+            load_cipher(dek_id, current_user())
+                .map(|(ready, _)| ready.cipher.tenant_id().to_string())
         })?;
     seal(&tenant, &plaintext, context, out)
 }
@@ -220,10 +275,14 @@ pub fn seal(
     let seal_ready = |ready: &ReadyKey, dek_id: u64, out: &mut [u8]| {
         seal_with(&ready.cipher, plaintext, context, out).map_err(|e| crypto_error(dek_id, e))
     };
+    let user = current_user();
     let hit = RING.with_ring(|ring| {
         let active = ring.active.get(tenant_id).filter(|a| a.expires_at > now)?;
         let dek_id = active.dek_id;
         let ready = ring.ciphers.get(&dek_id, now)?;
+        if ready.granted_to.get() != user {
+            return None;
+        }
         ready.counts.hit(false);
         Some(seal_ready(ready, dek_id, &mut *out))
     });
@@ -236,6 +295,9 @@ pub fn seal(
         message: format!("invalid tenant id: {problem}"),
         hint: None,
     })?;
+    // Before anything about the tenant is looked up (an unknown tenant and one
+    // not granted look the same to a role without the grant).
+    authorize(tenant_id, user)?;
     let info = catalog::load_tenant_key_info(tenant_id)?
         .ok_or_else(|| ByokError::UnknownTenant(tenant_id.to_string()))?;
     let dek_id = info
@@ -243,6 +305,7 @@ pub fn seal(
         .ok_or_else(|| ByokError::NoActiveDataKey(tenant_id.to_string()))?;
     let cached = RING.with_ring(|ring| {
         ring.ciphers.get(&dek_id, now).map(|ready| {
+            ready.granted_to.set(user); // authorized above
             ready.counts.hit(false);
             seal_ready(ready, dek_id, &mut *out)
         })
@@ -250,7 +313,7 @@ pub fn seal(
     let result = match cached {
         Some(result) => result,
         None => {
-            let (ready, limits) = load_cipher(dek_id)?;
+            let (ready, limits) = load_cipher(dek_id, user)?;
             ready.counts.miss(false);
             let result = seal_ready(&ready, dek_id, out);
             RING.with_ring(|ring| ring.ciphers.insert(dek_id, tenant_id, ready, limits, now));
@@ -269,11 +332,12 @@ pub fn seal(
     result
 }
 
-/// Reads, checks and unwraps data key `dek_id` into a ready cipher.
-fn load_cipher(dek_id: u64) -> Result<(ReadyKey, CacheLimits), ByokError> {
+/// Reads, checks and unwraps data key `dek_id` into a ready cipher for `user`.
+fn load_cipher(dek_id: u64, user: pg_sys::Oid) -> Result<(ReadyKey, CacheLimits), ByokError> {
     let record = catalog::load_data_key(dek_id)?.ok_or(ByokError::UnknownDataKey(dek_id))?;
     // Refuse before asking the key manager for anything.
     check_session_tenant_for_decrypt(&record.tenant_id)?;
+    authorize(&record.tenant_id, user)?;
     match record.state {
         KeyState::Destroyed => return Err(ByokError::KeyDestroyed(dek_id)),
         KeyState::Retired => return Err(ByokError::KeyRetired(dek_id)),
@@ -289,6 +353,7 @@ fn load_cipher(dek_id: u64) -> Result<(ReadyKey, CacheLimits), ByokError> {
         TenantRef {
             database: broker::this_database(),
             tenant_id: record.tenant_id.clone(),
+            role: broker::this_role(),
         },
         ProviderRef {
             provider: record.provider.name().to_string(),
@@ -306,7 +371,14 @@ fn load_cipher(dek_id: u64) -> Result<(ReadyKey, CacheLimits), ByokError> {
         max_entries: record.cache.max_entries as usize,
     };
     let counts = PendingCounts::new(record.provider, &record.tenant_id);
-    Ok((ReadyKey { cipher, counts }, limits))
+    Ok((
+        ReadyKey {
+            cipher,
+            counts,
+            granted_to: Cell::new(user),
+        },
+        limits,
+    ))
 }
 
 /// Publishes this backend's pending per-key counters to shared memory.

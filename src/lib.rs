@@ -6,6 +6,7 @@
 use pgrx::prelude::*;
 
 mod api;
+mod audit;
 mod broker;
 mod catalog;
 mod errors;

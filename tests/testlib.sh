@@ -11,3 +11,12 @@ expect_error() { # expect_error LABEL SQLSTATE TEXT SQL
     if grep -q "ERROR:  $2:" <<<"$out" && grep -q -- "$3" <<<"$out"; then ok "$1 ($2)"; else not_ok "$1: $out"; fi
     if [ -n "${FIXTURES:-}" ]; then echo "$out" >> "$FIXTURES/errors.log"; fi
 }
+# wait_for_audit_queue: until the audit writer has written every queued record (30 s at most)
+wait_for_audit_queue() {
+    local i
+    for i in $(seq 300); do
+        [ "$(psql_at "$NAME" "$PORT" -d "${DB:-postgres}" -qAt -c "SELECT (SELECT audit_queued FROM byok.broker_status()) = 0 AND NOT EXISTS (SELECT 1 FROM pg_stat_activity WHERE backend_type = 'byok audit writer')")" = t ] && return 0
+        sleep 0.1
+    done
+    return 1
+}

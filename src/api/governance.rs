@@ -81,6 +81,7 @@ fn run_checks(tenant_id: &str) -> Checks {
     let tenant = byok_kms::protocol::TenantRef {
         database: broker::this_database(),
         tenant_id: tenant_id.to_string(),
+        role: broker::this_role(),
     };
     let started = Instant::now();
     let info = match broker::validate(tenant.clone(), provider.clone(), &master_key_id) {
@@ -214,6 +215,8 @@ fn validate_tenant_as_owner(tenant_id: &str) -> Checks {
 
 #[pg_extern(volatile, parallel_unsafe, strict)]
 fn destroy_tenant_keys(tenant_id: &str, confirm: &str) -> i64 {
+    let _audit = crate::audit::Operation::begin("destroy_tenant_keys", Some(tenant_id), None);
+    require_dual_control("destroy_tenant_keys", tenant_id, "{}");
     crate::catalog::as_extension_owner(|| destroy_tenant_keys_as_owner(tenant_id, confirm))
 }
 
@@ -221,7 +224,7 @@ fn destroy_tenant_keys(tenant_id: &str, confirm: &str) -> i64 {
 /// tenant is erased (its wrapped form deleted), every cache flushed. Afterwards
 /// each of the tenant's values fails with "data key destroyed"; other tenants are
 /// untouched. `confirm` must repeat the tenant id. Irreversible.
-fn destroy_tenant_keys_as_owner(tenant_id: &str, confirm: &str) -> i64 {
+pub(crate) fn destroy_tenant_keys_as_owner(tenant_id: &str, confirm: &str) -> i64 {
     super::require_primary("destroy a tenant's keys");
     if confirm != tenant_id {
         ByokError::InvalidArgument {
@@ -263,4 +266,268 @@ fn destroy_tenant_keys_as_owner(tenant_id: &str, confirm: &str) -> i64 {
     )
     .or_raise();
     destroyed
+}
+
+// ---------------------------------------------------------------------------
+// Key segregation and dual control.
+
+thread_local! {
+    /// Set while `byok.approve_operation` runs an approved request: the one way
+    /// past dual control. Only Rust code sets it, so SQL cannot forge it.
+    static APPROVED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Whether destructive operations called now need a dual-control approval.
+pub fn dual_control_applies() -> bool {
+    // Background workers act on policy configured by administrators (scheduled
+    // rotation from key_rotation), not on a person's request.
+    let background =
+        unsafe { pgrx::pg_sys::MyBackendType } == pgrx::pg_sys::BackendType::B_BG_WORKER;
+    crate::gucs::segregation_policy().approval_required && !APPROVED.get() && !background
+}
+
+/// Raises 42501 when `operation` needs a second administrator's approval.
+pub fn require_dual_control(operation: &'static str, tenant_id: &str, args: &str) {
+    if dual_control_applies() {
+        ByokError::DualControlRequired {
+            operation,
+            tenant: tenant_id.to_string(),
+            args: args.to_string(),
+        }
+        .raise();
+    }
+}
+
+/// A master key's name as segregation sees it: the last `/`-separated segment of
+/// its id (an AWS alias or ARN, a GCP resource name, a Vault or Azure key name).
+fn key_name(master_key_id: &str) -> &str {
+    master_key_id.rsplit('/').next().unwrap_or(master_key_id)
+}
+
+/// Refuses a master key that does not carry the environment's key prefix.
+pub fn check_key_prefix(master_key_id: &str) -> Result<(), ByokError> {
+    let policy = crate::gucs::segregation_policy();
+    if policy.key_prefix.is_empty() || key_name(master_key_id).starts_with(&policy.key_prefix) {
+        return Ok(());
+    }
+    Err(ByokError::SegregationViolation {
+        master_key_id: master_key_id.to_string(),
+        key_prefix: policy.key_prefix,
+        environment: policy.environment.name(),
+    })
+}
+
+/// The segregation policy in force (`byok.environment`, the guide's matrix).
+#[pg_extern(stable, parallel_safe)]
+fn segregation_policy() -> TableIterator<
+    'static,
+    (
+        name!(environment, String),
+        name!(key_prefix, String),
+        name!(approval_required, bool),
+    ),
+> {
+    let policy = crate::gucs::segregation_policy();
+    TableIterator::once((
+        policy.environment.name().to_string(),
+        policy.key_prefix,
+        policy.approval_required,
+    ))
+}
+
+/// Runs an approved dual-control request; called only by `byok.approve_operation`
+/// (which checks the request, its expiry and the two administrators).
+#[pg_extern(volatile, parallel_unsafe, strict)]
+fn execute_approved_operation(operation: &str, tenant_id: &str, args: pgrx::JsonB) -> String {
+    let event = match operation {
+        "rotate_data_key" => "rotate_data_key",
+        "rotate_master_key" => "rotate_master_key",
+        "destroy_data_key" => "destroy_data_key",
+        "destroy_tenant_keys" => "destroy_tenant_keys",
+        "grant_tenant" => "grant_tenant",
+        _ => "approve_operation",
+    };
+    let _audit = crate::audit::Operation::begin(event, Some(tenant_id), None);
+    struct Reset;
+    impl Drop for Reset {
+        fn drop(&mut self) {
+            APPROVED.set(false);
+        }
+    }
+    APPROVED.set(true);
+    let _reset = Reset;
+    let arg = |name: &str| args.0.get(name).cloned().unwrap_or(serde_json::Value::Null);
+    let text_arg = |name: &str| match arg(name) {
+        serde_json::Value::String(s) => s,
+        serde_json::Value::Null => String::new(),
+        other => other.to_string(),
+    };
+    catalog::as_extension_owner(|| match operation {
+        "rotate_data_key" => format!(
+            "new active data key {}",
+            super::tenants::rotate_data_key_as_owner(tenant_id)
+        ),
+        "rotate_master_key" => {
+            let grace = match text_arg("grace_period") {
+                g if g.is_empty() => "24 hours".to_string(),
+                g => g,
+            };
+            let grace = Spi::get_one_with_args::<Interval>(
+                "SELECT $1::interval",
+                &[DatumWithOid::from(grace.as_str())],
+            )
+            .or_raise()
+            .unwrap_or_else(|| {
+                ByokError::InvalidArgument {
+                    message: "grace_period must be an interval".into(),
+                    hint: None,
+                }
+                .raise()
+            });
+            let new_key_id = text_arg("new_key_id");
+            let mut rewrapped = 0;
+            loop {
+                let n =
+                    super::rotation::rotate_master_key_step_as_owner(tenant_id, &new_key_id, grace);
+                rewrapped += n;
+                if n == 0 {
+                    break;
+                }
+            }
+            catalog::audit(
+                "rotate_master_key",
+                Some(tenant_id),
+                None,
+                true,
+                None,
+                Some(serde_json::json!({"new_key_id": new_key_id, "rewrapped": rewrapped})),
+            )
+            .or_raise();
+            format!("{rewrapped} data key(s) rewrapped under master key {new_key_id}")
+        }
+        "destroy_data_key" => {
+            let dek_id: i64 = text_arg("dek_id").parse().unwrap_or_else(|_| {
+                ByokError::InvalidArgument {
+                    message: "dek_id must be a data key id".into(),
+                    hint: None,
+                }
+                .raise()
+            });
+            // The request named the tenant: the key must still be one of its.
+            let owner = Spi::get_one_with_args::<String>(
+                "SELECT tenant_id FROM byok.wrapped_data_keys WHERE dek_id = $1",
+                &[DatumWithOid::from(dek_id)],
+            )
+            .or_raise();
+            if owner.as_deref() != Some(tenant_id) {
+                ByokError::UnknownDataKey(dek_id as u64).raise();
+            }
+            format!(
+                "data key {dek_id} {}",
+                super::tenants::destroy_data_key_as_owner(dek_id, dek_id)
+            )
+        }
+        "destroy_tenant_keys" => format!(
+            "{} data key(s) destroyed",
+            destroy_tenant_keys_as_owner(tenant_id, tenant_id)
+        ),
+        "grant_tenant" => {
+            let role = text_arg("role");
+            grant_tenant_as_owner(&role, tenant_id);
+            format!("tenant {tenant_id} granted to {role}")
+        }
+        other => ByokError::InvalidArgument {
+            message: format!("unknown operation \"{other}\""),
+            hint: None,
+        }
+        .raise(),
+    })
+}
+
+// ---------------------------------------------------------------------------
+// Per-tenant grants.
+
+/// Lets `role_name` (and the roles that belong to it) encrypt for and decrypt
+/// tenant `tenant_id`'s values, and see the tenant in the catalog views.
+#[pg_extern(volatile, parallel_unsafe, strict)]
+fn grant_tenant(role_name: &str, tenant_id: &str) -> bool {
+    let _audit = crate::audit::Operation::begin("grant_tenant", Some(tenant_id), None);
+    require_dual_control(
+        "grant_tenant",
+        tenant_id,
+        &serde_json::json!({"role": role_name}).to_string(),
+    );
+    catalog::as_extension_owner(|| grant_tenant_as_owner(role_name, tenant_id))
+}
+
+fn resolve_role(role_name: &str) -> pgrx::pg_sys::Oid {
+    Spi::get_one_with_args::<pgrx::pg_sys::Oid>(
+        "SELECT pg_catalog.to_regrole($1)::pg_catalog.oid",
+        &[DatumWithOid::from(role_name)],
+    )
+    .or_raise()
+    .unwrap_or_else(|| ByokError::UnknownRole(role_name.to_string()).raise())
+}
+
+/// Returns false when the grant already existed.
+fn grant_tenant_as_owner(role_name: &str, tenant_id: &str) -> bool {
+    super::require_primary("grant a tenant");
+    let role = resolve_role(role_name);
+    let exists = Spi::get_one_with_args::<bool>(
+        "SELECT EXISTS (SELECT 1 FROM byok.tenant_config WHERE tenant_id = $1)",
+        &[DatumWithOid::from(tenant_id)],
+    )
+    .or_raise()
+    .unwrap_or(false);
+    if !exists {
+        ByokError::UnknownTenant(tenant_id.to_string()).raise();
+    }
+    let added = Spi::get_one_with_args::<bool>(
+        "WITH added AS (INSERT INTO byok.tenant_grants (grantee, tenant_id, granted_by)
+                        VALUES ($1::pg_catalog.oid::pg_catalog.regrole, $2, session_user)
+                        ON CONFLICT DO NOTHING RETURNING 1)
+         SELECT EXISTS (SELECT 1 FROM added)",
+        &[DatumWithOid::from(role), DatumWithOid::from(tenant_id)],
+    )
+    .or_raise()
+    .unwrap_or(false);
+    catalog::audit(
+        "grant_tenant",
+        Some(tenant_id),
+        None,
+        true,
+        None,
+        Some(serde_json::json!({"role": catalog::role_name(role), "new": added})),
+    )
+    .or_raise();
+    added
+}
+
+/// Takes a tenant grant back; every backend re-checks at the transaction's commit.
+#[pg_extern(volatile, parallel_unsafe, strict)]
+fn revoke_tenant(role_name: &str, tenant_id: &str) -> bool {
+    let _audit = crate::audit::Operation::begin("revoke_tenant", Some(tenant_id), None);
+    catalog::as_extension_owner(|| {
+        super::require_primary("revoke a tenant");
+        let role = resolve_role(role_name);
+        let removed = Spi::get_one_with_args::<bool>(
+            "WITH removed AS (DELETE FROM byok.tenant_grants
+                               WHERE grantee = $1::pg_catalog.oid::pg_catalog.regrole AND tenant_id = $2
+                               RETURNING 1)
+             SELECT EXISTS (SELECT 1 FROM removed)",
+            &[DatumWithOid::from(role), DatumWithOid::from(tenant_id)],
+        )
+        .or_raise()
+        .unwrap_or(false);
+        catalog::audit(
+            "revoke_tenant",
+            Some(tenant_id),
+            None,
+            true,
+            None,
+            Some(serde_json::json!({"role": catalog::role_name(role), "removed": removed})),
+        )
+        .or_raise();
+        removed
+    })
 }

@@ -63,6 +63,12 @@ fn load_tenant(tenant_id: &str) -> Result<Tenant, ByokError> {
 
 #[pg_extern(volatile, parallel_unsafe, strict)]
 fn rotate_master_key_step(tenant_id: &str, new_key_id: &str, grace_period: Interval) -> i64 {
+    let _audit = crate::audit::Operation::begin("rotate_master_key", Some(tenant_id), None);
+    super::governance::require_dual_control(
+        "rotate_master_key",
+        tenant_id,
+        &serde_json::json!({"new_key_id": new_key_id}).to_string(),
+    );
     crate::catalog::as_extension_owner(|| {
         rotate_master_key_step_as_owner(tenant_id, new_key_id, grace_period)
     })
@@ -71,7 +77,7 @@ fn rotate_master_key_step(tenant_id: &str, new_key_id: &str, grace_period: Inter
 /// One step of `byok.rotate_master_key`: on first call switches the tenant to
 /// `new_key_id`; each call rewraps up to `BATCH` data keys still under another
 /// master key. Returns how many it rewrapped (0 when the rotation is complete).
-fn rotate_master_key_step_as_owner(
+pub(crate) fn rotate_master_key_step_as_owner(
     tenant_id: &str,
     new_key_id: &str,
     grace_period: Interval,
@@ -86,9 +92,13 @@ fn rotate_master_key_step_as_owner(
         .raise();
     }
     let tenant = load_tenant(tenant_id).or_raise();
+    if tenant.master_key_id != new_key_id {
+        super::governance::check_key_prefix(new_key_id).or_raise();
+    }
     let tenant_ref = TenantRef {
         database: broker::this_database(),
         tenant_id: tenant_id.to_string(),
+        role: broker::this_role(),
     };
     // The new key must exist, be enabled and allow wrapping before anything moves;
     // its current version is what every data key should end up wrapped under.

@@ -19,6 +19,12 @@ use crate::{broker, keyring};
 
 #[pg_extern(volatile, parallel_unsafe, strict)]
 fn configure_tenant(config: JsonB) -> String {
+    let tenant_id = config
+        .0
+        .get("tenant_id")
+        .and_then(|t| t.as_str())
+        .map(str::to_string);
+    let _audit = crate::audit::Operation::begin("configure_tenant", tenant_id.as_deref(), None);
     crate::catalog::as_extension_owner(|| configure_tenant_as_owner(config))
 }
 
@@ -29,6 +35,7 @@ fn configure_tenant_as_owner(config: JsonB) -> String {
     let config = TenantConfig::from_json(&config.0)
         .map_err(ByokError::InvalidConfig)
         .or_raise();
+    super::governance::check_key_prefix(&config.master_key_id).or_raise();
     // Configuring is the one time the local provider may create its key file.
     let provider = ProviderRef {
         provider: config.provider.name().to_string(),
@@ -63,6 +70,7 @@ fn tenant_ref(tenant_id: &str) -> TenantRef {
     TenantRef {
         database: broker::this_database(),
         tenant_id: tenant_id.to_string(),
+        role: broker::this_role(),
     }
 }
 
@@ -227,12 +235,14 @@ fn create_data_key(
 
 #[pg_extern(volatile, parallel_unsafe, strict)]
 fn rotate_data_key(tenant_id: &str) -> i64 {
+    let _audit = crate::audit::Operation::begin("rotate_data_key", Some(tenant_id), None);
+    super::governance::require_dual_control("rotate_data_key", tenant_id, "{}");
     crate::catalog::as_extension_owner(|| rotate_data_key_as_owner(tenant_id))
 }
 
 /// Makes a new active data key for the tenant; the previous one becomes
 /// decrypt-only. Returns the new key's id.
-fn rotate_data_key_as_owner(tenant_id: &str) -> i64 {
+pub(crate) fn rotate_data_key_as_owner(tenant_id: &str) -> i64 {
     super::require_primary("rotate a data key");
     let dek_id = Spi::connect_mut(|client| -> Result<i64, ByokError> {
         let tenant = client.update(
@@ -281,6 +291,7 @@ fn rotate_data_key_as_owner(tenant_id: &str) -> i64 {
 
 #[pg_extern(volatile, parallel_unsafe, strict)]
 fn set_data_key_state(dek_id: i64, state: &str) -> String {
+    let _audit = crate::audit::Operation::begin("set_data_key_state", None, Some(dek_id));
     crate::catalog::as_extension_owner(|| set_data_key_state_as_owner(dek_id, state))
 }
 
@@ -348,13 +359,30 @@ fn current_state(client: &mut SpiClient<'_>, dek_id: i64) -> Result<KeyState, By
 
 #[pg_extern(volatile, parallel_unsafe, strict)]
 fn destroy_data_key(dek_id: i64, confirm: i64) -> String {
+    let _audit = crate::audit::Operation::begin("destroy_data_key", None, Some(dek_id));
+    if super::governance::dual_control_applies() {
+        let tenant = crate::catalog::as_extension_owner(|| {
+            Spi::get_one_with_args::<String>(
+                "SELECT tenant_id FROM byok.wrapped_data_keys WHERE dek_id = $1",
+                &[DatumWithOid::from(dek_id)],
+            )
+        })
+        .ok()
+        .flatten()
+        .unwrap_or_default();
+        super::governance::require_dual_control(
+            "destroy_data_key",
+            &tenant,
+            &format!("{{\"dek_id\": {dek_id}}}"),
+        );
+    }
     crate::catalog::as_extension_owner(|| destroy_data_key_as_owner(dek_id, confirm))
 }
 
 /// Destroys a data key that is no longer active: its wrapped form is erased, so
 /// values sealed under it can never be decrypted again. `confirm` must repeat
 /// the key id. Irreversible.
-fn destroy_data_key_as_owner(dek_id: i64, confirm: i64) -> String {
+pub(crate) fn destroy_data_key_as_owner(dek_id: i64, confirm: i64) -> String {
     super::require_primary("destroy a data key");
     if confirm != dek_id {
         ByokError::InvalidArgument {
@@ -409,6 +437,7 @@ fn destroy_data_key_as_owner(dek_id: i64, confirm: i64) -> String {
 
 #[pg_extern(volatile, parallel_unsafe)]
 fn flush_cache(tenant_id: default!(Option<&str>, "NULL")) -> i64 {
+    let _audit = crate::audit::Operation::begin("flush_cache", tenant_id, None);
     crate::catalog::as_extension_owner(|| flush_cache_as_owner(tenant_id))
 }
 

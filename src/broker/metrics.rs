@@ -210,6 +210,8 @@ fn load_u32(c: &std::sync::atomic::AtomicU32) -> u32 {
 }
 
 /// The key broker's state: its process, how often it started, and its slots.
+// (pgrx reads the column names from the signature, so no type alias)
+#[allow(clippy::type_complexity)]
 #[pg_extern(volatile, parallel_safe)]
 fn broker_status() -> TableIterator<
     'static,
@@ -219,6 +221,8 @@ fn broker_status() -> TableIterator<
         name!(busy_slots, i32),
         name!(total_slots, i32),
         name!(requests_served, i64),
+        name!(audit_queued, i32),
+        name!(audit_dropped, i64),
     ),
 > {
     let Some(shared) = shmem::shared() else {
@@ -236,5 +240,12 @@ fn broker_status() -> TableIterator<
         busy as i32,
         shmem::SLOT_COUNT as i32,
         shared.requests_served.load(Ordering::Relaxed) as i64,
+        // Records waiting for (or being taken by) the audit writer.
+        shared
+            .audit
+            .iter()
+            .filter(|s| s.state.load(Ordering::Acquire) != shmem::AUDIT_FREE)
+            .count() as i32,
+        shared.audit_dropped.load(Ordering::Relaxed) as i64,
     ))
 }

@@ -20,6 +20,11 @@ pub fn this_database() -> u32 {
     u32::from(unsafe { pg_sys::MyDatabaseId })
 }
 
+/// The role requests are made for (the audit trail's role of key-manager calls).
+pub fn this_role() -> u32 {
+    u32::from(crate::catalog::acting_role())
+}
+
 fn failed(response: Response) -> ByokError {
     match response {
         Response::Failed { error } => ByokError::Provider(error.into_error()),

@@ -75,6 +75,28 @@ pub struct MetricSlot {
     pub dek_latency: [AtomicU64; LATENCY_BUCKETS],
 }
 
+/// Audit records waiting to be written into their database's `byok.audit_log`
+/// (by the job launcher's audit writer). Written by the broker's runtime threads
+/// and by backends whose transaction is about to abort, so: atomics and plain
+/// memory only, and independent of any transaction.
+pub const AUDIT_SLOTS: usize = 512;
+pub const AUDIT_RECORD_LEN: usize = 1536;
+
+pub const AUDIT_FREE: u32 = 0;
+pub const AUDIT_FILLING: u32 = 1;
+pub const AUDIT_READY: u32 = 2;
+pub const AUDIT_TAKEN: u32 = 3;
+
+#[repr(C)]
+pub struct AuditSlot {
+    pub state: AtomicU32,
+    pub database: AtomicU32,
+    /// Order of arrival, so records are written in the order they happened.
+    pub seq: AtomicU64,
+    pub len: AtomicU32,
+    pub record: UnsafeCell<[u8; AUDIT_RECORD_LEN]>,
+}
+
 #[repr(C)]
 pub struct BrokerShared {
     pub broker_pid: AtomicI32,
@@ -86,6 +108,10 @@ pub struct BrokerShared {
     pub slot_freed: UnsafeCell<pg_sys::ConditionVariable>,
     pub slots: [Slot; SLOT_COUNT],
     pub metrics: [MetricSlot; METRIC_SLOTS],
+    pub audit_seq: AtomicU64,
+    /// Records that found every audit slot taken (reported by `byok.broker_status`).
+    pub audit_dropped: AtomicU64,
+    pub audit: [AuditSlot; AUDIT_SLOTS],
 }
 
 // SAFETY: every field is either atomic, a PostgreSQL condition variable (which
@@ -226,4 +252,82 @@ pub fn metric_slot(
         }
     }
     None
+}
+
+/// Queues one audit record (JSON, at most `AUDIT_RECORD_LEN` bytes) for
+/// `database`. Returns false, and counts it, when every slot is taken.
+pub fn push_audit(shared: &BrokerShared, database: u32, record: &[u8]) -> bool {
+    if record.len() > AUDIT_RECORD_LEN {
+        shared.audit_dropped.fetch_add(1, Ordering::Relaxed);
+        return false;
+    }
+    for slot in shared.audit.iter() {
+        if slot
+            .state
+            .compare_exchange(
+                AUDIT_FREE,
+                AUDIT_FILLING,
+                Ordering::AcqRel,
+                Ordering::Relaxed,
+            )
+            .is_ok()
+        {
+            // SAFETY: FILLING gives this process the slot's buffer.
+            unsafe { (&mut *slot.record.get())[..record.len()].copy_from_slice(record) };
+            slot.len.store(record.len() as u32, Ordering::Relaxed);
+            slot.database.store(database, Ordering::Relaxed);
+            slot.seq.store(
+                shared.audit_seq.fetch_add(1, Ordering::Relaxed),
+                Ordering::Relaxed,
+            );
+            slot.state.store(AUDIT_READY, Ordering::Release);
+            return true;
+        }
+    }
+    shared.audit_dropped.fetch_add(1, Ordering::Relaxed);
+    false
+}
+
+/// The databases that have audit records waiting.
+pub fn audit_pending_databases(shared: &BrokerShared) -> Vec<u32> {
+    let mut databases: Vec<u32> = shared
+        .audit
+        .iter()
+        .filter(|slot| slot.state.load(Ordering::Acquire) == AUDIT_READY)
+        .map(|slot| slot.database.load(Ordering::Relaxed))
+        .collect();
+    databases.sort_unstable();
+    databases.dedup();
+    databases
+}
+
+/// Takes every waiting record of `database`, oldest first, freeing their slots.
+pub fn take_audit(shared: &BrokerShared, database: u32) -> Vec<Vec<u8>> {
+    let mut taken: Vec<(u64, Vec<u8>)> = Vec::new();
+    for slot in shared.audit.iter() {
+        if slot.state.load(Ordering::Acquire) != AUDIT_READY
+            || slot.database.load(Ordering::Relaxed) != database
+        {
+            continue;
+        }
+        if slot
+            .state
+            .compare_exchange(
+                AUDIT_READY,
+                AUDIT_TAKEN,
+                Ordering::AcqRel,
+                Ordering::Relaxed,
+            )
+            .is_err()
+        {
+            continue; // another writer took it
+        }
+        let len = (slot.len.load(Ordering::Relaxed) as usize).min(AUDIT_RECORD_LEN);
+        // SAFETY: TAKEN gives this process the slot's buffer.
+        let record = unsafe { (&*slot.record.get())[..len].to_vec() };
+        taken.push((slot.seq.load(Ordering::Relaxed), record));
+        slot.state.store(AUDIT_FREE, Ordering::Release);
+    }
+    taken.sort_by_key(|(seq, _)| *seq);
+    taken.into_iter().map(|(_, record)| record).collect()
 }

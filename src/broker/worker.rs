@@ -16,7 +16,7 @@ use std::time::Duration;
 use byok_core::config::ProviderKind;
 use byok_kms::protocol::{ErrorWire, Request, Response, TenantRef};
 use byok_kms::service::{KmsOp, MetricEvent};
-use byok_kms::{ErrorKind, KeyService, MetricsSink, Outcome, ServiceSettings};
+use byok_kms::{ErrorKind, KeyService, KmsCallAudit, MetricsSink, Outcome, ServiceSettings};
 use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, SignalWakeFlags};
 use pgrx::pg_sys;
 use pgrx::prelude::*;
@@ -80,6 +80,40 @@ impl MetricsSink for SharedMetrics {
             MetricEvent::ServedStale => add(&m.served_stale),
             MetricEvent::ServedByReplica => add(&m.served_by_replica),
         }
+    }
+
+    /// Every key-manager call goes to the audit trail (through the shared-memory
+    /// queue: this runs on a runtime thread, which must not touch PostgreSQL).
+    fn audit(&self, provider: ProviderKind, tenant: &TenantRef, call: KmsCallAudit) {
+        let event = match call.op {
+            KmsOp::Generate => "kms_generate",
+            KmsOp::Unwrap => "kms_unwrap",
+            KmsOp::Rewrap => "kms_rewrap",
+            KmsOp::Validate => "kms_validate",
+        };
+        let mut details = serde_json::json!({
+            "provider": provider.name(),
+            "latency_ms": (call.latency.as_secs_f64() * 1e3 * 10.0).round() / 10.0,
+        });
+        if let Some(id) = call.request_id {
+            details["request_id"] = id.into();
+        }
+        if let Some(replica) = call.replica {
+            details["replica"] = replica.into();
+        }
+        crate::audit::queue(
+            tenant.database,
+            &crate::audit::QueuedRecord {
+                event: event.to_string(),
+                tenant_id: Some(tenant.tenant_id.clone()),
+                dek_id: call.dek_id.map(|id| id as i64),
+                ok: call.ok,
+                reason: call.error,
+                details: Some(details),
+                role: tenant.role,
+                at_micros: crate::audit::now_micros(),
+            },
+        );
     }
 }
 

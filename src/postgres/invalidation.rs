@@ -14,8 +14,26 @@ use crate::{catalog, keyring};
 
 pub fn register() {
     unsafe {
-        pg_sys::CacheRegisterRelcacheCallback(Some(relcache_callback), pg_sys::Datum::from(0))
-    };
+        pg_sys::CacheRegisterRelcacheCallback(Some(relcache_callback), pg_sys::Datum::from(0));
+        // Who may use a tenant follows role membership and the superuser flag:
+        // a change to either re-checks every ready key's grant.
+        for cache in [
+            pg_sys::SysCacheIdentifier::AUTHMEMROLEMEM,
+            pg_sys::SysCacheIdentifier::AUTHOID,
+        ] {
+            pg_sys::CacheRegisterSyscacheCallback(
+                cache as i32,
+                Some(roles_callback),
+                pg_sys::Datum::from(0),
+            );
+        }
+    }
+}
+
+/// Runs inside invalidation processing: only sets a flag.
+#[pg_guard]
+unsafe extern "C-unwind" fn roles_callback(_arg: pg_sys::Datum, _cache: i32, _hash: u32) {
+    keyring::invalidate_all();
 }
 
 /// Runs inside invalidation processing: it must not error or allocate, so it only sets flags.
@@ -28,6 +46,7 @@ unsafe extern "C-unwind" fn relcache_callback(_arg: pg_sys::Datum, relid: pg_sys
             relid == pg_sys::InvalidOid
                 || relid == ids.tenant_config
                 || relid == ids.wrapped_data_keys
+                || relid == ids.tenant_grants
         }
     };
     if ours {

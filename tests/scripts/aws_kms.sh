@@ -115,7 +115,15 @@ expect_error "Decrypt denied by IAM" 42501 "AWS error code AccessDeniedException
 expect_error "wrong credentials" 42501 "AWS error code" \
     "SELECT byok.configure_tenant('$(config t_bogus "{\"key_arn\":\"$STRICT_KEY\",\"endpoint_url\":\"$SEP\",\"profile\":\"bogus\"}")')"
 
+echo "== the audit trail: each KMS call with its AWS request id, failures with their reason"
+wait_for_audit_queue || not_ok "the audit queue did not drain"
+check "GenerateDataKey and Decrypt calls recorded with AWS request ids" \
+    "$(q -c "SELECT count(*) FILTER (WHERE event = 'kms_generate') >= 1, count(*) FILTER (WHERE event = 'kms_unwrap') >= 1, bool_and(coalesce(details->>'request_id', '') <> '') FROM byok.audit_log WHERE tenant_id = 'tenant_12345' AND event IN ('kms_generate', 'kms_unwrap')")" "t|t|t"
+check "the IAM-denied Decrypt recorded as a failed kms_unwrap, with its request id" \
+    "$(q -c "SELECT count(*) >= 1, bool_and(reason LIKE '%AccessDeniedException%'), bool_and(details ? 'request_id') FROM byok.audit_log WHERE tenant_id = 't_strict' AND event = 'kms_unwrap' AND outcome = 'failed'")" "t|t|t"
+
 echo "== no secret in any message or log"
+q -c "SELECT reason, details FROM byok.audit_log" >> "$FIXTURES/errors.log"
 grep -q -- "$STRICT_SECRET\|not-the-right-secret" "$FIXTURES/errors.log" "$BYOK_WORK/$NAME/server.log" \
     && not_ok "a secret access key appears in an error or the server log" || ok "no secret access key in errors or the server log"
 exit $fail

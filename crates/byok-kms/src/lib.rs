@@ -23,4 +23,4 @@ pub mod vault;
 
 pub use error::{ErrorKind, ProviderError};
 pub use provider::{KeyContext, KeyProvider, MasterKeyInfo, WrappedDek};
-pub use service::{KeyService, MetricEvent, MetricsSink, Outcome, ServiceSettings};
+pub use service::{KeyService, KmsCallAudit, MetricEvent, MetricsSink, Outcome, ServiceSettings};

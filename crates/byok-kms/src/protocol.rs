@@ -24,6 +24,9 @@ pub struct CacheSettings {
 pub struct TenantRef {
     pub database: u32,
     pub tenant_id: String,
+    /// The role (OID) the request is made for, as the audit trail records it.
+    #[serde(default)]
+    pub role: u32,
 }
 
 /// Which key manager, configured how (the tenant's provider block).
@@ -145,6 +148,7 @@ mod tests {
             tenant: TenantRef {
                 database: 5,
                 tenant_id: "t".into(),
+                role: 10,
             },
             provider: ProviderRef {
                 provider: "local".into(),

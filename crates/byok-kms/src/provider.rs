@@ -36,15 +36,28 @@ impl<'a> KeyContext<'a> {
 pub struct CallReport {
     /// Set when a replica (another region) answered because the primary failed.
     pub served_by_replica: std::sync::Mutex<Option<String>>,
+    /// The key manager's own id of the (last) request, for the audit trail.
+    pub request_id: std::sync::Mutex<Option<String>>,
 }
 
 static NO_REPORT: CallReport = CallReport {
     served_by_replica: std::sync::Mutex::new(None),
+    request_id: std::sync::Mutex::new(None),
 };
 
 impl CallReport {
     pub fn replica(&self) -> Option<String> {
         self.served_by_replica.lock().ok().and_then(|r| r.clone())
+    }
+
+    pub fn request_id(&self) -> Option<String> {
+        self.request_id.lock().ok().and_then(|r| r.clone())
+    }
+
+    pub fn note_request_id(&self, id: Option<&str>) {
+        if let (Some(id), Ok(mut r)) = (id, self.request_id.lock()) {
+            *r = Some(id.to_string());
+        }
     }
 
     pub fn note_replica(&self, which: &str) {

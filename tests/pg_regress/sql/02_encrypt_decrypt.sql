@@ -120,9 +120,10 @@ ROLLBACK;
 SHOW byok.tenant;
 
 -- Applications need no rights on the key catalog to encrypt and decrypt: the
--- byok_user role is enough.
+-- byok_user role and a grant of the tenant (byok.grant_tenant) are enough.
 CREATE ROLE byok_app_test LOGIN IN ROLE byok_user;
 GRANT SELECT, INSERT ON customers TO byok_app_test;
+SELECT byok.grant_tenant('byok_app_test', 'globex-eu');
 SET ROLE byok_app_test;
 SELECT * FROM byok.wrapped_data_keys;
 \echo SQLSTATE :LAST_ERROR_SQLSTATE
@@ -132,8 +133,9 @@ SELECT id, byok.decrypt_text(email) FROM customers WHERE id IN (2, 3) ORDER BY i
 SELECT byok.rotate_data_key('globex-eu');
 \echo SQLSTATE :LAST_ERROR_SQLSTATE
 RESET ROLE;
-DROP OWNED BY byok_app_test;
-DROP ROLE byok_app_test;
 
 -- The backend keeps the ready cipher of each data key: repeated use hits the cache.
 SELECT cached_keys > 0 AS has_keys, hits > 0 AS has_hits FROM byok.backend_cache_stats();
+SELECT byok.revoke_tenant('byok_app_test', 'globex-eu');
+DROP OWNED BY byok_app_test;
+DROP ROLE byok_app_test;

@@ -10,7 +10,7 @@ SELECT check_name, ok, detail FROM byok.validate_tenant('no-such-tenant');
 SELECT byok.rotate_data_key('stark') > 0 AS rotated;
 SELECT byok.flush_cache('stark') >= 0 AS flushed;
 SELECT event, tenant_id, dek_id IS NOT NULL AS has_key, role_name, outcome, reason
-  FROM byok.audit_log WHERE tenant_id = 'stark' ORDER BY id;
+  FROM byok.audit_log WHERE tenant_id = 'stark' AND event NOT LIKE 'kms\_%' ORDER BY id;
 
 -- It is append-only...
 UPDATE byok.audit_log SET reason = 'nothing happened' WHERE tenant_id = 'stark';
@@ -23,7 +23,7 @@ ALTER TABLE byok.audit_log DISABLE TRIGGER audit_log_append_only;
 UPDATE byok.audit_log SET reason = 'edited' WHERE id = (SELECT min(id) FROM byok.audit_log WHERE event = 'flush_cache' AND tenant_id = 'stark');
 DELETE FROM byok.audit_log WHERE id = (SELECT min(id) FROM byok.audit_log WHERE event = 'validate_tenant' AND tenant_id = 'stark');
 ALTER TABLE byok.audit_log ENABLE TRIGGER audit_log_append_only;
-SELECT a.event, v.problem FROM byok.verify_audit_chain() v JOIN byok.audit_log a USING (id) ORDER BY v.id;
+SELECT v.problem FROM byok.verify_audit_chain() v ORDER BY v.id;
 
 -- A tenant whose audit.log_all_operations is off: only failures are recorded.
 SELECT byok.configure_tenant('{"customer": "quiet", "tenant_id": "quiet",
@@ -44,4 +44,6 @@ SELECT byok.decrypt_text(body) FROM stark_files WHERE id = 1;
 SELECT byok.encrypt_text('stark', 'new');
 SELECT byok.decrypt_text(body) FROM other_files;
 SELECT state, count(*) FROM byok.data_keys WHERE tenant_id = 'stark' GROUP BY state;
-SELECT event, outcome, details FROM byok.audit_log WHERE event = 'destroy_tenant_keys';
+-- (the two refused calls are recorded as failures, with their reasons)
+SELECT wait_for_audit_queue();
+SELECT event, tenant_id, outcome, reason, details FROM byok.audit_log WHERE event = 'destroy_tenant_keys' ORDER BY logged_at, id;

@@ -12,7 +12,8 @@ CREATE TABLE vault_items (id int, secret byok.encrypted);
 GRANT SELECT, INSERT ON vault_items TO app_writer, stranger;
 GRANT SELECT, UPDATE ON vault_items TO key_officer;
 
--- The application role: encrypt and decrypt, nothing else.
+-- The application role: encrypt and decrypt the tenants it is granted, nothing else.
+SELECT byok.grant_tenant('app_writer', 'wayne');
 SET ROLE app_writer;
 INSERT INTO vault_items VALUES (1, byok.encrypt_text('wayne', 'cape'));
 SELECT byok.decrypt_text(secret) FROM vault_items;
@@ -20,8 +21,10 @@ SELECT byok.rotate_data_key('wayne');
 SELECT byok.configure_tenant('{}');
 SELECT byok.destroy_tenant_keys('wayne', 'wayne');
 SELECT count(*) FROM byok.audit_log;
-SELECT count(*) FROM byok.tenants;
-SELECT count(*) FROM byok.wrapped_data_keys;
+-- The catalog shows it its own tenant only, and never a wrapped key.
+SELECT tenant_id FROM byok.tenants;
+SELECT tenant_id, state FROM byok.data_keys;
+SELECT wrapped_dek FROM byok.wrapped_data_keys;
 RESET ROLE;
 
 -- A role with neither: not even decrypt.
@@ -37,9 +40,10 @@ SELECT state FROM byok.data_keys WHERE tenant_id = 'wayne' ORDER BY dek_id;
 SELECT byok.protect_column('vault_items', 'secret');
 SELECT byok.wait_job(byok.start_reencrypt('wayne'), '1 minute') AS job;
 SELECT check_name, ok FROM byok.validate_tenant('wayne') WHERE NOT ok;
-SELECT count(*) FROM byok.wrapped_data_keys;
+SELECT wrapped_dek FROM byok.wrapped_data_keys;
 -- The audit trail records who acted.
-SELECT event, role_name, outcome FROM byok.audit_log WHERE tenant_id = 'wayne' ORDER BY id;
+SELECT event, role_name, outcome FROM byok.audit_log
+ WHERE tenant_id = 'wayne' AND event NOT LIKE 'kms\_%' ORDER BY id;
 RESET ROLE;
 
 -- An administrator may only register columns it may update.
@@ -48,6 +52,57 @@ SET ROLE key_officer;
 SELECT byok.protect_column('not_theirs', 'secret');
 RESET ROLE;
 
+-- Per-tenant grants: a second tenant the application role is not granted.
+SELECT byok.configure_tenant('{"customer": "kent", "tenant_id": "kent",
+  "encryption": {"provider": "local", "local": {"key_id": "kent-cmk"}}}');
+INSERT INTO vault_items VALUES (2, byok.encrypt_text('kent', 'glasses'));
+SET ROLE app_writer;
+SELECT tenant_id FROM byok.tenants ORDER BY 1;
+SELECT byok.decrypt_text(secret) FROM vault_items WHERE id = 2;
+\echo SQLSTATE :LAST_ERROR_SQLSTATE
+SELECT byok.encrypt_text('kent', 'x');
+\echo SQLSTATE :LAST_ERROR_SQLSTATE
+-- its own tenant still works, from the cache
+SELECT byok.decrypt_text(secret) FROM vault_items WHERE id = 1;
+RESET ROLE;
+-- The superuser session read kent's value first: the cached key is re-checked
+-- for each role that uses it, so switching roles does not inherit the access.
+SELECT byok.decrypt_text(secret) FROM vault_items WHERE id = 2;
+SET ROLE app_writer;
+SELECT byok.decrypt_text(secret) FROM vault_items WHERE id = 2;
+\echo SQLSTATE :LAST_ERROR_SQLSTATE
+RESET ROLE;
+-- A grant to a group role reaches its members; revoking the membership takes it away at once.
+CREATE ROLE kent_readers NOLOGIN;
+GRANT kent_readers TO app_writer;
+SELECT byok.grant_tenant('kent_readers', 'kent');
+SELECT grantee, tenant_id FROM byok.tenant_access ORDER BY 1, 2;
+SET ROLE app_writer;
+SELECT byok.decrypt_text(secret) FROM vault_items ORDER BY id;
+RESET ROLE;
+REVOKE kent_readers FROM app_writer;
+SET ROLE app_writer;
+SELECT byok.decrypt_text(secret) FROM vault_items WHERE id = 2;
+\echo SQLSTATE :LAST_ERROR_SQLSTATE
+RESET ROLE;
+-- Revoking the tenant itself, likewise.
+SELECT byok.revoke_tenant('app_writer', 'wayne');
+SET ROLE app_writer;
+SELECT byok.decrypt_text(secret) FROM vault_items WHERE id = 1;
+\echo SQLSTATE :LAST_ERROR_SQLSTATE
+RESET ROLE;
+-- Only administrators grant; unknown roles and tenants are refused.
+SET ROLE app_writer;
+SELECT byok.grant_tenant('app_writer', 'kent');
+RESET ROLE;
+SELECT byok.grant_tenant('nobody_at_all', 'kent');
+\echo SQLSTATE :LAST_ERROR_SQLSTATE
+SELECT byok.grant_tenant('app_writer', 'no-such-tenant');
+\echo SQLSTATE :LAST_ERROR_SQLSTATE
+SELECT event, role_name, details->>'role' AS role FROM byok.audit_log
+ WHERE event IN ('grant_tenant', 'revoke_tenant') ORDER BY id;
+
 DELETE FROM byok.protected_column_registry WHERE relid IN ('vault_items'::regclass, 'not_theirs'::regclass);
 DROP TABLE vault_items, not_theirs;
-DROP ROLE app_writer, key_officer, stranger;
+DELETE FROM byok.tenant_grants WHERE grantee::text IN ('app_writer', 'kent_readers');
+DROP ROLE app_writer, key_officer, stranger, kent_readers;

@@ -25,6 +25,7 @@ use aws_config::BehaviorVersion;
 use aws_config::retry::RetryConfig;
 use aws_config::timeout::TimeoutConfig;
 use aws_sdk_kms::Client;
+use aws_sdk_kms::operation::RequestId;
 use aws_sdk_kms::primitives::Blob;
 use aws_sdk_kms::types::{DataKeySpec, KeyState, KeyUsageType};
 use byok_core::config::ProviderKind;
@@ -224,7 +225,11 @@ impl KeyProvider for AwsKmsProvider {
                         .set_encryption_context(Some(encryption_context(&context)))
                         .send()
                         .await
-                        .map_err(|e| errors::from_sdk("GenerateDataKey", e))
+                        .inspect(|out| context.report.note_request_id(out.request_id()))
+                        .map_err(|e| {
+                            context.report.note_request_id(e.request_id());
+                            errors::from_sdk("GenerateDataKey", e)
+                        })
                 })
                 .await?;
             let dek = blob_to_key(out.plaintext())?;
@@ -270,7 +275,11 @@ impl KeyProvider for AwsKmsProvider {
                     .set_encryption_context(Some(encryption_context(&context)))
                     .send()
                     .await
-                    .map_err(|e| errors::from_sdk("Decrypt", e))?;
+                    .map_err(|e| {
+                        context.report.note_request_id(e.request_id());
+                        errors::from_sdk("Decrypt", e)
+                    })?;
+                context.report.note_request_id(out.request_id());
                 let dek = blob_to_key(out.plaintext());
                 if let Some(plain) = out.plaintext.take() {
                     plain.into_inner().zeroize();
@@ -343,7 +352,11 @@ impl KeyProvider for AwsKmsProvider {
                 .set_destination_encryption_context(Some(encryption_context))
                 .send()
                 .await
-                .map_err(|e| errors::from_sdk("ReEncrypt", e))?;
+                .map_err(|e| {
+                    context.report.note_request_id(e.request_id());
+                    errors::from_sdk("ReEncrypt", e)
+                })?;
+            context.report.note_request_id(out.request_id());
             let blob = out
                 .ciphertext_blob()
                 .ok_or_else(|| AwsError::protocol("ReEncrypt returned no ciphertext"))?

@@ -64,8 +64,26 @@ pub enum MetricEvent {
     ServedByReplica,
 }
 
+/// One key-manager call, as the audit trail records it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct KmsCallAudit {
+    pub op: KmsOp,
+    pub dek_id: Option<u64>,
+    pub ok: bool,
+    pub latency: Duration,
+    /// The key manager's request id, where it returns one (AWS).
+    pub request_id: Option<String>,
+    /// The error's message and detail (never key material or credentials).
+    pub error: Option<String>,
+    pub replica: Option<String>,
+}
+
 pub trait MetricsSink: Send + Sync {
     fn record(&self, provider: ProviderKind, tenant: &TenantRef, event: MetricEvent);
+
+    /// Called once per key-manager call, after it ends. Runs on a runtime
+    /// thread: it may only touch plain memory.
+    fn audit(&self, _provider: ProviderKind, _tenant: &TenantRef, _call: KmsCallAudit) {}
 }
 
 /// A sink that drops everything (tests, tools).
@@ -174,6 +192,7 @@ impl KeyService {
                         &provider,
                         &tenant,
                         KmsOp::Generate,
+                        Some(dek_id),
                         |p, report| async move {
                             let context = KeyContext {
                                 tenant_id,
@@ -205,6 +224,7 @@ impl KeyService {
                         &provider,
                         &tenant,
                         KmsOp::Validate,
+                        None,
                         |p, _report| async move { p.describe_master_key(cmk_id).await },
                     )
                     .await;
@@ -226,14 +246,20 @@ impl KeyService {
                 let tenant_id = tenant.tenant_id.as_str();
                 let (wrapped_ref, new_cmk) = (&wrapped, new_cmk_id.as_str());
                 let result = self
-                    .call(&provider, &tenant, KmsOp::Rewrap, |p, report| async move {
-                        let context = KeyContext {
-                            tenant_id,
-                            dek_id,
-                            report: &report,
-                        };
-                        p.rewrap(wrapped_ref, new_cmk, context).await
-                    })
+                    .call(
+                        &provider,
+                        &tenant,
+                        KmsOp::Rewrap,
+                        Some(dek_id),
+                        |p, report| async move {
+                            let context = KeyContext {
+                                tenant_id,
+                                dek_id,
+                                report: &report,
+                            };
+                            p.rewrap(wrapped_ref, new_cmk, context).await
+                        },
+                    )
                     .await;
                 match result {
                     Ok(wrapped) => Outcome {
@@ -309,14 +335,20 @@ impl KeyService {
                     return Ok(entry.dek.clone());
                 }
                 let result = self
-                    .call(provider, tenant, KmsOp::Unwrap, |p, report| async move {
-                        let context = KeyContext {
-                            tenant_id: &tenant.tenant_id,
-                            dek_id,
-                            report: &report,
-                        };
-                        p.unwrap(wrapped, context).await
-                    })
+                    .call(
+                        provider,
+                        tenant,
+                        KmsOp::Unwrap,
+                        Some(dek_id),
+                        |p, report| async move {
+                            let context = KeyContext {
+                                tenant_id: &tenant.tenant_id,
+                                dek_id,
+                                report: &report,
+                            };
+                            p.unwrap(wrapped, context).await
+                        },
+                    )
                     .await;
                 if let Ok(dek) = &result {
                     let ttl = Duration::from_secs(settings.ttl_seconds.max(1) as u64);
@@ -393,6 +425,7 @@ impl KeyService {
         provider: &ProviderRef,
         tenant: &TenantRef,
         op: KmsOp,
+        dek_id: Option<u64>,
         f: impl FnOnce(Arc<dyn KeyProvider>, Arc<CallReport>) -> F,
     ) -> Result<T, ProviderError>
     where
@@ -419,13 +452,30 @@ impl KeyService {
             )
             .with_hint("check the key manager's reachability, or raise byok.kms_timeout_ms")),
         };
+        let latency = started.elapsed();
         self.metrics.record(
             kind,
             tenant,
             MetricEvent::KmsCall {
                 op,
                 ok: result.is_ok(),
-                latency: started.elapsed(),
+                latency,
+            },
+        );
+        self.metrics.audit(
+            kind,
+            tenant,
+            KmsCallAudit {
+                op,
+                dek_id,
+                ok: result.is_ok(),
+                latency,
+                request_id: report.request_id(),
+                error: result.as_ref().err().map(|e| match &e.detail {
+                    Some(detail) => format!("{}: {detail}", e.message),
+                    None => e.message.clone(),
+                }),
+                replica: report.replica(),
             },
         );
         if report.replica().is_some() {

@@ -12,6 +12,7 @@ struct Counting {
     hits: AtomicUsize,
     misses: AtomicUsize,
     stale: AtomicUsize,
+    audited: std::sync::Mutex<Vec<(TenantRef, KmsCallAudit)>>,
 }
 
 impl MetricsSink for Counting {
@@ -24,6 +25,10 @@ impl MetricsSink for Counting {
             MetricEvent::ServedByReplica => return,
         };
         counter.fetch_add(1, Ordering::SeqCst);
+    }
+
+    fn audit(&self, _: ProviderKind, tenant: &TenantRef, call: KmsCallAudit) {
+        self.audited.lock().unwrap().push((tenant.clone(), call));
     }
 }
 
@@ -58,6 +63,7 @@ fn tenant(t: &str) -> TenantRef {
     TenantRef {
         database: 1,
         tenant_id: t.into(),
+        role: 0,
     }
 }
 
@@ -387,4 +393,40 @@ async fn validate_and_generate_and_misconfigured_providers() {
         "{:?}",
         outcome.response
     );
+}
+
+#[tokio::test]
+async fn every_provider_call_is_audited_once_with_its_key_role_and_error() {
+    let f = fixture();
+    let (_, wrapped) = wrapped_key(&f, "t", 3);
+    let mut request = unwrap_request("t", 3, &wrapped, settings(60, 0));
+    if let Request::Unwrap { tenant, .. } = &mut request {
+        tenant.role = 42;
+    }
+    f.service.handle(request.clone()).await;
+    // A shared-cache hit calls no provider, so it is not a key-manager event.
+    f.service.handle(request).await;
+    // A wrapped key presented as another key id fails authentication.
+    let outcome = f
+        .service
+        .handle(unwrap_request("t", 4, &wrapped, settings(60, 0)))
+        .await;
+    assert!(matches!(outcome.response, Response::Failed { .. }));
+    let audited = f.audited_calls();
+    assert_eq!(audited.len(), 2, "{audited:?}");
+    let (tenant, first) = &audited[0];
+    assert_eq!((tenant.tenant_id.as_str(), tenant.role), ("t", 42));
+    assert_eq!((first.op, first.dek_id, first.ok), (KmsOp::Unwrap, Some(3), true));
+    assert!(first.error.is_none());
+    let (_, second) = &audited[1];
+    assert_eq!((second.dek_id, second.ok), (Some(4), false));
+    assert!(second.error.as_deref().is_some_and(|e| !e.is_empty()));
+    // The local provider has no request ids; AWS's are checked against moto.
+    assert!(first.request_id.is_none());
+}
+
+impl Fixture {
+    fn audited_calls(&self) -> Vec<(TenantRef, KmsCallAudit)> {
+        self.metrics.audited.lock().unwrap().clone()
+    }
 }
