@@ -59,9 +59,22 @@ SELECT job_id, state, rows_done, rows_total, keys_retired FROM byok.jobs;
 SELECT byok.data_key_id(diagnosis) AS key, count(*) FROM patients GROUP BY 1;
 SELECT dek_id, state FROM byok.data_keys ORDER BY dek_id;
 
--- 7. Governance: the guide's validation, and the hash-chained audit trail.
+-- 7. Governance: least privilege with a per-tenant grant, the guide's validation,
+--    and the hash-chained audit trail (key-manager calls arrive within a second).
+DROP ROLE IF EXISTS demo_app;
+CREATE ROLE demo_app LOGIN IN ROLE byok_user;
+GRANT SELECT ON patients TO demo_app;
+SET ROLE demo_app;
+SELECT byok.decrypt_text(diagnosis, 'patients.diagnosis') FROM patients WHERE id = 1;
+RESET ROLE;
+SELECT byok.grant_tenant('demo_app', 'tenant_12345');
+SET ROLE demo_app;
+SELECT byok.decrypt_text(diagnosis, 'patients.diagnosis') FROM patients WHERE id = 1;
+RESET ROLE;
 SELECT check_name, ok FROM byok.validate_tenant('tenant_12345');
-SELECT id, event, tenant_id, dek_id, role_name, outcome FROM byok.audit_log ORDER BY id;
+SELECT pg_sleep(2);
+SELECT id, logged_at::time(0), event, tenant_id, dek_id, role_name, outcome, left(reason, 60) AS reason
+  FROM byok.audit_log ORDER BY logged_at, id;
 SELECT count(*) AS audit_chain_breaks FROM byok.verify_audit_chain();
 SQL
 log "demo done. Connect with: psql -h $BYOK_WORK/demo -p $PORT -U postgres"

@@ -68,10 +68,13 @@ fn database_of_worker() -> pg_sys::Oid {
     pg_sys::Oid::from(oid)
 }
 
-fn reload_config_if_asked() {
-    if BackgroundWorker::sighup_received() {
+/// Reloads postgresql.conf after a SIGHUP; true if it did.
+fn reload_config_if_asked() -> bool {
+    let asked = BackgroundWorker::sighup_received();
+    if asked {
         unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
     }
+    asked
 }
 
 #[pg_guard]
@@ -81,7 +84,10 @@ pub extern "C-unwind" fn byok_job_launcher_main(_argument: pg_sys::Datum) {
     BackgroundWorker::connect_worker_to_spi(Some("postgres"), None);
     let mut next_visit = Instant::now();
     loop {
-        reload_config_if_asked();
+        // A new configuration (say, a shorter naptime) starts a visit at once.
+        if reload_config_if_asked() {
+            next_visit = Instant::now();
+        }
         // Every second: an audit writer for each database with queued audit records.
         if let Some(shared) = crate::broker::shmem::shared() {
             for database in crate::broker::shmem::audit_pending_databases(shared) {

@@ -416,7 +416,10 @@ async fn every_provider_call_is_audited_once_with_its_key_role_and_error() {
     assert_eq!(audited.len(), 2, "{audited:?}");
     let (tenant, first) = &audited[0];
     assert_eq!((tenant.tenant_id.as_str(), tenant.role), ("t", 42));
-    assert_eq!((first.op, first.dek_id, first.ok), (KmsOp::Unwrap, Some(3), true));
+    assert_eq!(
+        (first.op, first.dek_id, first.ok),
+        (KmsOp::Unwrap, Some(3), true)
+    );
     assert!(first.error.is_none());
     let (_, second) = &audited[1];
     assert_eq!((second.dek_id, second.ok), (Some(4), false));
