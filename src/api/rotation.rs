@@ -130,6 +130,20 @@ pub(crate) fn rotate_master_key_step_as_owner(
         )
         .map_err(ByokError::from)
         .or_raise();
+        // The rotation's start; its end is recorded when every key is rewrapped
+        // (byok.rotate_master_key, or an approved request).
+        crate::catalog::audit(
+            "rotate_master_key_start",
+            Some(tenant_id),
+            None,
+            true,
+            None,
+            Some(serde_json::json!({
+                "previous_key_id": tenant.master_key_id,
+                "new_key_id": new_key_id,
+            })),
+        )
+        .or_raise();
     }
     let rewrapped = Spi::connect_mut(|client| -> Result<i64, ByokError> {
         let batch = client.update(

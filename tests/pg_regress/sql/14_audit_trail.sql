@@ -35,6 +35,13 @@ SELECT event, dek_id = :gotham_dek AS this_key, role_name, outcome, reason
 -- (the rotation itself rolled back: its success record went with it)
 SELECT count(*) AS rotations FROM byok.audit_log WHERE tenant_id = 'gotham' AND event = 'rotate_data_key';
 
+-- A master-key rotation: its start, one rewrap per data key, its end.
+CALL byok.rotate_master_key('gotham', 'gotham-cmk-2', '1 hour');
+SELECT wait_for_audit_queue();
+SELECT event, outcome, details->>'new_key_id' AS new_key FROM byok.audit_log
+ WHERE tenant_id = 'gotham' AND (event = 'kms_rewrap' OR event LIKE 'rotate\_master\_key%')
+ ORDER BY logged_at, id;
+
 -- Nothing was dropped, and the chain over the new rows is intact.
 SELECT audit_dropped FROM byok.broker_status();
 SELECT count(*) AS breaks FROM byok.verify_audit_chain() WHERE id > :audit_before;
