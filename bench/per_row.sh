@@ -3,14 +3,18 @@
 # pgp_sym_*), for 100- and 1000-byte values, and pgbench insert throughput plain
 # vs encrypted. Each round runs every query once, in alternating order; figures
 # are medians over ROUNDS rounds, in microseconds per row.
-# Usage: bash bench/per_row.sh   [ROWS=200000 ROUNDS=7 SIZES="100 1000" PGP_ROWS=10000 INSERT_SECONDS=15]
+# Usage: bash bench/per_row.sh   [ROWS=200000 ROUNDS=7 SIZES="100 1000" PGP_ROWS=10000
+#                                 INSERT_SECONDS=15 INSERT_ROUNDS=5]
 source "$(dirname "${BASH_SOURCE[0]}")/../scripts/lib.sh"
 ROWS=${ROWS:-200000}
 ROUNDS=${ROUNDS:-7}
 PORT=54340
 ensure_toolchain
 PROFILE=release install_extension
-start_cluster bench $PORT "shared_buffers = '512MB'" "max_parallel_workers_per_gather = 0" "jit = off"
+# No background work that would land in one run and not the other: autovacuum
+# off (the tables are vacuumed explicitly), no checkpoint during the insert runs.
+start_cluster bench $PORT "shared_buffers = '512MB'" "max_parallel_workers_per_gather = 0" "jit = off" \
+    "autovacuum = off" "max_wal_size = '8GB'" "checkpoint_timeout = '30min'"
 trap 'stop_cluster bench' EXIT
 q() { psql_at bench $PORT -d postgres -qAt "$@"; }
 
@@ -65,7 +69,7 @@ SQL
     done
 done
 
-log "pgbench inserts (prepared, synchronous_commit off, 8 clients, ${INSERT_SECONDS:-15}s per run, 3 alternating runs each)"
+log "pgbench inserts (prepared, synchronous_commit off, ${INSERT_SECONDS:-15}s per run, ${INSERT_ROUNDS:-5} rounds of a plain and an encrypted run in alternating order, at 8 and at 1 client(s))"
 q >/dev/null <<SQL
 ALTER SYSTEM SET synchronous_commit = off;
 SELECT pg_reload_conf();
@@ -76,13 +80,20 @@ echo "\\set n random(1, 1000000000)
 INSERT INTO ins_plain (v) VALUES (decode(md5(:n::text) || md5((:n + 1)::text) || md5((:n + 2)::text), 'hex') || '\\x0102030405'::bytea);" > "$BYOK_WORK/bench/ins_plain.sql"
 echo "\\set n random(1, 1000000000)
 INSERT INTO ins_sealed (v) VALUES (byok.encrypt('bench', decode(md5(:n::text) || md5((:n + 1)::text) || md5((:n + 2)::text), 'hex') || '\\x0102030405'::bytea));" > "$BYOK_WORK/bench/ins_sealed.sql"
-tps() { "$PG_BIN/pgbench" -h "$BYOK_WORK/bench" -p $PORT -U postgres -n -M prepared -c 8 -j 2 -T "${INSERT_SECONDS:-15}" -f "$BYOK_WORK/bench/$1.sql" postgres 2>/dev/null | sed -n 's/^tps = \([0-9.]*\).*/\1/p'; }
-plain_tps=""; sealed_tps=""
-for run in 1 2 3; do
-    if [ $((run % 2)) -eq 1 ]; then plain_tps+="$(tps ins_plain) "; sealed_tps+="$(tps ins_sealed) ";
-    else sealed_tps+="$(tps ins_sealed) "; plain_tps+="$(tps ins_plain) "; fi
+tps() { # tps SCRIPT CLIENTS
+    "$PG_BIN/pgbench" -h "$BYOK_WORK/bench" -p $PORT -U postgres -n -M prepared -c "$2" -j "$(( $2 > 1 ? 2 : 1 ))" \
+        -T "${INSERT_SECONDS:-15}" -f "$BYOK_WORK/bench/$1.sql" postgres 2>/dev/null | sed -n 's/^tps = \([0-9.]*\).*/\1/p'
+}
+declare -A ins
+for clients in 8 1; do
+    plain=""; sealed=""; ratios=""
+    for run in $(seq "${INSERT_ROUNDS:-5}"); do
+        if [ $((run % 2)) -eq 1 ]; then p=$(tps ins_plain $clients); s=$(tps ins_sealed $clients);
+        else s=$(tps ins_sealed $clients); p=$(tps ins_plain $clients); fi
+        plain+="$p "; sealed+="$s "; ratios+="$(awk -v a="$s" -v b="$p" 'BEGIN {print a / b}') "
+    done
+    ins[$clients]="$(echo "$plain" | median) $(echo "$sealed" | median) $(echo "$ratios" | median) ($(echo $ratios | xargs printf '%.3f '))"
 done
-plain_tps=$(echo "$plain_tps" | median); sealed_tps=$(echo "$sealed_tps" | median)
 
 echo
 printf '%-18s %12s %12s\n' "us/row" "100 B" "1000 B"
@@ -90,7 +101,11 @@ for name in plain_scan byok_decrypt byok_encrypt pgcrypto_decrypt pgcrypto_encry
     printf '%-18s %12s %12s\n' "$name" "${result[100,$name]:-}" "${result[1000,$name]:-}"
 done
 echo
-printf 'pgbench insert tps (100-byte values): plain %.0f, encrypted %.0f (%.1f%% of plain; target >= 95%%)\n' "$plain_tps" "$sealed_tps" "$(awk -v a="$sealed_tps" -v b="$plain_tps" 'BEGIN {print 100 * a / b}')"
+for clients in 8 1; do
+    read -r p s r rest <<<"${ins[$clients]}"
+    printf 'pgbench insert tps (100-byte values, %d client(s)): plain %.0f, encrypted %.0f (medians); encrypted/plain per round: median %.1f%% %s (target >= 95%%)\n' \
+        "$clients" "$p" "$s" "$(awk -v r="$r" 'BEGIN {print 100 * r}')" "$rest"
+done
 for size in ${SIZES:-100 1000}; do
     awk -v s="$size" -v d="${result[$size,byok_decrypt]}" -v p="${result[$size,plain_scan]}" -v e="${result[$size,byok_encrypt]}" \
         -v pd="${result[$size,pgcrypto_decrypt]}" -v pe="${result[$size,pgcrypto_encrypt]}" 'BEGIN {

@@ -391,10 +391,23 @@ pub fn flush_metrics() {
 }
 
 fn register_xact_callback() {
-    unsafe { pg_sys::RegisterXactCallback(Some(at_transaction_end), std::ptr::null_mut()) };
+    unsafe {
+        pg_sys::RegisterXactCallback(Some(at_transaction_end), std::ptr::null_mut());
+        pg_sys::before_shmem_exit(Some(at_exit), pg_sys::Datum::from(0));
+    }
 }
 
-/// Counters reach shared memory at the end of every transaction at the latest.
+/// When this backend last published its counters.
+static LAST_FLUSH: BackendCell<Option<Instant>> = BackendCell(RefCell::new(None));
+
+/// How often, at most, transaction ends publish the counters. Publishing is a
+/// few atomic adds on cache lines every backend of a tenant shares: doing it at
+/// every commit of a short write transaction costs more than the seal itself.
+const FLUSH_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Counters reach shared memory at a transaction's end once a second has passed
+/// since the last time, every 1024 uses of a key, when a key leaves the cache,
+/// when the session reads `byok.metrics`, and when the backend exits.
 #[pgrx::pg_guard]
 unsafe extern "C-unwind" fn at_transaction_end(
     event: pg_sys::XactEvent::Type,
@@ -406,8 +419,23 @@ unsafe extern "C-unwind" fn at_transaction_end(
             | pg_sys::XactEvent::XACT_EVENT_ABORT
             | pg_sys::XactEvent::XACT_EVENT_PARALLEL_COMMIT
     ) {
-        flush_metrics();
+        let now = Instant::now();
+        let due = LAST_FLUSH.with_borrow_mut(|last| match last {
+            Some(at) if now.duration_since(*at) < FLUSH_INTERVAL => false,
+            _ => {
+                *last = Some(now);
+                true
+            }
+        });
+        if due {
+            flush_metrics();
+        }
     }
+}
+
+#[pgrx::pg_guard]
+unsafe extern "C-unwind" fn at_exit(_code: i32, _arg: pg_sys::Datum) {
+    flush_metrics();
 }
 
 /// Counters and size of this backend's cache.

@@ -4,8 +4,10 @@
 //! with the raw counters behind them. The counters live in shared memory.
 //!
 //! Per-row events (backend cache hits, decrypts, encrypts) are counted in the
-//! backend first and added to shared memory every 1024 uses of a key and at the
-//! end of each transaction, so the per-row path never writes shared memory.
+//! backend first and added to shared memory every 1024 uses of a key, at a
+//! transaction's end once a second, when the key leaves the cache, when the
+//! session reads the metrics and when it exits, so the per-row path (and a short
+//! transaction's commit) never writes shared memory.
 
 use std::cell::Cell;
 use std::collections::BTreeMap;
@@ -17,7 +19,6 @@ use pgrx::prelude::*;
 use super::shmem::{self, LATENCY_BUCKETS};
 
 /// Counts of one ready key not yet added to shared memory.
-#[derive(Default)]
 pub struct PendingCounts {
     slot: Option<usize>,
     l1_hits: Cell<u32>,
@@ -39,7 +40,9 @@ impl PendingCounts {
         });
         PendingCounts {
             slot,
-            ..Default::default()
+            l1_hits: Cell::new(0),
+            decrypts: Cell::new(0),
+            encrypts: Cell::new(0),
         }
     }
 
@@ -90,6 +93,13 @@ impl PendingCounts {
         if let Some(m) = self.metric() {
             m.decrypt_failures.fetch_add(1, Ordering::Relaxed);
         }
+    }
+}
+
+/// A key leaving the cache (expiry, eviction, invalidation) publishes what it counted.
+impl Drop for PendingCounts {
+    fn drop(&mut self) {
+        self.flush();
     }
 }
 
