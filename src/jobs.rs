@@ -90,13 +90,38 @@ pub extern "C-unwind" fn byok_job_launcher_main(_argument: pg_sys::Datum) {
         }
         // Every second: an audit writer for each database with queued audit records.
         if let Some(shared) = crate::broker::shmem::shared() {
-            for database in crate::broker::shmem::audit_pending_databases(shared) {
-                start_worker(
-                    "byok audit writer",
-                    "byok_audit_writer_main",
-                    pg_sys::Oid::from(database),
-                    0,
-                );
+            let pending = crate::broker::shmem::audit_pending_databases(shared);
+            if !pending.is_empty() {
+                // A database dropped (or closed to connections) since its records
+                // were queued would fail every writer: its records are discarded.
+                let open: Vec<u32> = BackgroundWorker::transaction(|| {
+                    Spi::connect(|client| {
+                        client
+                            .select(
+                                "SELECT oid FROM pg_catalog.pg_database WHERE datallowconn",
+                                None,
+                                &[],
+                            )
+                            .map(|rows| {
+                                rows.filter_map(|row| row.get::<pg_sys::Oid>(1).ok().flatten())
+                                    .map(u32::from)
+                                    .collect()
+                            })
+                            .unwrap_or_default()
+                    })
+                });
+                for database in pending {
+                    if open.contains(&database) {
+                        start_worker(
+                            "byok audit writer",
+                            "byok_audit_writer_main",
+                            pg_sys::Oid::from(database),
+                            0,
+                        );
+                    } else {
+                        crate::broker::shmem::take_audit(shared, database);
+                    }
+                }
             }
         }
         if Instant::now() < next_visit {
