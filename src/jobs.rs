@@ -156,6 +156,16 @@ pub extern "C-unwind" fn byok_job_launcher_main(_argument: pg_sys::Datum) {
     }
 }
 
+/// Whether byok_pg is installed in the worker's database (inside a transaction).
+fn extension_installed() -> bool {
+    Spi::get_one::<bool>(
+        "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_extension WHERE extname = 'byok_pg')",
+    )
+    .ok()
+    .flatten()
+    .unwrap_or(false)
+}
+
 /// How often the launcher looks for queued audit records.
 const AUDIT_TICK: Duration = Duration::from_secs(1);
 
@@ -167,16 +177,10 @@ pub extern "C-unwind" fn byok_audit_writer_main(_argument: pg_sys::Datum) {
     let database = database_of_worker();
     BackgroundWorker::connect_worker_to_spi_by_oid(Some(database), None);
     BackgroundWorker::transaction(|| {
-        let installed = Spi::get_one::<bool>(
-            "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_extension WHERE extname = 'byok_pg')",
-        )
-        .ok()
-        .flatten()
-        .unwrap_or(false);
         if unsafe { pg_sys::RecoveryInProgress() } {
             return; // a standby cannot write; the records wait for promotion
         }
-        if installed {
+        if extension_installed() {
             crate::audit::write_queued(u32::from(database));
         } else {
             // The extension was dropped: nobody can read them any more.
@@ -194,13 +198,7 @@ pub extern "C-unwind" fn byok_scheduler_main(_argument: pg_sys::Datum) {
     let database = database_of_worker();
     BackgroundWorker::connect_worker_to_spi_by_oid(Some(database), None);
     let jobs: Vec<i64> = BackgroundWorker::transaction(|| {
-        let installed = Spi::get_one::<bool>(
-            "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_extension WHERE extname = 'byok_pg')",
-        )
-        .ok()
-        .flatten()
-        .unwrap_or(false);
-        if !installed || unsafe { pg_sys::RecoveryInProgress() } {
+        if !extension_installed() || unsafe { pg_sys::RecoveryInProgress() } {
             return Vec::new();
         }
         // Errors of single tenants are reported as warnings inside; nothing here raises.

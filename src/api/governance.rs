@@ -176,6 +176,7 @@ fn run_checks(tenant_id: &str) -> Checks {
 /// enabled and usable for wrapping, a data key generated and round-tripped, and
 /// the latencies. Never raises for a failed check; records the result in the audit trail.
 #[pg_extern(volatile, parallel_unsafe, strict)]
+#[search_path(pg_catalog)]
 fn validate_tenant(
     tenant_id: &str,
 ) -> TableIterator<
@@ -214,6 +215,7 @@ fn validate_tenant_as_owner(tenant_id: &str) -> Checks {
 }
 
 #[pg_extern(volatile, parallel_unsafe, strict)]
+#[search_path(pg_catalog)]
 fn destroy_tenant_keys(tenant_id: &str, confirm: &str) -> i64 {
     let _audit = crate::audit::Operation::begin("destroy_tenant_keys", Some(tenant_id), None);
     require_dual_control("destroy_tenant_keys", tenant_id, "{}");
@@ -338,6 +340,7 @@ fn segregation_policy() -> TableIterator<
 /// Runs an approved dual-control request; called only by `byok.approve_operation`
 /// (which checks the request, its expiry and the two administrators).
 #[pg_extern(volatile, parallel_unsafe, strict)]
+#[search_path(pg_catalog)]
 fn execute_approved_operation(operation: &str, tenant_id: &str, args: pgrx::JsonB) -> String {
     let event = match operation {
         "rotate_data_key" => "rotate_data_key",
@@ -450,6 +453,7 @@ fn execute_approved_operation(operation: &str, tenant_id: &str, args: pgrx::Json
 /// Lets `role_name` (and the roles that belong to it) encrypt for and decrypt
 /// tenant `tenant_id`'s values, and see the tenant in the catalog views.
 #[pg_extern(volatile, parallel_unsafe, strict)]
+#[search_path(pg_catalog)]
 fn grant_tenant(role_name: &str, tenant_id: &str) -> bool {
     let _audit = crate::audit::Operation::begin("grant_tenant", Some(tenant_id), None);
     require_dual_control(
@@ -482,52 +486,54 @@ fn grant_tenant_as_owner(role_name: &str, tenant_id: &str) -> bool {
     if !exists {
         ByokError::UnknownTenant(tenant_id.to_string()).raise();
     }
-    let added = Spi::get_one_with_args::<bool>(
-        "WITH added AS (INSERT INTO byok.tenant_grants (grantee, tenant_id, granted_by)
-                        VALUES ($1::pg_catalog.oid::pg_catalog.regrole, $2, session_user)
-                        ON CONFLICT DO NOTHING RETURNING 1)
-         SELECT EXISTS (SELECT 1 FROM added)",
+    change_grant(
+        "grant_tenant",
+        "WITH changed AS (INSERT INTO byok.tenant_grants (grantee, tenant_id, granted_by)
+                          VALUES ($1::pg_catalog.oid::pg_catalog.regrole, $2, session_user)
+                          ON CONFLICT DO NOTHING RETURNING 1)
+         SELECT EXISTS (SELECT 1 FROM changed)",
+        role,
+        tenant_id,
+    )
+}
+
+/// Runs a statement adding or removing one grant (`$1` role, `$2` tenant; true if
+/// it changed anything) and records it in the audit trail.
+fn change_grant(event: &str, sql: &str, role: pgrx::pg_sys::Oid, tenant_id: &str) -> bool {
+    let changed = Spi::get_one_with_args::<bool>(
+        sql,
         &[DatumWithOid::from(role), DatumWithOid::from(tenant_id)],
     )
     .or_raise()
     .unwrap_or(false);
     catalog::audit(
-        "grant_tenant",
+        event,
         Some(tenant_id),
         None,
         true,
         None,
-        Some(serde_json::json!({"role": catalog::role_name(role), "new": added})),
+        Some(serde_json::json!({"role": catalog::role_name(role), "changed": changed})),
     )
     .or_raise();
-    added
+    changed
 }
 
 /// Takes a tenant grant back; every backend re-checks at the transaction's commit.
 #[pg_extern(volatile, parallel_unsafe, strict)]
+#[search_path(pg_catalog)]
 fn revoke_tenant(role_name: &str, tenant_id: &str) -> bool {
     let _audit = crate::audit::Operation::begin("revoke_tenant", Some(tenant_id), None);
     catalog::as_extension_owner(|| {
         super::require_primary("revoke a tenant");
         let role = resolve_role(role_name);
-        let removed = Spi::get_one_with_args::<bool>(
-            "WITH removed AS (DELETE FROM byok.tenant_grants
+        change_grant(
+            "revoke_tenant",
+            "WITH changed AS (DELETE FROM byok.tenant_grants
                                WHERE grantee = $1::pg_catalog.oid::pg_catalog.regrole AND tenant_id = $2
                                RETURNING 1)
-             SELECT EXISTS (SELECT 1 FROM removed)",
-            &[DatumWithOid::from(role), DatumWithOid::from(tenant_id)],
+             SELECT EXISTS (SELECT 1 FROM changed)",
+            role,
+            tenant_id,
         )
-        .or_raise()
-        .unwrap_or(false);
-        catalog::audit(
-            "revoke_tenant",
-            Some(tenant_id),
-            None,
-            true,
-            None,
-            Some(serde_json::json!({"role": catalog::role_name(role), "removed": removed})),
-        )
-        .or_raise();
-        removed
     })
 }

@@ -62,6 +62,7 @@ fn load_tenant(tenant_id: &str) -> Result<Tenant, ByokError> {
 }
 
 #[pg_extern(volatile, parallel_unsafe, strict)]
+#[search_path(pg_catalog)]
 fn rotate_master_key_step(tenant_id: &str, new_key_id: &str, grace_period: Interval) -> i64 {
     let _audit = crate::audit::Operation::begin("rotate_master_key", Some(tenant_id), None);
     super::governance::require_dual_control(

@@ -18,6 +18,7 @@ use crate::errors::{ByokError, OrRaise};
 use crate::{broker, keyring};
 
 #[pg_extern(volatile, parallel_unsafe, strict)]
+#[search_path(pg_catalog)]
 fn configure_tenant(config: JsonB) -> String {
     let tenant_id = config
         .0
@@ -234,6 +235,7 @@ fn create_data_key(
 }
 
 #[pg_extern(volatile, parallel_unsafe, strict)]
+#[search_path(pg_catalog)]
 fn rotate_data_key(tenant_id: &str) -> i64 {
     let _audit = crate::audit::Operation::begin("rotate_data_key", Some(tenant_id), None);
     super::governance::require_dual_control("rotate_data_key", tenant_id, "{}");
@@ -290,6 +292,7 @@ pub(crate) fn rotate_data_key_as_owner(tenant_id: &str) -> i64 {
 }
 
 #[pg_extern(volatile, parallel_unsafe, strict)]
+#[search_path(pg_catalog)]
 fn set_data_key_state(dek_id: i64, state: &str) -> String {
     let _audit = crate::audit::Operation::begin("set_data_key_state", None, Some(dek_id));
     crate::catalog::as_extension_owner(|| set_data_key_state_as_owner(dek_id, state))
@@ -358,6 +361,7 @@ fn current_state(client: &mut SpiClient<'_>, dek_id: i64) -> Result<KeyState, By
 }
 
 #[pg_extern(volatile, parallel_unsafe, strict)]
+#[search_path(pg_catalog)]
 fn destroy_data_key(dek_id: i64, confirm: i64) -> String {
     let _audit = crate::audit::Operation::begin("destroy_data_key", None, Some(dek_id));
     if super::governance::dual_control_applies() {
@@ -436,6 +440,7 @@ pub(crate) fn destroy_data_key_as_owner(dek_id: i64, confirm: i64) -> String {
 }
 
 #[pg_extern(volatile, parallel_unsafe)]
+#[search_path(pg_catalog)]
 fn flush_cache(tenant_id: default!(Option<&str>, "NULL")) -> i64 {
     let _audit = crate::audit::Operation::begin("flush_cache", tenant_id, None);
     crate::catalog::as_extension_owner(|| flush_cache_as_owner(tenant_id))

@@ -46,6 +46,26 @@ SELECT event, role_name, outcome FROM byok.audit_log
  WHERE tenant_id = 'wayne' AND event NOT LIKE 'kms\_%' ORDER BY id;
 RESET ROLE;
 
+-- Administrative functions do their catalog work as the extension's owner: a
+-- hostile search_path must not let an administrator run its own operator there.
+CREATE SCHEMA spy;
+CREATE FUNCTION spy.texteq(text, text) RETURNS boolean LANGUAGE plpgsql AS $$
+BEGIN
+    RAISE WARNING 'hijacked: running as %', current_user;
+    RETURN $1 OPERATOR(pg_catalog.=) $2;
+END $$;
+CREATE OPERATOR spy.= (LEFTARG = text, RIGHTARG = text, FUNCTION = spy.texteq);
+GRANT USAGE ON SCHEMA spy TO key_officer;
+SET ROLE key_officer;
+SET search_path = spy, pg_catalog, public;
+SELECT 'a'::text = 'a'::text AS the_spy_works_in_the_session;
+SELECT byok.rotate_data_key('wayne') > 0 AS rotated;
+SELECT byok.flush_cache('wayne') >= 0 AS flushed;
+SELECT count(*) AS failed_checks FROM byok.validate_tenant('wayne') WHERE NOT ok;
+RESET search_path;
+RESET ROLE;
+DROP SCHEMA spy CASCADE;
+
 -- An administrator may only register columns it may update.
 CREATE TABLE not_theirs (id int, secret byok.encrypted);
 SET ROLE key_officer;
