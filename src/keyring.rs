@@ -8,7 +8,7 @@
 //! ready keys here before the next use.
 
 use std::cell::{Cell, RefCell};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
@@ -74,6 +74,7 @@ fn authorize_ready(dek_id: u64, user: pg_sys::Oid) -> Result<(), ByokError> {
     };
     authorize(&tenant, user)?;
     RING.with_ring(|ring| {
+        ring.remember_authorized(user, &tenant);
         if let Some(ready) = ring.ciphers.get(&dek_id, now) {
             ready.granted_to.set(user);
         }
@@ -85,6 +86,32 @@ struct KeyRing {
     ciphers: KeyCache<ReadyKey>,
     /// tenant id -> its active data key, so encrypt finds its key without SPI.
     active: HashMap<Box<str>, ActiveKey>,
+    /// role -> the tenants it was found to be granted. A query that switches
+    /// roles row by row (a SECURITY DEFINER function next to a direct call)
+    /// re-checks a key against this, not the catalog. Cleared with the keys.
+    authorized: HashMap<pg_sys::Oid, HashSet<Box<str>>>,
+}
+
+/// Whether `user` was already found to be granted `tenant_id` (a field-level
+/// function, so it can be called while a ready key of the ring is borrowed).
+#[inline]
+fn is_authorized(
+    authorized: &HashMap<pg_sys::Oid, HashSet<Box<str>>>,
+    user: pg_sys::Oid,
+    tenant_id: &str,
+) -> bool {
+    authorized
+        .get(&user)
+        .is_some_and(|tenants| tenants.contains(tenant_id))
+}
+
+impl KeyRing {
+    fn remember_authorized(&mut self, user: pg_sys::Oid, tenant_id: &str) {
+        self.authorized
+            .entry(user)
+            .or_default()
+            .insert(tenant_id.into());
+    }
 }
 
 /// The backend's key state. PostgreSQL runs a backend's SQL functions on one
@@ -119,6 +146,7 @@ impl BackendCell<Option<KeyRing>> {
                 KeyRing {
                     ciphers: KeyCache::new(gucs::BACKEND_CACHE_MAX_ENTRIES.get() as usize),
                     active: HashMap::new(),
+                    authorized: HashMap::new(),
                 }
             });
             ring.sync_invalidations();
@@ -139,6 +167,7 @@ impl KeyRing {
             STALE.store(false, Ordering::Relaxed);
             self.ciphers.clear();
             self.active.clear();
+            self.authorized.clear();
             self.ciphers
                 .set_capacity(gucs::BACKEND_CACHE_MAX_ENTRIES.get() as usize);
         }
@@ -216,13 +245,15 @@ pub fn open(envelope: &Envelope<'_>, context: &[u8], out: &mut [u8]) -> Result<(
     };
     let user = current_user();
     let hit = RING.with_ring(|ring| {
-        ring.ciphers.get(&dek_id, now).map(|ready| {
-            if ready.granted_to.get() != user {
-                return None;
+        let ready = ring.ciphers.get(&dek_id, now)?;
+        if ready.granted_to.get() != user {
+            if !is_authorized(&ring.authorized, user, ready.cipher.tenant_id()) {
+                return Some(None);
             }
-            ready.counts.hit(true);
-            Some(open_with(ready, &mut *out))
-        })
+            ready.granted_to.set(user);
+        }
+        ready.counts.hit(true);
+        Some(Some(open_with(ready, &mut *out)))
     });
     match hit {
         Some(Some(result)) => return result,
@@ -281,7 +312,10 @@ pub fn seal(
         let dek_id = active.dek_id;
         let ready = ring.ciphers.get(&dek_id, now)?;
         if ready.granted_to.get() != user {
-            return None;
+            if !is_authorized(&ring.authorized, user, tenant_id) {
+                return None;
+            }
+            ready.granted_to.set(user);
         }
         ready.counts.hit(false);
         Some(seal_ready(ready, dek_id, &mut *out))
@@ -298,6 +332,7 @@ pub fn seal(
     // Before anything about the tenant is looked up (an unknown tenant and one
     // not granted look the same to a role without the grant).
     authorize(tenant_id, user)?;
+    RING.with_ring(|ring| ring.remember_authorized(user, tenant_id));
     let info = catalog::load_tenant_key_info(tenant_id)?
         .ok_or_else(|| ByokError::UnknownTenant(tenant_id.to_string()))?;
     let dek_id = info
@@ -338,6 +373,7 @@ fn load_cipher(dek_id: u64, user: pg_sys::Oid) -> Result<(ReadyKey, CacheLimits)
     // Refuse before asking the key manager for anything.
     check_session_tenant_for_decrypt(&record.tenant_id)?;
     authorize(&record.tenant_id, user)?;
+    RING.with_ring(|ring| ring.remember_authorized(user, &record.tenant_id));
     match record.state {
         KeyState::Destroyed => return Err(ByokError::KeyDestroyed(dek_id)),
         KeyState::Retired => return Err(ByokError::KeyRetired(dek_id)),

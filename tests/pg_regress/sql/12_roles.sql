@@ -99,7 +99,24 @@ SELECT byok.grant_tenant('kent_readers', 'kent');
 SELECT grantee, tenant_id FROM byok.tenant_access ORDER BY 1, 2;
 SET ROLE app_writer;
 SELECT byok.decrypt_text(secret) FROM vault_items ORDER BY id;
+-- A query that switches roles row by row (a SECURITY DEFINER function owned by
+-- another granted role, next to a direct call) is checked per role, not per row.
 RESET ROLE;
+GRANT byok_user TO kent_readers;
+CREATE FUNCTION kent_secret(v byok.encrypted) RETURNS text LANGUAGE sql SECURITY DEFINER
+    SET search_path = pg_catalog AS 'SELECT byok.decrypt_text(v)';
+ALTER FUNCTION kent_secret(byok.encrypted) OWNER TO kent_readers;
+SET track_functions = 'all';
+BEGIN;
+SET LOCAL ROLE app_writer;
+SELECT count(*) AS rows_equal FROM vault_items, generate_series(1, 100)
+ WHERE id = 2 AND byok.decrypt_text(secret) = kent_secret(secret);
+-- catalog checks of the grant in this transaction: one per role at most, not one per row
+SELECT pg_stat_get_xact_function_calls('byok.may_use_tenant(oid, text)'::regprocedure) BETWEEN 1 AND 2 AS checked_once_per_role;
+COMMIT;
+RESET track_functions;
+DROP FUNCTION kent_secret(byok.encrypted);
+REVOKE byok_user FROM kent_readers;
 REVOKE kent_readers FROM app_writer;
 SET ROLE app_writer;
 SELECT byok.decrypt_text(secret) FROM vault_items WHERE id = 2;
