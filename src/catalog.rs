@@ -85,28 +85,45 @@ pub fn invalidate_everywhere() -> Result<(), ByokError> {
     Ok(())
 }
 
-/// Runs `f` with the extension owner's user id (and restores the caller's
-/// afterwards, also when `f` raises an error).
-fn as_catalog_owner<R>(f: impl FnOnce() -> Result<R, ByokError>) -> Result<R, ByokError> {
-    let ids = catalog_ids()?;
-    struct Restore(pg_sys::Oid, i32);
-    impl Drop for Restore {
-        fn drop(&mut self) {
-            unsafe { pg_sys::SetUserIdAndSecContext(self.0, self.1) };
-        }
-    }
+/// Switches the current user id to the extension's owner (adding `flags` to the
+/// security context); the returned guard restores the caller's id and context
+/// when dropped, also while an error unwinds.
+fn switch_to_owner(owner: pg_sys::Oid, flags: i32) -> RestoreUser {
     let mut saved_user = pg_sys::InvalidOid;
     let mut saved_context = 0;
     unsafe {
         pg_sys::GetUserIdAndSecContext(&mut saved_user, &mut saved_context);
-        pg_sys::SetUserIdAndSecContext(
-            ids.owner,
-            saved_context
-                | pg_sys::SECURITY_LOCAL_USERID_CHANGE as i32
-                | pg_sys::SECURITY_RESTRICTED_OPERATION as i32,
-        );
+        pg_sys::SetUserIdAndSecContext(owner, saved_context | flags);
     }
-    let _restore = Restore(saved_user, saved_context);
+    RestoreUser {
+        user: saved_user,
+        context: saved_context,
+        caller: CALLER.get(),
+    }
+}
+
+struct RestoreUser {
+    user: pg_sys::Oid,
+    context: i32,
+    /// The acting role recorded for the audit trail before the switch.
+    caller: pg_sys::Oid,
+}
+
+impl Drop for RestoreUser {
+    fn drop(&mut self) {
+        unsafe { pg_sys::SetUserIdAndSecContext(self.user, self.context) };
+        CALLER.set(self.caller);
+    }
+}
+
+/// Runs `f` with the extension owner's user id (and restores the caller's
+/// afterwards, also when `f` raises an error).
+fn as_catalog_owner<R>(f: impl FnOnce() -> Result<R, ByokError>) -> Result<R, ByokError> {
+    let ids = catalog_ids()?;
+    let _restore = switch_to_owner(
+        ids.owner,
+        (pg_sys::SECURITY_LOCAL_USERID_CHANGE | pg_sys::SECURITY_RESTRICTED_OPERATION) as i32,
+    );
     f()
 }
 
@@ -120,23 +137,8 @@ pub fn as_extension_owner<R>(f: impl FnOnce() -> R) -> R {
         Ok(ids) => ids,
         Err(e) => e.raise(),
     };
-    struct Restore(pg_sys::Oid, i32, pg_sys::Oid);
-    impl Drop for Restore {
-        fn drop(&mut self) {
-            unsafe { pg_sys::SetUserIdAndSecContext(self.0, self.1) };
-            CALLER.set(self.2);
-        }
-    }
-    let mut saved_user = pg_sys::InvalidOid;
-    let mut saved_context = 0;
-    unsafe {
-        pg_sys::GetUserIdAndSecContext(&mut saved_user, &mut saved_context);
-        pg_sys::SetUserIdAndSecContext(
-            ids.owner,
-            saved_context | pg_sys::SECURITY_LOCAL_USERID_CHANGE as i32,
-        );
-    }
-    let _restore = Restore(saved_user, saved_context, CALLER.get());
+    let saved_user = unsafe { pg_sys::GetUserId() };
+    let _restore = switch_to_owner(ids.owner, pg_sys::SECURITY_LOCAL_USERID_CHANGE as i32);
     if CALLER.get() == pg_sys::InvalidOid {
         CALLER.set(saved_user);
     }

@@ -16,7 +16,7 @@ use byok_core::cache::{CacheLimits, CacheStats, KeyCache};
 use byok_core::config::check_tenant_id;
 use byok_core::crypto::{CryptoError, DekCipher, NoncePool};
 use byok_core::envelope::Envelope;
-use byok_kms::protocol::{ProviderRef, TenantRef};
+use byok_kms::protocol::ProviderRef;
 
 use crate::broker;
 use crate::broker::metrics::PendingCounts;
@@ -386,11 +386,7 @@ fn load_cipher(dek_id: u64, user: pg_sys::Oid) -> Result<(ReadyKey, CacheLimits)
     // From the broker's shared cache, or the key manager through the broker.
     // `dek` is zeroized when it goes out of scope; only the key schedule is kept.
     let (dek, _stale) = broker::unwrap(
-        TenantRef {
-            database: broker::this_database(),
-            tenant_id: record.tenant_id.clone(),
-            role: broker::this_role(),
-        },
+        broker::tenant_ref(&record.tenant_id),
         ProviderRef {
             provider: record.provider.name().to_string(),
             options: record.provider_options.clone(),

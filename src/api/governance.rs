@@ -78,11 +78,7 @@ fn run_checks(tenant_id: &str) -> Checks {
         true,
         format!("provider {}, master key {master_key_id}", kind.name()),
     );
-    let tenant = byok_kms::protocol::TenantRef {
-        database: broker::this_database(),
-        tenant_id: tenant_id.to_string(),
-        role: broker::this_role(),
-    };
+    let tenant = broker::tenant_ref(tenant_id);
     let started = Instant::now();
     let info = match broker::validate(tenant.clone(), provider.clone(), &master_key_id) {
         Ok(info) => info,

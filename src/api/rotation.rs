@@ -12,7 +12,7 @@
 
 use byok_core::config::ProviderKind;
 use byok_kms::WrappedDek;
-use byok_kms::protocol::{ProviderRef, TenantRef};
+use byok_kms::protocol::ProviderRef;
 use pgrx::JsonB;
 use pgrx::datum::DatumWithOid;
 use pgrx::datum::Interval;
@@ -96,11 +96,7 @@ pub(crate) fn rotate_master_key_step_as_owner(
     if tenant.master_key_id != new_key_id {
         super::governance::check_key_prefix(new_key_id).or_raise();
     }
-    let tenant_ref = TenantRef {
-        database: broker::this_database(),
-        tenant_id: tenant_id.to_string(),
-        role: broker::this_role(),
-    };
+    let tenant_ref = broker::tenant_ref(tenant_id);
     // The new key must exist, be enabled and allow wrapping before anything moves;
     // its current version is what every data key should end up wrapped under.
     let info = broker::validate(tenant_ref.clone(), tenant.provider.clone(), new_key_id).or_raise();

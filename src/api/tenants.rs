@@ -6,7 +6,7 @@
 //! tables (superusers, unless granted) can use them.
 
 use byok_core::config::{ProviderKind, TenantConfig};
-use byok_kms::protocol::{ProviderRef, TenantRef};
+use byok_kms::protocol::ProviderRef;
 use byok_kms::{ErrorKind, ProviderError};
 use pgrx::JsonB;
 use pgrx::datum::DatumWithOid;
@@ -67,13 +67,7 @@ fn configure_tenant_as_owner(config: JsonB) -> String {
     config.tenant_id
 }
 
-fn tenant_ref(tenant_id: &str) -> TenantRef {
-    TenantRef {
-        database: broker::this_database(),
-        tenant_id: tenant_id.to_string(),
-        role: broker::this_role(),
-    }
-}
+use crate::broker::tenant_ref;
 
 fn check_master_key(
     tenant_id: &str,

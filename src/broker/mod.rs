@@ -20,6 +20,15 @@ pub fn this_database() -> u32 {
     u32::from(unsafe { pg_sys::MyDatabaseId })
 }
 
+/// Who a request is for: this database, the tenant, and the acting role.
+pub fn tenant_ref(tenant_id: &str) -> TenantRef {
+    TenantRef {
+        database: this_database(),
+        tenant_id: tenant_id.to_string(),
+        role: this_role(),
+    }
+}
+
 /// The role requests are made for (the audit trail's role of key-manager calls).
 pub fn this_role() -> u32 {
     u32::from(crate::catalog::acting_role())
