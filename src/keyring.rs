@@ -1,7 +1,7 @@
 //! The backend's ready data keys (L1) and the per-row seal/open paths.
 //!
-//! A hit is a hash lookup, a clock read and the AES-GCM work itself: no SPI,
-//! no provider call, no allocation. A miss reads the catalog (SPI), asks the
+//! A hit is a hash lookup, a coarse clock read (`byok_core::clock`) and the
+//! AES-GCM work itself: no SPI, no provider call, no allocation. A miss reads the catalog (SPI), asks the
 //! tenant's key provider to unwrap the data key, and caches the expanded
 //! cipher under the tenant's `cache_config` limits. Any change to the catalog
 //! reaches every backend as a relcache invalidation at commit, which drops all
@@ -10,9 +10,10 @@
 use std::cell::{Cell, RefCell};
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use byok_core::cache::{CacheLimits, CacheStats, KeyCache};
+use byok_core::clock::Tick;
 use byok_core::config::check_tenant_id;
 use byok_core::crypto::{CryptoError, DekCipher, NoncePool};
 use byok_core::envelope::Envelope;
@@ -27,7 +28,7 @@ use pgrx::pg_sys;
 
 struct ActiveKey {
     dek_id: u64,
-    expires_at: Instant,
+    expires_at: Tick,
 }
 
 /// A data key ready for use: its expanded cipher, its not-yet-published
@@ -63,7 +64,7 @@ fn authorize(tenant_id: &str, user: pg_sys::Oid) -> Result<(), ByokError> {
 /// Checks that the current user may use data key `dek_id`'s tenant, and
 /// remembers the answer with the ready key.
 fn authorize_ready(dek_id: u64, user: pg_sys::Oid) -> Result<(), ByokError> {
-    let now = Instant::now();
+    let now = Tick::now();
     let tenant = RING.with_ring(|ring| {
         ring.ciphers
             .get(&dek_id, now)
@@ -231,7 +232,7 @@ fn crypto_error(dek_id: u64, e: CryptoError) -> ByokError {
 /// Opens `envelope` into `out` (exactly `envelope.plaintext_len()` bytes).
 pub fn open(envelope: &Envelope<'_>, context: &[u8], out: &mut [u8]) -> Result<(), ByokError> {
     let dek_id = envelope.dek_id();
-    let now = Instant::now();
+    let now = Tick::now();
     let open_with = |ready: &ReadyKey, out: &mut [u8]| -> Result<(), ByokError> {
         check_session_tenant_for_decrypt(ready.cipher.tenant_id())?;
         let result = ready
@@ -283,7 +284,7 @@ pub fn reseal(envelope: &Envelope<'_>, context: &[u8], out: &mut [u8]) -> Result
     let tenant = RING
         .with_ring(|ring| {
             ring.ciphers
-                .get(&dek_id, Instant::now())
+                .get(&dek_id, Tick::now())
                 .map(|ready| ready.cipher.tenant_id().to_string())
         })
         .map(Ok)
@@ -302,7 +303,7 @@ pub fn seal(
     out: &mut [u8],
 ) -> Result<(), ByokError> {
     check_session_tenant_for_encrypt(tenant_id)?;
-    let now = Instant::now();
+    let now = Tick::now();
     let seal_ready = |ready: &ReadyKey, dek_id: u64, out: &mut [u8]| {
         seal_with(&ready.cipher, plaintext, context, out).map_err(|e| crypto_error(dek_id, e))
     };
@@ -430,7 +431,7 @@ fn register_xact_callback() {
 }
 
 /// When this backend last published its counters.
-static LAST_FLUSH: BackendCell<Option<Instant>> = BackendCell(RefCell::new(None));
+static LAST_FLUSH: BackendCell<Option<Tick>> = BackendCell(RefCell::new(None));
 
 /// How often, at most, transaction ends publish the counters. Publishing is a
 /// few atomic adds on cache lines every backend of a tenant shares: doing it at
@@ -451,7 +452,7 @@ unsafe extern "C-unwind" fn at_transaction_end(
             | pg_sys::XactEvent::XACT_EVENT_ABORT
             | pg_sys::XactEvent::XACT_EVENT_PARALLEL_COMMIT
     ) {
-        let now = Instant::now();
+        let now = Tick::now();
         let due = LAST_FLUSH.with_borrow_mut(|last| match last {
             Some(at) if now.duration_since(*at) < FLUSH_INTERVAL => false,
             _ => {

@@ -8,7 +8,9 @@
 use std::collections::HashMap;
 use std::hash::{BuildHasher, BuildHasherDefault, Hash, Hasher};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use crate::clock::Tick;
 
 /// Limits that come from a tenant's `cache_config`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -63,7 +65,7 @@ pub type KeyIdMap<V> = HashMap<u64, V, BuildHasherDefault<KeyIdHasher>>;
 struct Entry<V> {
     value: V,
     tenant: Arc<str>,
-    expires_at: Instant,
+    expires_at: Tick,
     last_used: u64,
 }
 
@@ -88,7 +90,7 @@ impl<V, K: Hash + Eq + Clone, S: BuildHasher + Default> KeyCache<V, K, S> {
     }
 
     /// The live entry for `key`, if any; an expired entry is dropped here.
-    pub fn get(&mut self, key: &K, now: Instant) -> Option<&V> {
+    pub fn get(&mut self, key: &K, now: Tick) -> Option<&V> {
         let expired = match self.entries.get(key) {
             None => {
                 self.stats.misses += 1;
@@ -111,7 +113,7 @@ impl<V, K: Hash + Eq + Clone, S: BuildHasher + Default> KeyCache<V, K, S> {
 
     /// Caches `value` for `key` under `tenant`'s limits, evicting the least recently
     /// used entry of that tenant (or of the whole cache) when full.
-    pub fn insert(&mut self, key: K, tenant: &str, value: V, limits: CacheLimits, now: Instant) {
+    pub fn insert(&mut self, key: K, tenant: &str, value: V, limits: CacheLimits, now: Tick) {
         self.entries.remove(&key);
         self.drop_expired(now);
         let tenant_limit = limits.max_entries.max(1);
@@ -204,7 +206,7 @@ impl<V, K: Hash + Eq + Clone, S: BuildHasher + Default> KeyCache<V, K, S> {
             .count()
     }
 
-    fn drop_expired(&mut self, now: Instant) {
+    fn drop_expired(&mut self, now: Tick) {
         let before = self.entries.len();
         self.entries.retain(|_, e| e.expires_at > now);
         self.stats.expirations += (before - self.entries.len()) as u64;
@@ -239,7 +241,7 @@ mod tests {
     #[test]
     fn hit_then_expiry() {
         let mut cache: KeyCache<_> = KeyCache::new(100);
-        let t0 = Instant::now();
+        let t0 = Tick::now();
         cache.insert(1, "a", "k1", limits(10, 10), t0);
         assert_eq!(cache.get(&1, t0 + Duration::from_secs(9)), Some(&"k1"));
         assert_eq!(cache.get(&1, t0 + Duration::from_secs(10)), None);
@@ -251,7 +253,7 @@ mod tests {
     #[test]
     fn per_tenant_limit_evicts_that_tenants_lru_only() {
         let mut cache: KeyCache<_> = KeyCache::new(100);
-        let t0 = Instant::now();
+        let t0 = Tick::now();
         cache.insert(100, "b", "b100", limits(60, 10), t0);
         cache.insert(1, "a", "a1", limits(60, 2), t0);
         cache.insert(2, "a", "a2", limits(60, 2), t0);
@@ -267,7 +269,7 @@ mod tests {
     #[test]
     fn global_capacity_bounds_all_tenants() {
         let mut cache: KeyCache<_> = KeyCache::new(3);
-        let t0 = Instant::now();
+        let t0 = Tick::now();
         for k in 0..10u64 {
             cache.insert(k, &format!("t{k}"), k, limits(60, 1000), t0);
             assert!(cache.len() <= 3);
@@ -279,7 +281,7 @@ mod tests {
     #[test]
     fn invalidation() {
         let mut cache: KeyCache<_> = KeyCache::new(10);
-        let t0 = Instant::now();
+        let t0 = Tick::now();
         cache.insert(1, "a", 1, limits(60, 10), t0);
         cache.insert(2, "a", 2, limits(60, 10), t0);
         cache.insert(3, "b", 3, limits(60, 10), t0);
@@ -300,7 +302,7 @@ mod tests {
     fn evicted_and_expired_values_are_dropped() {
         let drops = AtomicUsize::new(0);
         let mut cache: KeyCache<_> = KeyCache::new(1);
-        let t0 = Instant::now();
+        let t0 = Tick::now();
         cache.insert(1, "a", DropCounter(&drops), limits(1, 10), t0);
         cache.insert(2, "a", DropCounter(&drops), limits(1, 10), t0);
         assert_eq!(drops.load(Ordering::SeqCst), 1);

@@ -3,6 +3,7 @@
 //! Everything here is covered by plain `cargo test`.
 
 pub mod cache;
+pub mod clock;
 pub mod config;
 pub mod crypto;
 pub mod envelope;

@@ -19,6 +19,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use byok_core::cache::{CacheLimits, KeyCache};
+use byok_core::clock::Tick;
 use byok_core::config::ProviderKind;
 use byok_core::crypto::DataKey;
 use sha2::{Digest, Sha256};
@@ -105,7 +106,7 @@ struct CacheKey {
 
 struct CachedKey {
     dek: DataKey,
-    fresh_until: Instant,
+    fresh_until: Tick,
 }
 
 type Flight = watch::Receiver<Option<Result<DataKey, ProviderError>>>;
@@ -307,7 +308,7 @@ impl KeyService {
             dek_id,
             digest: digest(tenant, wrapped),
         };
-        let now = Instant::now();
+        let now = Tick::now();
         let stale = {
             let mut cache = self.cache.lock().expect("cache lock");
             match cache.get(&key, now) {
@@ -328,7 +329,7 @@ impl KeyService {
                 // Re-check as the leader: a previous leader fills the cache before it
                 // leaves the in-flight map, so a request that missed the cache just
                 // before that finds the key here instead of calling the provider again.
-                let now = Instant::now();
+                let now = Tick::now();
                 if let Some(entry) = self.cache.lock().expect("cache lock").get(&key, now)
                     && now < entry.fresh_until
                 {
@@ -353,7 +354,7 @@ impl KeyService {
                 if let Ok(dek) = &result {
                     let ttl = Duration::from_secs(settings.ttl_seconds.max(1) as u64);
                     let grace = Duration::from_secs(settings.grace_period_seconds as u64);
-                    let fetched = Instant::now();
+                    let fetched = Tick::now();
                     self.cache.lock().expect("cache lock").insert(
                         key.clone(),
                         &tenant_label(tenant.database, &tenant.tenant_id),
