@@ -4,7 +4,7 @@
 # vs encrypted. Each round runs every query once, in alternating order; figures
 # are medians over ROUNDS rounds, in microseconds per row.
 # Usage: bash bench/per_row.sh   [ROWS=200000 ROUNDS=7 SIZES="100 1000" PGP_ROWS=10000
-#                                 INSERT_SECONDS=15 INSERT_ROUNDS=5]
+#                                 INSERT_SECONDS=10 INSERT_ROUNDS=5]
 source "$(dirname "${BASH_SOURCE[0]}")/../scripts/lib.sh"
 ROWS=${ROWS:-200000}
 ROUNDS=${ROUNDS:-7}
@@ -17,6 +17,7 @@ start_cluster bench $PORT "shared_buffers = '512MB'" "max_parallel_workers_per_g
     "autovacuum = off" "max_wal_size = '8GB'" "checkpoint_timeout = '30min'"
 trap 'stop_cluster bench' EXIT
 q() { psql_at bench $PORT -d postgres -qAt "$@"; }
+die() { echo "error: $*" >&2; exit 1; }
 
 KEY="'\\x000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f'::bytea"
 PGP_ROWS=${PGP_ROWS:-10000}
@@ -69,7 +70,7 @@ SQL
     done
 done
 
-log "pgbench inserts (prepared, synchronous_commit off, ${INSERT_SECONDS:-15}s per run, ${INSERT_ROUNDS:-5} rounds of a plain and an encrypted run in alternating order, at 8 and at 1 client(s))"
+log "pgbench inserts (prepared, synchronous_commit off): ${INSERT_ROUNDS:-5} runs of ${INSERT_SECONDS:-10}s at 8 and at 1 client(s), plain and encrypted inserts interleaved in each run"
 q >/dev/null <<SQL
 ALTER SYSTEM SET synchronous_commit = off;
 SELECT pg_reload_conf();
@@ -80,20 +81,36 @@ echo "\\set n random(1, 1000000000)
 INSERT INTO ins_plain (v) VALUES (decode(md5(:n::text) || md5((:n + 1)::text) || md5((:n + 2)::text), 'hex') || '\\x0102030405'::bytea);" > "$BYOK_WORK/bench/ins_plain.sql"
 echo "\\set n random(1, 1000000000)
 INSERT INTO ins_sealed (v) VALUES (byok.encrypt('bench', decode(md5(:n::text) || md5((:n + 1)::text) || md5((:n + 2)::text), 'hex') || '\\x0102030405'::bytea));" > "$BYOK_WORK/bench/ins_sealed.sql"
-tps() { # tps SCRIPT CLIENTS
-    "$PG_BIN/pgbench" -h "$BYOK_WORK/bench" -p $PORT -U postgres -n -M prepared -c "$2" -j "$(( $2 > 1 ? 2 : 1 ))" \
-        -T "${INSERT_SECONDS:-15}" -f "$BYOK_WORK/bench/$1.sql" postgres 2>/dev/null | sed -n 's/^tps = \([0-9.]*\).*/\1/p'
+# Separate plain and encrypted runs on this VM differ by +-10% from one run to the
+# next, more than the effect being measured. So each run mixes both scripts
+# (pgbench picks one at random per transaction): both see the same machine at the
+# same moment. pgbench logs every transaction's latency and script; for a closed
+# loop without think time, throughput = clients / mean latency (Little's law), so
+# the tps each kind of insert sustains is clients / its mean latency, and the
+# encrypted/plain ratio is mean plain latency / mean encrypted latency.
+mixed_run() { # mixed_run CLIENTS -> "plain_tps encrypted_tps ratio transactions"
+    local dir="$BYOK_WORK/bench/pgbench-log"
+    rm -rf "$dir"; mkdir -p "$dir"; chmod 777 "$dir"
+    (cd "$dir" && "$PG_BIN/pgbench" -h "$BYOK_WORK/bench" -p $PORT -U postgres -n -M prepared -c "$1" -j "$(( $1 > 1 ? 2 : 1 ))" \
+        -T "${INSERT_SECONDS:-10}" -l -f "$BYOK_WORK/bench/ins_plain.sql@1" -f "$BYOK_WORK/bench/ins_sealed.sql@1" postgres >/dev/null 2>&1) \
+        || die "pgbench failed"
+    # Log columns: client, transaction, latency (us), script (0 plain, 1 encrypted), ...
+    cat "$dir"/pgbench_log.* | awk -v c="$1" '{ n[$4]++; us[$4] += $3 }
+        END { if (!n[0] || !n[1]) exit 1; p = us[0] / n[0]; e = us[1] / n[1];
+              printf "%.0f %.0f %.4f %d\n", c * 1e6 / p, c * 1e6 / e, p / e, n[0] + n[1] }'
 }
 declare -A ins
 for clients in 8 1; do
-    plain=""; sealed=""; ratios=""
+    plain=""; sealed=""; ratios=""; txns=0
     for run in $(seq "${INSERT_ROUNDS:-5}"); do
-        if [ $((run % 2)) -eq 1 ]; then p=$(tps ins_plain $clients); s=$(tps ins_sealed $clients);
-        else s=$(tps ins_sealed $clients); p=$(tps ins_plain $clients); fi
-        plain+="$p "; sealed+="$s "; ratios+="$(awk -v a="$s" -v b="$p" 'BEGIN {print a / b}') "
+        read -r p s r n <<<"$(mixed_run "$clients")"
+        [ -n "$r" ] || die "pgbench logged no transactions"
+        plain+="$p "; sealed+="$s "; ratios+="$r "; txns=$((txns + n))
     done
-    ins[$clients]="$(echo "$plain" | median) $(echo "$sealed" | median) $(echo "$ratios" | median) ($(echo $ratios | xargs printf '%.3f '))"
+    ins[$clients]="$(echo "$plain" | median) $(echo "$sealed" | median) $(echo "$ratios" | median) $txns ($(echo $ratios | xargs printf '%.3f '))"
 done
+failed=$(q -c "SELECT count(*) FROM ins_sealed WHERE byok.decrypt(v) IS NULL")
+[ "$failed" = 0 ] || die "$failed encrypted rows did not decrypt"
 
 echo
 printf '%-18s %12s %12s\n' "us/row" "100 B" "1000 B"
@@ -102,9 +119,9 @@ for name in plain_scan byok_decrypt byok_encrypt pgcrypto_decrypt pgcrypto_encry
 done
 echo
 for clients in 8 1; do
-    read -r p s r rest <<<"${ins[$clients]}"
-    printf 'pgbench insert tps (100-byte values, %d client(s)): plain %.0f, encrypted %.0f (medians); encrypted/plain per round: median %.1f%% %s (target >= 95%%)\n' \
-        "$clients" "$p" "$s" "$(awk -v r="$r" 'BEGIN {print 100 * r}')" "$rest"
+    read -r p s r n rest <<<"${ins[$clients]}"
+    printf 'pgbench insert tps (100-byte values, %d client(s), %d transactions): plain %.0f, encrypted %.0f (medians); encrypted/plain per run: median %.1f%% %s (target >= 95%%)\n' \
+        "$clients" "$n" "$p" "$s" "$(awk -v r="$r" 'BEGIN {print 100 * r}')" "$rest"
 done
 for size in ${SIZES:-100 1000}; do
     awk -v s="$size" -v d="${result[$size,byok_decrypt]}" -v p="${result[$size,plain_scan]}" -v e="${result[$size,byok_encrypt]}" \
