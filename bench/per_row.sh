@@ -70,47 +70,51 @@ SQL
     done
 done
 
-log "pgbench inserts (prepared, synchronous_commit off): ${INSERT_ROUNDS:-5} runs of ${INSERT_SECONDS:-10}s at 8 and at 1 client(s), plain and encrypted inserts interleaved in each run"
+log "pgbench inserts (prepared, synchronous_commit off): ${INSERT_ROUNDS:-5} runs of ${INSERT_SECONDS:-10}s at 8 and at 1 client(s), plain, byok and pgcrypto inserts interleaved in each run"
 q >/dev/null <<SQL
 ALTER SYSTEM SET synchronous_commit = off;
 SELECT pg_reload_conf();
 CREATE TABLE ins_plain (id bigserial, v bytea);
 CREATE TABLE ins_sealed (id bigserial, v byok.encrypted);
+CREATE TABLE ins_pgcrypto (id bigserial, v bytea);
 SQL
-echo "\\set n random(1, 1000000000)
-INSERT INTO ins_plain (v) VALUES (decode(md5(:n::text) || md5((:n + 1)::text) || md5((:n + 2)::text), 'hex') || '\\x0102030405'::bytea);" > "$BYOK_WORK/bench/ins_plain.sql"
-echo "\\set n random(1, 1000000000)
-INSERT INTO ins_sealed (v) VALUES (byok.encrypt('bench', decode(md5(:n::text) || md5((:n + 1)::text) || md5((:n + 2)::text), 'hex') || '\\x0102030405'::bytea));" > "$BYOK_WORK/bench/ins_sealed.sql"
+# 100 random-looking bytes per row: six md5 digests (96 bytes) and four more.
+VALUE="decode(md5(:n::text) || md5((:n + 1)::text) || md5((:n + 2)::text) || md5((:n + 3)::text) || md5((:n + 4)::text) || md5((:n + 5)::text), 'hex') || '\\x01020304'::bytea"
+printf '\\set n random(1, 1000000000)\nINSERT INTO ins_plain (v) VALUES (%s);\n' "$VALUE" > "$BYOK_WORK/bench/ins_plain.sql"
+printf '\\set n random(1, 1000000000)\nINSERT INTO ins_sealed (v) VALUES (byok.encrypt(%s, %s));\n' "'bench'" "$VALUE" > "$BYOK_WORK/bench/ins_sealed.sql"
+printf '\\set n random(1, 1000000000)\nINSERT INTO ins_pgcrypto (v) VALUES (encrypt(%s, %s, %s));\n' "$VALUE" "$KEY" "'aes'" > "$BYOK_WORK/bench/ins_pgcrypto.sql"
 # Separate plain and encrypted runs on this VM differ by +-10% from one run to the
-# next, more than the effect being measured. So each run mixes both scripts
-# (pgbench picks one at random per transaction): both see the same machine at the
+# next, more than the effect being measured. So each run mixes the scripts
+# (pgbench picks one at random per transaction): all see the same machine at the
 # same moment. pgbench logs every transaction's latency and script; for a closed
 # loop without think time, throughput = clients / mean latency (Little's law), so
 # the tps each kind of insert sustains is clients / its mean latency, and the
 # encrypted/plain ratio is mean plain latency / mean encrypted latency.
-mixed_run() { # mixed_run CLIENTS -> "plain_tps encrypted_tps ratio transactions"
+mixed_run() { # mixed_run CLIENTS -> "plain_tps byok_tps pgcrypto_tps byok/plain pgcrypto/plain transactions"
     local dir="$BYOK_WORK/bench/pgbench-log"
-    rm -rf "$dir"; mkdir -p "$dir"; chmod 777 "$dir"
+    rm -rf "$dir"; mkdir -p "$dir"
     (cd "$dir" && "$PG_BIN/pgbench" -h "$BYOK_WORK/bench" -p $PORT -U postgres -n -M prepared -c "$1" -j "$(( $1 > 1 ? 2 : 1 ))" \
-        -T "${INSERT_SECONDS:-10}" -l -f "$BYOK_WORK/bench/ins_plain.sql@1" -f "$BYOK_WORK/bench/ins_sealed.sql@1" postgres >/dev/null 2>&1) \
-        || die "pgbench failed"
-    # Log columns: client, transaction, latency (us), script (0 plain, 1 encrypted), ...
+        -T "${INSERT_SECONDS:-10}" -l -f "$BYOK_WORK/bench/ins_plain.sql@1" -f "$BYOK_WORK/bench/ins_sealed.sql@1" \
+        -f "$BYOK_WORK/bench/ins_pgcrypto.sql@1" postgres >/dev/null 2>&1) || die "pgbench failed"
+    # Log columns: client, transaction, latency (us), script (0 plain, 1 byok, 2 pgcrypto), ...
     cat "$dir"/pgbench_log.* | awk -v c="$1" '{ n[$4]++; us[$4] += $3 }
-        END { if (!n[0] || !n[1]) exit 1; p = us[0] / n[0]; e = us[1] / n[1];
-              printf "%.0f %.0f %.4f %d\n", c * 1e6 / p, c * 1e6 / e, p / e, n[0] + n[1] }'
+        END { if (!n[0] || !n[1] || !n[2]) exit 1; p = us[0] / n[0]; e = us[1] / n[1]; g = us[2] / n[2];
+              printf "%.0f %.0f %.0f %.4f %.4f %d\n", c * 1e6 / p, c * 1e6 / e, c * 1e6 / g, p / e, p / g, n[0] + n[1] + n[2] }'
 }
 declare -A ins
 for clients in 8 1; do
-    plain=""; sealed=""; ratios=""; txns=0
+    plain=""; sealed=""; pgc=""; ratios=""; pgc_ratios=""; txns=0
     for run in $(seq "${INSERT_ROUNDS:-5}"); do
-        read -r p s r n <<<"$(mixed_run "$clients")"
-        [ -n "$r" ] || die "pgbench logged no transactions"
-        plain+="$p "; sealed+="$s "; ratios+="$r "; txns=$((txns + n))
+        read -r p s g r gr n <<<"$(mixed_run "$clients")"
+        [ -n "$n" ] || die "pgbench logged no transactions"
+        plain+="$p "; sealed+="$s "; pgc+="$g "; ratios+="$r "; pgc_ratios+="$gr "; txns=$((txns + n))
     done
-    ins[$clients]="$(echo "$plain" | median) $(echo "$sealed" | median) $(echo "$ratios" | median) $txns ($(echo $ratios | xargs printf '%.3f '))"
+    ins[$clients]="$(echo "$plain" | median) $(echo "$sealed" | median) $(echo "$pgc" | median) $(echo "$ratios" | median) $(echo "$pgc_ratios" | median) $txns ($(echo $ratios | xargs printf '%.3f '))"
 done
-failed=$(q -c "SELECT count(*) FROM ins_sealed WHERE byok.decrypt(v) IS NULL")
-[ "$failed" = 0 ] || die "$failed encrypted rows did not decrypt"
+failed=$(q -c "SELECT (SELECT count(*) FROM ins_sealed WHERE length(byok.decrypt(v)) IS DISTINCT FROM 100)
+                    + (SELECT count(*) FROM ins_pgcrypto WHERE length(decrypt(v, $KEY, 'aes')) IS DISTINCT FROM 100)
+                    + (SELECT count(*) FROM ins_plain WHERE length(v) IS DISTINCT FROM 100)")
+[ "$failed" = 0 ] || die "$failed inserted rows did not come back as 100 bytes"
 
 echo
 printf '%-18s %12s %12s\n' "us/row" "100 B" "1000 B"
@@ -119,9 +123,9 @@ for name in plain_scan byok_decrypt byok_encrypt pgcrypto_decrypt pgcrypto_encry
 done
 echo
 for clients in 8 1; do
-    read -r p s r n rest <<<"${ins[$clients]}"
-    printf 'pgbench insert tps (100-byte values, %d client(s), %d transactions): plain %.0f, encrypted %.0f (medians); encrypted/plain per run: median %.1f%% %s (target >= 95%%)\n' \
-        "$clients" "$n" "$p" "$s" "$(awk -v r="$r" 'BEGIN {print 100 * r}')" "$rest"
+    read -r p s g r gr n rest <<<"${ins[$clients]}"
+    printf 'pgbench insert tps (100-byte values, %d client(s), %d transactions): plain %.0f, byok %.0f, pgcrypto aes %.0f (medians); byok/plain per run: median %.1f%% %s (target >= 95%%); pgcrypto/plain %.1f%%\n' \
+        "$clients" "$n" "$p" "$s" "$g" "$(awk -v r="$r" 'BEGIN {print 100 * r}')" "$rest" "$(awk -v r="$gr" 'BEGIN {print 100 * r}')"
 done
 for size in ${SIZES:-100 1000}; do
     awk -v s="$size" -v d="${result[$size,byok_decrypt]}" -v p="${result[$size,plain_scan]}" -v e="${result[$size,byok_encrypt]}" \
