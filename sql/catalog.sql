@@ -126,6 +126,11 @@ CREATE TABLE byok.reencrypt_jobs (
     last_error text,
     created_at timestamptz NOT NULL DEFAULT now(),
     started_at timestamptz,
+    -- The current (or last) run: when a worker last took the job up (first start,
+    -- resume after a pause, restart after a crash) and how many rows were done then.
+    -- Rate and ETA count only this run, not the time the job sat paused or down.
+    run_started_at timestamptz,
+    run_rows_start bigint NOT NULL DEFAULT 0,
     updated_at timestamptz NOT NULL DEFAULT now(),
     finished_at timestamptz
 );
@@ -140,10 +145,11 @@ COMMENT ON VIEW byok.protected_columns IS 'Columns registered with byok.protect_
 CREATE VIEW byok.jobs AS
 SELECT job_id, tenant_id, relid AS table_name, state, rows_done, rows_total,
        CASE WHEN rows_total > 0 THEN round(100.0 * least(rows_done, rows_total) / rows_total, 1) ELSE 100.0 END AS percent_done,
-       CASE WHEN started_at IS NOT NULL AND updated_at > started_at
-            THEN round(rows_done / extract(epoch FROM updated_at - started_at))::bigint END AS rows_per_second,
-       CASE WHEN state IN ('running', 'pending') AND rows_done > 0 AND updated_at > started_at
-            THEN (greatest(rows_total - rows_done, 0) * (updated_at - started_at) / rows_done) END AS eta,
+       -- Over the current (or last) run only: a pause or a crash does not drag the rate down.
+       CASE WHEN run_started_at IS NOT NULL AND updated_at > run_started_at
+            THEN round((rows_done - run_rows_start) / extract(epoch FROM updated_at - run_started_at))::bigint END AS rows_per_second,
+       CASE WHEN state IN ('running', 'pending') AND rows_done > run_rows_start AND updated_at > run_started_at
+            THEN (greatest(rows_total - rows_done, 0) * (updated_at - run_started_at) / (rows_done - run_rows_start)) END AS eta,
        batches, keys_retired, last_error, created_at, started_at, updated_at, finished_at
   FROM byok.reencrypt_jobs;
 COMMENT ON VIEW byok.jobs IS 'Re-encryption jobs: state, progress, rate, ETA, last error';

@@ -254,6 +254,9 @@ pub extern "C-unwind" fn byok_reencrypt_main(argument: pg_sys::Datum) {
     }
     // The job row commits with the caller's transaction, which may still be open.
     let appeared_by = Instant::now() + Duration::from_secs(30);
+    // Whether this worker has marked the start of its run (rate and ETA count from
+    // there); a pause ends a run, and so does a crash (the next worker starts anew).
+    let mut run_marked = false;
     loop {
         reload_config_if_asked();
         if BackgroundWorker::sigterm_received() {
@@ -270,9 +273,19 @@ pub extern "C-unwind" fn byok_reencrypt_main(argument: pg_sys::Datum) {
                 );
             }),
             Some("paused") => {
+                run_marked = false;
                 BackgroundWorker::wait_latch(Some(Duration::from_millis(200)));
             }
             Some("running") => {
+                if !run_marked {
+                    BackgroundWorker::transaction(|| {
+                        let _ = Spi::run_with_args(
+                            "UPDATE byok.reencrypt_jobs SET run_started_at = now(), run_rows_start = rows_done WHERE job_id = $1",
+                            &[DatumWithOid::from(job)],
+                        );
+                    });
+                    run_marked = true;
+                }
                 let started = Instant::now();
                 let batch = gucs::REENCRYPT_BATCH_SIZE.get().max(1);
                 let rewritten = BackgroundWorker::transaction(|| {

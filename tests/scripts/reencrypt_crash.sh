@@ -70,6 +70,8 @@ check "after restart the job is still unfinished" "$(q -c "SELECT state IN ('run
 state=$(q -c "SELECT byok.wait_job($JOB, '3 minutes')")
 touch "$BYOK_WORK/$NAME.stop-writer"; wait $WRITER
 check "the job resumed by itself and finished" "$state" "done"
+check "its rate counts the run after the restart, from the rows checkpointed before the crash" \
+    "$(q -c "SELECT run_started_at > started_at AND run_rows_start >= ${done_rows:-0} AND run_rows_start < $ROWS FROM byok.reencrypt_jobs WHERE job_id = $JOB")" "t"
 q -c "SELECT state, rows_done, rows_total, rows_per_second, batches, keys_retired FROM byok.jobs WHERE job_id = $JOB"
 
 check "every row decrypts to its value (application updates kept)" \

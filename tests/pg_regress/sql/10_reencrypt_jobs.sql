@@ -80,3 +80,16 @@ SELECT max(job_id) AS failed_job FROM byok.jobs \gset
 SELECT byok.resume_job(:failed_job);
 SELECT byok.wait_job(:failed_job, '2 minutes') AS after_the_fix;
 SELECT count(*) FILTER (WHERE byok.decrypt_text(ssn, 'patients.ssn') = 'ssn ' || id) AS readable FROM patients;
+-- Its rate counts only the run after the resume: the worker marked where that run began.
+SELECT run_started_at > started_at AS new_run_after_resume FROM byok.reencrypt_jobs WHERE job_id = :failed_job;
+
+-- Rate and ETA count only the current (or last) run, not time spent paused or down:
+-- a job that sat for an hour and then did 1,000 rows in its last 10 seconds ran
+-- at 100 rows/s, not at 0.6 (2,000 rows over the hour).
+INSERT INTO byok.reencrypt_jobs (tenant_id, state, rows_total, rows_done, started_at,
+                                 run_started_at, run_rows_start, updated_at, finished_at)
+VALUES ('umbrella', 'done', 2000, 2000, now() - interval '1 hour',
+        now() - interval '10 seconds', 1000, now(), now())
+RETURNING job_id AS finished_job \gset
+SELECT rows_per_second, percent_done, eta FROM byok.jobs WHERE job_id = :finished_job;
+DELETE FROM byok.reencrypt_jobs WHERE job_id = :finished_job;
