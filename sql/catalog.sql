@@ -131,6 +131,10 @@ CREATE TABLE byok.reencrypt_jobs (
     -- Rate and ETA count only this run, not the time the job sat paused or down.
     run_started_at timestamptz,
     run_rows_start bigint NOT NULL DEFAULT 0,
+    -- The transaction that started the job: until it commits no worker can see the
+    -- job, so wait_job called in it does the work itself. (Not xmin: under a
+    -- savepoint the row's xmin is the subtransaction's.)
+    created_xact xid8 NOT NULL DEFAULT pg_current_xact_id(),
     updated_at timestamptz NOT NULL DEFAULT now(),
     finished_at timestamptz
 );
@@ -287,7 +291,7 @@ DECLARE
     started_here boolean;
     n bigint;
 BEGIN
-    SELECT j.state, j.xmin = pg_current_xact_id()::xid INTO current, started_here
+    SELECT j.state, coalesce(j.created_xact = pg_current_xact_id_if_assigned(), false) INTO current, started_here
       FROM byok.reencrypt_jobs j WHERE j.job_id = wait_job.job_id;
     IF current IS NULL THEN
         RAISE EXCEPTION 'no re-encryption job %', job_id USING ERRCODE = '42704';
@@ -295,11 +299,17 @@ BEGIN
     IF started_here THEN
         -- Started in this very transaction (a migration run as one transaction): no
         -- worker can see the job before it commits, so the work is done here, in it.
-        UPDATE byok.reencrypt_jobs j SET state = 'running', started_at = coalesce(started_at, now())
+        UPDATE byok.reencrypt_jobs j SET state = 'running', started_at = coalesce(started_at, now()),
+               run_started_at = now(), run_rows_start = j.rows_done
          WHERE j.job_id = wait_job.job_id AND j.state = 'pending';
         LOOP
             n := byok.reencrypt_step(job_id, current_setting('byok.reencrypt_batch_size')::integer);
-            EXIT WHEN n < 0;
+            IF n = -3 THEN
+                -- The last values are in rows other transactions hold locked.
+                EXIT WHEN clock_timestamp() >= deadline;
+                PERFORM pg_sleep(0.1);
+            END IF;
+            EXIT WHEN n < 0 AND n <> -3;
         END LOOP;
         IF n = -2 THEN
             PERFORM byok.finish_job(job_id);
@@ -319,8 +329,9 @@ COMMENT ON FUNCTION byok.wait_job(bigint, interval) IS
     'For migrations: waits for a job to end (or the timeout) and returns its state; in the transaction that started the job, does the work itself';
 
 -- One batch of a job, in the caller's transaction: returns the values rewritten,
--- -1 when the job is not running, -2 when every column is done. Errors are
--- recorded in the job (state failed) instead of being raised.
+-- -1 when the job is not running, -2 when every column is done, -3 when the only
+-- values left under old keys are in rows other transactions hold locked (try again
+-- shortly). Errors are recorded in the job (state failed) instead of being raised.
 CREATE FUNCTION byok.reencrypt_step(p_job bigint, p_batch integer) RETURNS bigint
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog AS $fn$
 DECLARE
@@ -332,6 +343,7 @@ DECLARE
     pages bigint;
     table_pages bigint;
     per_page float8;
+    locked_rows_left boolean;
 BEGIN
     SELECT * INTO j FROM byok.reencrypt_jobs WHERE job_id = p_job FOR UPDATE;
     IF j.state IS DISTINCT FROM 'running' THEN
@@ -386,6 +398,17 @@ BEGIN
                 c.relid, c.column_name)
                INTO n USING old_keys, p_batch, c.context;
             IF n = 0 THEN
+                -- Nothing the sweep could lock is left. Values still under old keys
+                -- are in rows other transactions hold locked (SKIP LOCKED passed
+                -- them): wait for those rather than finish with values under a key
+                -- the job is there to retire. The worker retries shortly.
+                EXECUTE format('SELECT EXISTS (SELECT 1 FROM %1$s WHERE byok.data_key_id(%2$I) = ANY($1))',
+                               c.relid, c.column_name)
+                   INTO locked_rows_left USING old_keys;
+                IF locked_rows_left THEN
+                    UPDATE byok.reencrypt_jobs SET updated_at = now() WHERE job_id = p_job;
+                    RETURN -3;
+                END IF;
                 -- Column done: on to the next one, or the end of the scan.
                 SELECT r.relid, r.column_name INTO j.cursor_relid, j.cursor_column
                   FROM byok.protected_column_registry r

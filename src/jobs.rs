@@ -297,6 +297,14 @@ pub extern "C-unwind" fn byok_reencrypt_main(argument: pg_sys::Datum) {
                     .flatten()
                     .unwrap_or(-1)
                 });
+                if rewritten == -3 {
+                    // The last values are in rows other transactions hold locked:
+                    // wait for them to commit or roll back, then sweep again.
+                    if !BackgroundWorker::wait_latch(Some(Duration::from_millis(200))) {
+                        return;
+                    }
+                    continue;
+                }
                 if rewritten == -2 {
                     BackgroundWorker::transaction(|| {
                         let _ = Spi::run_with_args(

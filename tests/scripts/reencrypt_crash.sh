@@ -86,6 +86,42 @@ echo "rows the application updated: $app_rows, rewritten by the job: $(q -c "SEL
 check "the application wrote during the job" "$([ "${app_rows:-0}" -gt 0 ] && echo yes)" "yes"
 check "the old data key is retired" "$(q -c "SELECT state FROM byok.data_keys WHERE dek_id = $OLD_KEY")" "retired"
 
+echo "== the last values in rows another transaction holds locked: the job waits for them"
+q <<'SQL' >/dev/null
+SELECT byok.configure_tenant('{"customer": "acme", "tenant_id": "lk", "encryption": {"provider": "local", "local": {"key_id": "lk-cmk"}}}');
+CREATE TABLE held (id int PRIMARY KEY, v byok.encrypted NOT NULL);
+INSERT INTO held SELECT g, byok.encrypt_text('lk', 'held ' || g, 'held.v') FROM generate_series(1, 10) g;
+SELECT byok.protect_column('held', 'v', context => 'held.v');
+SELECT byok.rotate_data_key('lk');
+SQL
+# Another session holds row 3 FOR SHARE for 3 seconds: the sweep's FOR UPDATE SKIP
+# LOCKED passes it over.
+q -c "BEGIN" -c "SELECT id FROM held WHERE id = 3 FOR SHARE" -c "SELECT pg_sleep(3)" -c "COMMIT" >/dev/null &
+LOCKER=$!
+for _ in $(seq 1 100); do
+    [ "$(q -c "SELECT count(*) FROM pg_stat_activity WHERE query = 'SELECT pg_sleep(3)' AND state = 'active'")" = 1 ] && break
+    sleep 0.05
+done
+# The job is started and driven in this transaction (no worker sees it), put
+# straight into its final sweep; steps return rows rewritten, -3 (only locked rows
+# left) and wait_job's result.
+steps=$(q <<'SQL'
+BEGIN;
+SELECT byok.start_reencrypt('lk', 'held') AS job \gset
+UPDATE byok.reencrypt_jobs SET state = 'running', cursor_relid = 'held', cursor_column = 'v', sweeping = true WHERE job_id = :job;
+SELECT byok.reencrypt_step(:job, 100);
+SELECT byok.reencrypt_step(:job, 100);
+SELECT byok.wait_job(:job, '30 seconds');
+COMMIT;
+SQL
+)
+wait $LOCKER
+check "the sweep rewrote the 9 free rows, then reported only locked rows left (-3), then waited and finished" \
+    "$(echo $steps)" "9 -3 done"
+check "every value is under the new key, the held row too" \
+    "$(q -c "SELECT count(*) FILTER (WHERE byok.data_key_id(v) = k.dek_id AND byok.decrypt_text(v, 'held.v') = 'held ' || id) FROM held, byok.data_keys k WHERE k.tenant_id = 'lk' AND k.state = 'active'")" "10"
+check "and the old key is retired" "$(q -c "SELECT string_agg(state, ',' ORDER BY dek_id) FROM byok.data_keys WHERE tenant_id = 'lk'")" "retired,active"
+
 echo "== scheduled data-key rotation (key_rotation.enabled, interval_days)"
 q -c "SELECT byok.configure_tenant('{\"customer\": \"acme\", \"tenant_id\": \"auto\", \"encryption\": {\"provider\": \"local\", \"local\": {\"key_id\": \"auto-cmk\"}, \"key_rotation\": {\"enabled\": true, \"interval_days\": 30}}}')" >/dev/null
 q -c "SELECT byok.configure_tenant('{\"customer\": \"acme\", \"tenant_id\": \"manual\", \"encryption\": {\"provider\": \"local\", \"local\": {\"key_id\": \"manual-cmk\"}, \"key_rotation\": {\"enabled\": false, \"interval_days\": 30}}}')" >/dev/null

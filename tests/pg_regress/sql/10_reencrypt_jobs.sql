@@ -40,6 +40,17 @@ SELECT state, byok.data_key_references(dek_id) AS values_sealed FROM byok.data_k
 -- Running it again finds nothing to do.
 SELECT byok.wait_job(byok.start_reencrypt('umbrella'), '1 minute') AS again;
 
+-- A migration that starts a job under a savepoint (a DO block with an exception
+-- handler, psql's ON_ERROR_ROLLBACK) and waits in the same transaction: the work
+-- is done there, as without the savepoint.
+SELECT byok.rotate_data_key('umbrella') > 0 AS rotated;
+BEGIN;
+SAVEPOINT before_job;
+SELECT byok.start_reencrypt('umbrella', 'patients') AS saved_job \gset
+RELEASE SAVEPOINT before_job;
+SELECT byok.wait_job(:saved_job, '10 seconds') AS under_a_savepoint;
+COMMIT;
+
 -- Pause and resume: a job paused before its worker starts waits, then finishes.
 SELECT byok.rotate_data_key('umbrella') > 0 AS rotated;
 BEGIN;
