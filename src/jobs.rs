@@ -299,8 +299,9 @@ pub extern "C-unwind" fn byok_reencrypt_main(argument: pg_sys::Datum) {
                 });
                 if rewritten == -3 {
                     // The last values are in rows other transactions hold locked:
-                    // wait for them to commit or roll back, then sweep again.
-                    if !BackgroundWorker::wait_latch(Some(Duration::from_millis(200))) {
+                    // wait for them to commit or roll back, then sweep again (once a
+                    // second: each look is a scan of the column).
+                    if !BackgroundWorker::wait_latch(Some(Duration::from_secs(1))) {
                         return;
                     }
                     continue;
