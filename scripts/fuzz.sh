@@ -6,10 +6,7 @@
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 SECONDS_EACH=${1:-60}
 cd "$BYOK_ROOT/fuzz"
-if ! cargo fuzz --version >/dev/null 2>&1; then
-    log "installing cargo-fuzz (once)"
-    cargo install cargo-fuzz --locked
-fi
+ensure_cargo_tools   # cargo-fuzz, pinned in tests/deps/cargo-tools.txt
 # cargo fuzz needs unstable compiler flags; the stable toolchain accepts them under
 # RUSTC_BOOTSTRAP. The target CPU flags of the extension do not apply here.
 export RUSTC_BOOTSTRAP=1

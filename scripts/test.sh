@@ -15,6 +15,12 @@ record() { # record NAME STATUS
 
 ensure_toolchain
 
+# Before anything else: each key-manager emulator starts from the test
+# environment and answers a real request. A missing package stops the run here,
+# named, instead of as a confusing failure twenty minutes in.
+log "preflight: every key-manager emulator answers a real request"
+"$PY" tests/preflight.py "$BYOK_WORK/preflight" || die "an emulator is missing (above); nothing else was run"
+
 log "style: cargo fmt --check, cargo clippy"
 status=0; cargo fmt --all --check && cargo fmt --manifest-path fuzz/Cargo.toml --check || status=$?
 record "cargo fmt" $status
@@ -31,7 +37,7 @@ grep -q "FAILED\|error:" "$BYOK_WORK.cargo-test.log" && status=1
 record "cargo test (core, kms)" $status
 
 log "key-manager stand-ins tested against the vendors' REST reference examples"
-status=0; for t in tests/standins/*/test_*.py; do python3 "$t" 2>&1 | tail -3 || status=$?; done
+status=0; for t in tests/standins/*/test_*.py; do "$PY" "$t" 2>&1 | tail -3 || status=$?; done
 record "stand-ins" $status
 
 install_extension

