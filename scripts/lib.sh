@@ -21,7 +21,7 @@ PY="$BYOK_VENV/bin/python3"
 export PYTHONNOUSERSITE=1
 unset PYTHONPATH PYTHONHOME
 
-log() { printf '\n==> %s\n' "$*"; }
+log() { printf '\n==> [%ss] %s\n' "$SECONDS" "$*"; }
 die() { echo "ERROR: $*" >&2; exit 1; }
 
 as_postgres() {
