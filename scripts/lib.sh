@@ -20,6 +20,9 @@ BYOK_VENV="$BYOK_WORK/venv"
 PY="$BYOK_VENV/bin/python3"
 export PYTHONNOUSERSITE=1
 unset PYTHONPATH PYTHONHOME
+# Servers started from here run as production servers do: without
+# RUST_BACKTRACE, which would add Rust backtraces to some errors' details.
+unset RUST_BACKTRACE RUST_LIB_BACKTRACE
 
 log() { printf '\n==> [%ss] %s\n' "$SECONDS" "$*"; }
 die() { echo "ERROR: $*" >&2; exit 1; }

@@ -10,6 +10,7 @@ use std::cell::Cell;
 
 use byok_core::config::ProviderKind;
 use byok_kms::WrappedDek;
+use byok_kms::protocol::ProviderRef;
 use pgrx::datum::DatumWithOid;
 use pgrx::pg_sys;
 use pgrx::prelude::*;
@@ -86,32 +87,25 @@ pub fn invalidate_everywhere() -> Result<(), ByokError> {
 }
 
 /// Switches the current user id to the extension's owner (adding `flags` to the
-/// security context); the returned guard restores the caller's id and context
-/// when dropped, also while an error unwinds.
-fn switch_to_owner(owner: pg_sys::Oid, flags: i32) -> RestoreUser {
-    let mut saved_user = pg_sys::InvalidOid;
-    let mut saved_context = 0;
-    unsafe {
-        pg_sys::GetUserIdAndSecContext(&mut saved_user, &mut saved_context);
-        pg_sys::SetUserIdAndSecContext(owner, saved_context | flags);
-    }
+/// security context) with search_path pinned to `pg_catalog, pg_temp`; the
+/// returned guard restores the caller's id, context and search_path when
+/// dropped, also while an error unwinds.
+fn switch_to_owner(owner: pg_sys::Oid, flags: u32) -> RestoreUser {
+    let caller = CALLER.get();
     RestoreUser {
-        user: saved_user,
-        context: saved_context,
-        caller: CALLER.get(),
+        _switched: crate::postgres::security::SwitchedUser::enter(owner, flags),
+        caller,
     }
 }
 
 struct RestoreUser {
-    user: pg_sys::Oid,
-    context: i32,
+    _switched: crate::postgres::security::SwitchedUser,
     /// The acting role recorded for the audit trail before the switch.
     caller: pg_sys::Oid,
 }
 
 impl Drop for RestoreUser {
     fn drop(&mut self) {
-        unsafe { pg_sys::SetUserIdAndSecContext(self.user, self.context) };
         CALLER.set(self.caller);
     }
 }
@@ -122,7 +116,7 @@ fn as_catalog_owner<R>(f: impl FnOnce() -> Result<R, ByokError>) -> Result<R, By
     let ids = catalog_ids()?;
     let _restore = switch_to_owner(
         ids.owner,
-        (pg_sys::SECURITY_LOCAL_USERID_CHANGE | pg_sys::SECURITY_RESTRICTED_OPERATION) as i32,
+        pg_sys::SECURITY_LOCAL_USERID_CHANGE | pg_sys::SECURITY_RESTRICTED_OPERATION,
     );
     f()
 }
@@ -132,17 +126,126 @@ fn as_catalog_owner<R>(f: impl FnOnce() -> Result<R, ByokError>) -> Result<R, By
 /// closed to the caller otherwise. The caller's id comes back afterwards, also
 /// when `f` raises an error; `session_user` (what the audit trail records) is
 /// never changed.
-pub fn as_extension_owner<R>(f: impl FnOnce() -> R) -> R {
-    let ids = match catalog_ids() {
-        Ok(ids) => ids,
-        Err(e) => e.raise(),
-    };
+pub fn as_extension_owner<R>(f: impl FnOnce() -> Result<R, ByokError>) -> Result<R, ByokError> {
+    let ids = catalog_ids()?;
+    // SAFETY: reads the backend's current user id.
     let saved_user = unsafe { pg_sys::GetUserId() };
-    let _restore = switch_to_owner(ids.owner, pg_sys::SECURITY_LOCAL_USERID_CHANGE as i32);
+    let _restore = switch_to_owner(ids.owner, pg_sys::SECURITY_LOCAL_USERID_CHANGE);
     if CALLER.get() == pg_sys::InvalidOid {
         CALLER.set(saved_user);
     }
     f()
+}
+
+/// A tenant as the catalog holds it: its key manager and master key.
+#[derive(Debug, Clone)]
+pub struct TenantRecord {
+    pub kind: ProviderKind,
+    pub provider: ProviderRef,
+    pub master_key_id: String,
+}
+
+/// The tenant `tenant_id` (locked for update with `lock`), or `None`. Call as
+/// the extension's owner.
+pub fn load_tenant(tenant_id: &str, lock: bool) -> Result<Option<TenantRecord>, ByokError> {
+    Spi::connect_mut(|client| load_tenant_with(client, tenant_id, lock))
+}
+
+/// [`load_tenant`] with an open SPI client.
+pub fn load_tenant_with(
+    client: &mut pgrx::spi::SpiClient<'_>,
+    tenant_id: &str,
+    lock: bool,
+) -> Result<Option<TenantRecord>, ByokError> {
+    let sql = if lock {
+        "SELECT provider, master_key_id, provider_options FROM byok.tenant_config
+          WHERE tenant_id OPERATOR(pg_catalog.=) $1 FOR UPDATE"
+    } else {
+        "SELECT provider, master_key_id, provider_options FROM byok.tenant_config
+          WHERE tenant_id OPERATOR(pg_catalog.=) $1"
+    };
+    let rows = client.update(sql, Some(1), &[DatumWithOid::from(tenant_id)])?;
+    if rows.is_empty() {
+        return Ok(None);
+    }
+    let row = rows.first();
+    let name: String = row
+        .get(1)?
+        .ok_or_else(|| ByokError::Catalog(format!("tenant \"{tenant_id}\" has no provider")))?;
+    let master_key_id: String = row
+        .get(2)?
+        .ok_or_else(|| ByokError::Catalog(format!("tenant \"{tenant_id}\" has no master key")))?;
+    let options = match row.get::<pgrx::JsonB>(3)?.map(|j| j.0) {
+        Some(serde_json::Value::Object(map)) => map,
+        _ => serde_json::Map::new(),
+    };
+    Ok(Some(TenantRecord {
+        kind: provider_of(&name)?,
+        provider: ProviderRef {
+            provider: name,
+            options,
+            create_key_store: false,
+        },
+        master_key_id,
+    }))
+}
+
+/// The tenant owning data key `dek_id`, if the key exists. Call as the owner.
+pub fn tenant_of_data_key(dek_id: i64) -> Result<Option<String>, ByokError> {
+    Ok(Spi::get_one_with_args::<String>(
+        "SELECT tenant_id FROM byok.wrapped_data_keys WHERE dek_id OPERATOR(pg_catalog.=) $1",
+        &[DatumWithOid::from(dek_id)],
+    )?)
+}
+
+/// The session's login role (the person, for dual control).
+pub fn session_role_name() -> String {
+    // SAFETY: reads the backend's session user id.
+    role_name(unsafe { pg_sys::GetSessionUserId() })
+}
+
+/// What dual control needs to know about a role taking part in it.
+#[derive(Debug, Clone)]
+pub struct Participant {
+    pub name: String,
+    pub is_admin: bool,
+    pub can_create_roles: bool,
+}
+
+/// The dual-control facts about `role_name`.
+pub fn participant(role_name: &str) -> Result<Participant, ByokError> {
+    Spi::connect(|client| {
+        let rows = client.select(
+            "SELECT r.rolcreaterole, pg_catalog.pg_has_role(r.oid, 'byok_admin', 'USAGE')
+               FROM pg_catalog.pg_roles r WHERE r.rolname OPERATOR(pg_catalog.=) $1",
+            Some(1),
+            &[DatumWithOid::from(role_name)],
+        )?;
+        if rows.is_empty() {
+            return Err(ByokError::UnknownRole(role_name.to_string()));
+        }
+        let row = rows.first();
+        Ok(Participant {
+            name: role_name.to_string(),
+            can_create_roles: row.get::<bool>(1)?.unwrap_or(true),
+            is_admin: row.get::<bool>(2)?.unwrap_or(false),
+        })
+    })
+}
+
+/// Whether a membership on `approver`'s path to byok_admin was granted by
+/// `requester`, or by a role `requester` belongs to (through any chain).
+pub fn membership_granted_by(approver: &str, requester: &str) -> Result<bool, ByokError> {
+    Ok(Spi::get_one_with_args::<bool>(
+        "SELECT EXISTS (
+             SELECT 1 FROM pg_catalog.pg_auth_members m
+              WHERE pg_catalog.pg_has_role(pg_catalog.to_regrole($1), m.member, 'MEMBER')
+                AND pg_catalog.pg_has_role(m.roleid, 'byok_admin', 'MEMBER')
+                AND m.grantor OPERATOR(pg_catalog.<>) 0
+                AND pg_catalog.pg_has_role(pg_catalog.to_regrole($2), m.grantor, 'MEMBER'))",
+        &[DatumWithOid::from(approver), DatumWithOid::from(requester)],
+    )?
+    .unwrap_or(true))
 }
 
 thread_local! {
@@ -350,6 +453,26 @@ pub fn may_use_tenant(user: pg_sys::Oid, tenant_id: &str) -> Result<bool, ByokEr
         )?
         .unwrap_or(false))
     })
+}
+
+/// Whether the current user may see tenant `tenant_id` in the catalog views:
+/// superusers and byok_admin members see every tenant, other roles the ones
+/// they are granted.
+pub fn current_user_sees_tenant(tenant_id: &str) -> Result<bool, ByokError> {
+    // SAFETY: plain lookups of the backend's own state and the role cache.
+    let (user, admin) = unsafe {
+        (
+            pg_sys::GetUserId(),
+            pg_sys::get_role_oid(c"byok_admin".as_ptr(), true),
+        )
+    };
+    // SAFETY: as above.
+    if unsafe { pg_sys::superuser_arg(user) }
+        || (admin != pg_sys::InvalidOid && unsafe { pg_sys::has_privs_of_role(user, admin) })
+    {
+        return Ok(true);
+    }
+    may_use_tenant(user, tenant_id)
 }
 
 /// A role's name for messages (its OID if it no longer exists).

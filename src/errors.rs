@@ -30,7 +30,7 @@ use byok_kms::{ErrorKind, ProviderError};
 use pgrx::pg_sys::panic::ErrorReport;
 use pgrx::{PgLogLevel, PgSqlErrorCode};
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub enum ByokError {
     MalformedText(TextError),
     MalformedBinary(FormatError),
@@ -38,6 +38,30 @@ pub enum ByokError {
     InvalidArgument {
         message: String,
         hint: Option<String>,
+    },
+    /// A refusal on privilege grounds not covered by a more specific variant (42501).
+    NotAllowed {
+        message: String,
+        detail: Option<String>,
+        hint: Option<String>,
+    },
+    /// Something named does not exist (42704), when no variant below fits.
+    NotFound {
+        message: String,
+        hint: Option<String>,
+    },
+    /// An object not in the state an operation needs (55000), when no variant below fits.
+    WrongState {
+        message: String,
+        detail: Option<String>,
+        hint: Option<String>,
+    },
+    /// A column that does not exist (42703).
+    UndefinedColumn(String),
+    /// A value or column of the wrong type (42804).
+    WrongType {
+        message: String,
+        hint: String,
     },
     UnknownTenant(String),
     UnknownRole(String),
@@ -54,6 +78,15 @@ pub enum ByokError {
         tenant: String,
         role: String,
     },
+    /// Decrypting a value whose data key belongs to a tenant the role is not
+    /// granted. The message names the key, not the tenant: a crafted envelope
+    /// must not tell an ungranted role which tenant owns which key.
+    DataKeyNotGranted {
+        dek_id: u64,
+        /// For the audit trail only, never shown.
+        tenant: String,
+        role: String,
+    },
     DualControlRequired {
         operation: &'static str,
         tenant: String,
@@ -66,9 +99,16 @@ pub enum ByokError {
     },
     AuthenticationFailed {
         dek_id: u64,
+        tenant: Option<String>,
     },
-    KeyDestroyed(u64),
-    KeyRetired(u64),
+    KeyDestroyed {
+        dek_id: u64,
+        tenant: Option<String>,
+    },
+    KeyRetired {
+        dek_id: u64,
+        tenant: Option<String>,
+    },
     InvalidKeyState {
         dek_id: u64,
         from: String,
@@ -145,6 +185,37 @@ impl ByokError {
                     None => r,
                 }
             }
+            ByokError::NotAllowed { message, detail, hint } => {
+                let mut r = report(ERRCODE_INSUFFICIENT_PRIVILEGE, message);
+                if let Some(d) = detail {
+                    r = r.set_detail(d);
+                }
+                if let Some(h) = hint {
+                    r = r.set_hint(h);
+                }
+                r
+            }
+            ByokError::NotFound { message, hint } => {
+                let r = report(ERRCODE_UNDEFINED_OBJECT, message);
+                match hint {
+                    Some(h) => r.set_hint(h),
+                    None => r,
+                }
+            }
+            ByokError::WrongState { message, detail, hint } => {
+                let mut r = report(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE, message);
+                if let Some(d) = detail {
+                    r = r.set_detail(d);
+                }
+                if let Some(h) = hint {
+                    r = r.set_hint(h);
+                }
+                r
+            }
+            ByokError::UndefinedColumn(message) => report(ERRCODE_UNDEFINED_COLUMN, message),
+            ByokError::WrongType { message, hint } => {
+                report(ERRCODE_DATATYPE_MISMATCH, message).set_hint(hint)
+            }
             ByokError::UnknownTenant(t) => report(ERRCODE_UNDEFINED_OBJECT, format!("tenant \"{t}\" does not exist"))
                 .set_hint("create it with byok.configure_tenant()"),
             ByokError::UnknownRole(r) => report(ERRCODE_UNDEFINED_OBJECT, format!("role \"{r}\" does not exist")),
@@ -174,6 +245,12 @@ impl ByokError {
             )
             .set_detail("encrypting and decrypting a tenant's values needs a per-tenant grant")
             .set_hint(format!("a byok_admin grants it: SELECT byok.grant_tenant('{role}', '{tenant}')")),
+            ByokError::DataKeyNotGranted { dek_id, role, .. } => report(
+                ERRCODE_INSUFFICIENT_PRIVILEGE,
+                format!("role \"{role}\" may not use data key {dek_id}"),
+            )
+            .set_detail("decrypting a value needs a grant on the tenant that owns its data key")
+            .set_hint("a byok_admin finds the tenant in byok.data_keys and grants it with byok.grant_tenant()"),
             ByokError::DualControlRequired { operation, tenant, args } => report(
                 ERRCODE_INSUFFICIENT_PRIVILEGE,
                 format!("{operation} needs dual control in this environment"),
@@ -186,18 +263,18 @@ impl ByokError {
             )
             .set_detail("byok.environment's segregation policy keeps each environment to its own master keys; the key's name (the last segment of its id or alias) must start with the prefix")
             .set_hint(format!("use a key (or an alias) named {key_prefix}..., or check byok.environment")),
-            ByokError::AuthenticationFailed { dek_id } => report(
+            ByokError::AuthenticationFailed { dek_id, .. } => report(
                 ERRCODE_DATA_EXCEPTION,
                 "cannot decrypt: the value or its context does not match (authentication failed)".to_string(),
             )
             .set_detail(format!("data key {dek_id}; the value was modified or truncated, belongs to another tenant, or was sealed with another context"))
             .set_hint("pass the same context that was given to byok.encrypt()"),
-            ByokError::KeyDestroyed(id) => report(
+            ByokError::KeyDestroyed { dek_id: id, .. } => report(
                 ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
                 format!("data key {id} has been destroyed"),
             )
             .set_detail("values sealed under a destroyed key can no longer be decrypted"),
-            ByokError::KeyRetired(id) => report(
+            ByokError::KeyRetired { dek_id: id, .. } => report(
                 ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
                 format!("data key {id} is retired"),
             )
@@ -267,37 +344,17 @@ impl ByokError {
         }
     }
 
-    /// What the audit trail records about a failure: its tenant and data key
-    /// where known, and whether it matters outside an administrative operation
-    /// (refusals and key failures do; malformed input does not).
-    fn audit_subject(&self) -> (Option<&str>, Option<i64>, bool) {
-        match self {
-            ByokError::TenantNotGranted { tenant, .. } => (Some(tenant), None, true),
-            ByokError::TenantMismatchOnEncrypt { requested, .. } => (Some(requested), None, true),
-            ByokError::TenantMismatchOnDecrypt { .. } => (None, None, true),
-            ByokError::AuthenticationFailed { dek_id }
-            | ByokError::KeyDestroyed(dek_id)
-            | ByokError::KeyRetired(dek_id) => (None, Some(*dek_id as i64), true),
-            // (the broker records every key-manager failure itself)
-            ByokError::BrokerTimeout { .. } => (None, None, true),
-            ByokError::DualControlRequired { tenant, .. } => (Some(tenant), None, true),
-            _ => (None, None, false),
-        }
+    /// Raises this error as an ERROR; does not return. (Recording failures in
+    /// the audit trail is the caller's business: the administrative executor
+    /// and the per-row path do it.)
+    pub fn raise(self) -> ! {
+        self.into_report().report(PgLogLevel::ERROR);
+        unreachable!("ERROR does not return")
     }
 
-    /// Raises this error as an ERROR; does not return. The failure is queued for
-    /// the audit trail first (see `audit::note_error`).
-    pub fn raise(self) -> ! {
-        let (tenant, dek_id, relevant) = self.audit_subject();
-        let (tenant, dek_id) = (tenant.map(str::to_string), dek_id);
-        let report = self.into_report();
-        let summary = match report.detail() {
-            Some(detail) => format!("{}: {detail}", report.message()),
-            None => report.message().to_string(),
-        };
-        crate::audit::note_error(&summary, tenant.as_deref(), dek_id, relevant);
-        report.report(PgLogLevel::ERROR);
-        unreachable!("ERROR does not return")
+    /// [`summary`](Self::summary) without consuming the error.
+    pub fn summary_ref(&self) -> String {
+        self.clone().summary()
     }
 }
 
@@ -311,6 +368,7 @@ fn provider_report(e: ProviderError) -> ErrorReport {
         ErrorKind::Unavailable | ErrorKind::Throttled => ERRCODE_SYSTEM_ERROR,
         ErrorKind::Misconfigured => ERRCODE_CONFIG_FILE_ERROR,
         ErrorKind::NotSupported => ERRCODE_FEATURE_NOT_SUPPORTED,
+        ErrorKind::NotPermitted => ERRCODE_INSUFFICIENT_PRIVILEGE,
     };
     let mut report = ErrorReport::new(
         code,

@@ -76,7 +76,96 @@ pub static KEY_PREFIX: GucSetting<Option<CString>> = GucSetting::<Option<CString
 /// long a dual-control request waits for its approval.
 pub static APPROVAL_EXPIRY_MINUTES: GucSetting<i32> = GucSetting::<i32>::new(60);
 
+/// `byok.credential_directories` (server configuration): comma-separated
+/// absolute directories that tenants' credential files (tokens, secret ids,
+/// service-account keys, client certificates, CA bundles) may come from. Files
+/// must be owned by the server's OS user with mode 0600 or stricter; symbolic
+/// links below a directory are refused. Empty (the default): no credential file
+/// may be named in a tenant configuration.
+pub static CREDENTIAL_DIRECTORIES: GucSetting<Option<CString>> =
+    GucSetting::<Option<CString>>::new(None);
+
+/// `byok.allowed_endpoints` (server configuration): comma-separated host
+/// patterns (`host`, `host:port`, `*.domain`) a tenant configuration may name
+/// as a key-manager or token endpoint, besides the cloud providers' public
+/// service domains (always allowed).
+pub static ALLOWED_ENDPOINTS: GucSetting<Option<CString>> =
+    GucSetting::<Option<CString>>::new(None);
+
+/// `byok.allow_insecure_transport` (server configuration): lets tenant
+/// configurations use plain `http://` endpoints and turn TLS certificate
+/// checks off. For tests against local emulators; never in production.
+pub static ALLOW_INSECURE_TRANSPORT: GucSetting<bool> = GucSetting::<bool>::new(false);
+
+/// `byok.dual_control_approvers` (superuser only): comma-separated login roles
+/// that may approve dual-control requests. Empty (the default): any other
+/// byok_admin may, except one whose membership the requester granted and, on
+/// either side, a holder of CREATEROLE (who could mint a second approver).
+pub static DUAL_CONTROL_APPROVERS: GucSetting<Option<CString>> =
+    GucSetting::<Option<CString>>::new(None);
+
+/// `byok.max_encryptions_per_key` (server configuration): how many values one
+/// data key may seal before the key is rotated automatically. AES-GCM with
+/// random 96-bit nonces stays within NIST SP 800-38D's bound (2^32 per key)
+/// with a wide margin at the default, 2^30.
+pub static MAX_ENCRYPTIONS_PER_KEY: GucSetting<i32> = GucSetting::<i32>::new(1 << 30);
+
+/// `byok.audit_key_file` (server configuration, superuser only): the secret
+/// that keys the audit trail's hash chain (HMAC-SHA-256). Empty: `byok_audit.key`
+/// in the data directory, created with mode 0600 on first use.
+pub static AUDIT_KEY_FILE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
+
 pub fn init() {
+    GucRegistry::define_string_guc(
+        c"byok.credential_directories",
+        c"Directories tenants' credential files may come from.",
+        c"Comma-separated absolute paths; files must be owned by the server's OS user with mode 0600 or stricter, and symbolic links are refused. Empty: no credential files.",
+        &CREDENTIAL_DIRECTORIES,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
+    GucRegistry::define_string_guc(
+        c"byok.allowed_endpoints",
+        c"Private key-manager endpoints tenant configurations may name.",
+        c"Comma-separated host patterns (host, host:port, *.domain); the cloud providers' public domains are always allowed.",
+        &ALLOWED_ENDPOINTS,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
+    GucRegistry::define_bool_guc(
+        c"byok.allow_insecure_transport",
+        c"Allows plain http endpoints and disabled TLS checks in tenant configurations (tests only).",
+        c"Never enable it in production: credentials and wrapped keys would cross the network unprotected.",
+        &ALLOW_INSECURE_TRANSPORT,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
+    GucRegistry::define_string_guc(
+        c"byok.dual_control_approvers",
+        c"Login roles that may approve dual-control requests (empty: any other byok_admin, with checks).",
+        c"When set, only these roles approve, and CREATEROLE holders may request.",
+        &DUAL_CONTROL_APPROVERS,
+        GucContext::Suset,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"byok.max_encryptions_per_key",
+        c"Values one data key may seal before it is rotated automatically.",
+        c"Counted across backends and restarts; the default 2^30 keeps AES-GCM's random nonces far within NIST's 2^32 bound.",
+        &MAX_ENCRYPTIONS_PER_KEY,
+        1_000,
+        i32::MAX,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
+    GucRegistry::define_string_guc(
+        c"byok.audit_key_file",
+        c"Path of the secret keying the audit trail's hash chain.",
+        c"Empty means byok_audit.key in the data directory, created with mode 0600 on first use.",
+        &AUDIT_KEY_FILE,
+        GucContext::Sighup,
+        GucFlags::SUPERUSER_ONLY,
+    );
     GucRegistry::define_enum_guc(
         c"byok.environment",
         c"The deployment environment whose key segregation policy applies.",
@@ -203,6 +292,45 @@ pub fn session_tenant() -> Option<&'static CStr> {
         }
         let value = CStr::from_ptr(raw);
         if value.is_empty() { None } else { Some(value) }
+    }
+}
+
+fn string_setting(setting: &GucSetting<Option<CString>>) -> String {
+    setting
+        .get()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default()
+}
+
+/// The policy tenants' configurations are held to (byok.credential_directories,
+/// byok.allowed_endpoints, byok.allow_insecure_transport).
+pub fn access_policy() -> byok_kms::AccessPolicy {
+    byok_kms::AccessPolicy::new(
+        &string_setting(&CREDENTIAL_DIRECTORIES),
+        &string_setting(&ALLOWED_ENDPOINTS),
+        ALLOW_INSECURE_TRANSPORT.get(),
+    )
+}
+
+/// The roles named in byok.dual_control_approvers.
+pub fn dual_control_approvers() -> Vec<String> {
+    string_setting(&DUAL_CONTROL_APPROVERS)
+        .split(',')
+        .map(|r| r.trim().to_string())
+        .filter(|r| !r.is_empty())
+        .collect()
+}
+
+/// byok.max_encryptions_per_key.
+pub fn max_encryptions_per_key() -> u64 {
+    MAX_ENCRYPTIONS_PER_KEY.get().max(1) as u64
+}
+
+/// byok.audit_key_file, or `byok_audit.key` in the data directory.
+pub fn audit_key_file() -> std::path::PathBuf {
+    match string_setting(&AUDIT_KEY_FILE) {
+        path if !path.is_empty() => path.into(),
+        _ => crate::postgres::data_directory().join("byok_audit.key"),
     }
 }
 

@@ -42,6 +42,92 @@ struct ReadyKey {
     granted_to: Cell<pg_sys::Oid>,
 }
 
+/// On whose authority a key is used.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Authority {
+    /// The current user's: it must be granted the key's tenant.
+    Caller,
+    /// A re-encryption job's (`byok.reencrypt`, `byok.value_opens` while the
+    /// job engine runs a statement as a table's owner): the job's tenant scope
+    /// decides, not the owner's grants. Only the engine sets it (see
+    /// [`JobScope`]); SQL cannot.
+    Job,
+}
+
+/// The tenants a running re-encryption job may use keys of.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Scope {
+    AllTenants,
+    Tenant(Box<str>),
+}
+
+static JOB_SCOPE: BackendCell<Option<Scope>> = BackendCell(RefCell::new(None));
+
+/// While alive, `byok.reencrypt` and `byok.value_opens` act with the job's
+/// authority for `tenant` (all tenants with `None`).
+pub struct JobScope(());
+
+impl JobScope {
+    pub fn enter(tenant: Option<&str>) -> JobScope {
+        let scope = match tenant {
+            Some(t) => Scope::Tenant(t.into()),
+            None => Scope::AllTenants,
+        };
+        JOB_SCOPE.with_borrow_mut(|s| *s = Some(scope));
+        JobScope(())
+    }
+}
+
+impl Drop for JobScope {
+    fn drop(&mut self) {
+        JOB_SCOPE.with_borrow_mut(|s| *s = None);
+    }
+}
+
+impl Authority {
+    /// `Job` inside a job's statement, else `Caller`.
+    pub fn of_job_step() -> Authority {
+        if JOB_SCOPE.with_borrow_mut(|s| s.is_some()) {
+            Authority::Job
+        } else {
+            Authority::Caller
+        }
+    }
+}
+
+/// Whether the running job may use `tenant_id`'s keys.
+fn job_covers(tenant_id: &str) -> bool {
+    JOB_SCOPE.with_borrow_mut(|scope| match scope {
+        Some(Scope::AllTenants) => true,
+        Some(Scope::Tenant(t)) => &**t == tenant_id,
+        None => false,
+    })
+}
+
+/// Checks `authority` for a tenant (`user` is the current user for `Caller`).
+fn authorize_as(authority: Authority, tenant_id: &str, user: pg_sys::Oid) -> Result<(), ByokError> {
+    match authority {
+        Authority::Caller => authorize(tenant_id, user),
+        Authority::Job if job_covers(tenant_id) => Ok(()),
+        Authority::Job => Err(ByokError::TenantNotGranted {
+            tenant: tenant_id.to_string(),
+            role: "re-encryption job".into(),
+        }),
+    }
+}
+
+/// The decrypt path's refusal: names the key, not its tenant.
+fn not_granted_for_key(dek_id: u64, e: ByokError) -> ByokError {
+    match e {
+        ByokError::TenantNotGranted { tenant, role } => ByokError::DataKeyNotGranted {
+            dek_id,
+            tenant,
+            role,
+        },
+        other => other,
+    }
+}
+
 /// The role the per-row functions act for (`current_user`).
 #[inline(always)]
 fn current_user() -> pg_sys::Oid {
@@ -73,7 +159,7 @@ fn authorize_ready(dek_id: u64, user: pg_sys::Oid) -> Result<(), ByokError> {
     let Some(tenant) = tenant else {
         return Ok(()); // dropped meanwhile: the miss path checks it
     };
-    authorize(&tenant, user)?;
+    authorize(&tenant, user).map_err(|e| not_granted_for_key(dek_id, e))?;
     RING.with_ring(|ring| {
         ring.remember_authorized(user, &tenant);
         if let Some(ready) = ring.ciphers.get(&dek_id, now) {
@@ -220,17 +306,25 @@ fn seal_with(
     })
 }
 
-fn crypto_error(dek_id: u64, e: CryptoError) -> ByokError {
+fn crypto_error(dek_id: u64, tenant: &str, e: CryptoError) -> ByokError {
     match e {
         CryptoError::AuthenticationFailed | CryptoError::WrongKey { .. } => {
-            ByokError::AuthenticationFailed { dek_id }
+            ByokError::AuthenticationFailed {
+                dek_id,
+                tenant: Some(tenant.to_string()),
+            }
         }
         other => ByokError::Internal(other.to_string()),
     }
 }
 
 /// Opens `envelope` into `out` (exactly `envelope.plaintext_len()` bytes).
-pub fn open(envelope: &Envelope<'_>, context: &[u8], out: &mut [u8]) -> Result<(), ByokError> {
+pub fn open(
+    envelope: &Envelope<'_>,
+    context: &[u8],
+    out: &mut [u8],
+    authority: Authority,
+) -> Result<(), ByokError> {
     let dek_id = envelope.dek_id();
     let now = Tick::now();
     let open_with = |ready: &ReadyKey, out: &mut [u8]| -> Result<(), ByokError> {
@@ -238,7 +332,7 @@ pub fn open(envelope: &Envelope<'_>, context: &[u8], out: &mut [u8]) -> Result<(
         let result = ready
             .cipher
             .open_into(envelope, context, out)
-            .map_err(|e| crypto_error(dek_id, e));
+            .map_err(|e| crypto_error(dek_id, ready.cipher.tenant_id(), e));
         if result.is_err() {
             ready.counts.decrypt_failed();
         }
@@ -247,24 +341,43 @@ pub fn open(envelope: &Envelope<'_>, context: &[u8], out: &mut [u8]) -> Result<(
     let user = current_user();
     let hit = RING.with_ring(|ring| {
         let ready = ring.ciphers.get(&dek_id, now)?;
-        if ready.granted_to.get() != user {
-            if !is_authorized(&ring.authorized, user, ready.cipher.tenant_id()) {
-                return Some(None);
+        match authority {
+            Authority::Caller if ready.granted_to.get() != user => {
+                if !is_authorized(&ring.authorized, user, ready.cipher.tenant_id()) {
+                    return Some(None);
+                }
+                ready.granted_to.set(user);
             }
-            ready.granted_to.set(user);
+            Authority::Caller => {}
+            Authority::Job if !job_covers(ready.cipher.tenant_id()) => return Some(None),
+            Authority::Job => {}
         }
         ready.counts.hit(true);
         Some(Some(open_with(ready, &mut *out)))
     });
     match hit {
         Some(Some(result)) => return result,
-        Some(None) => {
+        Some(None) if authority == Authority::Caller => {
             authorize_ready(dek_id, user)?;
-            return open(envelope, context, out);
+            return open(envelope, context, out, authority);
+        }
+        Some(None) => {
+            // A job outside its scope: refused without naming the key's tenant.
+            let tenant = RING
+                .with_ring(|ring| {
+                    ring.ciphers
+                        .get(&dek_id, now)
+                        .map(|r| r.cipher.tenant_id().to_string())
+                })
+                .unwrap_or_default();
+            return Err(not_granted_for_key(
+                dek_id,
+                authorize_as(authority, &tenant, user).unwrap_err(),
+            ));
         }
         None => {}
     }
-    let (ready, limits) = load_cipher(dek_id, user)?;
+    let (ready, limits) = load_cipher(dek_id, user, authority)?;
     ready.counts.miss(true);
     let result = open_with(&ready, out);
     RING.with_ring(|ring| {
@@ -277,9 +390,14 @@ pub fn open(envelope: &Envelope<'_>, context: &[u8], out: &mut [u8]) -> Result<(
 /// Opens `envelope` and seals its plaintext again under its tenant's active data
 /// key, with the same context (a re-encryption job's per-row step). The
 /// plaintext lives only in a buffer wiped on drop.
-pub fn reseal(envelope: &Envelope<'_>, context: &[u8], out: &mut [u8]) -> Result<(), ByokError> {
+pub fn reseal(
+    envelope: &Envelope<'_>,
+    context: &[u8],
+    out: &mut [u8],
+    authority: Authority,
+) -> Result<(), ByokError> {
     let mut plaintext = zeroize::Zeroizing::new(vec![0u8; envelope.plaintext_len()]);
-    open(envelope, context, &mut plaintext)?;
+    open(envelope, context, &mut plaintext, authority)?;
     let dek_id = envelope.dek_id();
     let tenant = RING
         .with_ring(|ring| {
@@ -289,10 +407,10 @@ pub fn reseal(envelope: &Envelope<'_>, context: &[u8], out: &mut [u8]) -> Result
         })
         .map(Ok)
         .unwrap_or_else(|| {
-            load_cipher(dek_id, current_user())
+            load_cipher(dek_id, current_user(), authority)
                 .map(|(ready, _)| ready.cipher.tenant_id().to_string())
         })?;
-    seal(&tenant, &plaintext, context, out)
+    seal(&tenant, &plaintext, context, out, authority)
 }
 
 /// Seals `plaintext` for `tenant_id` into `out` (exactly `sealed_len(plaintext.len())` bytes).
@@ -301,22 +419,29 @@ pub fn seal(
     plaintext: &[u8],
     context: &[u8],
     out: &mut [u8],
+    authority: Authority,
 ) -> Result<(), ByokError> {
     check_session_tenant_for_encrypt(tenant_id)?;
     let now = Tick::now();
     let seal_ready = |ready: &ReadyKey, dek_id: u64, out: &mut [u8]| {
-        seal_with(&ready.cipher, plaintext, context, out).map_err(|e| crypto_error(dek_id, e))
+        seal_with(&ready.cipher, plaintext, context, out)
+            .map_err(|e| crypto_error(dek_id, tenant_id, e))
     };
     let user = current_user();
     let hit = RING.with_ring(|ring| {
         let active = ring.active.get(tenant_id).filter(|a| a.expires_at > now)?;
         let dek_id = active.dek_id;
         let ready = ring.ciphers.get(&dek_id, now)?;
-        if ready.granted_to.get() != user {
-            if !is_authorized(&ring.authorized, user, tenant_id) {
-                return None;
+        match authority {
+            Authority::Caller if ready.granted_to.get() != user => {
+                if !is_authorized(&ring.authorized, user, tenant_id) {
+                    return None;
+                }
+                ready.granted_to.set(user);
             }
-            ready.granted_to.set(user);
+            Authority::Caller => {}
+            Authority::Job if !job_covers(tenant_id) => return None,
+            Authority::Job => {}
         }
         ready.counts.hit(false);
         Some(seal_ready(ready, dek_id, &mut *out))
@@ -332,8 +457,10 @@ pub fn seal(
     })?;
     // Before anything about the tenant is looked up (an unknown tenant and one
     // not granted look the same to a role without the grant).
-    authorize(tenant_id, user)?;
-    RING.with_ring(|ring| ring.remember_authorized(user, tenant_id));
+    authorize_as(authority, tenant_id, user)?;
+    if authority == Authority::Caller {
+        RING.with_ring(|ring| ring.remember_authorized(user, tenant_id));
+    }
     let info = catalog::load_tenant_key_info(tenant_id)?
         .ok_or_else(|| ByokError::UnknownTenant(tenant_id.to_string()))?;
     let dek_id = info
@@ -341,7 +468,9 @@ pub fn seal(
         .ok_or_else(|| ByokError::NoActiveDataKey(tenant_id.to_string()))?;
     let cached = RING.with_ring(|ring| {
         ring.ciphers.get(&dek_id, now).map(|ready| {
-            ready.granted_to.set(user); // authorized above
+            if authority == Authority::Caller {
+                ready.granted_to.set(user); // authorized above
+            }
             ready.counts.hit(false);
             seal_ready(ready, dek_id, &mut *out)
         })
@@ -349,7 +478,7 @@ pub fn seal(
     let result = match cached {
         Some(result) => result,
         None => {
-            let (ready, limits) = load_cipher(dek_id, user)?;
+            let (ready, limits) = load_cipher(dek_id, user, authority)?;
             ready.counts.miss(false);
             let result = seal_ready(&ready, dek_id, out);
             RING.with_ring(|ring| ring.ciphers.insert(dek_id, tenant_id, ready, limits, now));
@@ -368,22 +497,43 @@ pub fn seal(
     result
 }
 
-/// Reads, checks and unwraps data key `dek_id` into a ready cipher for `user`.
-fn load_cipher(dek_id: u64, user: pg_sys::Oid) -> Result<(ReadyKey, CacheLimits), ByokError> {
+/// Reads, checks and unwraps data key `dek_id` into a ready cipher for `user`
+/// (or a job, per `authority`).
+fn load_cipher(
+    dek_id: u64,
+    user: pg_sys::Oid,
+    authority: Authority,
+) -> Result<(ReadyKey, CacheLimits), ByokError> {
     let record = catalog::load_data_key(dek_id)?.ok_or(ByokError::UnknownDataKey(dek_id))?;
     // Refuse before asking the key manager for anything.
     check_session_tenant_for_decrypt(&record.tenant_id)?;
-    authorize(&record.tenant_id, user)?;
-    RING.with_ring(|ring| ring.remember_authorized(user, &record.tenant_id));
+    authorize_as(authority, &record.tenant_id, user).map_err(|e| not_granted_for_key(dek_id, e))?;
+    if authority == Authority::Caller {
+        RING.with_ring(|ring| ring.remember_authorized(user, &record.tenant_id));
+    }
+    let tenant = || Some(record.tenant_id.clone());
     match record.state {
-        KeyState::Destroyed => return Err(ByokError::KeyDestroyed(dek_id)),
-        KeyState::Retired => return Err(ByokError::KeyRetired(dek_id)),
+        KeyState::Destroyed => {
+            return Err(ByokError::KeyDestroyed {
+                dek_id,
+                tenant: tenant(),
+            });
+        }
+        KeyState::Retired => {
+            return Err(ByokError::KeyRetired {
+                dek_id,
+                tenant: tenant(),
+            });
+        }
         KeyState::Active | KeyState::DecryptOnly => {}
     }
     let wrapped = record
         .wrapped
         .clone()
-        .ok_or(ByokError::KeyDestroyed(dek_id))?;
+        .ok_or_else(|| ByokError::KeyDestroyed {
+            dek_id,
+            tenant: tenant(),
+        })?;
     // From the broker's shared cache, or the key manager through the broker.
     // `dek` is zeroized when it goes out of scope; only the key schedule is kept.
     let (dek, _stale) = broker::unwrap(
@@ -403,12 +553,17 @@ fn load_cipher(dek_id: u64, user: pg_sys::Oid) -> Result<(ReadyKey, CacheLimits)
         ttl: Duration::from_secs(record.cache.ttl_seconds as u64),
         max_entries: record.cache.max_entries as usize,
     };
-    let counts = PendingCounts::new(record.provider, &record.tenant_id);
+    let counts = PendingCounts::new(record.provider, &record.tenant_id, dek_id);
     Ok((
         ReadyKey {
             cipher,
             counts,
-            granted_to: Cell::new(user),
+            // A job's use grants nothing to the role it runs as.
+            granted_to: Cell::new(if authority == Authority::Caller {
+                user
+            } else {
+                pg_sys::InvalidOid
+            }),
         },
         limits,
     ))

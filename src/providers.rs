@@ -2,10 +2,7 @@
 //! provider now runs inside the key broker (`broker::worker`); backends never
 //! call one directly.
 
-use std::ffi::CStr;
 use std::path::PathBuf;
-
-use pgrx::pg_sys;
 
 use crate::gucs;
 
@@ -16,10 +13,6 @@ pub const DEFAULT_LOCAL_KEY_FILE: &str = "byok_local_master.key";
 pub fn local_key_path() -> PathBuf {
     match gucs::local_master_key_file() {
         Some(path) => PathBuf::from(path),
-        None => {
-            // SAFETY: DataDir is set once at startup and never freed.
-            let data_dir = unsafe { CStr::from_ptr(pg_sys::DataDir) };
-            PathBuf::from(data_dir.to_string_lossy().into_owned()).join(DEFAULT_LOCAL_KEY_FILE)
-        }
+        None => crate::postgres::data_directory().join(DEFAULT_LOCAL_KEY_FILE),
     }
 }

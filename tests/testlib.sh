@@ -17,7 +17,7 @@ expect_error() { # expect_error LABEL SQLSTATE TEXT SQL
 wait_for_audit_queue() {
     local i
     for i in $(seq 300); do
-        [ "$(psql_at "$NAME" "$PORT" -d "${DB:-postgres}" -qAt -c "SELECT (SELECT audit_queued FROM byok.broker_status()) = 0 AND NOT EXISTS (SELECT 1 FROM pg_stat_activity WHERE backend_type = 'byok audit writer')")" = t ] && return 0
+        [ "$(psql_at "$NAME" "$PORT" -d "${DB:-postgres}" -qAt -c "SELECT (SELECT audit_queued FROM byok.broker_status()) = 0 AND NOT EXISTS (SELECT 1 FROM pg_stat_activity WHERE backend_type = 'byok catalog writer')")" = t ] && return 0
         sleep 0.1
     done
     return 1

@@ -7,7 +7,7 @@ use pgrx::pg_sys;
 use pgrx::prelude::*;
 
 use crate::errors::{ByokError, OrRaise};
-use crate::keyring;
+use crate::keyring::{self, Authority};
 use crate::postgres::fmgr::{arg_datum, nargs, pg_function_info_v1};
 use crate::postgres::varlena::{MAX_VARLENA_PAYLOAD, VarlenaBuf, datum_bytes};
 
@@ -18,6 +18,14 @@ pg_function_info_v1!(
     byok_reencrypt,
     byok_value_opens
 );
+
+/// Raises a key-use failure, recording it in the audit trail first when it
+/// matters to a security reviewer (refusals, authentication failures).
+#[cold]
+fn key_use_failed(error: ByokError) -> ! {
+    crate::audit::key_use_failed(&error);
+    error.raise()
+}
 
 /// The optional `context` argument (SQL default '').
 #[inline(always)]
@@ -53,7 +61,15 @@ pub unsafe extern "C-unwind" fn byok_encrypt(fcinfo: pg_sys::FunctionCallInfo) -
         })
         .or_raise();
     let mut out = VarlenaBuf::new(sealed_len);
-    keyring::seal(tenant, plaintext, context, out.as_mut_slice()).or_raise();
+    if let Err(e) = keyring::seal(
+        tenant,
+        plaintext,
+        context,
+        out.as_mut_slice(),
+        Authority::Caller,
+    ) {
+        key_use_failed(e);
+    }
     out.into_datum()
 }
 
@@ -64,7 +80,9 @@ unsafe fn decrypt_into_varlena(fcinfo: pg_sys::FunctionCallInfo) -> VarlenaBuf {
         .map_err(ByokError::MalformedValue)
         .or_raise();
     let mut out = VarlenaBuf::new(envelope.plaintext_len());
-    keyring::open(&envelope, context, out.as_mut_slice()).or_raise();
+    if let Err(e) = keyring::open(&envelope, context, out.as_mut_slice(), Authority::Caller) {
+        key_use_failed(e);
+    }
     out
 }
 
@@ -100,8 +118,21 @@ pub unsafe extern "C-unwind" fn byok_reencrypt(fcinfo: pg_sys::FunctionCallInfo)
     let envelope = Envelope::parse(sealed)
         .map_err(ByokError::MalformedValue)
         .or_raise();
+    // Inside a re-encryption job's statement the job's authority applies (the
+    // statement runs as the table's owner); outside one, superusers only.
+    let authority = Authority::of_job_step();
+    if authority == Authority::Caller && !unsafe { pg_sys::superuser() } {
+        ByokError::NotAllowed {
+            message: "byok.reencrypt runs inside re-encryption jobs (or for a superuser)".into(),
+            detail: None,
+            hint: Some("start a job: SELECT byok.start_reencrypt(tenant_id)".into()),
+        }
+        .raise();
+    }
     let mut out = VarlenaBuf::new(envelope::sealed_len(envelope.plaintext_len()));
-    keyring::reseal(&envelope, context, out.as_mut_slice()).or_raise();
+    if let Err(e) = keyring::reseal(&envelope, context, out.as_mut_slice(), authority) {
+        key_use_failed(e);
+    }
     out.into_datum()
 }
 
@@ -116,7 +147,7 @@ pub unsafe extern "C-unwind" fn byok_value_opens(
     let opens = match Envelope::parse(sealed) {
         Ok(envelope) => {
             let mut plaintext = zeroize::Zeroizing::new(vec![0u8; envelope.plaintext_len()]);
-            keyring::open(&envelope, context, &mut plaintext).is_ok()
+            keyring::open(&envelope, context, &mut plaintext, Authority::of_job_step()).is_ok()
         }
         Err(_) => false,
     };

@@ -1,14 +1,8 @@
-//! SQL-facing functions, one file per concern.
+//! SQL-facing functions, one file per concern. Each builds what it was asked
+//! for and hands it to the layer below (`admin`, `jobs`, `keyring`); only these
+//! functions raise errors.
 
 pub mod crypt;
 pub mod governance;
-pub mod jobs;
-
-/// Key administration writes the catalog: refuse it clearly on a standby.
-pub fn require_primary(action: &'static str) {
-    if unsafe { pgrx::pg_sys::RecoveryInProgress() } {
-        crate::errors::ByokError::ReadOnlyStandby(action).raise();
-    }
-}
 pub mod rotation;
 pub mod tenants;

@@ -2,21 +2,38 @@
 //! made by the key broker, and every failure of a key operation (whose own
 //! transaction rolls back, taking any row it wrote with it).
 //!
-//! They go through a queue in shared memory (`broker::shmem::AuditSlot`) and are
-//! written into their database's `byok.audit_log` by the *audit writer*, a
+//! They go through a queue in shared memory (`byok_core::audit_ring`) and are
+//! written into their database's `byok.audit_log` by the *catalog writer*, a
 //! short-lived background worker the job launcher starts within a second.
 //! Administrative successes are written by the operation itself, in its own
 //! transaction (`catalog::audit`), so they commit or vanish with it.
+//!
+//! Repeated failures are coalesced per backend: the first of a kind (event,
+//! tenant, data key, reason) is queued at once; the same failure again within
+//! [`COALESCE_WINDOW`] is only counted, and one record "repeated N times" follows
+//! at the end of the window (at a transaction's end, or when the backend exits).
+//! A loop that catches thousands of errors thus leaves two records, not
+//! thousands, and cannot push anyone else's records out of the queue.
+
+pub mod chain;
 
 use std::cell::{Cell, RefCell};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::collections::HashMap;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use byok_core::clock::Tick;
 use pgrx::datum::DatumWithOid;
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use crate::broker::shmem;
+use crate::errors::ByokError;
+
+/// How long repeats of one failure are counted before a summary is queued.
+pub const COALESCE_WINDOW: Duration = Duration::from_secs(10);
+/// Distinct failures a backend coalesces at once (beyond, each is queued).
+const COALESCE_KINDS: usize = 256;
 
 /// One queued audit record (JSON in its slot).
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -27,8 +44,10 @@ pub struct QueuedRecord {
     pub ok: bool,
     pub reason: Option<String>,
     pub details: Option<serde_json::Value>,
-    /// The role (OID) the action was taken for.
+    /// The role (OID) the action was taken for, and its name when queued.
     pub role: u32,
+    #[serde(default)]
+    pub role_name: Option<String>,
     /// When it happened, in microseconds since the Unix epoch.
     pub at_micros: i64,
 }
@@ -55,157 +74,267 @@ pub fn encode(record: &QueuedRecord) -> Vec<u8> {
     bytes
 }
 
-/// Queues a record for `database`; false when the queue was full (counted).
+/// Queues a record for `database`; false when it was refused (a quota, or the
+/// queue full): the loss is counted for that database and reported in its trail.
 pub fn queue(database: u32, record: &QueuedRecord) -> bool {
     match shmem::shared() {
-        Some(shared) => shmem::push_audit(shared, database, &encode(record)),
+        Some(shared) => shared
+            .audit
+            .push(database, record.role, &encode(record))
+            .is_ok(),
         None => false,
     }
 }
 
-thread_local! {
-    /// Administrative operations running in this backend (nesting depth).
-    static ACTIVE_OPERATIONS: Cell<u32> = const { Cell::new(0) };
-    /// The message of the error being raised, for the failure record.
-    static LAST_ERROR: RefCell<Option<String>> = const { RefCell::new(None) };
-}
+// ---------------------------------------------------------------------------
+// Failures, coalesced per backend.
 
-/// An administrative operation in progress: if it ends by raising an error, a
-/// failure record with the error's message is queued (its transaction aborts,
-/// so it could not write one itself).
-pub struct Operation {
-    event: &'static str,
-    tenant_id: Option<String>,
-    dek_id: Option<i64>,
-}
-
-impl Operation {
-    pub fn begin(event: &'static str, tenant_id: Option<&str>, dek_id: Option<i64>) -> Self {
-        ACTIVE_OPERATIONS.set(ACTIVE_OPERATIONS.get() + 1);
-        LAST_ERROR.with_borrow_mut(|e| *e = None);
-        Operation {
-            event,
-            tenant_id: tenant_id.map(str::to_string),
-            dek_id,
-        }
-    }
-}
-
-impl Drop for Operation {
-    fn drop(&mut self) {
-        ACTIVE_OPERATIONS.set(ACTIVE_OPERATIONS.get().saturating_sub(1));
-        if std::thread::panicking() {
-            let reason = LAST_ERROR
-                .with_borrow_mut(Option::take)
-                .unwrap_or_else(|| "the operation raised an error".to_string());
-            queue_failure(
-                self.event,
-                self.tenant_id.clone(),
-                self.dek_id,
-                reason,
-                None,
-            );
-        }
-    }
-}
-
-fn queue_failure(
-    event: &str,
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct FailureKind {
+    event: String,
     tenant_id: Option<String>,
     dek_id: Option<i64>,
     reason: String,
+    role: u32,
+}
+
+struct Repeats {
+    /// The role's name, resolved when the failure happened (the summary is
+    /// queued at a transaction's end or at exit, where the catalog cannot be read).
+    role_name: Option<String>,
+    first_at: Tick,
+    first_micros: i64,
+    last_micros: i64,
+    count: u64,
+}
+
+thread_local! {
+    static REPEATS: RefCell<HashMap<FailureKind, Repeats>> = RefCell::new(HashMap::new());
+    static CALLBACKS: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Records a failure (queued at once, or counted as a repeat).
+pub fn failure(
+    event: &str,
+    tenant_id: Option<&str>,
+    dek_id: Option<i64>,
+    reason: &str,
     details: Option<serde_json::Value>,
+    role: pg_sys::Oid,
 ) {
+    if shmem::shared().is_none() {
+        return;
+    }
+    register_callbacks();
+    let kind = FailureKind {
+        event: event.to_string(),
+        tenant_id: tenant_id.map(str::to_string),
+        dek_id,
+        reason: reason.to_string(),
+        role: u32::from(role),
+    };
+    let now = Tick::now();
+    let micros = now_micros();
+    let role_name = Some(crate::catalog::role_name(role));
+    let first = REPEATS.with_borrow_mut(|repeats| {
+        if let Some(seen) = repeats.get_mut(&kind) {
+            if now.duration_since(seen.first_at) < COALESCE_WINDOW {
+                seen.count += 1;
+                seen.last_micros = micros;
+                return false;
+            }
+            let due = repeats.remove(&kind).expect("present");
+            queue_repeats(&kind, &due);
+        }
+        if repeats.len() < COALESCE_KINDS {
+            repeats.insert(
+                kind.clone(),
+                Repeats {
+                    role_name: role_name.clone(),
+                    first_at: now,
+                    first_micros: micros,
+                    last_micros: micros,
+                    count: 0,
+                },
+            );
+        }
+        true
+    });
+    if first {
+        queue(
+            crate::broker::this_database(),
+            &QueuedRecord {
+                event: kind.event,
+                tenant_id: kind.tenant_id,
+                dek_id: kind.dek_id,
+                ok: false,
+                reason: Some(kind.reason),
+                details,
+                role_name,
+                role: kind.role,
+                at_micros: micros,
+            },
+        );
+    }
+}
+
+fn queue_repeats(kind: &FailureKind, repeats: &Repeats) {
+    if repeats.count == 0 {
+        return;
+    }
     queue(
         crate::broker::this_database(),
         &QueuedRecord {
-            event: event.to_string(),
-            tenant_id,
-            dek_id,
+            event: kind.event.clone(),
+            tenant_id: kind.tenant_id.clone(),
+            dek_id: kind.dek_id,
             ok: false,
-            reason: Some(reason),
-            details,
-            role: u32::from(crate::catalog::acting_role()),
-            at_micros: now_micros(),
+            reason: Some(format!(
+                "{} (repeated {} more time(s) within {} s)",
+                kind.reason,
+                repeats.count,
+                COALESCE_WINDOW.as_secs()
+            )),
+            details: Some(serde_json::json!({
+                "repeated": repeats.count,
+                "first_at_unix_micros": repeats.first_micros,
+                "last_at_unix_micros": repeats.last_micros,
+            })),
+            role_name: repeats.role_name.clone(),
+            role: kind.role,
+            at_micros: repeats.last_micros,
         },
     );
 }
 
-/// Called as an error is raised. Inside an administrative operation it becomes
-/// that operation's failure reason; outside one (encrypt/decrypt), errors that
-/// matter to security reviewers are queued as `use_key` failures. At most one
-/// per statement: the error ends it.
-pub fn note_error(
-    summary: &str,
-    tenant_id: Option<&str>,
-    dek_id: Option<i64>,
-    security_relevant: bool,
-) {
-    if ACTIVE_OPERATIONS.get() > 0 {
-        LAST_ERROR.with_borrow_mut(|e| *e = Some(summary.to_string()));
-    } else if security_relevant && shmem::shared().is_some() {
-        queue_failure(
-            "use_key",
-            tenant_id.map(str::to_string),
-            dek_id,
-            summary.to_string(),
-            None,
-        );
+/// Queues the summaries whose window has passed (all of them with `all`).
+fn flush_repeats(all: bool) {
+    let now = Tick::now();
+    REPEATS.with_borrow_mut(|repeats| {
+        repeats.retain(|kind, seen| {
+            let due = all || now.duration_since(seen.first_at) >= COALESCE_WINDOW;
+            if due {
+                queue_repeats(kind, seen);
+            }
+            !due
+        });
+    });
+}
+
+fn register_callbacks() {
+    if CALLBACKS.get() {
+        return;
+    }
+    CALLBACKS.set(true);
+    // SAFETY: registering callbacks with the backend, once, on its main thread.
+    unsafe {
+        pg_sys::RegisterXactCallback(Some(at_transaction_end), std::ptr::null_mut());
+        pg_sys::before_shmem_exit(Some(at_exit), pg_sys::Datum::from(0));
     }
 }
 
-/// `byok.audit_failure(event, tenant_id, reason, details)`: queues a failure
-/// record that survives the caller's transaction (SQL functions about to raise).
-#[pg_extern(volatile, parallel_restricted)]
-fn audit_failure(
-    event: &str,
-    tenant_id: Option<&str>,
-    reason: Option<&str>,
-    details: Option<pgrx::JsonB>,
-) -> bool {
-    queue(
-        crate::broker::this_database(),
-        &QueuedRecord {
-            event: event.to_string(),
-            tenant_id: tenant_id.map(str::to_string),
-            dek_id: None,
-            ok: false,
-            reason: reason.map(str::to_string),
-            details: details.map(|d| d.0),
-            role: u32::from(unsafe { pg_sys::GetSessionUserId() }),
-            at_micros: now_micros(),
-        },
-    )
+#[pg_guard]
+unsafe extern "C-unwind" fn at_transaction_end(
+    event: pg_sys::XactEvent::Type,
+    _arg: *mut std::ffi::c_void,
+) {
+    if matches!(
+        event,
+        pg_sys::XactEvent::XACT_EVENT_COMMIT | pg_sys::XactEvent::XACT_EVENT_ABORT
+    ) {
+        flush_repeats(false);
+    }
 }
 
-/// Writes this database's queued records into `byok.audit_log`, oldest first.
-/// Runs in the audit writer's transaction. Returns how many it wrote.
+#[pg_guard]
+unsafe extern "C-unwind" fn at_exit(_code: i32, _arg: pg_sys::Datum) {
+    flush_repeats(true);
+}
+
+/// A refused or failed use of a key on the per-row path (decrypt, encrypt):
+/// the ones that matter to a security reviewer are recorded as `use_key`
+/// failures; malformed input is not.
+pub fn key_use_failed(error: &ByokError) {
+    let (tenant, dek_id) = match error {
+        ByokError::TenantNotGranted { tenant, .. } => (Some(tenant.as_str()), None),
+        ByokError::DataKeyNotGranted { tenant, dek_id, .. } => {
+            (Some(tenant.as_str()), Some(*dek_id as i64))
+        }
+        ByokError::TenantMismatchOnEncrypt { requested, .. } => (Some(requested.as_str()), None),
+        ByokError::TenantMismatchOnDecrypt { .. } | ByokError::BrokerTimeout { .. } => (None, None),
+        ByokError::AuthenticationFailed { dek_id, tenant }
+        | ByokError::KeyDestroyed { dek_id, tenant }
+        | ByokError::KeyRetired { dek_id, tenant } => (tenant.as_deref(), Some(*dek_id as i64)),
+        _ => return,
+    };
+    failure(
+        "use_key",
+        tenant,
+        dek_id,
+        &error.summary_ref(),
+        None,
+        crate::catalog::acting_role(),
+    );
+}
+
+// ---------------------------------------------------------------------------
+// The catalog writer's part.
+
+/// Writes this database's queued records into `byok.audit_log`, oldest first,
+/// and a record (with a WARNING and a NOTIFY) for any that were lost. Runs in
+/// the writer's transaction. Returns how many it wrote.
 pub fn write_queued(database: u32) -> usize {
     let Some(shared) = shmem::shared() else {
         return 0;
     };
-    let records = shmem::take_audit(shared, database);
     let mut written = 0;
-    for bytes in records {
+    for bytes in shared.audit.take(database) {
         let Ok(record) = serde_json::from_slice::<QueuedRecord>(&bytes) else {
             continue;
         };
-        let result = Spi::run_with_args(
-            "SELECT byok.audit_event($1, $2, $3, $4, $5, $6, $7, pg_catalog.to_timestamp($8 / 1e6))",
-            &[
-                DatumWithOid::from(record.event.as_str()),
-                DatumWithOid::from(record.tenant_id.as_deref()),
-                DatumWithOid::from(record.dek_id),
-                DatumWithOid::from(if record.ok { "ok" } else { "failed" }),
-                DatumWithOid::from(record.reason.as_deref()),
-                DatumWithOid::from(record.details.map(pgrx::JsonB)),
-                DatumWithOid::from(pg_sys::Oid::from(record.role)),
-                DatumWithOid::from(record.at_micros as f64),
-            ],
-        );
-        if result.is_ok() {
+        if write(&record).is_ok() {
+            written += 1;
+        }
+    }
+    let lost = shared.audit.take_dropped(database);
+    if lost > 0 {
+        let record = QueuedRecord {
+            event: "audit_records_dropped".into(),
+            tenant_id: None,
+            dek_id: None,
+            ok: false,
+            reason: Some(format!(
+                "{lost} audit record(s) of this database were refused by the audit queue (a role or database over its share, or the queue full)"
+            )),
+            details: Some(serde_json::json!({
+                "dropped": lost,
+                "dropped_since_server_start": shared.audit.dropped_total(),
+            })),
+            role: pg_sys::BOOTSTRAP_SUPERUSERID,
+            role_name: None,
+            at_micros: now_micros(),
+        };
+        if write(&record).is_ok() {
             written += 1;
         }
     }
     written
+}
+
+fn write(record: &QueuedRecord) -> Result<(), ByokError> {
+    Spi::run_with_args(
+        "SELECT byok.audit_event($1, $2, $3, $4, $5, $6, $7, pg_catalog.to_timestamp($8 / 1e6), $9)",
+        &[
+            DatumWithOid::from(record.event.as_str()),
+            DatumWithOid::from(record.tenant_id.as_deref()),
+            DatumWithOid::from(record.dek_id),
+            DatumWithOid::from(if record.ok { "ok" } else { "failed" }),
+            DatumWithOid::from(record.reason.as_deref()),
+            DatumWithOid::from(record.details.clone().map(pgrx::JsonB)),
+            DatumWithOid::from(pg_sys::Oid::from(record.role)),
+            DatumWithOid::from(record.at_micros as f64),
+            DatumWithOid::from(record.role_name.as_deref()),
+        ],
+    )?;
+    Ok(())
 }

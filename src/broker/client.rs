@@ -55,7 +55,7 @@ pub fn call(request: &Request) -> Result<Answer, ByokError> {
 
     loop {
         if slot.state.load(Ordering::Acquire) == DONE {
-            let answer = read_answer(slot);
+            let answer = read_answer(shared, slot);
             claim.release();
             return answer;
         }
@@ -89,13 +89,13 @@ fn wake_broker(shared: &BrokerShared) {
     }
 }
 
-fn read_answer(slot: &Slot) -> Result<Answer, ByokError> {
+fn read_answer(shared: &BrokerShared, slot: &Slot) -> Result<Answer, ByokError> {
     let len = (slot.response_len.load(Ordering::Acquire) as usize).min(shmem::PAYLOAD_LEN);
     let response = serde_json::from_slice::<Response>(unsafe { &slot.payload()[..len] })
         .map_err(|e| ByokError::Internal(format!("malformed answer from the key broker: {e}")));
     let data_key = if slot.has_data_key.load(Ordering::Acquire) {
         Some(
-            DataKey::from_slice(unsafe { &slot.data_key()[..] })
+            DataKey::from_slice(unsafe { &shared.slot_key(shared.slot_index(slot))[..] })
                 .map_err(|e| ByokError::Internal(e.to_string()))?,
         )
     } else {
@@ -160,7 +160,7 @@ impl Claim {
 
     /// After reading the answer: wipe it and free the slot.
     fn release(mut self) {
-        self.slot.wipe();
+        self.shared.wipe_slot(self.shared.slot_index(self.slot));
         self.slot.state.store(FREE, Ordering::Release);
         unsafe { pg_sys::ConditionVariableBroadcast(self.shared.slot_freed.get()) };
         self.released = true;
@@ -197,7 +197,7 @@ fn give_up(shared: &BrokerShared, slot: &Slot) {
         {
             if next == FREE {
                 // Held as FILLING while wiping, so nobody takes it half-wiped.
-                slot.wipe();
+                shared.wipe_slot(shared.slot_index(slot));
                 slot.state.store(FREE, Ordering::Release);
                 unsafe { pg_sys::ConditionVariableBroadcast(shared.slot_freed.get()) };
             }

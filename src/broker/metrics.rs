@@ -21,6 +21,9 @@ use super::shmem::{self, LATENCY_BUCKETS};
 /// Counts of one ready key not yet added to shared memory.
 pub struct PendingCounts {
     slot: Option<usize>,
+    dek_id: u64,
+    /// The key's slot in the encryption counters (`KeyUsage`), as last found.
+    usage_slot: Cell<Option<usize>>,
     l1_hits: Cell<u32>,
     decrypts: Cell<u32>,
     encrypts: Cell<u32>,
@@ -29,8 +32,8 @@ pub struct PendingCounts {
 const FLUSH_EVERY: u32 = 1024;
 
 impl PendingCounts {
-    /// Counters for (this database, provider, tenant).
-    pub fn new(provider: ProviderKind, tenant: &str) -> Self {
+    /// Counters for (this database, provider, tenant) and data key `dek_id`.
+    pub fn new(provider: ProviderKind, tenant: &str, dek_id: u64) -> Self {
         let slot = shmem::shared().and_then(|shared| {
             let provider = ProviderKind::ALL
                 .iter()
@@ -40,6 +43,8 @@ impl PendingCounts {
         });
         PendingCounts {
             slot,
+            dek_id,
+            usage_slot: Cell::new(None),
             l1_hits: Cell::new(0),
             decrypts: Cell::new(0),
             encrypts: Cell::new(0),
@@ -61,9 +66,27 @@ impl PendingCounts {
         }
     }
 
-    /// Adds what is pending to shared memory.
+    /// Adds what is pending to shared memory: the monitoring counters, and
+    /// the key's encryption count (its nonce budget, persisted by the catalog
+    /// writer).
     pub fn flush(&self) {
-        let Some(m) = self.metric() else { return };
+        let Some(shared) = shmem::shared() else {
+            return;
+        };
+        let encrypts = self.encrypts.get();
+        if encrypts > 0 {
+            let slot = shared.key_usage.add(
+                super::this_database(),
+                self.dek_id,
+                u64::from(encrypts),
+                self.usage_slot.get(),
+            );
+            self.usage_slot.set(slot);
+        }
+        let Some(m) = self.metric() else {
+            self.encrypts.set(0);
+            return;
+        };
         for (cell, counter) in [
             (&self.l1_hits, &m.l1_hits),
             (&self.decrypts, &m.decrypts),
@@ -84,9 +107,15 @@ impl PendingCounts {
     pub fn miss(&self, decrypt: bool) {
         if let Some(m) = self.metric() {
             m.l1_misses.fetch_add(1, Ordering::Relaxed);
-            let counter = if decrypt { &m.decrypts } else { &m.encrypts };
-            counter.fetch_add(1, Ordering::Relaxed);
         }
+        // The use itself is counted with the others (and reaches the key's
+        // encryption count with them).
+        let counter = if decrypt {
+            &self.decrypts
+        } else {
+            &self.encrypts
+        };
+        counter.set(counter.get() + 1);
     }
 
     pub fn decrypt_failed(&self) {
@@ -233,6 +262,8 @@ fn broker_status() -> TableIterator<
         name!(requests_served, i64),
         name!(audit_queued, i32),
         name!(audit_dropped, i64),
+        name!(shared_cache_entries, i64),
+        name!(key_usage_unattributed, i64),
     ),
 > {
     let Some(shared) = shmem::shared() else {
@@ -250,12 +281,10 @@ fn broker_status() -> TableIterator<
         busy as i32,
         shmem::SLOT_COUNT as i32,
         shared.requests_served.load(Ordering::Relaxed) as i64,
-        // Records waiting for (or being taken by) the audit writer.
-        shared
-            .audit
-            .iter()
-            .filter(|s| s.state.load(Ordering::Acquire) != shmem::AUDIT_FREE)
-            .count() as i32,
-        shared.audit_dropped.load(Ordering::Relaxed) as i64,
+        // Records waiting for (or being taken by) the catalog writer.
+        shared.audit.queued() as i32,
+        shared.audit.dropped_total() as i64,
+        shared.shared_cache_entries.load(Ordering::Relaxed) as i64,
+        shared.key_usage.unattributed() as i64,
     ))
 }

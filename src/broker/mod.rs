@@ -22,16 +22,13 @@ pub fn this_database() -> u32 {
 
 /// Who a request is for: this database, the tenant, and the acting role.
 pub fn tenant_ref(tenant_id: &str) -> TenantRef {
+    let role = crate::catalog::acting_role();
     TenantRef {
         database: this_database(),
         tenant_id: tenant_id.to_string(),
-        role: this_role(),
+        role: u32::from(role),
+        role_name: crate::catalog::role_name(role),
     }
-}
-
-/// The role requests are made for (the audit trail's role of key-manager calls).
-pub fn this_role() -> u32 {
-    u32::from(crate::catalog::acting_role())
 }
 
 fn failed(response: Response) -> ByokError {
@@ -121,11 +118,13 @@ pub fn validate(
     }
 }
 
-/// Drops the shared cache's keys of this database, or of one of its tenants.
-pub fn flush(tenant_id: Option<String>) -> Result<u64, ByokError> {
+/// Drops the shared cache's keys (and remembered refusals) of this database,
+/// of one of its tenants, or of one data key.
+pub fn flush(tenant_id: Option<String>, dek_id: Option<u64>) -> Result<u64, ByokError> {
     let answer = client::call(&Request::Flush {
         database: this_database(),
         tenant_id,
+        dek_id,
     })?;
     match answer.response {
         Response::Flushed { entries } => Ok(entries),

@@ -18,6 +18,8 @@
 use std::cell::UnsafeCell;
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicPtr, AtomicU32, AtomicU64, Ordering};
 
+use byok_core::audit_ring::AuditRing;
+use byok_core::key_usage::KeyUsage;
 use pgrx::pg_sys;
 
 pub const SLOT_COUNT: usize = 64;
@@ -25,6 +27,7 @@ pub const SLOT_COUNT: usize = 64;
 pub const PAYLOAD_LEN: usize = 16 * 1024;
 pub const METRIC_SLOTS: usize = 1024;
 pub const TENANT_LEN: usize = 128;
+pub use byok_core::audit_ring::AUDIT_RECORD_LEN;
 pub use byok_kms::histogram::BUCKETS as LATENCY_BUCKETS;
 
 pub const FREE: u32 = 0;
@@ -44,8 +47,15 @@ pub struct Slot {
     pub has_data_key: AtomicBool,
     pub cv: UnsafeCell<pg_sys::ConditionVariable>,
     pub payload: UnsafeCell<[u8; PAYLOAD_LEN]>,
-    pub data_key: UnsafeCell<[u8; 32]>,
 }
+
+/// The plaintext data key of each slot's answer, apart from everything else:
+/// page-aligned within the shared state and marked `MADV_DONTDUMP`, so a core
+/// dump of any process never carries a key in flight. (They cross shared
+/// memory only from the broker to the one backend that asked, and are wiped
+/// as soon as it has read them.)
+#[repr(C, align(4096))]
+pub struct SlotKeys([UnsafeCell<[u8; 32]>; SLOT_COUNT]);
 
 /// Counters of one (database, provider, tenant). Written with relaxed atomic
 /// adds; read by the `byok.metrics` view.
@@ -75,28 +85,6 @@ pub struct MetricSlot {
     pub dek_latency: [AtomicU64; LATENCY_BUCKETS],
 }
 
-/// Audit records waiting to be written into their database's `byok.audit_log`
-/// (by the job launcher's audit writer). Written by the broker's runtime threads
-/// and by backends whose transaction is about to abort, so: atomics and plain
-/// memory only, and independent of any transaction.
-pub const AUDIT_SLOTS: usize = 512;
-pub const AUDIT_RECORD_LEN: usize = 1536;
-
-pub const AUDIT_FREE: u32 = 0;
-pub const AUDIT_FILLING: u32 = 1;
-pub const AUDIT_READY: u32 = 2;
-pub const AUDIT_TAKEN: u32 = 3;
-
-#[repr(C)]
-pub struct AuditSlot {
-    pub state: AtomicU32,
-    pub database: AtomicU32,
-    /// Order of arrival, so records are written in the order they happened.
-    pub seq: AtomicU64,
-    pub len: AtomicU32,
-    pub record: UnsafeCell<[u8; AUDIT_RECORD_LEN]>,
-}
-
 #[repr(C)]
 pub struct BrokerShared {
     pub broker_pid: AtomicI32,
@@ -105,13 +93,16 @@ pub struct BrokerShared {
     pub generation: AtomicU64,
     pub next_request_id: AtomicU64,
     pub requests_served: AtomicU64,
+    /// Data keys in the broker's shared cache (published by the broker).
+    pub shared_cache_entries: AtomicU64,
     pub slot_freed: UnsafeCell<pg_sys::ConditionVariable>,
     pub slots: [Slot; SLOT_COUNT],
+    pub slot_keys: SlotKeys,
     pub metrics: [MetricSlot; METRIC_SLOTS],
-    pub audit_seq: AtomicU64,
-    /// Records that found every audit slot taken (reported by `byok.broker_status`).
-    pub audit_dropped: AtomicU64,
-    pub audit: [AuditSlot; AUDIT_SLOTS],
+    /// Audit records waiting for their database's catalog writer.
+    pub audit: AuditRing,
+    /// Encryptions per data key not yet persisted in the catalog.
+    pub key_usage: KeyUsage,
 }
 
 // SAFETY: every field is either atomic, a PostgreSQL condition variable (which
@@ -174,8 +165,58 @@ unsafe extern "C-unwind" fn startup_hook() {
                 pg_sys::ConditionVariableInit(slot.cv.get());
             }
         }
+        exclude_from_core_dumps(&(*ptr).slot_keys);
         SHARED = ptr;
         pg_sys::LWLockRelease(lock);
+    }
+}
+
+/// Marks the pages holding the slots' keys `MADV_DONTDUMP`. Done in the
+/// postmaster, before any child exists; children inherit it through fork.
+/// (The range is widened to whole pages: excluding a little more is harmless.)
+fn exclude_from_core_dumps(keys: &SlotKeys) {
+    let start = std::ptr::from_ref(keys) as usize;
+    let end = start + std::mem::size_of::<SlotKeys>();
+    // SAFETY: sysconf and madvise have no memory-safety preconditions; the
+    // range lies within the shared segment we just mapped.
+    unsafe {
+        let page = libc::sysconf(libc::_SC_PAGESIZE).max(4096) as usize;
+        let first = start & !(page - 1);
+        let last = end.next_multiple_of(page);
+        if libc::madvise(
+            first as *mut libc::c_void,
+            last - first,
+            libc::MADV_DONTDUMP,
+        ) != 0
+        {
+            pgrx::warning!(
+                "byok_pg: could not exclude key memory from core dumps: {}",
+                std::io::Error::last_os_error()
+            );
+        }
+    }
+}
+
+impl BrokerShared {
+    /// The key field of slot `index`. Only the party the slot's state gives the
+    /// slot to may touch it.
+    #[allow(clippy::mut_from_ref)]
+    pub unsafe fn slot_key(&self, index: usize) -> &mut [u8; 32] {
+        // SAFETY: the caller owns the slot per its state (see the module docs).
+        unsafe { &mut *self.slot_keys.0[index].get() }
+    }
+
+    /// The index of `slot` in `slots`.
+    pub fn slot_index(&self, slot: &Slot) -> usize {
+        (std::ptr::from_ref(slot) as usize - self.slots.as_ptr() as usize)
+            / std::mem::size_of::<Slot>()
+    }
+
+    /// Wipes slot `index`'s answer and key; done before the slot is freed.
+    pub fn wipe_slot(&self, index: usize) {
+        // SAFETY: volatile write of the slot's own key field, by its owner.
+        unsafe { std::ptr::write_volatile(self.slot_keys.0[index].get(), [0u8; 32]) };
+        self.slots[index].wipe();
     }
 }
 
@@ -186,15 +227,9 @@ impl Slot {
         unsafe { &mut *self.payload.get() }
     }
 
-    #[allow(clippy::mut_from_ref)]
-    pub unsafe fn data_key(&self) -> &mut [u8; 32] {
-        unsafe { &mut *self.data_key.get() }
-    }
-
-    /// Wipes the answer and key material; done before the slot is freed.
-    pub fn wipe(&self) {
+    /// Wipes the answer (not the key: see [`BrokerShared::wipe_slot`]).
+    fn wipe(&self) {
         unsafe {
-            std::ptr::write_volatile(self.data_key.get(), [0u8; 32]);
             let len = (self.response_len.load(Ordering::Relaxed) as usize)
                 .max(self.request_len.load(Ordering::Relaxed) as usize)
                 .min(PAYLOAD_LEN);
@@ -252,82 +287,4 @@ pub fn metric_slot(
         }
     }
     None
-}
-
-/// Queues one audit record (JSON, at most `AUDIT_RECORD_LEN` bytes) for
-/// `database`. Returns false, and counts it, when every slot is taken.
-pub fn push_audit(shared: &BrokerShared, database: u32, record: &[u8]) -> bool {
-    if record.len() > AUDIT_RECORD_LEN {
-        shared.audit_dropped.fetch_add(1, Ordering::Relaxed);
-        return false;
-    }
-    for slot in shared.audit.iter() {
-        if slot
-            .state
-            .compare_exchange(
-                AUDIT_FREE,
-                AUDIT_FILLING,
-                Ordering::AcqRel,
-                Ordering::Relaxed,
-            )
-            .is_ok()
-        {
-            // SAFETY: FILLING gives this process the slot's buffer.
-            unsafe { (&mut *slot.record.get())[..record.len()].copy_from_slice(record) };
-            slot.len.store(record.len() as u32, Ordering::Relaxed);
-            slot.database.store(database, Ordering::Relaxed);
-            slot.seq.store(
-                shared.audit_seq.fetch_add(1, Ordering::Relaxed),
-                Ordering::Relaxed,
-            );
-            slot.state.store(AUDIT_READY, Ordering::Release);
-            return true;
-        }
-    }
-    shared.audit_dropped.fetch_add(1, Ordering::Relaxed);
-    false
-}
-
-/// The databases that have audit records waiting.
-pub fn audit_pending_databases(shared: &BrokerShared) -> Vec<u32> {
-    let mut databases: Vec<u32> = shared
-        .audit
-        .iter()
-        .filter(|slot| slot.state.load(Ordering::Acquire) == AUDIT_READY)
-        .map(|slot| slot.database.load(Ordering::Relaxed))
-        .collect();
-    databases.sort_unstable();
-    databases.dedup();
-    databases
-}
-
-/// Takes every waiting record of `database`, oldest first, freeing their slots.
-pub fn take_audit(shared: &BrokerShared, database: u32) -> Vec<Vec<u8>> {
-    let mut taken: Vec<(u64, Vec<u8>)> = Vec::new();
-    for slot in shared.audit.iter() {
-        if slot.state.load(Ordering::Acquire) != AUDIT_READY
-            || slot.database.load(Ordering::Relaxed) != database
-        {
-            continue;
-        }
-        if slot
-            .state
-            .compare_exchange(
-                AUDIT_READY,
-                AUDIT_TAKEN,
-                Ordering::AcqRel,
-                Ordering::Relaxed,
-            )
-            .is_err()
-        {
-            continue; // another writer took it
-        }
-        let len = (slot.len.load(Ordering::Relaxed) as usize).min(AUDIT_RECORD_LEN);
-        // SAFETY: TAKEN gives this process the slot's buffer.
-        let record = unsafe { (&*slot.record.get())[..len].to_vec() };
-        taken.push((slot.seq.load(Ordering::Relaxed), record));
-        slot.state.store(AUDIT_FREE, Ordering::Release);
-    }
-    taken.sort_by_key(|(seq, _)| *seq);
-    taken.into_iter().map(|(_, record)| record).collect()
 }

@@ -24,6 +24,9 @@ use pgrx::prelude::*;
 use super::shmem::{self, BrokerShared, DONE, RUNNING, SUBMITTED};
 use crate::gucs;
 
+/// Longest a key manager's refusal is remembered before it is asked again.
+const REFUSAL_BACKOFF_MAX: Duration = Duration::from_secs(30);
+
 /// Entries the shared cache holds at most, across all tenants and databases.
 const SHARED_CACHE_CAPACITY: usize = 100_000;
 
@@ -101,16 +104,22 @@ impl MetricsSink for SharedMetrics {
         if let Some(replica) = call.replica {
             details["replica"] = replica.into();
         }
+        // A validation probe's key is never stored: no key id, a note instead.
+        let probe = call.dek_id == Some(byok_kms::protocol::PROBE_DEK_ID);
+        if probe {
+            details["probe_data_key"] = true.into();
+        }
         crate::audit::queue(
             tenant.database,
             &crate::audit::QueuedRecord {
                 event: event.to_string(),
                 tenant_id: Some(tenant.tenant_id.clone()),
-                dek_id: call.dek_id.map(|id| id as i64),
+                dek_id: call.dek_id.filter(|_| !probe).map(|id| id as i64),
                 ok: call.ok,
                 reason: call.error,
                 details: Some(details),
                 role: tenant.role,
+                role_name: Some(tenant.role_name.clone()).filter(|n| !n.is_empty()),
                 at_micros: crate::audit::now_micros(),
             },
         );
@@ -120,6 +129,8 @@ impl MetricsSink for SharedMetrics {
 fn settings() -> ServiceSettings {
     ServiceSettings {
         local_key_file: crate::providers::local_key_path(),
+        policy: Arc::new(gucs::access_policy()),
+        refusal_backoff_max: REFUSAL_BACKOFF_MAX,
         max_entries: SHARED_CACHE_CAPACITY,
         provider_timeout: Duration::from_millis(gucs::KMS_TIMEOUT_MS.get().max(1) as u64),
     }
@@ -173,6 +184,16 @@ pub extern "C-unwind" fn byok_broker_main(_arg: pg_sys::Datum) {
         pgrx::error!("byok key broker: shared memory is not set up");
     };
     unsafe { pg_sys::before_shmem_exit(Some(on_broker_exit), pg_sys::Datum::from(0)) };
+    // The broker holds every tenant's plaintext keys and the key managers'
+    // credentials: it never writes a core dump, and other OS users (and
+    // non-root ptrace) cannot attach to it.
+    // SAFETY: prctl with PR_SET_DUMPABLE takes an integer argument only.
+    if unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) } != 0 {
+        pgrx::warning!(
+            "byok key broker: could not disable core dumps: {}",
+            std::io::Error::last_os_error()
+        );
+    }
     shared.generation.fetch_add(1, Ordering::AcqRel);
     recover_slots(shared);
 
@@ -225,6 +246,11 @@ pub extern "C-unwind" fn byok_broker_main(_arg: pg_sys::Datum) {
             unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
             service.reconfigure(settings());
         }
+        // Published before the answers, so a caller that was just answered (a
+        // flush, say) reads the count after its own request.
+        shared
+            .shared_cache_entries
+            .store(service.cached_entries() as u64, Ordering::Relaxed);
         while let Ok(done) = done_rx.try_recv() {
             deliver(shared, done);
         }
@@ -313,7 +339,7 @@ fn deliver(shared: &BrokerShared, done: Completion) {
     unsafe {
         slot.payload()[..encoded.len()].copy_from_slice(&encoded);
         if let Some(dek) = &done.outcome.data_key {
-            slot.data_key().copy_from_slice(dek.expose());
+            shared.slot_key(done.slot).copy_from_slice(dek.expose());
             slot.has_data_key.store(true, Ordering::Relaxed);
         }
     }
@@ -327,7 +353,7 @@ fn deliver(shared: &BrokerShared, done: Completion) {
         Ok(_) => unsafe { pg_sys::ConditionVariableBroadcast(slot.cv.get()) },
         Err(_) => {
             // The requester gave up (ABANDONED): nobody may read this answer.
-            slot.wipe();
+            shared.wipe_slot(done.slot);
             slot.state.store(shmem::FREE, Ordering::Release);
             unsafe { pg_sys::ConditionVariableBroadcast(shared.slot_freed.get()) };
         }
@@ -337,7 +363,7 @@ fn deliver(shared: &BrokerShared, done: Completion) {
 /// After a restart: requests the previous broker had taken will never be
 /// answered by it, so answer them with an error; free abandoned slots.
 fn recover_slots(shared: &BrokerShared) {
-    for slot in shared.slots.iter() {
+    for (index, slot) in shared.slots.iter().enumerate() {
         match slot.state.load(Ordering::Acquire) {
             RUNNING => {
                 let outcome = failure(
@@ -355,12 +381,12 @@ fn recover_slots(shared: &BrokerShared) {
                 {
                     unsafe { pg_sys::ConditionVariableBroadcast(slot.cv.get()) };
                 } else {
-                    slot.wipe();
+                    shared.wipe_slot(index);
                     slot.state.store(shmem::FREE, Ordering::Release);
                 }
             }
             shmem::ABANDONED => {
-                slot.wipe();
+                shared.wipe_slot(index);
                 slot.state.store(shmem::FREE, Ordering::Release);
             }
             _ => {}

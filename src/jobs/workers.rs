@@ -1,18 +1,24 @@
-//! The background workers of re-encryption jobs and scheduled rotation.
+//! The background workers besides the key broker.
 //!
-//! - The *job launcher* (static, restarted by the postmaster) visits every
-//!   database every `byok.scheduler_naptime_seconds`, first right after start-up,
-//!   by starting a short-lived *scheduler* worker connected to it.
-//! - The *scheduler* rotates data keys that are due (`key_rotation`) and starts a
-//!   *job worker* for each unfinished job: this is how jobs resume after a crash.
-//! - A *job worker* runs one job: batches of `byok.reencrypt_step` in their own
-//!   transactions, throttled to `byok.reencrypt_max_rows_per_second`, then
-//!   `byok.finish_job` (verification, retiring old keys). A session advisory lock
-//!   on the job id keeps it to one worker at a time.
+//! - The *job launcher* (static, restarted by the postmaster) looks every
+//!   second for databases with work for a *catalog writer* (queued audit
+//!   records, lost-record reports, encryption counts to persist), and visits
+//!   every database every `byok.scheduler_naptime_seconds` (first right after
+//!   start-up) by starting a short-lived *scheduler* connected to it.
+//! - The *catalog writer* writes a database's queued audit records, persists
+//!   its data keys' encryption counts, and rotates any active key that reached
+//!   `byok.max_encryptions_per_key`.
+//! - The *scheduler* rotates data keys that are due (`key_rotation`) and starts
+//!   a *job worker* for each unfinished job: this is how jobs resume after a crash.
+//! - A *job worker* runs one job through the shared driver (`super::drive`), a
+//!   transaction per batch. A session advisory lock (`locks`) keeps a job to one
+//!   worker at a time.
 //!
-//! All the SQL work is in the extension's SQL functions; these workers only
-//! drive it, so a batch's effects and its checkpoint commit together.
+//! Workers connect as the bootstrap superuser; everything they do goes through
+//! the same paths as SQL calls: catalog work as the extension's owner with
+//! search_path pinned, user tables as their owners (`jobs::engine`).
 
+use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use pgrx::bgworkers::{
@@ -22,10 +28,19 @@ use pgrx::datum::DatumWithOid;
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 
+use crate::admin::{self, AdminOp, Origin};
+use crate::errors::ByokError;
 use crate::gucs;
+use crate::locks::{self, LockClass};
 
-/// The first key of the advisory locks that keep a job to one worker.
-const JOB_LOCK_CLASS: i32 = 0x6279_6f6b; // "byok"
+/// How often the launcher looks for a catalog writer's work.
+const TICK: Duration = Duration::from_secs(1);
+/// Encryption counts are persisted at least this often while a database has
+/// some pending (sooner when many are).
+const PERSIST_INTERVAL: Duration = Duration::from_secs(5);
+const PERSIST_SOON: u64 = 1 << 20;
+/// The worker names, as `pg_stat_activity.backend_type` shows them.
+pub const CATALOG_WRITER: &str = "byok catalog writer";
 
 pub fn register_launcher() {
     BackgroundWorkerBuilder::new("byok job launcher")
@@ -72,9 +87,24 @@ fn database_of_worker() -> pg_sys::Oid {
 fn reload_config_if_asked() -> bool {
     let asked = BackgroundWorker::sighup_received();
     if asked {
+        // SAFETY: the documented way for a background worker to reload.
         unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
     }
     asked
+}
+
+fn oids(sql: &str) -> Vec<pg_sys::Oid> {
+    BackgroundWorker::transaction(|| {
+        Spi::connect(|client| {
+            client
+                .select(sql, None, &[])
+                .map(|rows| {
+                    rows.filter_map(|row| row.get::<pg_sys::Oid>(1).ok().flatten())
+                        .collect()
+                })
+                .unwrap_or_default()
+        })
+    })
 }
 
 #[pg_guard]
@@ -83,74 +113,60 @@ pub extern "C-unwind" fn byok_job_launcher_main(_argument: pg_sys::Datum) {
     BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
     BackgroundWorker::connect_worker_to_spi(Some("postgres"), None);
     let mut next_visit = Instant::now();
+    let mut last_persist: HashMap<u32, Instant> = HashMap::new();
     loop {
         // A new configuration (say, a shorter naptime) starts a visit at once.
         if reload_config_if_asked() {
             next_visit = Instant::now();
         }
-        // Every second: an audit writer for each database with queued audit records.
         if let Some(shared) = crate::broker::shmem::shared() {
-            let pending = crate::broker::shmem::audit_pending_databases(shared);
-            if !pending.is_empty() {
+            let mut due: Vec<u32> = shared.audit.pending_databases();
+            for (database, pending) in shared.key_usage.pending_by_database() {
+                let last = last_persist.entry(database).or_insert_with(Instant::now);
+                if pending >= PERSIST_SOON || last.elapsed() >= PERSIST_INTERVAL {
+                    due.push(database);
+                }
+            }
+            due.sort_unstable();
+            due.dedup();
+            if !due.is_empty() {
                 // A database dropped (or closed to connections) since its records
-                // were queued would fail every writer: its records are discarded.
-                let open: Vec<u32> = BackgroundWorker::transaction(|| {
-                    Spi::connect(|client| {
-                        client
-                            .select(
-                                "SELECT oid FROM pg_catalog.pg_database WHERE datallowconn",
-                                None,
-                                &[],
-                            )
-                            .map(|rows| {
-                                rows.filter_map(|row| row.get::<pg_sys::Oid>(1).ok().flatten())
-                                    .map(u32::from)
-                                    .collect()
-                            })
-                            .unwrap_or_default()
-                    })
-                });
-                for database in pending {
+                // were queued would fail every writer: its work is discarded.
+                let open: Vec<u32> =
+                    oids("SELECT oid FROM pg_catalog.pg_database WHERE datallowconn")
+                        .into_iter()
+                        .map(u32::from)
+                        .collect();
+                for database in due {
                     if open.contains(&database) {
-                        start_worker(
-                            "byok audit writer",
-                            "byok_audit_writer_main",
+                        if start_worker(
+                            CATALOG_WRITER,
+                            "byok_catalog_writer_main",
                             pg_sys::Oid::from(database),
                             0,
-                        );
+                        ) {
+                            last_persist.insert(database, Instant::now());
+                        }
                     } else {
-                        crate::broker::shmem::take_audit(shared, database);
+                        shared.audit.take(database);
+                        shared.audit.take_dropped(database);
+                        for (slot, dek, n) in shared.key_usage.pending(database) {
+                            shared.key_usage.persisted(slot, database, dek, n, true);
+                        }
                     }
                 }
             }
         }
-        if Instant::now() < next_visit {
-            if !BackgroundWorker::wait_latch(Some(AUDIT_TICK)) {
-                break;
+        if Instant::now() >= next_visit {
+            for database in oids(
+                "SELECT oid FROM pg_catalog.pg_database WHERE datallowconn AND NOT datistemplate",
+            ) {
+                start_worker("byok scheduler", "byok_scheduler_main", database, 0);
             }
-            continue;
+            next_visit = Instant::now()
+                + Duration::from_secs(gucs::SCHEDULER_NAPTIME_SECONDS.get().max(1) as u64);
         }
-        let databases: Vec<pg_sys::Oid> = BackgroundWorker::transaction(|| {
-            Spi::connect(|client| {
-                client
-                    .select(
-                        "SELECT oid FROM pg_catalog.pg_database WHERE datallowconn AND NOT datistemplate",
-                        None,
-                        &[],
-                    )
-                    .map(|rows| {
-                        rows.filter_map(|row| row.get::<pg_sys::Oid>(1).ok().flatten())
-                            .collect()
-                    })
-                    .unwrap_or_default()
-            })
-        });
-        for database in databases {
-            start_worker("byok scheduler", "byok_scheduler_main", database, 0);
-        }
-        next_visit = Instant::now()
-            + Duration::from_secs(gucs::SCHEDULER_NAPTIME_SECONDS.get().max(1) as u64);
-        if !BackgroundWorker::wait_latch(Some(AUDIT_TICK)) {
+        if !BackgroundWorker::wait_latch(Some(TICK)) {
             break;
         }
     }
@@ -166,29 +182,145 @@ fn extension_installed() -> bool {
     .unwrap_or(false)
 }
 
-/// How often the launcher looks for queued audit records.
-const AUDIT_TICK: Duration = Duration::from_secs(1);
-
-/// Writes the queued audit records of its database into `byok.audit_log`.
+/// Writes its database's queued audit records, persists its encryption counts
+/// and rotates the keys that reached their budget.
 #[pg_guard]
 #[unsafe(no_mangle)]
-pub extern "C-unwind" fn byok_audit_writer_main(_argument: pg_sys::Datum) {
+pub extern "C-unwind" fn byok_catalog_writer_main(_argument: pg_sys::Datum) {
     BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
     let database = database_of_worker();
     BackgroundWorker::connect_worker_to_spi_by_oid(Some(database), None);
-    BackgroundWorker::transaction(|| {
-        if unsafe { pg_sys::RecoveryInProgress() } {
-            return; // a standby cannot write; the records wait for promotion
+    let Some(shared) = crate::broker::shmem::shared() else {
+        return;
+    };
+    let db = u32::from(database);
+    // SAFETY: reads shared state, no preconditions.
+    if unsafe { pg_sys::RecoveryInProgress() } {
+        return; // a standby cannot write; the work waits for promotion
+    }
+    let persisted = BackgroundWorker::transaction(|| {
+        let Some(shared) = crate::broker::shmem::shared() else {
+            return Vec::new();
+        };
+        if !extension_installed() {
+            // The extension was dropped: nobody can read any of it any more.
+            shared.audit.take(db);
+            shared.audit.take_dropped(db);
+            return shared
+                .key_usage
+                .pending(db)
+                .into_iter()
+                .map(|(slot, dek, n)| (slot, dek, n, true))
+                .collect();
         }
-        if extension_installed() {
-            crate::audit::write_queued(u32::from(database));
-        } else {
-            // The extension was dropped: nobody can read them any more.
-            if let Some(shared) = crate::broker::shmem::shared() {
-                crate::broker::shmem::take_audit(shared, u32::from(database));
-            }
+        crate::audit::write_queued(db);
+        persist_key_usage(db).unwrap_or_else(|e| {
+            pgrx::warning!(
+                "byok: could not persist data keys' encryption counts: {}",
+                e.summary_ref()
+            );
+            Vec::new()
+        })
+    });
+    // Subtracted only once the counts are committed (a crash in between counts twice: safe).
+    for (slot, dek, n, retire) in persisted {
+        shared.key_usage.persisted(slot, db, dek, n, retire);
+    }
+    BackgroundWorker::transaction(|| {
+        if extension_installed()
+            && let Err(e) = enforce_encryption_budget()
+        {
+            pgrx::warning!("byok: encryption budget: {}", e.summary_ref());
         }
     });
+}
+
+/// Adds the pending encryption counts of this database's keys to the catalog.
+/// Returns what to subtract after commit: (slot, key, count, key no longer active).
+fn persist_key_usage(database: u32) -> Result<Vec<(usize, u64, u64, bool)>, ByokError> {
+    let Some(shared) = crate::broker::shmem::shared() else {
+        return Ok(Vec::new());
+    };
+    let mut done = Vec::new();
+    crate::catalog::as_extension_owner(|| {
+        for (slot, dek, n) in shared.key_usage.pending(database) {
+            let state = Spi::get_one_with_args::<String>(
+                "UPDATE byok.wrapped_data_keys SET encryptions = encryptions + $2
+                  WHERE dek_id OPERATOR(pg_catalog.=) $1 RETURNING state",
+                &[DatumWithOid::from(dek as i64), DatumWithOid::from(n as i64)],
+            )?;
+            done.push((slot, dek, n, state.as_deref() != Some("active")));
+        }
+        Ok(())
+    })?;
+    Ok(done)
+}
+
+/// Rotates every active data key that sealed `byok.max_encryptions_per_key`
+/// values. If a rotation fails (the key manager unreachable) the key keeps
+/// sealing until twice the budget, then stops being active: encryption for its
+/// tenant fails, clearly, until a rotation succeeds; decryption goes on.
+fn enforce_encryption_budget() -> Result<(), ByokError> {
+    let budget = gucs::max_encryptions_per_key() as i64;
+    let over: Vec<(String, i64, i64)> = crate::catalog::as_extension_owner(|| {
+        Spi::connect(|client| {
+            let rows = client.select(
+                "SELECT tenant_id, dek_id, encryptions FROM byok.wrapped_data_keys
+                  WHERE state OPERATOR(pg_catalog.=) 'active' AND encryptions >= $1 ORDER BY dek_id",
+                None,
+                &[DatumWithOid::from(budget)],
+            )?;
+            let mut out = Vec::new();
+            for row in rows {
+                out.push((
+                    row.get::<String>(1)?.unwrap_or_default(),
+                    row.get::<i64>(2)?.unwrap_or_default(),
+                    row.get::<i64>(3)?.unwrap_or_default(),
+                ));
+            }
+            Ok(out)
+        })
+    })?;
+    for (tenant_id, dek_id, encryptions) in over {
+        let reason = format!(
+            "encryption budget: data key {dek_id} sealed {encryptions} values (byok.max_encryptions_per_key = {budget})"
+        );
+        let rotated = crate::postgres::subxact::run(|| {
+            admin::execute(
+                AdminOp::RotateDataKey {
+                    tenant_id: tenant_id.clone(),
+                    reason: Some(reason.clone()),
+                },
+                Origin::Policy,
+            )
+        });
+        if let Err(failure) = rotated {
+            pgrx::warning!(
+                "byok: tenant {tenant_id}: data key {dek_id} reached its encryption budget but could not be rotated: {}",
+                failure.summary()
+            );
+            if encryptions >= budget.saturating_mul(2) {
+                crate::catalog::as_extension_owner(|| {
+                    Spi::run_with_args(
+                        "UPDATE byok.wrapped_data_keys SET state = 'decrypt-only', rotated_at = pg_catalog.now()
+                          WHERE dek_id OPERATOR(pg_catalog.=) $1 AND state OPERATOR(pg_catalog.=) 'active'",
+                        &[DatumWithOid::from(dek_id)],
+                    )?;
+                    crate::catalog::audit(
+                        "encryption_budget_exhausted",
+                        Some(&tenant_id),
+                        Some(dek_id),
+                        false,
+                        Some(
+                            "the data key sealed twice its budget and could not be rotated: it no longer encrypts",
+                        ),
+                        Some(serde_json::json!({"encryptions": encryptions, "budget": budget})),
+                    )
+                })?;
+            }
+        }
+    }
+    Ok(())
 }
 
 #[pg_guard]
@@ -198,36 +330,86 @@ pub extern "C-unwind" fn byok_scheduler_main(_argument: pg_sys::Datum) {
     let database = database_of_worker();
     BackgroundWorker::connect_worker_to_spi_by_oid(Some(database), None);
     let jobs: Vec<i64> = BackgroundWorker::transaction(|| {
+        // SAFETY: reads shared state, no preconditions.
         if !extension_installed() || unsafe { pg_sys::RecoveryInProgress() } {
             return Vec::new();
         }
-        // Errors of single tenants are reported as warnings inside; nothing here raises.
-        let _ = Spi::run("SELECT byok.rotate_due_data_keys()");
-        Spi::connect(|client| {
-            client
-                .select(
-                    "SELECT job_id FROM byok.reencrypt_jobs WHERE state IN ('pending', 'running') ORDER BY job_id",
-                    None,
-                    &[],
-                )
-                .map(|rows| rows.filter_map(|row| row.get::<i64>(1).ok().flatten()).collect())
-                .unwrap_or_default()
+        rotate_due_data_keys();
+        crate::catalog::as_extension_owner(|| {
+            Ok(Spi::connect(|client| {
+                client
+                    .select(
+                        "SELECT job_id FROM byok.reencrypt_jobs WHERE state IN ('pending', 'running') ORDER BY job_id",
+                        None,
+                        &[],
+                    )
+                    .map(|rows| rows.filter_map(|row| row.get::<i64>(1).ok().flatten()).collect())
+                    .unwrap_or_default()
+            }))
         })
+        .unwrap_or_default()
     });
     for job in jobs {
         launch_job(job, database);
     }
 }
 
-fn job_state(job: i64) -> Option<String> {
-    BackgroundWorker::transaction(|| {
-        Spi::get_one_with_args::<String>(
-            "SELECT state FROM byok.reencrypt_jobs WHERE job_id = $1",
-            &[DatumWithOid::from(job)],
-        )
-        .ok()
-        .flatten()
+/// Automatic data-key rotation: tenants with key_rotation.enabled whose active
+/// key is older than interval_days. A tenant's failure is a warning, not the
+/// end of the others'.
+fn rotate_due_data_keys() {
+    let due: Vec<String> = crate::catalog::as_extension_owner(|| {
+        Ok(Spi::connect(|client| {
+            client
+                .select(
+                    "SELECT c.tenant_id FROM byok.tenant_config c
+                       JOIN byok.wrapped_data_keys k ON k.tenant_id = c.tenant_id AND k.state = 'active'
+                      WHERE c.rotation_enabled
+                        AND k.created_at < now() - make_interval(days => c.rotation_interval_days)",
+                    None,
+                    &[],
+                )
+                .map(|rows| rows.filter_map(|row| row.get::<String>(1).ok().flatten()).collect())
+                .unwrap_or_default()
+        }))
     })
+    .unwrap_or_default();
+    for tenant_id in due {
+        let rotated = crate::postgres::subxact::run(|| {
+            admin::execute(
+                AdminOp::RotateDataKey {
+                    tenant_id: tenant_id.clone(),
+                    reason: Some("scheduled: key_rotation.interval_days".into()),
+                },
+                Origin::Policy,
+            )
+        });
+        if let Err(failure) = rotated {
+            pgrx::warning!(
+                "byok: scheduled data-key rotation of tenant {tenant_id} failed: {}",
+                failure.summary()
+            );
+        }
+    }
+}
+
+/// One unit of a job's work per transaction; waits on the latch.
+struct WorkerRunner;
+
+impl super::Runner for WorkerRunner {
+    fn unit<R>(&mut self, f: impl FnOnce() -> R) -> R {
+        // (A panic ends the worker; nothing of `f` is used after one.)
+        let f = std::panic::AssertUnwindSafe(f);
+        BackgroundWorker::transaction(move || {
+            let f = f; // the whole wrapper, not just its field
+            (f.0)()
+        })
+    }
+
+    fn wait(&mut self, time: Duration) -> bool {
+        reload_config_if_asked();
+        BackgroundWorker::wait_latch(Some(time)) && !BackgroundWorker::sigterm_received()
+    }
 }
 
 #[pg_guard]
@@ -237,96 +419,29 @@ pub extern "C-unwind" fn byok_reencrypt_main(argument: pg_sys::Datum) {
     let job = argument.value() as i64;
     BackgroundWorker::connect_worker_to_spi_by_oid(Some(database_of_worker()), None);
     // One worker per job: held until this process exits (or the server crashes).
-    let mine = BackgroundWorker::transaction(|| {
-        Spi::get_one_with_args::<bool>(
-            "SELECT pg_catalog.pg_try_advisory_lock($1, $2)",
-            &[
-                DatumWithOid::from(JOB_LOCK_CLASS),
-                DatumWithOid::from(job as i32),
-            ],
-        )
-        .ok()
-        .flatten()
-        .unwrap_or(false)
-    });
+    let mine =
+        BackgroundWorker::transaction(|| locks::try_lock_for_session(LockClass::ReencryptJob, job))
+            .unwrap_or(false);
     if !mine {
         return;
     }
     // The job row commits with the caller's transaction, which may still be open.
     let appeared_by = Instant::now() + Duration::from_secs(30);
-    // Whether this worker has marked the start of its run (rate and ETA count from
-    // there); a pause ends a run, and so does a crash (the next worker starts anew).
-    let mut run_marked = false;
-    loop {
-        reload_config_if_asked();
-        if BackgroundWorker::sigterm_received() {
-            return; // the job stays running; the scheduler resumes it
+    while BackgroundWorker::transaction(|| super::engine::state_of(job))
+        .ok()
+        .flatten()
+        .is_none()
+    {
+        if Instant::now() >= appeared_by
+            || !BackgroundWorker::wait_latch(Some(Duration::from_millis(100)))
+        {
+            return;
         }
-        match job_state(job).as_deref() {
-            None if Instant::now() < appeared_by => {
-                BackgroundWorker::wait_latch(Some(Duration::from_millis(100)));
-            }
-            Some("pending") => BackgroundWorker::transaction(|| {
-                let _ = Spi::run_with_args(
-                    "UPDATE byok.reencrypt_jobs SET state = 'running', started_at = coalesce(started_at, now()), updated_at = now() WHERE job_id = $1 AND state = 'pending'",
-                    &[DatumWithOid::from(job)],
-                );
-            }),
-            Some("paused") => {
-                run_marked = false;
-                BackgroundWorker::wait_latch(Some(Duration::from_millis(200)));
-            }
-            Some("running") => {
-                if !run_marked {
-                    BackgroundWorker::transaction(|| {
-                        let _ = Spi::run_with_args(
-                            "UPDATE byok.reencrypt_jobs SET run_started_at = now(), run_rows_start = rows_done WHERE job_id = $1",
-                            &[DatumWithOid::from(job)],
-                        );
-                    });
-                    run_marked = true;
-                }
-                let started = Instant::now();
-                let batch = gucs::REENCRYPT_BATCH_SIZE.get().max(1);
-                let rewritten = BackgroundWorker::transaction(|| {
-                    Spi::get_one_with_args::<i64>(
-                        "SELECT byok.reencrypt_step($1, $2)",
-                        &[DatumWithOid::from(job), DatumWithOid::from(batch)],
-                    )
-                    .ok()
-                    .flatten()
-                    .unwrap_or(-1)
-                });
-                if rewritten == -3 {
-                    // The last values are in rows other transactions hold locked:
-                    // wait for them to commit or roll back, then sweep again (once a
-                    // second: each look is a scan of the column).
-                    if !BackgroundWorker::wait_latch(Some(Duration::from_secs(1))) {
-                        return;
-                    }
-                    continue;
-                }
-                if rewritten == -2 {
-                    BackgroundWorker::transaction(|| {
-                        let _ = Spi::run_with_args(
-                            "SELECT byok.finish_job($1)",
-                            &[DatumWithOid::from(job)],
-                        );
-                    });
-                    return;
-                }
-                let max_rate = gucs::REENCRYPT_MAX_ROWS_PER_SECOND.get();
-                if rewritten > 0 && max_rate > 0 {
-                    let due = Duration::from_secs_f64(rewritten as f64 / max_rate as f64);
-                    if let Some(rest) = due.checked_sub(started.elapsed())
-                        && !BackgroundWorker::wait_latch(Some(rest))
-                    {
-                        return;
-                    }
-                }
-            }
-            // done, failed, cancelled, or a job that never appeared
-            _ => return,
-        }
+    }
+    if let Err(e) = super::drive(job, &mut WorkerRunner, false) {
+        let reason = e.summary_ref();
+        BackgroundWorker::transaction(|| {
+            let _ = super::engine::record_failure(job, &reason);
+        });
     }
 }

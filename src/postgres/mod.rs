@@ -2,4 +2,13 @@
 
 pub mod fmgr;
 pub mod invalidation;
+pub mod security;
+pub mod subxact;
 pub mod varlena;
+
+/// The server's data directory.
+pub fn data_directory() -> std::path::PathBuf {
+    // SAFETY: DataDir is set once at postmaster start-up and never freed.
+    let data_dir = unsafe { std::ffi::CStr::from_ptr(pgrx::pg_sys::DataDir) };
+    std::path::PathBuf::from(data_dir.to_string_lossy().into_owned())
+}

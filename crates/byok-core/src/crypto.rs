@@ -8,7 +8,9 @@
 
 use aes_gcm::aead::inout::InOutBuf;
 use aes_gcm::{AeadInOut, Aes256Gcm, KeyInit, Nonce, Tag};
-use zeroize::{Zeroize, ZeroizeOnDrop};
+use zeroize::Zeroize;
+
+use crate::secret_mem::SecretBox;
 
 use crate::envelope::{self, Envelope, HEADER_LEN, NONCE_LEN};
 
@@ -22,24 +24,41 @@ pub const MAX_TENANT_ID_LEN: usize = 128;
 /// context does not allocate. Small, because the buffer is zeroed on every call.
 const STACK_AAD_LEN: usize = 160;
 
-/// A plaintext data key. Zeroized when dropped; never printed.
-#[derive(Clone, Zeroize, ZeroizeOnDrop, PartialEq, Eq)]
-pub struct DataKey([u8; DEK_LEN]);
+/// A plaintext data key, in memory excluded from core dumps
+/// ([`SecretBox`]) and wiped when dropped; never printed.
+#[derive(Clone)]
+pub struct DataKey(SecretBox<[u8; DEK_LEN]>);
+
+impl PartialEq for DataKey {
+    fn eq(&self, other: &Self) -> bool {
+        // Constant time: keys are compared in tests and checks, never to decide
+        // anything an attacker can time, but there is no reason to leak either.
+        self.0
+            .iter()
+            .zip(other.0.iter())
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+            == 0
+    }
+}
+
+impl Eq for DataKey {}
 
 impl DataKey {
     /// A new random key from the OS CSPRNG.
     pub fn generate() -> Result<Self, CryptoError> {
-        let mut key = DataKey([0u8; DEK_LEN]);
-        getrandom::fill(&mut key.0).map_err(|_| CryptoError::RandomUnavailable)?;
+        let mut key = DataKey(SecretBox::new([0u8; DEK_LEN]));
+        getrandom::fill(&mut key.0[..]).map_err(|_| CryptoError::RandomUnavailable)?;
         Ok(key)
     }
 
     /// Takes the bytes of an unwrapped key; `bytes` should be zeroized by the caller.
     pub fn from_slice(bytes: &[u8]) -> Result<Self, CryptoError> {
-        let bytes: [u8; DEK_LEN] = bytes
-            .try_into()
-            .map_err(|_| CryptoError::BadKeyLength(bytes.len()))?;
-        Ok(DataKey(bytes))
+        if bytes.len() != DEK_LEN {
+            return Err(CryptoError::BadKeyLength(bytes.len()));
+        }
+        let mut key = DataKey(SecretBox::new([0u8; DEK_LEN]));
+        key.0.copy_from_slice(bytes);
+        Ok(key)
     }
 
     pub fn expose(&self) -> &[u8; DEK_LEN] {
@@ -74,7 +93,8 @@ pub enum CryptoError {
 /// A ready AES-256-GCM key schedule for one DEK, bound to its tenant. This is
 /// what the backend caches, so a cache hit costs no key expansion.
 pub struct DekCipher {
-    cipher: Aes256Gcm,
+    /// The key schedule, in memory excluded from core dumps.
+    cipher: SecretBox<Aes256Gcm>,
     dek_id: u64,
     header: [u8; HEADER_LEN],
     tenant_id: Box<str>,
@@ -85,8 +105,10 @@ impl DekCipher {
         if tenant_id.len() > MAX_TENANT_ID_LEN {
             return Err(CryptoError::TenantIdTooLong);
         }
-        let cipher = Aes256Gcm::new_from_slice(key.expose())
-            .map_err(|_| CryptoError::BadKeyLength(DEK_LEN))?;
+        let cipher = SecretBox::new(
+            Aes256Gcm::new_from_slice(key.expose())
+                .map_err(|_| CryptoError::BadKeyLength(DEK_LEN))?,
+        );
         Ok(DekCipher {
             cipher,
             dek_id,

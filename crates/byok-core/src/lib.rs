@@ -2,8 +2,11 @@
 //! sealing under data keys, the data-key cache, and tenant configuration.
 //! Everything here is covered by plain `cargo test`.
 
+pub mod audit_ring;
 pub mod cache;
 pub mod clock;
 pub mod config;
 pub mod crypto;
 pub mod envelope;
+pub mod key_usage;
+pub mod secret_mem;

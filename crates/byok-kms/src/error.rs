@@ -24,6 +24,10 @@ pub enum ErrorKind {
     Misconfigured,
     /// The provider is known but not part of this build.
     NotSupported,
+    /// The tenant's configuration asks for something the server's policy does
+    /// not allow (a credential file outside byok.credential_directories, an
+    /// endpoint not in byok.allowed_endpoints, plain http).
+    NotPermitted,
 }
 
 impl ErrorKind {
@@ -64,6 +68,14 @@ impl ProviderError {
     pub fn with_hint(mut self, hint: impl Into<String>) -> Self {
         self.hint = Some(hint.into());
         self
+    }
+}
+
+impl ProviderError {
+    /// A refusal by the server's policy ([`crate::policy`]), for provider `kind`.
+    pub fn from_policy(provider: ProviderKind, e: crate::policy::PolicyError) -> Self {
+        let hint = e.hint();
+        ProviderError::new(provider, ErrorKind::NotPermitted, e.to_string()).with_hint(hint)
     }
 }
 

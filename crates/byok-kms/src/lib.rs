@@ -15,6 +15,7 @@ pub mod histogram;
 #[cfg(any(feature = "azure", feature = "gcp"))]
 pub mod jwt;
 pub mod local;
+pub mod policy;
 pub mod protocol;
 pub mod provider;
 pub mod service;
@@ -22,5 +23,6 @@ pub mod service;
 pub mod vault;
 
 pub use error::{ErrorKind, ProviderError};
+pub use policy::{AccessPolicy, PolicyError};
 pub use provider::{KeyContext, KeyProvider, MasterKeyInfo, WrappedDek};
 pub use service::{KeyService, KmsCallAudit, MetricEvent, MetricsSink, Outcome, ServiceSettings};

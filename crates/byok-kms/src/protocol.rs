@@ -10,6 +10,11 @@ use serde_json::{Map, Value};
 use crate::error::{ErrorKind, ProviderError};
 use crate::provider::{MasterKeyInfo, WrappedDek};
 
+/// The data-key id validation probes use: the largest a bigint holds, which the
+/// key id sequence never reaches. A probe key is generated, unwrapped and
+/// discarded; the audit trail shows no key id for it.
+pub const PROBE_DEK_ID: u64 = i64::MAX as u64;
+
 /// A tenant's cache settings, from its `cache_config` (or the server defaults).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CacheSettings {
@@ -27,6 +32,10 @@ pub struct TenantRef {
     /// The role (OID) the request is made for, as the audit trail records it.
     #[serde(default)]
     pub role: u32,
+    /// Its name, resolved when the request was made (the role may be dropped
+    /// before the audit record is written).
+    #[serde(default)]
+    pub role_name: String,
 }
 
 /// Which key manager, configured how (the tenant's provider block).
@@ -73,10 +82,13 @@ pub enum Request {
         provider: ProviderRef,
         cmk_id: String,
     },
-    /// Drops shared-cache entries of a database, or of one tenant in it.
+    /// Drops shared-cache entries (and remembered refusals) of a database, of
+    /// one tenant in it, or of one data key.
     Flush {
         database: u32,
         tenant_id: Option<String>,
+        #[serde(default)]
+        dek_id: Option<u64>,
     },
 }
 
@@ -149,6 +161,7 @@ mod tests {
                 database: 5,
                 tenant_id: "t".into(),
                 role: 10,
+                role_name: "postgres".into(),
             },
             provider: ProviderRef {
                 provider: "local".into(),

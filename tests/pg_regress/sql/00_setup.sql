@@ -12,7 +12,7 @@ BEGIN
     FOR i IN 1..300 LOOP
         PERFORM pg_stat_clear_snapshot();
         IF (SELECT audit_queued FROM byok.broker_status()) = 0
-           AND NOT EXISTS (SELECT 1 FROM pg_stat_activity WHERE backend_type = 'byok audit writer') THEN
+           AND NOT EXISTS (SELECT 1 FROM pg_stat_activity WHERE backend_type = 'byok catalog writer') THEN
             RETURN true;
         END IF;
         PERFORM pg_sleep(0.1);

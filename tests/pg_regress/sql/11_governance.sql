@@ -25,7 +25,9 @@ DELETE FROM byok.audit_log WHERE id = (SELECT min(id) FROM byok.audit_log WHERE 
 ALTER TABLE byok.audit_log ENABLE TRIGGER audit_log_append_only;
 SELECT v.problem FROM byok.verify_audit_chain() v ORDER BY v.id;
 
--- A tenant whose audit.log_all_operations is off: only failures are recorded.
+-- A tenant whose audit.log_all_operations is off: administrative events are
+-- still recorded (configure, rotate); only successful key fetches of the data
+-- path (kms_unwrap) are left out.
 SELECT byok.configure_tenant('{"customer": "quiet", "tenant_id": "quiet",
   "encryption": {"provider": "local", "local": {"key_id": "quiet-cmk"}},
   "audit": {"log_all_operations": false, "alert_on_failures": true}}');

@@ -73,8 +73,22 @@ impl AwsKmsProvider {
     pub async fn from_options(
         options: &Map<String, Value>,
         timeout: Duration,
+        policy: &crate::policy::AccessPolicy,
     ) -> Result<Self, ProviderError> {
         let options = AwsOptions::parse(options)?;
+        // The SDK derives kms.REGION.amazonaws.com from a Region; any other
+        // endpoint is the tenant's choice and must be one the server allows.
+        let refused = |e| ProviderError::from_policy(ProviderKind::AwsKms, e);
+        if let Some(url) = &options.endpoint_url {
+            policy
+                .check_endpoint("encryption.aws_kms.endpoint_url", url)
+                .map_err(refused)?;
+        }
+        for url in options.replica_endpoint_urls.values() {
+            policy
+                .check_endpoint("encryption.aws_kms.replica_endpoint_urls", url)
+                .map_err(refused)?;
+        }
         let primary = Self::build_target(
             &options,
             &options.key_arn,

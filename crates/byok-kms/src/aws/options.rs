@@ -44,11 +44,21 @@ pub struct AwsOptions {
     pub replica_endpoint_urls: BTreeMap<String, String>,
 }
 
+/// Whether `region` looks like an AWS Region name (`us-east-1`, `cn-north-1`):
+/// the SDK builds the endpoint's host name from it.
+pub fn is_region_name(region: &str) -> bool {
+    !region.is_empty()
+        && region.len() <= 40
+        && region
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+}
+
 /// The Region of a KMS ARN (`arn:aws:kms:REGION:ACCOUNT:key/...` or `alias/...`).
 pub fn region_of_arn(arn: &str) -> Option<String> {
     let mut parts = arn.split(':');
     match (parts.next(), parts.next(), parts.next(), parts.next()) {
-        (Some("arn"), Some(_partition), Some("kms"), Some(region)) if !region.is_empty() => {
+        (Some("arn"), Some(_partition), Some("kms"), Some(region)) if is_region_name(region) => {
             Some(region.to_string())
         }
         _ => None,
@@ -70,6 +80,17 @@ impl AwsOptions {
             return Err(AwsError::config(format!(
                 "encryption.aws_kms.endpoint_url: \"{url}\" is not an http(s) URL"
             )));
+        }
+        for region in options
+            .region
+            .iter()
+            .chain(options.replica_endpoint_urls.keys())
+        {
+            if !is_region_name(region) {
+                return Err(AwsError::config(format!(
+                    "encryption.aws_kms: \"{region}\" is not an AWS Region name"
+                )));
+            }
         }
         Ok(options)
     }

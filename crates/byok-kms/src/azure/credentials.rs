@@ -14,14 +14,17 @@ use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64URL;
 use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject;
-use zeroize::Zeroizing;
+
+use std::sync::Arc;
 
 use crate::jwt;
+use crate::policy::AccessPolicy;
 
 /// A bearer token kept in a file by something else (a sidecar, a workload
 /// identity agent). Read on every use, so a refreshed file takes effect at once.
 #[derive(Debug)]
 pub struct TokenFileCredential {
+    pub policy: Arc<AccessPolicy>,
     pub path: String,
 }
 
@@ -32,12 +35,10 @@ impl TokenCredential for TokenFileCredential {
         _scopes: &[&str],
         _options: Option<TokenRequestOptions<'_>>,
     ) -> azure_core::Result<AccessToken> {
-        let text = Zeroizing::new(std::fs::read_to_string(&self.path).map_err(|e| {
-            Error::with_message(
-                ErrorKind::Credential,
-                format!("cannot read the token file \"{}\": {e}", self.path),
-            )
-        })?);
+        let text = self
+            .policy
+            .read_credential_text("encryption.azure_kv.auth.token_file", &self.path)
+            .map_err(|e| Error::with_message(ErrorKind::Credential, e.to_string()))?;
         let token = text.trim();
         if token.is_empty() {
             return Err(Error::with_message(
@@ -56,6 +57,7 @@ impl TokenCredential for TokenFileCredential {
 /// Signs client assertions with the certificate and PKCS#8 RSA key in one PEM file.
 #[derive(Debug)]
 pub struct CertificateAssertion {
+    pub policy: Arc<AccessPolicy>,
     pub path: String,
     pub client_id: String,
     /// The token endpoint, the assertion's audience.
@@ -73,12 +75,13 @@ impl CertificateAssertion {
     }
 
     fn material(&self) -> Result<(Vec<u8>, aws_lc_rs::signature::RsaKeyPair), String> {
-        let pem = Zeroizing::new(std::fs::read(&self.path).map_err(|e| {
-            format!(
-                "cannot read the client certificate file \"{}\": {e}",
-                self.path
+        let pem = self
+            .policy
+            .read_credential_file(
+                "encryption.azure_kv.auth.client_certificate_file",
+                &self.path,
             )
-        })?);
+            .map_err(|e| e.to_string())?;
         let cert = CertificateDer::pem_slice_iter(&pem)
             .next()
             .and_then(Result::ok)

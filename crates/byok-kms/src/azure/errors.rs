@@ -36,6 +36,8 @@ pub enum AzureError {
     },
     #[error("Azure Key Vault configuration: {0}")]
     Config(String),
+    #[error("{0}")]
+    Policy(crate::policy::PolicyError),
     #[error("unexpected answer from Azure Key Vault: {0}")]
     Protocol(String),
     #[error("the data key was wrapped for another tenant or data key id")]
@@ -161,6 +163,7 @@ impl AzureError {
             AzureError::Unreachable { .. } => ErrorKind::Unavailable,
             AzureError::Throttled { .. } => ErrorKind::Throttled,
             AzureError::Config(_) => ErrorKind::Misconfigured,
+            AzureError::Policy(_) => ErrorKind::NotPermitted,
             AzureError::Protocol(_) => ErrorKind::Unavailable,
             AzureError::Binding => ErrorKind::UnwrapFailed,
         }
@@ -168,6 +171,7 @@ impl AzureError {
 
     fn hint(&self) -> Option<&'static str> {
         match self {
+            AzureError::Policy(e) => Some(e.hint()),
             AzureError::Credential { .. } => Some(
                 "check auth.tenant_id, auth.client_id and the secret or certificate file; AADSTS codes are explained at https://login.microsoftonline.com/error",
             ),

@@ -53,6 +53,7 @@ pub use errors::AzureError;
 pub use options::{AuthOptions, AzureOptions};
 
 use crate::error::ProviderError;
+use crate::policy::AccessPolicy;
 use crate::provider::{KeyContext, KeyProvider, MasterKeyInfo, ProviderFuture, WrappedDek};
 
 const ALG_RSA_OAEP_256: u8 = 1;
@@ -106,9 +107,17 @@ impl AzureKvProvider {
     pub fn from_options(
         options: &Map<String, Value>,
         timeout: Duration,
+        policy: Arc<AccessPolicy>,
     ) -> Result<Self, ProviderError> {
         let options = AzureOptions::parse(options)?;
-        let client = Self::build_client(&options, timeout)?;
+        let refused = |e| ProviderError::from_policy(ProviderKind::AzureKv, e);
+        policy
+            .check_endpoint("encryption.azure_kv.vault_url", &options.vault_url)
+            .map_err(refused)?;
+        policy
+            .check_endpoint("encryption.azure_kv.authority_host", options.authority())
+            .map_err(refused)?;
+        let client = Self::build_client(&options, timeout, &policy)?;
         Ok(AzureKvProvider {
             options,
             client,
@@ -121,14 +130,15 @@ impl AzureKvProvider {
     fn client_options(
         options: &AzureOptions,
         timeout: Duration,
+        policy: &AccessPolicy,
     ) -> Result<ClientOptions, AzureError> {
         let mut http = reqwest::Client::builder()
             .connect_timeout(timeout)
             .timeout(timeout);
         if let Some(path) = &options.ca_cert_file {
-            let pem = std::fs::read(path).map_err(|e| {
-                AzureError::Config(format!("cannot read ca_cert_file \"{path}\": {e}"))
-            })?;
+            let pem = policy
+                .read_credential_file("encryption.azure_kv.ca_cert_file", path)
+                .map_err(AzureError::Policy)?;
             let certs = reqwest::Certificate::from_pem_bundle(&pem).map_err(|_| {
                 AzureError::Config(format!("ca_cert_file \"{path}\" is not a PEM certificate"))
             })?;
@@ -150,6 +160,7 @@ impl AzureKvProvider {
     fn credential(
         options: &AzureOptions,
         client_options: ClientOptions,
+        policy: &Arc<AccessPolicy>,
     ) -> Result<Arc<dyn TokenCredential>, AzureError> {
         let sdk = |e: azure_core::Error| AzureError::Config(format!("credential: {e}"));
         Ok(match &options.auth {
@@ -159,9 +170,9 @@ impl AzureKvProvider {
                 client_secret_file: Some(path),
                 ..
             } => {
-                let secret = Zeroizing::new(std::fs::read_to_string(path).map_err(|e| {
-                    AzureError::Config(format!("cannot read client_secret_file \"{path}\": {e}"))
-                })?);
+                let secret = policy
+                    .read_credential_text("encryption.azure_kv.auth.client_secret_file", path)
+                    .map_err(AzureError::Policy)?;
                 ClientSecretCredential::new(
                     tenant_id,
                     client_id.clone(),
@@ -177,6 +188,7 @@ impl AzureKvProvider {
                 ..
             } => {
                 let assertion = credentials::CertificateAssertion {
+                    policy: policy.clone(),
                     path: path.clone(),
                     client_id: client_id.clone(),
                     audience: format!("{}/{tenant_id}/oauth2/v2.0/token", options.authority()),
@@ -204,14 +216,19 @@ impl AzureKvProvider {
                 .map_err(sdk)?
             }
             AuthOptions::TokenFile { token_file } => Arc::new(credentials::TokenFileCredential {
+                policy: policy.clone(),
                 path: token_file.clone(),
             }),
         })
     }
 
-    fn build_client(options: &AzureOptions, timeout: Duration) -> Result<KeyClient, AzureError> {
-        let client_options = Self::client_options(options, timeout)?;
-        let credential = Self::credential(options, client_options.clone())?;
+    fn build_client(
+        options: &AzureOptions,
+        timeout: Duration,
+        policy: &Arc<AccessPolicy>,
+    ) -> Result<KeyClient, AzureError> {
+        let client_options = Self::client_options(options, timeout, policy)?;
+        let credential = Self::credential(options, client_options.clone(), policy)?;
         KeyClient::new(
             &options.vault_url,
             credential,

@@ -14,7 +14,10 @@ use serde::Deserialize;
 use tokio::sync::Mutex;
 use zeroize::Zeroizing;
 
+use std::sync::Arc;
+
 use crate::jwt;
+use crate::policy::AccessPolicy;
 
 const SCOPE: &str = "https://www.googleapis.com/auth/cloud-platform";
 const JWT_BEARER: &str = "urn:ietf:params:oauth:grant-type:jwt-bearer";
@@ -57,6 +60,7 @@ fn bearer(token: &str) -> Result<CacheableResource<HeaderMap>, CredentialsError>
 
 #[derive(Debug)]
 pub struct JwtGrantCredentials {
+    pub policy: Arc<AccessPolicy>,
     pub key_file: String,
     pub http: reqwest::Client,
     /// The current token and when to fetch the next (a minute before it expires).
@@ -64,8 +68,13 @@ pub struct JwtGrantCredentials {
 }
 
 impl JwtGrantCredentials {
-    pub fn new(key_file: String, http: reqwest::Client) -> Result<Self, String> {
+    pub fn new(
+        policy: Arc<AccessPolicy>,
+        key_file: String,
+        http: reqwest::Client,
+    ) -> Result<Self, String> {
         let credentials = JwtGrantCredentials {
+            policy,
             key_file,
             http,
             cached: Mutex::new(None),
@@ -75,18 +84,20 @@ impl JwtGrantCredentials {
     }
 
     fn read_key(&self) -> Result<ServiceAccountKey, String> {
-        let text = Zeroizing::new(std::fs::read_to_string(&self.key_file).map_err(|e| {
-            format!(
-                "cannot read the service-account key file \"{}\": {e}",
-                self.key_file
-            )
-        })?);
+        let text = self
+            .policy
+            .read_credential_text("encryption.gcp_kms.auth.key_file", &self.key_file)
+            .map_err(|e| e.to_string())?;
         let key: ServiceAccountKey = serde_json::from_str(&text).map_err(|e| {
             format!(
                 "\"{}\" is not a service-account JSON key: {e}",
                 self.key_file
             )
         })?;
+        // The key file names where its grant goes: held to the same endpoint rules.
+        self.policy
+            .check_endpoint("the key file's token_uri", &key.token_uri)
+            .map_err(|e| e.to_string())?;
         if key.kind != "service_account" {
             return Err(format!(
                 "\"{}\" is a \"{}\" credential, not a service-account key",
@@ -181,6 +192,7 @@ impl CredentialsProvider for JwtGrantCredentials {
 /// A bearer token kept fresh in a file by something else; re-read on every use.
 #[derive(Debug)]
 pub struct TokenFileCredentials {
+    pub policy: Arc<AccessPolicy>,
     pub path: String,
 }
 
@@ -189,12 +201,10 @@ impl CredentialsProvider for TokenFileCredentials {
         &self,
         _extensions: http::Extensions,
     ) -> Result<CacheableResource<HeaderMap>, CredentialsError> {
-        let text = Zeroizing::new(std::fs::read_to_string(&self.path).map_err(|e| {
-            CredentialsError::from_msg(
-                false,
-                format!("cannot read the token file \"{}\": {e}", self.path),
-            )
-        })?);
+        let text = self
+            .policy
+            .read_credential_text("encryption.gcp_kms.auth.token_file", &self.path)
+            .map_err(|e| CredentialsError::from_msg(false, e.to_string()))?;
         let token = text.trim();
         if token.is_empty() {
             return Err(CredentialsError::from_msg(

@@ -68,8 +68,12 @@ impl GcpKmsProvider {
     pub async fn from_options(
         options: &Map<String, Value>,
         timeout: Duration,
+        policy: std::sync::Arc<crate::policy::AccessPolicy>,
     ) -> Result<Self, ProviderError> {
         let options = GcpOptions::parse(options)?;
+        policy
+            .check_endpoint("encryption.gcp_kms.endpoint", options.endpoint())
+            .map_err(|e| ProviderError::from_policy(ProviderKind::GcpKms, e))?;
         let http = reqwest::Client::builder()
             .connect_timeout(timeout)
             .timeout(timeout)
@@ -77,11 +81,12 @@ impl GcpKmsProvider {
             .map_err(|e| GcpError::Config(format!("HTTP client: {e}")))?;
         let credentials: Credentials = match &options.auth {
             AuthOptions::ServiceAccountKey { key_file } => {
-                credentials::JwtGrantCredentials::new(key_file.clone(), http)
+                credentials::JwtGrantCredentials::new(policy.clone(), key_file.clone(), http)
                     .map_err(GcpError::Config)?
                     .into()
             }
             AuthOptions::TokenFile { token_file } => credentials::TokenFileCredentials {
+                policy: policy.clone(),
                 path: token_file.clone(),
             }
             .into(),

@@ -1,5 +1,5 @@
-//! The local provider's root secret: 32 random bytes kept as 64 hex digits in a
-//! file readable by the server's OS user only.
+//! A 256-bit secret kept as 64 hex digits in a file readable by the server's OS
+//! user only: the local provider's root secret, and the audit trail's chain key.
 
 use std::fs::{self, OpenOptions};
 use std::io::{Read, Write};
@@ -12,16 +12,32 @@ pub const ROOT_SECRET_LEN: usize = 32;
 
 #[derive(Debug, thiserror::Error)]
 pub enum KeyFileError {
-    #[error("could not read local master key file \"{path}\": {reason}")]
-    Unreadable { path: PathBuf, reason: String },
-    #[error("could not create local master key file \"{path}\": {reason}")]
-    NotCreated { path: PathBuf, reason: String },
-    #[error("local master key file \"{path}\" is malformed: {reason}")]
-    Malformed { path: PathBuf, reason: String },
-    #[error("local master key file \"{path}\" is accessible by group or others (mode {mode:o})")]
-    TooOpen { path: PathBuf, mode: u32 },
-    #[error("local master key file \"{path}\" does not exist")]
-    Missing { path: PathBuf },
+    #[error("could not read {what} \"{path}\": {reason}")]
+    Unreadable {
+        what: &'static str,
+        path: PathBuf,
+        reason: String,
+    },
+    #[error("could not create {what} \"{path}\": {reason}")]
+    NotCreated {
+        what: &'static str,
+        path: PathBuf,
+        reason: String,
+    },
+    #[error("{what} \"{path}\" is malformed: {reason}")]
+    Malformed {
+        what: &'static str,
+        path: PathBuf,
+        reason: String,
+    },
+    #[error("{what} \"{path}\" is accessible by group or others (mode {mode:o})")]
+    TooOpen {
+        what: &'static str,
+        path: PathBuf,
+        mode: u32,
+    },
+    #[error("{what} \"{path}\" does not exist")]
+    Missing { what: &'static str, path: PathBuf },
     #[error("the operating system's random number generator is unavailable")]
     RandomUnavailable,
 }
@@ -30,21 +46,24 @@ pub enum KeyFileError {
 /// first, atomically: the secret is written to a private temporary file which is
 /// then hard-linked into place, so concurrent creators agree on one secret and a
 /// reader never sees a half-written file.
+/// `what` names the file in messages ("local master key file").
 pub fn load_or_create(
+    what: &'static str,
     path: &Path,
     create: bool,
 ) -> Result<Zeroizing<[u8; ROOT_SECRET_LEN]>, KeyFileError> {
-    match read(path) {
+    match read(what, path) {
         Err(KeyFileError::Missing { .. }) if create => {
-            create_atomically(path)?;
-            read(path)
+            create_atomically(what, path)?;
+            read(what, path)
         }
         other => other,
     }
 }
 
-fn read(path: &Path) -> Result<Zeroizing<[u8; ROOT_SECRET_LEN]>, KeyFileError> {
+fn read(what: &'static str, path: &Path) -> Result<Zeroizing<[u8; ROOT_SECRET_LEN]>, KeyFileError> {
     let unreadable = |e: std::io::Error| KeyFileError::Unreadable {
+        what,
         path: path.to_path_buf(),
         reason: e.to_string(),
     };
@@ -52,6 +71,7 @@ fn read(path: &Path) -> Result<Zeroizing<[u8; ROOT_SECRET_LEN]>, KeyFileError> {
         Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             return Err(KeyFileError::Missing {
+                what,
                 path: path.to_path_buf(),
             });
         }
@@ -60,6 +80,7 @@ fn read(path: &Path) -> Result<Zeroizing<[u8; ROOT_SECRET_LEN]>, KeyFileError> {
     let mode = file.metadata().map_err(unreadable)?.mode() & 0o777;
     if mode & 0o077 != 0 {
         return Err(KeyFileError::TooOpen {
+            what,
             path: path.to_path_buf(),
             mode,
         });
@@ -71,6 +92,7 @@ fn read(path: &Path) -> Result<Zeroizing<[u8; ROOT_SECRET_LEN]>, KeyFileError> {
         .read_to_string(&mut text)
         .map_err(unreadable)?;
     let malformed = |reason: &str| KeyFileError::Malformed {
+        what,
         path: path.to_path_buf(),
         reason: reason.to_string(),
     };
@@ -96,8 +118,9 @@ fn hex_value(c: u8) -> Option<u8> {
     }
 }
 
-fn create_atomically(path: &Path) -> Result<(), KeyFileError> {
+fn create_atomically(what: &'static str, path: &Path) -> Result<(), KeyFileError> {
     let not_created = |e: std::io::Error| KeyFileError::NotCreated {
+        what,
         path: path.to_path_buf(),
         reason: e.to_string(),
     };

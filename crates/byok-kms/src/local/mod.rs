@@ -14,7 +14,7 @@
 //! the file; it does not protect against someone who can read the data
 //! directory. Use a real key manager for that.
 
-mod keyfile;
+pub mod keyfile;
 #[cfg(test)]
 mod tests;
 
@@ -113,6 +113,7 @@ impl LocalProvider {
 
     fn secret(&self) -> Result<RootSecret, LocalError> {
         Ok(RootSecret(keyfile::load_or_create(
+            "local master key file",
             &self.path,
             self.create,
         )?))

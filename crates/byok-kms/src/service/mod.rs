@@ -7,6 +7,12 @@
 //!   unreachable they are served for `grace_period_seconds` more, then the
 //!   service fails closed. Refusals (access denied, disabled key) are never
 //!   papered over.
+//! - Refusals (access denied, key disabled or missing, a wrapped key that does
+//!   not open) are remembered per data key and configuration for a while that
+//!   doubles with each repeat, from 1 s up to `refusal_backoff_max`: a misbehaving
+//!   application cannot turn into a stream of calls against the customer's key
+//!   manager, and a key the customer enables again is used within that bound.
+//!   Outages are not remembered (the grace period covers them).
 //! - Plaintext keys are zeroized when evicted, expired or flushed.
 //! - Every provider call is bounded by the configured timeout.
 //!
@@ -27,6 +33,7 @@ use tokio::sync::watch;
 
 use crate::error::{ErrorKind, ProviderError};
 use crate::local::LocalProvider;
+use crate::policy::AccessPolicy;
 use crate::protocol::{CacheSettings, ErrorWire, ProviderRef, Request, Response, TenantRef};
 use crate::provider::{CallReport, KeyContext, KeyProvider};
 
@@ -34,11 +41,18 @@ use crate::provider::{CallReport, KeyContext, KeyProvider};
 #[derive(Debug, Clone)]
 pub struct ServiceSettings {
     pub local_key_file: PathBuf,
+    /// What tenants' configurations may make the broker read and call.
+    pub policy: Arc<AccessPolicy>,
     /// Bound on the whole shared cache.
     pub max_entries: usize,
     /// Bound on each provider call.
     pub provider_timeout: Duration,
+    /// Longest time a refusal is remembered before the key manager is asked again.
+    pub refusal_backoff_max: Duration,
 }
+
+/// First wait after a refusal; doubled on each repeat up to `refusal_backoff_max`.
+pub const REFUSAL_BACKOFF_MIN: Duration = Duration::from_secs(1);
 
 /// Key-manager operations, for metrics.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -111,6 +125,30 @@ struct CachedKey {
 
 type Flight = watch::Receiver<Option<Result<DataKey, ProviderError>>>;
 
+/// A refusal remembered for a data key under one provider configuration.
+struct Refusal {
+    error: ProviderError,
+    until: Tick,
+    backoff: Duration,
+    tenant_label: String,
+}
+
+/// What a refusal is remembered by: the key, and the configuration it was
+/// refused under (a corrected configuration is tried at once).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct RefusalKey {
+    key: CacheKey,
+    options: [u8; 32],
+}
+
+fn options_digest(provider: &ProviderRef) -> [u8; 32] {
+    let mut h = Sha256::new();
+    h.update(provider.provider.as_bytes());
+    h.update([0]);
+    h.update(serde_json::Value::Object(provider.options.clone()).to_string());
+    h.finalize().into()
+}
+
 /// The outcome of a request: the answer, and the plaintext key when there is one
 /// (it travels apart from the encoded answer).
 pub struct Outcome {
@@ -133,6 +171,7 @@ pub struct KeyService {
     settings: RwLock<ServiceSettings>,
     cache: Mutex<KeyCache<CachedKey, CacheKey, RandomState>>,
     inflight: Mutex<HashMap<CacheKey, Flight>>,
+    refusals: Mutex<HashMap<RefusalKey, Refusal>>,
     /// Clients of remote key managers, by provider and configuration.
     clients: Mutex<HashMap<String, Arc<dyn KeyProvider>>>,
     metrics: Arc<dyn MetricsSink>,
@@ -144,6 +183,7 @@ impl KeyService {
             cache: Mutex::new(KeyCache::new(settings.max_entries)),
             settings: RwLock::new(settings),
             inflight: Mutex::new(HashMap::new()),
+            refusals: Mutex::new(HashMap::new()),
             clients: Mutex::new(HashMap::new()),
             metrics,
         }
@@ -155,6 +195,11 @@ impl KeyService {
             .lock()
             .expect("cache lock")
             .set_capacity(settings.max_entries);
+        // Clients were built (endpoints checked, credential files read) under
+        // the previous policy: a changed policy applies to every tenant at once.
+        if self.settings.read().expect("settings lock").policy != settings.policy {
+            self.clients.lock().expect("clients lock").clear();
+        }
         *self.settings.write().expect("settings lock") = settings;
     }
 
@@ -273,17 +318,27 @@ impl KeyService {
             Request::Flush {
                 database,
                 tenant_id,
+                dek_id,
             } => {
                 let prefix = tenant_label(database, "");
                 let exact = tenant_id.map(|t| tenant_label(database, &t));
+                let doomed = |key: &CacheKey, label: &str| {
+                    key.database == database
+                        && dek_id.is_none_or(|id| key.dek_id == id)
+                        && match &exact {
+                            Some(exact) => label == exact,
+                            None => label.starts_with(&prefix),
+                        }
+                };
                 let entries = self
                     .cache
                     .lock()
                     .expect("cache lock")
-                    .remove_where(|_, label| match &exact {
-                        Some(exact) => label == exact,
-                        None => label.starts_with(&prefix),
-                    });
+                    .remove_where(|key, label| doomed(key, label));
+                self.refusals
+                    .lock()
+                    .expect("refusals lock")
+                    .retain(|key, refusal| !doomed(&key.key, &refusal.tenant_label));
                 Outcome {
                     response: Response::Flushed {
                         entries: entries as u64,
@@ -324,6 +379,13 @@ impl KeyService {
         self.metrics
             .record(kind, tenant, MetricEvent::SharedCacheMiss);
 
+        let refusal_key = RefusalKey {
+            key: key.clone(),
+            options: options_digest(provider),
+        };
+        if let Some(refused) = self.remembered_refusal(&refusal_key, now) {
+            return Err(refused);
+        }
         let result = self
             .coalesced(key.clone(), async {
                 // Re-check as the leader: a previous leader fills the cache before it
@@ -373,6 +435,7 @@ impl KeyService {
                 result
             })
             .await;
+        self.remember_outcome(refusal_key, tenant, &result);
         match (result, stale) {
             (Ok(dek), _) => Ok((dek, false)),
             (Err(e), Some(dek)) if e.kind.is_availability() => {
@@ -380,6 +443,69 @@ impl KeyService {
                 Ok((dek, true))
             }
             (Err(e), _) => Err(e),
+        }
+    }
+
+    /// A refusal of this key still within its backoff, if any.
+    fn remembered_refusal(&self, key: &RefusalKey, now: Tick) -> Option<ProviderError> {
+        let refusals = self.refusals.lock().expect("refusals lock");
+        let refusal = refusals.get(key)?;
+        (now < refusal.until).then(|| {
+            let mut error = refusal.error.clone();
+            let note = format!(
+                "refused by the key manager within the last {} s; asked again after that",
+                refusal.backoff.as_secs()
+            );
+            error.detail = Some(match error.detail.take() {
+                Some(detail) => format!("{detail} ({note})"),
+                None => note,
+            });
+            error
+        })
+    }
+
+    /// Remembers a refusal (doubling its backoff) or forgets one after a success.
+    fn remember_outcome(
+        &self,
+        key: RefusalKey,
+        tenant: &TenantRef,
+        result: &Result<DataKey, ProviderError>,
+    ) {
+        let mut refusals = self.refusals.lock().expect("refusals lock");
+        match result {
+            Ok(_) => {
+                refusals.remove(&key);
+            }
+            Err(e) if is_refusal(e.kind) => {
+                let max = self
+                    .settings
+                    .read()
+                    .expect("settings lock")
+                    .refusal_backoff_max
+                    .max(REFUSAL_BACKOFF_MIN);
+                let backoff = match refusals.get(&key) {
+                    Some(previous) => (previous.backoff * 2).min(max),
+                    None => REFUSAL_BACKOFF_MIN,
+                };
+                // Bounded: a flood of distinct bad keys cannot grow it without end.
+                if refusals.len() >= MAX_REFUSALS {
+                    let now = Tick::now();
+                    refusals.retain(|_, r| now < r.until);
+                    if refusals.len() >= MAX_REFUSALS {
+                        return;
+                    }
+                }
+                refusals.insert(
+                    key,
+                    Refusal {
+                        error: e.clone(),
+                        until: Tick::now() + backoff,
+                        backoff,
+                        tenant_label: tenant_label(tenant.database, &tenant.tenant_id),
+                    },
+                );
+            }
+            Err(_) => {}
         }
     }
 
@@ -496,6 +622,7 @@ impl KeyService {
     ) -> Result<Arc<dyn KeyProvider>, ProviderError> {
         let settings = self.settings.read().expect("settings lock").clone();
         let timeout = settings.provider_timeout;
+        let policy = settings.policy.clone();
         let options = &provider.options;
         match kind {
             ProviderKind::Local => Ok(Arc::new(LocalProvider::new(
@@ -505,30 +632,30 @@ impl KeyService {
             #[cfg(feature = "aws")]
             ProviderKind::AwsKms => {
                 self.cached_client(kind, provider, timeout, async {
-                    Ok(
-                        Arc::new(crate::aws::AwsKmsProvider::from_options(options, timeout).await?)
-                            as Arc<dyn KeyProvider>,
-                    )
+                    Ok(Arc::new(
+                        crate::aws::AwsKmsProvider::from_options(options, timeout, &policy).await?,
+                    ) as Arc<dyn KeyProvider>)
                 })
                 .await
             }
             #[cfg(feature = "vault")]
             ProviderKind::Vault => {
                 self.cached_client(kind, provider, timeout, async {
-                    Ok(
-                        Arc::new(crate::vault::VaultProvider::from_options(options, timeout)?)
-                            as Arc<dyn KeyProvider>,
-                    )
+                    Ok(Arc::new(crate::vault::VaultProvider::from_options(
+                        options,
+                        timeout,
+                        policy.clone(),
+                    )?) as Arc<dyn KeyProvider>)
                 })
                 .await
             }
             #[cfg(feature = "gcp")]
             ProviderKind::GcpKms => {
                 self.cached_client(kind, provider, timeout, async {
-                    Ok(
-                        Arc::new(crate::gcp::GcpKmsProvider::from_options(options, timeout).await?)
-                            as Arc<dyn KeyProvider>,
-                    )
+                    Ok(Arc::new(
+                        crate::gcp::GcpKmsProvider::from_options(options, timeout, policy.clone())
+                            .await?,
+                    ) as Arc<dyn KeyProvider>)
                 })
                 .await
             }
@@ -536,7 +663,9 @@ impl KeyService {
             ProviderKind::AzureKv => {
                 self.cached_client(kind, provider, timeout, async {
                     Ok(Arc::new(crate::azure::AzureKvProvider::from_options(
-                        options, timeout,
+                        options,
+                        timeout,
+                        policy.clone(),
                     )?) as Arc<dyn KeyProvider>)
                 })
                 .await
@@ -588,6 +717,20 @@ fn provider_kind(provider: &ProviderRef) -> Result<ProviderKind, ProviderError> 
             format!("unknown key provider \"{}\"", provider.provider),
         )
     })
+}
+
+/// Refusals remembered at most (each a few hundred bytes).
+const MAX_REFUSALS: usize = 10_000;
+
+/// A key manager's "no" about a key, as opposed to its being unreachable.
+fn is_refusal(kind: ErrorKind) -> bool {
+    matches!(
+        kind,
+        ErrorKind::AccessDenied
+            | ErrorKind::KeyDisabled
+            | ErrorKind::KeyNotFound
+            | ErrorKind::UnwrapFailed
+    )
 }
 
 /// The per-tenant label of shared-cache entries: database, then tenant.

@@ -46,8 +46,10 @@ fn fixture() -> Fixture {
     let service = Arc::new(KeyService::new(
         ServiceSettings {
             local_key_file: key_file.clone(),
+            policy: Arc::new(crate::policy::AccessPolicy::permissive_for_tests()),
             max_entries: 100,
             provider_timeout: Duration::from_secs(2),
+            refusal_backoff_max: Duration::from_secs(4),
         },
         metrics.clone(),
     ));
@@ -64,6 +66,7 @@ fn tenant(t: &str) -> TenantRef {
         database: 1,
         tenant_id: t.into(),
         role: 0,
+        role_name: String::new(),
     }
 }
 
@@ -205,6 +208,116 @@ async fn a_refusal_is_not_papered_over_by_the_grace_period() {
 }
 
 #[tokio::test]
+async fn refusals_are_remembered_with_a_growing_backoff_then_asked_again() {
+    let f = fixture();
+    let (dek, wrapped) = wrapped_key(&f, "t", 1);
+    let original = std::fs::read(&f.key_file).unwrap();
+    // The key manager refuses this key (another key store: the wrap does not open).
+    std::fs::remove_file(&f.key_file).unwrap();
+    LocalProvider::open(&f.key_file, true).unwrap();
+    let refused = |outcome: &Outcome| matches!(outcome.response, Response::Failed { ref error } if error.kind == ErrorKind::UnwrapFailed);
+    let ask = || {
+        f.service
+            .handle(unwrap_request("t", 1, &wrapped, settings(60, 0)))
+    };
+    assert!(refused(&ask().await));
+    assert_eq!(f.metrics.kms_calls.load(Ordering::SeqCst), 1);
+    // A hundred retries within the backoff cost the key manager nothing.
+    for _ in 0..100 {
+        let outcome = ask().await;
+        assert!(refused(&outcome));
+        let Response::Failed { error } = outcome.response else {
+            unreachable!()
+        };
+        assert!(
+            error
+                .detail
+                .unwrap_or_default()
+                .contains("refused by the key manager within the last 1 s")
+        );
+    }
+    assert_eq!(f.metrics.kms_calls.load(Ordering::SeqCst), 1);
+    // After 1 s it asks again, is refused again, and waits 2 s this time.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    assert!(refused(&ask().await));
+    assert_eq!(f.metrics.kms_calls.load(Ordering::SeqCst), 2);
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    assert!(refused(&ask().await));
+    assert_eq!(f.metrics.kms_calls.load(Ordering::SeqCst), 2);
+    // The key comes back: used once the backoff passes, and the refusal is forgotten.
+    std::fs::write(&f.key_file, &original).unwrap();
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let outcome = ask().await;
+    assert_eq!(outcome.response, Response::DataKey { stale: false });
+    assert_eq!(outcome.data_key.unwrap(), dek);
+    assert_eq!(f.metrics.kms_calls.load(Ordering::SeqCst), 3);
+}
+
+#[tokio::test]
+async fn a_flush_forgets_refusals_and_a_corrected_configuration_is_asked_at_once() {
+    let f = fixture();
+    let (_, wrapped) = wrapped_key(&f, "t", 1);
+    let original = std::fs::read(&f.key_file).unwrap();
+    std::fs::remove_file(&f.key_file).unwrap();
+    LocalProvider::open(&f.key_file, true).unwrap();
+    let ask = || {
+        f.service
+            .handle(unwrap_request("t", 1, &wrapped, settings(60, 0)))
+    };
+    assert!(matches!(ask().await.response, Response::Failed { .. }));
+    std::fs::write(&f.key_file, &original).unwrap();
+    assert!(matches!(ask().await.response, Response::Failed { .. }));
+    assert_eq!(f.metrics.kms_calls.load(Ordering::SeqCst), 1);
+    f.service
+        .handle(Request::Flush {
+            database: 1,
+            tenant_id: Some("t".into()),
+            dek_id: Some(1),
+        })
+        .await;
+    assert_eq!(ask().await.response, Response::DataKey { stale: false });
+    assert_eq!(f.metrics.kms_calls.load(Ordering::SeqCst), 2);
+}
+
+#[tokio::test]
+async fn a_flush_of_one_data_key_leaves_the_others() {
+    let f = fixture();
+    let (_, first) = wrapped_key(&f, "t", 1);
+    let (_, second) = wrapped_key(&f, "t", 2);
+    for (id, w) in [(1, &first), (2, &second)] {
+        f.service
+            .handle(unwrap_request("t", id, w, settings(60, 0)))
+            .await;
+    }
+    let outcome = f
+        .service
+        .handle(Request::Flush {
+            database: 1,
+            tenant_id: None,
+            dek_id: Some(1),
+        })
+        .await;
+    assert_eq!(outcome.response, Response::Flushed { entries: 1 });
+    assert_eq!(f.metrics.kms_calls.load(Ordering::SeqCst), 2);
+    f.service
+        .handle(unwrap_request("t", 2, &second, settings(60, 0)))
+        .await;
+    assert_eq!(
+        f.metrics.kms_calls.load(Ordering::SeqCst),
+        2,
+        "key 2 stayed cached"
+    );
+    f.service
+        .handle(unwrap_request("t", 1, &first, settings(60, 0)))
+        .await;
+    assert_eq!(
+        f.metrics.kms_calls.load(Ordering::SeqCst),
+        3,
+        "key 1 was fetched again"
+    );
+}
+
+#[tokio::test]
 async fn flush_drops_a_tenant_or_a_database() {
     let f = fixture();
     let (_, a) = wrapped_key(&f, "a", 1);
@@ -221,6 +334,7 @@ async fn flush_drops_a_tenant_or_a_database() {
         .handle(Request::Flush {
             database: 1,
             tenant_id: Some("a".into()),
+            dek_id: None,
         })
         .await;
     assert_eq!(outcome.response, Response::Flushed { entries: 1 });
@@ -229,6 +343,7 @@ async fn flush_drops_a_tenant_or_a_database() {
         .handle(Request::Flush {
             database: 2,
             tenant_id: None,
+            dek_id: None,
         })
         .await;
     assert_eq!(outcome.response, Response::Flushed { entries: 0 });
@@ -237,6 +352,7 @@ async fn flush_drops_a_tenant_or_a_database() {
         .handle(Request::Flush {
             database: 1,
             tenant_id: None,
+            dek_id: None,
         })
         .await;
     assert_eq!(outcome.response, Response::Flushed { entries: 1 });
@@ -267,8 +383,10 @@ async fn a_hung_key_store_times_out() {
     let (_, wrapped) = wrapped_key(&f, "t", 1);
     f.service.reconfigure(ServiceSettings {
         local_key_file: f.key_file.clone(),
+        policy: Arc::new(crate::policy::AccessPolicy::permissive_for_tests()),
         max_entries: 100,
         provider_timeout: Duration::from_millis(300),
+        refusal_backoff_max: Duration::from_secs(4),
     });
     // A FIFO without a writer: opening it blocks, like a key manager that never answers.
     std::fs::remove_file(&f.key_file).unwrap();

@@ -22,6 +22,8 @@ pub enum VaultError {
     },
     #[error("Vault configuration: {0}")]
     Config(String),
+    #[error("{0}")]
+    Policy(crate::policy::PolicyError),
     #[error("unexpected answer from Vault: {0}")]
     Protocol(String),
 }
@@ -88,11 +90,15 @@ impl VaultError {
             }
             VaultError::Unreachable { .. } => ErrorKind::Unavailable,
             VaultError::Config(_) => ErrorKind::Misconfigured,
+            VaultError::Policy(_) => ErrorKind::NotPermitted,
             VaultError::Protocol(_) => ErrorKind::Unavailable,
         }
     }
 
     fn hint(&self) -> Option<&'static str> {
+        if let VaultError::Policy(e) = self {
+            return Some(e.hint());
+        }
         match self.kind() {
             ErrorKind::AccessDenied => Some(
                 "the Vault policy must allow update on MOUNT/datakey/plaintext/KEY, MOUNT/decrypt/KEY, MOUNT/encrypt/KEY, MOUNT/rewrap/KEY and read on MOUNT/keys/KEY",

@@ -38,6 +38,7 @@ pub use errors::VaultError;
 pub use options::{AuthOptions, VaultOptions};
 
 use crate::error::ProviderError;
+use crate::policy::AccessPolicy;
 use crate::provider::{KeyContext, KeyProvider, MasterKeyInfo, ProviderFuture, WrappedDek};
 
 struct Session {
@@ -49,6 +50,8 @@ struct Session {
 pub struct VaultProvider {
     options: VaultOptions,
     timeout: Duration,
+    /// Which credential files and endpoints the server allows (checked per use).
+    policy: Arc<AccessPolicy>,
     session: Mutex<Option<Session>>,
 }
 
@@ -65,10 +68,14 @@ fn version_of(ciphertext: &str) -> String {
     ciphertext.split(':').nth(1).unwrap_or("v?").to_string()
 }
 
-fn read_secret_file(what: &str, path: &str) -> Result<Zeroizing<String>, VaultError> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| VaultError::Config(format!("cannot read the {what} file \"{path}\": {e}")))?;
-    let text = Zeroizing::new(text);
+fn read_secret_file(
+    policy: &AccessPolicy,
+    what: &str,
+    path: &str,
+) -> Result<Zeroizing<String>, VaultError> {
+    let text = policy
+        .read_credential_text(what, path)
+        .map_err(VaultError::Policy)?;
     Ok(Zeroizing::new(text.trim().to_string()))
 }
 
@@ -76,10 +83,22 @@ impl VaultProvider {
     pub fn from_options(
         options: &Map<String, Value>,
         timeout: Duration,
+        policy: Arc<AccessPolicy>,
     ) -> Result<Self, ProviderError> {
+        let options = VaultOptions::parse(options)?;
+        let refused = |e| ProviderError::from_policy(ProviderKind::Vault, e);
+        policy
+            .check_endpoint("encryption.vault.address", &options.address)
+            .map_err(refused)?;
+        if options.tls_skip_verify {
+            policy
+                .check_insecure_tls("encryption.vault.tls_skip_verify")
+                .map_err(refused)?;
+        }
         Ok(VaultProvider {
-            options: VaultOptions::parse(options)?,
+            options,
             timeout,
+            policy,
             session: Mutex::new(None),
         })
     }
@@ -95,7 +114,12 @@ impl VaultProvider {
             settings.namespace(Some(ns.clone()));
         }
         if let Some(ca) = &self.options.ca_cert_file {
-            settings.ca_certs(vec![ca.clone()]);
+            // vaultrs reads the file itself: check it against the policy first.
+            let checked = self
+                .policy
+                .check_credential_file("encryption.vault.ca_cert_file", ca)
+                .map_err(VaultError::Policy)?;
+            settings.ca_certs(vec![checked.display().to_string()]);
         }
         let settings = settings
             .build()
@@ -107,7 +131,8 @@ impl VaultProvider {
     async fn login(&self) -> Result<Session, VaultError> {
         let (token, lease) = match &self.options.auth {
             AuthOptions::Token { token_file } => {
-                let token = read_secret_file("token", token_file)?;
+                let token =
+                    read_secret_file(&self.policy, "encryption.vault.auth.token_file", token_file)?;
                 let client = self.client_with(&token)?;
                 let ttl = vaultrs::token::lookup_self(&client)
                     .await
@@ -120,7 +145,11 @@ impl VaultProvider {
                 role_id,
                 secret_id_file,
             } => {
-                let secret_id = read_secret_file("AppRole secret id", secret_id_file)?;
+                let secret_id = read_secret_file(
+                    &self.policy,
+                    "encryption.vault.auth.secret_id_file",
+                    secret_id_file,
+                )?;
                 let client = self.client_with("")?;
                 let auth = vaultrs::auth::approle::login(&client, mount, role_id, &secret_id)
                     .await
@@ -132,7 +161,8 @@ impl VaultProvider {
                 role,
                 jwt_file,
             } => {
-                let jwt = read_secret_file("service-account token", jwt_file)?;
+                let jwt =
+                    read_secret_file(&self.policy, "encryption.vault.auth.jwt_file", jwt_file)?;
                 let client = self.client_with("")?;
                 let auth = vaultrs::auth::kubernetes::login(&client, mount, role, &jwt)
                     .await

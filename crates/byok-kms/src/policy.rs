@@ -1,0 +1,608 @@
+//! What a tenant's configuration may make the key broker do on the server: which
+//! files it may read as credentials and which endpoints it may talk to.
+//!
+//! Tenant configurations are written by `byok_admin` members, who are not
+//! trusted with the server's files or its network identity. The broker reads
+//! credential files as the server's OS user and sends their contents (tokens,
+//! secret ids) to the configured endpoint, so both are checked against this
+//! policy, which only a superuser sets (`byok.credential_directories`,
+//! `byok.allowed_endpoints`, `byok.allow_insecure_transport`):
+//!
+//! - a credential file must lie inside one of the credential directories, be
+//!   reached without following a symbolic link below it, be a regular file owned
+//!   by the server's OS user, and be readable by that user alone (mode 0600 or
+//!   stricter). A path outside every directory is refused before the file system
+//!   is touched, so the answer says nothing about whether it exists;
+//! - an endpoint must be `https://` (plain `http://` and disabled certificate
+//!   checks only with `allow_insecure_transport`), and its host must be one of
+//!   the key managers' public service domains or match `allowed_endpoints`.
+
+use std::ffi::OsStr;
+use std::fs::File;
+use std::io::Read;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::path::{Component, Path, PathBuf};
+
+use zeroize::Zeroizing;
+
+/// The public service domains of the supported cloud key managers and their
+/// identity services: always allowed (suffix match on the host).
+pub const CLOUD_SERVICE_DOMAINS: &[&str] = &[
+    // AWS KMS and STS (commercial, China, GovCloud, FIPS endpoints)
+    ".amazonaws.com",
+    ".amazonaws.com.cn",
+    // Azure Key Vault / Managed HSM and Entra ID, public and sovereign clouds
+    ".vault.azure.net",
+    ".managedhsm.azure.net",
+    ".vault.azure.cn",
+    ".vault.usgovcloudapi.net",
+    "login.microsoftonline.com",
+    "login.chinacloudapi.cn",
+    "login.microsoftonline.us",
+    // Google Cloud KMS and OAuth (global and regional endpoints)
+    ".googleapis.com",
+];
+
+/// Largest credential file read (tokens, keys, certificates are far smaller).
+const MAX_CREDENTIAL_FILE: u64 = 1 << 20;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PolicyError {
+    #[error("{what} \"{path}\" is not inside a directory listed in byok.credential_directories")]
+    OutsideCredentialDirectories { what: String, path: String },
+    #[error("{what} \"{path}\" is not usable as a credential file: {reason}")]
+    UnusableCredentialFile {
+        what: String,
+        path: String,
+        reason: String,
+    },
+    #[error("{what} \"{url}\" is not an https URL")]
+    InsecureEndpoint { what: String, url: String },
+    #[error("{what} \"{url}\": host \"{host}\" is not an allowed endpoint")]
+    EndpointNotAllowed {
+        what: String,
+        url: String,
+        host: String,
+    },
+    #[error("{what}: disabling TLS certificate verification is not allowed on this server")]
+    InsecureTls { what: String },
+    #[error("{what} \"{url}\" is not a valid URL")]
+    BadUrl { what: String, url: String },
+}
+
+impl PolicyError {
+    /// Which superuser setting would allow it.
+    pub fn hint(&self) -> &'static str {
+        match self {
+            PolicyError::OutsideCredentialDirectories { .. } => {
+                "a superuser lists the directories credential files may come from in byok.credential_directories"
+            }
+            PolicyError::UnusableCredentialFile { .. } => {
+                "credential files must be regular files (not symbolic links) owned by the server's OS user, with mode 0600 or stricter"
+            }
+            PolicyError::InsecureEndpoint { .. } | PolicyError::InsecureTls { .. } => {
+                "use https with a trusted certificate (ca_cert_file for a private CA); a superuser may allow plain http for tests with byok.allow_insecure_transport"
+            }
+            PolicyError::EndpointNotAllowed { .. } => {
+                "a superuser lists private endpoints (Vault servers, PrivateLink, proxies) in byok.allowed_endpoints"
+            }
+            PolicyError::BadUrl { .. } => "give an absolute URL such as https://host:port",
+        }
+    }
+}
+
+/// A host pattern of `byok.allowed_endpoints`: `host`, `host:port`, `*.domain`
+/// or `*.domain:port`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct EndpointPattern {
+    host: String,
+    wildcard: bool,
+    port: Option<u16>,
+}
+
+impl EndpointPattern {
+    fn parse(text: &str) -> Option<Self> {
+        let text = text.trim().to_ascii_lowercase();
+        if text.is_empty() {
+            return None;
+        }
+        let (host, port) = split_host_port(&text)?;
+        let (host, wildcard) = match host.strip_prefix("*.") {
+            Some(rest) => (rest.to_string(), true),
+            None => (host.to_string(), false),
+        };
+        if host.is_empty() || host.contains('*') || host.contains('/') {
+            return None;
+        }
+        Some(EndpointPattern {
+            host,
+            wildcard,
+            port,
+        })
+    }
+
+    fn matches(&self, host: &str, port: u16) -> bool {
+        if self.port.is_some_and(|p| p != port) {
+            return false;
+        }
+        if self.wildcard {
+            host.len() > self.host.len()
+                && host.ends_with(&self.host)
+                && host.as_bytes()[host.len() - self.host.len() - 1] == b'.'
+        } else {
+            host == self.host
+        }
+    }
+}
+
+/// `host[:port]` (IPv6 in brackets) -> (host, port).
+fn split_host_port(text: &str) -> Option<(&str, Option<u16>)> {
+    if let Some(rest) = text.strip_prefix('[') {
+        let end = rest.find(']')?;
+        let host = &rest[..end];
+        let after = &rest[end + 1..];
+        let port = match after.strip_prefix(':') {
+            Some(p) => Some(p.parse().ok()?),
+            None if after.is_empty() => None,
+            None => return None,
+        };
+        return Some((host, port));
+    }
+    match text.rsplit_once(':') {
+        Some((host, port)) => Some((host, Some(port.parse().ok()?))),
+        None => Some((text, None)),
+    }
+}
+
+/// The policy the key broker applies to every tenant configuration.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AccessPolicy {
+    credential_directories: Vec<PathBuf>,
+    allowed_endpoints: Vec<EndpointPattern>,
+    allow_insecure_transport: bool,
+    /// Problems found in the settings themselves (reported on use).
+    invalid_entries: Vec<String>,
+}
+
+impl AccessPolicy {
+    /// From the settings' text: comma-separated directories and endpoint patterns.
+    pub fn new(
+        credential_directories: &str,
+        allowed_endpoints: &str,
+        allow_insecure_transport: bool,
+    ) -> Self {
+        let mut invalid_entries = Vec::new();
+        let credential_directories = credential_directories
+            .split(',')
+            .map(str::trim)
+            .filter(|d| !d.is_empty())
+            .filter_map(|d| {
+                let path = Path::new(d);
+                if path.is_absolute() {
+                    Some(normalize(path).unwrap_or_else(|| path.to_path_buf()))
+                } else {
+                    invalid_entries.push(format!("credential directory \"{d}\" is not absolute"));
+                    None
+                }
+            })
+            .collect();
+        let allowed_endpoints = allowed_endpoints
+            .split(',')
+            .filter(|e| !e.trim().is_empty())
+            .filter_map(|e| {
+                let pattern = EndpointPattern::parse(e);
+                if pattern.is_none() {
+                    invalid_entries.push(format!("endpoint pattern \"{}\" is not valid", e.trim()));
+                }
+                pattern
+            })
+            .collect();
+        AccessPolicy {
+            credential_directories,
+            allowed_endpoints,
+            allow_insecure_transport,
+            invalid_entries,
+        }
+    }
+
+    /// The policy of a server that lets tenants use any file and endpoint:
+    /// for unit tests of the providers only.
+    pub fn permissive_for_tests() -> Self {
+        AccessPolicy {
+            credential_directories: vec![PathBuf::from("/")],
+            allowed_endpoints: vec![EndpointPattern {
+                host: String::new(),
+                wildcard: true,
+                port: None,
+            }],
+            allow_insecure_transport: true,
+            invalid_entries: Vec::new(),
+        }
+    }
+
+    pub fn allows_insecure_transport(&self) -> bool {
+        self.allow_insecure_transport
+    }
+
+    /// Checks a URL a tenant configured (`what` names the field for messages).
+    pub fn check_endpoint(&self, what: &str, url: &str) -> Result<(), PolicyError> {
+        let bad = || PolicyError::BadUrl {
+            what: what.to_string(),
+            url: url.to_string(),
+        };
+        let (scheme, rest) = url.split_once("://").ok_or_else(bad)?;
+        let default_port = match scheme.to_ascii_lowercase().as_str() {
+            "https" => 443,
+            "http" if self.allow_insecure_transport => 80,
+            "http" => {
+                return Err(PolicyError::InsecureEndpoint {
+                    what: what.to_string(),
+                    url: url.to_string(),
+                });
+            }
+            _ => return Err(bad()),
+        };
+        let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
+        if authority.is_empty() || authority.contains('@') {
+            // user:password@host would carry a credential in the configuration
+            return Err(bad());
+        }
+        let authority = authority.to_ascii_lowercase();
+        let (host, port) = split_host_port(&authority).ok_or_else(bad)?;
+        if host.is_empty()
+            || !host
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-.:".contains(&b))
+        {
+            return Err(bad());
+        }
+        let host = host.trim_end_matches('.');
+        let port = port.unwrap_or(default_port);
+        let cloud = CLOUD_SERVICE_DOMAINS
+            .iter()
+            .any(|domain| match domain.strip_prefix('.') {
+                Some(_) => host.ends_with(domain) && host.len() > domain.len(),
+                None => host == *domain,
+            });
+        let listed = self.allowed_endpoints.iter().any(|p| {
+            (p.host.is_empty() && p.wildcard) // the test-only permissive policy
+                || p.matches(host, port)
+        });
+        if cloud || listed {
+            Ok(())
+        } else {
+            Err(PolicyError::EndpointNotAllowed {
+                what: what.to_string(),
+                url: url.to_string(),
+                host: host.to_string(),
+            })
+        }
+    }
+
+    /// Whether a configuration may turn off certificate verification.
+    pub fn check_insecure_tls(&self, what: &str) -> Result<(), PolicyError> {
+        if self.allow_insecure_transport {
+            Ok(())
+        } else {
+            Err(PolicyError::InsecureTls {
+                what: what.to_string(),
+            })
+        }
+    }
+
+    /// Checks a credential file without reading it (for clients that open the
+    /// file themselves, such as a CA bundle handed to an HTTP client by path).
+    pub fn check_credential_file(&self, what: &str, path: &str) -> Result<PathBuf, PolicyError> {
+        let (full, file) = self.open_credential(what, path)?;
+        drop(file);
+        Ok(full)
+    }
+
+    /// Reads a credential file after the checks described in the module docs.
+    pub fn read_credential_file(
+        &self,
+        what: &str,
+        path: &str,
+    ) -> Result<Zeroizing<Vec<u8>>, PolicyError> {
+        let (_, file) = self.open_credential(what, path)?;
+        let mut bytes = Zeroizing::new(Vec::new());
+        file.take(MAX_CREDENTIAL_FILE)
+            .read_to_end(&mut bytes)
+            .map_err(|e| self.unusable(what, path, &format!("cannot read it: {e}")))?;
+        Ok(bytes)
+    }
+
+    /// As [`read_credential_file`](Self::read_credential_file), as text.
+    pub fn read_credential_text(
+        &self,
+        what: &str,
+        path: &str,
+    ) -> Result<Zeroizing<String>, PolicyError> {
+        let bytes = self.read_credential_file(what, path)?;
+        match std::str::from_utf8(&bytes) {
+            Ok(text) => Ok(Zeroizing::new(text.to_string())),
+            Err(_) => Err(self.unusable(what, path, "it is not UTF-8 text")),
+        }
+    }
+
+    fn unusable(&self, what: &str, path: &str, reason: &str) -> PolicyError {
+        PolicyError::UnusableCredentialFile {
+            what: what.to_string(),
+            path: path.to_string(),
+            reason: reason.to_string(),
+        }
+    }
+
+    fn open_credential(&self, what: &str, path: &str) -> Result<(PathBuf, File), PolicyError> {
+        let outside = || PolicyError::OutsideCredentialDirectories {
+            what: what.to_string(),
+            path: path.to_string(),
+        };
+        if let Some(problem) = self.invalid_entries.first() {
+            return Err(self.unusable(
+                what,
+                path,
+                &format!("the server's policy is invalid: {problem}"),
+            ));
+        }
+        // Lexical checks first: nothing outside the directories is looked at.
+        let requested = Path::new(path);
+        if !requested.is_absolute() {
+            return Err(outside());
+        }
+        let requested = normalize(requested).ok_or_else(outside)?;
+        let (directory, below) = self
+            .credential_directories
+            .iter()
+            .find_map(|dir| {
+                requested
+                    .strip_prefix(dir)
+                    .ok()
+                    .filter(|below| below.components().next().is_some())
+                    .map(|below| (dir.clone(), below.to_path_buf()))
+            })
+            .ok_or_else(outside)?;
+        // Inside a directory a superuser chose: from here on, saying what is
+        // wrong with the file helps the administrator and reveals nothing else.
+        let mut current = directory;
+        let components: Vec<&OsStr> = below.iter().collect();
+        for (i, name) in components.iter().enumerate() {
+            current.push(name);
+            let meta = std::fs::symlink_metadata(&current).map_err(|e| {
+                self.unusable(
+                    what,
+                    path,
+                    &format!("{}: {}", current.display(), io_reason(&e)),
+                )
+            })?;
+            if meta.file_type().is_symlink() {
+                return Err(self.unusable(
+                    what,
+                    path,
+                    &format!("{} is a symbolic link", current.display()),
+                ));
+            }
+            let last = i + 1 == components.len();
+            if !last && !meta.is_dir() {
+                return Err(self.unusable(
+                    what,
+                    path,
+                    &format!("{} is not a directory", current.display()),
+                ));
+            }
+        }
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC | libc::O_NONBLOCK)
+            .open(&current)
+            .map_err(|e| self.unusable(what, path, io_reason(&e)))?;
+        let meta = file
+            .metadata()
+            .map_err(|e| self.unusable(what, path, io_reason(&e)))?;
+        if !meta.is_file() {
+            return Err(self.unusable(what, path, "it is not a regular file"));
+        }
+        // SAFETY: geteuid cannot fail and has no preconditions.
+        let me = unsafe { libc::geteuid() };
+        if meta.uid() != me {
+            return Err(self.unusable(what, path, "it is not owned by the server's OS user"));
+        }
+        let mode = meta.mode() & 0o777;
+        if mode & 0o077 != 0 {
+            return Err(self.unusable(
+                what,
+                path,
+                &format!("its mode is {mode:04o}; other users may read it (use 0600 or stricter)"),
+            ));
+        }
+        Ok((current, file))
+    }
+}
+
+fn io_reason(e: &std::io::Error) -> &'static str {
+    match e.kind() {
+        std::io::ErrorKind::NotFound => "it does not exist",
+        std::io::ErrorKind::PermissionDenied => "the server's OS user may not read it",
+        _ if e.raw_os_error() == Some(libc::ELOOP) => "it is a symbolic link",
+        _ => "it cannot be opened",
+    }
+}
+
+/// An absolute path without `.` and `..` (a `..` is refused outright: the
+/// policy compares paths lexically, and `..` after a symbolic link would not
+/// mean what it seems to).
+fn normalize(path: &Path) -> Option<PathBuf> {
+    let mut out = PathBuf::new();
+    for component in path.components() {
+        match component {
+            Component::RootDir => out.push("/"),
+            Component::Normal(name) => out.push(name),
+            Component::CurDir => {}
+            Component::ParentDir | Component::Prefix(_) => return None,
+        }
+    }
+    Some(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    fn policy(dir: &Path) -> AccessPolicy {
+        AccessPolicy::new(
+            &dir.display().to_string(),
+            "vault.internal:8200, *.corp.example",
+            false,
+        )
+    }
+
+    fn write(path: &Path, mode: u32) {
+        std::fs::write(path, b"s3cret\n").unwrap();
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+    }
+
+    #[test]
+    fn credential_file_inside_the_directory_is_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("token");
+        write(&file, 0o600);
+        let p = policy(dir.path());
+        assert_eq!(
+            &*p.read_credential_text("token_file", file.to_str().unwrap())
+                .unwrap(),
+            "s3cret\n"
+        );
+        std::fs::create_dir(dir.path().join("sub")).unwrap();
+        let nested = dir.path().join("sub/token");
+        write(&nested, 0o400);
+        assert!(
+            p.read_credential_file("token_file", nested.to_str().unwrap())
+                .is_ok()
+        );
+    }
+
+    #[test]
+    fn paths_outside_are_refused_without_looking() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = policy(dir.path());
+        for path in [
+            "/etc/passwd",
+            "/definitely/not/there",
+            "relative/token",
+            &format!("{}/../etc/passwd", dir.path().display()),
+            &dir.path().display().to_string(),
+        ] {
+            assert!(
+                matches!(
+                    p.read_credential_file("token_file", path),
+                    Err(PolicyError::OutsideCredentialDirectories { .. })
+                ),
+                "{path}"
+            );
+        }
+        // A missing file and an existing one outside look the same.
+        let a = p
+            .read_credential_file("f", "/etc/passwd")
+            .unwrap_err()
+            .to_string();
+        let b = p
+            .read_credential_file("f", "/etc/no-such-file")
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            a.replace("/etc/passwd", "X"),
+            b.replace("/etc/no-such-file", "X")
+        );
+        // No directory configured: nothing is allowed.
+        let none = AccessPolicy::new("", "", false);
+        assert!(none.read_credential_file("f", "/tmp/x").is_err());
+    }
+
+    #[test]
+    fn symlinks_modes_and_owners_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let outside = tempfile::tempdir().unwrap();
+        let target = outside.path().join("master.key");
+        write(&target, 0o600);
+        let link = dir.path().join("token");
+        std::os::unix::fs::symlink(&target, &link).unwrap();
+        let p = policy(dir.path());
+        let err = p
+            .read_credential_file("token_file", link.to_str().unwrap())
+            .unwrap_err();
+        assert!(err.to_string().contains("symbolic link"), "{err}");
+        // A symlinked directory below the credential directory.
+        let linked_dir = dir.path().join("linked");
+        std::os::unix::fs::symlink(outside.path(), &linked_dir).unwrap();
+        let err = p
+            .read_credential_file(
+                "token_file",
+                linked_dir.join("master.key").to_str().unwrap(),
+            )
+            .unwrap_err();
+        assert!(err.to_string().contains("symbolic link"), "{err}");
+        // Readable by others.
+        let loose = dir.path().join("loose");
+        write(&loose, 0o644);
+        let err = p
+            .read_credential_file("token_file", loose.to_str().unwrap())
+            .unwrap_err();
+        assert!(err.to_string().contains("0644"), "{err}");
+        // Not a regular file.
+        let sub = dir.path().join("adir");
+        std::fs::create_dir(&sub).unwrap();
+        assert!(
+            p.read_credential_file("token_file", sub.to_str().unwrap())
+                .is_err()
+        );
+    }
+
+    #[test]
+    fn endpoints() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = policy(dir.path());
+        for ok in [
+            "https://kms.us-east-1.amazonaws.com",
+            "https://byok-vault.vault.azure.net/",
+            "https://cloudkms.googleapis.com",
+            "https://login.microsoftonline.com",
+            "https://vault.internal:8200",
+            "https://a.corp.example/v1",
+            "https://b.a.corp.example:9999",
+        ] {
+            assert_eq!(p.check_endpoint("address", ok), Ok(()), "{ok}");
+        }
+        for bad in [
+            "http://kms.us-east-1.amazonaws.com",
+            "https://vault.internal:8201",
+            "https://corp.example",
+            "https://evil.com",
+            "https://amazonaws.com.evil.com",
+            "https://evilamazonaws.com",
+            "https://user:pw@vault.internal:8200",
+            "ftp://vault.internal:8200",
+            "https://",
+            "vault.internal:8200",
+        ] {
+            assert!(p.check_endpoint("address", bad).is_err(), "{bad}");
+        }
+        let insecure = AccessPolicy::new("", "127.0.0.1", true);
+        assert_eq!(
+            insecure.check_endpoint("a", "http://127.0.0.1:8200"),
+            Ok(())
+        );
+        assert!(
+            insecure
+                .check_endpoint("a", "http://127.0.0.2:8200")
+                .is_err()
+        );
+        assert!(p.check_insecure_tls("tls_skip_verify").is_err());
+        assert!(insecure.check_insecure_tls("tls_skip_verify").is_ok());
+        assert!(
+            AccessPolicy::new("", "[::1]:8200", false)
+                .check_endpoint("a", "https://[::1]:8200/")
+                .is_ok()
+        );
+    }
+}

@@ -1,0 +1,62 @@
+-- Every privilege byok_pg grants, in one place. Nothing is open to PUBLIC
+-- beyond the schema, the type, and three per-row functions that decide for
+-- themselves (data_key_id reads no key; reencrypt and value_opens act only for a
+-- re-encryption job's statement or a role granted the value's tenant).
+--   byok_user:  encrypt and decrypt the tenants it is granted (byok.grant_tenant);
+--   byok_admin: administration. It runs as the extension's owner inside each
+--               function, never through rights on the catalog tables themselves
+--               (it may read them, minus wrapped keys, through the views).
+-- Only superusers and the server's OS user are trusted: see SECURITY.md.
+
+GRANT USAGE ON SCHEMA byok TO PUBLIC;
+
+-- Functions: closed by default (including any added later), then opened one by one.
+REVOKE EXECUTE ON ALL FUNCTIONS IN SCHEMA byok FROM PUBLIC;
+REVOKE EXECUTE ON ALL PROCEDURES IN SCHEMA byok FROM PUBLIC;
+-- The type's input and output (used by COPY, pg_dump, drivers).
+GRANT EXECUTE ON FUNCTION byok.encrypted_in(cstring), byok.encrypted_out(byok.encrypted),
+    byok.encrypted_recv(internal), byok.encrypted_send(byok.encrypted)
+  TO PUBLIC;
+-- Called inside re-encryption jobs' statements, which run as each table's owner.
+GRANT EXECUTE ON FUNCTION byok.data_key_id(byok.encrypted), byok.reencrypt(byok.encrypted, text),
+    byok.value_opens(byok.encrypted, text)
+  TO PUBLIC;
+
+-- byok_user: the per-row functions, and what the catalog views need.
+GRANT EXECUTE ON FUNCTION byok.encrypt(text, bytea, text), byok.encrypt_text(text, text, text),
+    byok.decrypt(byok.encrypted, text), byok.decrypt_text(byok.encrypted, text),
+    byok.tenant_visible(text)
+  TO byok_user, byok_admin;
+GRANT SELECT (tenant_id, customer, provider, master_key_id, previous_master_key_id,
+              previous_master_key_retires_at, provider_options, rotation_enabled,
+              rotation_interval_days, cache_ttl_seconds, cache_max_entries,
+              cache_grace_period_seconds, audit_log_all_operations, audit_alert_on_failures,
+              created_at, updated_at)
+    ON byok.tenant_config TO byok_admin, byok_user;
+GRANT SELECT (dek_id, tenant_id, provider, cmk_id, cmk_version, state, created_at, rotated_at,
+              destroyed_at, encryptions)
+    ON byok.wrapped_data_keys TO byok_admin, byok_user;
+GRANT SELECT ON byok.tenant_grants TO byok_admin, byok_user;
+GRANT SELECT ON byok.tenants, byok.data_keys, byok.tenant_access TO byok_admin, byok_user;
+
+-- byok_admin: administration.
+GRANT EXECUTE ON FUNCTION byok.configure_tenant(jsonb), byok.rotate_data_key(text),
+    byok.set_data_key_state(bigint, text), byok.destroy_data_key(bigint, bigint),
+    byok.destroy_tenant_keys(text, text), byok.flush_cache(text), byok.validate_tenant(text),
+    byok.grant_tenant(text, text), byok.revoke_tenant(text, text),
+    byok.request_operation(text, text, jsonb), byok.approve_operation(bigint),
+    byok.cancel_operation(bigint), byok.segregation_policy(),
+    byok.rotate_master_key_step(text, text, interval), byok.rotate_master_key_finish(text, text),
+    byok.protect_column(regclass, text, text, text), byok.start_reencrypt(text, regclass),
+    byok.pause_job(bigint), byok.resume_job(bigint), byok.cancel_job(bigint),
+    byok.wait_job(bigint, interval), byok.data_key_references(bigint),
+    byok.verify_audit_chain(bigint, bytea), byok.audit_chain_head(),
+    byok.backend_cache_stats(), byok.broker_status(), byok.metrics_counters(),
+    byok.advisory_locks()
+  TO byok_admin;
+GRANT EXECUTE ON PROCEDURE byok.rotate_master_key(text, text, interval) TO byok_admin;
+GRANT SELECT ON byok.jobs, byok.protected_columns, byok.metrics, byok.audit_log,
+    byok.pending_operations
+  TO byok_admin;
+-- (No role but the owner writes the catalog tables: byok_admin's changes go
+-- through the functions above, which check what they are asked to do.)

@@ -1,0 +1,401 @@
+//! Tenants and data keys: configure, rotate, change state, destroy, shred,
+//! flush. Each runs inside [`super::execute`] (as the extension's owner, after
+//! the dual-control check), invalidates the caches it affects and writes its
+//! own success record in its transaction.
+
+use byok_core::config::{ProviderKind, TenantConfig};
+use byok_kms::protocol::ProviderRef;
+use byok_kms::{ErrorKind, ProviderError};
+use pgrx::JsonB;
+use pgrx::datum::DatumWithOid;
+use pgrx::prelude::*;
+use pgrx::spi::SpiClient;
+
+use crate::broker::{self, tenant_ref};
+use crate::catalog::{self, KeyState};
+use crate::errors::ByokError;
+use crate::keyring;
+
+/// Creates or updates a tenant from its `byok_config` document (as JSON) and
+/// makes sure it has an active data key. Returns the tenant id.
+pub fn configure_tenant(document: &serde_json::Value) -> Result<String, ByokError> {
+    let config = TenantConfig::from_json(document).map_err(ByokError::InvalidConfig)?;
+    super::policy::check_key_prefix(&config.master_key_id)?;
+    // Configuring is the one time the local provider may create its key file.
+    let provider = ProviderRef {
+        provider: config.provider.name().to_string(),
+        options: config.provider_options.clone(),
+        create_key_store: true,
+    };
+    check_master_key(
+        &config.tenant_id,
+        config.provider,
+        &provider,
+        &config.master_key_id,
+    )?;
+    Spi::connect_mut(|client| upsert_tenant(client, &config, &provider))?;
+    keyring::invalidate_all();
+    catalog::audit(
+        "configure_tenant",
+        Some(&config.tenant_id),
+        None,
+        true,
+        None,
+        Some(serde_json::json!({
+            "provider": config.provider.name(),
+            "master_key_id": config.master_key_id,
+        })),
+    )?;
+    Ok(config.tenant_id)
+}
+
+/// The master key must exist, be enabled and allow wrapping (asked through the
+/// broker, which also applies the server's policy to the configuration).
+pub fn check_master_key(
+    tenant_id: &str,
+    kind: ProviderKind,
+    provider: &ProviderRef,
+    cmk_id: &str,
+) -> Result<byok_kms::MasterKeyInfo, ByokError> {
+    let info = broker::validate(tenant_ref(tenant_id), provider.clone(), cmk_id)?;
+    if !info.enabled {
+        return Err(ProviderError::new(
+            kind,
+            ErrorKind::KeyDisabled,
+            format!("master key \"{cmk_id}\" is disabled"),
+        )
+        .into());
+    }
+    if !info.can_wrap {
+        return Err(ProviderError::new(
+            kind,
+            ErrorKind::AccessDenied,
+            format!("master key \"{cmk_id}\" may not wrap and unwrap keys"),
+        )
+        .with_detail(info.description)
+        .into());
+    }
+    Ok(info)
+}
+
+fn upsert_tenant(
+    client: &mut SpiClient<'_>,
+    config: &TenantConfig,
+    provider: &ProviderRef,
+) -> Result<(), ByokError> {
+    let tenant_id = config.tenant_id.as_str();
+    if let Some(existing) = catalog::load_tenant_with(client, tenant_id, true)?
+        && (existing.kind != config.provider || existing.master_key_id != config.master_key_id)
+    {
+        return Err(ByokError::InvalidArgument {
+            message: format!(
+                "tenant \"{tenant_id}\" already uses master key \"{}\" of provider \"{}\"; configure_tenant does not change a tenant's master key",
+                existing.master_key_id,
+                existing.kind.name()
+            ),
+            hint: Some(format!(
+                "moving a tenant to a new master key rewraps its data keys: CALL byok.rotate_master_key('{tenant_id}', 'NEW-KEY-ID')"
+            )),
+        });
+    }
+    let c = config;
+    let provider_options = JsonB(serde_json::Value::Object(c.provider_options.clone()));
+    let document = JsonB(config_document(c));
+    client.update(
+        "INSERT INTO byok.tenant_config AS t
+             (tenant_id, customer, provider, master_key_id, provider_options,
+              rotation_enabled, rotation_interval_days,
+              cache_ttl_seconds, cache_max_entries, cache_grace_period_seconds,
+              audit_log_all_operations, audit_alert_on_failures, config)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)
+         ON CONFLICT (tenant_id) DO UPDATE SET
+              customer = excluded.customer,
+              provider_options = excluded.provider_options,
+              rotation_enabled = excluded.rotation_enabled,
+              rotation_interval_days = excluded.rotation_interval_days,
+              cache_ttl_seconds = excluded.cache_ttl_seconds,
+              cache_max_entries = excluded.cache_max_entries,
+              cache_grace_period_seconds = excluded.cache_grace_period_seconds,
+              audit_log_all_operations = excluded.audit_log_all_operations,
+              audit_alert_on_failures = excluded.audit_alert_on_failures,
+              config = excluded.config,
+              updated_at = now()",
+        None,
+        &[
+            DatumWithOid::from(tenant_id),
+            DatumWithOid::from(c.customer.as_str()),
+            DatumWithOid::from(c.provider.name()),
+            DatumWithOid::from(c.master_key_id.as_str()),
+            DatumWithOid::from(provider_options),
+            DatumWithOid::from(c.rotation.enabled),
+            DatumWithOid::from(c.rotation.interval_days as i32),
+            DatumWithOid::from(c.cache.ttl_seconds.map(|v| v as i32)),
+            DatumWithOid::from(c.cache.max_entries.map(|v| v as i32)),
+            DatumWithOid::from(c.cache.grace_period_seconds as i32),
+            DatumWithOid::from(c.audit.log_all_operations),
+            DatumWithOid::from(c.audit.alert_on_failures),
+            DatumWithOid::from(document),
+        ],
+    )?;
+    let active = client.update(
+        "SELECT dek_id FROM byok.wrapped_data_keys WHERE tenant_id = $1 AND state = 'active'",
+        Some(1),
+        &[DatumWithOid::from(tenant_id)],
+    )?;
+    if active.is_empty() {
+        create_data_key(
+            client,
+            tenant_id,
+            c.provider,
+            provider.clone(),
+            &c.master_key_id,
+        )?;
+    }
+    Ok(())
+}
+
+/// The configuration as stored: the normalised document with every default filled in.
+fn config_document(c: &TenantConfig) -> serde_json::Value {
+    serde_json::json!({
+        "customer": c.customer,
+        "tenant_id": c.tenant_id,
+        "encryption": {
+            "provider": c.provider.name(),
+            c.provider.name(): c.provider_options,
+            "key_rotation": {"enabled": c.rotation.enabled, "interval_days": c.rotation.interval_days},
+            "cache_config": {
+                "ttl_seconds": c.cache.ttl_seconds,
+                "max_entries": c.cache.max_entries,
+                "grace_period_seconds": c.cache.grace_period_seconds
+            },
+            "audit": {"log_all_operations": c.audit.log_all_operations, "alert_on_failures": c.audit.alert_on_failures}
+        }
+    })
+}
+
+/// Generates a data key under `cmk_id`, stores it wrapped and active; returns its id.
+fn create_data_key(
+    client: &mut SpiClient<'_>,
+    tenant_id: &str,
+    kind: ProviderKind,
+    provider: ProviderRef,
+    cmk_id: &str,
+) -> Result<i64, ByokError> {
+    let dek_id: i64 = client
+        .update("SELECT nextval('byok.data_key_id_seq')", Some(1), &[])?
+        .first()
+        .get_one()?
+        .ok_or_else(|| ByokError::Internal("nextval returned NULL".into()))?;
+    // Generated by the key broker; only the wrapped form comes back.
+    let wrapped = broker::generate(tenant_ref(tenant_id), provider, dek_id as u64, cmk_id)?;
+    client.update(
+        "INSERT INTO byok.wrapped_data_keys (dek_id, tenant_id, wrapped_dek, provider, cmk_id, cmk_version, state)
+         VALUES ($1, $2, $3, $4, $5, $6, 'active')",
+        None,
+        &[
+            DatumWithOid::from(dek_id),
+            DatumWithOid::from(tenant_id),
+            DatumWithOid::from(wrapped.blob),
+            DatumWithOid::from(kind.name()),
+            DatumWithOid::from(wrapped.cmk_id.as_str()),
+            DatumWithOid::from(wrapped.cmk_version.as_str()),
+        ],
+    )?;
+    Ok(dek_id)
+}
+
+/// Makes a new active data key for the tenant; the previous one becomes
+/// decrypt-only. Returns the new key's id. `reason` says why when it is not a
+/// person's request (a schedule, the encryption budget).
+pub fn rotate_data_key(tenant_id: &str, reason: Option<&str>) -> Result<i64, ByokError> {
+    let dek_id = Spi::connect_mut(|client| -> Result<i64, ByokError> {
+        let tenant = catalog::load_tenant_with(client, tenant_id, true)?
+            .ok_or_else(|| ByokError::UnknownTenant(tenant_id.to_string()))?;
+        client.update(
+            "UPDATE byok.wrapped_data_keys SET state = 'decrypt-only', rotated_at = now()
+              WHERE tenant_id = $1 AND state = 'active'",
+            None,
+            &[DatumWithOid::from(tenant_id)],
+        )?;
+        create_data_key(
+            client,
+            tenant_id,
+            tenant.kind,
+            tenant.provider,
+            &tenant.master_key_id,
+        )
+    })?;
+    keyring::invalidate_all();
+    catalog::audit(
+        "rotate_data_key",
+        Some(tenant_id),
+        Some(dek_id),
+        true,
+        None,
+        reason.map(|r| serde_json::json!({"reason": r})),
+    )?;
+    Ok(dek_id)
+}
+
+/// Moves a data key between `decrypt-only` and `retired`. A retired key
+/// refuses to decrypt, which shows whether any data still needs it before it
+/// is destroyed; setting it back to `decrypt-only` undoes that.
+pub fn set_data_key_state(dek_id: i64, state: &str) -> Result<String, ByokError> {
+    let target = KeyState::from_name(state)
+        .filter(|s| matches!(s, KeyState::DecryptOnly | KeyState::Retired))
+        .ok_or_else(|| ByokError::InvalidArgument {
+            message: format!("invalid data key state \"{}\"", state.chars().take(40).collect::<String>()),
+            hint: Some("use 'decrypt-only' or 'retired'; rotate with byok.rotate_data_key() and destroy with byok.destroy_data_key()".into()),
+        })?;
+    Spi::connect_mut(|client| -> Result<(), ByokError> {
+        let current = current_state(client, dek_id)?;
+        if current == target {
+            return Ok(());
+        }
+        if !matches!(current, KeyState::DecryptOnly | KeyState::Retired) {
+            return Err(ByokError::InvalidKeyState {
+                dek_id: dek_id as u64,
+                from: current.name().into(),
+                to: target.name().into(),
+            });
+        }
+        client.update(
+            "UPDATE byok.wrapped_data_keys SET state = $2 WHERE dek_id = $1",
+            None,
+            &[
+                DatumWithOid::from(dek_id),
+                DatumWithOid::from(target.name()),
+            ],
+        )?;
+        Ok(())
+    })?;
+    keyring::invalidate_all();
+    catalog::audit(
+        "set_data_key_state",
+        catalog::tenant_of_data_key(dek_id)?.as_deref(),
+        Some(dek_id),
+        true,
+        None,
+        Some(serde_json::json!({"state": target.name()})),
+    )?;
+    Ok(target.name().to_string())
+}
+
+fn current_state(client: &mut SpiClient<'_>, dek_id: i64) -> Result<KeyState, ByokError> {
+    let row = client.update(
+        "SELECT state FROM byok.wrapped_data_keys WHERE dek_id = $1 FOR UPDATE",
+        Some(1),
+        &[DatumWithOid::from(dek_id)],
+    )?;
+    if row.is_empty() {
+        return Err(ByokError::UnknownDataKey(dek_id as u64));
+    }
+    let name: String = row.first().get(1)?.unwrap_or_default();
+    KeyState::from_name(&name)
+        .ok_or_else(|| ByokError::Catalog(format!("unknown key state \"{name}\"")))
+}
+
+/// Destroys a data key of `tenant_id` that is no longer active: its wrapped
+/// form is erased (and every cached copy dropped), so values sealed under it
+/// can never be decrypted again. Irreversible.
+pub fn destroy_data_key(tenant_id: &str, dek_id: i64) -> Result<String, ByokError> {
+    // (An approved request named the tenant: the key must still be one of its.)
+    if catalog::tenant_of_data_key(dek_id)?.as_deref() != Some(tenant_id) {
+        return Err(ByokError::UnknownDataKey(dek_id as u64));
+    }
+    Spi::connect_mut(|client| -> Result<(), ByokError> {
+        let current = current_state(client, dek_id)?;
+        match current {
+            KeyState::Destroyed => return Ok(()),
+            KeyState::Active => {
+                return Err(ByokError::InvalidKeyState {
+                    dek_id: dek_id as u64,
+                    from: current.name().into(),
+                    to: KeyState::Destroyed.name().into(),
+                });
+            }
+            KeyState::DecryptOnly | KeyState::Retired => {}
+        }
+        // A key that registered columns still use is never destroyed.
+        let values = crate::jobs::engine::data_key_references(dek_id)?;
+        if values > 0 {
+            return Err(ByokError::KeyStillReferenced {
+                dek_id: dek_id as u64,
+                values,
+            });
+        }
+        client.update(
+            "UPDATE byok.wrapped_data_keys
+                SET state = 'destroyed', wrapped_dek = NULL, destroyed_at = now()
+              WHERE dek_id = $1",
+            None,
+            &[DatumWithOid::from(dek_id)],
+        )?;
+        Ok(())
+    })?;
+    // The broker's copy goes now; every backend's at commit.
+    broker::flush(Some(tenant_id.to_string()), Some(dek_id as u64))?;
+    catalog::invalidate_everywhere()?;
+    keyring::invalidate_all();
+    catalog::audit(
+        "destroy_data_key",
+        Some(tenant_id),
+        Some(dek_id),
+        true,
+        None,
+        None,
+    )?;
+    Ok(KeyState::Destroyed.name().to_string())
+}
+
+/// Crypto-shredding (key compromise, tenant off-boarding): every data key of the
+/// tenant is erased (its wrapped form deleted), every cache flushed. Afterwards
+/// each of the tenant's values fails with "data key destroyed"; other tenants are
+/// untouched. Irreversible.
+pub fn destroy_tenant_keys(tenant_id: &str) -> Result<i64, ByokError> {
+    let destroyed = Spi::connect_mut(|client| -> Result<i64, ByokError> {
+        if catalog::load_tenant_with(client, tenant_id, true)?.is_none() {
+            return Err(ByokError::UnknownTenant(tenant_id.to_string()));
+        }
+        let rows = client.update(
+            "UPDATE byok.wrapped_data_keys
+                SET state = 'destroyed', wrapped_dek = NULL, destroyed_at = now()
+              WHERE tenant_id = $1 AND state <> 'destroyed'",
+            None,
+            &[DatumWithOid::from(tenant_id)],
+        )?;
+        Ok(rows.len() as i64)
+    })?;
+    // The broker's copies go now; every backend's at commit (relcache invalidation).
+    broker::flush(Some(tenant_id.to_string()), None)?;
+    catalog::invalidate_everywhere()?;
+    keyring::invalidate_all();
+    catalog::audit(
+        "destroy_tenant_keys",
+        Some(tenant_id),
+        None,
+        true,
+        None,
+        Some(serde_json::json!({"data_keys_destroyed": destroyed})),
+    )?;
+    Ok(destroyed)
+}
+
+/// Drops cached data keys: from the key broker's shared cache (this database's,
+/// or one tenant's), and from every backend's cache in this database when the
+/// transaction commits (this one's at once). Returns how many shared entries
+/// went. The next use of a key fetches it from the key manager again.
+pub fn flush_cache(tenant_id: Option<&str>) -> Result<i64, ByokError> {
+    let flushed = broker::flush(tenant_id.map(str::to_string), None)?;
+    catalog::invalidate_everywhere()?;
+    keyring::invalidate_all();
+    catalog::audit(
+        "flush_cache",
+        tenant_id,
+        None,
+        true,
+        None,
+        Some(serde_json::json!({"shared_entries": flushed})),
+    )?;
+    Ok(flushed as i64)
+}

@@ -1,0 +1,222 @@
+//! Master-key rotation: the SQL form of the guide's customer-initiated rotation
+//! (`POST /byok/rotation`).
+//!
+//! `CALL byok.rotate_master_key(tenant_id, new_key_id, grace_period)` points the
+//! tenant at the new master key (new data keys are wrapped under it at once),
+//! or, given the key it already uses, moves its data keys to that key's newest
+//! version (after a rotation inside the key manager, e.g. Vault's `keys/K/rotate`),
+//! then rewraps its existing data keys in batches ([`step`]), committing after
+//! each, with the provider's native rewrap where it has one (AWS `ReEncrypt`),
+//! so plaintext keys stay inside the key manager or the broker. Calling it
+//! again after a crash finishes the job; calling it when done changes nothing.
+//! The procedure ends with [`finish`], which checks and records completion.
+
+use byok_kms::WrappedDek;
+use pgrx::datum::{DatumWithOid, Interval};
+use pgrx::prelude::*;
+
+use crate::broker;
+use crate::catalog;
+use crate::errors::ByokError;
+use crate::keyring;
+
+/// Data keys rewrapped per transaction.
+const BATCH: i64 = 100;
+
+fn checked_key_id(new_key_id: &str) -> Result<&str, ByokError> {
+    let new_key_id = new_key_id.trim();
+    if new_key_id.is_empty() || new_key_id.chars().any(char::is_control) {
+        return Err(ByokError::InvalidArgument {
+            message: "new_key_id must be a non-empty key id without control characters".into(),
+            hint: None,
+        });
+    }
+    Ok(new_key_id)
+}
+
+fn interval(text: &str) -> Result<Interval, ByokError> {
+    Spi::get_one_with_args::<Interval>(
+        "SELECT $1::pg_catalog.interval",
+        &[DatumWithOid::from(text)],
+    )?
+    .ok_or_else(|| ByokError::InvalidArgument {
+        message: "grace_period must be an interval".into(),
+        hint: None,
+    })
+}
+
+/// One step: on first call switches the tenant to `new_key_id`; each call
+/// rewraps up to `BATCH` data keys still under another master key (or an
+/// older version of it). Returns how many it rewrapped (0: complete).
+pub fn step(tenant_id: &str, new_key_id: &str, grace_period: &str) -> Result<i64, ByokError> {
+    let new_key_id = checked_key_id(new_key_id)?;
+    let grace_period = interval(grace_period)?;
+    let tenant = catalog::load_tenant(tenant_id, true)?
+        .ok_or_else(|| ByokError::UnknownTenant(tenant_id.to_string()))?;
+    if tenant.master_key_id != new_key_id {
+        super::policy::check_key_prefix(new_key_id)?;
+    }
+    let tenant_ref = broker::tenant_ref(tenant_id);
+    // The new key must exist, be enabled and allow wrapping before anything moves;
+    // its current version is what every data key should end up wrapped under.
+    let info = broker::validate(tenant_ref.clone(), tenant.provider.clone(), new_key_id)?;
+    if tenant.master_key_id != new_key_id {
+        if !info.enabled || !info.can_wrap {
+            return Err(ByokError::Provider(byok_kms::ProviderError::new(
+                tenant.kind,
+                byok_kms::ErrorKind::KeyDisabled,
+                format!("master key \"{new_key_id}\" is not enabled for wrapping keys"),
+            )));
+        }
+        Spi::run_with_args(
+            "UPDATE byok.tenant_config
+                SET previous_master_key_id = master_key_id,
+                    previous_master_key_retires_at = now() + $3,
+                    master_key_id = $2,
+                    provider_options = jsonb_set(provider_options, ARRAY[$4], to_jsonb($2)),
+                    updated_at = now()
+              WHERE tenant_id = $1",
+            &[
+                DatumWithOid::from(tenant_id),
+                DatumWithOid::from(new_key_id),
+                DatumWithOid::from(grace_period),
+                DatumWithOid::from(tenant.kind.master_key_field()),
+            ],
+        )?;
+        // The rotation's start; its end is recorded when every key is rewrapped.
+        catalog::audit(
+            "rotate_master_key_start",
+            Some(tenant_id),
+            None,
+            true,
+            None,
+            Some(serde_json::json!({
+                "previous_key_id": tenant.master_key_id,
+                "new_key_id": new_key_id,
+            })),
+        )?;
+    }
+    let rewrapped = Spi::connect_mut(|client| -> Result<i64, ByokError> {
+        let batch = client.update(
+            "SELECT dek_id, wrapped_dek, cmk_id, cmk_version FROM byok.wrapped_data_keys
+              WHERE tenant_id = $1 AND (cmk_id <> $2 OR cmk_version <> $3) AND state <> 'destroyed'
+              ORDER BY dek_id LIMIT $4 FOR UPDATE",
+            None,
+            &[
+                DatumWithOid::from(tenant_id),
+                DatumWithOid::from(new_key_id),
+                DatumWithOid::from(info.version.as_str()),
+                DatumWithOid::from(BATCH),
+            ],
+        )?;
+        let mut keys = Vec::new();
+        for row in batch {
+            let dek_id = row
+                .get::<i64>(1)?
+                .ok_or_else(|| ByokError::Catalog("a data key without an id".into()))?;
+            keys.push((
+                dek_id,
+                WrappedDek {
+                    blob: row.get::<Vec<u8>>(2)?.ok_or_else(|| {
+                        ByokError::Catalog(format!("data key {dek_id} has no wrapped form"))
+                    })?,
+                    cmk_id: row.get::<String>(3)?.unwrap_or_default(),
+                    cmk_version: row.get::<String>(4)?.unwrap_or_default(),
+                },
+            ));
+        }
+        for (dek_id, wrapped) in &keys {
+            let rewrapped = broker::rewrap(
+                tenant_ref.clone(),
+                tenant.provider.clone(),
+                *dek_id as u64,
+                wrapped.clone(),
+                new_key_id,
+            )?;
+            client.update(
+                "UPDATE byok.wrapped_data_keys SET wrapped_dek = $2, cmk_id = $3, cmk_version = $4 WHERE dek_id = $1",
+                None,
+                &[
+                    DatumWithOid::from(*dek_id),
+                    DatumWithOid::from(rewrapped.blob),
+                    DatumWithOid::from(rewrapped.cmk_id.as_str()),
+                    DatumWithOid::from(rewrapped.cmk_version.as_str()),
+                ],
+            )?;
+        }
+        Ok(keys.len() as i64)
+    })?;
+    keyring::invalidate_all();
+    Ok(rewrapped)
+}
+
+/// The end of a rotation: the tenant is on `new_key_id` and no live data key
+/// is wrapped by another master key. Records the rotation's end (the
+/// procedure commits between steps, so it cannot count them itself).
+pub fn finish(tenant_id: &str, new_key_id: &str) -> Result<String, ByokError> {
+    let new_key_id = checked_key_id(new_key_id)?;
+    let (current, left, under_new): (Option<String>, i64, i64) = Spi::connect(|client| {
+        let row = client.select(
+            "SELECT t.master_key_id,
+                    (SELECT count(*) FROM byok.wrapped_data_keys k
+                      WHERE k.tenant_id = t.tenant_id AND k.state <> 'destroyed' AND k.cmk_id <> $2),
+                    (SELECT count(*) FROM byok.wrapped_data_keys k
+                      WHERE k.tenant_id = t.tenant_id AND k.state <> 'destroyed' AND k.cmk_id = $2)
+               FROM byok.tenant_config t WHERE t.tenant_id = $1",
+            Some(1),
+            &[DatumWithOid::from(tenant_id), DatumWithOid::from(new_key_id)],
+        )?;
+        if row.is_empty() {
+            return Ok::<_, ByokError>((None, 0, 0));
+        }
+        let row = row.first();
+        Ok((
+            row.get::<String>(1)?,
+            row.get::<i64>(2)?.unwrap_or(0),
+            row.get::<i64>(3)?.unwrap_or(0),
+        ))
+    })?;
+    let current = current.ok_or_else(|| ByokError::UnknownTenant(tenant_id.to_string()))?;
+    if current != new_key_id || left > 0 {
+        return Err(ByokError::InvalidArgument {
+            message: format!(
+                "the rotation of tenant \"{tenant_id}\" to master key \"{new_key_id}\" is not complete ({left} data key(s) under another key)"
+            ),
+            hint: Some(format!(
+                "CALL byok.rotate_master_key('{tenant_id}', '{new_key_id}') finishes it"
+            )),
+        });
+    }
+    catalog::audit(
+        "rotate_master_key",
+        Some(tenant_id),
+        None,
+        true,
+        None,
+        Some(serde_json::json!({"new_key_id": new_key_id, "data_keys": under_new})),
+    )?;
+    Ok(format!(
+        "{under_new} data key(s) under master key {new_key_id}"
+    ))
+}
+
+/// The whole rotation in one transaction (an approved request).
+pub fn rotate_master_key(
+    tenant_id: &str,
+    new_key_id: &str,
+    grace_period: &str,
+) -> Result<String, ByokError> {
+    let mut rewrapped = 0;
+    loop {
+        let n = step(tenant_id, new_key_id, grace_period)?;
+        rewrapped += n;
+        if n == 0 {
+            break;
+        }
+    }
+    finish(tenant_id, new_key_id)?;
+    Ok(format!(
+        "{rewrapped} data key(s) rewrapped under master key {}",
+        new_key_id.trim()
+    ))
+}

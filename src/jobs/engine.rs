@@ -1,0 +1,674 @@
+//! The re-encryption state machine: registered columns, one batch at a time,
+//! checkpointed in the job row, verified at the end; and the counts that
+//! depend on registered columns (`data_key_references`, a job's remaining rows).
+//!
+//! Every statement against a user table runs as that table's owner, inside a
+//! security-restricted operation, with search_path pinned and row-level
+//! security off (`postgres::security`): the owner's triggers, index
+//! expressions and rules run with the owner's rights, never the extension's
+//! (a forced row-level security policy makes the statement fail rather than
+//! leave rows unseen). Only `byok.reencrypt` and `byok.value_opens` called by
+//! those statements act for the job, for the job's tenants only
+//! ([`keyring::JobScope`]).
+//!
+//! Job states: pending -> running -> (paused <-> running) -> verifying -> done;
+//! running/paused/failed -> cancelled; a failed job resumes as running.
+
+use pgrx::datum::DatumWithOid;
+use pgrx::pg_sys;
+use pgrx::prelude::*;
+
+use crate::catalog;
+use crate::errors::ByokError;
+use crate::keyring::JobScope;
+use crate::postgres::security::{self, SwitchedUser};
+
+/// A job's state, as stored in `byok.reencrypt_jobs.state`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum JobState {
+    Pending,
+    Running,
+    Paused,
+    Verifying,
+    Done,
+    Failed,
+    Cancelled,
+}
+
+impl JobState {
+    pub const ALL: [JobState; 7] = [
+        JobState::Pending,
+        JobState::Running,
+        JobState::Paused,
+        JobState::Verifying,
+        JobState::Done,
+        JobState::Failed,
+        JobState::Cancelled,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            JobState::Pending => "pending",
+            JobState::Running => "running",
+            JobState::Paused => "paused",
+            JobState::Verifying => "verifying",
+            JobState::Done => "done",
+            JobState::Failed => "failed",
+            JobState::Cancelled => "cancelled",
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<JobState> {
+        JobState::ALL.into_iter().find(|s| s.name() == name)
+    }
+
+    /// A state a job does not leave on its own.
+    pub fn is_final(self) -> bool {
+        matches!(
+            self,
+            JobState::Done | JobState::Failed | JobState::Cancelled
+        )
+    }
+}
+
+/// What one step did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Step {
+    /// Values rewritten in this batch (0: a column finished, or an empty range).
+    Rewrote(i64),
+    /// The job is not running (paused, cancelled, done, failed).
+    NotRunning,
+    /// Every column is scanned: verification and retiring come next.
+    ScanDone,
+    /// The only values left under old keys are in rows other transactions hold
+    /// locked: try again shortly.
+    WaitingForLockedRows,
+    /// The batch failed: the job is now `failed`, with the reason recorded.
+    Failed(String),
+}
+
+/// A registered column, with its table's current owner and qualified name.
+#[derive(Debug, Clone)]
+struct Column {
+    relid: pg_sys::Oid,
+    table: String,
+    column: String,
+    context: String,
+    owner: pg_sys::Oid,
+}
+
+fn quote_ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+/// The registered columns (of one table, or all), in a stable order, skipping
+/// any whose table or column no longer exists (the event trigger removes such
+/// rows; this covers the moment before it runs).
+fn registered_columns(relid: Option<pg_sys::Oid>) -> Result<Vec<Column>, ByokError> {
+    let rows: Vec<(pg_sys::Oid, String, String, String)> = Spi::connect(|client| {
+        let table = client.select(
+            "SELECT r.relid::pg_catalog.oid,
+                    pg_catalog.quote_ident(n.nspname) OPERATOR(pg_catalog.||) '.' OPERATOR(pg_catalog.||) pg_catalog.quote_ident(c.relname),
+                    a.attname::pg_catalog.text, r.context
+               FROM byok.protected_column_registry r
+               JOIN pg_catalog.pg_class c ON c.oid OPERATOR(pg_catalog.=) r.relid
+               JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) c.relnamespace
+               JOIN pg_catalog.pg_attribute a ON a.attrelid OPERATOR(pg_catalog.=) r.relid
+                                             AND a.attnum OPERATOR(pg_catalog.=) r.attnum
+                                             AND NOT a.attisdropped
+              WHERE $1::pg_catalog.oid IS NULL OR r.relid OPERATOR(pg_catalog.=) $1::pg_catalog.oid
+              ORDER BY r.relid::pg_catalog.oid, a.attname",
+            None,
+            &[DatumWithOid::from(relid)],
+        )?;
+        let mut out = Vec::new();
+        for row in table {
+            out.push((
+                row.get::<pg_sys::Oid>(1)?.unwrap_or(pg_sys::InvalidOid),
+                row.get::<String>(2)?.unwrap_or_default(),
+                row.get::<String>(3)?.unwrap_or_default(),
+                row.get::<String>(4)?.unwrap_or_default(),
+            ));
+        }
+        Ok::<_, ByokError>(out)
+    })?;
+    Ok(rows
+        .into_iter()
+        .filter_map(|(relid, table, column, context)| {
+            Some(Column {
+                owner: security::relation_owner(relid)?,
+                relid,
+                table,
+                column,
+                context,
+            })
+        })
+        .collect())
+}
+
+/// Runs `f` as `column`'s table owner in a security-restricted operation,
+/// with row-level security off. With `job`, `byok.reencrypt` and
+/// `byok.value_opens` act for the job's tenant (`Some(None)`: all tenants);
+/// without, keys are used on nobody's authority but the owner's grants.
+fn as_table_owner<R>(
+    column: &Column,
+    job: Option<Option<&str>>,
+    f: impl FnOnce() -> Result<R, ByokError>,
+) -> Result<R, ByokError> {
+    let _owner = SwitchedUser::as_table_owner(column.owner);
+    set_local(c"row_security", c"off");
+    let _scope = job.map(JobScope::enter);
+    f()
+}
+
+/// Sets a setting until the enclosing GUC level (the owner switch's) ends.
+fn set_local(name: &std::ffi::CStr, value: &std::ffi::CStr) {
+    // (names are C string literals at every call site)
+    // SAFETY: GUC_ACTION_SAVE inside the nest level SwitchedUser opened; it is
+    // undone when that guard drops.
+    unsafe {
+        pg_sys::set_config_option(
+            name.as_ptr(),
+            value.as_ptr(),
+            pg_sys::GucContext::PGC_USERSET,
+            pg_sys::GucSource::PGC_S_SESSION,
+            pg_sys::GucAction::GUC_ACTION_SAVE,
+            true,
+            0,
+            false,
+        );
+    }
+}
+
+/// The decrypt-only data keys of `tenant` (all tenants: `None`).
+fn old_keys(tenant: Option<&str>) -> Result<Vec<i64>, ByokError> {
+    Ok(Spi::get_one_with_args::<Vec<i64>>(
+        "SELECT coalesce(pg_catalog.array_agg(dek_id), '{}') FROM byok.wrapped_data_keys
+          WHERE state OPERATOR(pg_catalog.=) 'decrypt-only'
+            AND ($1::pg_catalog.text IS NULL OR tenant_id OPERATOR(pg_catalog.=) $1)",
+        &[DatumWithOid::from(tenant)],
+    )?
+    .unwrap_or_default())
+}
+
+fn count_in(column: &Column, condition: &str, args: &[DatumWithOid]) -> Result<i64, ByokError> {
+    let sql = format!("SELECT count(*) FROM {} WHERE {condition}", column.table)
+        .replace("$col", &quote_ident(&column.column));
+    as_table_owner(column, None, || {
+        Ok(Spi::get_one_with_args::<i64>(&sql, args)?.unwrap_or(0))
+    })
+}
+
+/// How many values of registered columns data key `dek_id` seals
+/// (`destroy_data_key` refuses while it is above zero).
+pub fn data_key_references(dek_id: i64) -> Result<i64, ByokError> {
+    let columns = catalog::as_extension_owner(|| registered_columns(None))?;
+    let mut total = 0;
+    for column in &columns {
+        total += count_in(
+            column,
+            "byok.data_key_id($col) OPERATOR(pg_catalog.=) $1",
+            &[DatumWithOid::from(dek_id)],
+        )?;
+    }
+    Ok(total)
+}
+
+/// How many values of a job's columns are still under old keys.
+pub fn remaining(tenant: Option<&str>, relid: Option<pg_sys::Oid>) -> Result<i64, ByokError> {
+    let (columns, keys) =
+        catalog::as_extension_owner(|| Ok((registered_columns(relid)?, old_keys(tenant)?)))?;
+    let mut total = 0;
+    for column in &columns {
+        total += count_in(
+            column,
+            "byok.data_key_id($col) OPERATOR(pg_catalog.=) ANY ($1)",
+            &[DatumWithOid::from(keys.clone())],
+        )?;
+    }
+    Ok(total)
+}
+
+/// A job's row, as the engine needs it.
+#[derive(Debug, Clone)]
+pub struct JobRow {
+    pub state: JobState,
+    pub tenant: Option<String>,
+    pub relid: Option<pg_sys::Oid>,
+    cursor_relid: Option<pg_sys::Oid>,
+    cursor_column: Option<String>,
+    cursor_page: i64,
+    sweeping: bool,
+    scan_done: bool,
+    rows_done: i64,
+}
+
+/// The job's row, locked for update.
+pub fn load_job(job: i64) -> Result<Option<JobRow>, ByokError> {
+    Spi::connect_mut(|client| {
+        let rows = client.update(
+            "SELECT state, tenant_id, relid::pg_catalog.oid, cursor_relid::pg_catalog.oid,
+                    cursor_column::pg_catalog.text, (cursor_ctid::pg_catalog.text::pg_catalog.point)[0]::bigint,
+                    sweeping, scan_done, rows_done
+               FROM byok.reencrypt_jobs WHERE job_id OPERATOR(pg_catalog.=) $1 FOR UPDATE",
+            Some(1),
+            &[DatumWithOid::from(job)],
+        )?;
+        if rows.is_empty() {
+            return Ok(None);
+        }
+        let row = rows.first();
+        let state: String = row.get(1)?.unwrap_or_default();
+        Ok(Some(JobRow {
+            state: JobState::from_name(&state)
+                .ok_or_else(|| ByokError::Catalog(format!("unknown job state \"{state}\"")))?,
+            tenant: row.get(2)?,
+            relid: row.get(3)?,
+            cursor_relid: row.get(4)?,
+            cursor_column: row.get(5)?,
+            cursor_page: row.get::<i64>(6)?.unwrap_or(0),
+            sweeping: row.get::<bool>(7)?.unwrap_or(false),
+            scan_done: row.get::<bool>(8)?.unwrap_or(false),
+            rows_done: row.get::<i64>(9)?.unwrap_or(0),
+        }))
+    })
+}
+
+fn run_sql(sql: &str, args: &[DatumWithOid]) -> Result<(), ByokError> {
+    Spi::run_with_args(sql, args)?;
+    Ok(())
+}
+
+/// Marks the job failed with `reason` and records it.
+fn fail(job: i64, tenant: Option<&str>, reason: &str) -> Result<(), ByokError> {
+    run_sql(
+        "UPDATE byok.reencrypt_jobs SET state = 'failed', updated_at = pg_catalog.now(), last_error = $2
+          WHERE job_id OPERATOR(pg_catalog.=) $1",
+        &[DatumWithOid::from(job), DatumWithOid::from(reason)],
+    )?;
+    catalog::audit(
+        "reencrypt_finish",
+        tenant,
+        None,
+        false,
+        Some(reason),
+        Some(serde_json::json!({"job_id": job})),
+    )
+}
+
+/// One batch of job `job`, in the caller's transaction. A failure of the batch
+/// is rolled back (a subtransaction), recorded in the job (`failed`), and
+/// reported as [`Step::Failed`], not raised.
+pub fn step(job: i64, batch: i32) -> Result<Step, ByokError> {
+    catalog::as_extension_owner(|| {
+        let Some(row) = load_job(job)? else {
+            return Ok(Step::NotRunning);
+        };
+        if row.state != JobState::Running {
+            return Ok(Step::NotRunning);
+        }
+        if row.scan_done {
+            return Ok(Step::ScanDone);
+        }
+        let keys = old_keys(row.tenant.as_deref())?;
+        let columns = registered_columns(row.relid)?;
+        // The current column, or the first one after it.
+        let position = |c: &Column| (u32::from(c.relid), c.column.clone());
+        let cursor = row
+            .cursor_relid
+            .map(|r| (u32::from(r), row.cursor_column.clone().unwrap_or_default()));
+        let Some(column) = columns
+            .iter()
+            .find(|c| cursor.as_ref().is_none_or(|cur| position(c) >= *cur))
+            .cloned()
+        else {
+            run_sql(
+                "UPDATE byok.reencrypt_jobs SET scan_done = true WHERE job_id OPERATOR(pg_catalog.=) $1",
+                &[DatumWithOid::from(job)],
+            )?;
+            return Ok(Step::ScanDone);
+        };
+        let same_column = cursor.as_ref() == Some(&position(&column));
+        let (page, sweeping) = if same_column {
+            (row.cursor_page, row.sweeping)
+        } else {
+            (0, false)
+        };
+        let tenant = row.tenant.clone();
+        let outcome = crate::postgres::subxact::run(|| {
+            batch_of(&column, tenant.as_deref(), &keys, page, sweeping, batch)
+        });
+        match outcome {
+            Err(failure) => {
+                let reason = match failure.sqlstate() {
+                    Some(state) => format!(
+                        "{}.{}: {} (SQLSTATE {state})",
+                        column.table,
+                        column.column,
+                        failure.message()
+                    ),
+                    None => format!("{}.{}: {}", column.table, column.column, failure.summary()),
+                };
+                fail(job, tenant.as_deref(), &reason)?;
+                Ok(Step::Failed(reason))
+            }
+            Ok(Batch::Range {
+                rewritten,
+                next_page,
+            }) => {
+                checkpoint(job, &column, next_page, false, rewritten)?;
+                Ok(Step::Rewrote(rewritten))
+            }
+            Ok(Batch::EndOfTable) => {
+                checkpoint(job, &column, page, true, 0)?;
+                Ok(Step::Rewrote(0))
+            }
+            Ok(Batch::Swept(rewritten)) => {
+                checkpoint(job, &column, page, true, rewritten)?;
+                Ok(Step::Rewrote(rewritten))
+            }
+            Ok(Batch::LockedRowsLeft) => {
+                run_sql(
+                    "UPDATE byok.reencrypt_jobs SET updated_at = pg_catalog.now() WHERE job_id OPERATOR(pg_catalog.=) $1",
+                    &[DatumWithOid::from(job)],
+                )?;
+                Ok(Step::WaitingForLockedRows)
+            }
+            Ok(Batch::ColumnDone) => {
+                // On to the next column, or the end of the scan.
+                let next = columns.iter().find(|c| position(c) > position(&column));
+                run_sql(
+                    "UPDATE byok.reencrypt_jobs SET cursor_relid = $2::pg_catalog.oid::pg_catalog.regclass,
+                            cursor_column = $3, cursor_ctid = '(0,0)', sweeping = false,
+                            scan_done = $2 IS NULL, batches = batches + 1, updated_at = pg_catalog.now()
+                      WHERE job_id OPERATOR(pg_catalog.=) $1",
+                    &[
+                        DatumWithOid::from(job),
+                        DatumWithOid::from(next.map(|c| c.relid)),
+                        DatumWithOid::from(next.map(|c| c.column.as_str())),
+                    ],
+                )?;
+                Ok(Step::Rewrote(0))
+            }
+        }
+    })
+}
+
+fn checkpoint(
+    job: i64,
+    column: &Column,
+    page: i64,
+    sweeping: bool,
+    rewritten: i64,
+) -> Result<(), ByokError> {
+    run_sql(
+        "UPDATE byok.reencrypt_jobs SET cursor_relid = $2::pg_catalog.oid::pg_catalog.regclass,
+                cursor_column = $3, cursor_ctid = pg_catalog.format('(%s,0)', $4)::pg_catalog.tid,
+                sweeping = $5, rows_done = rows_done + $6, batches = batches + 1,
+                updated_at = pg_catalog.now()
+          WHERE job_id OPERATOR(pg_catalog.=) $1",
+        &[
+            DatumWithOid::from(job),
+            DatumWithOid::from(column.relid),
+            DatumWithOid::from(column.column.as_str()),
+            DatumWithOid::from(page),
+            DatumWithOid::from(sweeping),
+            DatumWithOid::from(rewritten),
+        ],
+    )
+}
+
+enum Batch {
+    /// A range of pages rewritten; the scan continues at `next_page`.
+    Range { rewritten: i64, next_page: i64 },
+    /// The scan reached the end of the table: the sweep comes next.
+    EndOfTable,
+    /// The sweep rewrote values that moved behind the scan.
+    Swept(i64),
+    /// The sweep found values under old keys only in locked rows.
+    LockedRowsLeft,
+    /// Nothing of this column is left under old keys.
+    ColumnDone,
+}
+
+/// One batch on one column, as the table's owner.
+fn batch_of(
+    column: &Column,
+    tenant: Option<&str>,
+    keys: &[i64],
+    page: i64,
+    sweeping: bool,
+    batch: i32,
+) -> Result<Batch, ByokError> {
+    let col = quote_ident(&column.column);
+    let table = &column.table;
+    if !sweeping {
+        // A range of pages from the checkpoint (a TID range scan), sized to about
+        // one batch of rows; only rows under old keys are rewritten (and locked).
+        let (table_pages, per_page): (i64, f64) = Spi::connect(|client| {
+            let row = client.select(
+                "SELECT pg_catalog.pg_relation_size($1::pg_catalog.regclass) / pg_catalog.current_setting('block_size')::bigint,
+                        CASE WHEN relpages > 0 AND reltuples > 0 THEN reltuples / relpages ELSE 50 END
+                   FROM pg_catalog.pg_class WHERE oid OPERATOR(pg_catalog.=) $1",
+                Some(1),
+                &[DatumWithOid::from(column.relid)],
+            )?;
+            let row = row.first();
+            Ok::<_, ByokError>((
+                row.get::<i64>(1)?.unwrap_or(0),
+                row.get::<f64>(2)?.unwrap_or(50.0),
+            ))
+        })?;
+        if page >= table_pages {
+            return Ok(Batch::EndOfTable);
+        }
+        let pages = ((f64::from(batch.max(1)) / per_page.max(1.0)).ceil() as i64).max(1);
+        let next_page = page + pages;
+        let sql = format!(
+            "WITH rewritten AS (UPDATE {table} t SET {col} = byok.reencrypt(t.{col}, $2)
+                                 WHERE t.ctid >= pg_catalog.format('(%s,0)', $3)::pg_catalog.tid
+                                   AND t.ctid < pg_catalog.format('(%s,0)', $4)::pg_catalog.tid
+                                   AND byok.data_key_id(t.{col}) OPERATOR(pg_catalog.=) ANY ($1)
+                                 RETURNING 1)
+             SELECT count(*) FROM rewritten"
+        );
+        let rewritten = as_table_owner(column, Some(tenant), || {
+            Ok(Spi::get_one_with_args::<i64>(
+                &sql,
+                &[
+                    DatumWithOid::from(keys.to_vec()),
+                    DatumWithOid::from(column.context.as_str()),
+                    DatumWithOid::from(page),
+                    DatumWithOid::from(next_page),
+                ],
+            )?
+            .unwrap_or(0))
+        })?;
+        return Ok(Batch::Range {
+            rewritten,
+            next_page,
+        });
+    }
+    // Stragglers: rows moved behind the cursor or locked when it passed.
+    let sweep = format!(
+        "WITH todo AS (SELECT ctid FROM {table} WHERE byok.data_key_id({col}) OPERATOR(pg_catalog.=) ANY ($1)
+                        LIMIT $2 FOR UPDATE SKIP LOCKED),
+              rewritten AS (UPDATE {table} t SET {col} = byok.reencrypt(t.{col}, $3) FROM todo
+                             WHERE t.ctid OPERATOR(pg_catalog.=) todo.ctid
+                               AND byok.data_key_id(t.{col}) OPERATOR(pg_catalog.=) ANY ($1) RETURNING 1)
+         SELECT count(*) FROM rewritten"
+    );
+    let rewritten = as_table_owner(column, Some(tenant), || {
+        Ok(Spi::get_one_with_args::<i64>(
+            &sweep,
+            &[
+                DatumWithOid::from(keys.to_vec()),
+                DatumWithOid::from(i64::from(batch.max(1))),
+                DatumWithOid::from(column.context.as_str()),
+            ],
+        )?
+        .unwrap_or(0))
+    })?;
+    if rewritten > 0 {
+        return Ok(Batch::Swept(rewritten));
+    }
+    // Nothing the sweep could lock is left. Values still under old keys are in
+    // rows other transactions hold locked (SKIP LOCKED passed them): wait for
+    // those rather than finish with values under a key the job is to retire.
+    let left = count_in(
+        column,
+        "byok.data_key_id($col) OPERATOR(pg_catalog.=) ANY ($1)",
+        &[DatumWithOid::from(keys.to_vec())],
+    )?;
+    Ok(if left > 0 {
+        Batch::LockedRowsLeft
+    } else {
+        Batch::ColumnDone
+    })
+}
+
+/// The end of a job: every registered value of its scope must open (the
+/// guide's "verify all data accessible"); then its old data keys that nothing
+/// registered references any more become retired. Returns the final state.
+pub fn finish(job: i64) -> Result<JobState, ByokError> {
+    catalog::as_extension_owner(|| {
+        let Some(row) = load_job(job)? else {
+            return Err(ByokError::NotFound {
+                message: format!("no re-encryption job {job}"),
+                hint: None,
+            });
+        };
+        if row.state != JobState::Running {
+            return Ok(row.state);
+        }
+        run_sql(
+            "UPDATE byok.reencrypt_jobs SET state = 'verifying', updated_at = pg_catalog.now()
+              WHERE job_id OPERATOR(pg_catalog.=) $1",
+            &[DatumWithOid::from(job)],
+        )?;
+        let tenant = row.tenant.as_deref();
+        let keys_of_tenant = tenant_keys(tenant)?;
+        for column in registered_columns(row.relid)? {
+            let verified = crate::postgres::subxact::run(|| {
+                as_table_owner(&column, Some(tenant), || {
+                    let sql = format!(
+                        "SELECT count(*) FROM {} WHERE {col} IS NOT NULL
+                            AND ($2::pg_catalog.text IS NULL OR byok.data_key_id({col}) OPERATOR(pg_catalog.=) ANY ($3))
+                            AND NOT byok.value_opens({col}, $1)",
+                        column.table,
+                        col = quote_ident(&column.column)
+                    );
+                    Ok(Spi::get_one_with_args::<i64>(
+                        &sql,
+                        &[
+                            DatumWithOid::from(column.context.as_str()),
+                            DatumWithOid::from(tenant),
+                            DatumWithOid::from(keys_of_tenant.clone()),
+                        ],
+                    )?
+                    .unwrap_or(0))
+                })
+            });
+            let problem = match verified {
+                Ok(0) => None,
+                Ok(bad) => Some(format!(
+                    "verification: {bad} value(s) of {}.{} do not open",
+                    column.table, column.column
+                )),
+                Err(failure) => Some(format!(
+                    "verification of {}.{}: {}",
+                    column.table,
+                    column.column,
+                    failure.summary()
+                )),
+            };
+            if let Some(reason) = problem {
+                fail(job, tenant, &reason)?;
+                return Ok(JobState::Failed);
+            }
+        }
+        // Keys still referenced by any registered column (in any scope) stay decrypt-only.
+        let mut referenced: Vec<i64> = Vec::new();
+        for column in registered_columns(None)? {
+            let sql = format!(
+                "SELECT coalesce(pg_catalog.array_agg(DISTINCT byok.data_key_id({col})), '{{}}') FROM {}",
+                column.table,
+                col = quote_ident(&column.column)
+            );
+            let ids = as_table_owner(&column, None, || {
+                Ok(Spi::get_one::<Vec<Option<i64>>>(&sql)?)
+            })?;
+            referenced.extend(ids.unwrap_or_default().into_iter().flatten());
+        }
+        let retired = Spi::get_one_with_args::<i64>(
+            "WITH retired AS (
+                 UPDATE byok.wrapped_data_keys SET state = 'retired'
+                  WHERE state OPERATOR(pg_catalog.=) 'decrypt-only'
+                    AND ($1::pg_catalog.text IS NULL OR tenant_id OPERATOR(pg_catalog.=) $1)
+                    AND NOT dek_id OPERATOR(pg_catalog.=) ANY ($2)
+                 RETURNING 1)
+             SELECT count(*) FROM retired",
+            &[DatumWithOid::from(tenant), DatumWithOid::from(referenced)],
+        )?
+        .unwrap_or(0);
+        run_sql(
+            "UPDATE byok.reencrypt_jobs SET state = 'done', keys_retired = $2, finished_at = pg_catalog.now(),
+                    updated_at = pg_catalog.now()
+              WHERE job_id OPERATOR(pg_catalog.=) $1",
+            &[DatumWithOid::from(job), DatumWithOid::from(retired)],
+        )?;
+        catalog::audit(
+            "reencrypt_finish",
+            tenant,
+            None,
+            true,
+            None,
+            Some(
+                serde_json::json!({"job_id": job, "rows_done": row.rows_done, "keys_retired": retired}),
+            ),
+        )?;
+        Ok(JobState::Done)
+    })
+}
+
+/// Every data key of `tenant` (values of other tenants in a shared column are
+/// not this job's to verify).
+fn tenant_keys(tenant: Option<&str>) -> Result<Vec<i64>, ByokError> {
+    catalog::as_extension_owner(|| {
+        Ok(Spi::get_one_with_args::<Vec<i64>>(
+            "SELECT coalesce(pg_catalog.array_agg(dek_id), '{}') FROM byok.wrapped_data_keys
+              WHERE $1::pg_catalog.text IS NULL OR tenant_id OPERATOR(pg_catalog.=) $1",
+            &[DatumWithOid::from(tenant)],
+        )?
+        .unwrap_or_default())
+    })
+}
+
+/// Marks the start of a run (rate and ETA count from here).
+pub fn mark_run_start(job: i64) -> Result<(), ByokError> {
+    catalog::as_extension_owner(|| {
+        run_sql(
+            "UPDATE byok.reencrypt_jobs SET state = 'running', started_at = coalesce(started_at, pg_catalog.now()),
+                    run_started_at = pg_catalog.now(), run_rows_start = rows_done, updated_at = pg_catalog.now()
+              WHERE job_id OPERATOR(pg_catalog.=) $1 AND state OPERATOR(pg_catalog.=) ANY ('{pending,running}')",
+            &[DatumWithOid::from(job)],
+        )
+    })
+}
+
+/// The job's state (without locking it).
+pub fn state_of(job: i64) -> Result<Option<JobState>, ByokError> {
+    catalog::as_extension_owner(|| {
+        let name = Spi::get_one_with_args::<String>(
+            "SELECT state FROM byok.reencrypt_jobs WHERE job_id OPERATOR(pg_catalog.=) $1",
+            &[DatumWithOid::from(job)],
+        )?;
+        Ok(name.as_deref().and_then(JobState::from_name))
+    })
+}
+
+/// Records a failure of the whole job that is not a batch's (it raised out of
+/// the engine): used by the drivers.
+pub fn record_failure(job: i64, reason: &str) -> Result<(), ByokError> {
+    catalog::as_extension_owner(|| fail(job, None, reason))
+}

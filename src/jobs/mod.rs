@@ -1,0 +1,482 @@
+//! Re-encryption jobs: registering columns, starting and steering jobs, and the
+//! one driver that runs a job, whether in its background worker (a transaction
+//! per batch) or in the transaction that started it (`byok.wait_job` in a
+//! migration run as one transaction).
+
+pub mod engine;
+pub mod workers;
+
+use std::time::{Duration, Instant};
+
+use pgrx::PgRelation;
+use pgrx::datum::DatumWithOid;
+use pgrx::pg_sys;
+use pgrx::prelude::*;
+
+use crate::admin;
+use crate::catalog;
+use crate::errors::ByokError;
+use crate::gucs;
+use engine::{JobState, Step};
+
+/// How a unit of a job's work runs and how the driver waits between units.
+pub trait Runner {
+    /// Runs one unit of work (its own transaction in a worker).
+    fn unit<R>(&mut self, f: impl FnOnce() -> R) -> R;
+    /// Waits up to `time`; false when the driver should stop (shutdown, deadline).
+    fn wait(&mut self, time: Duration) -> bool;
+}
+
+/// Drives job `job` until it stops running (done, failed, cancelled, paused
+/// with `stop_when_paused`) or the runner says stop. Returns the last state seen.
+pub fn drive(
+    job: i64,
+    runner: &mut impl Runner,
+    stop_when_paused: bool,
+) -> Result<Option<JobState>, ByokError> {
+    // Whether this run's start is marked (rate and ETA count from there); a
+    // pause ends a run, and so does a crash (the next driver starts anew).
+    let mut run_marked = false;
+    loop {
+        let state = runner.unit(|| engine::state_of(job))?;
+        match state {
+            Some(JobState::Pending) | Some(JobState::Running) if !run_marked => {
+                runner.unit(|| engine::mark_run_start(job))?;
+                run_marked = true;
+            }
+            Some(JobState::Running) => {
+                let started = Instant::now();
+                let batch = gucs::REENCRYPT_BATCH_SIZE.get().max(1);
+                match runner.unit(|| engine::step(job, batch))? {
+                    Step::Rewrote(n) => {
+                        let max_rate = gucs::REENCRYPT_MAX_ROWS_PER_SECOND.get();
+                        if n > 0 && max_rate > 0 {
+                            let due = Duration::from_secs_f64(n as f64 / f64::from(max_rate));
+                            if let Some(rest) = due.checked_sub(started.elapsed())
+                                && !runner.wait(rest)
+                            {
+                                return Ok(Some(JobState::Running));
+                            }
+                        }
+                    }
+                    // The last values are in rows other transactions hold locked:
+                    // look again shortly (each look scans the column).
+                    Step::WaitingForLockedRows => {
+                        if !runner.wait(Duration::from_millis(500)) {
+                            return Ok(Some(JobState::Running));
+                        }
+                    }
+                    Step::ScanDone => return runner.unit(|| engine::finish(job)).map(Some),
+                    Step::NotRunning => {}
+                    Step::Failed(_) => return Ok(Some(JobState::Failed)),
+                }
+            }
+            Some(JobState::Paused) => {
+                run_marked = false;
+                if stop_when_paused || !runner.wait(Duration::from_millis(200)) {
+                    return Ok(state);
+                }
+            }
+            Some(JobState::Pending) => unreachable!("handled above"),
+            other => return Ok(other),
+        }
+    }
+}
+
+/// In the caller's transaction, until a deadline.
+struct InTransaction {
+    deadline: Instant,
+}
+
+impl Runner for InTransaction {
+    fn unit<R>(&mut self, f: impl FnOnce() -> R) -> R {
+        f()
+    }
+
+    fn wait(&mut self, time: Duration) -> bool {
+        let now = Instant::now();
+        if now >= self.deadline {
+            return false;
+        }
+        sleep((self.deadline - now).min(time));
+        true
+    }
+}
+
+/// Runs `f` with a new snapshot, so it sees what other transactions committed
+/// since the statement began (as each statement of a PL/pgSQL loop would).
+fn with_fresh_snapshot<R>(f: impl FnOnce() -> R) -> R {
+    // SAFETY: pushes and pops a snapshot around `f`; on an error the
+    // (sub)transaction abort pops it.
+    unsafe { pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot()) };
+    let result = f();
+    // SAFETY: the snapshot pushed above is the active one again.
+    unsafe { pg_sys::PopActiveSnapshot() };
+    result
+}
+
+/// Sleeps interruptibly (a cancel or statement_timeout ends it with an error).
+fn sleep(time: Duration) {
+    // SAFETY: waits on the backend's own latch, then checks for interrupts.
+    unsafe {
+        pg_sys::WaitLatch(
+            pg_sys::MyLatch,
+            (pg_sys::WL_LATCH_SET | pg_sys::WL_TIMEOUT | pg_sys::WL_EXIT_ON_PM_DEATH) as i32,
+            time.as_millis().max(1) as i64,
+            pg_sys::PG_WAIT_EXTENSION,
+        );
+        pg_sys::ResetLatch(pg_sys::MyLatch);
+    }
+    pg_sys::check_for_interrupts!();
+}
+
+fn interval_duration(timeout: &pgrx::datum::Interval) -> Duration {
+    let micros = timeout.as_micros().max(0) as u64;
+    Duration::from_micros(micros)
+}
+
+/// `byok.protect_column(tbl, col, tenant_col, context)`: registers a
+/// `byok.encrypted` column for re-encryption jobs. The caller must be allowed
+/// to update the column; only permanent ordinary or partitioned tables qualify
+/// (a view, a foreign or temporary table, a system catalog is refused).
+#[pg_extern(volatile, parallel_unsafe)]
+#[search_path(pg_catalog, pg_temp)]
+fn protect_column(
+    tbl: PgRelation,
+    col: &str,
+    tenant_col: default!(Option<&str>, "NULL"),
+    context: default!(Option<&str>, "NULL"),
+) {
+    let result = admin::administer("protect_column", None, None, || {
+        register_column(tbl.oid(), col, tenant_col, context.unwrap_or(""))
+    });
+    if let Err(e) = result {
+        e.raise();
+    }
+}
+
+fn register_column(
+    relid: pg_sys::Oid,
+    column: &str,
+    tenant_column: Option<&str>,
+    context: &str,
+) -> Result<(), ByokError> {
+    // Checked with the caller's rights: registering lets jobs rewrite the column.
+    let facts = Spi::connect(|client| {
+        let rows = client.select(
+            "SELECT c.relkind::pg_catalog.text, c.relpersistence::pg_catalog.text,
+                    c.oid OPERATOR(pg_catalog.<) 16384 OR n.nspname OPERATOR(pg_catalog.=) ANY ('{byok,pg_catalog,information_schema,pg_toast}'),
+                    a.attnum, a.atttypid OPERATOR(pg_catalog.=) 'byok.encrypted'::pg_catalog.regtype,
+                    pg_catalog.format_type(a.atttypid, a.atttypmod),
+                    a.attnum IS NOT NULL AND pg_catalog.has_column_privilege(c.oid, a.attnum, 'UPDATE'),
+                    $3::pg_catalog.name IS NULL OR EXISTS (SELECT 1 FROM pg_catalog.pg_attribute t
+                        WHERE t.attrelid OPERATOR(pg_catalog.=) c.oid AND t.attname OPERATOR(pg_catalog.=) $3
+                          AND t.attnum > 0 AND NOT t.attisdropped),
+                    c.oid::pg_catalog.regclass::pg_catalog.text
+               FROM pg_catalog.pg_class c
+               JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) c.relnamespace
+               LEFT JOIN pg_catalog.pg_attribute a ON a.attrelid OPERATOR(pg_catalog.=) c.oid
+                     AND a.attname OPERATOR(pg_catalog.=) $2 AND a.attnum > 0 AND NOT a.attisdropped
+              WHERE c.oid OPERATOR(pg_catalog.=) $1",
+            Some(1),
+            &[
+                DatumWithOid::from(relid),
+                DatumWithOid::from(column),
+                DatumWithOid::from(tenant_column),
+            ],
+        )?;
+        if rows.is_empty() {
+            return Err(ByokError::NotFound {
+                message: format!("relation with OID {} does not exist", u32::from(relid)),
+                hint: None,
+            });
+        }
+        let row = rows.first();
+        Ok::<_, ByokError>((
+            row.get::<String>(1)?.unwrap_or_default(),
+            row.get::<String>(2)?.unwrap_or_default(),
+            row.get::<bool>(3)?.unwrap_or(true),
+            row.get::<i16>(4)?,
+            row.get::<bool>(5)?.unwrap_or(false),
+            row.get::<String>(6)?.unwrap_or_default(),
+            row.get::<bool>(7)?.unwrap_or(false),
+            row.get::<bool>(8)?.unwrap_or(false),
+            row.get::<String>(9)?.unwrap_or_default(),
+        ))
+    })?;
+    let (kind, persistence, system, attnum, encrypted, type_name, may_update, tenant_ok, name) =
+        facts;
+    if system || !matches!(kind.as_str(), "r" | "p") || persistence != "p" {
+        let what = match (kind.as_str(), persistence.as_str()) {
+            _ if system => "a system or byok_pg catalog",
+            (_, "t") => "a temporary table",
+            (_, "u") => "an unlogged table",
+            ("v", _) => "a view",
+            ("m", _) => "a materialized view",
+            ("f", _) => "a foreign table",
+            _ => "not an ordinary table",
+        };
+        return Err(ByokError::WrongState {
+            message: format!("{name} cannot be registered: it is {what}"),
+            detail: Some(
+                "re-encryption jobs rewrite permanent ordinary and partitioned tables only".into(),
+            ),
+            hint: None,
+        });
+    }
+    let Some(attnum) = attnum else {
+        return Err(ByokError::UndefinedColumn(format!(
+            "column \"{column}\" of {name} does not exist"
+        )));
+    };
+    if !may_update {
+        return Err(ByokError::NotAllowed {
+            message: format!(
+                "permission denied: {} may not update column {column} of {name}",
+                catalog::role_name(unsafe { pg_sys::GetUserId() })
+            ),
+            detail: Some("re-encryption jobs rewrite registered columns; registering needs UPDATE on the column".into()),
+            hint: None,
+        });
+    }
+    if !encrypted {
+        return Err(ByokError::WrongType {
+            message: format!("column \"{column}\" of {name} is of type {type_name}, not byok.encrypted"),
+            hint: "encrypt it first: ALTER TABLE ... ALTER COLUMN ... TYPE byok.encrypted USING byok.encrypt(...)".into(),
+        });
+    }
+    if !tenant_ok {
+        return Err(ByokError::UndefinedColumn(format!(
+            "tenant column \"{}\" of {name} does not exist",
+            tenant_column.unwrap_or_default()
+        )));
+    }
+    catalog::as_extension_owner(|| {
+        Spi::run_with_args(
+            "INSERT INTO byok.protected_column_registry (relid, column_name, attnum, tenant_column, context)
+             VALUES ($1::pg_catalog.oid::pg_catalog.regclass, $2, $3, $4, $5)
+             ON CONFLICT (relid, column_name) DO UPDATE
+                SET tenant_column = EXCLUDED.tenant_column, context = EXCLUDED.context, attnum = EXCLUDED.attnum",
+            &[
+                DatumWithOid::from(relid),
+                DatumWithOid::from(column),
+                DatumWithOid::from(attnum),
+                DatumWithOid::from(tenant_column),
+                DatumWithOid::from(context),
+            ],
+        )?;
+        catalog::audit(
+            "protect_column",
+            None,
+            None,
+            true,
+            None,
+            Some(serde_json::json!({"table": name, "column": column, "context": context})),
+        )
+    })
+}
+
+/// `byok.start_reencrypt(tenant_id, tbl)`: starts a job rewriting registered
+/// columns' values still under decrypt-only keys; returns its id.
+#[pg_extern(volatile, parallel_unsafe)]
+#[search_path(pg_catalog, pg_temp)]
+fn start_reencrypt(
+    tenant_id: default!(Option<&str>, "NULL"),
+    tbl: default!(Option<PgRelation>, "NULL"),
+) -> i64 {
+    let tbl = tbl.map(|t| t.oid());
+    let result = admin::administer("reencrypt_start", tenant_id, None, || {
+        catalog::as_extension_owner(|| {
+            admin::require_primary("run a re-encryption job")?;
+            if let Some(t) = tenant_id
+                && catalog::load_tenant(t, false)?.is_none()
+            {
+                return Err(ByokError::UnknownTenant(t.to_string()));
+            }
+            Ok(())
+        })?;
+        // Counted as the tables' owners (outside the owner context).
+        let total = engine::remaining(tenant_id, tbl)?;
+        catalog::as_extension_owner(|| {
+            let registered = Spi::get_one_with_args::<bool>(
+                "SELECT EXISTS (SELECT 1 FROM byok.protected_column_registry r
+                                 WHERE $1::pg_catalog.oid IS NULL OR r.relid OPERATOR(pg_catalog.=) $1::pg_catalog.oid)",
+                &[DatumWithOid::from(tbl)],
+            )?
+            .unwrap_or(false);
+            if !registered {
+                return Err(ByokError::WrongState {
+                    message: match tbl {
+                        Some(t) => format!("no registered column in {}", relation_name(t)),
+                        None => "no registered column".into(),
+                    },
+                    detail: None,
+                    hint: Some("register columns with byok.protect_column(table, column)".into()),
+                });
+            }
+            let job = Spi::get_one_with_args::<i64>(
+                "INSERT INTO byok.reencrypt_jobs (tenant_id, relid, rows_total)
+                 VALUES ($1, $2::pg_catalog.oid::pg_catalog.regclass, $3) RETURNING job_id",
+                &[
+                    DatumWithOid::from(tenant_id),
+                    DatumWithOid::from(tbl),
+                    DatumWithOid::from(total),
+                ],
+            )?
+            .ok_or_else(|| ByokError::Internal("the job was not recorded".into()))?;
+            catalog::audit(
+                "reencrypt_start",
+                tenant_id,
+                None,
+                true,
+                None,
+                Some(serde_json::json!({"job_id": job, "table": tbl.map(relation_name)})),
+            )?;
+            // The worker starts now and waits until this transaction commits.
+            workers::launch_job(job, unsafe { pg_sys::MyDatabaseId });
+            Ok(job)
+        })
+    });
+    result.unwrap_or_else(|e| e.raise())
+}
+
+fn relation_name(relid: pg_sys::Oid) -> String {
+    Spi::get_one_with_args::<String>(
+        "SELECT $1::pg_catalog.oid::pg_catalog.regclass::pg_catalog.text",
+        &[DatumWithOid::from(relid)],
+    )
+    .ok()
+    .flatten()
+    .unwrap_or_else(|| u32::from(relid).to_string())
+}
+
+/// Moves a job from one of `from` to `to`; returns the new state.
+fn set_state(job: i64, from: &[JobState], to: JobState) -> Result<String, ByokError> {
+    admin::administer("set_job_state", None, None, || {
+        catalog::as_extension_owner(|| {
+            let current = engine::load_job(job)?
+                .ok_or_else(|| ByokError::NotFound {
+                    message: format!("no re-encryption job {job}"),
+                    hint: None,
+                })?
+                .state;
+            if current == to {
+                return Ok(current.name().to_string());
+            }
+            if !from.contains(&current) {
+                return Err(ByokError::WrongState {
+                    message: format!(
+                        "job {job} is {}; it cannot become {}",
+                        current.name(),
+                        to.name()
+                    ),
+                    detail: None,
+                    hint: None,
+                });
+            }
+            Spi::run_with_args(
+                "UPDATE byok.reencrypt_jobs SET state = $2, updated_at = pg_catalog.now(),
+                        finished_at = CASE WHEN $2 OPERATOR(pg_catalog.=) 'cancelled' THEN pg_catalog.now() END,
+                        last_error = CASE WHEN $2 OPERATOR(pg_catalog.=) 'running' THEN NULL ELSE last_error END
+                  WHERE job_id OPERATOR(pg_catalog.=) $1",
+                &[DatumWithOid::from(job), DatumWithOid::from(to.name())],
+            )?;
+            catalog::audit(
+                "set_job_state",
+                None,
+                None,
+                true,
+                None,
+                Some(serde_json::json!({"job_id": job, "from": current.name(), "to": to.name()})),
+            )?;
+            if to == JobState::Running {
+                workers::launch_job(job, unsafe { pg_sys::MyDatabaseId });
+            }
+            Ok(to.name().to_string())
+        })
+    })
+}
+
+#[pg_extern(volatile, parallel_unsafe, strict)]
+#[search_path(pg_catalog, pg_temp)]
+fn pause_job(job_id: i64) -> String {
+    set_state(
+        job_id,
+        &[JobState::Pending, JobState::Running],
+        JobState::Paused,
+    )
+    .unwrap_or_else(|e| e.raise())
+}
+
+#[pg_extern(volatile, parallel_unsafe, strict)]
+#[search_path(pg_catalog, pg_temp)]
+fn resume_job(job_id: i64) -> String {
+    set_state(
+        job_id,
+        &[JobState::Paused, JobState::Failed],
+        JobState::Running,
+    )
+    .unwrap_or_else(|e| e.raise())
+}
+
+#[pg_extern(volatile, parallel_unsafe, strict)]
+#[search_path(pg_catalog, pg_temp)]
+fn cancel_job(job_id: i64) -> String {
+    set_state(
+        job_id,
+        &[
+            JobState::Pending,
+            JobState::Running,
+            JobState::Paused,
+            JobState::Failed,
+        ],
+        JobState::Cancelled,
+    )
+    .unwrap_or_else(|e| e.raise())
+}
+
+/// `byok.wait_job(job, timeout)`: for migrations. Waits until the job is done,
+/// failed or cancelled (or the timeout) and returns its state. Called in the
+/// transaction that started the job (no worker can see it before that commits),
+/// it does the work itself, in that transaction.
+#[pg_extern(volatile, parallel_unsafe, strict)]
+#[search_path(pg_catalog, pg_temp)]
+fn wait_job(job_id: i64, timeout: default!(pgrx::datum::Interval, "'1 hour'")) -> String {
+    let deadline = Instant::now() + interval_duration(&timeout);
+    let result = (|| -> Result<String, ByokError> {
+        let started_here = catalog::as_extension_owner(|| {
+            Spi::get_one_with_args::<bool>(
+                "SELECT coalesce(created_xact OPERATOR(pg_catalog.=) pg_catalog.pg_current_xact_id_if_assigned(), false)
+                   FROM byok.reencrypt_jobs WHERE job_id OPERATOR(pg_catalog.=) $1",
+                &[DatumWithOid::from(job_id)],
+            )
+            .map_err(ByokError::from)
+        })?
+        .ok_or_else(|| ByokError::NotFound {
+            message: format!("no re-encryption job {job_id}"),
+            hint: None,
+        })?;
+        if started_here {
+            drive(job_id, &mut InTransaction { deadline }, true)?;
+        }
+        loop {
+            let state = with_fresh_snapshot(|| engine::state_of(job_id))?
+                .map(JobState::name)
+                .unwrap_or("unknown");
+            let final_state = JobState::from_name(state).is_some_and(JobState::is_final);
+            if final_state || Instant::now() >= deadline {
+                return Ok(state.to_string());
+            }
+            sleep(Duration::from_millis(100).min(deadline - Instant::now()));
+        }
+    })();
+    result.unwrap_or_else(|e| e.raise())
+}
+
+/// `byok.data_key_references(dek_id)`: how many values of registered columns
+/// a data key seals (`destroy_data_key` refuses while it is above zero).
+#[pg_extern(volatile, parallel_unsafe, strict)]
+#[search_path(pg_catalog, pg_temp)]
+fn data_key_references(dek_id: i64) -> i64 {
+    engine::data_key_references(dek_id).unwrap_or_else(|e| e.raise())
+}
