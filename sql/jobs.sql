@@ -69,18 +69,23 @@ SELECT job_id, tenant_id, relid AS table_name, state, rows_done, rows_total,
   FROM byok.reencrypt_jobs;
 COMMENT ON VIEW byok.jobs IS 'Re-encryption jobs: state, progress, rate, ETA, last error';
 
--- The registry follows its tables: a dropped table or column (or one that is no
--- longer byok.encrypted) leaves it, a renamed column is renamed in it. Runs as
--- the extension's owner on every DDL command, so it only touches the registry
--- and never raises (a failure here must not block anyone's DDL).
+-- The registry follows its tables: a dropped table or column, a column no longer
+-- byok.encrypted, a table turned into a view (CREATE RULE) or made unlogged
+-- leaves it; a renamed column is renamed in it. Runs as the extension's owner on
+-- every DDL command, so it only touches the registry and never raises (a
+-- failure here must not block anyone's DDL). The job engine checks the same
+-- conditions at every use as well.
 CREATE FUNCTION byok.follow_registered_columns() RETURNS event_trigger
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
 BEGIN
     DELETE FROM byok.protected_column_registry r
      WHERE NOT EXISTS (SELECT 1 FROM pg_catalog.pg_attribute a
+                         JOIN pg_catalog.pg_class c ON c.oid OPERATOR(pg_catalog.=) a.attrelid
                         WHERE a.attrelid OPERATOR(pg_catalog.=) r.relid::pg_catalog.oid
                           AND a.attnum OPERATOR(pg_catalog.=) r.attnum AND NOT a.attisdropped
-                          AND a.atttypid OPERATOR(pg_catalog.=) 'byok.encrypted'::pg_catalog.regtype);
+                          AND a.atttypid OPERATOR(pg_catalog.=) 'byok.encrypted'::pg_catalog.regtype
+                          AND c.relkind OPERATOR(pg_catalog.=) ANY ('{r,p}')
+                          AND c.relpersistence OPERATOR(pg_catalog.=) 'p');
     UPDATE byok.protected_column_registry r SET column_name = a.attname
       FROM pg_catalog.pg_attribute a
      WHERE a.attrelid OPERATOR(pg_catalog.=) r.relid::pg_catalog.oid AND a.attnum OPERATOR(pg_catalog.=) r.attnum
@@ -92,5 +97,4 @@ $fn$;
 CREATE EVENT TRIGGER byok_follow_dropped_columns ON sql_drop
     EXECUTE FUNCTION byok.follow_registered_columns();
 CREATE EVENT TRIGGER byok_follow_altered_columns ON ddl_command_end
-    WHEN TAG IN ('ALTER TABLE')
     EXECUTE FUNCTION byok.follow_registered_columns();

@@ -192,10 +192,26 @@ pub fn load_tenant_with(
 
 /// The tenant owning data key `dek_id`, if the key exists. Call as the owner.
 pub fn tenant_of_data_key(dek_id: i64) -> Result<Option<String>, ByokError> {
-    Ok(Spi::get_one_with_args::<String>(
+    read_one(
         "SELECT tenant_id FROM byok.wrapped_data_keys WHERE dek_id OPERATOR(pg_catalog.=) $1",
         &[DatumWithOid::from(dek_id)],
-    )?)
+    )
+}
+
+/// The first column of the first row of a read-only query (None: no row or
+/// NULL). Read-only for SPI, so it works on a standby (pgrx's `Spi::get_one*`
+/// would assign a transaction id, which a standby refuses).
+pub fn read_one<T: pgrx::FromDatum + pgrx::IntoDatum>(
+    sql: &str,
+    args: &[DatumWithOid],
+) -> Result<Option<T>, ByokError> {
+    Spi::connect(|client| {
+        let rows = client.select(sql, Some(1), args)?;
+        if rows.is_empty() {
+            return Ok(None);
+        }
+        Ok(rows.first().get::<T>(1)?)
+    })
 }
 
 /// The session's login role (the person, for dual control).
@@ -233,19 +249,53 @@ pub fn participant(role_name: &str) -> Result<Participant, ByokError> {
     })
 }
 
-/// Whether a membership on `approver`'s path to byok_admin was granted by
-/// `requester`, or by a role `requester` belongs to (through any chain).
-pub fn membership_granted_by(approver: &str, requester: &str) -> Result<bool, ByokError> {
-    Ok(Spi::get_one_with_args::<bool>(
-        "SELECT EXISTS (
-             SELECT 1 FROM pg_catalog.pg_auth_members m
-              WHERE pg_catalog.pg_has_role(pg_catalog.to_regrole($1), m.member, 'MEMBER')
-                AND pg_catalog.pg_has_role(m.roleid, 'byok_admin', 'MEMBER')
-                AND m.grantor OPERATOR(pg_catalog.<>) 0
-                AND pg_catalog.pg_has_role(pg_catalog.to_regrole($2), m.grantor, 'MEMBER'))",
-        &[DatumWithOid::from(approver), DatumWithOid::from(requester)],
-    )?
-    .unwrap_or(true))
+/// How `approver`'s and `requester`'s administrator rights came to be, as far
+/// as dual control cares. A party's *provenance* is every non-superuser role
+/// that granted a membership on its path to byok_admin, and, transitively, the
+/// provenance of those grantors (a grantor needed byok_admin's ADMIN OPTION, or
+/// CREATEROLE, to grant it). Returns whether either party's rights came from the
+/// other (directly or through a role the other belongs to), and a role holding
+/// CREATEROLE in both provenances (one person who could have minted both
+/// logins), if any.
+pub fn membership_conflicts(
+    approver: &str,
+    requester: &str,
+) -> Result<(bool, Option<String>), ByokError> {
+    Spi::connect(|client| {
+        let rows = client.select(
+            "WITH RECURSIVE
+             parties(who, r, other) AS (
+                 VALUES ('approver', pg_catalog.to_regrole($1)::pg_catalog.oid, pg_catalog.to_regrole($2)::pg_catalog.oid),
+                        ('requester', pg_catalog.to_regrole($2)::pg_catalog.oid, pg_catalog.to_regrole($1)::pg_catalog.oid)),
+             provenance(who, grantor) AS (
+                 SELECT p.who, m.grantor
+                   FROM parties p
+                   JOIN pg_catalog.pg_auth_members m
+                     ON pg_catalog.pg_has_role(p.r, m.member, 'MEMBER')
+                    AND pg_catalog.pg_has_role(m.roleid, 'byok_admin', 'MEMBER')
+                 UNION
+                 SELECT v.who, m.grantor
+                   FROM provenance v
+                   JOIN pg_catalog.pg_roles g ON g.oid OPERATOR(pg_catalog.=) v.grantor AND NOT g.rolsuper
+                   JOIN pg_catalog.pg_auth_members m
+                     ON pg_catalog.pg_has_role(v.grantor, m.member, 'MEMBER')
+                    AND pg_catalog.pg_has_role(m.roleid, 'byok_admin', 'MEMBER')),
+             named AS (
+                 SELECT v.who, g.oid, g.rolname, g.rolcreaterole
+                   FROM provenance v JOIN pg_catalog.pg_roles g ON g.oid OPERATOR(pg_catalog.=) v.grantor
+                  WHERE NOT g.rolsuper)
+             SELECT EXISTS (SELECT 1 FROM named n JOIN parties p ON p.who OPERATOR(pg_catalog.=) n.who
+                             WHERE pg_catalog.pg_has_role(p.other, n.oid, 'MEMBER')),
+                    (SELECT a.rolname::pg_catalog.text FROM named a JOIN named b ON b.oid OPERATOR(pg_catalog.=) a.oid
+                      WHERE a.who OPERATOR(pg_catalog.=) 'approver' AND b.who OPERATOR(pg_catalog.=) 'requester'
+                        AND a.rolcreaterole
+                      LIMIT 1)",
+            Some(1),
+            &[DatumWithOid::from(approver), DatumWithOid::from(requester)],
+        )?;
+        let row = rows.first();
+        Ok((row.get::<bool>(1)?.unwrap_or(true), row.get::<String>(2)?))
+    })
 }
 
 thread_local! {
@@ -416,6 +466,24 @@ pub fn acting_role() -> pg_sys::Oid {
     }
 }
 
+/// Runs `f` with the current user (a table owner whose code may run inside
+/// `f`) as the acting role, so anything that code does through the extension is
+/// recorded, and judged, as that role's rather than as whoever started the
+/// surrounding work. The previous acting role comes back afterwards, also when
+/// `f` raises an error.
+pub fn acting_as_current_user<R>(f: impl FnOnce() -> Result<R, ByokError>) -> Result<R, ByokError> {
+    struct Restore(pg_sys::Oid);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            CALLER.set(self.0);
+        }
+    }
+    let _restore = Restore(CALLER.get());
+    // SAFETY: reads the backend's current user id.
+    CALLER.set(unsafe { pg_sys::GetUserId() });
+    f()
+}
+
 /// Appends an event to the audit trail (`byok.audit_event`, which also alerts on
 /// failures per the tenant's `audit` settings). Administration only: never on
 /// the per-row path.
@@ -473,6 +541,19 @@ pub fn current_user_sees_tenant(tenant_id: &str) -> Result<bool, ByokError> {
         return Ok(true);
     }
     may_use_tenant(user, tenant_id)
+}
+
+/// Whether `role` itself (not through a membership) is granted `tenant_id`.
+pub fn granted_directly(role: pg_sys::Oid, tenant_id: &str) -> Result<bool, ByokError> {
+    as_catalog_owner(|| {
+        Ok(read_one::<bool>(
+            "SELECT EXISTS (SELECT 1 FROM byok.tenant_grants
+                             WHERE grantee::pg_catalog.oid OPERATOR(pg_catalog.=) $1
+                               AND tenant_id OPERATOR(pg_catalog.=) $2)",
+            &[DatumWithOid::from(role), DatumWithOid::from(tenant_id)],
+        )?
+        .unwrap_or(false))
+    })
 }
 
 /// A role's name for messages (its OID if it no longer exists).

@@ -78,6 +78,12 @@ pub enum ByokError {
         tenant: String,
         role: String,
     },
+    /// A session whose login role holds CREATEROLE using a tenant not granted
+    /// to that login role directly.
+    CreateRoleSession {
+        role: String,
+        tenant: String,
+    },
     /// Decrypting a value whose data key belongs to a tenant the role is not
     /// granted. The message names the key, not the tenant: a crafted envelope
     /// must not tell an ungranted role which tenant owns which key.
@@ -245,6 +251,12 @@ impl ByokError {
             )
             .set_detail("encrypting and decrypting a tenant's values needs a per-tenant grant")
             .set_hint(format!("a byok_admin grants it: SELECT byok.grant_tenant('{role}', '{tenant}')")),
+            ByokError::CreateRoleSession { role, .. } => report(
+                ERRCODE_INSUFFICIENT_PRIVILEGE,
+                format!("role \"{role}\" holds CREATEROLE: it may only use tenants granted to it directly, as itself"),
+            )
+            .set_detail("a CREATEROLE holder can make itself a member of any role, so grants reached through memberships (or SET ROLE) do not count for it")
+            .set_hint("use a login without CREATEROLE for data access, or grant the tenant to this role directly"),
             ByokError::DataKeyNotGranted { dek_id, role, .. } => report(
                 ERRCODE_INSUFFICIENT_PRIVILEGE,
                 format!("role \"{role}\" may not use data key {dek_id}"),

@@ -137,7 +137,25 @@ fn current_user() -> pg_sys::Oid {
 /// Whether `user` may use tenant `tenant_id`'s keys (superusers always may;
 /// other roles need `byok.grant_tenant`). Reads the catalog: never on a hit.
 fn authorize(tenant_id: &str, user: pg_sys::Oid) -> Result<(), ByokError> {
-    if unsafe { pg_sys::superuser_arg(user) } || catalog::may_use_tenant(user, tenant_id)? {
+    // SAFETY: reads the backend's session user and the role cache.
+    if unsafe { pg_sys::superuser_arg(user) } {
+        return Ok(());
+    }
+    // A login holding CREATEROLE can make itself a member of any granted role
+    // (or SET ROLE to one it joined): it uses only the tenants granted to
+    // itself, directly, as itself.
+    let session = unsafe { pg_sys::GetSessionUserId() };
+    if crate::postgres::security::can_create_roles(session) {
+        return if user == session && catalog::granted_directly(session, tenant_id)? {
+            Ok(())
+        } else {
+            Err(ByokError::CreateRoleSession {
+                role: catalog::role_name(session),
+                tenant: tenant_id.to_string(),
+            })
+        };
+    }
+    if catalog::may_use_tenant(user, tenant_id)? {
         Ok(())
     } else {
         Err(ByokError::TenantNotGranted {

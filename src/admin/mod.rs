@@ -283,6 +283,23 @@ pub fn administer_with<T>(
     body: impl FnOnce() -> Result<T, ByokError>,
 ) -> Result<T, ByokError> {
     let actor = catalog::acting_role();
+    // A table owner's code (a trigger, a policy) runs inside a
+    // security-restricted operation when byok_pg works on its table: it must
+    // not administer keys from there, with the rights of whoever started the work.
+    // SAFETY: reads the backend's security context.
+    let body = move || {
+        if unsafe { pg_sys::InSecurityRestrictedOperation() } {
+            return Err(ByokError::NotAllowed {
+                message: format!("{event} cannot run inside a security-restricted operation"),
+                detail: Some(
+                    "a table owner's code (a trigger, a policy, an index expression) running while byok_pg works on its table may not administer keys"
+                        .into(),
+                ),
+                hint: None,
+            });
+        }
+        body()
+    };
     let tenant = tenant.map(str::to_string);
     let body = std::panic::AssertUnwindSafe(body);
     let outcome = PgTryBuilder::new(move || {

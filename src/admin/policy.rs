@@ -12,9 +12,11 @@
 //!     requester (or a role the requester belongs to): whoever hands out
 //!     byok_admin cannot approve through the roles they handed it to;
 //!   - a holder of `CREATEROLE` can mint logins and give them byok_admin, so
-//!     neither requester nor approver may hold it, unless a superuser names the
-//!     approvers explicitly (`byok.dual_control_approvers`): then only those
-//!     roles approve, and who else can create roles no longer matters.
+//!     neither requester nor approver may hold it, nor may both owe their
+//!     byok_admin to the same CREATEROLE holder (two logins one person made),
+//!     unless a superuser names the approvers explicitly
+//!     (`byok.dual_control_approvers`): then only those roles approve, and who
+//!     else can create roles no longer matters.
 //!
 //! A superuser can always act alone (and change any of this): superusers are
 //! trusted by byok_pg's threat model.
@@ -78,14 +80,16 @@ pub fn check_requester(requester: &Participant) -> Result<(), ByokError> {
     Ok(())
 }
 
-/// May `approver` approve `requester`'s request? `granted_by_requester` says
-/// whether a membership on the approver's path to byok_admin was granted by
-/// the requester.
+/// May `approver` approve `requester`'s request? `granted_by_other` says
+/// whether either party's byok_admin came (through any chain of grants) from
+/// the other; `minted_by` names a CREATEROLE holder in both parties'
+/// provenance (`catalog::membership_conflicts`).
 pub fn check_approver(
     request_id: i64,
     requester: &Participant,
     approver: &Participant,
-    granted_by_requester: bool,
+    granted_by_other: bool,
+    minted_by: Option<&str>,
 ) -> Result<(), ByokError> {
     if !approver.is_admin {
         return Err(refusal(
@@ -127,15 +131,27 @@ pub fn check_approver(
                 ),
             ));
         }
+        if let Some(minter) = minted_by {
+            return Err(refusal(
+                format!(
+                    "roles \"{}\" and \"{}\" both hold byok_admin through memberships granted by \"{minter}\", which holds CREATEROLE",
+                    requester.name, approver.name
+                ),
+                "dual control: a CREATEROLE holder could have made both logins, so they may be one person",
+                Some(
+                    "have a superuser grant byok_admin, or name the approvers in byok.dual_control_approvers",
+                ),
+            ));
+        }
     }
-    if granted_by_requester {
+    if granted_by_other {
         return Err(refusal(
             format!(
-                "role \"{}\" holds byok_admin through a membership granted by {}, the requester",
-                approver.name, requester.name
+                "roles \"{}\" and \"{}\" are not independent: one holds byok_admin through grants made by the other",
+                requester.name, approver.name
             ),
-            "dual control: an approver must not owe its administrator rights to the requester",
-            Some("have a superuser (or another administrator) grant byok_admin to the approver"),
+            "dual control: neither the approver nor the requester may owe its administrator rights to the other",
+            Some("have a superuser (or another administrator) grant byok_admin to each of them"),
         ));
     }
     Ok(())

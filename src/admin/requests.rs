@@ -246,15 +246,15 @@ pub fn approve(id: i64) -> Result<String, ByokError> {
                     Some("ask again with byok.request_operation()"),
                 ));
             }
-            let (requester, approver, granted) = catalog::as_extension_owner(|| {
+            let (requester, approver, (granted, minted_by)) = catalog::as_extension_owner(|| {
                 let approver_name = catalog::session_role_name();
                 Ok((
                     catalog::participant(&request.requested_by)?,
                     catalog::participant(&approver_name)?,
-                    catalog::membership_granted_by(&approver_name, &request.requested_by)?,
+                    catalog::membership_conflicts(&approver_name, &request.requested_by)?,
                 ))
             })?;
-            policy::check_approver(id, &requester, &approver, granted)?;
+            policy::check_approver(id, &requester, &approver, granted, minted_by.as_deref())?;
             let op = parse_request(&request.operation, &request.tenant_id, &request.args)?;
             let result = super::execute(op.clone(), Origin::Approved)?;
             let outcome = op.describe(&result);

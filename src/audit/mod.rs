@@ -256,7 +256,8 @@ unsafe extern "C-unwind" fn at_exit(_code: i32, _arg: pg_sys::Datum) {
 /// failures; malformed input is not.
 pub fn key_use_failed(error: &ByokError) {
     let (tenant, dek_id) = match error {
-        ByokError::TenantNotGranted { tenant, .. } => (Some(tenant.as_str()), None),
+        ByokError::TenantNotGranted { tenant, .. }
+        | ByokError::CreateRoleSession { tenant, .. } => (Some(tenant.as_str()), None),
         ByokError::DataKeyNotGranted { tenant, dek_id, .. } => {
             (Some(tenant.as_str()), Some(*dek_id as i64))
         }

@@ -50,11 +50,12 @@ pub struct Slot {
 }
 
 /// The plaintext data key of each slot's answer, apart from everything else:
-/// page-aligned within the shared state and marked `MADV_DONTDUMP`, so a core
-/// dump of any process never carries a key in flight. (They cross shared
-/// memory only from the broker to the one backend that asked, and are wiped
-/// as soon as it has read them.)
-#[repr(C, align(4096))]
+/// the pages holding them are marked `MADV_DONTDUMP`, so a core dump of any
+/// process never carries a key in flight. (They cross shared memory only from
+/// the broker to the one backend that asked, and are wiped as soon as it has
+/// read them.) Not page-aligned as a type: PostgreSQL places the shared state
+/// at a cache-line boundary only, so the madvise range is widened to pages.
+#[repr(C)]
 pub struct SlotKeys([UnsafeCell<[u8; 32]>; SLOT_COUNT]);
 
 /// Counters of one (database, provider, tenant). Written with relaxed atomic

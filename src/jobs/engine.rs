@@ -116,7 +116,11 @@ fn registered_columns(relid: Option<pg_sys::Oid>) -> Result<Vec<Column>, ByokErr
                JOIN pg_catalog.pg_attribute a ON a.attrelid OPERATOR(pg_catalog.=) r.relid
                                              AND a.attnum OPERATOR(pg_catalog.=) r.attnum
                                              AND NOT a.attisdropped
-              WHERE $1::pg_catalog.oid IS NULL OR r.relid OPERATOR(pg_catalog.=) $1::pg_catalog.oid
+              WHERE ($1::pg_catalog.oid IS NULL OR r.relid OPERATOR(pg_catalog.=) $1::pg_catalog.oid)
+                -- Checked at every use, not only at registration: an owner may
+                -- have turned the table into a view, or made it unlogged, since.
+                AND c.relkind OPERATOR(pg_catalog.=) ANY ('{r,p}') AND c.relpersistence OPERATOR(pg_catalog.=) 'p'
+                AND a.atttypid OPERATOR(pg_catalog.=) 'byok.encrypted'::pg_catalog.regtype
               ORDER BY r.relid::pg_catalog.oid, a.attname",
             None,
             &[DatumWithOid::from(relid)],
@@ -158,7 +162,7 @@ fn as_table_owner<R>(
     let _owner = SwitchedUser::as_table_owner(column.owner);
     set_local(c"row_security", c"off");
     let _scope = job.map(JobScope::enter);
-    f()
+    catalog::acting_as_current_user(f)
 }
 
 /// Sets a setting until the enclosing GUC level (the owner switch's) ends.
@@ -182,7 +186,7 @@ fn set_local(name: &std::ffi::CStr, value: &std::ffi::CStr) {
 
 /// The decrypt-only data keys of `tenant` (all tenants: `None`).
 fn old_keys(tenant: Option<&str>) -> Result<Vec<i64>, ByokError> {
-    Ok(Spi::get_one_with_args::<Vec<i64>>(
+    Ok(catalog::read_one::<Vec<i64>>(
         "SELECT coalesce(pg_catalog.array_agg(dek_id), '{}') FROM byok.wrapped_data_keys
           WHERE state OPERATOR(pg_catalog.=) 'decrypt-only'
             AND ($1::pg_catalog.text IS NULL OR tenant_id OPERATOR(pg_catalog.=) $1)",
@@ -195,7 +199,7 @@ fn count_in(column: &Column, condition: &str, args: &[DatumWithOid]) -> Result<i
     let sql = format!("SELECT count(*) FROM {} WHERE {condition}", column.table)
         .replace("$col", &quote_ident(&column.column));
     as_table_owner(column, None, || {
-        Ok(Spi::get_one_with_args::<i64>(&sql, args)?.unwrap_or(0))
+        Ok(catalog::read_one::<i64>(&sql, args)?.unwrap_or(0))
     })
 }
 
@@ -558,7 +562,7 @@ pub fn finish(job: i64) -> Result<JobState, ByokError> {
                         column.table,
                         col = quote_ident(&column.column)
                     );
-                    Ok(Spi::get_one_with_args::<i64>(
+                    Ok(catalog::read_one::<i64>(
                         &sql,
                         &[
                             DatumWithOid::from(column.context.as_str()),
@@ -596,7 +600,7 @@ pub fn finish(job: i64) -> Result<JobState, ByokError> {
                 col = quote_ident(&column.column)
             );
             let ids = as_table_owner(&column, None, || {
-                Ok(Spi::get_one::<Vec<Option<i64>>>(&sql)?)
+                catalog::read_one::<Vec<Option<i64>>>(&sql, &[])
             })?;
             referenced.extend(ids.unwrap_or_default().into_iter().flatten());
         }
@@ -635,7 +639,7 @@ pub fn finish(job: i64) -> Result<JobState, ByokError> {
 /// not this job's to verify).
 fn tenant_keys(tenant: Option<&str>) -> Result<Vec<i64>, ByokError> {
     catalog::as_extension_owner(|| {
-        Ok(Spi::get_one_with_args::<Vec<i64>>(
+        Ok(catalog::read_one::<Vec<i64>>(
             "SELECT coalesce(pg_catalog.array_agg(dek_id), '{}') FROM byok.wrapped_data_keys
               WHERE $1::pg_catalog.text IS NULL OR tenant_id OPERATOR(pg_catalog.=) $1",
             &[DatumWithOid::from(tenant)],
@@ -659,7 +663,7 @@ pub fn mark_run_start(job: i64) -> Result<(), ByokError> {
 /// The job's state (without locking it).
 pub fn state_of(job: i64) -> Result<Option<JobState>, ByokError> {
     catalog::as_extension_owner(|| {
-        let name = Spi::get_one_with_args::<String>(
+        let name = catalog::read_one::<String>(
             "SELECT state FROM byok.reencrypt_jobs WHERE job_id OPERATOR(pg_catalog.=) $1",
             &[DatumWithOid::from(job)],
         )?;

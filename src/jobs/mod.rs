@@ -480,3 +480,19 @@ fn wait_job(job_id: i64, timeout: default!(pgrx::datum::Interval, "'1 hour'")) -
 fn data_key_references(dek_id: i64) -> i64 {
     engine::data_key_references(dek_id).unwrap_or_else(|e| e.raise())
 }
+
+/// `byok.reencrypt_step(job, batch)`: one batch of a job in the caller's
+/// transaction, for diagnosis and tests (superusers only; jobs are driven by
+/// their worker or `wait_job`). Says what the step did.
+#[pg_extern(volatile, parallel_unsafe, strict)]
+#[search_path(pg_catalog, pg_temp)]
+fn reencrypt_step(job_id: i64, batch: i32) -> String {
+    match engine::step(job_id, batch.max(1)) {
+        Ok(Step::Rewrote(n)) => format!("rewrote {n}"),
+        Ok(Step::NotRunning) => "not running".into(),
+        Ok(Step::ScanDone) => "scan done".into(),
+        Ok(Step::WaitingForLockedRows) => "waiting for locked rows".into(),
+        Ok(Step::Failed(reason)) => format!("failed: {reason}"),
+        Err(e) => e.raise(),
+    }
+}

@@ -214,6 +214,15 @@ pub extern "C-unwind" fn byok_catalog_writer_main(_argument: pg_sys::Datum) {
                 .collect();
         }
         crate::audit::write_queued(db);
+        Vec::new()
+    });
+    // Its own transaction: the audit records above hold the chain's lock until
+    // they commit, and this one waits on data-key rows an administrative
+    // transaction may hold while it waits for that lock.
+    let counted = BackgroundWorker::transaction(|| {
+        if !extension_installed() {
+            return Vec::new();
+        }
         persist_key_usage(db).unwrap_or_else(|e| {
             pgrx::warning!(
                 "byok: could not persist data keys' encryption counts: {}",
@@ -222,6 +231,7 @@ pub extern "C-unwind" fn byok_catalog_writer_main(_argument: pg_sys::Datum) {
             Vec::new()
         })
     });
+    let persisted = persisted.into_iter().chain(counted);
     // Subtracted only once the counts are committed (a crash in between counts twice: safe).
     for (slot, dek, n, retire) in persisted {
         shared.key_usage.persisted(slot, db, dek, n, retire);

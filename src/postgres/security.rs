@@ -76,7 +76,11 @@ impl Drop for SwitchedUser {
         // error has already been copied and flushed by pgrx's FFI guard, so
         // the backend is in a state where these calls are allowed.
         unsafe {
-            pg_sys::AtEOXact_GUC(true, self.guc_nest_level);
+            // `false`, as VACUUM does: every setting changed inside, even by a
+            // plain SET in a table owner's trigger, is undone; none survives
+            // into the caller's session (a search_path set there would
+            // otherwise run the owner's functions with the caller's rights).
+            pg_sys::AtEOXact_GUC(false, self.guc_nest_level);
             pg_sys::SetUserIdAndSecContext(self.saved_user, self.saved_context);
         }
     }
@@ -98,5 +102,26 @@ pub fn relation_owner(relid: pg_sys::Oid) -> Option<pg_sys::Oid> {
         let owner = (*form).relowner;
         pg_sys::ReleaseSysCache(tuple);
         Some(owner)
+    }
+}
+
+/// Whether `role` holds CREATEROLE (and is not a superuser, which is trusted anyway).
+pub fn can_create_roles(role: pg_sys::Oid) -> bool {
+    // SAFETY: as in `relation_owner`; the tuple is released before returning.
+    unsafe {
+        if pg_sys::superuser_arg(role) {
+            return false;
+        }
+        let tuple = pg_sys::SearchSysCache1(
+            pg_sys::SysCacheIdentifier::AUTHOID as i32,
+            pg_sys::Datum::from(role),
+        );
+        if tuple.is_null() {
+            return false;
+        }
+        let form = pg_sys::GETSTRUCT(tuple).cast::<pg_sys::FormData_pg_authid>();
+        let createrole = (*form).rolcreaterole;
+        pg_sys::ReleaseSysCache(tuple);
+        createrole
     }
 }

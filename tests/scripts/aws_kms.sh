@@ -44,7 +44,10 @@ aws_secret_access_key = not-the-right-secret
 INI
 chmod 600 "$creds"; test -s "$creds" || { echo "NOT OK: credentials file not written"; exit 1; }
 export AWS_SHARED_CREDENTIALS_FILE="$creds" AWS_CONFIG_FILE=/dev/null AWS_EC2_METADATA_DISABLED=true
-start_cluster $NAME $PORT
+# The server trusts the test fixtures with credentials, and the local
+# emulators (plain http on 127.0.0.1) as endpoints: a production server
+# allows neither (SECURITY.md).
+start_cluster $NAME $PORT "byok.credential_directories = '$FIXTURES'" "byok.allowed_endpoints = '127.0.0.1'" "byok.allow_insecure_transport = on"
 q -c "CREATE EXTENSION byok_pg" >/dev/null
 
 config() { # config TENANT AWS_BLOCK_JSON

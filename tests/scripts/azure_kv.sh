@@ -61,7 +61,8 @@ STANDIN_PID=$!
 trap 'kill $STANDIN_PID 2>/dev/null; stop_cluster $NAME' EXIT
 for _ in $(seq 1 200); do [ -s "$FIXTURES/ca.pem" ] && break; sleep 0.05; done
 [ -s "$FIXTURES/ca.pem" ] || { echo "NOT OK: the Azure stand-in did not start:"; tail -5 "$FIXTURES/standin.log"; exit 1; }
-chmod 644 "$FIXTURES/ca.pem"
+# A credential file like any other: the server OS user's, mode 0600.
+chown postgres "$FIXTURES/ca.pem"; chmod 600 "$FIXTURES/ca.pem"
 URL="https://127.0.0.1:$AKV_PORT"
 akv() { "$PY" "$STANDIN/akv.py" "$URL" "$FIXTURES/ca.pem" "$TENANT" operator-app "$FIXTURES/operator.secret" "$@"; }
 akv_hook() { "$PY" "$STANDIN/akv.py" "$URL" "$FIXTURES/ca.pem" "$@"; }
@@ -72,7 +73,10 @@ V1=$(akv create-key platform-cmk RSA-HSM 2048 encrypt decrypt wrapKey unwrapKey 
 akv create-key hsm-aes oct-HSM 256 wrapKey unwrapKey >/dev/null
 akv create-key sign-only RSA 2048 sign verify >/dev/null
 
-start_cluster $NAME $PORT
+# The server trusts the test fixtures with credentials, and the local
+# emulators (plain http on 127.0.0.1) as endpoints: a production server
+# allows neither (SECURITY.md).
+start_cluster $NAME $PORT "byok.credential_directories = '$FIXTURES'" "byok.allowed_endpoints = '127.0.0.1'" "byok.allow_insecure_transport = on"
 q -c "CREATE EXTENSION byok_pg" >/dev/null
 config() { # config TENANT AZURE_BLOCK_JSON
     printf '{"customer":"acme_corp","tenant_id":"%s","encryption":{"provider":"azure_kv","azure_kv":%s,"key_rotation":{"enabled":true,"interval_days":90},"cache_config":{"ttl_seconds":86400,"max_entries":1000},"audit":{"log_all_operations":true,"alert_on_failures":true}}}' "$1" "$2"

@@ -103,8 +103,8 @@ for _ in $(seq 1 100); do
     sleep 0.05
 done
 # The job is started and driven in this transaction (no worker sees it), put
-# straight into its final sweep; steps return rows rewritten, -3 (only locked rows
-# left) and wait_job's result.
+# straight into its final sweep; each step says what it did (rows rewritten, only
+# locked rows left), then wait_job's result.
 steps=$(q <<'SQL'
 BEGIN;
 SELECT byok.start_reencrypt('lk', 'held') AS job \gset
@@ -116,8 +116,8 @@ COMMIT;
 SQL
 )
 wait $LOCKER
-check "the sweep rewrote the 9 free rows, then reported only locked rows left (-3), then waited and finished" \
-    "$(echo $steps)" "9 -3 done"
+check "the sweep rewrote the 9 free rows, then reported only locked rows left, then waited and finished" \
+    "$(echo $steps)" "rewrote 9 waiting for locked rows done"
 check "every value is under the new key, the held row too" \
     "$(q -c "SELECT count(*) FILTER (WHERE byok.data_key_id(v) = k.dek_id AND byok.decrypt_text(v, 'held.v') = 'held ' || id) FROM held, byok.data_keys k WHERE k.tenant_id = 'lk' AND k.state = 'active'")" "10"
 check "and the old key is retired" "$(q -c "SELECT string_agg(state, ',' ORDER BY dek_id) FROM byok.data_keys WHERE tenant_id = 'lk'")" "retired,active"

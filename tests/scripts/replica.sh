@@ -17,6 +17,8 @@ as_postgres "$PG_BIN/pg_ctl" -D "$BYOK_WORK/rep_primary/data" reload >/dev/null
 p >/dev/null <<'SQL'
 CREATE EXTENSION byok_pg;
 SELECT byok.configure_tenant('{"customer":"c","tenant_id":"t1","encryption":{"provider":"local","local":{"key_id":"k1"}}}');
+CREATE ROLE reader LOGIN IN ROLE byok_user;
+SELECT byok.grant_tenant('reader', 't1');
 CREATE TABLE secrets AS SELECT g AS id, byok.encrypt_text('t1', 'secret ' || g, 'secrets') AS v FROM generate_series(1, 5000) g;
 SQL
 
@@ -33,6 +35,10 @@ as_postgres "$PG_BIN/pg_ctl" -D "$BYOK_WORK/rep_standby/data" -l "$BYOK_WORK/rep
 check "the standby is in recovery" "$(s -c "SELECT pg_is_in_recovery()")" "t"
 check "its key broker runs" "$(s -c "SELECT broker_pid IS NOT NULL FROM byok.broker_status()")" "t"
 check "every row decrypts on the standby" "$(s -c "SELECT count(*) FROM secrets WHERE byok.decrypt_text(v, 'secrets') = 'secret ' || id")" "5000"
+psql_at rep_primary $PRIMARY -d postgres -qAt -c "GRANT SELECT ON secrets TO reader" >/dev/null
+for _ in $(seq 1 50); do [ "$(s -c "SELECT has_table_privilege('reader', 'secrets', 'SELECT')")" = t ] && break; sleep 0.1; done
+check "a granted application role reads on the standby too (its grant is checked there, read-only)" \
+    "$(psql_at rep_standby $STANDBY -d postgres -qAt -U reader -c "SELECT count(*) FROM secrets WHERE byok.decrypt_text(v, 'secrets') = 'secret ' || id")" "5000"
 
 wait_replay() {
     local lsn; lsn=$(p -c "SELECT pg_current_wal_lsn()")

@@ -75,7 +75,12 @@ setup_server "$TLS" tls
 echo root | secret_file "$FIXTURES/root.token"
 export BAO_ADDR="$HTTP" BAO_TOKEN=root
 
-start_cluster $NAME $PORT
+# The server trusts the test fixtures with credentials, and the local
+# emulators (plain http on 127.0.0.1) as endpoints: a production server
+# allows neither (SECURITY.md).
+# The TLS server's CA, as a credential file (the server OS user's, mode 0600).
+chown -R postgres "$FIXTURES/tls"; chmod 600 "$FIXTURES/tls/vault-ca.pem"
+start_cluster $NAME $PORT "byok.credential_directories = '$FIXTURES'" "byok.allowed_endpoints = '127.0.0.1'" "byok.allow_insecure_transport = on"
 q -c "CREATE EXTENSION byok_pg" >/dev/null
 config() { # config TENANT VAULT_BLOCK_JSON
     printf '{"customer":"acme_corp","tenant_id":"%s","encryption":{"provider":"vault","vault":%s,"key_rotation":{"enabled":true,"interval_days":90},"cache_config":{"ttl_seconds":86400,"max_entries":1000},"audit":{"log_all_operations":true,"alert_on_failures":true}}}' "$1" "$2"

@@ -38,12 +38,16 @@ pub struct KeyUsage {
 }
 
 impl UsageSlot {
-    /// Locks the slot if it is READY (or, with `claim`, FREE); returns the state it had.
+    /// Locks the slot if it is READY (or, with `claim`, FREE), waiting while
+    /// another party holds it; returns the state it had.
     fn lock(&self, claim: bool) -> Option<u32> {
         loop {
             let state = self.state.load(Ordering::Acquire);
-            let lockable = state == READY || (claim && state == FREE);
-            if !lockable {
+            if state == LOCKED {
+                std::hint::spin_loop();
+                continue;
+            }
+            if state == FREE && !claim {
                 return None;
             }
             if self

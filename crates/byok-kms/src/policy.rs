@@ -290,6 +290,28 @@ impl AccessPolicy {
         }
     }
 
+    /// Checks only where a credential file is, without touching the file
+    /// system: for a configuration's first check, so a path outside the
+    /// directories is refused at once and clearly, whatever the provider does
+    /// with the file later (each read is checked in full again).
+    pub fn check_credential_location(&self, what: &str, path: &str) -> Result<(), PolicyError> {
+        let outside = || PolicyError::OutsideCredentialDirectories {
+            what: what.to_string(),
+            path: path.to_string(),
+        };
+        let requested = Path::new(path);
+        if !requested.is_absolute() {
+            return Err(outside());
+        }
+        let requested = normalize(requested).ok_or_else(outside)?;
+        let inside = self.credential_directories.iter().any(|dir| {
+            requested
+                .strip_prefix(dir)
+                .is_ok_and(|below| below.components().next().is_some())
+        });
+        if inside { Ok(()) } else { Err(outside()) }
+    }
+
     /// Checks a credential file without reading it (for clients that open the
     /// file themselves, such as a CA bundle handed to an HTTP client by path).
     pub fn check_credential_file(&self, what: &str, path: &str) -> Result<PathBuf, PolicyError> {

@@ -117,6 +117,42 @@ impl AzureKvProvider {
         policy
             .check_endpoint("encryption.azure_kv.authority_host", options.authority())
             .map_err(refused)?;
+        let mut files = vec![
+            options
+                .ca_cert_file
+                .as_deref()
+                .map(|f| ("encryption.azure_kv.ca_cert_file", f)),
+        ];
+        match &options.auth {
+            AuthOptions::ServicePrincipal {
+                client_secret_file,
+                client_certificate_file,
+                ..
+            } => {
+                files.push(
+                    client_secret_file
+                        .as_deref()
+                        .map(|f| ("encryption.azure_kv.auth.client_secret_file", f)),
+                );
+                files.push(
+                    client_certificate_file
+                        .as_deref()
+                        .map(|f| ("encryption.azure_kv.auth.client_certificate_file", f)),
+                );
+            }
+            AuthOptions::TokenFile { token_file } => {
+                files.push(Some((
+                    "encryption.azure_kv.auth.token_file",
+                    token_file.as_str(),
+                )));
+            }
+            AuthOptions::ManagedIdentity { .. } => {}
+        }
+        for (what, path) in files.into_iter().flatten() {
+            policy
+                .check_credential_location(what, path)
+                .map_err(refused)?;
+        }
         let client = Self::build_client(&options, timeout, &policy)?;
         Ok(AzureKvProvider {
             options,

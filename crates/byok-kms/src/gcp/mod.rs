@@ -71,9 +71,19 @@ impl GcpKmsProvider {
         policy: std::sync::Arc<crate::policy::AccessPolicy>,
     ) -> Result<Self, ProviderError> {
         let options = GcpOptions::parse(options)?;
+        let refused = |e| ProviderError::from_policy(ProviderKind::GcpKms, e);
         policy
             .check_endpoint("encryption.gcp_kms.endpoint", options.endpoint())
-            .map_err(|e| ProviderError::from_policy(ProviderKind::GcpKms, e))?;
+            .map_err(refused)?;
+        match &options.auth {
+            AuthOptions::ServiceAccountKey { key_file } => policy
+                .check_credential_location("encryption.gcp_kms.auth.key_file", key_file)
+                .map_err(refused)?,
+            AuthOptions::TokenFile { token_file } => policy
+                .check_credential_location("encryption.gcp_kms.auth.token_file", token_file)
+                .map_err(refused)?,
+            AuthOptions::MetadataServer => {}
+        }
         let http = reqwest::Client::builder()
             .connect_timeout(timeout)
             .timeout(timeout)

@@ -95,6 +95,29 @@ impl VaultProvider {
                 .check_insecure_tls("encryption.vault.tls_skip_verify")
                 .map_err(refused)?;
         }
+        let files = [
+            options
+                .ca_cert_file
+                .as_deref()
+                .map(|f| ("encryption.vault.ca_cert_file", f)),
+            match &options.auth {
+                AuthOptions::Token { token_file } => {
+                    Some(("encryption.vault.auth.token_file", token_file.as_str()))
+                }
+                AuthOptions::Approle { secret_id_file, .. } => Some((
+                    "encryption.vault.auth.secret_id_file",
+                    secret_id_file.as_str(),
+                )),
+                AuthOptions::Kubernetes { jwt_file, .. } => {
+                    Some(("encryption.vault.auth.jwt_file", jwt_file.as_str()))
+                }
+            },
+        ];
+        for (what, path) in files.into_iter().flatten() {
+            policy
+                .check_credential_location(what, path)
+                .map_err(refused)?;
+        }
         Ok(VaultProvider {
             options,
             timeout,

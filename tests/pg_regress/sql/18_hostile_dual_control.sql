@@ -1,0 +1,104 @@
+\set VERBOSITY default
+\set SHOW_CONTEXT never
+-- Threat: dual control defeated by one person. Approval must come from a
+-- different person, and "different" is checked: an approver whose byok_admin
+-- membership the requester granted (through any chain of memberships) is
+-- refused, and CREATEROLE (the power to mint approvers) is refused on both
+-- sides unless a superuser has named the approvers (byok.dual_control_approvers).
+SELECT byok.configure_tenant('{"customer": "Dual", "tenant_id": "dual_t",
+  "encryption": {"provider": "local", "local": {"key_id": "prod-dual-cmk"}}}');
+-- Production (set per role by a superuser; the roles cannot change it).
+CREATE ROLE minter LOGIN CREATEROLE IN ROLE byok_admin;
+CREATE ROLE granter LOGIN;
+CREATE ROLE granter_alt LOGIN;
+CREATE ROLE ops_team NOLOGIN;
+CREATE ROLE honest LOGIN IN ROLE byok_admin;
+CREATE ROLE named_approver LOGIN IN ROLE byok_admin;
+GRANT byok_admin TO granter WITH ADMIN OPTION;
+GRANT byok_admin TO ops_team;
+GRANT ops_team TO granter WITH ADMIN OPTION;
+DO $$
+DECLARE r text;
+BEGIN
+    FOREACH r IN ARRAY ARRAY['minter', 'granter', 'granter_alt', 'honest', 'named_approver'] LOOP
+        EXECUTE format('ALTER ROLE %I SET byok.environment = %L', r, 'production');
+    END LOOP;
+END $$;
+
+-- 1. A CREATEROLE holder mints two more logins and makes them administrators:
+--    it may neither ask nor approve itself, and its two puppets may not be
+--    each other's second person.
+\c - minter
+CREATE ROLE minter_alt LOGIN IN ROLE byok_admin;
+CREATE ROLE minter_alt2 LOGIN IN ROLE byok_admin;
+SELECT pg_has_role('minter_alt', 'byok_admin', 'USAGE') AS alt_is_admin;
+SELECT byok.request_operation('destroy_tenant_keys', 'dual_t');
+\echo SQLSTATE :LAST_ERROR_SQLSTATE
+\c - minter_alt
+SELECT byok.request_operation('destroy_tenant_keys', 'dual_t') AS puppet_request \gset
+\c - minter_alt2
+SELECT byok.approve_operation(:puppet_request);
+\echo SQLSTATE :LAST_ERROR_SQLSTATE
+\c - minter
+SELECT byok.approve_operation(:puppet_request);
+\echo SQLSTATE :LAST_ERROR_SQLSTATE
+\c - honest
+SELECT byok.request_operation('rotate_data_key', 'dual_t') AS honest_request \gset
+
+-- 2. An administrator with ADMIN OPTION (no CREATEROLE) hands byok_admin to
+--    another existing login, directly and through a group role, and asks it
+--    to approve.
+\c - granter
+GRANT ops_team TO granter_alt;
+SELECT byok.request_operation('destroy_tenant_keys', 'dual_t') AS granter_request \gset
+\c - granter_alt
+SELECT pg_has_role('granter_alt', 'byok_admin', 'USAGE') AS alt_is_admin;
+SELECT byok.approve_operation(:granter_request);
+\echo SQLSTATE :LAST_ERROR_SQLSTATE
+\c - granter
+REVOKE ops_team FROM granter_alt;
+GRANT byok_admin TO granter_alt;
+\c - granter_alt
+SELECT byok.approve_operation(:granter_request);
+\echo SQLSTATE :LAST_ERROR_SQLSTATE
+-- The same person, of course, never approves itself.
+\c - granter
+SELECT byok.approve_operation(:granter_request);
+\echo SQLSTATE :LAST_ERROR_SQLSTATE
+
+-- 3. A superuser-named list of approvers: only those approve, and then a
+--    CREATEROLE holder may ask (it cannot mint anyone onto the list).
+\c - postgres
+DO $$
+DECLARE r text;
+BEGIN
+    FOREACH r IN ARRAY ARRAY['minter', 'granter', 'granter_alt', 'honest', 'named_approver', 'minter_alt', 'minter_alt2'] LOOP
+        EXECUTE format('ALTER ROLE %I SET byok.dual_control_approvers = %L', r, 'named_approver');
+    END LOOP;
+END $$;
+\c - minter
+SET byok.dual_control_approvers = 'minter_alt';
+SELECT byok.request_operation('rotate_data_key', 'dual_t') AS minter_request \gset
+\c - minter_alt
+SELECT byok.approve_operation(:minter_request);
+\echo SQLSTATE :LAST_ERROR_SQLSTATE
+\c - honest
+SELECT byok.approve_operation(:minter_request);
+\echo SQLSTATE :LAST_ERROR_SQLSTATE
+\c - named_approver
+SELECT byok.approve_operation(:minter_request) LIKE 'new active data key %' AS approved;
+SELECT byok.approve_operation(:honest_request) LIKE 'new active data key %' AS approved;
+
+-- Every refusal is in the audit trail, with who tried.
+\c - postgres
+SELECT wait_for_audit_queue();
+SELECT role_name, count(*) AS refused FROM byok.audit_log
+ WHERE event IN ('request_operation', 'approve_operation') AND outcome = 'failed'
+   AND role_name IN ('minter', 'minter_alt', 'minter_alt2', 'granter', 'granter_alt', 'honest')
+ GROUP BY role_name ORDER BY role_name;
+SELECT count(*) AS approved_by_named FROM byok.operation_requests
+ WHERE tenant_id = 'dual_t' AND state = 'done' AND approved_by = 'named_approver';
+
+DELETE FROM byok.operation_requests WHERE tenant_id = 'dual_t';
+SELECT byok.destroy_tenant_keys('dual_t', 'dual_t');
+DROP ROLE minter_alt, minter_alt2, minter, granter_alt, granter, ops_team, honest, named_approver;
