@@ -101,6 +101,66 @@ SELECT state, rows_done, last_error FROM byok.jobs WHERE job_id = :job;
 SELECT DISTINCT ran_as, note FROM owner_log ORDER BY 1, 2;
 SELECT rolsuper FROM pg_roles WHERE rolname = 'sly_owner';
 
+-- Owner code leaves no settings behind in the backend that ran it, and cannot
+-- act as an administrator, even when the owner is one. The trigger now also
+-- changes settings with plain SET (which would outlive the function) and
+-- tries to grant its owner a tenant it may not use.
+SELECT byok.configure_tenant('{"customer": "Other", "tenant_id": "owner_other",
+  "encryption": {"provider": "local", "local": {"key_id": "owner-other-cmk"}}}');
+GRANT byok_admin TO sly_owner;
+\c - sly_owner
+CREATE OR REPLACE FUNCTION public.sly_trigger() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM public.sly(TG_OP || ' trigger');
+    SET search_path = public, pg_temp;
+    SET work_mem = '77kB';
+    BEGIN
+        PERFORM byok.grant_tenant('sly_owner', 'owner_other');
+        INSERT INTO public.owner_log VALUES (current_user, 'granted itself owner_other');
+    EXCEPTION WHEN OTHERS THEN
+        INSERT INTO public.owner_log VALUES (current_user, 'grant_tenant refused: ' || SQLSTATE);
+    END;
+    RETURN NEW;
+END $$;
+\c - postgres
+TRUNCATE owner_log;
+SELECT byok.rotate_data_key('owner_t') > 0 AS rotated;
+-- One batch in this superuser's own backend and transaction:
+BEGIN;
+SELECT byok.start_reencrypt('owner_t') AS job \gset
+UPDATE byok.reencrypt_jobs SET state = 'running' WHERE job_id = :job;
+SELECT byok.reencrypt_step(:job, 100);
+SHOW search_path;
+SHOW work_mem;
+COMMIT;
+-- and the rest through the background worker.
+SELECT byok.wait_job(:job, '1 minute');
+SELECT DISTINCT ran_as, note FROM owner_log ORDER BY 1, 2;
+SELECT count(*) AS self_grants FROM byok.tenant_grants WHERE tenant_id = 'owner_other';
+SELECT rolsuper FROM pg_roles WHERE rolname = 'sly_owner';
+REVOKE byok_admin FROM sly_owner;
+
+-- A registered table turned into a view (PostgreSQL 15 still lets an owner
+-- give an empty table an ON SELECT rule) leaves the registry at once, so no
+-- job or count ever reads the view's code.
+\c - sly_owner
+CREATE TABLE sly_empty (id int, tenant text, v byok.encrypted, note text);
+GRANT SELECT, UPDATE ON sly_empty TO owner_officer;
+\c - owner_officer
+SELECT byok.protect_column('sly_empty', 'v', 'tenant');
+\c - sly_owner
+CREATE RULE "_RETURN" AS ON SELECT TO sly_empty DO INSTEAD
+    SELECT id, tenant, v, note FROM public.sly_table WHERE public.sly('rule');
+\c - postgres
+TRUNCATE owner_log;
+SELECT relkind FROM pg_class WHERE oid = 'sly_empty'::regclass;
+SELECT count(*) AS registered FROM byok.protected_column_registry WHERE relid = 'sly_empty'::regclass;
+SELECT byok.data_key_references(:old_key) AS old_key_values;
+SELECT count(*) AS rule_ran FROM owner_log;
+\c - sly_owner
+DROP VIEW sly_empty;
+\c - postgres
+
 -- A registered table that is dropped leaves the registry (and nothing breaks).
 SELECT dek_id AS old_key FROM byok.data_keys WHERE tenant_id = 'owner_t' AND state IN ('decrypt-only', 'retired') ORDER BY dek_id LIMIT 1 \gset
 DROP VIEW sly_view;
@@ -122,6 +182,7 @@ DROP TABLE owner_followed, owner_log;
 DROP FUNCTION public.sly_trigger(), public.sly_immutable(int), public.sly(text);
 \c - postgres
 SELECT byok.destroy_tenant_keys('owner_t', 'owner_t');
+SELECT byok.destroy_tenant_keys('owner_other', 'owner_other');
 REVOKE CREATE ON SCHEMA public FROM sly_owner;
 SELECT byok.revoke_tenant('sly_owner', 'owner_t');
 DROP ROLE sly_owner, owner_officer;

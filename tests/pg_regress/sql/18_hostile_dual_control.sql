@@ -66,7 +66,38 @@ SELECT byok.approve_operation(:granter_request);
 SELECT byok.approve_operation(:granter_request);
 \echo SQLSTATE :LAST_ERROR_SQLSTATE
 
--- 3. A superuser-named list of approvers: only those approve, and then a
+-- 3. A CREATEROLE holder that is no administrator itself mints three logins,
+--    gives the first byok_admin WITH ADMIN OPTION, and the first hands it on
+--    to the other two. The second asks: the first owes it nothing but gave it
+--    its rights, and the third got its rights from the same hands (a common
+--    CREATEROLE holder in both histories). Neither may approve; an
+--    administrator who came by its rights independently may.
+\c - postgres
+CREATE ROLE cr_agent LOGIN CREATEROLE;
+\c - cr_agent
+CREATE ROLE cr_one LOGIN;
+CREATE ROLE cr_two LOGIN;
+CREATE ROLE cr_three LOGIN;
+GRANT byok_admin TO cr_one WITH ADMIN OPTION;
+\c - postgres
+ALTER ROLE cr_one SET byok.environment = 'production';
+ALTER ROLE cr_two SET byok.environment = 'production';
+ALTER ROLE cr_three SET byok.environment = 'production';
+\c - cr_one
+GRANT byok_admin TO cr_two;
+GRANT byok_admin TO cr_three;
+\c - cr_two
+SELECT byok.request_operation('rotate_data_key', 'dual_t') AS chain_request \gset
+\c - cr_one
+SELECT byok.approve_operation(:chain_request);
+\echo SQLSTATE :LAST_ERROR_SQLSTATE
+\c - cr_three
+SELECT byok.approve_operation(:chain_request);
+\echo SQLSTATE :LAST_ERROR_SQLSTATE
+\c - honest
+SELECT byok.approve_operation(:chain_request) LIKE 'new active data key %' AS approved;
+
+-- 4. A superuser-named list of approvers: only those approve, and then a
 --    CREATEROLE holder may ask (it cannot mint anyone onto the list).
 \c - postgres
 DO $$
@@ -94,11 +125,13 @@ SELECT byok.approve_operation(:honest_request) LIKE 'new active data key %' AS a
 SELECT wait_for_audit_queue();
 SELECT role_name, count(*) AS refused FROM byok.audit_log
  WHERE event IN ('request_operation', 'approve_operation') AND outcome = 'failed'
-   AND role_name IN ('minter', 'minter_alt', 'minter_alt2', 'granter', 'granter_alt', 'honest')
+   AND role_name IN ('minter', 'minter_alt', 'minter_alt2', 'granter', 'granter_alt', 'honest',
+                     'cr_one', 'cr_three')
  GROUP BY role_name ORDER BY role_name;
 SELECT count(*) AS approved_by_named FROM byok.operation_requests
  WHERE tenant_id = 'dual_t' AND state = 'done' AND approved_by = 'named_approver';
 
 DELETE FROM byok.operation_requests WHERE tenant_id = 'dual_t';
 SELECT byok.destroy_tenant_keys('dual_t', 'dual_t');
-DROP ROLE minter_alt, minter_alt2, minter, granter_alt, granter, ops_team, honest, named_approver;
+DROP ROLE minter_alt, minter_alt2, minter, granter_alt, granter, ops_team, honest, named_approver,
+          cr_one, cr_two, cr_three, cr_agent;
