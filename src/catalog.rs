@@ -515,7 +515,7 @@ pub fn audit(
 /// belongs to); `byok.may_use_tenant` in the catalog.
 pub fn may_use_tenant(user: pg_sys::Oid, tenant_id: &str) -> Result<bool, ByokError> {
     as_catalog_owner(|| {
-        Ok(Spi::get_one_with_args::<bool>(
+        Ok(read_one::<bool>(
             "SELECT byok.may_use_tenant($1, $2)",
             &[DatumWithOid::from(user), DatumWithOid::from(tenant_id)],
         )?

@@ -8,18 +8,18 @@
 //! policy, which only a superuser sets (`byok.credential_directories`,
 //! `byok.allowed_endpoints`, `byok.allow_insecure_transport`):
 //!
-//! - a credential file must lie inside one of the credential directories, be
-//!   reached without following a symbolic link below it, be a regular file owned
-//!   by the server's OS user, and be readable by that user alone (mode 0600 or
-//!   stricter). A path outside every directory is refused before the file system
-//!   is touched, so the answer says nothing about whether it exists;
+//! - a credential file must lie inside one of the credential directories, also
+//!   after every symbolic link below it is followed, be a regular file owned by
+//!   the server's OS user or root, and be writable by its owner alone. A path
+//!   outside every directory is refused before the file system is touched, so
+//!   the answer says nothing about whether it exists;
 //! - an endpoint must be `https://` (plain `http://` and disabled certificate
 //!   checks only with `allow_insecure_transport`), and its host must be one of
 //!   the key managers' public service domains or match `allowed_endpoints`.
 
-use std::ffi::OsStr;
 use std::fs::File;
 use std::io::Read;
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Component, Path, PathBuf};
 
@@ -78,7 +78,7 @@ impl PolicyError {
                 "a superuser lists the directories credential files may come from in byok.credential_directories"
             }
             PolicyError::UnusableCredentialFile { .. } => {
-                "credential files must be regular files (not symbolic links) owned by the server's OS user, with mode 0600 or stricter"
+                "credential files must be regular files inside the directory (symbolic links may not lead out of it), owned by the server's OS user or root, writable by their owner alone"
             }
             PolicyError::InsecureEndpoint { .. } | PolicyError::InsecureTls { .. } => {
                 "use https with a trusted certificate (ca_cert_file for a private CA); a superuser may allow plain http for tests with byok.allow_insecure_transport"
@@ -386,58 +386,66 @@ impl AccessPolicy {
             .ok_or_else(outside)?;
         // Inside a directory a superuser chose: from here on, saying what is
         // wrong with the file helps the administrator and reveals nothing else.
-        let mut current = directory;
-        let components: Vec<&OsStr> = below.iter().collect();
-        for (i, name) in components.iter().enumerate() {
-            current.push(name);
-            let meta = std::fs::symlink_metadata(&current).map_err(|e| {
-                self.unusable(
-                    what,
-                    path,
-                    &format!("{}: {}", current.display(), io_reason(&e)),
-                )
-            })?;
-            if meta.file_type().is_symlink() {
-                return Err(self.unusable(
-                    what,
-                    path,
-                    &format!("{} is a symbolic link", current.display()),
-                ));
-            }
-            let last = i + 1 == components.len();
-            if !last && !meta.is_dir() {
-                return Err(self.unusable(
-                    what,
-                    path,
-                    &format!("{} is not a directory", current.display()),
-                ));
-            }
+        // Symbolic links are followed only while they stay inside that
+        // directory (Kubernetes mounts service-account tokens as links into a
+        // `..data` directory next to them).
+        let unusable_io = |e: std::io::Error| self.unusable(what, path, io_reason(&e));
+        let directory = std::fs::canonicalize(&directory).map_err(|e| {
+            self.unusable(
+                what,
+                path,
+                &format!("{}: {}", directory.display(), io_reason(&e)),
+            )
+        })?;
+        let resolved = std::fs::canonicalize(directory.join(&below)).map_err(unusable_io)?;
+        let leads_outside = || {
+            self.unusable(
+                what,
+                path,
+                &format!(
+                    "a symbolic link leads outside {} (to {})",
+                    directory.display(),
+                    resolved.display()
+                ),
+            )
+        };
+        if resolved == directory || !resolved.starts_with(&directory) {
+            return Err(leads_outside());
         }
         let file = std::fs::OpenOptions::new()
             .read(true)
             .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC | libc::O_NONBLOCK)
-            .open(&current)
-            .map_err(|e| self.unusable(what, path, io_reason(&e)))?;
-        let meta = file
-            .metadata()
-            .map_err(|e| self.unusable(what, path, io_reason(&e)))?;
+            .open(&resolved)
+            .map_err(unusable_io)?;
+        // What was opened, not what was resolved a moment before: a link
+        // swapped in between would show here.
+        let opened = std::fs::read_link(format!("/proc/self/fd/{}", file.as_raw_fd()))
+            .map_err(unusable_io)?;
+        if !opened.starts_with(&directory) {
+            return Err(leads_outside());
+        }
+        let meta = file.metadata().map_err(unusable_io)?;
         if !meta.is_file() {
             return Err(self.unusable(what, path, "it is not a regular file"));
         }
         // SAFETY: geteuid cannot fail and has no preconditions.
         let me = unsafe { libc::geteuid() };
-        if meta.uid() != me {
-            return Err(self.unusable(what, path, "it is not owned by the server's OS user"));
-        }
-        let mode = meta.mode() & 0o777;
-        if mode & 0o077 != 0 {
+        if meta.uid() != me && meta.uid() != 0 {
             return Err(self.unusable(
                 what,
                 path,
-                &format!("its mode is {mode:04o}; other users may read it (use 0600 or stricter)"),
+                "it is owned neither by the server's OS user nor by root",
             ));
         }
-        Ok((current, file))
+        let mode = meta.mode() & 0o777;
+        if mode & 0o022 != 0 {
+            return Err(self.unusable(
+                what,
+                path,
+                &format!("its mode is {mode:04o}; other users may change it (remove group and other write permission)"),
+            ));
+        }
+        Ok((opened, file))
     }
 }
 
@@ -542,7 +550,7 @@ mod tests {
     }
 
     #[test]
-    fn symlinks_modes_and_owners_are_refused() {
+    fn links_out_of_the_directory_and_loose_modes_are_refused() {
         let dir = tempfile::tempdir().unwrap();
         let outside = tempfile::tempdir().unwrap();
         let target = outside.path().join("master.key");
@@ -553,7 +561,10 @@ mod tests {
         let err = p
             .read_credential_file("token_file", link.to_str().unwrap())
             .unwrap_err();
-        assert!(err.to_string().contains("symbolic link"), "{err}");
+        assert!(
+            err.to_string().contains("symbolic link leads outside"),
+            "{err}"
+        );
         // A symlinked directory below the credential directory.
         let linked_dir = dir.path().join("linked");
         std::os::unix::fs::symlink(outside.path(), &linked_dir).unwrap();
@@ -563,20 +574,54 @@ mod tests {
                 linked_dir.join("master.key").to_str().unwrap(),
             )
             .unwrap_err();
-        assert!(err.to_string().contains("symbolic link"), "{err}");
-        // Readable by others.
-        let loose = dir.path().join("loose");
-        write(&loose, 0o644);
-        let err = p
-            .read_credential_file("token_file", loose.to_str().unwrap())
-            .unwrap_err();
-        assert!(err.to_string().contains("0644"), "{err}");
+        assert!(
+            err.to_string().contains("symbolic link leads outside"),
+            "{err}"
+        );
+        // Writable by others.
+        for mode in [0o664, 0o646, 0o622] {
+            let loose = dir.path().join(format!("loose{mode:o}"));
+            write(&loose, mode);
+            let err = p
+                .read_credential_file("token_file", loose.to_str().unwrap())
+                .unwrap_err();
+            assert!(err.to_string().contains("may change it"), "{err}");
+        }
         // Not a regular file.
         let sub = dir.path().join("adir");
         std::fs::create_dir(&sub).unwrap();
         assert!(
             p.read_credential_file("token_file", sub.to_str().unwrap())
                 .is_err()
+        );
+    }
+
+    #[test]
+    fn links_inside_the_directory_are_followed() {
+        // The layout Kubernetes gives a projected service-account token:
+        // token -> ..data/token, ..data -> ..2026_12_01_00_00_00.1/
+        let dir = tempfile::tempdir().unwrap();
+        let stamped = dir.path().join("..2026_12_01_00_00_00.1");
+        std::fs::create_dir(&stamped).unwrap();
+        write(&stamped.join("token"), 0o644);
+        std::os::unix::fs::symlink("..2026_12_01_00_00_00.1", dir.path().join("..data")).unwrap();
+        std::os::unix::fs::symlink("..data/token", dir.path().join("token")).unwrap();
+        let p = policy(dir.path());
+        let token = dir.path().join("token");
+        assert_eq!(
+            &*p.read_credential_text("jwt_file", token.to_str().unwrap())
+                .unwrap(),
+            "s3cret\n"
+        );
+        // The credential directory itself may be reached through a link.
+        let alias_parent = tempfile::tempdir().unwrap();
+        let alias = alias_parent.path().join("alias");
+        std::os::unix::fs::symlink(dir.path(), &alias).unwrap();
+        let through_alias = policy(&alias);
+        assert!(
+            through_alias
+                .read_credential_file("jwt_file", alias.join("token").to_str().unwrap())
+                .is_ok()
         );
     }
 
