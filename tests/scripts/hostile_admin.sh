@@ -4,7 +4,7 @@
 # - a Vault tenant pointed at a listener of the attacker's, with the server's
 #   local master key file as its "token": nothing reaches the listener;
 # - inside byok.credential_directories: a symbolic link to the key file, a
-#   linked directory, a file others may change, a file of another OS user:
+#   linked directory, a file others may read, a file of another OS user:
 #   refused; a proper file works
 #   (and its token reaches the configured endpoint, which the superuser allowed);
 # - memory holding plaintext keys is marked MADV_DONTDUMP in backends, and the
@@ -67,12 +67,12 @@ grep -q "42501:.*a symbolic link leads outside" <<<"$err" && ok "a symbolic link
 mkdir -p "$FIXTURES/elsewhere"; chown postgres "$FIXTURES/elsewhere"; ln -s "$DATA" "$CREDS/linked_dir"
 err=$(attempt t2 "$CREDS/linked_dir/byok_local_master.key")
 grep -q "42501:.*a symbolic link leads outside" <<<"$err" && ok "a symbolically linked directory is refused" || not_ok "linked dir: $err"
-echo "loose" | as_postgres tee "$CREDS/loose.token" >/dev/null; chmod 666 "$CREDS/loose.token"
+echo "loose" | as_postgres tee "$CREDS/loose.token" >/dev/null; chmod 644 "$CREDS/loose.token"
 err=$(attempt t2 "$CREDS/loose.token")
-grep -q "42501:.*mode is 0666; other users may change it" <<<"$err" && ok "a file others may change is refused" || not_ok "loose: $err"
+grep -q "42501:.*mode is 0644; other users may read it" <<<"$err" && ok "a file others may read is refused" || not_ok "loose: $err"
 echo "theirs" > "$CREDS/other.token"; chown nobody "$CREDS/other.token"; chmod 644 "$CREDS/other.token"
 err=$(attempt t2 "$CREDS/other.token")
-grep -q "42501:.*owned neither by the server's OS user nor by root" <<<"$err" && ok "a file of another OS user is refused" || not_ok "owner: $err"
+grep -q "42501:.*not owned by the server's OS user" <<<"$err" && ok "a file of another OS user is refused" || not_ok "owner: $err"
 test ! -s "$FIXTURES/received" && ok "the listener still received nothing" || not_ok "the listener received: $(cat "$FIXTURES/received")"
 echo "proper-token" | as_postgres tee "$CREDS/good.token" >/dev/null; as_postgres chmod 600 "$CREDS/good.token"
 err=$(attempt t3 "$CREDS/good.token")

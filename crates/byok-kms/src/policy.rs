@@ -10,7 +10,8 @@
 //!
 //! - a credential file must lie inside one of the credential directories, also
 //!   after every symbolic link below it is followed, be a regular file owned by
-//!   the server's OS user or root, and be writable by its owner alone. A path
+//!   the server's OS user, and be readable by that user alone (mode 0600 or
+//!   stricter). A path
 //!   outside every directory is refused before the file system is touched, so
 //!   the answer says nothing about whether it exists;
 //! - an endpoint must be `https://` (plain `http://` and disabled certificate
@@ -78,7 +79,7 @@ impl PolicyError {
                 "a superuser lists the directories credential files may come from in byok.credential_directories"
             }
             PolicyError::UnusableCredentialFile { .. } => {
-                "credential files must be regular files inside the directory (symbolic links may not lead out of it), owned by the server's OS user or root, writable by their owner alone"
+                "credential files must be regular files inside the directory (symbolic links may not lead out of it), owned by the server's OS user, with mode 0600 or stricter"
             }
             PolicyError::InsecureEndpoint { .. } | PolicyError::InsecureTls { .. } => {
                 "use https with a trusted certificate (ca_cert_file for a private CA); a superuser may allow plain http for tests with byok.allow_insecure_transport"
@@ -430,19 +431,15 @@ impl AccessPolicy {
         }
         // SAFETY: geteuid cannot fail and has no preconditions.
         let me = unsafe { libc::geteuid() };
-        if meta.uid() != me && meta.uid() != 0 {
-            return Err(self.unusable(
-                what,
-                path,
-                "it is owned neither by the server's OS user nor by root",
-            ));
+        if meta.uid() != me {
+            return Err(self.unusable(what, path, "it is not owned by the server's OS user"));
         }
         let mode = meta.mode() & 0o777;
-        if mode & 0o022 != 0 {
+        if mode & 0o077 != 0 {
             return Err(self.unusable(
                 what,
                 path,
-                &format!("its mode is {mode:04o}; other users may change it (remove group and other write permission)"),
+                &format!("its mode is {mode:04o}; other users may read it (use 0600 or stricter)"),
             ));
         }
         Ok((opened, file))
@@ -578,14 +575,14 @@ mod tests {
             err.to_string().contains("symbolic link leads outside"),
             "{err}"
         );
-        // Writable by others.
-        for mode in [0o664, 0o646, 0o622] {
+        // Readable or writable by others.
+        for mode in [0o640, 0o604, 0o620, 0o644] {
             let loose = dir.path().join(format!("loose{mode:o}"));
             write(&loose, mode);
             let err = p
                 .read_credential_file("token_file", loose.to_str().unwrap())
                 .unwrap_err();
-            assert!(err.to_string().contains("may change it"), "{err}");
+            assert!(err.to_string().contains("other users may read it"), "{err}");
         }
         // Not a regular file.
         let sub = dir.path().join("adir");
@@ -603,7 +600,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let stamped = dir.path().join("..2026_12_01_00_00_00.1");
         std::fs::create_dir(&stamped).unwrap();
-        write(&stamped.join("token"), 0o644);
+        write(&stamped.join("token"), 0o600);
         std::os::unix::fs::symlink("..2026_12_01_00_00_00.1", dir.path().join("..data")).unwrap();
         std::os::unix::fs::symlink("..data/token", dir.path().join("token")).unwrap();
         let p = policy(dir.path());
