@@ -60,6 +60,10 @@ fi
 record "pg_regress" $status
 stop_cluster regress
 
+log "docs: every SQL object and GUC of the installed extension is documented; links resolve"
+status=0; bash scripts/check-docs.sh || status=$?
+record "docs" $status
+
 for script in tests/scripts/*.sh; do
     log "scripted: $script"
     status=0; bash "$script" || status=$?
