@@ -58,6 +58,10 @@ if [ $status -ne 0 ] && [ -f "$BYOK_WORK/regress-out/regression.diffs" ]; then
     head -200 "$BYOK_WORK/regress-out/regression.diffs"
 fi
 record "pg_regress" $status
+
+log "pg_regress: each file alone, in a fresh database of its own"
+status=0; bash scripts/regress-standalone.sh regress 54330 || status=$?
+record "pg_regress (each file alone)" $status
 stop_cluster regress
 
 log "docs: every SQL object and GUC of the installed extension is documented; links resolve"

@@ -1,5 +1,8 @@
 \set VERBOSITY default
 \set SHOW_CONTEXT never
+-- This file sets up what it uses and cleans up after itself, so it runs alone.
+CREATE EXTENSION IF NOT EXISTS byok_pg;
+
 -- A tenant is configured from the customer's byok_config.yaml document, as JSON.
 -- The "local" provider keeps its master key in a file on the server: no cloud needed.
 SELECT byok.configure_tenant($$
@@ -18,10 +21,10 @@ SELECT byok.configure_tenant($$
 -- Its settings, and its first data key, wrapped by the master key.
 SELECT tenant_id, customer, provider, master_key_id, rotation_enabled, rotation_interval_days,
        cache_ttl_seconds, cache_max_entries, cache_grace_period_seconds
-  FROM byok.tenants;
-SELECT dek_id, tenant_id, provider, cmk_id, length(cmk_version) AS kcv_len, state,
+  FROM byok.tenants WHERE tenant_id = 'tenant_12345';
+SELECT dek_id > 0 AS has_id, tenant_id, provider, cmk_id, length(cmk_version) AS kcv_len, state,
        rotated_at IS NULL AS never_rotated
-  FROM byok.data_keys;
+  FROM byok.data_keys WHERE tenant_id = 'tenant_12345';
 
 -- The views hold no key material; the wrapped key sits in the catalog table only.
 SELECT count(*) AS columns_with_key_material FROM information_schema.columns
@@ -45,6 +48,7 @@ SELECT t.cache_ttl_seconds, t.cache_max_entries, count(k.*) AS data_keys
  WHERE tenant_id = 'globex-eu' GROUP BY 1, 2;
 
 -- Every configuration error names its field (SQLSTATE 22023).
+SELECT count(*) AS tenants_before FROM byok.tenants \gset
 SELECT byok.configure_tenant('{"customer": "x", "encryption": {"provider": "local", "local": {"key_id": "k"}}}');
 \echo SQLSTATE :LAST_ERROR_SQLSTATE
 SELECT byok.configure_tenant('{"customer": "x", "tenant_id": "t1", "encryption": {"provider": "rot13"}}');
@@ -84,4 +88,8 @@ SELECT byok.configure_tenant('{"customer": "globex", "tenant_id": "globex-eu",
 \echo SQLSTATE :LAST_ERROR_SQLSTATE
 
 -- Nothing was created by the failed calls.
-SELECT count(*) AS tenants FROM byok.tenants;
+SELECT count(*) - :tenants_before AS new_tenants FROM byok.tenants;
+
+-- Clean-up: crypto-shredding (every data key of a tenant destroyed).
+SELECT byok.destroy_tenant_keys('tenant_12345', 'tenant_12345');
+SELECT byok.destroy_tenant_keys('globex-eu', 'globex-eu');

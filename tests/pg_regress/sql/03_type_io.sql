@@ -1,8 +1,14 @@
 \set VERBOSITY default
 \set SHOW_CONTEXT never
+-- This file sets up what it uses and cleans up after itself, so it runs alone.
+CREATE EXTENSION IF NOT EXISTS byok_pg;
+
+SELECT byok.configure_tenant('{"customer": "Acme", "tenant_id": "acme_io",
+  "encryption": {"provider": "local", "local": {"key_id": "acme-io-cmk"}}}');
+
 -- The text form is "byok:" followed by base64 of the sealed bytes, so values survive
 -- COPY, pg_dump and any text channel; binary COPY carries the raw bytes.
-SELECT left(byok.encrypt_text('tenant_12345', 'x')::text, 5) AS prefix;
+SELECT left(byok.encrypt_text('acme_io', 'x')::text, 5) AS prefix;
 
 -- Malformed literals are refused with the reason (SQLSTATE 22P02), never a crash.
 SELECT 'hello'::byok.encrypted;
@@ -22,7 +28,7 @@ SELECT ('byok:' || encode('\x0101'::bytea || decode(repeat('00', 40), 'hex'), 'b
 
 -- COPY out and back in, in text and in binary: every value still opens.
 CREATE TABLE notes (id int, body byok.encrypted);
-INSERT INTO notes SELECT g, byok.encrypt_text('tenant_12345', 'note ' || g, 'notes.body')
+INSERT INTO notes SELECT g, byok.encrypt_text('acme_io', 'note ' || g, 'notes.body')
   FROM generate_series(1, 100) g;
 CREATE TABLE notes_text (LIKE notes);
 CREATE TABLE notes_binary (LIKE notes);
@@ -47,3 +53,6 @@ CREATE TABLE one_value (v byok.encrypted);
 COPY one_value FROM '/tmp/byok_pg_regress_short.bin' WITH (FORMAT binary);
 \echo SQLSTATE :LAST_ERROR_SQLSTATE
 SELECT count(*) AS loaded FROM one_value;
+
+DROP TABLE notes, notes_text, notes_binary, one_value;
+SELECT byok.destroy_tenant_keys('acme_io', 'acme_io');

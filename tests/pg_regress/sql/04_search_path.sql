@@ -1,5 +1,14 @@
 \set VERBOSITY default
 \set SHOW_CONTEXT never
+-- This file sets up what it uses and cleans up after itself, so it runs alone.
+CREATE EXTENSION IF NOT EXISTS byok_pg;
+
+SELECT byok.configure_tenant('{"customer": "Globex", "tenant_id": "globex_path",
+  "encryption": {"provider": "local", "local": {"key_id": "globex-path-cmk"}}}');
+CREATE TABLE customers (id int PRIMARY KEY, email byok.encrypted);
+INSERT INTO customers VALUES (2, byok.encrypt_text('globex_path', 'bob@example.org'));
+\c
+
 -- This session has no keys cached yet, so decrypt must read the catalog.
 SELECT cached_keys FROM byok.backend_cache_stats();
 -- A hostile search_path cannot hijack the catalog lookups (they qualify every operator).
@@ -12,3 +21,6 @@ RESET search_path;
 DROP SCHEMA evil CASCADE;
 
 SELECT cached_keys FROM byok.backend_cache_stats();
+
+DROP TABLE customers;
+SELECT byok.destroy_tenant_keys('globex_path', 'globex_path');

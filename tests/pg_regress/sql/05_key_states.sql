@@ -1,14 +1,26 @@
 \set VERBOSITY default
 \set SHOW_CONTEXT never
+-- This file sets up what it uses and cleans up after itself, so it runs alone.
+CREATE EXTENSION IF NOT EXISTS byok_pg;
+-- Data key ids in messages start at 5001 in this file, wherever it runs.
+SELECT setval('byok.data_key_id_seq', 5000) \gset
+
+SELECT byok.configure_tenant('{"customer": "Acme", "tenant_id": "acme_keys",
+  "encryption": {"provider": "local", "local": {"key_id": "acme-keys-cmk"}}}');
+SELECT byok.configure_tenant('{"customer": "Globex", "tenant_id": "globex_keys",
+  "encryption": {"provider": "local", "local": {"key_id": "globex-keys-cmk"}}}');
+CREATE TABLE customers (id int PRIMARY KEY, email byok.encrypted);
+INSERT INTO customers VALUES (2, byok.encrypt_text('globex_keys', 'bob@example.org'));
+
 -- Rotating a tenant's data key: new values use the new key, old values still open.
 CREATE TABLE docs (id int, body byok.encrypted);
-INSERT INTO docs VALUES (1, byok.encrypt_text('tenant_12345', 'before rotation'));
-SELECT byok.rotate_data_key('tenant_12345') AS new_dek_id \gset
-INSERT INTO docs VALUES (2, byok.encrypt_text('tenant_12345', 'after rotation'));
+INSERT INTO docs VALUES (1, byok.encrypt_text('acme_keys', 'before rotation'));
+SELECT byok.rotate_data_key('acme_keys') AS new_dek_id \gset
+INSERT INTO docs VALUES (2, byok.encrypt_text('acme_keys', 'after rotation'));
 SELECT id, byok.decrypt_text(body), byok.data_key_id(body) = :new_dek_id AS under_new_key
   FROM docs ORDER BY id;
 SELECT dek_id = :new_dek_id AS is_new, state, rotated_at IS NOT NULL AS rotated
-  FROM byok.data_keys WHERE tenant_id = 'tenant_12345' ORDER BY dek_id;
+  FROM byok.data_keys WHERE tenant_id = 'acme_keys' ORDER BY dek_id;
 SELECT byok.data_key_id(body) AS old_dek_id FROM docs WHERE id = 1 \gset
 
 -- A retired key refuses to decrypt (55000), which shows whether data still needs it;
@@ -52,13 +64,17 @@ SELECT byok.rotate_data_key('no_such_tenant');
 
 -- Catalog changes drop the cached keys: in this session at once, in other sessions
 -- when the change commits (tests/scripts/cross_session.sh shows that part).
-SELECT byok.encrypt_text('globex-eu', 'x') IS NOT NULL AS warmed;
-SELECT byok.rotate_data_key('globex-eu') AS globex_new \gset
-SELECT byok.data_key_id(byok.encrypt_text('globex-eu', 'y')) = :globex_new AS uses_new_key;
+SELECT byok.encrypt_text('globex_keys', 'x') IS NOT NULL AS warmed;
+SELECT byok.rotate_data_key('globex_keys') AS globex_new \gset
+SELECT byok.data_key_id(byok.encrypt_text('globex_keys', 'y')) = :globex_new AS uses_new_key;
 -- A change by plain SQL invalidates too.
 UPDATE byok.wrapped_data_keys SET state = 'retired'
- WHERE tenant_id = 'globex-eu' AND state = 'decrypt-only';
+ WHERE tenant_id = 'globex_keys' AND state = 'decrypt-only';
 SELECT byok.decrypt_text(email) FROM customers WHERE id = 2;
 \echo SQLSTATE :LAST_ERROR_SQLSTATE
-UPDATE byok.wrapped_data_keys SET state = 'decrypt-only' WHERE tenant_id = 'globex-eu' AND state = 'retired';
+UPDATE byok.wrapped_data_keys SET state = 'decrypt-only' WHERE tenant_id = 'globex_keys' AND state = 'retired';
 SELECT byok.decrypt_text(email) FROM customers WHERE id = 2;
+
+DROP TABLE docs, customers;
+SELECT byok.destroy_tenant_keys('acme_keys', 'acme_keys');
+SELECT byok.destroy_tenant_keys('globex_keys', 'globex_keys');

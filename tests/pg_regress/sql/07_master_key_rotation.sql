@@ -1,5 +1,8 @@
 \set VERBOSITY default
 \set SHOW_CONTEXT never
+-- This file sets up what it uses and cleans up after itself, so it runs alone.
+CREATE EXTENSION IF NOT EXISTS byok_pg;
+
 -- The guide's customer-initiated rotation: move a tenant to a new master key.
 SELECT byok.configure_tenant('{"customer": "initech", "tenant_id": "initech",
   "encryption": {"provider": "local", "local": {"key_id": "initech-cmk-1"}}}');
@@ -38,3 +41,6 @@ CALL byok.rotate_master_key('no_such_tenant', 'k');
 \echo SQLSTATE :LAST_ERROR_SQLSTATE
 CALL byok.rotate_master_key('initech', '');
 \echo SQLSTATE :LAST_ERROR_SQLSTATE
+
+DROP TABLE memos;
+SELECT byok.destroy_tenant_keys('initech', 'initech');

@@ -1,5 +1,10 @@
 \set VERBOSITY default
 \set SHOW_CONTEXT never
+-- This file sets up what it uses and cleans up after itself, so it runs alone.
+CREATE EXTENSION IF NOT EXISTS byok_pg;
+-- Data key and job ids in messages start at 10001 in this file, wherever it runs.
+SELECT setval('byok.data_key_id_seq', 10000), setval('byok.reencrypt_jobs_job_id_seq', 10000) \gset
+
 -- Re-encryption jobs: after a data-key rotation, existing rows are rewritten
 -- under the new key by a background worker, then verified; the old key retires.
 SELECT byok.configure_tenant('{"customer": "umbrella", "tenant_id": "umbrella",
@@ -104,3 +109,6 @@ VALUES ('umbrella', 'done', 2000, 2000, now() - interval '1 hour',
 RETURNING job_id AS finished_job \gset
 SELECT rows_per_second, percent_done, eta FROM byok.jobs WHERE job_id = :finished_job;
 DELETE FROM byok.reencrypt_jobs WHERE job_id = :finished_job;
+
+DROP TABLE patients;
+SELECT byok.destroy_tenant_keys('umbrella', 'umbrella');

@@ -1,5 +1,25 @@
 \set VERBOSITY default
 \set SHOW_CONTEXT never
+-- This file sets up what it uses and cleans up after itself, so it runs alone.
+CREATE EXTENSION IF NOT EXISTS byok_pg;
+-- Key-manager calls and failed operations reach byok.audit_log through a queue
+-- the audit writer drains within a second or so; this helper waits for it (up to 30 s).
+CREATE OR REPLACE FUNCTION wait_for_audit_queue() RETURNS boolean LANGUAGE plpgsql AS $$
+BEGIN
+    FOR i IN 1..300 LOOP
+        PERFORM pg_stat_clear_snapshot();
+        IF (SELECT audit_queued FROM byok.broker_status()) = 0
+           AND NOT EXISTS (SELECT 1 FROM pg_stat_activity WHERE backend_type = 'byok catalog writer') THEN
+            RETURN true;
+        END IF;
+        PERFORM pg_sleep(0.1);
+    END LOOP;
+    RETURN false;
+END
+$$;
+-- Data key and request ids in messages start at 13001 in this file, wherever it runs.
+SELECT setval('byok.data_key_id_seq', 13000), setval('byok.operation_requests_request_id_seq', 13000) \gset
+
 -- Key segregation, the guide's segregation_matrix: byok.environment (set by a
 -- superuser in postgresql.conf) names the environment; its master keys must carry
 -- its key prefix, and production needs dual control for destructive operations.
@@ -31,6 +51,8 @@ CREATE ROLE officer_ada LOGIN IN ROLE byok_admin;
 CREATE ROLE officer_bob LOGIN IN ROLE byok_admin;
 CREATE ROLE clerk LOGIN IN ROLE byok_user;
 GRANT SELECT ON lab_results TO clerk;
+-- (audit records still in the queue land first)
+SELECT wait_for_audit_queue();
 SELECT coalesce(max(id), 0) AS audit_before FROM byok.audit_log \gset
 SET SESSION AUTHORIZATION officer_ada;
 -- Neither may change the environment...
@@ -70,7 +92,8 @@ SELECT byok.approve_operation(:rotate_request);
 \echo SQLSTATE :LAST_ERROR_SQLSTATE
 SELECT byok.approve_operation(:grant_request);
 SELECT byok.approve_operation(:master_request);
-SELECT operation, requested_by, approved_by, state FROM byok.pending_operations ORDER BY request_id;
+SELECT operation, requested_by, approved_by, state FROM byok.pending_operations
+ WHERE tenant_id = 'oscorp' ORDER BY request_id;
 RESET SESSION AUTHORIZATION;
 SELECT master_key_id FROM byok.tenants WHERE tenant_id = 'oscorp';
 SELECT state, cmk_id FROM byok.data_keys WHERE tenant_id = 'oscorp' ORDER BY dek_id;
@@ -124,6 +147,8 @@ SELECT byok.rotate_data_key('cyberdyne') > 0 AS rotated_directly;
 RESET byok.environment;
 
 DROP TABLE lab_results;
-DELETE FROM byok.operation_requests;
+DELETE FROM byok.operation_requests WHERE tenant_id = 'oscorp';
+SELECT byok.destroy_tenant_keys('cyberdyne', 'cyberdyne');
 DELETE FROM byok.tenant_grants WHERE grantee::text = 'clerk';
 DROP ROLE officer_ada, officer_bob, clerk;
+DROP FUNCTION wait_for_audit_queue();

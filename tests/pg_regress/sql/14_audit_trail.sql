@@ -1,8 +1,31 @@
 \set VERBOSITY default
 \set SHOW_CONTEXT never
+-- This file sets up what it uses and cleans up after itself, so it runs alone.
+CREATE EXTENSION IF NOT EXISTS byok_pg;
+-- Key-manager calls and failed operations reach byok.audit_log through a queue
+-- the audit writer drains within a second or so; this helper waits for it (up to 30 s).
+CREATE OR REPLACE FUNCTION wait_for_audit_queue() RETURNS boolean LANGUAGE plpgsql AS $$
+BEGIN
+    FOR i IN 1..300 LOOP
+        PERFORM pg_stat_clear_snapshot();
+        IF (SELECT audit_queued FROM byok.broker_status()) = 0
+           AND NOT EXISTS (SELECT 1 FROM pg_stat_activity WHERE backend_type = 'byok catalog writer') THEN
+            RETURN true;
+        END IF;
+        PERFORM pg_sleep(0.1);
+    END LOOP;
+    RETURN false;
+END
+$$;
+-- Data key ids in messages start at 14001 in this file, wherever it runs.
+SELECT setval('byok.data_key_id_seq', 14000) \gset
+
 -- The audit trail records every call the key broker makes to a key manager, and
 -- every failed key operation, even though a failure aborts its own transaction.
+-- Audit records of what ran before this file, still in the queue, land first.
+SELECT wait_for_audit_queue();
 SELECT coalesce(max(id), 0) AS audit_before FROM byok.audit_log \gset
+SELECT audit_dropped AS dropped_before FROM byok.broker_status() \gset
 SELECT byok.configure_tenant('{"customer": "Gotham", "tenant_id": "gotham",
   "encryption": {"provider": "local", "local": {"key_id": "gotham-cmk"}}}');
 CREATE TABLE gotham_files (id int, body byok.encrypted);
@@ -43,7 +66,7 @@ SELECT event, outcome, details->>'new_key_id' AS new_key FROM byok.audit_log
  ORDER BY logged_at, id;
 
 -- Nothing was dropped, and the chain over the new rows is intact.
-SELECT audit_dropped FROM byok.broker_status();
+SELECT audit_dropped - :dropped_before AS audit_dropped FROM byok.broker_status();
 SELECT count(*) AS breaks FROM byok.verify_audit_chain() WHERE id > :audit_before;
 -- No key material or plaintext anywhere in the trail.
 SELECT count(*) AS leaks FROM byok.audit_log
@@ -51,3 +74,5 @@ SELECT count(*) AS leaks FROM byok.audit_log
 
 DROP TABLE gotham_files;
 DROP ROLE gotham_app;
+SELECT byok.destroy_tenant_keys('gotham', 'gotham');
+DROP FUNCTION wait_for_audit_queue();

@@ -1,11 +1,33 @@
 \set VERBOSITY terse
 \set SHOW_CONTEXT never
+-- This file sets up what it uses and cleans up after itself, so it runs alone.
+CREATE EXTENSION IF NOT EXISTS byok_pg;
+-- Key-manager calls and failed operations reach byok.audit_log through a queue
+-- the audit writer drains within a second or so; this helper waits for it (up to 30 s).
+CREATE OR REPLACE FUNCTION wait_for_audit_queue() RETURNS boolean LANGUAGE plpgsql AS $$
+BEGIN
+    FOR i IN 1..300 LOOP
+        PERFORM pg_stat_clear_snapshot();
+        IF (SELECT audit_queued FROM byok.broker_status()) = 0
+           AND NOT EXISTS (SELECT 1 FROM pg_stat_activity WHERE backend_type = 'byok catalog writer') THEN
+            RETURN true;
+        END IF;
+        PERFORM pg_sleep(0.1);
+    END LOOP;
+    RETURN false;
+END
+$$;
+-- Data key ids in messages start at 15001 in this file, wherever it runs.
+SELECT setval('byok.data_key_id_seq', 15000) \gset
+
 -- Threat: catalog shadowing through pg_temp. A function that runs with
 -- elevated rights and whose search_path does not name pg_temp searches it
 -- FIRST, so a temporary view called pg_roles would be read with the owner's
 -- rights. Every such function in byok_pg pins search_path to
 -- "pg_catalog, pg_temp" and qualifies what it reads, so a hostile byok_user or
 -- byok_admin that shadows every catalog the extension reads gains nothing.
+-- Audit records of what ran before this file, still in the queue, land first.
+SELECT wait_for_audit_queue();
 SELECT coalesce(max(id), 0) AS audit_before FROM byok.audit_log \gset
 SELECT byok.configure_tenant('{"customer": "Acme", "tenant_id": "shadow_victim",
   "encryption": {"provider": "local", "local": {"key_id": "shadow-victim-cmk"}}}');
@@ -99,3 +121,4 @@ DROP TABLE shadow_secrets, shadow_hijacks, shadow_own_rows;
 SELECT byok.destroy_tenant_keys('shadow_victim', 'shadow_victim');
 REVOKE CREATE ON SCHEMA public FROM shadow_admin;
 DROP ROLE shadow_user, shadow_admin;
+DROP FUNCTION wait_for_audit_queue();

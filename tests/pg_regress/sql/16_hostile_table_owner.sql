@@ -1,5 +1,8 @@
 \set VERBOSITY terse
 \set SHOW_CONTEXT never
+-- This file sets up what it uses and cleans up after itself, so it runs alone.
+CREATE EXTENSION IF NOT EXISTS byok_pg;
+
 -- Threat: code owned by an untrusted role run with the extension's rights.
 -- Re-encryption jobs and key-reference counts read and rewrite registered
 -- tables. Such a table's owner controls its triggers, defaults, row-level

@@ -1,5 +1,23 @@
 \set VERBOSITY terse
 \set SHOW_CONTEXT never
+-- This file sets up what it uses and cleans up after itself, so it runs alone.
+CREATE EXTENSION IF NOT EXISTS byok_pg;
+-- Key-manager calls and failed operations reach byok.audit_log through a queue
+-- the audit writer drains within a second or so; this helper waits for it (up to 30 s).
+CREATE OR REPLACE FUNCTION wait_for_audit_queue() RETURNS boolean LANGUAGE plpgsql AS $$
+BEGIN
+    FOR i IN 1..300 LOOP
+        PERFORM pg_stat_clear_snapshot();
+        IF (SELECT audit_queued FROM byok.broker_status()) = 0
+           AND NOT EXISTS (SELECT 1 FROM pg_stat_activity WHERE backend_type = 'byok catalog writer') THEN
+            RETURN true;
+        END IF;
+        PERFORM pg_sleep(0.1);
+    END LOOP;
+    RETURN false;
+END
+$$;
+
 -- Threat: server files and endpoints chosen through configure_tenant. The key
 -- broker reads credential files as the server's OS user and sends what they
 -- hold (tokens, secret ids) to the tenant's endpoint: a byok_admin naming the
@@ -13,13 +31,14 @@
 CREATE ROLE file_thief LOGIN IN ROLE byok_admin;
 SELECT current_setting('data_directory') AS pgdata \gset
 -- (Errors are shown with the data directory replaced, so the output is stable.)
-SELECT format($f$CREATE FUNCTION public.attempt(document jsonb) RETURNS text LANGUAGE plpgsql AS $b$
+CREATE FUNCTION public.attempt(document jsonb) RETURNS text LANGUAGE plpgsql
+    SET regress.pgdata = :'pgdata' AS $b$
 BEGIN
     PERFORM byok.configure_tenant(document);
     RETURN 'configured';
 EXCEPTION WHEN OTHERS THEN
-    RETURN SQLSTATE || ': ' || replace(SQLERRM, %L, '$PGDATA');
-END $b$$f$, :'pgdata') \gexec
+    RETURN SQLSTATE || ': ' || replace(SQLERRM, current_setting('regress.pgdata'), '$PGDATA');
+END $b$;
 GRANT EXECUTE ON FUNCTION public.attempt(jsonb) TO file_thief;
 \c - file_thief
 -- The server's own key file, as a Vault token, sent to a listener of the thief's.
@@ -99,3 +118,4 @@ SELECT count(*) > 0 AS refusals_recorded FROM byok.audit_log
  WHERE event = 'configure_tenant' AND outcome = 'failed' AND role_name = 'file_thief';
 DROP FUNCTION public.attempt(jsonb);
 DROP ROLE file_thief;
+DROP FUNCTION wait_for_audit_queue();

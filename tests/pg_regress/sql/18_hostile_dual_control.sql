@@ -1,5 +1,25 @@
 \set VERBOSITY default
 \set SHOW_CONTEXT never
+-- This file sets up what it uses and cleans up after itself, so it runs alone.
+CREATE EXTENSION IF NOT EXISTS byok_pg;
+-- Key-manager calls and failed operations reach byok.audit_log through a queue
+-- the audit writer drains within a second or so; this helper waits for it (up to 30 s).
+CREATE OR REPLACE FUNCTION wait_for_audit_queue() RETURNS boolean LANGUAGE plpgsql AS $$
+BEGIN
+    FOR i IN 1..300 LOOP
+        PERFORM pg_stat_clear_snapshot();
+        IF (SELECT audit_queued FROM byok.broker_status()) = 0
+           AND NOT EXISTS (SELECT 1 FROM pg_stat_activity WHERE backend_type = 'byok catalog writer') THEN
+            RETURN true;
+        END IF;
+        PERFORM pg_sleep(0.1);
+    END LOOP;
+    RETURN false;
+END
+$$;
+-- Request ids in messages start at 18001 in this file, wherever it runs.
+SELECT setval('byok.operation_requests_request_id_seq', 18000) \gset
+
 -- Threat: dual control defeated by one person. Approval must come from a
 -- different person, and "different" is checked: an approver whose byok_admin
 -- membership the requester granted (through any chain of memberships) is
@@ -135,3 +155,4 @@ DELETE FROM byok.operation_requests WHERE tenant_id = 'dual_t';
 SELECT byok.destroy_tenant_keys('dual_t', 'dual_t');
 DROP ROLE minter_alt, minter_alt2, minter, granter_alt, granter, ops_team, honest, named_approver,
           cr_one, cr_two, cr_three, cr_agent;
+DROP FUNCTION wait_for_audit_queue();

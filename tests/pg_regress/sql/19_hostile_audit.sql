@@ -1,6 +1,26 @@
 \set VERBOSITY terse
 \set SHOW_CONTEXT never
+-- This file sets up what it uses and cleans up after itself, so it runs alone.
+CREATE EXTENSION IF NOT EXISTS byok_pg;
+-- Key-manager calls and failed operations reach byok.audit_log through a queue
+-- the audit writer drains within a second or so; this helper waits for it (up to 30 s).
+CREATE OR REPLACE FUNCTION wait_for_audit_queue() RETURNS boolean LANGUAGE plpgsql AS $$
+BEGIN
+    FOR i IN 1..300 LOOP
+        PERFORM pg_stat_clear_snapshot();
+        IF (SELECT audit_queued FROM byok.broker_status()) = 0
+           AND NOT EXISTS (SELECT 1 FROM pg_stat_activity WHERE backend_type = 'byok catalog writer') THEN
+            RETURN true;
+        END IF;
+        PERFORM pg_sleep(0.1);
+    END LOOP;
+    RETURN false;
+END
+$$;
+
 -- Threat: an audit trail that can be silenced, flooded or rewritten.
+-- Audit records of what ran before this file, still in the queue, land first.
+SELECT wait_for_audit_queue();
 SELECT coalesce(max(id), 0) AS audit_before FROM byok.audit_log \gset
 SELECT audit_dropped AS dropped_before FROM byok.broker_status() \gset
 
@@ -96,3 +116,4 @@ SELECT byok.audit_mac('\x', '\x');
 DROP TABLE hush_rows;
 SELECT byok.destroy_tenant_keys('hush', 'hush');
 DROP ROLE flooder, burster;
+DROP FUNCTION wait_for_audit_queue();

@@ -1,5 +1,8 @@
 \set VERBOSITY terse
 \set SHOW_CONTEXT never
+-- This file sets up what it uses and cleans up after itself, so it runs alone.
+CREATE EXTENSION IF NOT EXISTS byok_pg;
+
 -- Key hygiene: destroyed keys leave every cache; refusals name no tenant;
 -- nobody learns other roles' grants; and every data key has a nonce budget.
 SELECT byok.configure_tenant('{"customer": "Hyg", "tenant_id": "hyg",
@@ -73,4 +76,6 @@ SELECT pg_reload_conf();
 DROP TABLE hyg_other_rows, hyg_many;
 SELECT byok.destroy_tenant_keys('hyg', 'hyg');
 SELECT byok.destroy_tenant_keys('hyg_other', 'hyg_other');
+SELECT byok.revoke_tenant('peeker', 'hyg');
+SELECT byok.revoke_tenant('prober', 'hyg');
 DROP ROLE prober, peeker;

@@ -1,5 +1,8 @@
 \set VERBOSITY terse
 \set SHOW_CONTEXT never
+-- This file sets up what it uses and cleans up after itself, so it runs alone.
+CREATE EXTENSION IF NOT EXISTS byok_pg;
+
 -- Correctness found on the way.
 -- 1. Advisory locks: each purpose has its own class (the first key), so no two
 --    collide. A re-encryption job's worker holds its job's lock while the job is
@@ -51,5 +54,7 @@ CALL byok.rotate_master_key('lock_t', 'lock-cmk-2', '1 hour');
 \c - postgres
 
 DROP TABLE lock_rows;
+-- (new job ids go on after the highest one again)
+SELECT setval('byok.reencrypt_jobs_job_id_seq', max(job_id)) FROM byok.reencrypt_jobs \gset
 SELECT byok.destroy_tenant_keys('lock_t', 'lock_t');
 DROP ROLE rotator;

@@ -1,5 +1,23 @@
 \set VERBOSITY default
 \set SHOW_CONTEXT never
+-- This file sets up what it uses and cleans up after itself, so it runs alone.
+CREATE EXTENSION IF NOT EXISTS byok_pg;
+-- Key-manager calls and failed operations reach byok.audit_log through a queue
+-- the audit writer drains within a second or so; this helper waits for it (up to 30 s).
+CREATE OR REPLACE FUNCTION wait_for_audit_queue() RETURNS boolean LANGUAGE plpgsql AS $$
+BEGIN
+    FOR i IN 1..300 LOOP
+        PERFORM pg_stat_clear_snapshot();
+        IF (SELECT audit_queued FROM byok.broker_status()) = 0
+           AND NOT EXISTS (SELECT 1 FROM pg_stat_activity WHERE backend_type = 'byok catalog writer') THEN
+            RETURN true;
+        END IF;
+        PERFORM pg_sleep(0.1);
+    END LOOP;
+    RETURN false;
+END
+$$;
+
 -- Threat: a CREATEROLE holder borrowing someone else's tenant grant. In
 -- PostgreSQL 15 a role with CREATEROLE may make itself a member of any role
 -- that is not a superuser, so a grant it reaches through a membership (or
@@ -56,3 +74,4 @@ SELECT byok.revoke_tenant('hr_manager', 'cr_hr_own');
 SELECT byok.destroy_tenant_keys('cr_payroll', 'cr_payroll');
 SELECT byok.destroy_tenant_keys('cr_hr_own', 'cr_hr_own');
 DROP ROLE payroll_clerk, hr_manager, payroll_readers;
+DROP FUNCTION wait_for_audit_queue();
