@@ -16,6 +16,7 @@ use pgrx::pg_sys;
 use pgrx::prelude::*;
 
 use crate::errors::ByokError;
+use crate::postgres::session;
 
 /// The OIDs the key caches care about, looked up once per backend.
 #[derive(Debug, Clone, Copy)]
@@ -28,9 +29,6 @@ pub struct CatalogIds {
 
 thread_local! {
     static CATALOG_IDS: Cell<Option<CatalogIds>> = const { Cell::new(None) };
-    /// The extension's owner, kept across catalog invalidations (it does not
-    /// change with them), for telling the acting role apart without SPI.
-    static EXTENSION_OWNER: Cell<pg_sys::Oid> = const { Cell::new(pg_sys::InvalidOid) };
 }
 
 /// Forgets the cached OIDs (the extension may have been dropped and re-created).
@@ -73,7 +71,7 @@ fn catalog_ids() -> Result<CatalogIds, ByokError> {
         ByokError::Catalog("the byok_pg extension is not installed in this database".into())
     })?;
     CATALOG_IDS.with(|c| c.set(Some(ids)));
-    EXTENSION_OWNER.set(ids.owner);
+    session::set_extension_owner(ids.owner);
     Ok(ids)
 }
 
@@ -90,24 +88,8 @@ pub fn invalidate_everywhere() -> Result<(), ByokError> {
 /// security context) with search_path pinned to `pg_catalog, pg_temp`; the
 /// returned guard restores the caller's id, context and search_path when
 /// dropped, also while an error unwinds.
-fn switch_to_owner(owner: pg_sys::Oid, flags: u32) -> RestoreUser {
-    let caller = CALLER.get();
-    RestoreUser {
-        _switched: crate::postgres::security::SwitchedUser::enter(owner, flags),
-        caller,
-    }
-}
-
-struct RestoreUser {
-    _switched: crate::postgres::security::SwitchedUser,
-    /// The acting role recorded for the audit trail before the switch.
-    caller: pg_sys::Oid,
-}
-
-impl Drop for RestoreUser {
-    fn drop(&mut self) {
-        CALLER.set(self.caller);
-    }
+fn switch_to_owner(owner: pg_sys::Oid, flags: u32) -> crate::postgres::security::SwitchedUser {
+    crate::postgres::security::SwitchedUser::enter(owner, flags)
 }
 
 /// Runs `f` with the extension owner's user id (and restores the caller's
@@ -128,19 +110,14 @@ fn as_catalog_owner<R>(f: impl FnOnce() -> Result<R, ByokError>) -> Result<R, By
 /// never changed.
 pub fn as_extension_owner<R>(f: impl FnOnce() -> Result<R, ByokError>) -> Result<R, ByokError> {
     let ids = catalog_ids()?;
-    // SAFETY: reads the backend's current user id.
-    let saved_user = unsafe { pg_sys::GetUserId() };
-    let _restore = switch_to_owner(ids.owner, pg_sys::SECURITY_LOCAL_USERID_CHANGE);
-    if CALLER.get() == pg_sys::InvalidOid {
-        CALLER.set(saved_user);
-    }
+    let _caller = session::enter_as_caller(session::current_user());
+    let _owner = switch_to_owner(ids.owner, pg_sys::SECURITY_LOCAL_USERID_CHANGE);
     f()
 }
 
 /// A tenant as the catalog holds it: its key manager and master key.
 #[derive(Debug, Clone)]
 pub struct TenantRecord {
-    pub kind: ProviderKind,
     pub provider: ProviderRef,
     pub master_key_id: String,
 }
@@ -180,9 +157,8 @@ pub fn load_tenant_with(
         _ => serde_json::Map::new(),
     };
     Ok(Some(TenantRecord {
-        kind: provider_of(&name)?,
         provider: ProviderRef {
-            provider: name,
+            provider: provider_of(&name)?,
             options,
             create_key_store: false,
         },
@@ -212,12 +188,6 @@ pub fn read_one<T: pgrx::FromDatum + pgrx::IntoDatum>(
         }
         Ok(rows.first().get::<T>(1)?)
     })
-}
-
-/// The session's login role (the person, for dual control).
-pub fn session_role_name() -> String {
-    // SAFETY: reads the backend's session user id.
-    role_name(unsafe { pg_sys::GetSessionUserId() })
 }
 
 /// What dual control needs to know about a role taking part in it.
@@ -298,12 +268,6 @@ pub fn membership_conflicts(
     })
 }
 
-thread_local! {
-    /// The role that called the administrative function now running as the
-    /// extension's owner: what the audit trail records.
-    static CALLER: Cell<pg_sys::Oid> = const { Cell::new(pg_sys::InvalidOid) };
-}
-
 /// A data key as the catalog holds it, with what is needed to unwrap and cache it.
 #[derive(Debug, Clone)]
 pub struct DataKeyRecord {
@@ -324,11 +288,11 @@ pub fn cache_settings(
 ) -> byok_kms::protocol::CacheSettings {
     byok_kms::protocol::CacheSettings {
         ttl_seconds: ttl
-            .unwrap_or_else(|| crate::gucs::CACHE_TTL_SECONDS.get())
-            .max(1) as u32,
+            .map_or_else(crate::gucs::cache_ttl_seconds, |t| t.max(0) as u32)
+            .max(1),
         max_entries: max_entries
-            .unwrap_or_else(|| crate::gucs::CACHE_MAX_ENTRIES.get())
-            .max(1) as u32,
+            .map_or_else(crate::gucs::cache_max_entries, |m| m.max(0) as u32)
+            .max(1),
         grace_period_seconds: grace.unwrap_or(0).max(0) as u32,
     }
 }
@@ -450,40 +414,6 @@ pub fn load_tenant_key_info(tenant_id: &str) -> Result<Option<TenantKeyInfo>, By
     })
 }
 
-/// The role an action is recorded for: the caller of the administrative function
-/// now running as the extension's owner, else the current user; inside one of
-/// the extension's SECURITY DEFINER functions (an approved dual-control
-/// operation, a job step) the session's login role.
-pub fn acting_role() -> pg_sys::Oid {
-    let caller = match CALLER.get() {
-        oid if oid == pg_sys::InvalidOid => unsafe { pg_sys::GetUserId() },
-        oid => oid,
-    };
-    if caller == EXTENSION_OWNER.get() {
-        unsafe { pg_sys::GetSessionUserId() }
-    } else {
-        caller
-    }
-}
-
-/// Runs `f` with the current user (a table owner whose code may run inside
-/// `f`) as the acting role, so anything that code does through the extension is
-/// recorded, and judged, as that role's rather than as whoever started the
-/// surrounding work. The previous acting role comes back afterwards, also when
-/// `f` raises an error.
-pub fn acting_as_current_user<R>(f: impl FnOnce() -> Result<R, ByokError>) -> Result<R, ByokError> {
-    struct Restore(pg_sys::Oid);
-    impl Drop for Restore {
-        fn drop(&mut self) {
-            CALLER.set(self.0);
-        }
-    }
-    let _restore = Restore(CALLER.get());
-    // SAFETY: reads the backend's current user id.
-    CALLER.set(unsafe { pg_sys::GetUserId() });
-    f()
-}
-
 /// Appends an event to the audit trail (`byok.audit_event`, which also alerts on
 /// failures per the tenant's `audit` settings). Administration only: never on
 /// the per-row path.
@@ -495,7 +425,7 @@ pub fn audit(
     reason: Option<&str>,
     details: Option<serde_json::Value>,
 ) -> Result<(), ByokError> {
-    let caller = acting_role();
+    let caller = session::acting_role();
     Spi::run_with_args(
         "SELECT byok.audit_event($1, $2, $3, $4, $5, $6, $7)",
         &[
@@ -556,16 +486,3 @@ pub fn granted_directly(role: pg_sys::Oid, tenant_id: &str) -> Result<bool, Byok
     })
 }
 
-/// A role's name for messages (its OID if it no longer exists).
-pub fn role_name(user: pg_sys::Oid) -> String {
-    unsafe {
-        let name = pg_sys::GetUserNameFromId(user, true);
-        if name.is_null() {
-            u32::from(user).to_string()
-        } else {
-            std::ffi::CStr::from_ptr(name)
-                .to_string_lossy()
-                .into_owned()
-        }
-    }
-}

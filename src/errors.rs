@@ -137,6 +137,9 @@ pub enum ByokError {
         slots: usize,
         timeout_ms: u64,
     },
+    /// The broker failed a request itself, before any key manager was involved
+    /// (it restarted mid-request, or could not read the request).
+    BrokerFailed(String),
     Provider(ProviderError),
     Catalog(String),
     Internal(String),
@@ -343,6 +346,11 @@ impl ByokError {
                         .set_hint("it is restarted automatically; see the server log")
                 }
             }
+            ByokError::BrokerFailed(message) => report(
+                ERRCODE_SYSTEM_ERROR,
+                format!("the key broker could not handle the request: {message}"),
+            )
+            .set_hint("see the server log; the request can be retried"),
             ByokError::BrokerBusy { slots, timeout_ms } => report(
                 ERRCODE_INSUFFICIENT_RESOURCES,
                 format!("all {slots} key broker request slots stayed busy for {timeout_ms} ms"),

@@ -8,43 +8,43 @@ use pgrx::{GucContext, GucFlags, GucRegistry, GucSetting, PostgresGucEnum};
 /// may only encrypt for and decrypt values of this tenant; anything else fails
 /// with SQLSTATE 42501. Applications set it per connection or per transaction
 /// (`SET LOCAL byok.tenant = 'tenant_12345'`) as a guard against cross-tenant reads.
-pub static TENANT: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
+static TENANT: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 
 /// `byok.local_master_key_file` (server configuration, visible to superusers
 /// only): path of the `local` provider's root secret, read by the key broker.
 /// Empty (the default) means `byok_local_master.key` in the data directory,
 /// created with mode 0600 the first time a local tenant is configured.
-pub static LOCAL_MASTER_KEY_FILE: GucSetting<Option<CString>> =
+static LOCAL_MASTER_KEY_FILE: GucSetting<Option<CString>> =
     GucSetting::<Option<CString>>::new(None);
 
 /// `byok.backend_cache_max_entries` (superuser only): upper bound on the data
 /// keys one backend keeps ready, across all tenants; each tenant's own
 /// `cache_config.max_entries` applies within it.
-pub static BACKEND_CACHE_MAX_ENTRIES: GucSetting<i32> = GucSetting::<i32>::new(10_000);
+static BACKEND_CACHE_MAX_ENTRIES: GucSetting<i32> = GucSetting::<i32>::new(10_000);
 
 /// `byok.kms_timeout_ms` (any user): how long a request to the key broker, and
 /// the broker's call to the key manager, may take before failing.
-pub static KMS_TIMEOUT_MS: GucSetting<i32> = GucSetting::<i32>::new(5_000);
+static KMS_TIMEOUT_MS: GucSetting<i32> = GucSetting::<i32>::new(5_000);
 
 /// `byok.cache_ttl_seconds` (server configuration): how long a data key stays
 /// ready in the caches, for tenants whose `cache_config` sets no `ttl_seconds`.
-pub static CACHE_TTL_SECONDS: GucSetting<i32> = GucSetting::<i32>::new(86_400);
+static CACHE_TTL_SECONDS: GucSetting<i32> = GucSetting::<i32>::new(86_400);
 
 /// `byok.cache_max_entries` (server configuration): how many of a tenant's data
 /// keys the caches keep, for tenants whose `cache_config` sets no `max_entries`.
-pub static CACHE_MAX_ENTRIES: GucSetting<i32> = GucSetting::<i32>::new(1_000);
+static CACHE_MAX_ENTRIES: GucSetting<i32> = GucSetting::<i32>::new(1_000);
 
 /// `byok.reencrypt_batch_size` (server configuration): values a re-encryption
 /// job rewrites per transaction (about; batches are ranges of pages sized to it).
-pub static REENCRYPT_BATCH_SIZE: GucSetting<i32> = GucSetting::<i32>::new(1_000);
+static REENCRYPT_BATCH_SIZE: GucSetting<i32> = GucSetting::<i32>::new(1_000);
 
 /// `byok.reencrypt_max_rows_per_second` (server configuration): a ceiling on
 /// each re-encryption job's rate, so it leaves I/O to the application; 0 = none.
-pub static REENCRYPT_MAX_ROWS_PER_SECOND: GucSetting<i32> = GucSetting::<i32>::new(0);
+static REENCRYPT_MAX_ROWS_PER_SECOND: GucSetting<i32> = GucSetting::<i32>::new(0);
 
 /// `byok.scheduler_naptime_seconds` (server configuration): how often the job
 /// launcher looks in every database for due data-key rotations and jobs to resume.
-pub static SCHEDULER_NAPTIME_SECONDS: GucSetting<i32> = GucSetting::<i32>::new(60);
+static SCHEDULER_NAPTIME_SECONDS: GucSetting<i32> = GucSetting::<i32>::new(60);
 
 /// The deployment environments of the guide's `segregation_matrix`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PostgresGucEnum)]
@@ -65,16 +65,16 @@ pub enum Environment {
 /// carry the environment's key prefix (`prod-`, `stage-`, `dev-`), and in
 /// `production` destroying, rotating and granting need dual control
 /// (`byok.request_operation` + `byok.approve_operation`).
-pub static ENVIRONMENT: GucSetting<Environment> =
+static ENVIRONMENT: GucSetting<Environment> =
     GucSetting::<Environment>::new(Environment::Unset);
 
 /// `byok.key_prefix` (server configuration, superuser only): overrides the
 /// environment's key prefix from the guide's matrix; empty = the guide's.
-pub static KEY_PREFIX: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
+static KEY_PREFIX: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 
 /// `byok.approval_expiry_minutes` (server configuration, superuser only): how
 /// long a dual-control request waits for its approval.
-pub static APPROVAL_EXPIRY_MINUTES: GucSetting<i32> = GucSetting::<i32>::new(60);
+static APPROVAL_EXPIRY_MINUTES: GucSetting<i32> = GucSetting::<i32>::new(60);
 
 /// `byok.credential_directories` (server configuration): comma-separated
 /// absolute directories that tenants' credential files (tokens, secret ids,
@@ -82,38 +82,38 @@ pub static APPROVAL_EXPIRY_MINUTES: GucSetting<i32> = GucSetting::<i32>::new(60)
 /// must be owned by the server's OS user with mode 0600 or stricter; symbolic
 /// links below a directory are refused. Empty (the default): no credential file
 /// may be named in a tenant configuration.
-pub static CREDENTIAL_DIRECTORIES: GucSetting<Option<CString>> =
+static CREDENTIAL_DIRECTORIES: GucSetting<Option<CString>> =
     GucSetting::<Option<CString>>::new(None);
 
 /// `byok.allowed_endpoints` (server configuration): comma-separated host
 /// patterns (`host`, `host:port`, `*.domain`) a tenant configuration may name
 /// as a key-manager or token endpoint, besides the cloud providers' public
 /// service domains (always allowed).
-pub static ALLOWED_ENDPOINTS: GucSetting<Option<CString>> =
+static ALLOWED_ENDPOINTS: GucSetting<Option<CString>> =
     GucSetting::<Option<CString>>::new(None);
 
 /// `byok.allow_insecure_transport` (server configuration): lets tenant
 /// configurations use plain `http://` endpoints and turn TLS certificate
 /// checks off. For tests against local emulators; never in production.
-pub static ALLOW_INSECURE_TRANSPORT: GucSetting<bool> = GucSetting::<bool>::new(false);
+static ALLOW_INSECURE_TRANSPORT: GucSetting<bool> = GucSetting::<bool>::new(false);
 
 /// `byok.dual_control_approvers` (superuser only): comma-separated login roles
 /// that may approve dual-control requests. Empty (the default): any other
 /// byok_admin may, except one whose membership the requester granted and, on
 /// either side, a holder of CREATEROLE (who could mint a second approver).
-pub static DUAL_CONTROL_APPROVERS: GucSetting<Option<CString>> =
+static DUAL_CONTROL_APPROVERS: GucSetting<Option<CString>> =
     GucSetting::<Option<CString>>::new(None);
 
 /// `byok.max_encryptions_per_key` (server configuration): how many values one
 /// data key may seal before the key is rotated automatically. AES-GCM with
 /// random 96-bit nonces stays within NIST SP 800-38D's bound (2^32 per key)
 /// with a wide margin at the default, 2^30.
-pub static MAX_ENCRYPTIONS_PER_KEY: GucSetting<i32> = GucSetting::<i32>::new(1 << 30);
+static MAX_ENCRYPTIONS_PER_KEY: GucSetting<i32> = GucSetting::<i32>::new(1 << 30);
 
 /// `byok.audit_key_file` (server configuration, superuser only): the secret
 /// that keys the audit trail's hash chain (HMAC-SHA-256). Empty: `byok_audit.key`
 /// in the data directory, created with mode 0600 on first use.
-pub static AUDIT_KEY_FILE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
+static AUDIT_KEY_FILE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 
 pub fn init() {
     GucRegistry::define_string_guc(
@@ -278,6 +278,46 @@ pub fn init() {
         GucContext::Suset,
         GucFlags::default(),
     );
+}
+
+/// byok.backend_cache_max_entries.
+pub fn backend_cache_max_entries() -> usize {
+    BACKEND_CACHE_MAX_ENTRIES.get().max(0) as usize
+}
+
+/// byok.kms_timeout_ms: how long a backend waits for the key broker.
+pub fn kms_timeout_ms() -> u64 {
+    KMS_TIMEOUT_MS.get().max(1) as u64
+}
+
+/// byok.cache_ttl_seconds: the default time a data key stays cached.
+pub fn cache_ttl_seconds() -> u32 {
+    CACHE_TTL_SECONDS.get().max(0) as u32
+}
+
+/// byok.cache_max_entries: the default per-tenant cache size.
+pub fn cache_max_entries() -> u32 {
+    CACHE_MAX_ENTRIES.get().max(0) as u32
+}
+
+/// byok.reencrypt_batch_size: rows per re-encryption batch.
+pub fn reencrypt_batch_size() -> i32 {
+    REENCRYPT_BATCH_SIZE.get().max(1)
+}
+
+/// byok.reencrypt_max_rows_per_second: a job's throttle (0: none).
+pub fn reencrypt_max_rows_per_second() -> i32 {
+    REENCRYPT_MAX_ROWS_PER_SECOND.get().max(0)
+}
+
+/// byok.scheduler_naptime_seconds: how often the scheduler looks for due work.
+pub fn scheduler_naptime_seconds() -> u64 {
+    SCHEDULER_NAPTIME_SECONDS.get().max(1) as u64
+}
+
+/// byok.approval_expiry_minutes: how long a dual-control request stays open.
+pub fn approval_expiry_minutes() -> i32 {
+    APPROVAL_EXPIRY_MINUTES.get().max(1)
 }
 
 /// The session's tenant restriction, read in place (no copy: this is on the per-row path).

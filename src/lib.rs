@@ -17,6 +17,7 @@ mod keyring;
 mod locks;
 mod postgres;
 mod providers;
+mod shmem;
 mod types;
 
 ::pgrx::pg_module_magic!(name, version);
@@ -28,7 +29,7 @@ extension_sql_file!(
     "../sql/keys.sql",
     name = "keys",
     requires = [
-        broker::metrics::metrics_counters,
+        api::monitoring::metrics_counters,
         api::rotation::rotate_master_key_step,
         api::rotation::rotate_master_key_finish
     ]
@@ -59,11 +60,11 @@ extension_sql_file!("../sql/privileges.sql", name = "privileges", finalize);
 pub extern "C-unwind" fn _PG_init() {
     check_cpu();
     gucs::init();
-    postgres::invalidation::register();
+    keyring::invalidation::register();
     // The broker and its shared memory can only be set up from shared_preload_libraries;
     // loaded any other way, key operations fail with a message saying so.
     if unsafe { pg_sys::process_shared_preload_libraries_in_progress } {
-        broker::shmem::install_hooks();
+        shmem::install_hooks();
         broker::worker::register();
         jobs::workers::register_launcher();
     }
@@ -78,7 +79,7 @@ postgres::fmgr::pg_function_info_v1!(byok_require_preload);
 pub unsafe extern "C-unwind" fn byok_require_preload(
     _fcinfo: pg_sys::FunctionCallInfo,
 ) -> pg_sys::Datum {
-    if broker::shmem::shared().is_none() {
+    if shmem::shared().is_none() {
         errors::ByokError::NotPreloaded.raise();
     }
     pg_sys::Datum::from(0)

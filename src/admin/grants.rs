@@ -62,7 +62,7 @@ fn change(event: &str, sql: &str, role: pg_sys::Oid, tenant_id: &str) -> Result<
         None,
         true,
         None,
-        Some(serde_json::json!({"role": catalog::role_name(role), "changed": changed})),
+        Some(serde_json::json!({"role": crate::postgres::session::role_name(role), "changed": changed})),
     )?;
     Ok(changed)
 }

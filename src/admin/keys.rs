@@ -23,7 +23,7 @@ pub fn configure_tenant(document: &serde_json::Value) -> Result<String, ByokErro
     super::policy::check_key_prefix(&config.master_key_id)?;
     // Configuring is the one time the local provider may create its key file.
     let provider = ProviderRef {
-        provider: config.provider.name().to_string(),
+        provider: config.provider,
         options: config.provider_options.clone(),
         create_key_store: true,
     };
@@ -85,13 +85,13 @@ fn upsert_tenant(
 ) -> Result<(), ByokError> {
     let tenant_id = config.tenant_id.as_str();
     if let Some(existing) = catalog::load_tenant_with(client, tenant_id, true)?
-        && (existing.kind != config.provider || existing.master_key_id != config.master_key_id)
+        && (existing.provider.provider != config.provider || existing.master_key_id != config.master_key_id)
     {
         return Err(ByokError::InvalidArgument {
             message: format!(
                 "tenant \"{tenant_id}\" already uses master key \"{}\" of provider \"{}\"; configure_tenant does not change a tenant's master key",
                 existing.master_key_id,
-                existing.kind.name()
+                existing.provider.provider.name()
             ),
             hint: Some(format!(
                 "moving a tenant to a new master key rewraps its data keys: CALL byok.rotate_master_key('{tenant_id}', 'NEW-KEY-ID')"
@@ -220,7 +220,7 @@ pub fn rotate_data_key(tenant_id: &str, reason: Option<&str>) -> Result<i64, Byo
         create_data_key(
             client,
             tenant_id,
-            tenant.kind,
+            tenant.provider.provider,
             tenant.provider,
             &tenant.master_key_id,
         )

@@ -282,7 +282,7 @@ pub fn administer_with<T>(
     details: Option<serde_json::Value>,
     body: impl FnOnce() -> Result<T, ByokError>,
 ) -> Result<T, ByokError> {
-    let actor = catalog::acting_role();
+    let actor = crate::postgres::session::acting_role();
     // A table owner's code (a trigger, a policy) runs inside a
     // security-restricted operation when byok_pg works on its table: it must
     // not administer keys from there, with the rights of whoever started the work.

@@ -143,7 +143,7 @@ pub fn request(op_name: &str, tenant_id: &str, args: &serde_json::Value) -> Resu
             catalog::as_extension_owner(|| {
                 super::require_primary("request_operation")?;
                 check_request(&op)?;
-                let requester = catalog::participant(&catalog::session_role_name())?;
+                let requester = catalog::participant(&crate::postgres::session::session_role_name())?;
                 policy::check_requester(&requester)?;
                 let id = Spi::get_one_with_args::<i64>(
                 "INSERT INTO byok.operation_requests (operation, tenant_id, args, requested_by, expires_at)
@@ -154,7 +154,7 @@ pub fn request(op_name: &str, tenant_id: &str, args: &serde_json::Value) -> Resu
                     DatumWithOid::from(op.name()),
                     DatumWithOid::from(tenant_id),
                     DatumWithOid::from(JsonB(op.request_arguments())),
-                    DatumWithOid::from(crate::gucs::APPROVAL_EXPIRY_MINUTES.get()),
+                    DatumWithOid::from(crate::gucs::approval_expiry_minutes()),
                 ],
             )?
             .ok_or_else(|| ByokError::Internal("the request was not recorded".into()))?;
@@ -247,7 +247,7 @@ pub fn approve(id: i64) -> Result<String, ByokError> {
                 ));
             }
             let (requester, approver, (granted, minted_by)) = catalog::as_extension_owner(|| {
-                let approver_name = catalog::session_role_name();
+                let approver_name = crate::postgres::session::session_role_name();
                 Ok((
                     catalog::participant(&request.requested_by)?,
                     catalog::participant(&approver_name)?,

@@ -63,7 +63,7 @@ pub fn step(tenant_id: &str, new_key_id: &str, grace_period: &str) -> Result<i64
     if tenant.master_key_id != new_key_id {
         if !info.enabled || !info.can_wrap {
             return Err(ByokError::Provider(byok_kms::ProviderError::new(
-                tenant.kind,
+                tenant.provider.provider,
                 byok_kms::ErrorKind::KeyDisabled,
                 format!("master key \"{new_key_id}\" is not enabled for wrapping keys"),
             )));
@@ -80,7 +80,7 @@ pub fn step(tenant_id: &str, new_key_id: &str, grace_period: &str) -> Result<i64
                 DatumWithOid::from(tenant_id),
                 DatumWithOid::from(new_key_id),
                 DatumWithOid::from(grace_period),
-                DatumWithOid::from(tenant.kind.master_key_field()),
+                DatumWithOid::from(tenant.provider.provider.master_key_field()),
             ],
         )?;
         // The rotation's start; its end is recorded when every key is rewrapped.

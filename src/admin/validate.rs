@@ -21,7 +21,7 @@ fn run_checks(tenant_id: &str) -> Checks {
     let mut add =
         |name: &str, ok: bool, detail: String| checks.push((name.to_string(), ok, detail));
     let (kind, provider, master_key_id) = match catalog::load_tenant(tenant_id, false) {
-        Ok(Some(t)) => (t.kind, t.provider, t.master_key_id),
+        Ok(Some(t)) => (t.provider.provider, t.provider, t.master_key_id),
         Ok(None) => {
             add(
                 "tenant configured",
@@ -121,7 +121,7 @@ fn run_checks(tenant_id: &str) -> Checks {
         round_trips,
         format!("unwrapped in {unwrap_ms:.1} ms; {outcome}"),
     );
-    let budget_ms = crate::gucs::KMS_TIMEOUT_MS.get() as f64;
+    let budget_ms = crate::gucs::kms_timeout_ms() as f64;
     add(
         "latency within byok.kms_timeout_ms",
         generate_ms.max(unwrap_ms) < budget_ms,

@@ -4,5 +4,6 @@
 
 pub mod crypt;
 pub mod governance;
+pub mod monitoring;
 pub mod rotation;
 pub mod tenants;

@@ -27,7 +27,7 @@ use pgrx::pg_sys;
 use pgrx::prelude::*;
 use serde::{Deserialize, Serialize};
 
-use crate::broker::shmem;
+use crate::shmem;
 use crate::errors::ByokError;
 
 /// How long repeats of one failure are counted before a summary is queued.
@@ -63,7 +63,7 @@ pub fn now_micros() -> i64 {
 /// dropped). Plain memory only: the broker's runtime threads call this.
 pub fn encode(record: &QueuedRecord) -> Vec<u8> {
     let mut bytes = serde_json::to_vec(record).unwrap_or_default();
-    if bytes.len() > shmem::AUDIT_RECORD_LEN {
+    if bytes.len() > byok_core::audit_ring::AUDIT_RECORD_LEN {
         let mut shorter = record.clone();
         shorter.reason = shorter
             .reason
@@ -135,7 +135,7 @@ pub fn failure(
     };
     let now = Tick::now();
     let micros = now_micros();
-    let role_name = Some(crate::catalog::role_name(role));
+    let role_name = Some(crate::postgres::session::role_name(role));
     let first = REPEATS.with_borrow_mut(|repeats| {
         if let Some(seen) = repeats.get_mut(&kind) {
             if now.duration_since(seen.first_at) < COALESCE_WINDOW {
@@ -162,7 +162,7 @@ pub fn failure(
     });
     if first {
         queue(
-            crate::broker::this_database(),
+            crate::postgres::session::database(),
             &QueuedRecord {
                 event: kind.event,
                 tenant_id: kind.tenant_id,
@@ -183,7 +183,7 @@ fn queue_repeats(kind: &FailureKind, repeats: &Repeats) {
         return;
     }
     queue(
-        crate::broker::this_database(),
+        crate::postgres::session::database(),
         &QueuedRecord {
             event: kind.event.clone(),
             tenant_id: kind.tenant_id.clone(),
@@ -274,7 +274,7 @@ pub fn key_use_failed(error: &ByokError) {
         dek_id,
         &error.summary_ref(),
         None,
-        crate::catalog::acting_role(),
+        crate::postgres::session::acting_role(),
     );
 }
 

@@ -1,39 +1,35 @@
 //! The key broker: one background worker owns every key-provider client and the
 //! shared data-key cache; backends reach it through request slots in shared
-//! memory. See `shmem` for the slot protocol, `client` for the backend side and
-//! `worker` for the broker process.
+//! memory. See `byok_core::slots` for the slot protocol, `crate::shmem` for
+//! where it lives, `client` for the backend side and `worker` for the broker
+//! process.
 
 pub mod client;
-pub mod metrics;
-pub mod shmem;
 pub mod worker;
 
 use byok_core::crypto::DataKey;
 use byok_kms::protocol::{CacheSettings, ProviderRef, Request, Response, TenantRef};
 use byok_kms::{MasterKeyInfo, WrappedDek};
-use pgrx::pg_sys;
-
 use crate::errors::ByokError;
-
-/// The current database, as the broker's requests name it.
-pub fn this_database() -> u32 {
-    u32::from(unsafe { pg_sys::MyDatabaseId })
-}
+use crate::postgres::session;
 
 /// Who a request is for: this database, the tenant, and the acting role.
 pub fn tenant_ref(tenant_id: &str) -> TenantRef {
-    let role = crate::catalog::acting_role();
+    let role = session::acting_role();
     TenantRef {
-        database: this_database(),
+        database: session::database(),
         tenant_id: tenant_id.to_string(),
         role: u32::from(role),
-        role_name: crate::catalog::role_name(role),
+        role_name: session::role_name(role),
     }
 }
 
 fn failed(response: Response) -> ByokError {
     match response {
-        Response::Failed { error } => ByokError::Provider(error.into_error()),
+        Response::Failed { error } => match error.into_error() {
+            Ok(provider_error) => ByokError::Provider(provider_error),
+            Err(message) => ByokError::BrokerFailed(message),
+        },
         other => ByokError::Internal(format!("unexpected answer from the key broker: {other:?}")),
     }
 }
@@ -122,7 +118,7 @@ pub fn validate(
 /// of one of its tenants, or of one data key.
 pub fn flush(tenant_id: Option<String>, dek_id: Option<u64>) -> Result<u64, ByokError> {
     let answer = client::call(&Request::Flush {
-        database: this_database(),
+        database: session::database(),
         tenant_id,
         dek_id,
     })?;

@@ -21,8 +21,11 @@ use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, SignalWakeFlags
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 
-use super::shmem::{self, BrokerShared, DONE, RUNNING, SUBMITTED};
+use byok_core::counters::Counter;
+use byok_core::slots::{PAYLOAD_LEN, Taken};
+
 use crate::gucs;
+use crate::shmem::{self, Shared};
 
 /// Longest a key manager's refusal is remembered before it is asked again.
 const REFUSAL_BACKOFF_MAX: Duration = Duration::from_secs(30);
@@ -46,42 +49,28 @@ struct SharedMetrics;
 
 impl MetricsSink for SharedMetrics {
     fn record(&self, provider: ProviderKind, tenant: &TenantRef, event: MetricEvent) {
-        let Some(shared) = shmem::shared() else {
+        let Some(m) = shmem::shared()
+            .and_then(|shared| shared.metrics.slot(tenant.database, provider, &tenant.tenant_id))
+        else {
             return;
-        };
-        let provider = ProviderKind::ALL
-            .iter()
-            .position(|p| *p == provider)
-            .unwrap_or(0) as u32;
-        let Some(i) = shmem::metric_slot(
-            shared,
-            tenant.database,
-            provider,
-            tenant.tenant_id.as_bytes(),
-        ) else {
-            return;
-        };
-        let m = &shared.metrics[i];
-        let add = |c: &std::sync::atomic::AtomicU64| {
-            c.fetch_add(1, Ordering::Relaxed);
         };
         match event {
             MetricEvent::KmsCall { op, ok, latency } => {
-                add(&m.kms_calls);
+                m.add(Counter::KmsCalls, 1);
                 if !ok {
-                    add(&m.kms_failures);
+                    m.add(Counter::KmsFailures, 1);
                 }
-                let bucket = shmem::latency_bucket(latency.as_micros() as u64);
-                add(&m.kms_latency[bucket]);
+                let bucket = byok_core::histogram::bucket(latency.as_micros() as u64);
+                m.kms_latency(bucket);
                 if ok && matches!(op, KmsOp::Unwrap | KmsOp::Generate) {
-                    add(&m.dek_generations);
-                    add(&m.dek_latency[bucket]);
+                    m.add(Counter::DekGenerations, 1);
+                    m.dek_latency(bucket);
                 }
             }
-            MetricEvent::SharedCacheHit => add(&m.l2_hits),
-            MetricEvent::SharedCacheMiss => add(&m.l2_misses),
-            MetricEvent::ServedStale => add(&m.served_stale),
-            MetricEvent::ServedByReplica => add(&m.served_by_replica),
+            MetricEvent::SharedCacheHit => m.add(Counter::L2Hits, 1),
+            MetricEvent::SharedCacheMiss => m.add(Counter::L2Misses, 1),
+            MetricEvent::ServedStale => m.add(Counter::ServedStale, 1),
+            MetricEvent::ServedByReplica => m.add(Counter::ServedByReplica, 1),
         }
     }
 
@@ -132,7 +121,7 @@ fn settings() -> ServiceSettings {
         policy: Arc::new(gucs::access_policy()),
         refusal_backoff_max: REFUSAL_BACKOFF_MAX,
         max_entries: SHARED_CACHE_CAPACITY,
-        provider_timeout: Duration::from_millis(gucs::KMS_TIMEOUT_MS.get().max(1) as u64),
+        provider_timeout: Duration::from_millis(gucs::kms_timeout_ms()),
     }
 }
 
@@ -183,33 +172,24 @@ pub extern "C-unwind" fn byok_broker_main(_arg: pg_sys::Datum) {
     let Some(shared) = shmem::shared() else {
         pgrx::error!("byok key broker: shared memory is not set up");
     };
+    // SAFETY: registers a plain C callback for this process's exit.
     unsafe { pg_sys::before_shmem_exit(Some(on_broker_exit), pg_sys::Datum::from(0)) };
-    // The broker holds every tenant's plaintext keys and the key managers'
-    // credentials: it never writes a core dump, and other OS users (and
-    // non-root ptrace) cannot attach to it.
-    // SAFETY: prctl with PR_SET_DUMPABLE takes an integer argument only.
-    if unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) } != 0 {
-        pgrx::warning!(
-            "byok key broker: could not disable core dumps: {}",
-            std::io::Error::last_os_error()
-        );
-    }
+    refuse_core_dumps();
     shared.generation.fetch_add(1, Ordering::AcqRel);
-    recover_slots(shared);
-
-    // Finished tasks write to this eventfd, which wakes the main loop.
-    let wake = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
-    if wake < 0 {
-        pgrx::error!(
-            "byok key broker: could not create an eventfd: {}",
-            std::io::Error::last_os_error()
-        );
-    }
-    let wake = Arc::new(unsafe { OwnedFd::from_raw_fd(wake) });
+    // Requests the previous broker had taken will never be answered by it.
+    shared.slots.recover(
+        &encode(&failure(
+            None,
+            ErrorKind::Unavailable,
+            "the key broker restarted while handling this request; retry it".into(),
+        )),
+        shared,
+    );
+    let wake = Arc::new(new_eventfd());
     let runtime = build_runtime();
     let service = Arc::new(KeyService::new(settings(), Arc::new(SharedMetrics)));
     let (done_tx, done_rx) = mpsc::channel::<Completion>();
-
+    // SAFETY: publishes this process's own latch and pid; cleared at exit.
     unsafe {
         shared
             .broker_latch
@@ -222,27 +202,13 @@ pub extern "C-unwind" fn byok_broker_main(_arg: pg_sys::Datum) {
         "byok key broker started (generation {})",
         shared.generation.load(Ordering::Acquire)
     );
-
     loop {
-        unsafe {
-            pg_sys::WaitLatchOrSocket(
-                pg_sys::MyLatch,
-                (pg_sys::WL_LATCH_SET
-                    | pg_sys::WL_SOCKET_READABLE
-                    | pg_sys::WL_TIMEOUT
-                    | pg_sys::WL_EXIT_ON_PM_DEATH) as i32,
-                wake.as_raw_fd(),
-                1000,
-                pg_sys::PG_WAIT_EXTENSION,
-            );
-            pg_sys::ResetLatch(pg_sys::MyLatch);
-            let mut counter = 0u64;
-            libc::read(wake.as_raw_fd(), (&raw mut counter).cast(), 8);
-        }
+        wait_for_work(&wake);
         if BackgroundWorker::sigterm_received() {
             break;
         }
         if BackgroundWorker::sighup_received() {
+            // SAFETY: re-reads postgresql.conf in this process, as any worker may.
             unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
             service.reconfigure(settings());
         }
@@ -254,49 +220,9 @@ pub extern "C-unwind" fn byok_broker_main(_arg: pg_sys::Datum) {
         while let Ok(done) = done_rx.try_recv() {
             deliver(shared, done);
         }
-        for (index, slot) in shared.slots.iter().enumerate() {
-            if slot
-                .state
-                .compare_exchange(SUBMITTED, RUNNING, Ordering::AcqRel, Ordering::Relaxed)
-                .is_err()
-            {
-                continue;
-            }
-            let request_id = slot.request_id.load(Ordering::Acquire);
-            let len = (slot.request_len.load(Ordering::Acquire) as usize).min(shmem::PAYLOAD_LEN);
-            let request = serde_json::from_slice::<Request>(unsafe { &slot.payload()[..len] });
-            match request {
-                Ok(request) => {
-                    let (service, done_tx, wake) = (service.clone(), done_tx.clone(), wake.clone());
-                    let work = runtime.spawn(async move { service.handle(request).await });
-                    runtime.spawn(async move {
-                        // A provider that panics must still answer, or its slot would never be freed.
-                        let outcome = work.await.unwrap_or_else(|_| {
-                            failure(
-                                ErrorKind::Unavailable,
-                                "the key provider failed unexpectedly; see the server log".into(),
-                            )
-                        });
-                        let _ = done_tx.send(Completion {
-                            slot: index,
-                            request_id,
-                            outcome,
-                        });
-                        let one = 1u64;
-                        unsafe { libc::write(wake.as_raw_fd(), (&raw const one).cast(), 8) };
-                    });
-                }
-                Err(e) => deliver(
-                    shared,
-                    Completion {
-                        slot: index,
-                        request_id,
-                        outcome: failure(
-                            ErrorKind::Misconfigured,
-                            format!("malformed request: {e}"),
-                        ),
-                    },
-                ),
+        for index in 0..shmem::SLOT_COUNT {
+            if let Some(taken) = shared.slots.take(index) {
+                dispatch(shared, &runtime, &service, &done_tx, &wake, taken);
             }
         }
     }
@@ -304,93 +230,132 @@ pub extern "C-unwind" fn byok_broker_main(_arg: pg_sys::Datum) {
     runtime.shutdown_timeout(Duration::from_millis(500));
     // Exit code 1: a broker stopped on its own (pg_terminate_backend) is started
     // again; at server shutdown the postmaster does not restart anything.
+    // SAFETY: ends this process the way PostgreSQL expects of a worker.
     unsafe { pg_sys::proc_exit(1) };
 }
 
-fn failure(kind: ErrorKind, message: String) -> Outcome {
+/// The broker holds every tenant's plaintext keys and the key managers'
+/// credentials: it never writes a core dump, and other OS users (and
+/// non-root ptrace) cannot attach to it.
+fn refuse_core_dumps() {
+    // SAFETY: prctl with PR_SET_DUMPABLE takes an integer argument only.
+    if unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) } != 0 {
+        pgrx::warning!(
+            "byok key broker: could not disable core dumps: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+}
+
+/// Finished tasks write to this eventfd, which wakes the main loop.
+fn new_eventfd() -> OwnedFd {
+    // SAFETY: eventfd has no memory-safety preconditions; the descriptor is
+    // owned by the returned value from here on.
+    unsafe {
+        let fd = libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC);
+        if fd < 0 {
+            pgrx::error!(
+                "byok key broker: could not create an eventfd: {}",
+                std::io::Error::last_os_error()
+            );
+        }
+        OwnedFd::from_raw_fd(fd)
+    }
+}
+
+/// Sleeps until a backend sets the latch, a task finishes, or a second passes.
+fn wait_for_work(wake: &OwnedFd) {
+    // SAFETY: waits on this process's own latch and an eventfd it owns; the
+    // read drains the eventfd's counter into a local.
+    unsafe {
+        pg_sys::WaitLatchOrSocket(
+            pg_sys::MyLatch,
+            (pg_sys::WL_LATCH_SET
+                | pg_sys::WL_SOCKET_READABLE
+                | pg_sys::WL_TIMEOUT
+                | pg_sys::WL_EXIT_ON_PM_DEATH) as i32,
+            wake.as_raw_fd(),
+            1000,
+            pg_sys::PG_WAIT_EXTENSION,
+        );
+        pg_sys::ResetLatch(pg_sys::MyLatch);
+        let mut counter = 0u64;
+        libc::read(wake.as_raw_fd(), (&raw mut counter).cast(), 8);
+    }
+}
+
+/// Hands a taken request to the runtime; its answer comes back through
+/// `done_tx` and the eventfd.
+fn dispatch(
+    shared: &Shared,
+    runtime: &tokio::runtime::Runtime,
+    service: &Arc<KeyService>,
+    done_tx: &mpsc::Sender<Completion>,
+    wake: &Arc<OwnedFd>,
+    taken: Taken,
+) {
+    let request = match serde_json::from_slice::<Request>(&taken.request) {
+        Ok(request) => request,
+        Err(e) => {
+            let outcome = failure(None, ErrorKind::Misconfigured, format!("malformed request: {e}"));
+            return deliver(shared, Completion { slot: taken.index, request_id: taken.request_id, outcome });
+        }
+    };
+    let provider = request.provider();
+    let (service, done_tx, wake) = (service.clone(), done_tx.clone(), wake.clone());
+    let work = runtime.spawn(async move { service.handle(request).await });
+    runtime.spawn(async move {
+        // A provider that panics must still answer, or its slot would never be freed.
+        let outcome = work.await.unwrap_or_else(|_| {
+            failure(
+                provider,
+                ErrorKind::Unavailable,
+                "the key provider failed unexpectedly; see the server log".into(),
+            )
+        });
+        // (The receiver lives as long as the main loop; after it, nobody waits.)
+        let _ = done_tx.send(Completion {
+            slot: taken.index,
+            request_id: taken.request_id,
+            outcome,
+        });
+        let one = 1u64;
+        // SAFETY: writes 8 bytes from a local to an eventfd this task shares ownership of.
+        unsafe { libc::write(wake.as_raw_fd(), (&raw const one).cast(), 8) };
+    });
+}
+
+fn failure(provider: Option<ProviderKind>, kind: ErrorKind, message: String) -> Outcome {
+    let mut error = ErrorWire::broker(kind, message);
+    error.provider = provider;
     Outcome {
-        response: Response::Failed {
-            error: ErrorWire {
-                provider: "local".into(),
-                kind,
-                message,
-                detail: None,
-                hint: None,
-            },
-        },
+        response: Response::Failed { error },
         data_key: None,
     }
 }
 
-/// Writes an answer into its slot if the slot still waits for it.
-fn deliver(shared: &BrokerShared, done: Completion) {
-    let slot = &shared.slots[done.slot];
-    if slot.request_id.load(Ordering::Acquire) != done.request_id {
-        return; // the data key, if any, is zeroized as `done` drops
-    }
-    let mut encoded = serde_json::to_vec(&done.outcome.response).unwrap_or_default();
-    if encoded.len() > shmem::PAYLOAD_LEN {
-        let too_large = failure(
-            ErrorKind::Unavailable,
-            "the key manager's answer is too large".into(),
-        );
-        encoded = serde_json::to_vec(&too_large.response).unwrap_or_default();
-    }
-    unsafe {
-        slot.payload()[..encoded.len()].copy_from_slice(&encoded);
-        if let Some(dek) = &done.outcome.data_key {
-            shared.slot_key(done.slot).copy_from_slice(dek.expose());
-            slot.has_data_key.store(true, Ordering::Relaxed);
-        }
-    }
-    slot.response_len
-        .store(encoded.len() as u32, Ordering::Relaxed);
-    shared.requests_served.fetch_add(1, Ordering::Relaxed);
-    match slot
-        .state
-        .compare_exchange(RUNNING, DONE, Ordering::AcqRel, Ordering::Acquire)
-    {
-        Ok(_) => unsafe { pg_sys::ConditionVariableBroadcast(slot.cv.get()) },
-        Err(_) => {
-            // The requester gave up (ABANDONED): nobody may read this answer.
-            shared.wipe_slot(done.slot);
-            slot.state.store(shmem::FREE, Ordering::Release);
-            unsafe { pg_sys::ConditionVariableBroadcast(shared.slot_freed.get()) };
-        }
-    }
+fn encode(outcome: &Outcome) -> Vec<u8> {
+    // Serializing these plain enums of strings and numbers cannot fail.
+    serde_json::to_vec(&outcome.response).expect("a response serializes")
 }
 
-/// After a restart: requests the previous broker had taken will never be
-/// answered by it, so answer them with an error; free abandoned slots.
-fn recover_slots(shared: &BrokerShared) {
-    for (index, slot) in shared.slots.iter().enumerate() {
-        match slot.state.load(Ordering::Acquire) {
-            RUNNING => {
-                let outcome = failure(
-                    ErrorKind::Unavailable,
-                    "the key broker restarted while handling this request; retry it".into(),
-                );
-                let encoded = serde_json::to_vec(&outcome.response).unwrap_or_default();
-                unsafe { slot.payload()[..encoded.len()].copy_from_slice(&encoded) };
-                slot.response_len
-                    .store(encoded.len() as u32, Ordering::Relaxed);
-                if slot
-                    .state
-                    .compare_exchange(RUNNING, DONE, Ordering::AcqRel, Ordering::Acquire)
-                    .is_ok()
-                {
-                    unsafe { pg_sys::ConditionVariableBroadcast(slot.cv.get()) };
-                } else {
-                    shared.wipe_slot(index);
-                    slot.state.store(shmem::FREE, Ordering::Release);
-                }
-            }
-            shmem::ABANDONED => {
-                shared.wipe_slot(index);
-                slot.state.store(shmem::FREE, Ordering::Release);
-            }
-            _ => {}
-        }
+/// Writes an answer into its slot if the slot still waits for it.
+fn deliver(shared: &Shared, done: Completion) {
+    let mut encoded = encode(&done.outcome);
+    if encoded.len() > PAYLOAD_LEN {
+        encoded = encode(&failure(
+            None,
+            ErrorKind::Unavailable,
+            "the key manager's answer is too large".into(),
+        ));
     }
-    unsafe { pg_sys::ConditionVariableBroadcast(shared.slot_freed.get()) };
+    shared.requests_served.fetch_add(1, Ordering::Relaxed);
+    shared.slots.answer(
+        done.slot,
+        done.request_id,
+        &encoded,
+        done.outcome.data_key.as_ref(),
+        shared,
+    );
+    // The data key, if any, is zeroized as `done` drops.
 }

@@ -162,7 +162,7 @@ fn as_table_owner<R>(
     let _owner = SwitchedUser::as_table_owner(column.owner);
     set_local(c"row_security", c"off");
     let _scope = job.map(JobScope::enter);
-    catalog::acting_as_current_user(f)
+    crate::postgres::session::acting_as_current_user(f)
 }
 
 /// Sets a setting until the enclosing GUC level (the owner switch's) ends.

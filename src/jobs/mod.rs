@@ -46,10 +46,10 @@ pub fn drive(
             }
             Some(JobState::Running) => {
                 let started = Instant::now();
-                let batch = gucs::REENCRYPT_BATCH_SIZE.get().max(1);
+                let batch = gucs::reencrypt_batch_size();
                 match runner.unit(|| engine::step(job, batch))? {
                     Step::Rewrote(n) => {
-                        let max_rate = gucs::REENCRYPT_MAX_ROWS_PER_SECOND.get();
+                        let max_rate = gucs::reencrypt_max_rows_per_second();
                         if n > 0 && max_rate > 0 {
                             let due = Duration::from_secs_f64(n as f64 / f64::from(max_rate));
                             if let Some(rest) = due.checked_sub(started.elapsed())
@@ -233,7 +233,7 @@ fn register_column(
         return Err(ByokError::NotAllowed {
             message: format!(
                 "permission denied: {} may not update column {column} of {name}",
-                catalog::role_name(unsafe { pg_sys::GetUserId() })
+                crate::postgres::session::role_name(unsafe { pg_sys::GetUserId() })
             ),
             detail: Some("re-encryption jobs rewrite registered columns; registering needs UPDATE on the column".into()),
             hint: None,

@@ -119,7 +119,7 @@ pub extern "C-unwind" fn byok_job_launcher_main(_argument: pg_sys::Datum) {
         if reload_config_if_asked() {
             next_visit = Instant::now();
         }
-        if let Some(shared) = crate::broker::shmem::shared() {
+        if let Some(shared) = crate::shmem::shared() {
             let mut due: Vec<u32> = shared.audit.pending_databases();
             for (database, pending) in shared.key_usage.pending_by_database() {
                 let last = last_persist.entry(database).or_insert_with(Instant::now);
@@ -164,7 +164,7 @@ pub extern "C-unwind" fn byok_job_launcher_main(_argument: pg_sys::Datum) {
                 start_worker("byok scheduler", "byok_scheduler_main", database, 0);
             }
             next_visit = Instant::now()
-                + Duration::from_secs(gucs::SCHEDULER_NAPTIME_SECONDS.get().max(1) as u64);
+                + Duration::from_secs(gucs::scheduler_naptime_seconds());
         }
         if !BackgroundWorker::wait_latch(Some(TICK)) {
             break;
@@ -190,7 +190,7 @@ pub extern "C-unwind" fn byok_catalog_writer_main(_argument: pg_sys::Datum) {
     BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
     let database = database_of_worker();
     BackgroundWorker::connect_worker_to_spi_by_oid(Some(database), None);
-    let Some(shared) = crate::broker::shmem::shared() else {
+    let Some(shared) = crate::shmem::shared() else {
         return;
     };
     let db = u32::from(database);
@@ -199,7 +199,7 @@ pub extern "C-unwind" fn byok_catalog_writer_main(_argument: pg_sys::Datum) {
         return; // a standby cannot write; the work waits for promotion
     }
     let persisted = BackgroundWorker::transaction(|| {
-        let Some(shared) = crate::broker::shmem::shared() else {
+        let Some(shared) = crate::shmem::shared() else {
             return Vec::new();
         };
         if !extension_installed() {
@@ -248,7 +248,7 @@ pub extern "C-unwind" fn byok_catalog_writer_main(_argument: pg_sys::Datum) {
 /// Adds the pending encryption counts of this database's keys to the catalog.
 /// Returns what to subtract after commit: (slot, key, count, key no longer active).
 fn persist_key_usage(database: u32) -> Result<Vec<(usize, u64, u64, bool)>, ByokError> {
-    let Some(shared) = crate::broker::shmem::shared() else {
+    let Some(shared) = crate::shmem::shared() else {
         return Ok(Vec::new());
     };
     let mut done = Vec::new();

@@ -1,8 +1,8 @@
 //! Glue to PostgreSQL's C interfaces that the rest of the extension uses.
 
 pub mod fmgr;
-pub mod invalidation;
 pub mod security;
+pub mod session;
 pub mod subxact;
 pub mod varlena;
 

@@ -33,7 +33,8 @@ const MAX_KEY_ID_LEN: usize = 2_048;
 
 /// The key managers byok_pg knows by name. Whether one is available in this
 /// build is the provider layer's business, not the parser's.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum ProviderKind {
     Local,
     AwsKms,

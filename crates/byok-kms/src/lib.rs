@@ -11,7 +11,6 @@ pub mod azure;
 pub mod error;
 #[cfg(feature = "gcp")]
 pub mod gcp;
-pub mod histogram;
 #[cfg(any(feature = "azure", feature = "gcp"))]
 pub mod jwt;
 pub mod local;

@@ -4,6 +4,7 @@
 //! never goes through this encoding; it travels in a separate, zeroized field of
 //! the slot.
 
+use byok_core::config::ProviderKind;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
@@ -41,7 +42,7 @@ pub struct TenantRef {
 /// Which key manager, configured how (the tenant's provider block).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ProviderRef {
-    pub provider: String,
+    pub provider: ProviderKind,
     pub options: Map<String, Value>,
     /// May the local provider create its key file? Only when configuring a tenant,
     /// so a lost file is never silently replaced while data still needs it.
@@ -92,10 +93,25 @@ pub enum Request {
     },
 }
 
-/// A provider error as it crosses the slot.
+impl Request {
+    /// The key manager the request is for (`None`: the broker's own business).
+    pub fn provider(&self) -> Option<ProviderKind> {
+        match self {
+            Request::Unwrap { provider, .. }
+            | Request::Generate { provider, .. }
+            | Request::Rewrap { provider, .. }
+            | Request::Validate { provider, .. } => Some(provider.provider),
+            Request::Flush { .. } => None,
+        }
+    }
+}
+
+/// A provider error as it crosses the slot. `provider` is `None` when the
+/// broker itself failed the request (it restarted, or the request was
+/// malformed) before any provider was involved.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ErrorWire {
-    pub provider: String,
+    pub provider: Option<ProviderKind>,
     pub kind: ErrorKind,
     pub message: String,
     pub detail: Option<String>,
@@ -105,7 +121,7 @@ pub struct ErrorWire {
 impl From<&ProviderError> for ErrorWire {
     fn from(e: &ProviderError) -> Self {
         ErrorWire {
-            provider: e.provider.name().to_string(),
+            provider: Some(e.provider),
             kind: e.kind,
             message: e.message.clone(),
             detail: e.detail.clone(),
@@ -115,15 +131,28 @@ impl From<&ProviderError> for ErrorWire {
 }
 
 impl ErrorWire {
-    pub fn into_error(self) -> ProviderError {
-        let provider = byok_core::config::ProviderKind::from_name(&self.provider)
-            .unwrap_or(byok_core::config::ProviderKind::Local);
-        ProviderError {
-            provider,
-            kind: self.kind,
-            message: self.message,
-            detail: self.detail,
-            hint: self.hint,
+    /// A failure of the broker itself, not of a key manager.
+    pub fn broker(kind: ErrorKind, message: String) -> Self {
+        ErrorWire {
+            provider: None,
+            kind,
+            message,
+            detail: None,
+            hint: None,
+        }
+    }
+
+    /// The provider's error, or the broker's message when no provider was involved.
+    pub fn into_error(self) -> Result<ProviderError, String> {
+        match self.provider {
+            Some(provider) => Ok(ProviderError {
+                provider,
+                kind: self.kind,
+                message: self.message,
+                detail: self.detail,
+                hint: self.hint,
+            }),
+            None => Err(self.message),
         }
     }
 }
@@ -164,7 +193,7 @@ mod tests {
                 role_name: "postgres".into(),
             },
             provider: ProviderRef {
-                provider: "local".into(),
+                provider: ProviderKind::Local,
                 options: Map::new(),
                 create_key_store: false,
             },
@@ -182,6 +211,7 @@ mod tests {
         };
         let json = serde_json::to_vec(&request).unwrap();
         assert!(String::from_utf8_lossy(&json).contains("\"blob\":\"0001feff\""));
+        assert!(String::from_utf8_lossy(&json).contains("\"provider\":\"local\""));
         assert_eq!(serde_json::from_slice::<Request>(&json).unwrap(), request);
     }
 }

@@ -143,7 +143,7 @@ struct RefusalKey {
 
 fn options_digest(provider: &ProviderRef) -> [u8; 32] {
     let mut h = Sha256::new();
-    h.update(provider.provider.as_bytes());
+    h.update(provider.provider.name().as_bytes());
     h.update([0]);
     h.update(serde_json::Value::Object(provider.options.clone()).to_string());
     h.finalize().into()
@@ -357,7 +357,7 @@ impl KeyService {
         wrapped: &crate::provider::WrappedDek,
         settings: CacheSettings,
     ) -> Result<(DataKey, bool), ProviderError> {
-        let kind = provider_kind(provider)?;
+        let kind = provider.provider;
         let key = CacheKey {
             database: tenant.database,
             dek_id,
@@ -558,7 +558,7 @@ impl KeyService {
     where
         F: std::future::Future<Output = Result<T, ProviderError>>,
     {
-        let kind = provider_kind(provider)?;
+        let kind = provider.provider;
         let instance = self.instance(kind, provider).await?;
         let timeout = self
             .settings
@@ -709,15 +709,6 @@ impl KeyService {
     }
 }
 
-fn provider_kind(provider: &ProviderRef) -> Result<ProviderKind, ProviderError> {
-    ProviderKind::from_name(&provider.provider).ok_or_else(|| {
-        ProviderError::new(
-            ProviderKind::Local,
-            ErrorKind::Misconfigured,
-            format!("unknown key provider \"{}\"", provider.provider),
-        )
-    })
-}
 
 /// Refusals remembered at most (each a few hundred bytes).
 const MAX_REFUSALS: usize = 10_000;

@@ -72,7 +72,7 @@ fn tenant(t: &str) -> TenantRef {
 
 fn local() -> ProviderRef {
     ProviderRef {
-        provider: "local".into(),
+        provider: byok_core::config::ProviderKind::Local,
         options: Map::new(),
         create_key_store: true,
     }
@@ -497,7 +497,7 @@ async fn validate_and_generate_and_misconfigured_providers() {
         .handle(Request::Validate {
             tenant: tenant("t"),
             provider: ProviderRef {
-                provider: "gcp_kms".into(),
+                provider: byok_core::config::ProviderKind::GcpKms,
                 options: Map::new(),
                 create_key_store: false,
             },

@@ -7,6 +7,9 @@
 //! reaches every backend as a relcache invalidation at commit, which drops all
 //! ready keys here before the next use.
 
+pub mod counts;
+pub mod invalidation;
+
 use std::cell::{Cell, RefCell};
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -19,8 +22,8 @@ use byok_core::crypto::{CryptoError, DekCipher, NoncePool};
 use byok_core::envelope::Envelope;
 use byok_kms::protocol::ProviderRef;
 
+use self::counts::PendingCounts;
 use crate::broker;
-use crate::broker::metrics::PendingCounts;
 use crate::catalog::{self, KeyState};
 use crate::errors::ByokError;
 use crate::gucs;
@@ -150,7 +153,7 @@ fn authorize(tenant_id: &str, user: pg_sys::Oid) -> Result<(), ByokError> {
             Ok(())
         } else {
             Err(ByokError::CreateRoleSession {
-                role: catalog::role_name(session),
+                role: crate::postgres::session::role_name(session),
                 tenant: tenant_id.to_string(),
             })
         };
@@ -160,7 +163,7 @@ fn authorize(tenant_id: &str, user: pg_sys::Oid) -> Result<(), ByokError> {
     } else {
         Err(ByokError::TenantNotGranted {
             tenant: tenant_id.to_string(),
-            role: catalog::role_name(user),
+            role: crate::postgres::session::role_name(user),
         })
     }
 }
@@ -249,7 +252,7 @@ impl BackendCell<Option<KeyRing>> {
             let ring = ring.get_or_insert_with(|| {
                 register_xact_callback();
                 KeyRing {
-                    ciphers: KeyCache::new(gucs::BACKEND_CACHE_MAX_ENTRIES.get() as usize),
+                    ciphers: KeyCache::new(gucs::backend_cache_max_entries()),
                     active: HashMap::new(),
                     authorized: HashMap::new(),
                 }
@@ -274,7 +277,7 @@ impl KeyRing {
             self.active.clear();
             self.authorized.clear();
             self.ciphers
-                .set_capacity(gucs::BACKEND_CACHE_MAX_ENTRIES.get() as usize);
+                .set_capacity(gucs::backend_cache_max_entries());
         }
     }
 }
@@ -557,7 +560,7 @@ fn load_cipher(
     let (dek, _stale) = broker::unwrap(
         broker::tenant_ref(&record.tenant_id),
         ProviderRef {
-            provider: record.provider.name().to_string(),
+            provider: record.provider,
             options: record.provider_options.clone(),
             create_key_store: false,
         },

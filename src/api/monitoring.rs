@@ -1,0 +1,108 @@
+//! Monitoring, named as in the guide's `monitoring_rules.yaml`: `byok.metrics`
+//! shows, per database, provider and tenant, `kms_api_success_rate`,
+//! `dek_generation_p99_ms`, `key_cache_hit_ratio` and `decrypt_failures_rate`,
+//! with the raw counters behind them (`byok.metrics_counters`, from shared
+//! memory), and `byok.broker_status` the key broker's state.
+
+use std::sync::atomic::Ordering;
+
+use byok_core::counters::Counter;
+use pgrx::prelude::*;
+
+use crate::errors::ByokError;
+use crate::{keyring, shmem};
+
+/// The counters behind `byok.metrics`, one row per database, provider and tenant.
+// pgrx reads the column names from the inline tuple, so it cannot be a type alias.
+#[allow(clippy::type_complexity)]
+#[pg_extern(volatile, parallel_safe)]
+fn metrics_counters() -> TableIterator<
+    'static,
+    (
+        name!(database_oid, pg_sys::Oid),
+        name!(provider, String),
+        name!(tenant_id, String),
+        name!(kms_calls, i64),
+        name!(kms_failures, i64),
+        name!(dek_generations, i64),
+        name!(dek_generation_p99_ms, Option<f64>),
+        name!(l1_hits, i64),
+        name!(l1_misses, i64),
+        name!(l2_hits, i64),
+        name!(l2_misses, i64),
+        name!(served_stale, i64),
+        name!(served_by_replica, i64),
+        name!(decrypts, i64),
+        name!(decrypt_failures, i64),
+        name!(encrypts, i64),
+        name!(kms_latency_histogram, Vec<i64>),
+    ),
+> {
+    // This backend's own pending counts first, so a session sees its own work.
+    keyring::flush_metrics();
+    let totals = shmem::shared()
+        .map(|shared| shared.metrics.totals())
+        .unwrap_or_default();
+    let rows: Vec<_> = totals
+        .into_iter()
+        .map(|(database, provider, tenant, t)| {
+            let n = |c: Counter| t.get(c) as i64;
+            (
+                pg_sys::Oid::from(database),
+                provider.name().to_string(),
+                tenant,
+                n(Counter::KmsCalls),
+                n(Counter::KmsFailures),
+                n(Counter::DekGenerations),
+                byok_core::histogram::p99_ms(&t.dek_latency),
+                n(Counter::L1Hits),
+                n(Counter::L1Misses),
+                n(Counter::L2Hits),
+                n(Counter::L2Misses),
+                n(Counter::ServedStale),
+                n(Counter::ServedByReplica),
+                n(Counter::Decrypts),
+                n(Counter::DecryptFailures),
+                n(Counter::Encrypts),
+                t.kms_latency.iter().map(|n| *n as i64).collect(),
+            )
+        })
+        .collect();
+    TableIterator::new(rows)
+}
+
+/// The key broker's state: its process, how often it started, and its slots.
+// (pgrx reads the column names from the signature, so no type alias)
+#[allow(clippy::type_complexity)]
+#[pg_extern(volatile, parallel_safe)]
+fn broker_status() -> TableIterator<
+    'static,
+    (
+        name!(broker_pid, Option<i32>),
+        name!(generation, i64),
+        name!(busy_slots, i32),
+        name!(total_slots, i32),
+        name!(requests_served, i64),
+        name!(audit_queued, i32),
+        name!(audit_dropped, i64),
+        name!(shared_cache_entries, i64),
+        name!(key_usage_unattributed, i64),
+    ),
+> {
+    let Some(shared) = shmem::shared() else {
+        ByokError::NotPreloaded.raise();
+    };
+    let pid = shared.broker_pid.load(Ordering::Acquire);
+    TableIterator::once((
+        (pid != 0).then_some(pid),
+        shared.generation.load(Ordering::Acquire) as i64,
+        shared.slots.busy() as i32,
+        shmem::SLOT_COUNT as i32,
+        shared.requests_served.load(Ordering::Relaxed) as i64,
+        // Records waiting for (or being taken by) the catalog writer.
+        shared.audit.queued() as i32,
+        shared.audit.dropped_total() as i64,
+        shared.shared_cache_entries.load(Ordering::Relaxed) as i64,
+        shared.key_usage.unattributed() as i64,
+    ))
+}

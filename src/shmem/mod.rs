@@ -1,0 +1,196 @@
+//! Shared memory: everything byok_pg keeps across processes, laid out once,
+//! below both the key broker and the backends.
+//!
+//! - the request slots between backends and the broker
+//!   ([`byok_core::slots`], woken through PostgreSQL condition variables here);
+//! - the monitoring counters behind `byok.metrics` ([`byok_core::counters`]);
+//! - the audit queue the catalog writers drain ([`byok_core::audit_ring`]);
+//! - per-data-key encryption counts not yet persisted ([`byok_core::key_usage`]);
+//! - the broker's process, latch and a few gauges.
+//!
+//! The protocols are pgrx-free and unit-tested in `byok-core`; this module only
+//! places them in PostgreSQL's segment and supplies the waiting.
+
+use std::cell::UnsafeCell;
+use std::sync::atomic::{AtomicI32, AtomicPtr, AtomicU64, Ordering};
+use std::time::Duration;
+
+use byok_core::audit_ring::AuditRing;
+use byok_core::counters::MetricTable;
+use byok_core::key_usage::KeyUsage;
+use byok_core::slots::{Signals, SlotTable};
+use pgrx::pg_sys;
+
+pub const SLOT_COUNT: usize = 64;
+pub const METRIC_SLOTS: usize = 1024;
+
+#[repr(C)]
+pub struct Shared {
+    pub broker_pid: AtomicI32,
+    pub broker_latch: AtomicPtr<pg_sys::Latch>,
+    /// Bumped each time a broker starts.
+    pub generation: AtomicU64,
+    pub requests_served: AtomicU64,
+    /// Data keys in the broker's shared cache (published by the broker).
+    pub shared_cache_entries: AtomicU64,
+    /// Backends waiting for a free slot sleep here.
+    slot_freed: UnsafeCell<pg_sys::ConditionVariable>,
+    /// A backend waiting for its answer sleeps on its slot's variable.
+    slot_answered: [UnsafeCell<pg_sys::ConditionVariable>; SLOT_COUNT],
+    pub slots: SlotTable<SLOT_COUNT>,
+    pub metrics: MetricTable<METRIC_SLOTS>,
+    /// Audit records waiting for their database's catalog writer.
+    pub audit: AuditRing,
+    /// Encryptions per data key not yet persisted in the catalog.
+    pub key_usage: KeyUsage,
+}
+
+// SAFETY: every field is atomic, a PostgreSQL condition variable (which has its
+// own spinlock), or one of the core's tables, which are Sync themselves.
+unsafe impl Sync for Shared {}
+
+static mut SHARED: *mut Shared = std::ptr::null_mut();
+static mut PREV_REQUEST_HOOK: pg_sys::shmem_request_hook_type = None;
+static mut PREV_STARTUP_HOOK: pg_sys::shmem_startup_hook_type = None;
+
+/// The shared state, when byok_pg was loaded through `shared_preload_libraries`.
+pub fn shared() -> Option<&'static Shared> {
+    // SAFETY: set once in the postmaster before any child exists, then only read.
+    unsafe { SHARED.as_ref() }
+}
+
+/// Installs the hooks that size and create the shared state. Called from
+/// `_PG_init` while `shared_preload_libraries` is being processed.
+pub fn install_hooks() {
+    // SAFETY: the postmaster runs `_PG_init` single-threaded, before any hook
+    // can be called; chaining keeps other libraries' hooks working.
+    unsafe {
+        PREV_REQUEST_HOOK = pg_sys::shmem_request_hook;
+        pg_sys::shmem_request_hook = Some(request_hook);
+        PREV_STARTUP_HOOK = pg_sys::shmem_startup_hook;
+        pg_sys::shmem_startup_hook = Some(startup_hook);
+    }
+}
+
+#[pgrx::pg_guard]
+unsafe extern "C-unwind" fn request_hook() {
+    // SAFETY: called by the postmaster while shared memory is being sized.
+    unsafe {
+        if let Some(prev) = PREV_REQUEST_HOOK {
+            prev();
+        }
+        pg_sys::RequestAddinShmemSpace(std::mem::size_of::<Shared>());
+    }
+}
+
+#[pgrx::pg_guard]
+unsafe extern "C-unwind" fn startup_hook() {
+    // SAFETY: called once per process that attaches to shared memory (the
+    // postmaster, and EXEC_BACKEND children); AddinShmemInitLock serializes
+    // creation, and the struct is initialized only by whoever creates it.
+    unsafe {
+        if let Some(prev) = PREV_STARTUP_HOOK {
+            prev();
+        }
+        // AddinShmemInitLock is entry 21 of the main LWLock array (lwlocknames.txt).
+        let lock = &raw mut (*pg_sys::MainLWLockArray.add(21)).lock;
+        pg_sys::LWLockAcquire(lock, pg_sys::LWLockMode::LW_EXCLUSIVE);
+        let mut found = false;
+        let ptr = pg_sys::ShmemInitStruct(
+            c"byok_pg key broker".as_ptr(),
+            std::mem::size_of::<Shared>(),
+            &mut found,
+        )
+        .cast::<Shared>();
+        if !found {
+            // All-zero is a valid initial state for every field: free slots, no
+            // broker, zero counters. Condition variables need their own init.
+            std::ptr::write_bytes(ptr.cast::<u8>(), 0, std::mem::size_of::<Shared>());
+            pg_sys::ConditionVariableInit((*ptr).slot_freed.get());
+            for cv in (*ptr).slot_answered.iter() {
+                pg_sys::ConditionVariableInit(cv.get());
+            }
+        }
+        exclude_from_core_dumps((*ptr).slots.key_region());
+        SHARED = ptr;
+        pg_sys::LWLockRelease(lock);
+    }
+}
+
+/// Marks the pages holding the slots' plaintext keys `MADV_DONTDUMP`. Done in
+/// the postmaster, before any child exists; children inherit it through fork.
+/// (The range is widened to whole pages: excluding a little more is harmless.)
+fn exclude_from_core_dumps((start, len): (usize, usize)) {
+    // SAFETY: sysconf and madvise have no memory-safety preconditions; the
+    // range lies within the shared segment just mapped.
+    unsafe {
+        let page = libc::sysconf(libc::_SC_PAGESIZE).max(4096) as usize;
+        let first = start & !(page - 1);
+        let last = (start + len).next_multiple_of(page);
+        if libc::madvise(
+            first as *mut libc::c_void,
+            last - first,
+            libc::MADV_DONTDUMP,
+        ) != 0
+        {
+            pgrx::warning!(
+                "byok_pg: could not exclude key memory from core dumps: {}",
+                std::io::Error::last_os_error()
+            );
+        }
+    }
+}
+
+impl Signals for Shared {
+    fn answered(&self, index: usize) {
+        // SAFETY: the condition variable was initialized with the segment.
+        unsafe { pg_sys::ConditionVariableBroadcast(self.slot_answered[index].get()) };
+    }
+
+    fn slot_freed(&self) {
+        // SAFETY: as above.
+        unsafe { pg_sys::ConditionVariableBroadcast(self.slot_freed.get()) };
+    }
+}
+
+impl Shared {
+    /// Sleeps until slot `index` is answered or `timeout` passes. Interruptible:
+    /// a cancel or statement_timeout raises its error from here.
+    pub fn sleep_until_answered(&self, index: usize, timeout: Duration) {
+        sleep_on(self.slot_answered[index].get(), timeout);
+    }
+
+    /// Sleeps until a slot is freed or `timeout` passes (interruptible).
+    pub fn sleep_until_slot_freed(&self, timeout: Duration) {
+        sleep_on(self.slot_freed.get(), timeout);
+    }
+
+    /// Wakes the broker, if one runs.
+    pub fn wake_broker(&self) {
+        let latch = self.broker_latch.load(Ordering::Acquire);
+        if !latch.is_null() {
+            // SAFETY: the broker publishes its own latch and clears it before it exits.
+            unsafe { pg_sys::SetLatch(latch) };
+        }
+    }
+}
+
+fn sleep_on(cv: *mut pg_sys::ConditionVariable, timeout: Duration) {
+    // SAFETY: `cv` points into the shared segment and was initialized with it;
+    // CHECK_FOR_INTERRUPTS runs inside the sleep.
+    unsafe {
+        pg_sys::ConditionVariableTimedSleep(
+            cv,
+            timeout.as_millis().clamp(1, i64::MAX as u128) as _,
+            pg_sys::PG_WAIT_EXTENSION,
+        );
+    }
+}
+
+/// Leaves the wait list of the condition variable last slept on (the first
+/// sleep on a variable only joins its list and returns at once, so the list is
+/// kept across a waiting loop and left once at its end).
+pub fn stop_waiting() {
+    // SAFETY: no preconditions; a no-op when not on any wait list.
+    unsafe { pg_sys::ConditionVariableCancelSleep() };
+}
