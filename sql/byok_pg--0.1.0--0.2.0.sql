@@ -1,0 +1,716 @@
+-- byok_pg 0.1.0 -> 0.2.0 (the security hardening). Run by ALTER EXTENSION byok_pg UPDATE,
+-- after the 0.2.0 package is installed and the server restarted (the library is in
+-- shared_preload_libraries): docs/upgrading.md.
+--
+-- Every tenant, data key, grant, job, dual-control request and audit row is kept.
+-- The 0.1.0 catalog is sql/archive/byok_pg--0.1.0.sql; the result must equal a fresh
+-- 0.2.0 install object for object, privilege for privilege (tests/scripts/upgrade.sh
+-- compares them). The rule: every change to sql/*.sql or to a #[pg_extern] of the
+-- unreleased version is mirrored here.
+--
+-- Only the 0.2.0 library is loaded when this runs. 0.1.0's C functions point at
+-- symbols that are gone or changed, so nothing here calls a 0.1.0 function: old
+-- functions are dropped or replaced before anything calls them.
+
+\echo Use "ALTER EXTENSION byok_pg UPDATE" to load this file. \quit
+
+-- The server must run the 0.2.0 library (preloaded), as CREATE EXTENSION requires.
+CREATE FUNCTION byok.require_preload() RETURNS void
+    AS 'MODULE_PATHNAME', 'byok_require_preload' LANGUAGE C;
+SELECT byok.require_preload();
+DROP FUNCTION byok.require_preload();
+
+-- ---------------------------------------------------------------------------
+-- 1. What 0.2.0 removes or redefines incompatibly (another signature, return
+--    type or parameter name). Not CASCADE: an object of yours depending on one
+--    of these stops the update, naming it, rather than disappearing.
+
+-- Row-level security now asks byok.tenant_visible(tenant_id) about the current user.
+DROP POLICY tenant_visibility ON byok.tenant_config;
+DROP POLICY tenant_visibility ON byok.wrapped_data_keys;
+DROP POLICY tenant_visibility ON byok.tenant_grants;
+DROP FUNCTION byok.tenant_visible(name, text);
+
+-- The job engine, dual control and the audit helpers moved into the library.
+DROP FUNCTION byok.job_old_keys(text);
+DROP FUNCTION byok.job_remaining(text, regclass);
+DROP FUNCTION byok.set_job_state(bigint, text[], text);
+DROP FUNCTION byok.finish_job(bigint);
+DROP FUNCTION byok.launch_job(bigint);
+DROP FUNCTION byok.rotate_due_data_keys();
+DROP FUNCTION byok.execute_approved_operation(text, text, jsonb);
+DROP FUNCTION byok.audit_failure(text, text, text, jsonb);
+DROP FUNCTION byok.reencrypt_step(bigint, integer);        -- now returns text
+DROP FUNCTION byok.data_key_references(bigint);            -- parameter p_dek is now dek_id
+DROP FUNCTION byok.protect_column(regclass, name, name, text);  -- column names as text
+DROP FUNCTION byok.broker_status();                        -- two more columns
+DROP FUNCTION byok.verify_audit_chain();                   -- now with an optional anchor
+-- one more parameter (p_role_name): the 8-argument one would make calls ambiguous
+DROP FUNCTION byok.audit_event(text, text, bigint, text, text, jsonb, oid, timestamptz);
+
+-- ---------------------------------------------------------------------------
+-- 2. Tables. Rows are kept; columns land where a fresh install puts them.
+
+-- Data keys count the values they sealed (their nonce budget). 0.1.0 did not
+-- count: keys created before the update start from 0.
+ALTER TABLE byok.wrapped_data_keys ADD COLUMN encryptions bigint NOT NULL DEFAULT 0;
+
+-- Dual control: the operations are decided in the library now.
+ALTER TABLE byok.operation_requests DROP CONSTRAINT operation_requests_operation_check;
+
+-- The registry of protected columns gains the column's number (attnum, its third
+-- column). Rebuilt: the 0.1.0 table is renamed, its rows copied below, and dropped
+-- at the end. Rows 0.2.0 would not keep (the column or table is gone, the column
+-- is no longer byok.encrypted, the table is not a permanent table) are left out,
+-- with a WARNING and a record in the audit trail.
+DROP VIEW byok.protected_columns;
+ALTER TABLE byok.protected_column_registry RENAME TO protected_column_registry_0_1_0;
+ALTER TABLE byok.protected_column_registry_0_1_0
+    RENAME CONSTRAINT protected_column_registry_pkey TO protected_column_registry_0_1_0_pkey;
+CREATE TABLE byok.protected_column_registry (
+    relid regclass NOT NULL,
+    column_name name NOT NULL,
+    -- the column's number: followed through renames (the event trigger below)
+    attnum smallint NOT NULL,
+    tenant_column name,
+    -- the context every value of the column is sealed with ('' = none)
+    context text NOT NULL DEFAULT '',
+    registered_at timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (relid, column_name)
+);
+COMMENT ON TABLE byok.protected_column_registry IS 'Columns of type byok.encrypted that re-encryption jobs rewrite';
+SELECT pg_catalog.pg_extension_config_dump('byok.protected_column_registry', '');
+INSERT INTO byok.protected_column_registry (relid, column_name, attnum, tenant_column, context, registered_at)
+SELECT r.relid, r.column_name, a.attnum, r.tenant_column, r.context, r.registered_at
+  FROM byok.protected_column_registry_0_1_0 r
+  JOIN pg_catalog.pg_attribute a ON a.attrelid = r.relid::pg_catalog.oid AND a.attname = r.column_name
+                                 AND a.attnum > 0 AND NOT a.attisdropped
+  JOIN pg_catalog.pg_class c ON c.oid = a.attrelid
+ WHERE a.atttypid = 'byok.encrypted'::pg_catalog.regtype
+   AND c.relkind IN ('r', 'p') AND c.relpersistence = 'p';
+
+-- ---------------------------------------------------------------------------
+-- 3. Functions, views, policies, triggers: the 0.2.0 definitions. CREATE OR
+--    REPLACE keeps the functions (and views) your objects may depend on, such as
+--    a view calling byok.decrypt_text; the per-row functions and the type are
+--    unchanged since 0.1.0 (sql/types.sql).
+
+-- The library's functions (#[pg_extern]; as `cargo pgrx schema` writes them).
+CREATE OR REPLACE FUNCTION byok.advisory_locks() RETURNS TABLE (
+    "classid" bigint,
+    "purpose" TEXT
+)
+IMMUTABLE STRICT PARALLEL SAFE
+LANGUAGE c
+AS 'MODULE_PATHNAME', 'advisory_locks_wrapper';
+CREATE OR REPLACE FUNCTION byok.approve_operation(
+    "id" bigint
+) RETURNS TEXT
+STRICT VOLATILE PARALLEL UNSAFE
+SET search_path TO pg_catalog, pg_temp
+LANGUAGE c
+AS 'MODULE_PATHNAME', 'approve_operation_wrapper';
+CREATE OR REPLACE FUNCTION byok.audit_mac(
+    "previous" bytea,
+    "row_text" bytea
+) RETURNS bytea
+STRICT VOLATILE PARALLEL UNSAFE
+LANGUAGE c
+AS 'MODULE_PATHNAME', 'audit_mac_wrapper';
+CREATE OR REPLACE FUNCTION byok.backend_cache_stats() RETURNS TABLE (
+    "cached_keys" bigint,
+    "hits" bigint,
+    "misses" bigint,
+    "expirations" bigint,
+    "evictions" bigint,
+    "invalidations" bigint
+)
+STRICT VOLATILE PARALLEL RESTRICTED
+LANGUAGE c
+AS 'MODULE_PATHNAME', 'backend_cache_stats_wrapper';
+CREATE OR REPLACE FUNCTION byok.broker_status() RETURNS TABLE (
+    "broker_pid" INT,
+    "generation" bigint,
+    "busy_slots" INT,
+    "total_slots" INT,
+    "requests_served" bigint,
+    "audit_queued" INT,
+    "audit_dropped" bigint,
+    "shared_cache_entries" bigint,
+    "key_usage_unattributed" bigint
+)
+STRICT VOLATILE PARALLEL SAFE
+LANGUAGE c
+AS 'MODULE_PATHNAME', 'broker_status_wrapper';
+CREATE OR REPLACE FUNCTION byok.cancel_job(
+    "job_id" bigint
+) RETURNS TEXT
+STRICT VOLATILE PARALLEL UNSAFE
+SET search_path TO pg_catalog, pg_temp
+LANGUAGE c
+AS 'MODULE_PATHNAME', 'cancel_job_wrapper';
+CREATE OR REPLACE FUNCTION byok.cancel_operation(
+    "id" bigint
+) RETURNS TEXT
+STRICT VOLATILE PARALLEL UNSAFE
+SET search_path TO pg_catalog, pg_temp
+LANGUAGE c
+AS 'MODULE_PATHNAME', 'cancel_operation_wrapper';
+CREATE OR REPLACE FUNCTION byok.configure_tenant(
+    "config" jsonb
+) RETURNS TEXT
+STRICT VOLATILE PARALLEL UNSAFE
+SET search_path TO pg_catalog, pg_temp
+LANGUAGE c
+AS 'MODULE_PATHNAME', 'configure_tenant_wrapper';
+CREATE OR REPLACE FUNCTION byok.data_key_references(
+    "dek_id" bigint
+) RETURNS bigint
+STRICT VOLATILE PARALLEL UNSAFE
+SET search_path TO pg_catalog, pg_temp
+LANGUAGE c
+AS 'MODULE_PATHNAME', 'data_key_references_wrapper';
+CREATE OR REPLACE FUNCTION byok.destroy_data_key(
+    "dek_id" bigint,
+    "confirm" bigint
+) RETURNS TEXT
+STRICT VOLATILE PARALLEL UNSAFE
+SET search_path TO pg_catalog, pg_temp
+LANGUAGE c
+AS 'MODULE_PATHNAME', 'destroy_data_key_wrapper';
+CREATE OR REPLACE FUNCTION byok.destroy_tenant_keys(
+    "tenant_id" TEXT,
+    "confirm" TEXT
+) RETURNS bigint
+STRICT VOLATILE PARALLEL UNSAFE
+SET search_path TO pg_catalog, pg_temp
+LANGUAGE c
+AS 'MODULE_PATHNAME', 'destroy_tenant_keys_wrapper';
+CREATE OR REPLACE FUNCTION byok.flush_cache(
+    "tenant_id" TEXT DEFAULT NULL
+) RETURNS bigint
+VOLATILE PARALLEL UNSAFE
+SET search_path TO pg_catalog, pg_temp
+LANGUAGE c
+AS 'MODULE_PATHNAME', 'flush_cache_wrapper';
+CREATE OR REPLACE FUNCTION byok.grant_tenant(
+    "role_name" TEXT,
+    "tenant_id" TEXT
+) RETURNS bool
+STRICT VOLATILE PARALLEL UNSAFE
+SET search_path TO pg_catalog, pg_temp
+LANGUAGE c
+AS 'MODULE_PATHNAME', 'grant_tenant_wrapper';
+CREATE OR REPLACE FUNCTION byok.lock_audit_chain() RETURNS void
+STRICT VOLATILE PARALLEL UNSAFE
+LANGUAGE c
+AS 'MODULE_PATHNAME', 'lock_audit_chain_wrapper';
+CREATE OR REPLACE FUNCTION byok.metrics_counters() RETURNS TABLE (
+    "database_oid" oid,
+    "provider" TEXT,
+    "tenant_id" TEXT,
+    "kms_calls" bigint,
+    "kms_failures" bigint,
+    "dek_generations" bigint,
+    "dek_generation_p99_ms" double precision,
+    "l1_hits" bigint,
+    "l1_misses" bigint,
+    "l2_hits" bigint,
+    "l2_misses" bigint,
+    "served_stale" bigint,
+    "served_by_replica" bigint,
+    "decrypts" bigint,
+    "decrypt_failures" bigint,
+    "encrypts" bigint,
+    "kms_latency_histogram" bigint[]
+)
+STRICT VOLATILE PARALLEL SAFE
+LANGUAGE c
+AS 'MODULE_PATHNAME', 'metrics_counters_wrapper';
+CREATE OR REPLACE FUNCTION byok.pause_job(
+    "job_id" bigint
+) RETURNS TEXT
+STRICT VOLATILE PARALLEL UNSAFE
+SET search_path TO pg_catalog, pg_temp
+LANGUAGE c
+AS 'MODULE_PATHNAME', 'pause_job_wrapper';
+CREATE OR REPLACE FUNCTION byok.protect_column(
+    "tbl" regclass,
+    "col" TEXT,
+    "tenant_col" TEXT DEFAULT NULL,
+    "context" TEXT DEFAULT NULL
+) RETURNS void
+VOLATILE PARALLEL UNSAFE
+SET search_path TO pg_catalog, pg_temp
+LANGUAGE c
+AS 'MODULE_PATHNAME', 'protect_column_wrapper';
+CREATE OR REPLACE FUNCTION byok.reencrypt_step(
+    "job_id" bigint,
+    "batch" INT
+) RETURNS TEXT
+STRICT VOLATILE PARALLEL UNSAFE
+SET search_path TO pg_catalog, pg_temp
+LANGUAGE c
+AS 'MODULE_PATHNAME', 'reencrypt_step_wrapper';
+CREATE OR REPLACE FUNCTION byok.request_operation(
+    "op" TEXT,
+    "tenant_id" TEXT,
+    "args" jsonb DEFAULT '{}'
+) RETURNS bigint
+VOLATILE PARALLEL UNSAFE
+SET search_path TO pg_catalog, pg_temp
+LANGUAGE c
+AS 'MODULE_PATHNAME', 'request_operation_wrapper';
+CREATE OR REPLACE FUNCTION byok.resume_job(
+    "job_id" bigint
+) RETURNS TEXT
+STRICT VOLATILE PARALLEL UNSAFE
+SET search_path TO pg_catalog, pg_temp
+LANGUAGE c
+AS 'MODULE_PATHNAME', 'resume_job_wrapper';
+CREATE OR REPLACE FUNCTION byok.revoke_tenant(
+    "role_name" TEXT,
+    "tenant_id" TEXT
+) RETURNS bool
+STRICT VOLATILE PARALLEL UNSAFE
+SET search_path TO pg_catalog, pg_temp
+LANGUAGE c
+AS 'MODULE_PATHNAME', 'revoke_tenant_wrapper';
+CREATE OR REPLACE FUNCTION byok.rotate_data_key(
+    "tenant_id" TEXT
+) RETURNS bigint
+STRICT VOLATILE PARALLEL UNSAFE
+SET search_path TO pg_catalog, pg_temp
+LANGUAGE c
+AS 'MODULE_PATHNAME', 'rotate_data_key_wrapper';
+CREATE OR REPLACE FUNCTION byok.rotate_master_key_finish(
+    "tenant_id" TEXT,
+    "new_key_id" TEXT
+) RETURNS TEXT
+STRICT VOLATILE PARALLEL UNSAFE
+SET search_path TO pg_catalog, pg_temp
+LANGUAGE c
+AS 'MODULE_PATHNAME', 'rotate_master_key_finish_wrapper';
+CREATE OR REPLACE FUNCTION byok.rotate_master_key_step(
+    "tenant_id" TEXT,
+    "new_key_id" TEXT,
+    "grace_period" interval
+) RETURNS bigint
+STRICT VOLATILE PARALLEL UNSAFE
+SET search_path TO pg_catalog, pg_temp
+LANGUAGE c
+AS 'MODULE_PATHNAME', 'rotate_master_key_step_wrapper';
+CREATE OR REPLACE FUNCTION byok.segregation_policy() RETURNS TABLE (
+    "environment" TEXT,
+    "key_prefix" TEXT,
+    "approval_required" bool
+)
+STRICT STABLE PARALLEL SAFE
+LANGUAGE c
+AS 'MODULE_PATHNAME', 'segregation_policy_wrapper';
+CREATE OR REPLACE FUNCTION byok.set_data_key_state(
+    "dek_id" bigint,
+    "state" TEXT
+) RETURNS TEXT
+STRICT VOLATILE PARALLEL UNSAFE
+SET search_path TO pg_catalog, pg_temp
+LANGUAGE c
+AS 'MODULE_PATHNAME', 'set_data_key_state_wrapper';
+CREATE OR REPLACE FUNCTION byok.start_reencrypt(
+    "tenant_id" TEXT DEFAULT NULL,
+    "tbl" regclass DEFAULT NULL
+) RETURNS bigint
+VOLATILE PARALLEL UNSAFE
+SET search_path TO pg_catalog, pg_temp
+LANGUAGE c
+AS 'MODULE_PATHNAME', 'start_reencrypt_wrapper';
+CREATE OR REPLACE FUNCTION byok.tenant_visible(
+    "tenant_id" TEXT
+) RETURNS bool
+STRICT STABLE PARALLEL SAFE
+LANGUAGE c
+AS 'MODULE_PATHNAME', 'tenant_visible_wrapper';
+CREATE OR REPLACE FUNCTION byok.validate_tenant(
+    "tenant_id" TEXT
+) RETURNS TABLE (
+    "check_name" TEXT,
+    "ok" bool,
+    "detail" TEXT
+)
+STRICT VOLATILE PARALLEL UNSAFE
+SET search_path TO pg_catalog, pg_temp
+LANGUAGE c
+AS 'MODULE_PATHNAME', 'validate_tenant_wrapper';
+CREATE OR REPLACE FUNCTION byok.wait_job(
+    "job_id" bigint,
+    "timeout" interval DEFAULT '1 hour'
+) RETURNS TEXT
+STRICT VOLATILE PARALLEL UNSAFE
+SET search_path TO pg_catalog, pg_temp
+LANGUAGE c
+AS 'MODULE_PATHNAME', 'wait_job_wrapper';
+
+-- 0.1.0 commented these (then SQL functions); 0.2.0's library functions carry no comment.
+COMMENT ON FUNCTION byok.approve_operation(bigint) IS NULL;
+COMMENT ON FUNCTION byok.request_operation(text, text, jsonb) IS NULL;
+COMMENT ON FUNCTION byok.start_reencrypt(text, regclass) IS NULL;
+COMMENT ON FUNCTION byok.wait_job(bigint, interval) IS NULL;
+
+-- keys.sql
+CREATE OR REPLACE FUNCTION byok.invalidate_key_caches() RETURNS trigger
+    AS 'MODULE_PATHNAME', 'byok_invalidate_key_caches' LANGUAGE C;
+CREATE OR REPLACE VIEW byok.tenants WITH (security_invoker = true) AS
+    SELECT tenant_id, customer, provider, master_key_id,
+           previous_master_key_id, previous_master_key_retires_at, provider_options,
+           rotation_enabled, rotation_interval_days,
+           cache_ttl_seconds, cache_max_entries, cache_grace_period_seconds,
+           audit_log_all_operations, audit_alert_on_failures,
+           created_at, updated_at
+      FROM byok.tenant_config;
+COMMENT ON VIEW byok.tenants IS 'Tenants and their settings (no key material)';
+CREATE OR REPLACE VIEW byok.data_keys WITH (security_invoker = true) AS
+    SELECT dek_id, tenant_id, provider, cmk_id, cmk_version, state,
+           created_at, rotated_at, destroyed_at, encryptions
+      FROM byok.wrapped_data_keys;
+COMMENT ON VIEW byok.data_keys IS 'Data keys, their states and how many values each sealed (no key material)';
+CREATE OR REPLACE PROCEDURE byok.rotate_master_key(tenant_id text, new_key_id text,
+                                        grace_period interval DEFAULT '24 hours')
+LANGUAGE plpgsql AS $proc$
+DECLARE
+    rewrapped bigint;
+    total bigint := 0;
+BEGIN
+    LOOP
+        rewrapped := byok.rotate_master_key_step(tenant_id, new_key_id, grace_period);
+        total := total OPERATOR(pg_catalog.+) rewrapped;
+        COMMIT;
+        EXIT WHEN rewrapped OPERATOR(pg_catalog.=) 0;
+    END LOOP;
+    PERFORM byok.rotate_master_key_finish(tenant_id, new_key_id);
+    RAISE NOTICE 'tenant %: % data key(s) rewrapped under master key %', tenant_id, total, new_key_id;
+END
+$proc$;
+COMMENT ON PROCEDURE byok.rotate_master_key(text, text, interval) IS
+    'Moves a tenant to a new master key (or its newest version), rewrapping every data key; resumable';
+CREATE OR REPLACE VIEW byok.metrics AS
+SELECT d.datname AS database, m.provider, m.tenant_id,
+       CASE WHEN m.kms_calls > 0
+            THEN (m.kms_calls - m.kms_failures)::float8 / m.kms_calls END AS kms_api_success_rate,
+       m.dek_generation_p99_ms,
+       CASE WHEN m.l1_hits + m.l1_misses > 0
+            THEN (m.l1_hits + m.l2_hits)::float8 / (m.l1_hits + m.l1_misses) END AS key_cache_hit_ratio,
+       CASE WHEN m.decrypts > 0
+            THEN m.decrypt_failures::float8 / m.decrypts END AS decrypt_failures_rate,
+       m.kms_calls, m.kms_failures, m.dek_generations,
+       m.l1_hits, m.l1_misses, m.l2_hits, m.l2_misses, m.served_stale, m.served_by_replica,
+       m.decrypts, m.decrypt_failures, m.encrypts, m.kms_latency_histogram
+  FROM byok.metrics_counters() m
+  LEFT JOIN pg_catalog.pg_database d ON d.oid = m.database_oid;
+COMMENT ON VIEW byok.metrics IS
+    'Per provider and tenant: kms_api_success_rate, dek_generation_p99_ms, key_cache_hit_ratio, decrypt_failures_rate, and their counters';
+
+-- access.sql
+CREATE OR REPLACE FUNCTION byok.may_use_tenant(p_role oid, p_tenant text) RETURNS boolean
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
+    SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE oid OPERATOR(pg_catalog.=) p_role AND rolsuper)
+        OR EXISTS (SELECT 1 FROM byok.tenant_grants g
+                    WHERE g.tenant_id OPERATOR(pg_catalog.=) p_tenant
+                      AND pg_catalog.pg_has_role(p_role, g.grantee::pg_catalog.oid, 'USAGE'))
+$fn$;
+CREATE OR REPLACE VIEW byok.tenant_access WITH (security_invoker = true) AS
+    SELECT grantee, tenant_id, granted_by, granted_at FROM byok.tenant_grants;
+COMMENT ON VIEW byok.tenant_access IS 'Per-tenant grants (byok.grant_tenant): all of them for administrators, a role''s own for others';
+CREATE POLICY tenant_visibility ON byok.tenant_config FOR SELECT
+    USING (byok.tenant_visible(tenant_id));
+CREATE POLICY tenant_visibility ON byok.wrapped_data_keys FOR SELECT
+    USING (byok.tenant_visible(tenant_id));
+CREATE POLICY own_grants ON byok.tenant_grants FOR SELECT
+    USING (pg_catalog.pg_has_role('byok_admin', 'USAGE')
+           OR pg_catalog.pg_has_role(grantee::pg_catalog.oid, 'USAGE'));
+
+-- jobs.sql
+CREATE OR REPLACE VIEW byok.protected_columns AS
+SELECT relid AS table_name, column_name, tenant_column, context, registered_at
+  FROM byok.protected_column_registry;
+COMMENT ON VIEW byok.protected_columns IS 'Columns registered with byok.protect_column()';
+CREATE OR REPLACE VIEW byok.jobs AS
+SELECT job_id, tenant_id, relid AS table_name, state, rows_done, rows_total,
+       CASE WHEN rows_total > 0 THEN round(100.0 * least(rows_done, rows_total) / rows_total, 1) ELSE 100.0 END AS percent_done,
+       -- Over the current (or last) run only: a pause or a crash does not drag the rate down.
+       CASE WHEN run_started_at IS NOT NULL AND updated_at > run_started_at
+            THEN round((rows_done - run_rows_start) / extract(epoch FROM updated_at - run_started_at))::bigint END AS rows_per_second,
+       CASE WHEN state IN ('running', 'pending') AND rows_done > run_rows_start AND updated_at > run_started_at
+            THEN (greatest(rows_total - rows_done, 0) * (updated_at - run_started_at) / (rows_done - run_rows_start)) END AS eta,
+       batches, keys_retired, last_error, created_at, started_at, updated_at, finished_at
+  FROM byok.reencrypt_jobs;
+COMMENT ON VIEW byok.jobs IS 'Re-encryption jobs: state, progress, rate, ETA, last error';
+CREATE FUNCTION byok.follow_registered_columns() RETURNS event_trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
+BEGIN
+    DELETE FROM byok.protected_column_registry r
+     WHERE NOT EXISTS (SELECT 1 FROM pg_catalog.pg_attribute a
+                         JOIN pg_catalog.pg_class c ON c.oid OPERATOR(pg_catalog.=) a.attrelid
+                        WHERE a.attrelid OPERATOR(pg_catalog.=) r.relid::pg_catalog.oid
+                          AND a.attnum OPERATOR(pg_catalog.=) r.attnum AND NOT a.attisdropped
+                          AND a.atttypid OPERATOR(pg_catalog.=) 'byok.encrypted'::pg_catalog.regtype
+                          AND c.relkind OPERATOR(pg_catalog.=) ANY ('{r,p}')
+                          AND c.relpersistence OPERATOR(pg_catalog.=) 'p');
+    UPDATE byok.protected_column_registry r SET column_name = a.attname
+      FROM pg_catalog.pg_attribute a
+     WHERE a.attrelid OPERATOR(pg_catalog.=) r.relid::pg_catalog.oid AND a.attnum OPERATOR(pg_catalog.=) r.attnum
+       AND a.attname OPERATOR(pg_catalog.<>) r.column_name;
+EXCEPTION WHEN OTHERS THEN
+    RAISE WARNING 'byok: could not update the registry of protected columns: %', SQLERRM;
+END
+$fn$;
+CREATE EVENT TRIGGER byok_follow_dropped_columns ON sql_drop
+    EXECUTE FUNCTION byok.follow_registered_columns();
+CREATE EVENT TRIGGER byok_follow_altered_columns ON ddl_command_end
+    EXECUTE FUNCTION byok.follow_registered_columns();
+
+-- audit.sql
+COMMENT ON TABLE byok.audit_log IS 'Key-level events, append-only, chained with a keyed hash (see byok.verify_audit_chain())';
+CREATE OR REPLACE FUNCTION byok.audit_row_text(a byok.audit_log) RETURNS bytea
+LANGUAGE sql IMMUTABLE SET search_path = pg_catalog, pg_temp AS $fn$
+    SELECT pg_catalog.convert_to(pg_catalog.concat_ws(pg_catalog.chr(31), a.id::text,
+                                pg_catalog.to_char(a.logged_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US'),
+                                a.event, coalesce(a.tenant_id, pg_catalog.chr(30)), coalesce(a.dek_id::text, pg_catalog.chr(30)),
+                                a.role_name::text, a.outcome, coalesce(a.reason, pg_catalog.chr(30)),
+                                coalesce(a.details::text, pg_catalog.chr(30))), 'UTF8')
+$fn$;
+CREATE FUNCTION byok.audit_event(p_event text, p_tenant text, p_dek bigint, p_outcome text,
+                                 p_reason text DEFAULT NULL, p_details jsonb DEFAULT NULL,
+                                 p_role oid DEFAULT NULL, p_at timestamptz DEFAULT NULL,
+                                 p_role_name name DEFAULT NULL)
+RETURNS bigint LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
+DECLARE
+    row byok.audit_log;
+    log_all boolean := true;
+    alert boolean := true;
+BEGIN
+    SELECT audit_log_all_operations, audit_alert_on_failures INTO log_all, alert
+      FROM byok.tenant_config WHERE tenant_id OPERATOR(pg_catalog.=) p_tenant;
+    IF p_outcome OPERATOR(pg_catalog.=) 'ok' AND log_all IS FALSE AND p_event OPERATOR(pg_catalog.=) 'kms_unwrap' THEN
+        RETURN NULL;
+    END IF;
+    -- One writer at a time extends the chain.
+    PERFORM byok.lock_audit_chain();
+    row.id := pg_catalog.nextval('byok.audit_log_id_seq');
+    -- When it happened (queued records: the key broker's call, an aborted operation).
+    row.logged_at := coalesce(p_at, pg_catalog.clock_timestamp());
+    row.event := p_event;
+    row.tenant_id := p_tenant;
+    row.dek_id := p_dek;
+    -- The acting role: its name as resolved when the event happened (queued
+    -- records: the role may be gone since), else by its OID, else the login role.
+    row.role_name := coalesce(p_role_name,
+                              (SELECT rolname FROM pg_catalog.pg_roles WHERE oid OPERATOR(pg_catalog.=) p_role),
+                              session_user);
+    row.outcome := p_outcome;
+    row.reason := p_reason;
+    row.details := p_details;
+    SELECT hash INTO row.prev_hash FROM byok.audit_log ORDER BY id DESC LIMIT 1;
+    row.hash := byok.audit_mac(coalesce(row.prev_hash, '\x'::bytea), byok.audit_row_text(row));
+    INSERT INTO byok.audit_log VALUES (row.*);
+    IF p_outcome OPERATOR(pg_catalog.=) 'failed' AND alert IS NOT FALSE THEN
+        RAISE WARNING 'byok: % failed for tenant %: %', p_event, coalesce(p_tenant, '-'), coalesce(p_reason, '');
+        PERFORM pg_catalog.pg_notify('byok_alerts', pg_catalog.json_build_object('audit_id', row.id, 'event', p_event,
+                          'tenant_id', p_tenant, 'dek_id', p_dek, 'reason', p_reason,
+                          'at', row.logged_at)::text);
+    END IF;
+    RETURN row.id;
+END
+$fn$;
+COMMENT ON FUNCTION byok.audit_event(text, text, bigint, text, text, jsonb, oid, timestamptz, name) IS
+    'Appends an event to the audit trail (and alerts on failures, per the tenant''s audit settings)';
+CREATE OR REPLACE FUNCTION byok.audit_refuse_change() RETURNS trigger
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $fn$
+BEGIN
+    RAISE EXCEPTION 'byok.audit_log is append-only' USING ERRCODE = '42501',
+        HINT = 'audit rows are never changed or removed';
+END
+$fn$;
+CREATE FUNCTION byok.audit_chain_head(OUT id bigint, OUT hash bytea, OUT logged_at timestamptz)
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
+    SELECT a.id, a.hash, a.logged_at FROM byok.audit_log a ORDER BY a.id DESC LIMIT 1
+$fn$;
+COMMENT ON FUNCTION byok.audit_chain_head() IS
+    'The chain''s newest row (id, hash): anchor it outside the database and pass it to verify_audit_chain';
+CREATE FUNCTION byok.verify_audit_chain(anchor_id bigint DEFAULT NULL, anchor_hash bytea DEFAULT NULL)
+RETURNS TABLE (id bigint, problem text)
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
+DECLARE
+    a byok.audit_log;
+    previous bytea;
+    anchored bytea;
+BEGIN
+    FOR a IN SELECT * FROM byok.audit_log ORDER BY audit_log.id LOOP
+        IF a.prev_hash IS DISTINCT FROM previous THEN
+            id := a.id; problem := 'prev_hash does not match the hash of the row before it (a row was removed or reordered)';
+            RETURN NEXT;
+        ELSIF a.hash OPERATOR(pg_catalog.<>) byok.audit_mac(coalesce(a.prev_hash, '\x'::bytea), byok.audit_row_text(a)) THEN
+            id := a.id; problem := 'hash does not match the row''s contents (the row was changed, or hashed without the chain key)';
+            RETURN NEXT;
+        END IF;
+        IF a.id OPERATOR(pg_catalog.=) anchor_id THEN
+            anchored := a.hash;
+        END IF;
+        previous := a.hash;
+    END LOOP;
+    IF anchor_id IS NOT NULL AND anchored IS NULL THEN
+        id := anchor_id; problem := 'the anchored row is missing (rows were removed from the end of the trail)';
+        RETURN NEXT;
+    ELSIF anchor_id IS NOT NULL AND anchored IS DISTINCT FROM anchor_hash THEN
+        id := anchor_id; problem := 'the anchored row''s hash differs from the anchor (the trail was rewritten)';
+        RETURN NEXT;
+    END IF;
+END
+$fn$;
+COMMENT ON FUNCTION byok.verify_audit_chain(bigint, bytea) IS
+    'Checks the audit trail''s keyed hash chain (and an external anchor); returns each row where it breaks';
+
+-- dual_control.sql
+CREATE OR REPLACE VIEW byok.pending_operations AS
+SELECT request_id, operation, tenant_id, args, requested_by, requested_at, expires_at,
+       CASE WHEN state = 'pending' AND expires_at <= now() THEN 'expired' ELSE state END AS state,
+       approved_by, approved_at, result
+  FROM byok.operation_requests;
+COMMENT ON VIEW byok.pending_operations IS 'Dual-control requests and their state (pending, done, cancelled, expired)';
+
+-- ---------------------------------------------------------------------------
+-- 4. Privileges: exactly a fresh install's. What 0.1.0 granted to PUBLIC,
+--    byok_admin and byok_user is revoked, then sql/privileges.sql is applied as
+--    it stands. Grants you made to other roles are left as they are.
+REVOKE ALL ON ALL TABLES IN SCHEMA byok FROM PUBLIC, byok_admin, byok_user;
+REVOKE ALL ON ALL SEQUENCES IN SCHEMA byok FROM PUBLIC, byok_admin, byok_user;
+REVOKE ALL ON ALL FUNCTIONS IN SCHEMA byok FROM PUBLIC, byok_admin, byok_user;
+REVOKE ALL ON ALL PROCEDURES IN SCHEMA byok FROM PUBLIC, byok_admin, byok_user;
+REVOKE EXECUTE ON FUNCTION byok.reencrypt(byok.encrypted, text) FROM PUBLIC;
+
+-- sql/privileges.sql (0.2.0):
+GRANT USAGE ON SCHEMA byok TO PUBLIC;
+
+-- Functions: closed by default (including any added later), then opened one by one.
+REVOKE EXECUTE ON ALL FUNCTIONS IN SCHEMA byok FROM PUBLIC;
+REVOKE EXECUTE ON ALL PROCEDURES IN SCHEMA byok FROM PUBLIC;
+-- The type's input and output (used by COPY, pg_dump, drivers).
+GRANT EXECUTE ON FUNCTION byok.encrypted_in(cstring), byok.encrypted_out(byok.encrypted),
+    byok.encrypted_recv(internal), byok.encrypted_send(byok.encrypted)
+  TO PUBLIC;
+-- Called inside re-encryption jobs' statements, which run as each table's owner.
+GRANT EXECUTE ON FUNCTION byok.data_key_id(byok.encrypted), byok.reencrypt(byok.encrypted, text),
+    byok.value_opens(byok.encrypted, text)
+  TO PUBLIC;
+
+-- byok_user: the per-row functions, and what the catalog views need.
+GRANT EXECUTE ON FUNCTION byok.encrypt(text, bytea, text), byok.encrypt_text(text, text, text),
+    byok.decrypt(byok.encrypted, text), byok.decrypt_text(byok.encrypted, text),
+    byok.tenant_visible(text)
+  TO byok_user, byok_admin;
+GRANT SELECT (tenant_id, customer, provider, master_key_id, previous_master_key_id,
+              previous_master_key_retires_at, provider_options, rotation_enabled,
+              rotation_interval_days, cache_ttl_seconds, cache_max_entries,
+              cache_grace_period_seconds, audit_log_all_operations, audit_alert_on_failures,
+              created_at, updated_at)
+    ON byok.tenant_config TO byok_admin, byok_user;
+GRANT SELECT (dek_id, tenant_id, provider, cmk_id, cmk_version, state, created_at, rotated_at,
+              destroyed_at, encryptions)
+    ON byok.wrapped_data_keys TO byok_admin, byok_user;
+GRANT SELECT ON byok.tenant_grants TO byok_admin, byok_user;
+GRANT SELECT ON byok.tenants, byok.data_keys, byok.tenant_access TO byok_admin, byok_user;
+
+-- byok_admin: administration.
+GRANT EXECUTE ON FUNCTION byok.configure_tenant(jsonb), byok.rotate_data_key(text),
+    byok.set_data_key_state(bigint, text), byok.destroy_data_key(bigint, bigint),
+    byok.destroy_tenant_keys(text, text), byok.flush_cache(text), byok.validate_tenant(text),
+    byok.grant_tenant(text, text), byok.revoke_tenant(text, text),
+    byok.request_operation(text, text, jsonb), byok.approve_operation(bigint),
+    byok.cancel_operation(bigint), byok.segregation_policy(),
+    byok.rotate_master_key_step(text, text, interval), byok.rotate_master_key_finish(text, text),
+    byok.protect_column(regclass, text, text, text), byok.start_reencrypt(text, regclass),
+    byok.pause_job(bigint), byok.resume_job(bigint), byok.cancel_job(bigint),
+    byok.wait_job(bigint, interval), byok.data_key_references(bigint),
+    byok.verify_audit_chain(bigint, bytea), byok.audit_chain_head(),
+    byok.backend_cache_stats(), byok.broker_status(), byok.metrics_counters(),
+    byok.advisory_locks()
+  TO byok_admin;
+GRANT EXECUTE ON PROCEDURE byok.rotate_master_key(text, text, interval) TO byok_admin;
+GRANT SELECT ON byok.jobs, byok.protected_columns, byok.metrics, byok.audit_log,
+    byok.pending_operations
+  TO byok_admin;
+-- (No role but the owner writes the catalog tables: byok_admin's changes go
+-- through the functions above, which check what they are asked to do.)
+
+-- ---------------------------------------------------------------------------
+-- 5. The audit trail. 0.1.0 chained rows with plain SHA-256; 0.2.0 with
+--    HMAC-SHA-256 under the server's chain key (byok.audit_key_file). The 0.1.0
+--    chain is verified first, by 0.1.0's rule: if it is broken (a row changed,
+--    removed or reordered since it was written) the update stops, because
+--    re-chaining would hide the break. To upgrade anyway, after investigating:
+--        SET byok_upgrade.accept_broken_audit_chain = on;
+--    the breaks are then recorded in the update's audit row. Otherwise every row
+--    is re-chained under the key, unchanged but for prev_hash and hash, and one
+--    row records the update, with the 0.1.0 chain's head (to match anchors kept
+--    outside the database) and the registry rows left out (section 2).
+DO $upgrade$
+DECLARE
+    a byok.audit_log;
+    previous bytea;
+    breaks jsonb := '[]';
+    old_head jsonb;
+    chained bigint := 0;
+    dropped jsonb;
+BEGIN
+    PERFORM byok.lock_audit_chain();
+    FOR a IN SELECT * FROM byok.audit_log ORDER BY id LOOP
+        IF a.prev_hash IS DISTINCT FROM previous THEN
+            breaks := breaks || jsonb_build_object('id', a.id, 'problem', 'prev_hash does not match the hash of the row before it');
+        ELSIF a.hash <> sha256(coalesce(a.prev_hash, '\x'::bytea) || byok.audit_row_text(a)) THEN
+            breaks := breaks || jsonb_build_object('id', a.id, 'problem', 'hash does not match the row''s contents');
+        END IF;
+        previous := a.hash;
+        old_head := jsonb_build_object('id', a.id, 'hash', encode(a.hash, 'hex'));
+    END LOOP;
+    IF jsonb_array_length(breaks) > 0
+       AND coalesce(current_setting('byok_upgrade.accept_broken_audit_chain', true), '') NOT IN ('on', 'true', '1') THEN
+        RAISE EXCEPTION 'byok_pg update: the audit trail''s 0.1.0 hash chain is broken at % row(s): %',
+                        jsonb_array_length(breaks), left(breaks::text, 2000)
+            USING ERRCODE = '55000',
+                  DETAIL = 'the update re-chains the trail under the server''s key; doing so over a break would hide it',
+                  HINT = 'investigate first (SELECT * FROM byok.verify_audit_chain() on 0.1.0); to update anyway, recording the breaks: SET byok_upgrade.accept_broken_audit_chain = on';
+    END IF;
+
+    -- Re-chain, oldest first (the append-only trigger set aside for this only).
+    ALTER TABLE byok.audit_log DISABLE TRIGGER audit_log_append_only;
+    previous := NULL;
+    FOR a IN SELECT * FROM byok.audit_log ORDER BY id LOOP
+        a.prev_hash := previous;
+        a.hash := byok.audit_mac(coalesce(previous, '\x'::bytea), byok.audit_row_text(a));
+        UPDATE byok.audit_log l SET prev_hash = a.prev_hash, hash = a.hash WHERE l.id = a.id;
+        previous := a.hash;
+        chained := chained + 1;
+    END LOOP;
+    ALTER TABLE byok.audit_log ENABLE TRIGGER audit_log_append_only;
+
+    SELECT coalesce(jsonb_agg(jsonb_build_object('table', o.relid::text, 'column', o.column_name)), '[]')
+      INTO dropped
+      FROM byok.protected_column_registry_0_1_0 o
+     WHERE NOT EXISTS (SELECT 1 FROM byok.protected_column_registry n
+                        WHERE n.relid = o.relid AND n.column_name = o.column_name);
+    IF jsonb_array_length(dropped) > 0 THEN
+        RAISE WARNING 'byok_pg update: % registered column(s) no longer exist as permanent byok.encrypted columns and were unregistered: %',
+                      jsonb_array_length(dropped), dropped;
+    END IF;
+
+    PERFORM byok.audit_event('extension_update', NULL, NULL, 'ok', NULL,
+        jsonb_build_object('from', '0.1.0', 'to', '0.2.0',
+                           'rows_rechained', chained,
+                           'previous_chain_head', old_head,
+                           'previous_chain_breaks', breaks,
+                           'unregistered_columns', dropped));
+END
+$upgrade$;
+
+-- (Leaving the extension first takes it off the list of configuration tables pg_dump dumps.)
+ALTER EXTENSION byok_pg DROP TABLE byok.protected_column_registry_0_1_0;
+DROP TABLE byok.protected_column_registry_0_1_0;
