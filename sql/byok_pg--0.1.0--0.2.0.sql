@@ -55,6 +55,11 @@ DROP FUNCTION byok.audit_event(text, text, bigint, text, text, jsonb, oid, times
 -- count: keys created before the update start from 0.
 ALTER TABLE byok.wrapped_data_keys ADD COLUMN encryptions bigint NOT NULL DEFAULT 0;
 
+-- A job is kept to one worker by a claim in its row (0.1.0 used an advisory
+-- lock, which any role could take first).
+ALTER TABLE byok.reencrypt_jobs ADD COLUMN worker_pid integer,
+                                ADD COLUMN worker_started_at timestamptz;
+
 -- Dual control: the operations are decided in the library now.
 ALTER TABLE byok.operation_requests DROP CONSTRAINT operation_requests_operation_check;
 
@@ -96,13 +101,6 @@ SELECT r.relid, r.column_name, a.attnum, r.tenant_column, r.context, r.registere
 --    unchanged since 0.1.0 (sql/types.sql).
 
 -- The library's functions (#[pg_extern]; as `cargo pgrx schema` writes them).
-CREATE OR REPLACE FUNCTION byok.advisory_locks() RETURNS TABLE (
-    "classid" bigint,
-    "purpose" TEXT
-)
-IMMUTABLE STRICT PARALLEL SAFE
-LANGUAGE c
-AS 'MODULE_PATHNAME', 'advisory_locks_wrapper';
 CREATE OR REPLACE FUNCTION byok.approve_operation(
     "id" bigint
 ) RETURNS TEXT
@@ -631,8 +629,7 @@ GRANT EXECUTE ON FUNCTION byok.configure_tenant(jsonb), byok.rotate_data_key(tex
     byok.pause_job(bigint), byok.resume_job(bigint), byok.cancel_job(bigint),
     byok.wait_job(bigint, interval), byok.data_key_references(bigint),
     byok.verify_audit_chain(bigint, bytea), byok.audit_chain_head(),
-    byok.backend_cache_stats(), byok.broker_status(), byok.metrics_counters(),
-    byok.advisory_locks()
+    byok.backend_cache_stats(), byok.broker_status(), byok.metrics_counters()
   TO byok_admin;
 GRANT EXECUTE ON PROCEDURE byok.rotate_master_key(text, text, interval) TO byok_admin;
 GRANT SELECT ON byok.jobs, byok.protected_columns, byok.metrics, byok.audit_log,

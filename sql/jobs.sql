@@ -48,7 +48,12 @@ CREATE TABLE byok.reencrypt_jobs (
     -- savepoint the row's xmin is the subtransaction's.)
     created_xact xid8 NOT NULL DEFAULT pg_current_xact_id(),
     updated_at timestamptz NOT NULL DEFAULT now(),
-    finished_at timestamptz
+    finished_at timestamptz,
+    -- The job worker that runs the job: its pid and when its backend started
+    -- (a claim whose backend is gone is free). Not an advisory lock: any role
+    -- may take any advisory key first and stall the job.
+    worker_pid integer,
+    worker_started_at timestamptz
 );
 COMMENT ON TABLE byok.reencrypt_jobs IS 'Re-encryption jobs and their checkpoints';
 

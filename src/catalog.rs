@@ -193,6 +193,7 @@ pub fn read_one<T: pgrx::FromDatum + pgrx::IntoDatum>(
 /// What dual control needs to know about a role taking part in it.
 #[derive(Debug, Clone)]
 pub struct Participant {
+    pub oid: pg_sys::Oid,
     pub name: String,
     pub is_admin: bool,
     pub can_create_roles: bool,
@@ -202,7 +203,7 @@ pub struct Participant {
 pub fn participant(role_name: &str) -> Result<Participant, ByokError> {
     Spi::connect(|client| {
         let rows = client.select(
-            "SELECT r.rolcreaterole, pg_catalog.pg_has_role(r.oid, 'byok_admin', 'USAGE')
+            "SELECT r.rolcreaterole, pg_catalog.pg_has_role(r.oid, 'byok_admin', 'USAGE'), r.oid
                FROM pg_catalog.pg_roles r WHERE r.rolname OPERATOR(pg_catalog.=) $1",
             Some(1),
             &[DatumWithOid::from(role_name)],
@@ -212,6 +213,9 @@ pub fn participant(role_name: &str) -> Result<Participant, ByokError> {
         }
         let row = rows.first();
         Ok(Participant {
+            oid: row
+                .get::<pg_sys::Oid>(3)?
+                .ok_or_else(|| ByokError::UnknownRole(role_name.to_string()))?,
             name: role_name.to_string(),
             can_create_roles: row.get::<bool>(1)?.unwrap_or(true),
             is_admin: row.get::<bool>(2)?.unwrap_or(false),
@@ -228,15 +232,15 @@ pub fn participant(role_name: &str) -> Result<Participant, ByokError> {
 /// CREATEROLE in both provenances (one person who could have minted both
 /// logins), if any.
 pub fn membership_conflicts(
-    approver: &str,
-    requester: &str,
+    approver: pg_sys::Oid,
+    requester: pg_sys::Oid,
 ) -> Result<(bool, Option<String>), ByokError> {
     Spi::connect(|client| {
         let rows = client.select(
             "WITH RECURSIVE
              parties(who, r, other) AS (
-                 VALUES ('approver', pg_catalog.to_regrole($1)::pg_catalog.oid, pg_catalog.to_regrole($2)::pg_catalog.oid),
-                        ('requester', pg_catalog.to_regrole($2)::pg_catalog.oid, pg_catalog.to_regrole($1)::pg_catalog.oid)),
+                 VALUES ('approver', $1::pg_catalog.oid, $2::pg_catalog.oid),
+                        ('requester', $2::pg_catalog.oid, $1::pg_catalog.oid)),
              provenance(who, grantor) AS (
                  SELECT p.who, m.grantor
                    FROM parties p
@@ -485,4 +489,3 @@ pub fn granted_directly(role: pg_sys::Oid, tenant_id: &str) -> Result<bool, Byok
         .unwrap_or(false))
     })
 }
-

@@ -270,7 +270,7 @@ impl ByokError {
                 ERRCODE_INSUFFICIENT_PRIVILEGE,
                 format!("{operation} needs dual control in this environment"),
             )
-            .set_detail("byok.environment's segregation policy requires a second administrator's approval for destructive, rotating and granting operations")
+            .set_detail("byok.environment's segregation policy requires a second administrator's approval for operations that destroy, retire, rotate or grant keys, or change an existing tenant")
             .set_hint(format!("request it with SELECT byok.request_operation('{operation}', '{tenant}', '{args}'); another byok_admin runs it with byok.approve_operation(request_id)")),
             ByokError::SegregationViolation { master_key_id, key_prefix, environment } => report(
                 ERRCODE_INVALID_PARAMETER_VALUE,

@@ -65,8 +65,7 @@ pub enum Environment {
 /// carry the environment's key prefix (`prod-`, `stage-`, `dev-`), and in
 /// `production` destroying, rotating and granting need dual control
 /// (`byok.request_operation` + `byok.approve_operation`).
-static ENVIRONMENT: GucSetting<Environment> =
-    GucSetting::<Environment>::new(Environment::Unset);
+static ENVIRONMENT: GucSetting<Environment> = GucSetting::<Environment>::new(Environment::Unset);
 
 /// `byok.key_prefix` (server configuration, superuser only): overrides the
 /// environment's key prefix from the guide's matrix; empty = the guide's.
@@ -89,8 +88,7 @@ static CREDENTIAL_DIRECTORIES: GucSetting<Option<CString>> =
 /// patterns (`host`, `host:port`, `*.domain`) a tenant configuration may name
 /// as a key-manager or token endpoint, besides the cloud providers' public
 /// service domains (always allowed).
-static ALLOWED_ENDPOINTS: GucSetting<Option<CString>> =
-    GucSetting::<Option<CString>>::new(None);
+static ALLOWED_ENDPOINTS: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 
 /// `byok.allow_insecure_transport` (server configuration): lets tenant
 /// configurations use plain `http://` endpoints and turn TLS certificate

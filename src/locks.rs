@@ -1,83 +1,34 @@
-//! Every advisory lock byok_pg takes, in one place.
+//! Every lock byok_pg takes beyond row locks, in one place.
 //!
-//! PostgreSQL's advisory locks share one key space per database, with two
-//! 32-bit keys. byok_pg uses the first key as a class that no other lock of the
-//! extension shares (each class below is distinct by construction: the enum's
-//! discriminants), and the second for the object within the class. An
-//! application that also uses two-key advisory locks should avoid first keys
-//! from 0x62790000 ("by" followed by the class) to 0x627900ff.
+//! None is an advisory lock: advisory lock keys are open to every role
+//! (`pg_advisory_lock` is executable by PUBLIC), so any session could take
+//! byok_pg's keys first and stall administration or a job. The audit chain is
+//! serialized with a table lock that only its owner may take; a job is kept to
+//! one worker by a claim in its row (`jobs::engine::claim_for_worker`).
 
-use pgrx::datum::DatumWithOid;
 use pgrx::prelude::*;
 
 use crate::errors::ByokError;
 
-/// The classes of lock. The discriminant is the low byte of the first key.
+/// The locks, each with the statement that takes it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[repr(u8)]
-pub enum LockClass {
-    /// Extending the audit trail's hash chain (one writer at a time); object 0.
-    AuditChain = 1,
-    /// A re-encryption job, held by the one worker running it; object = job id.
-    ReencryptJob = 2,
+pub enum TableLock {
+    /// Extending the audit trail's hash chain: one writer at a time. SHARE ROW
+    /// EXCLUSIVE conflicts with itself and with writers, not with readers
+    /// (ACCESS SHARE), and needs more than the SELECT privilege others have.
+    AuditChain,
 }
 
-impl LockClass {
-    pub const ALL: [LockClass; 2] = [LockClass::AuditChain, LockClass::ReencryptJob];
-
-    /// The first key of the class's locks.
-    pub fn key(self) -> i32 {
-        0x6279_0000 | self as i32
-    }
-
-    pub fn purpose(self) -> &'static str {
+impl TableLock {
+    fn statement(self) -> &'static str {
         match self {
-            LockClass::AuditChain => "audit trail hash chain (transaction lock)",
-            LockClass::ReencryptJob => {
-                "re-encryption job, object = job id (session lock of its worker)"
-            }
+            TableLock::AuditChain => "LOCK TABLE byok.audit_log IN SHARE ROW EXCLUSIVE MODE",
         }
     }
 }
 
-/// The second key of a lock on `object` (job ids are bigint: they wrap into
-/// the 32-bit key space; two jobs 2^32 apart never run at the same time in
-/// practice, and if they did one would wait for the other, nothing worse).
-fn object_key(object: i64) -> i32 {
-    object as i32
-}
-
-/// Takes a transaction-scoped lock, waiting for it.
-pub fn lock_for_transaction(class: LockClass, object: i64) -> Result<(), ByokError> {
-    Spi::run_with_args(
-        "SELECT pg_catalog.pg_advisory_xact_lock($1, $2)",
-        &[
-            DatumWithOid::from(class.key()),
-            DatumWithOid::from(object_key(object)),
-        ],
-    )?;
+/// Takes `lock` until the end of the transaction, waiting for it.
+pub fn lock_for_transaction(lock: TableLock) -> Result<(), ByokError> {
+    Spi::run(lock.statement())?;
     Ok(())
-}
-
-/// Tries a session-scoped lock (held until released or the session ends).
-pub fn try_lock_for_session(class: LockClass, object: i64) -> Result<bool, ByokError> {
-    Ok(Spi::get_one_with_args::<bool>(
-        "SELECT pg_catalog.pg_try_advisory_lock($1, $2)",
-        &[
-            DatumWithOid::from(class.key()),
-            DatumWithOid::from(object_key(object)),
-        ],
-    )?
-    .unwrap_or(false))
-}
-
-/// `byok.advisory_locks()`: the advisory lock classes byok_pg uses, so an
-/// operator can tell its locks apart in `pg_locks` (classid = first key).
-#[pg_extern(immutable, parallel_safe)]
-fn advisory_locks() -> TableIterator<'static, (name!(classid, i64), name!(purpose, &'static str))> {
-    TableIterator::new(
-        LockClass::ALL
-            .into_iter()
-            .map(|class| (i64::from(class.key() as u32), class.purpose())),
-    )
 }

@@ -8,13 +8,10 @@ use pgrx::prelude::*;
 
 use crate::catalog;
 use crate::errors::ByokError;
+use crate::postgres::session;
 
 fn resolve_role(role_name: &str) -> Result<pg_sys::Oid, ByokError> {
-    Spi::get_one_with_args::<pg_sys::Oid>(
-        "SELECT pg_catalog.to_regrole($1)::pg_catalog.oid",
-        &[DatumWithOid::from(role_name)],
-    )?
-    .ok_or_else(|| ByokError::UnknownRole(role_name.to_string()))
+    session::role_oid(role_name).ok_or_else(|| ByokError::UnknownRole(role_name.to_string()))
 }
 
 /// Lets `role_name` use tenant `tenant_id`'s keys; false when it already could.
@@ -62,7 +59,9 @@ fn change(event: &str, sql: &str, role: pg_sys::Oid, tenant_id: &str) -> Result<
         None,
         true,
         None,
-        Some(serde_json::json!({"role": crate::postgres::session::role_name(role), "changed": changed})),
+        Some(
+            serde_json::json!({"role": crate::postgres::session::role_name(role), "changed": changed}),
+        ),
     )?;
     Ok(changed)
 }

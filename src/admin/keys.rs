@@ -85,7 +85,8 @@ fn upsert_tenant(
 ) -> Result<(), ByokError> {
     let tenant_id = config.tenant_id.as_str();
     if let Some(existing) = catalog::load_tenant_with(client, tenant_id, true)?
-        && (existing.provider.provider != config.provider || existing.master_key_id != config.master_key_id)
+        && (existing.provider.provider != config.provider
+            || existing.master_key_id != config.master_key_id)
     {
         return Err(ByokError::InvalidArgument {
             message: format!(
@@ -155,6 +156,18 @@ fn upsert_tenant(
 }
 
 /// The configuration as stored: the normalised document with every default filled in.
+/// Whether `document` changes a tenant that exists (creating one, or
+/// repeating its configuration unchanged, changes nothing that needs a
+/// second person). Call as the extension's owner.
+pub fn changes_existing_tenant(document: &serde_json::Value) -> Result<bool, ByokError> {
+    let config = TenantConfig::from_json(document).map_err(ByokError::InvalidConfig)?;
+    let stored = catalog::read_one::<JsonB>(
+        "SELECT config FROM byok.tenant_config WHERE tenant_id OPERATOR(pg_catalog.=) $1",
+        &[DatumWithOid::from(config.tenant_id.as_str())],
+    )?;
+    Ok(stored.is_some_and(|stored| stored.0 != config_document(&config)))
+}
+
 fn config_document(c: &TenantConfig) -> serde_json::Value {
     serde_json::json!({
         "customer": c.customer,

@@ -80,8 +80,11 @@ macro_rules! admin_operations {
 }
 
 admin_operations! {
-    /// Creates or updates a tenant from its byok_config document.
-    ConfigureTenant = "configure_tenant", approval: false, request: false, writes: true { config: serde_json::Value }
+    /// Creates or updates a tenant from its byok_config document. Creating a
+    /// tenant needs no approval; changing an existing one does where dual
+    /// control applies (its endpoints, credentials, rotation and audit
+    /// settings are as sensitive as a grant): see [`approval_needed`].
+    ConfigureTenant = "configure_tenant", approval: false, request: true, writes: true { config: serde_json::Value }
     /// A new active data key; the previous one becomes decrypt-only.
     RotateDataKey = "rotate_data_key", approval: true, request: true, writes: true {
         tenant_id: String,
@@ -107,8 +110,12 @@ admin_operations! {
         tenant_id: String,
         new_key_id: String,
     }
-    /// decrypt-only <-> retired.
-    SetDataKeyState = "set_data_key_state", approval: false, request: false, writes: true { dek_id: i64, state: String }
+    /// decrypt-only <-> retired (retiring makes the key's values unreadable).
+    SetDataKeyState = "set_data_key_state", approval: true, request: true, writes: true {
+        tenant_id: String,
+        dek_id: i64,
+        state: String,
+    }
     /// Erases a non-active data key.
     DestroyDataKey = "destroy_data_key", approval: true, request: true, writes: true {
         tenant_id: String,
@@ -189,12 +196,12 @@ impl AdminOp {
             | AdminOp::RotateMasterKeyStep { tenant_id, .. }
             | AdminOp::FinishMasterKeyRotation { tenant_id, .. }
             | AdminOp::DestroyDataKey { tenant_id, .. }
+            | AdminOp::SetDataKeyState { tenant_id, .. }
             | AdminOp::DestroyTenantKeys { tenant_id }
             | AdminOp::GrantTenant { tenant_id, .. }
             | AdminOp::RevokeTenant { tenant_id, .. }
             | AdminOp::ValidateTenant { tenant_id } => Some(tenant_id),
             AdminOp::FlushCache { tenant_id } => tenant_id.as_deref(),
-            AdminOp::SetDataKeyState { .. } => None,
         }
     }
 
@@ -339,8 +346,21 @@ pub fn administer_with<T>(
     outcome
 }
 
+/// Whether `op`, called directly, must wait for a second administrator.
+fn approval_needed(op: &AdminOp) -> Result<bool, ByokError> {
+    if !policy::dual_control_applies() {
+        return Ok(false);
+    }
+    match op {
+        AdminOp::ConfigureTenant { config } => {
+            catalog::as_extension_owner(|| keys::changes_existing_tenant(config))
+        }
+        other => Ok(other.needs_approval()),
+    }
+}
+
 fn run(op: AdminOp, origin: Origin) -> Result<OpResult, ByokError> {
-    if op.needs_approval() && origin == Origin::Direct && policy::dual_control_applies() {
+    if origin == Origin::Direct && approval_needed(&op)? {
         return Err(ByokError::DualControlRequired {
             operation: op.approval_name(),
             tenant: op.tenant_id().unwrap_or_default().to_string(),
@@ -373,7 +393,7 @@ fn run(op: AdminOp, origin: Origin) -> Result<OpResult, ByokError> {
                 tenant_id,
                 new_key_id,
             } => rotation::finish(&tenant_id, &new_key_id).map(OpResult::Text),
-            AdminOp::SetDataKeyState { dek_id, state } => {
+            AdminOp::SetDataKeyState { dek_id, state, .. } => {
                 keys::set_data_key_state(dek_id, &state).map(OpResult::Text)
             }
             AdminOp::DestroyDataKey { tenant_id, dek_id } => {
@@ -414,6 +434,21 @@ pub fn refuse(event: &'static str, tenant: Option<&str>, dek: Option<i64>, error
         Err(e) => e.raise(),
         Ok(()) => unreachable!("the refusal is an error"),
     }
+}
+
+/// The tenant owning data key `dek_id`, for an operation on it (`event`);
+/// an unknown key is refused (and recorded) as that operation's failure.
+pub fn tenant_of_data_key(dek_id: i64, event: &'static str) -> String {
+    catalog::as_extension_owner(|| catalog::tenant_of_data_key(dek_id))
+        .unwrap_or_else(|e| e.raise())
+        .unwrap_or_else(|| {
+            refuse(
+                event,
+                None,
+                Some(dek_id),
+                ByokError::UnknownDataKey(dek_id as u64),
+            )
+        })
 }
 
 /// Raises an operation's failure as an ERROR (the SQL-facing functions' end).

@@ -25,13 +25,12 @@ use crate::errors::ByokError;
 use crate::gucs;
 
 /// Whether operations that need approval, called directly now, are refused.
+/// (Background workers acting on policy administrators configured — scheduled
+/// rotation, the encryption budget — run their operations as
+/// `Origin::Policy`, which never asks; anything else in a worker is held to
+/// the same rule as a session.)
 pub fn dual_control_applies() -> bool {
-    // Background workers act on policy configured by administrators (scheduled
-    // rotation, the encryption budget), not on a person's request.
-    // SAFETY: reads a process-global set at start-up.
-    let background =
-        unsafe { pgrx::pg_sys::MyBackendType } == pgrx::pg_sys::BackendType::B_BG_WORKER;
-    gucs::segregation_policy().approval_required && !background
+    gucs::segregation_policy().approval_required
 }
 
 /// A master key's name as segregation sees it: the last `/`-separated segment of

@@ -74,7 +74,9 @@ pub fn parse_request(
     }
     let mut document = given.clone();
     document.insert("operation".into(), op.into());
-    document.insert("tenant_id".into(), tenant_id.into());
+    if fields.contains(&"tenant_id") {
+        document.insert("tenant_id".into(), tenant_id.into());
+    }
     // Numbers and strings alike: a dek_id may come as 17 or "17".
     if let Some(serde_json::Value::String(id)) = document.get("dek_id").cloned()
         && let Ok(id) = id.parse::<i64>()
@@ -95,13 +97,21 @@ pub fn parse_request(
 }
 
 /// Checks what a request names: the tenant, the data key, the role, the interval.
-fn check_request(op: &AdminOp) -> Result<(), ByokError> {
+fn check_request(op: &AdminOp, requested_tenant: &str) -> Result<(), ByokError> {
     let tenant_id = op.tenant_id().unwrap_or_default();
+    if tenant_id != requested_tenant {
+        return Err(invalid(
+            format!(
+                "the configuration is for tenant \"{tenant_id}\", the request for \"{requested_tenant}\""
+            ),
+            None,
+        ));
+    }
     if catalog::load_tenant(tenant_id, false)?.is_none() {
         return Err(ByokError::UnknownTenant(tenant_id.to_string()));
     }
     match op {
-        AdminOp::DestroyDataKey { dek_id, .. }
+        AdminOp::DestroyDataKey { dek_id, .. } | AdminOp::SetDataKeyState { dek_id, .. }
             if catalog::tenant_of_data_key(*dek_id)?.as_deref() != Some(tenant_id) =>
         {
             return Err(ByokError::NotFound {
@@ -109,15 +119,8 @@ fn check_request(op: &AdminOp) -> Result<(), ByokError> {
                 hint: None,
             });
         }
-        AdminOp::GrantTenant { role, .. } => {
-            let exists = Spi::get_one_with_args::<bool>(
-                "SELECT pg_catalog.to_regrole($1) IS NOT NULL",
-                &[DatumWithOid::from(role.as_str())],
-            )?
-            .unwrap_or(false);
-            if !exists {
-                return Err(ByokError::UnknownRole(role.clone()));
-            }
+        AdminOp::GrantTenant { role, .. } if crate::postgres::session::role_oid(role).is_none() => {
+            return Err(ByokError::UnknownRole(role.clone()));
         }
         AdminOp::RotateMasterKey { grace_period, .. } => {
             Spi::get_one_with_args::<pgrx::datum::Interval>(
@@ -142,8 +145,9 @@ pub fn request(op_name: &str, tenant_id: &str, args: &serde_json::Value) -> Resu
             let op = parse_request(op_name, tenant_id, args)?;
             catalog::as_extension_owner(|| {
                 super::require_primary("request_operation")?;
-                check_request(&op)?;
-                let requester = catalog::participant(&crate::postgres::session::session_role_name())?;
+                check_request(&op, tenant_id)?;
+                let requester =
+                    catalog::participant(&crate::postgres::session::session_role_name())?;
                 policy::check_requester(&requester)?;
                 let id = Spi::get_one_with_args::<i64>(
                 "INSERT INTO byok.operation_requests (operation, tenant_id, args, requested_by, expires_at)
@@ -247,12 +251,11 @@ pub fn approve(id: i64) -> Result<String, ByokError> {
                 ));
             }
             let (requester, approver, (granted, minted_by)) = catalog::as_extension_owner(|| {
-                let approver_name = crate::postgres::session::session_role_name();
-                Ok((
-                    catalog::participant(&request.requested_by)?,
-                    catalog::participant(&approver_name)?,
-                    catalog::membership_conflicts(&approver_name, &request.requested_by)?,
-                ))
+                let requester = catalog::participant(&request.requested_by)?;
+                let approver =
+                    catalog::participant(&crate::postgres::session::session_role_name())?;
+                let conflicts = catalog::membership_conflicts(approver.oid, requester.oid)?;
+                Ok((requester, approver, conflicts))
             })?;
             policy::check_approver(id, &requester, &approver, granted, minted_by.as_deref())?;
             let op = parse_request(&request.operation, &request.tenant_id, &request.args)?;

@@ -10,7 +10,6 @@ use pgrx::JsonB;
 use pgrx::prelude::*;
 
 use crate::admin::{self, AdminOp};
-use crate::catalog;
 use crate::keyring;
 
 #[pg_extern(volatile, parallel_unsafe, strict)]
@@ -32,7 +31,9 @@ fn rotate_data_key(tenant_id: &str) -> i64 {
 #[pg_extern(volatile, parallel_unsafe, strict)]
 #[search_path(pg_catalog, pg_temp)]
 fn set_data_key_state(dek_id: i64, state: &str) -> String {
+    let tenant_id = admin::tenant_of_data_key(dek_id, "set_data_key_state");
     admin::run_or_raise(AdminOp::SetDataKeyState {
+        tenant_id,
         dek_id,
         state: state.to_string(),
     })
@@ -54,16 +55,7 @@ fn destroy_data_key(dek_id: i64, confirm: i64) -> String {
             },
         );
     }
-    let tenant_id = catalog::as_extension_owner(|| catalog::tenant_of_data_key(dek_id))
-        .unwrap_or_else(|e| e.raise())
-        .unwrap_or_else(|| {
-            admin::refuse(
-                "destroy_data_key",
-                None,
-                Some(dek_id),
-                crate::errors::ByokError::UnknownDataKey(dek_id as u64),
-            )
-        });
+    let tenant_id = admin::tenant_of_data_key(dek_id, "destroy_data_key");
     admin::run_or_raise(AdminOp::DestroyDataKey { tenant_id, dek_id }).text()
 }
 

@@ -25,7 +25,7 @@ use pgrx::prelude::*;
 use zeroize::Zeroizing;
 
 use crate::errors::{ByokError, OrRaise};
-use crate::locks::{self, LockClass};
+use crate::locks::{self, TableLock};
 
 type HmacSha256 = hmac::Hmac<sha2::Sha256>;
 
@@ -68,5 +68,5 @@ fn audit_mac(previous: &[u8], row_text: &[u8]) -> Vec<u8> {
 /// transaction lock of its own class: see `locks`).
 #[pg_extern(volatile, parallel_unsafe)]
 fn lock_audit_chain() {
-    locks::lock_for_transaction(LockClass::AuditChain, 0).or_raise();
+    locks::lock_for_transaction(TableLock::AuditChain).or_raise();
 }

@@ -27,8 +27,8 @@ use pgrx::pg_sys;
 use pgrx::prelude::*;
 use serde::{Deserialize, Serialize};
 
-use crate::shmem;
 use crate::errors::ByokError;
+use crate::shmem;
 
 /// How long repeats of one failure are counted before a summary is queued.
 pub const COALESCE_WINDOW: Duration = Duration::from_secs(10);

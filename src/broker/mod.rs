@@ -7,11 +7,11 @@
 pub mod client;
 pub mod worker;
 
+use crate::errors::ByokError;
+use crate::postgres::session;
 use byok_core::crypto::DataKey;
 use byok_kms::protocol::{CacheSettings, ProviderRef, Request, Response, TenantRef};
 use byok_kms::{MasterKeyInfo, WrappedDek};
-use crate::errors::ByokError;
-use crate::postgres::session;
 
 /// Who a request is for: this database, the tenant, and the acting role.
 pub fn tenant_ref(tenant_id: &str) -> TenantRef {

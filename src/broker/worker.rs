@@ -49,9 +49,11 @@ struct SharedMetrics;
 
 impl MetricsSink for SharedMetrics {
     fn record(&self, provider: ProviderKind, tenant: &TenantRef, event: MetricEvent) {
-        let Some(m) = shmem::shared()
-            .and_then(|shared| shared.metrics.slot(tenant.database, provider, &tenant.tenant_id))
-        else {
+        let Some(m) = shmem::shared().and_then(|shared| {
+            shared
+                .metrics
+                .slot(tenant.database, provider, &tenant.tenant_id)
+        }) else {
             return;
         };
         match event {
@@ -297,8 +299,19 @@ fn dispatch(
     let request = match serde_json::from_slice::<Request>(&taken.request) {
         Ok(request) => request,
         Err(e) => {
-            let outcome = failure(None, ErrorKind::Misconfigured, format!("malformed request: {e}"));
-            return deliver(shared, Completion { slot: taken.index, request_id: taken.request_id, outcome });
+            let outcome = failure(
+                None,
+                ErrorKind::Misconfigured,
+                format!("malformed request: {e}"),
+            );
+            return deliver(
+                shared,
+                Completion {
+                    slot: taken.index,
+                    request_id: taken.request_id,
+                    outcome,
+                },
+            );
         }
     };
     let provider = request.provider();

@@ -671,6 +671,43 @@ pub fn state_of(job: i64) -> Result<Option<JobState>, ByokError> {
     })
 }
 
+/// Claims job `job` for this job worker, unless a live worker holds it: one
+/// worker per job. The claim names this backend's pid and start time, so a
+/// worker that died leaves a claim the next one may take.
+pub fn claim_for_worker(job: i64) -> Result<bool, ByokError> {
+    catalog::as_extension_owner(|| {
+        Ok(Spi::get_one_with_args::<bool>(
+            "WITH me AS (SELECT a.pid, a.backend_start FROM pg_catalog.pg_stat_activity a
+                          WHERE a.pid OPERATOR(pg_catalog.=) pg_catalog.pg_backend_pid())
+             UPDATE byok.reencrypt_jobs j
+                SET worker_pid = me.pid, worker_started_at = me.backend_start
+               FROM me
+              WHERE j.job_id OPERATOR(pg_catalog.=) $1
+                AND (j.worker_pid IS NULL
+                     OR NOT EXISTS (SELECT 1 FROM pg_catalog.pg_stat_activity a
+                                     WHERE a.pid OPERATOR(pg_catalog.=) j.worker_pid
+                                       AND a.backend_start OPERATOR(pg_catalog.=) j.worker_started_at))
+             RETURNING true",
+            &[DatumWithOid::from(job)],
+        )?
+        .unwrap_or(false))
+    })
+}
+
+/// Gives up this worker's claim on job `job` (a worker that dies without
+/// doing so leaves a claim that is free once its backend is gone).
+pub fn release_worker_claim(job: i64) -> Result<(), ByokError> {
+    catalog::as_extension_owner(|| {
+        Spi::run_with_args(
+            "UPDATE byok.reencrypt_jobs SET worker_pid = NULL, worker_started_at = NULL
+              WHERE job_id OPERATOR(pg_catalog.=) $1
+                AND worker_pid OPERATOR(pg_catalog.=) pg_catalog.pg_backend_pid()",
+            &[DatumWithOid::from(job)],
+        )?;
+        Ok(())
+    })
+}
+
 /// Records a failure of the whole job that is not a batch's (it raised out of
 /// the engine): used by the drivers.
 pub fn record_failure(job: i64, reason: &str) -> Result<(), ByokError> {

@@ -11,8 +11,8 @@
 //! - The *scheduler* rotates data keys that are due (`key_rotation`) and starts
 //!   a *job worker* for each unfinished job: this is how jobs resume after a crash.
 //! - A *job worker* runs one job through the shared driver (`super::drive`), a
-//!   transaction per batch. A session advisory lock (`locks`) keeps a job to one
-//!   worker at a time.
+//!   transaction per batch. A claim in the job's row (the worker's pid and
+//!   start time) keeps a job to one worker at a time.
 //!
 //! Workers connect as the bootstrap superuser; everything they do goes through
 //! the same paths as SQL calls: catalog work as the extension's owner with
@@ -31,7 +31,6 @@ use pgrx::prelude::*;
 use crate::admin::{self, AdminOp, Origin};
 use crate::errors::ByokError;
 use crate::gucs;
-use crate::locks::{self, LockClass};
 
 /// How often the launcher looks for a catalog writer's work.
 const TICK: Duration = Duration::from_secs(1);
@@ -163,8 +162,7 @@ pub extern "C-unwind" fn byok_job_launcher_main(_argument: pg_sys::Datum) {
             ) {
                 start_worker("byok scheduler", "byok_scheduler_main", database, 0);
             }
-            next_visit = Instant::now()
-                + Duration::from_secs(gucs::scheduler_naptime_seconds());
+            next_visit = Instant::now() + Duration::from_secs(gucs::scheduler_naptime_seconds());
         }
         if !BackgroundWorker::wait_latch(Some(TICK)) {
             break;
@@ -428,30 +426,31 @@ pub extern "C-unwind" fn byok_reencrypt_main(argument: pg_sys::Datum) {
     BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
     let job = argument.value() as i64;
     BackgroundWorker::connect_worker_to_spi_by_oid(Some(database_of_worker()), None);
-    // One worker per job: held until this process exits (or the server crashes).
-    let mine =
-        BackgroundWorker::transaction(|| locks::try_lock_for_session(LockClass::ReencryptJob, job))
-            .unwrap_or(false);
-    if !mine {
-        return;
-    }
-    // The job row commits with the caller's transaction, which may still be open.
+    // The job row commits with the caller's transaction, which may still be
+    // open; then one worker per job (the claim is in the job's row).
     let appeared_by = Instant::now() + Duration::from_secs(30);
-    while BackgroundWorker::transaction(|| super::engine::state_of(job))
-        .ok()
-        .flatten()
-        .is_none()
-    {
-        if Instant::now() >= appeared_by
-            || !BackgroundWorker::wait_latch(Some(Duration::from_millis(100)))
-        {
-            return;
+    loop {
+        match BackgroundWorker::transaction(|| super::engine::state_of(job)) {
+            Ok(Some(_)) => break,
+            Ok(None)
+                if Instant::now() < appeared_by
+                    && BackgroundWorker::wait_latch(Some(Duration::from_millis(100))) => {}
+            _ => return,
         }
     }
-    if let Err(e) = super::drive(job, &mut WorkerRunner, false) {
-        let reason = e.summary_ref();
-        BackgroundWorker::transaction(|| {
-            let _ = super::engine::record_failure(job, &reason);
-        });
+    if !BackgroundWorker::transaction(|| super::engine::claim_for_worker(job)).unwrap_or(false) {
+        return;
+    }
+    let outcome = super::drive(job, &mut WorkerRunner, false);
+    let recorded = BackgroundWorker::transaction(|| {
+        if let Err(e) = &outcome {
+            super::engine::record_failure(job, &e.summary_ref())?;
+        }
+        super::engine::release_worker_claim(job)
+    });
+    if let Err(e) = recorded {
+        // The job's row could not be updated (the database is going away, say):
+        // the claim frees itself when this process ends; say why in the log.
+        pgrx::warning!("byok job worker for job {job}: {}", e.summary_ref());
     }
 }

@@ -276,8 +276,7 @@ impl KeyRing {
             self.ciphers.clear();
             self.active.clear();
             self.authorized.clear();
-            self.ciphers
-                .set_capacity(gucs::backend_cache_max_entries());
+            self.ciphers.set_capacity(gucs::backend_cache_max_entries());
         }
     }
 }

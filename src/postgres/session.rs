@@ -50,6 +50,16 @@ pub fn role_name(role: pg_sys::Oid) -> String {
     }
 }
 
+/// The role named exactly `name` (no identifier folding or quoting: role
+/// names are compared as stored, as PostgreSQL's `name` arguments are).
+pub fn role_oid(name: &str) -> Option<pg_sys::Oid> {
+    let name = std::ffi::CString::new(name).ok()?;
+    // SAFETY: get_role_oid with missing_ok reads the role cache and returns
+    // InvalidOid when there is no such role.
+    let oid = unsafe { pg_sys::get_role_oid(name.as_ptr(), true) };
+    (oid != pg_sys::InvalidOid).then_some(oid)
+}
+
 /// The session's login role's name.
 pub fn session_role_name() -> String {
     role_name(session_user())

@@ -6,7 +6,10 @@ SELECT 'tenants ' || count(*) || ' ' || md5(string_agg(t::text, '|' ORDER BY ten
 SELECT 'data keys ' || count(*) || ' ' || md5(string_agg(concat_ws(',', dek_id, tenant_id, md5(wrapped_dek), provider, cmk_id,
        cmk_version, state, created_at, rotated_at, destroyed_at), '|' ORDER BY dek_id)) FROM byok.wrapped_data_keys;
 SELECT 'grants ' || count(*) || ' ' || md5(string_agg(g::text, '|' ORDER BY grantee::text, tenant_id)) FROM byok.tenant_grants g;
-SELECT 'jobs ' || count(*) || ' ' || md5(string_agg(j::text, '|' ORDER BY job_id)) FROM byok.reencrypt_jobs j;
+SELECT 'jobs ' || count(*) || ' ' || md5(string_agg(concat_ws(',', job_id, tenant_id, relid, state, rows_total, rows_done,
+       batches, cursor_relid, cursor_column, cursor_ctid, sweeping, scan_done, keys_retired, last_error, created_at,
+       started_at, run_started_at, run_rows_start, created_xact, updated_at, finished_at), '|' ORDER BY job_id))
+  FROM byok.reencrypt_jobs;
 SELECT 'requests ' || count(*) || ' ' || md5(string_agg(r::text, '|' ORDER BY request_id)) FROM byok.operation_requests r;
 SELECT 'registry ' || count(*) || ' ' || md5(string_agg(concat_ws(',', relid, column_name, tenant_column, context, registered_at),
        '|' ORDER BY relid::oid, column_name)) FROM byok.protected_column_registry;

@@ -172,7 +172,12 @@ impl<const N: usize> MetricTable<N> {
         rows.into_iter()
             .filter_map(|((database, provider, tenant), t)| {
                 let provider = *ProviderKind::ALL.get(provider as usize)?;
-                Some((database, provider, String::from_utf8_lossy(&tenant).into_owned(), t))
+                Some((
+                    database,
+                    provider,
+                    String::from_utf8_lossy(&tenant).into_owned(),
+                    t,
+                ))
             })
             .collect()
     }
@@ -188,25 +193,46 @@ mod tests {
         let a = table.slot(5, ProviderKind::AwsKms, "acme").unwrap();
         a.add(Counter::KmsCalls, 2);
         a.kms_latency(crate::histogram::bucket(300));
-        assert!(std::ptr::eq(a, table.slot(5, ProviderKind::AwsKms, "acme").unwrap()));
-        table.slot(5, ProviderKind::Local, "acme").unwrap().add(Counter::Encrypts, 7);
-        table.slot(6, ProviderKind::AwsKms, "acme").unwrap().add(Counter::L1Hits, 1);
-        assert!(table.slot(7, ProviderKind::AwsKms, "full").is_none(), "all slots taken");
+        assert!(std::ptr::eq(
+            a,
+            table.slot(5, ProviderKind::AwsKms, "acme").unwrap()
+        ));
+        table
+            .slot(5, ProviderKind::Local, "acme")
+            .unwrap()
+            .add(Counter::Encrypts, 7);
+        table
+            .slot(6, ProviderKind::AwsKms, "acme")
+            .unwrap()
+            .add(Counter::L1Hits, 1);
+        assert!(
+            table.slot(7, ProviderKind::AwsKms, "full").is_none(),
+            "all slots taken"
+        );
         let totals = table.totals();
         assert_eq!(totals.len(), 3);
         assert_eq!(totals[0].0, 5);
-        let aws = totals.iter().find(|r| r.0 == 5 && r.1 == ProviderKind::AwsKms).unwrap();
+        let aws = totals
+            .iter()
+            .find(|r| r.0 == 5 && r.1 == ProviderKind::AwsKms)
+            .unwrap();
         assert_eq!(aws.3.get(Counter::KmsCalls), 2);
         assert_eq!(aws.3.kms_latency.iter().sum::<u64>(), 1);
         let local = totals.iter().find(|r| r.1 == ProviderKind::Local).unwrap();
-        assert_eq!((local.2.as_str(), local.3.get(Counter::Encrypts)), ("acme", 7));
+        assert_eq!(
+            (local.2.as_str(), local.3.get(Counter::Encrypts)),
+            ("acme", 7)
+        );
     }
 
     #[test]
     fn long_tenant_ids_are_cut() {
         let table = MetricTable::<1>::new_boxed();
         let long = "t".repeat(300);
-        table.slot(1, ProviderKind::Vault, &long).unwrap().add(Counter::Decrypts, 1);
+        table
+            .slot(1, ProviderKind::Vault, &long)
+            .unwrap()
+            .add(Counter::Decrypts, 1);
         assert!(table.slot(1, ProviderKind::Vault, &long).is_some());
         assert_eq!(table.totals()[0].2.len(), TENANT_LEN);
     }

@@ -379,8 +379,7 @@ impl<const N: usize> Claim<'_, N> {
             (response, key)
         };
         self.done = true;
-        self.table
-            .free(self.index, SlotState::Done, self.signals);
+        self.table.free(self.index, SlotState::Done, self.signals);
         Some(SlotAnswer { response, key })
     }
 }
@@ -427,7 +426,10 @@ mod tests {
         let id = claim.submit(b"request").unwrap();
         assert_eq!(table.state(claim.index()), SlotState::Submitted);
         let taken = table.take(claim.index()).unwrap();
-        assert_eq!((taken.request_id, &taken.request[..]), (id, &b"request"[..]));
+        assert_eq!(
+            (taken.request_id, &taken.request[..]),
+            (id, &b"request"[..])
+        );
         assert!(table.take(claim.index()).is_none(), "taken once");
         table.answer(taken.index, id, b"answer", Some(&key(9)), &signals);
         assert_eq!(signals.answered.load(Ordering::Relaxed), 1);
@@ -439,7 +441,11 @@ mod tests {
         // Wiped: nothing of the answer or the key is left in the slot.
         // SAFETY: the slot is free and nobody else uses the table.
         unsafe {
-            assert!((*table.slots[taken.index].payload.get()).iter().all(|b| *b == 0));
+            assert!(
+                (*table.slots[taken.index].payload.get())
+                    .iter()
+                    .all(|b| *b == 0)
+            );
             assert_eq!(*table.keys.0[taken.index].get(), [0u8; KEY_LEN]);
         }
     }
@@ -451,12 +457,17 @@ mod tests {
         let mut a = table.claim(1, &signals).unwrap();
         assert_eq!(
             a.submit(&vec![0u8; PAYLOAD_LEN + 1]),
-            Err(TooLarge { len: PAYLOAD_LEN + 1 })
+            Err(TooLarge {
+                len: PAYLOAD_LEN + 1
+            })
         );
         let _b = table.claim(1, &signals).unwrap();
         assert!(table.claim(1, &signals).is_none(), "all slots busy");
         drop(a);
-        assert!(table.claim(1, &signals).is_some(), "a dropped claim frees its slot");
+        assert!(
+            table.claim(1, &signals).is_some(),
+            "a dropped claim frees its slot"
+        );
     }
 
     #[test]
@@ -468,7 +479,10 @@ mod tests {
         let taken = table.take(0).unwrap();
         drop(first); // gives up while the broker works
         assert_eq!(table.state(0), SlotState::Abandoned);
-        assert!(table.claim(2, &signals).is_none(), "not reusable until the broker is done");
+        assert!(
+            table.claim(2, &signals).is_none(),
+            "not reusable until the broker is done"
+        );
         table.answer(taken.index, first_id, b"for first", Some(&key(1)), &signals);
         assert_eq!(table.state(0), SlotState::Free);
         assert_eq!(signals.answered.load(Ordering::Relaxed), 0);
@@ -480,7 +494,10 @@ mod tests {
         let taken = table.take(0).unwrap();
         table.answer(0, taken.request_id, b"for second", None, &signals);
         let answer = second.take_answer().unwrap();
-        assert_eq!((answer.response.as_slice(), answer.key.is_none()), (&b"for second"[..], true));
+        assert_eq!(
+            (answer.response.as_slice(), answer.key.is_none()),
+            (&b"for second"[..], true)
+        );
         assert_eq!(taken.request_id, second_id);
     }
 
@@ -529,7 +546,9 @@ mod tests {
                     }
                     // Answer out of order, some later than others.
                     turn += 1;
-                    if let Some(taken) = (!pending.is_empty()).then(|| pending.swap_remove(turn % pending.len())) {
+                    if let Some(taken) =
+                        (!pending.is_empty()).then(|| pending.swap_remove(turn % pending.len()))
+                    {
                         let mut answer = b"answer to ".to_vec();
                         answer.extend_from_slice(&taken.request);
                         let k = key(taken.request[0]);
@@ -568,7 +587,8 @@ mod tests {
                                 break;
                             }
                             if give_up_after == 0
-                                || started.elapsed() > Duration::from_micros(give_up_after as u64 * 50)
+                                || started.elapsed()
+                                    > Duration::from_micros(give_up_after as u64 * 50)
                                     && round % 3 == 0
                             {
                                 drop(claim);
@@ -584,7 +604,10 @@ mod tests {
         let answered: usize = backends.into_iter().map(|t| t.join().unwrap()).sum();
         stop.store(true, Ordering::Release);
         broker.join().unwrap();
-        assert!(answered > BACKENDS * ROUNDS / 2, "most requests were answered: {answered}");
+        assert!(
+            answered > BACKENDS * ROUNDS / 2,
+            "most requests were answered: {answered}"
+        );
         // Abandoned slots are freed by the broker's (late) answers.
         assert_eq!(table.busy(), 0);
         for index in 0..4 {

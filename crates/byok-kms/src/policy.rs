@@ -26,23 +26,79 @@ use std::path::{Component, Path, PathBuf};
 
 use zeroize::Zeroizing;
 
-/// The public service domains of the supported cloud key managers and their
-/// identity services: always allowed (suffix match on the host).
-pub const CLOUD_SERVICE_DOMAINS: &[&str] = &[
-    // AWS KMS and STS (commercial, China, GovCloud, FIPS endpoints)
-    ".amazonaws.com",
-    ".amazonaws.com.cn",
-    // Azure Key Vault / Managed HSM and Entra ID, public and sovereign clouds
-    ".vault.azure.net",
-    ".managedhsm.azure.net",
-    ".vault.azure.cn",
-    ".vault.usgovcloudapi.net",
-    "login.microsoftonline.com",
-    "login.chinacloudapi.cn",
-    "login.microsoftonline.us",
-    // Google Cloud KMS and OAuth (global and regional endpoints)
-    ".googleapis.com",
-];
+/// The cloud service an endpoint option points at. Each is allowed its own
+/// public hosts without listing them in `byok.allowed_endpoints`: exactly the
+/// service's hosts, never a whole cloud domain (anyone can run code behind
+/// `*.execute-api.amazonaws.com` or serve a bucket from `storage.googleapis.com`
+/// and would receive the credentials sent there).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Service {
+    /// AWS KMS: `kms[-fips].<region>.amazonaws.com[.cn]`.
+    AwsKms,
+    /// An Azure key vault or managed HSM: `<name>.vault.azure.net` and the
+    /// sovereign clouds' equivalents (the hosts are Microsoft's; only the
+    /// name is the customer's).
+    AzureKeyVault,
+    /// Microsoft Entra ID's token endpoint (`login.microsoftonline.com`, ...).
+    AzureLogin,
+    /// Google Cloud KMS: `cloudkms.googleapis.com` and its regional endpoints.
+    GcpKms,
+    /// Google's token services (`oauth2.googleapis.com`, `sts.googleapis.com`).
+    GcpToken,
+    /// A service with no public cloud host (Vault): only `byok.allowed_endpoints`.
+    Private,
+}
+
+impl Service {
+    /// Whether `host` (lower case, no trailing dot) is one of the service's own.
+    fn owns(self, host: &str) -> bool {
+        // `<one label>.<suffix>`: the label may not contain a dot.
+        let one_label_then = |prefix: &str, suffix: &str| {
+            host.strip_prefix(prefix)
+                .and_then(|rest| rest.strip_suffix(suffix))
+                .is_some_and(is_dns_label)
+        };
+        match self {
+            Service::AwsKms => ["kms.", "kms-fips."].iter().any(|prefix| {
+                one_label_then(prefix, ".amazonaws.com")
+                    || one_label_then(prefix, ".amazonaws.com.cn")
+            }),
+            Service::AzureKeyVault => [
+                ".vault.azure.net",
+                ".managedhsm.azure.net",
+                ".vault.azure.cn",
+                ".managedhsm.azure.cn",
+                ".vault.usgovcloudapi.net",
+                ".managedhsm.usgovcloudapi.net",
+            ]
+            .iter()
+            .any(|suffix| one_label_then("", suffix)),
+            Service::AzureLogin => matches!(
+                host,
+                "login.microsoftonline.com" | "login.chinacloudapi.cn" | "login.microsoftonline.us"
+            ),
+            Service::GcpKms => {
+                host == "cloudkms.googleapis.com"
+                    || one_label_then("cloudkms.", ".rep.googleapis.com")
+            }
+            Service::GcpToken => matches!(
+                host,
+                "oauth2.googleapis.com" | "sts.googleapis.com" | "iamcredentials.googleapis.com"
+            ),
+            Service::Private => false,
+        }
+    }
+}
+
+fn is_dns_label(label: &str) -> bool {
+    !label.is_empty()
+        && label.len() <= 63
+        && label
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        && !label.starts_with('-')
+        && !label.ends_with('-')
+}
 
 /// Largest credential file read (tokens, keys, certificates are far smaller).
 const MAX_CREDENTIAL_FILE: u64 = 1 << 20;
@@ -226,7 +282,12 @@ impl AccessPolicy {
     }
 
     /// Checks a URL a tenant configured (`what` names the field for messages).
-    pub fn check_endpoint(&self, what: &str, url: &str) -> Result<(), PolicyError> {
+    pub fn check_endpoint(
+        &self,
+        what: &str,
+        url: &str,
+        service: Service,
+    ) -> Result<(), PolicyError> {
         let bad = || PolicyError::BadUrl {
             what: what.to_string(),
             url: url.to_string(),
@@ -259,12 +320,7 @@ impl AccessPolicy {
         }
         let host = host.trim_end_matches('.');
         let port = port.unwrap_or(default_port);
-        let cloud = CLOUD_SERVICE_DOMAINS
-            .iter()
-            .any(|domain| match domain.strip_prefix('.') {
-                Some(_) => host.ends_with(domain) && host.len() > domain.len(),
-                None => host == *domain,
-            });
+        let cloud = port == 443 && service.owns(host);
         let listed = self.allowed_endpoints.iter().any(|p| {
             (p.host.is_empty() && p.wildcard) // the test-only permissive policy
                 || p.matches(host, port)
@@ -626,46 +682,81 @@ mod tests {
     fn endpoints() {
         let dir = tempfile::tempdir().unwrap();
         let p = policy(dir.path());
-        for ok in [
-            "https://kms.us-east-1.amazonaws.com",
-            "https://byok-vault.vault.azure.net/",
-            "https://cloudkms.googleapis.com",
-            "https://login.microsoftonline.com",
-            "https://vault.internal:8200",
-            "https://a.corp.example/v1",
-            "https://b.a.corp.example:9999",
+        for (ok, service) in [
+            ("https://kms.us-east-1.amazonaws.com", Service::AwsKms),
+            (
+                "https://kms-fips.us-gov-west-1.amazonaws.com/",
+                Service::AwsKms,
+            ),
+            ("https://kms.cn-north-1.amazonaws.com.cn", Service::AwsKms),
+            (
+                "https://byok-vault.vault.azure.net/",
+                Service::AzureKeyVault,
+            ),
+            ("https://hsm1.managedhsm.azure.net", Service::AzureKeyVault),
+            ("https://login.microsoftonline.com", Service::AzureLogin),
+            ("https://cloudkms.googleapis.com", Service::GcpKms),
+            (
+                "https://cloudkms.europe-west3.rep.googleapis.com",
+                Service::GcpKms,
+            ),
+            ("https://oauth2.googleapis.com/token", Service::GcpToken),
+            ("https://vault.internal:8200", Service::Private),
+            ("https://a.corp.example/v1", Service::Private),
+            ("https://b.a.corp.example:9999", Service::AwsKms),
         ] {
-            assert_eq!(p.check_endpoint("address", ok), Ok(()), "{ok}");
+            assert_eq!(p.check_endpoint("address", ok, service), Ok(()), "{ok}");
         }
-        for bad in [
-            "http://kms.us-east-1.amazonaws.com",
-            "https://vault.internal:8201",
-            "https://corp.example",
-            "https://evil.com",
-            "https://amazonaws.com.evil.com",
-            "https://evilamazonaws.com",
-            "https://user:pw@vault.internal:8200",
-            "ftp://vault.internal:8200",
-            "https://",
-            "vault.internal:8200",
+        for (bad, service) in [
+            ("http://kms.us-east-1.amazonaws.com", Service::AwsKms),
+            // Hosts anyone can put their own code or content behind.
+            (
+                "https://abc123.execute-api.us-east-1.amazonaws.com",
+                Service::AwsKms,
+            ),
+            (
+                "https://abc123.execute-api.us-east-1.amazonaws.com",
+                Service::Private,
+            ),
+            ("https://kms.us-east-1.amazonaws.com", Service::Private),
+            ("https://storage.googleapis.com/bucket", Service::GcpKms),
+            ("https://storage.googleapis.com/bucket", Service::Private),
+            ("https://x.cloudfunctions.net", Service::GcpToken),
+            ("https://evil.azurewebsites.net", Service::AzureLogin),
+            ("https://byok-vault.vault.azure.net", Service::AzureLogin),
+            ("https://a.b.vault.azure.net", Service::AzureKeyVault),
+            ("https://kms.a.b.amazonaws.com", Service::AwsKms),
+            ("https://kms.us-east-1.amazonaws.com:8443", Service::AwsKms),
+            ("https://login.microsoftonline.com", Service::AzureKeyVault),
+            ("https://vault.internal:8201", Service::Private),
+            ("https://corp.example", Service::Private),
+            ("https://evil.com", Service::Private),
+            (
+                "https://kms.us-east-1.amazonaws.com.evil.com",
+                Service::AwsKms,
+            ),
+            ("https://user:pw@vault.internal:8200", Service::Private),
+            ("ftp://vault.internal:8200", Service::Private),
+            ("https://", Service::Private),
+            ("vault.internal:8200", Service::Private),
         ] {
-            assert!(p.check_endpoint("address", bad).is_err(), "{bad}");
+            assert!(p.check_endpoint("address", bad, service).is_err(), "{bad}");
         }
         let insecure = AccessPolicy::new("", "127.0.0.1", true);
         assert_eq!(
-            insecure.check_endpoint("a", "http://127.0.0.1:8200"),
+            insecure.check_endpoint("a", "http://127.0.0.1:8200", Service::Private),
             Ok(())
         );
         assert!(
             insecure
-                .check_endpoint("a", "http://127.0.0.2:8200")
+                .check_endpoint("a", "http://127.0.0.2:8200", Service::Private)
                 .is_err()
         );
         assert!(p.check_insecure_tls("tls_skip_verify").is_err());
         assert!(insecure.check_insecure_tls("tls_skip_verify").is_ok());
         assert!(
             AccessPolicy::new("", "[::1]:8200", false)
-                .check_endpoint("a", "https://[::1]:8200/")
+                .check_endpoint("a", "https://[::1]:8200/", Service::Private)
                 .is_ok()
         );
     }

@@ -29,6 +29,12 @@ $$;
 -- directories is refused without being looked at, so the answer says nothing
 -- about whether it exists.
 CREATE ROLE file_thief LOGIN IN ROLE byok_admin;
+-- The superuser allows one private Vault server (byok.allowed_endpoints is set
+-- in postgresql.conf; here with ALTER SYSTEM, undone at the end), so the file
+-- checks below are reached at all. The key broker picks it up on reload.
+ALTER SYSTEM SET byok.allowed_endpoints = 'vault.corp.example:8200';
+SELECT pg_reload_conf();
+SELECT pg_sleep(1);
 SELECT current_setting('data_directory') AS pgdata \gset
 -- (Errors are shown with the data directory replaced, so the output is stable.)
 CREATE FUNCTION public.attempt(document jsonb) RETURNS text LANGUAGE plpgsql
@@ -45,9 +51,9 @@ GRANT EXECUTE ON FUNCTION public.attempt(jsonb) TO file_thief;
 SELECT public.attempt(format('{"customer": "x", "tenant_id": "thief1", "encryption": {"provider": "vault",
   "vault": {"address": "http://127.0.0.1:18999", "key_name": "k",
             "auth": {"method": "token", "token_file": "%s/byok_local_master.key"}}}}', :'pgdata')::jsonb);
--- Even over https to an allowed cloud domain, the file is not read.
+-- Even over https to an allowed endpoint, the file is not read.
 SELECT public.attempt(format('{"customer": "x", "tenant_id": "thief1", "encryption": {"provider": "vault",
-  "vault": {"address": "https://kms.us-east-1.amazonaws.com", "key_name": "k",
+  "vault": {"address": "https://vault.corp.example:8200", "key_name": "k",
             "auth": {"method": "token", "token_file": "%s/byok_local_master.key"}}}}', :'pgdata')::jsonb);
 -- An existing and a missing file read the same: nothing is revealed.
 SELECT public.attempt('{"customer": "x", "tenant_id": "thief1", "encryption": {"provider": "gcp_kms",
@@ -61,13 +67,13 @@ SELECT public.attempt('{"customer": "x", "tenant_id": "thief1", "encryption": {"
               "auth": {"method": "service_account_key", "key_file": "/etc/shadow"}}}}');
 -- Every file-valued option of every provider, CA bundles included.
 SELECT public.attempt('{"customer": "x", "tenant_id": "thief1", "encryption": {"provider": "vault",
-  "vault": {"address": "https://kms.us-east-1.amazonaws.com", "key_name": "k",
+  "vault": {"address": "https://vault.corp.example:8200", "key_name": "k",
             "auth": {"method": "approle", "role_id": "r", "secret_id_file": "/etc/passwd"}}}}');
 SELECT public.attempt('{"customer": "x", "tenant_id": "thief1", "encryption": {"provider": "vault",
-  "vault": {"address": "https://kms.us-east-1.amazonaws.com", "key_name": "k",
+  "vault": {"address": "https://vault.corp.example:8200", "key_name": "k",
             "auth": {"method": "kubernetes", "role": "r", "jwt_file": "/etc/passwd"}}}}');
 SELECT public.attempt('{"customer": "x", "tenant_id": "thief1", "encryption": {"provider": "vault",
-  "vault": {"address": "https://kms.us-east-1.amazonaws.com", "key_name": "k", "ca_cert_file": "/etc/passwd",
+  "vault": {"address": "https://vault.corp.example:8200", "key_name": "k", "ca_cert_file": "/etc/passwd",
             "auth": {"method": "approle", "role_id": "r", "secret_id_file": "/tmp/x/../../etc/passwd"}}}}');
 SELECT public.attempt('{"customer": "x", "tenant_id": "thief1", "encryption": {"provider": "azure_kv",
   "azure_kv": {"vault_url": "https://thief.vault.azure.net", "key_name": "k",
@@ -101,8 +107,29 @@ SELECT public.attempt('{"customer": "x", "tenant_id": "thief1", "encryption": {"
 SELECT public.attempt('{"customer": "x", "tenant_id": "thief1", "encryption": {"provider": "azure_kv",
   "azure_kv": {"vault_url": "https://thief.vault.azure.net", "key_name": "k", "authority_host": "https://login.thief.example",
                "auth": {"method": "managed_identity"}}}}');
+-- Cloud hosts anyone can put their own code or content behind (an API
+-- Gateway, a storage bucket) are not the key managers' hosts: only each
+-- service's own hosts are allowed without being listed, and no cloud host for
+-- Vault at all.
 SELECT public.attempt('{"customer": "x", "tenant_id": "thief1", "encryption": {"provider": "vault",
-  "vault": {"address": "https://kms.us-east-1.amazonaws.com", "key_name": "k", "tls_skip_verify": true, "allow_insecure_tls": true,
+  "vault": {"address": "https://abc123.execute-api.us-east-1.amazonaws.com", "key_name": "k",
+            "auth": {"method": "approle", "role_id": "r", "secret_id_file": "/etc/passwd"}}}}');
+SELECT public.attempt('{"customer": "x", "tenant_id": "thief1", "encryption": {"provider": "vault",
+  "vault": {"address": "https://storage.googleapis.com/thief-bucket", "key_name": "k",
+            "auth": {"method": "approle", "role_id": "r", "secret_id_file": "/etc/passwd"}}}}');
+SELECT public.attempt('{"customer": "x", "tenant_id": "thief1", "encryption": {"provider": "vault",
+  "vault": {"address": "https://kms.us-east-1.amazonaws.com", "key_name": "k",
+            "auth": {"method": "approle", "role_id": "r", "secret_id_file": "/etc/passwd"}}}}');
+SELECT public.attempt('{"customer": "x", "tenant_id": "thief1", "encryption": {"provider": "aws_kms",
+  "aws_kms": {"key_arn": "arn:aws:kms:us-east-1:1:key/k", "endpoint_url": "https://abc123.execute-api.us-east-1.amazonaws.com"}}}');
+SELECT public.attempt('{"customer": "x", "tenant_id": "thief1", "encryption": {"provider": "azure_kv",
+  "azure_kv": {"vault_url": "https://thief.vault.azure.net", "key_name": "k", "authority_host": "https://abc123.execute-api.us-east-1.amazonaws.com",
+               "auth": {"method": "managed_identity"}}}}');
+SELECT public.attempt('{"customer": "x", "tenant_id": "thief1", "encryption": {"provider": "gcp_kms",
+  "gcp_kms": {"key_name": "projects/p/locations/l/keyRings/r/cryptoKeys/k", "endpoint": "https://storage.googleapis.com/thief-bucket",
+              "auth": {"method": "metadata_server"}}}}');
+SELECT public.attempt('{"customer": "x", "tenant_id": "thief1", "encryption": {"provider": "vault",
+  "vault": {"address": "https://vault.corp.example:8200", "key_name": "k", "tls_skip_verify": true, "allow_insecure_tls": true,
             "auth": {"method": "approle", "role_id": "r", "secret_id_file": "/etc/passwd"}}}}');
 \c - postgres
 -- The policy is the superuser's: a byok_admin cannot change it.
@@ -117,5 +144,7 @@ SELECT wait_for_audit_queue();
 SELECT count(*) > 0 AS refusals_recorded FROM byok.audit_log
  WHERE event = 'configure_tenant' AND outcome = 'failed' AND role_name = 'file_thief';
 DROP FUNCTION public.attempt(jsonb);
+ALTER SYSTEM RESET byok.allowed_endpoints;
+SELECT pg_reload_conf();
 DROP ROLE file_thief;
 DROP FUNCTION wait_for_audit_queue();

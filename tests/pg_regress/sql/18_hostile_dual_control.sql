@@ -19,6 +19,7 @@ END
 $$;
 -- Request ids in messages start at 18001 in this file, wherever it runs.
 SELECT setval('byok.operation_requests_request_id_seq', 18000) \gset
+SELECT setval('byok.data_key_id_seq', 18000) \gset
 
 -- Threat: dual control defeated by one person. Approval must come from a
 -- different person, and "different" is checked: an approver whose byok_admin
@@ -140,13 +141,58 @@ SELECT byok.approve_operation(:minter_request);
 SELECT byok.approve_operation(:minter_request) LIKE 'new active data key %' AS approved;
 SELECT byok.approve_operation(:honest_request) LIKE 'new active data key %' AS approved;
 
+-- 5. Role names that need quoting are taken as they are written: the checks
+--    once folded them to lower case, found no such roles, and so found no
+--    common history either. Two logins minted by one CREATEROLE holder:
+\c - postgres
+CREATE ROLE quoted_agent LOGIN CREATEROLE;
+\c - quoted_agent
+CREATE ROLE "Puppet One" LOGIN IN ROLE byok_admin;
+CREATE ROLE "Puppet Two" LOGIN IN ROLE byok_admin;
+\c - postgres
+ALTER ROLE "Puppet One" SET byok.environment = 'production';
+ALTER ROLE "Puppet Two" SET byok.environment = 'production';
+\c - "Puppet One"
+SELECT byok.request_operation('grant_tenant', 'dual_t', '{"role": "honest"}') AS quoted_request \gset
+-- (a role argument names a role exactly, as PostgreSQL's name arguments do)
+SELECT byok.request_operation('grant_tenant', 'dual_t', '{"role": "HONEST"}');
+\echo SQLSTATE :LAST_ERROR_SQLSTATE
+\c - "Puppet Two"
+SELECT byok.approve_operation(:quoted_request);
+\echo SQLSTATE :LAST_ERROR_SQLSTATE
+
+-- 6. Changing an existing tenant (its endpoints, credentials, rotation
+--    schedule, cache and audit settings) needs a second person as well:
+--    otherwise one administrator could point a tenant at a server of its own,
+--    or schedule the rotations it may not ask for. Creating a tenant, or
+--    repeating its configuration unchanged (a migration run again), does not.
+--    Neither may one person retire a data key (its values become unreadable).
+\c - honest
+SELECT byok.configure_tenant('{"customer": "Dual", "tenant_id": "dual_t",
+  "encryption": {"provider": "local", "local": {"key_id": "prod-dual-cmk"}}}') AS unchanged;
+SELECT byok.configure_tenant('{"customer": "Dual", "tenant_id": "dual_t",
+  "encryption": {"provider": "local", "local": {"key_id": "prod-dual-cmk"}},
+  "key_rotation": {"enabled": true, "interval_days": 1}}');
+\echo SQLSTATE :LAST_ERROR_SQLSTATE
+SELECT byok.request_operation('configure_tenant', 'dual_t', '{"config": {"customer": "Dual", "tenant_id": "dual_t",
+  "encryption": {"provider": "local", "local": {"key_id": "prod-dual-cmk"}},
+  "key_rotation": {"enabled": true, "interval_days": 1}}}') AS config_request \gset
+SELECT dek_id AS old_key FROM byok.data_keys WHERE tenant_id = 'dual_t' AND state = 'decrypt-only'
+ ORDER BY dek_id LIMIT 1 \gset
+SELECT byok.set_data_key_state(:old_key, 'retired');
+\echo SQLSTATE :LAST_ERROR_SQLSTATE
+\c - named_approver
+SELECT byok.approve_operation(:config_request) AS approved;
+\c - postgres
+SELECT rotation_enabled, rotation_interval_days FROM byok.tenant_config WHERE tenant_id = 'dual_t';
+
 -- Every refusal is in the audit trail, with who tried.
 \c - postgres
 SELECT wait_for_audit_queue();
 SELECT role_name, count(*) AS refused FROM byok.audit_log
  WHERE event IN ('request_operation', 'approve_operation') AND outcome = 'failed'
    AND role_name IN ('minter', 'minter_alt', 'minter_alt2', 'granter', 'granter_alt', 'honest',
-                     'cr_one', 'cr_three')
+                     'cr_one', 'cr_three', 'Puppet Two')
  GROUP BY role_name ORDER BY role_name;
 SELECT count(*) AS approved_by_named FROM byok.operation_requests
  WHERE tenant_id = 'dual_t' AND state = 'done' AND approved_by = 'named_approver';
@@ -154,5 +200,5 @@ SELECT count(*) AS approved_by_named FROM byok.operation_requests
 DELETE FROM byok.operation_requests WHERE tenant_id = 'dual_t';
 SELECT byok.destroy_tenant_keys('dual_t', 'dual_t');
 DROP ROLE minter_alt, minter_alt2, minter, granter_alt, granter, ops_team, honest, named_approver,
-          cr_one, cr_two, cr_three, cr_agent;
+          cr_one, cr_two, cr_three, cr_agent, "Puppet One", "Puppet Two", quoted_agent;
 DROP FUNCTION wait_for_audit_queue();

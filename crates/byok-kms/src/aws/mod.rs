@@ -18,6 +18,7 @@ mod options;
 #[cfg(test)]
 mod tests;
 
+use crate::policy::Service;
 use std::collections::HashMap;
 use std::time::Duration;
 
@@ -81,12 +82,16 @@ impl AwsKmsProvider {
         let refused = |e| ProviderError::from_policy(ProviderKind::AwsKms, e);
         if let Some(url) = &options.endpoint_url {
             policy
-                .check_endpoint("encryption.aws_kms.endpoint_url", url)
+                .check_endpoint("encryption.aws_kms.endpoint_url", url, Service::AwsKms)
                 .map_err(refused)?;
         }
         for url in options.replica_endpoint_urls.values() {
             policy
-                .check_endpoint("encryption.aws_kms.replica_endpoint_urls", url)
+                .check_endpoint(
+                    "encryption.aws_kms.replica_endpoint_urls",
+                    url,
+                    Service::AwsKms,
+                )
                 .map_err(refused)?;
         }
         let primary = Self::build_target(

@@ -26,6 +26,7 @@ mod options;
 #[cfg(test)]
 mod tests;
 
+use crate::policy::Service;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -112,10 +113,18 @@ impl AzureKvProvider {
         let options = AzureOptions::parse(options)?;
         let refused = |e| ProviderError::from_policy(ProviderKind::AzureKv, e);
         policy
-            .check_endpoint("encryption.azure_kv.vault_url", &options.vault_url)
+            .check_endpoint(
+                "encryption.azure_kv.vault_url",
+                &options.vault_url,
+                Service::AzureKeyVault,
+            )
             .map_err(refused)?;
         policy
-            .check_endpoint("encryption.azure_kv.authority_host", options.authority())
+            .check_endpoint(
+                "encryption.azure_kv.authority_host",
+                options.authority(),
+                Service::AzureLogin,
+            )
             .map_err(refused)?;
         let mut files = vec![
             options

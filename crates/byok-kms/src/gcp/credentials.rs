@@ -5,6 +5,7 @@
 //! instead of asking `token_uri`; the grant is what the guide's set-up and
 //! private `token_uri` endpoints expect, and what the tests' stand-in checks.)
 
+use crate::policy::Service;
 use std::time::{Duration, Instant};
 
 use google_cloud_auth::credentials::{CacheableResource, CredentialsProvider, EntityTag};
@@ -96,7 +97,11 @@ impl JwtGrantCredentials {
         })?;
         // The key file names where its grant goes: held to the same endpoint rules.
         self.policy
-            .check_endpoint("the key file's token_uri", &key.token_uri)
+            .check_endpoint(
+                "the key file's token_uri",
+                &key.token_uri,
+                Service::GcpToken,
+            )
             .map_err(|e| e.to_string())?;
         if key.kind != "service_account" {
             return Err(format!(

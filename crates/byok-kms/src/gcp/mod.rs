@@ -23,6 +23,7 @@ mod options;
 #[cfg(test)]
 mod tests;
 
+use crate::policy::Service;
 use std::time::{Duration, Instant};
 
 use byok_core::config::ProviderKind;
@@ -73,7 +74,11 @@ impl GcpKmsProvider {
         let options = GcpOptions::parse(options)?;
         let refused = |e| ProviderError::from_policy(ProviderKind::GcpKms, e);
         policy
-            .check_endpoint("encryption.gcp_kms.endpoint", options.endpoint())
+            .check_endpoint(
+                "encryption.gcp_kms.endpoint",
+                options.endpoint(),
+                Service::GcpKms,
+            )
             .map_err(refused)?;
         match &options.auth {
             AuthOptions::ServiceAccountKey { key_file } => policy

@@ -709,7 +709,6 @@ impl KeyService {
     }
 }
 
-
 /// Refusals remembered at most (each a few hundred bytes).
 const MAX_REFUSALS: usize = 10_000;
 

@@ -19,6 +19,7 @@ mod options;
 #[cfg(test)]
 mod tests;
 
+use crate::policy::Service;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -88,7 +89,11 @@ impl VaultProvider {
         let options = VaultOptions::parse(options)?;
         let refused = |e| ProviderError::from_policy(ProviderKind::Vault, e);
         policy
-            .check_endpoint("encryption.vault.address", &options.address)
+            .check_endpoint(
+                "encryption.vault.address",
+                &options.address,
+                Service::Private,
+            )
             .map_err(refused)?;
         if options.tls_skip_verify {
             policy
