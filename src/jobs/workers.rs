@@ -342,6 +342,7 @@ pub extern "C-unwind" fn byok_scheduler_main(_argument: pg_sys::Datum) {
         if !extension_installed() || unsafe { pg_sys::RecoveryInProgress() } {
             return Vec::new();
         }
+        forget_dropped_grantees();
         rotate_due_data_keys();
         crate::catalog::as_extension_owner(|| {
             Ok(Spi::connect(|client| {
@@ -359,6 +360,33 @@ pub extern "C-unwind" fn byok_scheduler_main(_argument: pg_sys::Datum) {
     });
     for job in jobs {
         launch_job(job, database);
+    }
+}
+
+/// Removes grants whose role was dropped. `byok.tenant_grants` names roles by
+/// OID, which PostgreSQL does not track as a dependency; left behind, a grant
+/// would pass to a future role that happened to get the same OID.
+fn forget_dropped_grantees() {
+    let forgotten = crate::postgres::subxact::run(|| {
+        crate::catalog::as_extension_owner(|| {
+            Ok(Spi::get_one::<i64>(
+                "WITH gone AS (
+                     DELETE FROM byok.tenant_grants g
+                      WHERE NOT EXISTS (SELECT 1 FROM pg_catalog.pg_roles r
+                                         WHERE r.oid OPERATOR(pg_catalog.=) g.grantee::pg_catalog.oid)
+                  RETURNING g.grantee::pg_catalog.oid AS role_oid, g.tenant_id)
+                 SELECT count(byok.audit_event('grant_dropped_with_role', tenant_id, NULL, 'ok', NULL,
+                                               pg_catalog.jsonb_build_object('role_oid', role_oid)))
+                   FROM gone",
+            )?
+            .unwrap_or(0))
+        })
+    });
+    if let Err(failure) = forgotten {
+        pgrx::warning!(
+            "byok: could not remove grants of dropped roles: {}",
+            failure.summary()
+        );
     }
 }
 

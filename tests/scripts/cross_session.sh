@@ -48,4 +48,21 @@ SELECT byok.decrypt_text(v) FROM old_vals;
 SQL
 )
 if grep -q "data key $new_key has been destroyed" <<<"$err"; then echo "ok: cached key refused after destroy elsewhere"; else echo "NOT OK: $err"; fail=1; fi
+
+# A dropped role's grants go with it (the scheduler removes them, so a future
+# role with the same OID inherits nothing), and the removal is audited.
+q -c "ALTER SYSTEM SET byok.scheduler_naptime_seconds = 1" -c "SELECT pg_reload_conf()" >/dev/null
+q -c "CREATE ROLE short_lived" -c "SELECT byok.grant_tenant('short_lived', 't1')" >/dev/null
+oid=$(q -c "SELECT oid FROM pg_roles WHERE rolname = 'short_lived'")
+q -c "DROP ROLE short_lived" >/dev/null
+left=1
+for _ in $(seq 1 100); do
+    left=$(q -c "SELECT count(*) FROM byok.tenant_grants WHERE grantee::oid = $oid")
+    [ "$left" = 0 ] && break
+    sleep 0.1
+done
+[ "$left" = 0 ] && echo "ok: a dropped role's grant is removed" || { echo "NOT OK: the grant of dropped role $oid is still there"; fail=1; }
+audited=$(q -c "SELECT count(*) FROM byok.audit_log WHERE event = 'grant_dropped_with_role' AND tenant_id = 't1' AND details->>'role_oid' = '$oid'")
+[ "$audited" = 1 ] && echo "ok: and the removal is in the audit trail" || { echo "NOT OK: removal audited $audited time(s)"; fail=1; }
+q -c "ALTER SYSTEM RESET byok.scheduler_naptime_seconds" -c "SELECT pg_reload_conf()" >/dev/null
 exit $fail
