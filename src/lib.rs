@@ -10,6 +10,7 @@ mod api;
 mod audit;
 mod broker;
 mod catalog;
+mod columns;
 mod errors;
 mod gucs;
 mod jobs;

@@ -330,7 +330,7 @@ pub fn destroy_data_key(tenant_id: &str, dek_id: i64) -> Result<String, ByokErro
             KeyState::DecryptOnly | KeyState::Retired => {}
         }
         // A key that registered columns still use is never destroyed.
-        let values = crate::jobs::engine::data_key_references(dek_id)?;
+        let values = crate::columns::data_key_references(dek_id)?;
         if values > 0 {
             return Err(ByokError::KeyStillReferenced {
                 dek_id: dek_id as u64,

@@ -4,6 +4,7 @@
 
 pub mod crypt;
 pub mod governance;
+pub mod jobs;
 pub mod monitoring;
 pub mod rotation;
 pub mod tenants;

@@ -19,9 +19,8 @@ use pgrx::pg_sys;
 use pgrx::prelude::*;
 
 use crate::catalog;
+use crate::columns::{Column, as_table_owner, count_in, quote_ident, registered_columns};
 use crate::errors::ByokError;
-use crate::keyring::JobScope;
-use crate::postgres::security::{self, SwitchedUser};
 
 /// A job's state, as stored in `byok.reencrypt_jobs.state`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -87,103 +86,6 @@ pub enum Step {
     Failed(String),
 }
 
-/// A registered column, with its table's current owner and qualified name.
-#[derive(Debug, Clone)]
-struct Column {
-    relid: pg_sys::Oid,
-    table: String,
-    column: String,
-    context: String,
-    owner: pg_sys::Oid,
-}
-
-fn quote_ident(name: &str) -> String {
-    format!("\"{}\"", name.replace('"', "\"\""))
-}
-
-/// The registered columns (of one table, or all), in a stable order, skipping
-/// any whose table or column no longer exists (the event trigger removes such
-/// rows; this covers the moment before it runs).
-fn registered_columns(relid: Option<pg_sys::Oid>) -> Result<Vec<Column>, ByokError> {
-    let rows: Vec<(pg_sys::Oid, String, String, String)> = Spi::connect(|client| {
-        let table = client.select(
-            "SELECT r.relid::pg_catalog.oid,
-                    pg_catalog.quote_ident(n.nspname) OPERATOR(pg_catalog.||) '.' OPERATOR(pg_catalog.||) pg_catalog.quote_ident(c.relname),
-                    a.attname::pg_catalog.text, r.context
-               FROM byok.protected_column_registry r
-               JOIN pg_catalog.pg_class c ON c.oid OPERATOR(pg_catalog.=) r.relid
-               JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) c.relnamespace
-               JOIN pg_catalog.pg_attribute a ON a.attrelid OPERATOR(pg_catalog.=) r.relid
-                                             AND a.attnum OPERATOR(pg_catalog.=) r.attnum
-                                             AND NOT a.attisdropped
-              WHERE ($1::pg_catalog.oid IS NULL OR r.relid OPERATOR(pg_catalog.=) $1::pg_catalog.oid)
-                -- Checked at every use, not only at registration: an owner may
-                -- have turned the table into a view, or made it unlogged, since.
-                AND c.relkind OPERATOR(pg_catalog.=) ANY ('{r,p}') AND c.relpersistence OPERATOR(pg_catalog.=) 'p'
-                AND a.atttypid OPERATOR(pg_catalog.=) 'byok.encrypted'::pg_catalog.regtype
-              ORDER BY r.relid::pg_catalog.oid, a.attname",
-            None,
-            &[DatumWithOid::from(relid)],
-        )?;
-        let mut out = Vec::new();
-        for row in table {
-            out.push((
-                row.get::<pg_sys::Oid>(1)?.unwrap_or(pg_sys::InvalidOid),
-                row.get::<String>(2)?.unwrap_or_default(),
-                row.get::<String>(3)?.unwrap_or_default(),
-                row.get::<String>(4)?.unwrap_or_default(),
-            ));
-        }
-        Ok::<_, ByokError>(out)
-    })?;
-    Ok(rows
-        .into_iter()
-        .filter_map(|(relid, table, column, context)| {
-            Some(Column {
-                owner: security::relation_owner(relid)?,
-                relid,
-                table,
-                column,
-                context,
-            })
-        })
-        .collect())
-}
-
-/// Runs `f` as `column`'s table owner in a security-restricted operation,
-/// with row-level security off. With `job`, `byok.reencrypt` and
-/// `byok.value_opens` act for the job's tenant (`Some(None)`: all tenants);
-/// without, keys are used on nobody's authority but the owner's grants.
-fn as_table_owner<R>(
-    column: &Column,
-    job: Option<Option<&str>>,
-    f: impl FnOnce() -> Result<R, ByokError>,
-) -> Result<R, ByokError> {
-    let _owner = SwitchedUser::as_table_owner(column.owner);
-    set_local(c"row_security", c"off");
-    let _scope = job.map(JobScope::enter);
-    crate::postgres::session::acting_as_current_user(f)
-}
-
-/// Sets a setting until the enclosing GUC level (the owner switch's) ends.
-fn set_local(name: &std::ffi::CStr, value: &std::ffi::CStr) {
-    // (names are C string literals at every call site)
-    // SAFETY: GUC_ACTION_SAVE inside the nest level SwitchedUser opened; it is
-    // undone when that guard drops.
-    unsafe {
-        pg_sys::set_config_option(
-            name.as_ptr(),
-            value.as_ptr(),
-            pg_sys::GucContext::PGC_USERSET,
-            pg_sys::GucSource::PGC_S_SESSION,
-            pg_sys::GucAction::GUC_ACTION_SAVE,
-            true,
-            0,
-            false,
-        );
-    }
-}
-
 /// The decrypt-only data keys of `tenant` (all tenants: `None`).
 fn old_keys(tenant: Option<&str>) -> Result<Vec<i64>, ByokError> {
     Ok(catalog::read_one::<Vec<i64>>(
@@ -193,29 +95,6 @@ fn old_keys(tenant: Option<&str>) -> Result<Vec<i64>, ByokError> {
         &[DatumWithOid::from(tenant)],
     )?
     .unwrap_or_default())
-}
-
-fn count_in(column: &Column, condition: &str, args: &[DatumWithOid]) -> Result<i64, ByokError> {
-    let sql = format!("SELECT count(*) FROM {} WHERE {condition}", column.table)
-        .replace("$col", &quote_ident(&column.column));
-    as_table_owner(column, None, || {
-        Ok(catalog::read_one::<i64>(&sql, args)?.unwrap_or(0))
-    })
-}
-
-/// How many values of registered columns data key `dek_id` seals
-/// (`destroy_data_key` refuses while it is above zero).
-pub fn data_key_references(dek_id: i64) -> Result<i64, ByokError> {
-    let columns = catalog::as_extension_owner(|| registered_columns(None))?;
-    let mut total = 0;
-    for column in &columns {
-        total += count_in(
-            column,
-            "byok.data_key_id($col) OPERATOR(pg_catalog.=) $1",
-            &[DatumWithOid::from(dek_id)],
-        )?;
-    }
-    Ok(total)
 }
 
 /// How many values of a job's columns are still under old keys.

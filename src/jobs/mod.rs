@@ -8,7 +8,6 @@ pub mod workers;
 
 use std::time::{Duration, Instant};
 
-use pgrx::PgRelation;
 use pgrx::datum::DatumWithOid;
 use pgrx::pg_sys;
 use pgrx::prelude::*;
@@ -130,32 +129,11 @@ fn sleep(time: Duration) {
     pg_sys::check_for_interrupts!();
 }
 
-fn interval_duration(timeout: &pgrx::datum::Interval) -> Duration {
-    let micros = timeout.as_micros().max(0) as u64;
-    Duration::from_micros(micros)
-}
-
-/// `byok.protect_column(tbl, col, tenant_col, context)`: registers a
-/// `byok.encrypted` column for re-encryption jobs. The caller must be allowed
-/// to update the column; only permanent ordinary or partitioned tables qualify
-/// (a view, a foreign or temporary table, a system catalog is refused).
-#[pg_extern(volatile, parallel_unsafe)]
-#[search_path(pg_catalog, pg_temp)]
-fn protect_column(
-    tbl: PgRelation,
-    col: &str,
-    tenant_col: default!(Option<&str>, "NULL"),
-    context: default!(Option<&str>, "NULL"),
-) {
-    let result = admin::administer("protect_column", None, None, || {
-        register_column(tbl.oid(), col, tenant_col, context.unwrap_or(""))
-    });
-    if let Err(e) = result {
-        e.raise();
-    }
-}
-
-fn register_column(
+/// Registers a `byok.encrypted` column for re-encryption jobs (see
+/// `byok.protect_column`). The caller must be allowed to update the column; only
+/// permanent ordinary or partitioned tables qualify (a view, a foreign or
+/// temporary table, a system catalog is refused).
+pub fn register_column(
     relid: pg_sys::Oid,
     column: &str,
     tenant_column: Option<&str>,
@@ -276,16 +254,10 @@ fn register_column(
     })
 }
 
-/// `byok.start_reencrypt(tenant_id, tbl)`: starts a job rewriting registered
-/// columns' values still under decrypt-only keys; returns its id.
-#[pg_extern(volatile, parallel_unsafe)]
-#[search_path(pg_catalog, pg_temp)]
-fn start_reencrypt(
-    tenant_id: default!(Option<&str>, "NULL"),
-    tbl: default!(Option<PgRelation>, "NULL"),
-) -> i64 {
-    let tbl = tbl.map(|t| t.oid());
-    let result = admin::administer("reencrypt_start", tenant_id, None, || {
+/// Starts a job rewriting registered columns' values still under decrypt-only
+/// keys (of `tenant_id`, or all tenants; in table `tbl`, or all); returns its id.
+pub fn start(tenant_id: Option<&str>, tbl: Option<pg_sys::Oid>) -> Result<i64, ByokError> {
+    admin::administer("reencrypt_start", tenant_id, None, || {
         catalog::as_extension_owner(|| {
             admin::require_primary("run a re-encryption job")?;
             if let Some(t) = tenant_id
@@ -336,8 +308,7 @@ fn start_reencrypt(
             workers::launch_job(job, unsafe { pg_sys::MyDatabaseId });
             Ok(job)
         })
-    });
-    result.unwrap_or_else(|e| e.raise())
+    })
 }
 
 fn relation_name(relid: pg_sys::Oid) -> String {
@@ -355,10 +326,7 @@ fn set_state(job: i64, from: &[JobState], to: JobState) -> Result<String, ByokEr
     admin::administer("set_job_state", None, None, || {
         catalog::as_extension_owner(|| {
             let current = engine::load_job(job)?
-                .ok_or_else(|| ByokError::NotFound {
-                    message: format!("no re-encryption job {job}"),
-                    hint: None,
-                })?
+                .ok_or_else(|| no_such_job(job))?
                 .state;
             if current == to {
                 return Ok(current.name().to_string());
@@ -397,33 +365,28 @@ fn set_state(job: i64, from: &[JobState], to: JobState) -> Result<String, ByokEr
     })
 }
 
-#[pg_extern(volatile, parallel_unsafe, strict)]
-#[search_path(pg_catalog, pg_temp)]
-fn pause_job(job_id: i64) -> String {
+/// Pauses a pending or running job.
+pub fn pause(job: i64) -> Result<String, ByokError> {
     set_state(
-        job_id,
+        job,
         &[JobState::Pending, JobState::Running],
         JobState::Paused,
     )
-    .unwrap_or_else(|e| e.raise())
 }
 
-#[pg_extern(volatile, parallel_unsafe, strict)]
-#[search_path(pg_catalog, pg_temp)]
-fn resume_job(job_id: i64) -> String {
+/// Resumes a paused or failed job.
+pub fn resume(job: i64) -> Result<String, ByokError> {
     set_state(
-        job_id,
+        job,
         &[JobState::Paused, JobState::Failed],
         JobState::Running,
     )
-    .unwrap_or_else(|e| e.raise())
 }
 
-#[pg_extern(volatile, parallel_unsafe, strict)]
-#[search_path(pg_catalog, pg_temp)]
-fn cancel_job(job_id: i64) -> String {
+/// Cancels a job that has not finished.
+pub fn cancel(job: i64) -> Result<String, ByokError> {
     set_state(
-        job_id,
+        job,
         &[
             JobState::Pending,
             JobState::Running,
@@ -432,67 +395,49 @@ fn cancel_job(job_id: i64) -> String {
         ],
         JobState::Cancelled,
     )
-    .unwrap_or_else(|e| e.raise())
 }
 
-/// `byok.wait_job(job, timeout)`: for migrations. Waits until the job is done,
-/// failed or cancelled (or the timeout) and returns its state. Called in the
-/// transaction that started the job (no worker can see it before that commits),
-/// it does the work itself, in that transaction.
-#[pg_extern(volatile, parallel_unsafe, strict)]
-#[search_path(pg_catalog, pg_temp)]
-fn wait_job(job_id: i64, timeout: default!(pgrx::datum::Interval, "'1 hour'")) -> String {
-    let deadline = Instant::now() + interval_duration(&timeout);
-    let result = (|| -> Result<String, ByokError> {
-        let started_here = catalog::as_extension_owner(|| {
-            Spi::get_one_with_args::<bool>(
-                "SELECT coalesce(created_xact OPERATOR(pg_catalog.=) pg_catalog.pg_current_xact_id_if_assigned(), false)
-                   FROM byok.reencrypt_jobs WHERE job_id OPERATOR(pg_catalog.=) $1",
-                &[DatumWithOid::from(job_id)],
-            )
-            .map_err(ByokError::from)
-        })?
-        .ok_or_else(|| ByokError::NotFound {
-            message: format!("no re-encryption job {job_id}"),
-            hint: None,
-        })?;
-        if started_here {
-            drive(job_id, &mut InTransaction { deadline }, true)?;
-        }
-        loop {
-            let state = with_fresh_snapshot(|| engine::state_of(job_id))?
-                .map(JobState::name)
-                .unwrap_or("unknown");
-            let final_state = JobState::from_name(state).is_some_and(JobState::is_final);
-            if final_state || Instant::now() >= deadline {
-                return Ok(state.to_string());
-            }
-            sleep(Duration::from_millis(100).min(deadline - Instant::now()));
-        }
-    })();
-    result.unwrap_or_else(|e| e.raise())
-}
-
-/// `byok.data_key_references(dek_id)`: how many values of registered columns
-/// a data key seals (`destroy_data_key` refuses while it is above zero).
-#[pg_extern(volatile, parallel_unsafe, strict)]
-#[search_path(pg_catalog, pg_temp)]
-fn data_key_references(dek_id: i64) -> i64 {
-    engine::data_key_references(dek_id).unwrap_or_else(|e| e.raise())
-}
-
-/// `byok.reencrypt_step(job, batch)`: one batch of a job in the caller's
-/// transaction, for diagnosis and tests (superusers only; jobs are driven by
-/// their worker or `wait_job`). Says what the step did.
-#[pg_extern(volatile, parallel_unsafe, strict)]
-#[search_path(pg_catalog, pg_temp)]
-fn reencrypt_step(job_id: i64, batch: i32) -> String {
-    match engine::step(job_id, batch.max(1)) {
-        Ok(Step::Rewrote(n)) => format!("rewrote {n}"),
-        Ok(Step::NotRunning) => "not running".into(),
-        Ok(Step::ScanDone) => "scan done".into(),
-        Ok(Step::WaitingForLockedRows) => "waiting for locked rows".into(),
-        Ok(Step::Failed(reason)) => format!("failed: {reason}"),
-        Err(e) => e.raise(),
+/// Waits until job `job` is done, failed or cancelled, or `timeout` passes;
+/// returns its state. In the transaction that started the job (no worker can
+/// see it before that commits) it does the work itself, in that transaction.
+pub fn wait(job: i64, timeout: Duration) -> Result<String, ByokError> {
+    let deadline = Instant::now() + timeout;
+    let started_here = catalog::as_extension_owner(|| {
+        catalog::read_one::<bool>(
+            "SELECT coalesce(created_xact OPERATOR(pg_catalog.=) pg_catalog.pg_current_xact_id_if_assigned(), false)
+               FROM byok.reencrypt_jobs WHERE job_id OPERATOR(pg_catalog.=) $1",
+            &[DatumWithOid::from(job)],
+        )
+    })?
+    .ok_or_else(|| no_such_job(job))?;
+    if started_here {
+        drive(job, &mut InTransaction { deadline }, true)?;
     }
+    loop {
+        let state =
+            with_fresh_snapshot(|| engine::state_of(job))?.ok_or_else(|| no_such_job(job))?;
+        if state.is_final() || Instant::now() >= deadline {
+            return Ok(state.name().to_string());
+        }
+        sleep(Duration::from_millis(100).min(deadline - Instant::now()));
+    }
+}
+
+fn no_such_job(job: i64) -> ByokError {
+    ByokError::NotFound {
+        message: format!("no re-encryption job {job}"),
+        hint: None,
+    }
+}
+
+/// One batch of job `job` in the caller's transaction, for diagnosis and tests;
+/// says what the step did.
+pub fn step_here(job: i64, batch: i32) -> Result<String, ByokError> {
+    Ok(match engine::step(job, batch.max(1))? {
+        Step::Rewrote(n) => format!("rewrote {n}"),
+        Step::NotRunning => "not running".into(),
+        Step::ScanDone => "scan done".into(),
+        Step::WaitingForLockedRows => "waiting for locked rows".into(),
+        Step::Failed(reason) => format!("failed: {reason}"),
+    })
 }
