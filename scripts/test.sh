@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Runs every test: the Rust unit tests of the core crates, the golden pg_regress
-# suite, and the scripted multi-session tests. Sets up what it needs first.
+# Runs every test: the layer check, the Rust unit tests of the core crates, the
+# golden pg_regress suite, and the scripted multi-session tests. Sets up what it
+# needs first.
 # Usage: bash scripts/test.sh            (as root or as a user who can install into PostgreSQL)
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 cd "$BYOK_ROOT"
@@ -20,6 +21,12 @@ ensure_toolchain
 # named, instead of as a confusing failure twenty minutes in.
 log "preflight: every key-manager emulator answers a real request"
 "$PY" tests/preflight.py "$BYOK_WORK/preflight" || die "an emulator is missing (above); nothing else was run"
+
+# Cheap and first among the checks: no module imports from a layer above its
+# own, no cycles, the core crates free of pgrx (the table in ARCHITECTURE.md).
+log "layers: dependencies flow down only (scripts/check-layers.py, ARCHITECTURE.md)"
+status=0; python3 scripts/check-layers.py || status=$?
+record "layers" $status
 
 log "style: cargo fmt --check, cargo clippy"
 status=0; cargo fmt --all --check && cargo fmt --manifest-path fuzz/Cargo.toml --check || status=$?
