@@ -17,6 +17,7 @@ use pgrx::prelude::*;
 
 use crate::errors::ByokError;
 use crate::postgres::session;
+use crate::postgres::spi::Required;
 
 /// The OIDs the key caches care about, looked up once per backend.
 #[derive(Debug, Clone, Copy)]
@@ -80,6 +81,8 @@ fn catalog_ids() -> Result<CatalogIds, ByokError> {
 /// trigger does).
 pub fn invalidate_everywhere() -> Result<(), ByokError> {
     let ids = catalog_ids()?;
+    // SAFETY: queues an invalidation for a relation OID read from the catalog
+    // in this transaction; PostgreSQL ignores OIDs it does not know.
     unsafe { pg_sys::CacheInvalidateRelcacheByRelid(ids.wrapped_data_keys) };
     Ok(())
 }
@@ -365,14 +368,14 @@ pub fn load_data_key(dek_id: u64) -> Result<Option<DataKeyRecord>, ByokError> {
                 .map(|blob| -> Result<WrappedDek, ByokError> {
                     Ok(WrappedDek {
                         blob,
-                        cmk_id: row.get::<String>(5)?.unwrap_or_default(),
-                        cmk_version: row.get::<String>(6)?.unwrap_or_default(),
+                        cmk_id: row.required::<String>(5)?,
+                        cmk_version: row.required::<String>(6)?,
                     })
                 });
             Ok(Some(DataKeyRecord {
-                tenant_id: row.get::<String>(1)?.unwrap_or_default(),
-                state: state_of(&row.get::<String>(2)?.unwrap_or_default())?,
-                provider: provider_of(&row.get::<String>(3)?.unwrap_or_default())?,
+                tenant_id: row.required::<String>(1)?,
+                state: state_of(&row.required::<String>(2)?)?,
+                provider: provider_of(&row.required::<String>(3)?)?,
                 wrapped: wrapped.transpose()?,
                 cache: cache_settings(row.get::<i32>(7)?, row.get::<i32>(8)?, row.get::<i32>(9)?),
                 provider_options: match row.get::<pgrx::JsonB>(10)?.map(|j| j.0) {

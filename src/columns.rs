@@ -16,6 +16,8 @@ use crate::catalog;
 use crate::errors::ByokError;
 use crate::keyring::JobScope;
 use crate::postgres::security::{self, SwitchedUser};
+use crate::postgres::spi::NotNull;
+use crate::postgres::spi::Required;
 
 /// A registered column, with its table's current owner and qualified name.
 #[derive(Debug, Clone)]
@@ -60,10 +62,10 @@ pub fn registered_columns(relid: Option<pg_sys::Oid>) -> Result<Vec<Column>, Byo
         let mut out = Vec::new();
         for row in table {
             out.push((
-                row.get::<pg_sys::Oid>(1)?.unwrap_or(pg_sys::InvalidOid),
-                row.get::<String>(2)?.unwrap_or_default(),
-                row.get::<String>(3)?.unwrap_or_default(),
-                row.get::<String>(4)?.unwrap_or_default(),
+                row.required::<pg_sys::Oid>(1)?,
+                row.required::<String>(2)?,
+                row.required::<String>(3)?,
+                row.required::<String>(4)?,
             ));
         }
         Ok::<_, ByokError>(out)
@@ -122,7 +124,7 @@ pub fn count_in(column: &Column, condition: &str, args: &[DatumWithOid]) -> Resu
     let sql = format!("SELECT count(*) FROM {} WHERE {condition}", column.table)
         .replace("$col", &quote_ident(&column.column));
     as_table_owner(column, None, || {
-        Ok(catalog::read_one::<i64>(&sql, args)?.unwrap_or(0))
+        catalog::read_one::<i64>(&sql, args)?.not_null("count of values")
     })
 }
 

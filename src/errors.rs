@@ -142,6 +142,10 @@ pub enum ByokError {
     BrokerFailed(String),
     Provider(ProviderError),
     Catalog(String),
+    /// A function meant to run as a trigger was called some other way.
+    NotATrigger(&'static str),
+    /// This build uses CPU instructions (AES-NI, PCLMULQDQ, AVX2) the server lacks.
+    UnsupportedCpu,
     Internal(String),
 }
 
@@ -356,6 +360,15 @@ impl ByokError {
                 format!("all {slots} key broker request slots stayed busy for {timeout_ms} ms"),
             )
             .set_hint("the key manager is slow or many keys are being fetched at once; retry, or check byok.metrics"),
+            ByokError::NotATrigger(function) => report(
+                ERRCODE_E_R_I_E_TRIGGER_PROTOCOL_VIOLATED,
+                format!("{function} may only be called as a trigger"),
+            ),
+            ByokError::UnsupportedCpu => report(
+                ERRCODE_FEATURE_NOT_SUPPORTED,
+                "this build of byok_pg needs a CPU with AES-NI, PCLMULQDQ and AVX2".into(),
+            )
+            .set_hint("rebuild it for this CPU with CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUSTFLAGS=\"\" cargo pgrx install"),
             ByokError::Internal(msg) => report(ERRCODE_INTERNAL_ERROR, format!("byok_pg internal error: {msg}")),
             ByokError::Catalog(msg) => report(
                 ERRCODE_INTERNAL_ERROR,

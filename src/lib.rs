@@ -64,6 +64,8 @@ pub extern "C-unwind" fn _PG_init() {
     keyring::invalidation::register();
     // The broker and its shared memory can only be set up from shared_preload_libraries;
     // loaded any other way, key operations fail with a message saying so.
+    // SAFETY: a plain global PostgreSQL sets before loading preloaded libraries;
+    // _PG_init runs on the postmaster's only thread.
     if unsafe { pg_sys::process_shared_preload_libraries_in_progress } {
         shmem::install_hooks();
         broker::worker::register();
@@ -94,12 +96,7 @@ fn check_cpu() {
             && std::arch::is_x86_feature_detected!("pclmulqdq")
             && std::arch::is_x86_feature_detected!("avx2");
         if !ok {
-            pgrx::ereport!(
-                ERROR,
-                PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
-                "this build of byok_pg needs a CPU with AES-NI, PCLMULQDQ and AVX2",
-                "rebuild it for this CPU with CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUSTFLAGS=\"\" cargo pgrx install"
-            );
+            errors::ByokError::UnsupportedCpu.raise();
         }
     }
 }

@@ -15,6 +15,7 @@ use crate::broker::{self, tenant_ref};
 use crate::catalog::{self, KeyState};
 use crate::errors::ByokError;
 use crate::keyring;
+use crate::postgres::spi::Required;
 
 /// Creates or updates a tenant from its `byok_config` document (as JSON) and
 /// makes sure it has an active data key. Returns the tenant id.
@@ -303,7 +304,7 @@ fn current_state(client: &mut SpiClient<'_>, dek_id: i64) -> Result<KeyState, By
     if row.is_empty() {
         return Err(ByokError::UnknownDataKey(dek_id as u64));
     }
-    let name: String = row.first().get(1)?.unwrap_or_default();
+    let name: String = row.first().required(1)?;
     KeyState::from_name(&name)
         .ok_or_else(|| ByokError::Catalog(format!("unknown key state \"{name}\"")))
 }

@@ -11,6 +11,7 @@ use pgrx::prelude::*;
 use super::{AdminOp, Origin, policy};
 use crate::catalog;
 use crate::errors::ByokError;
+use crate::postgres::spi::Required;
 
 fn invalid(message: String, hint: Option<String>) -> ByokError {
     ByokError::InvalidArgument { message, hint }
@@ -98,6 +99,7 @@ pub fn parse_request(
 
 /// Checks what a request names: the tenant, the data key, the role, the interval.
 fn check_request(op: &AdminOp, requested_tenant: &str) -> Result<(), ByokError> {
+    // Operations without a tenant are requested under '' (the column is NOT NULL).
     let tenant_id = op.tenant_id().unwrap_or_default();
     if tenant_id != requested_tenant {
         return Err(invalid(
@@ -203,12 +205,12 @@ fn load_request(id: i64) -> Result<Request, ByokError> {
         }
         let row = rows.first();
         Ok(Request {
-            operation: row.get::<String>(1)?.unwrap_or_default(),
-            tenant_id: row.get::<String>(2)?.unwrap_or_default(),
-            args: row.get::<JsonB>(3)?.map(|j| j.0).unwrap_or_default(),
-            requested_by: row.get::<String>(4)?.unwrap_or_default(),
-            state: row.get::<String>(5)?.unwrap_or_default(),
-            expired: row.get::<bool>(6)?.unwrap_or(true),
+            operation: row.required::<String>(1)?,
+            tenant_id: row.required::<String>(2)?,
+            args: row.required::<JsonB>(3)?.0,
+            requested_by: row.required::<String>(4)?,
+            state: row.required::<String>(5)?,
+            expired: row.required::<bool>(6)?,
         })
     })
 }
@@ -221,9 +223,19 @@ fn not_in_state(message: String, detail: Option<&str>, hint: Option<&str>) -> By
     }
 }
 
+/// Request `id`, or `None` when there is none (what the audit record of a
+/// refused call can name; the operation itself reports the missing request).
+fn find_request(id: i64) -> Result<Option<Request>, ByokError> {
+    match load_request(id) {
+        Ok(request) => Ok(Some(request)),
+        Err(ByokError::NotFound { .. }) => Ok(None),
+        Err(other) => Err(other),
+    }
+}
+
 /// `byok.approve_operation`: a second administrator approves and runs a request.
 pub fn approve(id: i64) -> Result<String, ByokError> {
-    let known = catalog::as_extension_owner(|| Ok(load_request(id).ok()))?;
+    let known = catalog::as_extension_owner(|| find_request(id))?;
     let tenant = known.as_ref().map(|r| r.tenant_id.clone());
     let details = serde_json::json!({
         "request_id": id,
@@ -287,7 +299,7 @@ pub fn approve(id: i64) -> Result<String, ByokError> {
 
 /// `byok.cancel_operation`: withdraws a pending request.
 pub fn cancel(id: i64) -> Result<String, ByokError> {
-    let tenant = catalog::as_extension_owner(|| Ok(load_request(id).ok().map(|r| r.tenant_id)))?;
+    let tenant = catalog::as_extension_owner(|| find_request(id))?.map(|r| r.tenant_id);
     super::administer("cancel_operation", tenant.as_deref(), None, || {
         catalog::as_extension_owner(|| {
             let request = load_request(id)?;

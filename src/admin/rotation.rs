@@ -19,6 +19,7 @@ use crate::broker;
 use crate::catalog;
 use crate::errors::ByokError;
 use crate::keyring;
+use crate::postgres::spi::Required;
 
 /// Data keys rewrapped per transaction.
 const BATCH: i64 = 100;
@@ -120,8 +121,8 @@ pub fn step(tenant_id: &str, new_key_id: &str, grace_period: &str) -> Result<i64
                     blob: row.get::<Vec<u8>>(2)?.ok_or_else(|| {
                         ByokError::Catalog(format!("data key {dek_id} has no wrapped form"))
                     })?,
-                    cmk_id: row.get::<String>(3)?.unwrap_or_default(),
-                    cmk_version: row.get::<String>(4)?.unwrap_or_default(),
+                    cmk_id: row.required::<String>(3)?,
+                    cmk_version: row.required::<String>(4)?,
                 },
             ));
         }
@@ -172,8 +173,8 @@ pub fn finish(tenant_id: &str, new_key_id: &str) -> Result<String, ByokError> {
         let row = row.first();
         Ok((
             row.get::<String>(1)?,
-            row.get::<i64>(2)?.unwrap_or(0),
-            row.get::<i64>(3)?.unwrap_or(0),
+            row.required::<i64>(2)?,
+            row.required::<i64>(3)?,
         ))
     })?;
     let current = current.ok_or_else(|| ByokError::UnknownTenant(tenant_id.to_string()))?;

@@ -28,8 +28,13 @@ fn key_use_failed(error: ByokError) -> ! {
 }
 
 /// The optional `context` argument (SQL default '').
+///
+/// # Safety
+/// `fcinfo` must be a valid STRICT call whose argument `index`, when present,
+/// is a varlena.
 #[inline(always)]
 unsafe fn context_arg<'a>(fcinfo: pg_sys::FunctionCallInfo, index: usize) -> &'a [u8] {
+    // SAFETY: the caller's contract; `nargs` bounds the index.
     unsafe {
         if nargs(fcinfo) > index {
             datum_bytes(arg_datum(fcinfo, index))
@@ -43,6 +48,8 @@ unsafe fn context_arg<'a>(fcinfo: pg_sys::FunctionCallInfo, index: usize) -> &'a
 #[pg_guard]
 #[unsafe(no_mangle)]
 pub unsafe extern "C-unwind" fn byok_encrypt(fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Datum {
+    // SAFETY: fmgr calls these STRICT functions with a valid `fcinfo` whose declared
+    // arguments (see sql/types.sql) are non-null varlenas.
     let (tenant, plaintext, context) = unsafe {
         (
             datum_bytes(arg_datum(fcinfo, 0)),
@@ -73,8 +80,14 @@ pub unsafe extern "C-unwind" fn byok_encrypt(fcinfo: pg_sys::FunctionCallInfo) -
     out.into_datum()
 }
 
+/// Opens argument 0 (a `byok.encrypted`) into a new varlena.
+///
+/// # Safety
+/// `fcinfo` must be a valid STRICT call of a function taking
+/// `(byok.encrypted, text DEFAULT '')`.
 #[inline(always)]
 unsafe fn decrypt_into_varlena(fcinfo: pg_sys::FunctionCallInfo) -> VarlenaBuf {
+    // SAFETY: the caller's contract (a valid STRICT call whose arguments are varlenas).
     let (sealed, context) = unsafe { (datum_bytes(arg_datum(fcinfo, 0)), context_arg(fcinfo, 1)) };
     let envelope = Envelope::parse(sealed)
         .map_err(ByokError::MalformedValue)
@@ -90,6 +103,8 @@ unsafe fn decrypt_into_varlena(fcinfo: pg_sys::FunctionCallInfo) -> VarlenaBuf {
 #[pg_guard]
 #[unsafe(no_mangle)]
 pub unsafe extern "C-unwind" fn byok_decrypt(fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Datum {
+    // SAFETY: fmgr calls these STRICT functions with a valid `fcinfo` whose declared
+    // arguments (see sql/types.sql) are non-null varlenas.
     unsafe { decrypt_into_varlena(fcinfo) }.into_datum()
 }
 
@@ -99,8 +114,11 @@ pub unsafe extern "C-unwind" fn byok_decrypt(fcinfo: pg_sys::FunctionCallInfo) -
 pub unsafe extern "C-unwind" fn byok_decrypt_text(
     fcinfo: pg_sys::FunctionCallInfo,
 ) -> pg_sys::Datum {
+    // SAFETY: fmgr calls these STRICT functions with a valid `fcinfo` whose declared
+    // arguments (see sql/types.sql) are non-null varlenas.
     let mut out = unsafe { decrypt_into_varlena(fcinfo) };
     let text = out.as_mut_slice();
+    // SAFETY: the pointer and length describe `out`'s payload, alive for the call.
     let valid = unsafe { pg_sys::pg_verifymbstr(text.as_ptr().cast(), text.len() as i32, true) };
     if !valid {
         // `out` is wiped and freed as the error unwinds.
@@ -114,6 +132,7 @@ pub unsafe extern "C-unwind" fn byok_decrypt_text(
 #[pg_guard]
 #[unsafe(no_mangle)]
 pub unsafe extern "C-unwind" fn byok_reencrypt(fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Datum {
+    // SAFETY: the caller's contract (a valid STRICT call whose arguments are varlenas).
     let (sealed, context) = unsafe { (datum_bytes(arg_datum(fcinfo, 0)), context_arg(fcinfo, 1)) };
     let envelope = Envelope::parse(sealed)
         .map_err(ByokError::MalformedValue)
@@ -121,6 +140,7 @@ pub unsafe extern "C-unwind" fn byok_reencrypt(fcinfo: pg_sys::FunctionCallInfo)
     // Inside a re-encryption job's statement the job's authority applies (the
     // statement runs as the table's owner); outside one, superusers only.
     let authority = Authority::of_job_step();
+    // SAFETY: reads the current user's superuser flag from the role cache.
     if authority == Authority::Caller && !unsafe { pg_sys::superuser() } {
         ByokError::NotAllowed {
             message: "byok.reencrypt runs inside re-encryption jobs (or for a superuser)".into(),
@@ -143,6 +163,7 @@ pub unsafe extern "C-unwind" fn byok_reencrypt(fcinfo: pg_sys::FunctionCallInfo)
 pub unsafe extern "C-unwind" fn byok_value_opens(
     fcinfo: pg_sys::FunctionCallInfo,
 ) -> pg_sys::Datum {
+    // SAFETY: the caller's contract (a valid STRICT call whose arguments are varlenas).
     let (sealed, context) = unsafe { (datum_bytes(arg_datum(fcinfo, 0)), context_arg(fcinfo, 1)) };
     let opens = match Envelope::parse(sealed) {
         Ok(envelope) => {

@@ -52,6 +52,8 @@ pub struct QueuedRecord {
     pub at_micros: i64,
 }
 
+/// Microseconds since the Unix epoch (0 for a clock set before 1970, which no
+/// audit reader could order anyway).
 pub fn now_micros() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -62,6 +64,8 @@ pub fn now_micros() -> i64 {
 /// Serializes a record to fit its slot (a long reason is cut, then the details
 /// dropped). Plain memory only: the broker's runtime threads call this.
 pub fn encode(record: &QueuedRecord) -> Vec<u8> {
+    // Serializing plain strings and numbers cannot fail; an empty record
+    // would be refused by the reader rather than trusted.
     let mut bytes = serde_json::to_vec(record).unwrap_or_default();
     if bytes.len() > byok_core::audit_ring::AUDIT_RECORD_LEN {
         let mut shorter = record.clone();

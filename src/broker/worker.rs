@@ -24,6 +24,7 @@ use pgrx::prelude::*;
 use byok_core::counters::Counter;
 use byok_core::slots::{PAYLOAD_LEN, Taken};
 
+use crate::errors::ByokError;
 use crate::gucs;
 use crate::shmem::{self, Shared};
 
@@ -136,6 +137,8 @@ struct Completion {
 /// Builds the tokio runtime with every signal blocked, so its threads inherit a
 /// full mask: PostgreSQL's signal handlers must only ever run on this thread.
 fn build_runtime() -> tokio::runtime::Runtime {
+    // SAFETY: the sigsets are plain data initialised by sigfillset/pthread_sigmask
+    // before use; masking signals on this thread has no memory-safety effect.
     unsafe {
         let mut all: libc::sigset_t = std::mem::zeroed();
         let mut previous: libc::sigset_t = std::mem::zeroed();
@@ -150,9 +153,7 @@ fn build_runtime() -> tokio::runtime::Runtime {
         libc::pthread_sigmask(libc::SIG_SETMASK, &previous, std::ptr::null_mut());
         match runtime {
             Ok(runtime) => runtime,
-            Err(e) => {
-                pgrx::error!("byok key broker: could not start its runtime: {e}")
-            }
+            Err(e) => ByokError::BrokerFailed(format!("could not start its runtime: {e}")).raise(),
         }
     }
 }
@@ -172,7 +173,7 @@ unsafe extern "C-unwind" fn on_broker_exit(_code: i32, _arg: pg_sys::Datum) {
 pub extern "C-unwind" fn byok_broker_main(_arg: pg_sys::Datum) {
     BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
     let Some(shared) = shmem::shared() else {
-        pgrx::error!("byok key broker: shared memory is not set up");
+        ByokError::NotPreloaded.raise();
     };
     // SAFETY: registers a plain C callback for this process's exit.
     unsafe { pg_sys::before_shmem_exit(Some(on_broker_exit), pg_sys::Datum::from(0)) };
@@ -256,10 +257,11 @@ fn new_eventfd() -> OwnedFd {
     unsafe {
         let fd = libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC);
         if fd < 0 {
-            pgrx::error!(
-                "byok key broker: could not create an eventfd: {}",
+            ByokError::BrokerFailed(format!(
+                "could not create an eventfd: {}",
                 std::io::Error::last_os_error()
-            );
+            ))
+            .raise();
         }
         OwnedFd::from_raw_fd(fd)
     }

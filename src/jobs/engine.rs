@@ -21,6 +21,7 @@ use pgrx::prelude::*;
 use crate::catalog;
 use crate::columns::{Column, as_table_owner, count_in, quote_ident, registered_columns};
 use crate::errors::ByokError;
+use crate::postgres::spi::{NotNull, Required};
 
 /// A job's state, as stored in `byok.reencrypt_jobs.state`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -88,13 +89,13 @@ pub enum Step {
 
 /// The decrypt-only data keys of `tenant` (all tenants: `None`).
 fn old_keys(tenant: Option<&str>) -> Result<Vec<i64>, ByokError> {
-    Ok(catalog::read_one::<Vec<i64>>(
+    catalog::read_one::<Vec<i64>>(
         "SELECT coalesce(pg_catalog.array_agg(dek_id), '{}') FROM byok.wrapped_data_keys
           WHERE state OPERATOR(pg_catalog.=) 'decrypt-only'
             AND ($1::pg_catalog.text IS NULL OR tenant_id OPERATOR(pg_catalog.=) $1)",
         &[DatumWithOid::from(tenant)],
     )?
-    .unwrap_or_default())
+    .not_null("data keys of the tenant")
 }
 
 /// How many values of a job's columns are still under old keys.
@@ -141,7 +142,7 @@ pub fn load_job(job: i64) -> Result<Option<JobRow>, ByokError> {
             return Ok(None);
         }
         let row = rows.first();
-        let state: String = row.get(1)?.unwrap_or_default();
+        let state: String = row.required(1)?;
         Ok(Some(JobRow {
             state: JobState::from_name(&state)
                 .ok_or_else(|| ByokError::Catalog(format!("unknown job state \"{state}\"")))?,
@@ -149,10 +150,10 @@ pub fn load_job(job: i64) -> Result<Option<JobRow>, ByokError> {
             relid: row.get(3)?,
             cursor_relid: row.get(4)?,
             cursor_column: row.get(5)?,
-            cursor_page: row.get::<i64>(6)?.unwrap_or(0),
-            sweeping: row.get::<bool>(7)?.unwrap_or(false),
-            scan_done: row.get::<bool>(8)?.unwrap_or(false),
-            rows_done: row.get::<i64>(9)?.unwrap_or(0),
+            cursor_page: row.required::<i64>(6)?,
+            sweeping: row.required::<bool>(7)?,
+            scan_done: row.required::<bool>(8)?,
+            rows_done: row.required::<i64>(9)?,
         }))
     })
 }
@@ -337,10 +338,7 @@ fn batch_of(
                 &[DatumWithOid::from(column.relid)],
             )?;
             let row = row.first();
-            Ok::<_, ByokError>((
-                row.get::<i64>(1)?.unwrap_or(0),
-                row.get::<f64>(2)?.unwrap_or(50.0),
-            ))
+            Ok::<_, ByokError>((row.required::<i64>(1)?, row.required::<f64>(2)?))
         })?;
         if page >= table_pages {
             return Ok(Batch::EndOfTable);
@@ -356,7 +354,7 @@ fn batch_of(
              SELECT count(*) FROM rewritten"
         );
         let rewritten = as_table_owner(column, Some(tenant), || {
-            Ok(Spi::get_one_with_args::<i64>(
+            Spi::get_one_with_args::<i64>(
                 &sql,
                 &[
                     DatumWithOid::from(keys.to_vec()),
@@ -365,7 +363,7 @@ fn batch_of(
                     DatumWithOid::from(next_page),
                 ],
             )?
-            .unwrap_or(0))
+            .not_null("rows rewritten")
         })?;
         return Ok(Batch::Range {
             rewritten,
@@ -382,7 +380,7 @@ fn batch_of(
          SELECT count(*) FROM rewritten"
     );
     let rewritten = as_table_owner(column, Some(tenant), || {
-        Ok(Spi::get_one_with_args::<i64>(
+        Spi::get_one_with_args::<i64>(
             &sweep,
             &[
                 DatumWithOid::from(keys.to_vec()),
@@ -390,7 +388,7 @@ fn batch_of(
                 DatumWithOid::from(column.context.as_str()),
             ],
         )?
-        .unwrap_or(0))
+        .not_null("rows rewritten")
     })?;
     if rewritten > 0 {
         return Ok(Batch::Swept(rewritten));
@@ -441,7 +439,7 @@ pub fn finish(job: i64) -> Result<JobState, ByokError> {
                         column.table,
                         col = quote_ident(&column.column)
                     );
-                    Ok(catalog::read_one::<i64>(
+                    catalog::read_one::<i64>(
                         &sql,
                         &[
                             DatumWithOid::from(column.context.as_str()),
@@ -449,7 +447,7 @@ pub fn finish(job: i64) -> Result<JobState, ByokError> {
                             DatumWithOid::from(keys_of_tenant.clone()),
                         ],
                     )?
-                    .unwrap_or(0))
+                    .not_null("values counted")
                 })
             });
             let problem = match verified {
@@ -481,7 +479,7 @@ pub fn finish(job: i64) -> Result<JobState, ByokError> {
             let ids = as_table_owner(&column, None, || {
                 catalog::read_one::<Vec<Option<i64>>>(&sql, &[])
             })?;
-            referenced.extend(ids.unwrap_or_default().into_iter().flatten());
+            referenced.extend(ids.not_null("data keys referenced")?.into_iter().flatten());
         }
         let retired = Spi::get_one_with_args::<i64>(
             "WITH retired AS (
@@ -493,7 +491,7 @@ pub fn finish(job: i64) -> Result<JobState, ByokError> {
              SELECT count(*) FROM retired",
             &[DatumWithOid::from(tenant), DatumWithOid::from(referenced)],
         )?
-        .unwrap_or(0);
+        .not_null("data keys retired")?;
         run_sql(
             "UPDATE byok.reencrypt_jobs SET state = 'done', keys_retired = $2, finished_at = pg_catalog.now(),
                     updated_at = pg_catalog.now()
@@ -518,12 +516,12 @@ pub fn finish(job: i64) -> Result<JobState, ByokError> {
 /// not this job's to verify).
 fn tenant_keys(tenant: Option<&str>) -> Result<Vec<i64>, ByokError> {
     catalog::as_extension_owner(|| {
-        Ok(catalog::read_one::<Vec<i64>>(
+        catalog::read_one::<Vec<i64>>(
             "SELECT coalesce(pg_catalog.array_agg(dek_id), '{}') FROM byok.wrapped_data_keys
               WHERE $1::pg_catalog.text IS NULL OR tenant_id OPERATOR(pg_catalog.=) $1",
             &[DatumWithOid::from(tenant)],
         )?
-        .unwrap_or_default())
+        .not_null("data keys of the tenant")
     })
 }
 

@@ -16,6 +16,8 @@ use crate::admin;
 use crate::catalog;
 use crate::errors::ByokError;
 use crate::gucs;
+use crate::postgres::session;
+use crate::postgres::spi::Required;
 use engine::{JobState, Step};
 
 /// How a unit of a job's work runs and how the driver waits between units.
@@ -140,95 +142,9 @@ pub fn register_column(
     context: &str,
 ) -> Result<(), ByokError> {
     // Checked with the caller's rights: registering lets jobs rewrite the column.
-    let facts = Spi::connect(|client| {
-        let rows = client.select(
-            "SELECT c.relkind::pg_catalog.text, c.relpersistence::pg_catalog.text,
-                    c.oid OPERATOR(pg_catalog.<) 16384 OR n.nspname OPERATOR(pg_catalog.=) ANY ('{byok,pg_catalog,information_schema,pg_toast}'),
-                    a.attnum, a.atttypid OPERATOR(pg_catalog.=) 'byok.encrypted'::pg_catalog.regtype,
-                    pg_catalog.format_type(a.atttypid, a.atttypmod),
-                    a.attnum IS NOT NULL AND pg_catalog.has_column_privilege(c.oid, a.attnum, 'UPDATE'),
-                    $3::pg_catalog.name IS NULL OR EXISTS (SELECT 1 FROM pg_catalog.pg_attribute t
-                        WHERE t.attrelid OPERATOR(pg_catalog.=) c.oid AND t.attname OPERATOR(pg_catalog.=) $3
-                          AND t.attnum > 0 AND NOT t.attisdropped),
-                    c.oid::pg_catalog.regclass::pg_catalog.text
-               FROM pg_catalog.pg_class c
-               JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) c.relnamespace
-               LEFT JOIN pg_catalog.pg_attribute a ON a.attrelid OPERATOR(pg_catalog.=) c.oid
-                     AND a.attname OPERATOR(pg_catalog.=) $2 AND a.attnum > 0 AND NOT a.attisdropped
-              WHERE c.oid OPERATOR(pg_catalog.=) $1",
-            Some(1),
-            &[
-                DatumWithOid::from(relid),
-                DatumWithOid::from(column),
-                DatumWithOid::from(tenant_column),
-            ],
-        )?;
-        if rows.is_empty() {
-            return Err(ByokError::NotFound {
-                message: format!("relation with OID {} does not exist", u32::from(relid)),
-                hint: None,
-            });
-        }
-        let row = rows.first();
-        Ok::<_, ByokError>((
-            row.get::<String>(1)?.unwrap_or_default(),
-            row.get::<String>(2)?.unwrap_or_default(),
-            row.get::<bool>(3)?.unwrap_or(true),
-            row.get::<i16>(4)?,
-            row.get::<bool>(5)?.unwrap_or(false),
-            row.get::<String>(6)?.unwrap_or_default(),
-            row.get::<bool>(7)?.unwrap_or(false),
-            row.get::<bool>(8)?.unwrap_or(false),
-            row.get::<String>(9)?.unwrap_or_default(),
-        ))
-    })?;
-    let (kind, persistence, system, attnum, encrypted, type_name, may_update, tenant_ok, name) =
-        facts;
-    if system || !matches!(kind.as_str(), "r" | "p") || persistence != "p" {
-        let what = match (kind.as_str(), persistence.as_str()) {
-            _ if system => "a system or byok_pg catalog",
-            (_, "t") => "a temporary table",
-            (_, "u") => "an unlogged table",
-            ("v", _) => "a view",
-            ("m", _) => "a materialized view",
-            ("f", _) => "a foreign table",
-            _ => "not an ordinary table",
-        };
-        return Err(ByokError::WrongState {
-            message: format!("{name} cannot be registered: it is {what}"),
-            detail: Some(
-                "re-encryption jobs rewrite permanent ordinary and partitioned tables only".into(),
-            ),
-            hint: None,
-        });
-    }
-    let Some(attnum) = attnum else {
-        return Err(ByokError::UndefinedColumn(format!(
-            "column \"{column}\" of {name} does not exist"
-        )));
-    };
-    if !may_update {
-        return Err(ByokError::NotAllowed {
-            message: format!(
-                "permission denied: {} may not update column {column} of {name}",
-                crate::postgres::session::role_name(unsafe { pg_sys::GetUserId() })
-            ),
-            detail: Some("re-encryption jobs rewrite registered columns; registering needs UPDATE on the column".into()),
-            hint: None,
-        });
-    }
-    if !encrypted {
-        return Err(ByokError::WrongType {
-            message: format!("column \"{column}\" of {name} is of type {type_name}, not byok.encrypted"),
-            hint: "encrypt it first: ALTER TABLE ... ALTER COLUMN ... TYPE byok.encrypted USING byok.encrypt(...)".into(),
-        });
-    }
-    if !tenant_ok {
-        return Err(ByokError::UndefinedColumn(format!(
-            "tenant column \"{}\" of {name} does not exist",
-            tenant_column.unwrap_or_default()
-        )));
-    }
+    let facts = ColumnFacts::read(relid, column, tenant_column)?;
+    let attnum = facts.registrable(column, tenant_column)?;
+    let name = facts.name;
     catalog::as_extension_owner(|| {
         Spi::run_with_args(
             "INSERT INTO byok.protected_column_registry (relid, column_name, attnum, tenant_column, context)
@@ -252,6 +168,123 @@ pub fn register_column(
             Some(serde_json::json!({"table": name, "column": column, "context": context})),
         )
     })
+}
+
+/// What registering a column needs to know about it and its table.
+struct ColumnFacts {
+    kind: String,
+    persistence: String,
+    system: bool,
+    attnum: Option<i16>,
+    encrypted: bool,
+    type_name: String,
+    may_update: bool,
+    tenant_column_exists: bool,
+    name: String,
+}
+
+impl ColumnFacts {
+    fn read(
+        relid: pg_sys::Oid,
+        column: &str,
+        tenant_column: Option<&str>,
+    ) -> Result<ColumnFacts, ByokError> {
+        Spi::connect(|client| {
+            let rows = client.select(
+                "SELECT c.relkind::pg_catalog.text, c.relpersistence::pg_catalog.text,
+                        c.oid OPERATOR(pg_catalog.<) 16384 OR n.nspname OPERATOR(pg_catalog.=) ANY ('{byok,pg_catalog,information_schema,pg_toast}'),
+                        a.attnum, a.atttypid OPERATOR(pg_catalog.=) 'byok.encrypted'::pg_catalog.regtype,
+                        pg_catalog.format_type(a.atttypid, a.atttypmod),
+                        a.attnum IS NOT NULL AND pg_catalog.has_column_privilege(c.oid, a.attnum, 'UPDATE'),
+                        $3::pg_catalog.name IS NULL OR EXISTS (SELECT 1 FROM pg_catalog.pg_attribute t
+                            WHERE t.attrelid OPERATOR(pg_catalog.=) c.oid AND t.attname OPERATOR(pg_catalog.=) $3
+                              AND t.attnum > 0 AND NOT t.attisdropped),
+                        c.oid::pg_catalog.regclass::pg_catalog.text
+                   FROM pg_catalog.pg_class c
+                   JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) c.relnamespace
+                   LEFT JOIN pg_catalog.pg_attribute a ON a.attrelid OPERATOR(pg_catalog.=) c.oid
+                         AND a.attname OPERATOR(pg_catalog.=) $2 AND a.attnum > 0 AND NOT a.attisdropped
+                  WHERE c.oid OPERATOR(pg_catalog.=) $1",
+                Some(1),
+                &[
+                    DatumWithOid::from(relid),
+                    DatumWithOid::from(column),
+                    DatumWithOid::from(tenant_column),
+                ],
+            )?;
+            if rows.is_empty() {
+                return Err(ByokError::NotFound {
+                    message: format!("relation with OID {} does not exist", u32::from(relid)),
+                    hint: None,
+                });
+            }
+            let row = rows.first();
+            // Columns 4 to 6 come from a LEFT JOIN: NULL when the column does not exist.
+            Ok(ColumnFacts {
+                kind: row.required(1)?,
+                persistence: row.required(2)?,
+                system: row.required(3)?,
+                attnum: row.get(4)?,
+                encrypted: row.get(5)?.unwrap_or(false),
+                type_name: row.get(6)?.unwrap_or_default(),
+                may_update: row.required(7)?,
+                tenant_column_exists: row.required(8)?,
+                name: row.required(9)?,
+            })
+        })
+    }
+
+    /// The column's number if it may be registered; otherwise why not.
+    fn registrable(&self, column: &str, tenant_column: Option<&str>) -> Result<i16, ByokError> {
+        let name = &self.name;
+        if self.system || !matches!(self.kind.as_str(), "r" | "p") || self.persistence != "p" {
+            let what = match (self.kind.as_str(), self.persistence.as_str()) {
+                _ if self.system => "a system or byok_pg catalog",
+                (_, "t") => "a temporary table",
+                (_, "u") => "an unlogged table",
+                ("v", _) => "a view",
+                ("m", _) => "a materialized view",
+                ("f", _) => "a foreign table",
+                _ => "not an ordinary table",
+            };
+            return Err(ByokError::WrongState {
+                message: format!("{name} cannot be registered: it is {what}"),
+                detail: Some(
+                    "re-encryption jobs rewrite permanent ordinary and partitioned tables only"
+                        .into(),
+                ),
+                hint: None,
+            });
+        }
+        let Some(attnum) = self.attnum else {
+            return Err(ByokError::UndefinedColumn(format!(
+                "column \"{column}\" of {name} does not exist"
+            )));
+        };
+        if !self.may_update {
+            return Err(ByokError::NotAllowed {
+                message: format!(
+                    "permission denied: {} may not update column {column} of {name}",
+                    session::role_name(session::current_user())
+                ),
+                detail: Some("re-encryption jobs rewrite registered columns; registering needs UPDATE on the column".into()),
+                hint: None,
+            });
+        }
+        if !self.encrypted {
+            return Err(ByokError::WrongType {
+                message: format!("column \"{column}\" of {name} is of type {}, not byok.encrypted", self.type_name),
+                hint: "encrypt it first: ALTER TABLE ... ALTER COLUMN ... TYPE byok.encrypted USING byok.encrypt(...)".into(),
+            });
+        }
+        if !self.tenant_column_exists {
+            return Err(ByokError::UndefinedColumn(format!(
+                "tenant column \"{}\" of {name} does not exist",
+                tenant_column.unwrap_or_default()
+            )));
+        }
+        Ok(attnum)
+    }
 }
 
 /// Starts a job rewriting registered columns' values still under decrypt-only
@@ -305,7 +338,7 @@ pub fn start(tenant_id: Option<&str>, tbl: Option<pg_sys::Oid>) -> Result<i64, B
                 Some(serde_json::json!({"job_id": job, "table": tbl.map(relation_name)})),
             )?;
             // The worker starts now and waits until this transaction commits.
-            workers::launch_job(job, unsafe { pg_sys::MyDatabaseId });
+            workers::launch_job(job, pg_sys::Oid::from(session::database()));
             Ok(job)
         })
     })
@@ -358,7 +391,7 @@ fn set_state(job: i64, from: &[JobState], to: JobState) -> Result<String, ByokEr
                 Some(serde_json::json!({"job_id": job, "from": current.name(), "to": to.name()})),
             )?;
             if to == JobState::Running {
-                workers::launch_job(job, unsafe { pg_sys::MyDatabaseId });
+                workers::launch_job(job, pg_sys::Oid::from(session::database()));
             }
             Ok(to.name().to_string())
         })

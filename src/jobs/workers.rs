@@ -31,6 +31,7 @@ use pgrx::prelude::*;
 use crate::admin::{self, AdminOp, Origin};
 use crate::errors::ByokError;
 use crate::gucs;
+use crate::postgres::spi::{NotNull, Required};
 
 /// How often the launcher looks for a catalog writer's work.
 const TICK: Duration = Duration::from_secs(1);
@@ -78,6 +79,7 @@ pub fn launch_job(job: i64, database: pg_sys::Oid) -> bool {
 }
 
 fn database_of_worker() -> pg_sys::Oid {
+    // The launcher writes the OID; InvalidOid (0) would make the connection fail loudly.
     let oid: u32 = BackgroundWorker::get_extra().trim().parse().unwrap_or(0);
     pg_sys::Oid::from(oid)
 }
@@ -93,16 +95,23 @@ fn reload_config_if_asked() -> bool {
 }
 
 fn oids(sql: &str) -> Vec<pg_sys::Oid> {
-    BackgroundWorker::transaction(|| {
-        Spi::connect(|client| {
-            client
-                .select(sql, None, &[])
-                .map(|rows| {
-                    rows.filter_map(|row| row.get::<pg_sys::Oid>(1).ok().flatten())
-                        .collect()
-                })
-                .unwrap_or_default()
-        })
+    BackgroundWorker::transaction(|| column_or_warn("databases", sql))
+}
+
+/// Column 1 of every row of `sql`. A background worker has no caller to raise
+/// to: a failure is a warning in the server log and an empty answer, and the
+/// next round tries again.
+fn column_or_warn<T: pgrx::FromDatum + pgrx::IntoDatum>(what: &str, sql: &str) -> Vec<T> {
+    let read = Spi::connect(|client| {
+        let mut out = Vec::new();
+        for row in client.select(sql, None, &[])? {
+            out.push(row.required::<T>(1)?);
+        }
+        Ok::<_, ByokError>(out)
+    });
+    read.unwrap_or_else(|failure| {
+        pgrx::warning!("byok: could not list {what}: {}", failure.summary());
+        Vec::new()
     })
 }
 
@@ -172,11 +181,12 @@ pub extern "C-unwind" fn byok_job_launcher_main(_argument: pg_sys::Datum) {
 
 /// Whether byok_pg is installed in the worker's database (inside a transaction).
 fn extension_installed() -> bool {
-    Spi::get_one::<bool>(
+    column_or_warn::<bool>(
+        "installed extensions",
         "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_extension WHERE extname = 'byok_pg')",
     )
-    .ok()
-    .flatten()
+    .first()
+    .copied()
     .unwrap_or(false)
 }
 
@@ -281,9 +291,9 @@ fn enforce_encryption_budget() -> Result<(), ByokError> {
             let mut out = Vec::new();
             for row in rows {
                 out.push((
-                    row.get::<String>(1)?.unwrap_or_default(),
-                    row.get::<i64>(2)?.unwrap_or_default(),
-                    row.get::<i64>(3)?.unwrap_or_default(),
+                    row.required::<String>(1)?,
+                    row.required::<i64>(2)?,
+                    row.required::<i64>(3)?,
                 ));
             }
             Ok(out)
@@ -345,18 +355,15 @@ pub extern "C-unwind" fn byok_scheduler_main(_argument: pg_sys::Datum) {
         forget_dropped_grantees();
         rotate_due_data_keys();
         crate::catalog::as_extension_owner(|| {
-            Ok(Spi::connect(|client| {
-                client
-                    .select(
-                        "SELECT job_id FROM byok.reencrypt_jobs WHERE state IN ('pending', 'running') ORDER BY job_id",
-                        None,
-                        &[],
-                    )
-                    .map(|rows| rows.filter_map(|row| row.get::<i64>(1).ok().flatten()).collect())
-                    .unwrap_or_default()
-            }))
+            Ok(column_or_warn::<i64>(
+                "re-encryption jobs to run",
+                "SELECT job_id FROM byok.reencrypt_jobs WHERE state IN ('pending', 'running') ORDER BY job_id",
+            ))
         })
-        .unwrap_or_default()
+        .unwrap_or_else(|failure| {
+            pgrx::warning!("byok: could not list jobs: {}", failure.summary());
+            Vec::new()
+        })
     });
     for job in jobs {
         launch_job(job, database);
@@ -369,7 +376,7 @@ pub extern "C-unwind" fn byok_scheduler_main(_argument: pg_sys::Datum) {
 fn forget_dropped_grantees() {
     let forgotten = crate::postgres::subxact::run(|| {
         crate::catalog::as_extension_owner(|| {
-            Ok(Spi::get_one::<i64>(
+            Spi::get_one::<i64>(
                 "WITH gone AS (
                      DELETE FROM byok.tenant_grants g
                       WHERE NOT EXISTS (SELECT 1 FROM pg_catalog.pg_roles r
@@ -379,7 +386,7 @@ fn forget_dropped_grantees() {
                                                pg_catalog.jsonb_build_object('role_oid', role_oid)))
                    FROM gone",
             )?
-            .unwrap_or(0))
+            .not_null("grants removed")
         })
     });
     if let Err(failure) = forgotten {
@@ -395,21 +402,21 @@ fn forget_dropped_grantees() {
 /// end of the others'.
 fn rotate_due_data_keys() {
     let due: Vec<String> = crate::catalog::as_extension_owner(|| {
-        Ok(Spi::connect(|client| {
-            client
-                .select(
-                    "SELECT c.tenant_id FROM byok.tenant_config c
-                       JOIN byok.wrapped_data_keys k ON k.tenant_id = c.tenant_id AND k.state = 'active'
-                      WHERE c.rotation_enabled
-                        AND k.created_at < now() - make_interval(days => c.rotation_interval_days)",
-                    None,
-                    &[],
-                )
-                .map(|rows| rows.filter_map(|row| row.get::<String>(1).ok().flatten()).collect())
-                .unwrap_or_default()
-        }))
+        Ok(column_or_warn::<String>(
+            "tenants due for rotation",
+            "SELECT c.tenant_id FROM byok.tenant_config c
+               JOIN byok.wrapped_data_keys k ON k.tenant_id = c.tenant_id AND k.state = 'active'
+              WHERE c.rotation_enabled
+                AND k.created_at < now() - make_interval(days => c.rotation_interval_days)",
+        ))
     })
-    .unwrap_or_default();
+    .unwrap_or_else(|failure| {
+        pgrx::warning!(
+            "byok: could not list tenants due for rotation: {}",
+            failure.summary()
+        );
+        Vec::new()
+    });
     for tenant_id in due {
         let rotated = crate::postgres::subxact::run(|| {
             admin::execute(

@@ -9,10 +9,13 @@
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 
+use crate::errors::ByokError;
 use crate::postgres::fmgr::pg_function_info_v1;
 use crate::{catalog, keyring};
 
 pub fn register() {
+    // SAFETY: registers plain C callbacks with static lifetime; called once per
+    // process from _PG_init, before any invalidation can be delivered.
     unsafe {
         pg_sys::CacheRegisterRelcacheCallback(Some(relcache_callback), pg_sys::Datum::from(0));
         // Who may use a tenant follows role membership and the superuser flag:
@@ -63,14 +66,13 @@ pg_function_info_v1!(byok_invalidate_key_caches);
 pub unsafe extern "C-unwind" fn byok_invalidate_key_caches(
     fcinfo: pg_sys::FunctionCallInfo,
 ) -> pg_sys::Datum {
+    // SAFETY: fmgr passes a valid `fcinfo`; its context is either null or a
+    // node whose tag says what it is, and a TriggerData's relation is open for
+    // the duration of the trigger call.
     unsafe {
         let context = (*fcinfo).context;
         if context.is_null() || (*context).type_ != pg_sys::NodeTag::T_TriggerData {
-            ereport!(
-                ERROR,
-                PgSqlErrorCode::ERRCODE_E_R_I_E_TRIGGER_PROTOCOL_VIOLATED,
-                "byok.invalidate_key_caches() may only be called as a trigger"
-            );
+            ByokError::NotATrigger("byok.invalidate_key_caches()").raise();
         }
         let trigger = context.cast::<pg_sys::TriggerData>();
         pg_sys::CacheInvalidateRelcacheByRelid((*(*trigger).tg_relation).rd_id);

@@ -27,6 +27,7 @@ use crate::broker;
 use crate::catalog::{self, KeyState};
 use crate::errors::ByokError;
 use crate::gucs;
+use crate::postgres::session;
 use pgrx::pg_sys;
 
 struct ActiveKey {
@@ -134,7 +135,7 @@ fn not_granted_for_key(dek_id: u64, e: ByokError) -> ByokError {
 /// The role the per-row functions act for (`current_user`).
 #[inline(always)]
 fn current_user() -> pg_sys::Oid {
-    unsafe { pg_sys::GetUserId() }
+    session::current_user()
 }
 
 /// Whether `user` may use tenant `tenant_id`'s keys (superusers always may;
@@ -147,7 +148,7 @@ fn authorize(tenant_id: &str, user: pg_sys::Oid) -> Result<(), ByokError> {
     // A login holding CREATEROLE can make itself a member of any granted role
     // (or SET ROLE to one it joined): it uses only the tenants granted to
     // itself, directly, as itself.
-    let session = unsafe { pg_sys::GetSessionUserId() };
+    let session = crate::postgres::session::session_user();
     if crate::postgres::security::can_create_roles(session) {
         return if user == session && catalog::granted_directly(session, tenant_id)? {
             Ok(())
@@ -317,6 +318,7 @@ fn seal_with(
     context: &[u8],
     out: &mut [u8],
 ) -> Result<(), CryptoError> {
+    // SAFETY: MyProcPid is set once at process start and never changes after.
     let owner = unsafe { pgrx::pg_sys::MyProcPid } as u64;
     NONCES.with_borrow_mut(|pool| {
         let pool = pool.get_or_insert_with(NoncePool::default);
@@ -599,6 +601,8 @@ pub fn flush_metrics() {
 }
 
 fn register_xact_callback() {
+    // SAFETY: registers plain C callbacks with static lifetime, once per
+    // backend (the caller checks), from the backend's only thread.
     unsafe {
         pg_sys::RegisterXactCallback(Some(at_transaction_end), std::ptr::null_mut());
         pg_sys::before_shmem_exit(Some(at_exit), pg_sys::Datum::from(0));

@@ -29,6 +29,8 @@ use pgrx::pg_sys;
 /// `fcinfo` must be a valid call with at least `index + 1` arguments.
 #[inline(always)]
 pub unsafe fn arg_datum(fcinfo: pg_sys::FunctionCallInfo, index: usize) -> pg_sys::Datum {
+    // SAFETY: the caller guarantees a valid `fcinfo`; `as_slice` is bounded by `nargs`
+    // and indexing panics (caught by pg_guard) rather than reading past it.
     unsafe { (*fcinfo).args.as_slice((*fcinfo).nargs as usize)[index].value }
 }
 
@@ -38,5 +40,6 @@ pub unsafe fn arg_datum(fcinfo: pg_sys::FunctionCallInfo, index: usize) -> pg_sy
 /// `fcinfo` must be valid.
 #[inline(always)]
 pub unsafe fn nargs(fcinfo: pg_sys::FunctionCallInfo) -> usize {
+    // SAFETY: the caller guarantees a valid `fcinfo`.
     unsafe { (*fcinfo).nargs as usize }
 }

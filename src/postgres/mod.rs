@@ -3,6 +3,7 @@
 pub mod fmgr;
 pub mod security;
 pub mod session;
+pub mod spi;
 pub mod subxact;
 pub mod varlena;
 

@@ -30,6 +30,7 @@ pub fn current_user() -> pg_sys::Oid {
 }
 
 /// The session's login role (`session_user`: the person, for dual control).
+#[inline]
 pub fn session_user() -> pg_sys::Oid {
     // SAFETY: reads the backend's session user id.
     unsafe { pg_sys::GetSessionUserId() }

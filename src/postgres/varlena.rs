@@ -14,6 +14,8 @@ use pgrx::varlena::{
 /// `datum` must be a non-null varlena datum.
 #[inline(always)]
 pub unsafe fn datum_bytes<'a>(datum: pg_sys::Datum) -> &'a [u8] {
+    // SAFETY: the caller guarantees a non-null varlena; a detoasted copy is
+    // palloc'd in the current memory context, which outlives the call.
     unsafe {
         let mut varlena = datum.cast_mut_ptr::<pg_sys::varlena>();
         // What PG_DETOAST_DATUM_PACKED does, with its test inline: only compressed or
@@ -44,6 +46,8 @@ impl VarlenaBuf {
     /// checked `len <= MAX_VARLENA_PAYLOAD`.
     pub fn new(len: usize) -> Self {
         debug_assert!(len <= MAX_VARLENA_PAYLOAD);
+        // SAFETY: palloc raises rather than returning null; the header is
+        // written before anyone reads the varlena.
         unsafe {
             let ptr = pg_sys::palloc(len + pg_sys::VARHDRSZ).cast::<pg_sys::varlena>();
             set_varsize_4b(ptr, (len + pg_sys::VARHDRSZ) as i32);
@@ -52,6 +56,8 @@ impl VarlenaBuf {
     }
 
     pub fn as_mut_slice(&mut self) -> &mut [u8] {
+        // SAFETY: `ptr` holds VARHDRSZ + `len` bytes allocated by `new`, owned
+        // by `self` until `into_datum` or drop.
         unsafe {
             std::slice::from_raw_parts_mut(self.ptr.cast::<u8>().add(pg_sys::VARHDRSZ), self.len)
         }
@@ -68,6 +74,8 @@ impl Drop for VarlenaBuf {
     /// Only reached when the result is abandoned (an error while filling it):
     /// wipe it so no partial plaintext lingers in the memory context.
     fn drop(&mut self) {
+        // SAFETY: as in `as_mut_slice`; `into_datum` forgets `self`, so a
+        // buffer handed to PostgreSQL is never freed here.
         unsafe {
             std::ptr::write_bytes(self.ptr.cast::<u8>().add(pg_sys::VARHDRSZ), 0, self.len);
             pg_sys::pfree(self.ptr.cast());

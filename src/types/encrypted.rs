@@ -32,6 +32,8 @@ fn copy_to_varlena(bytes: &[u8]) -> pg_sys::Datum {
 pub unsafe extern "C-unwind" fn byok_encrypted_in(
     fcinfo: pg_sys::FunctionCallInfo,
 ) -> pg_sys::Datum {
+    // SAFETY: fmgr calls the STRICT type I/O functions with a valid `fcinfo`;
+    // byok_encrypted_in's argument is a NUL-terminated C string.
     let text = unsafe {
         std::ffi::CStr::from_ptr(arg_datum(fcinfo, 0).cast_mut_ptr::<std::ffi::c_char>())
     };
@@ -47,9 +49,13 @@ pub unsafe extern "C-unwind" fn byok_encrypted_in(
 pub unsafe extern "C-unwind" fn byok_encrypted_out(
     fcinfo: pg_sys::FunctionCallInfo,
 ) -> pg_sys::Datum {
+    // SAFETY: fmgr calls the STRICT type I/O functions with a valid `fcinfo`;
+    // the argument is a byok.encrypted varlena.
     let bytes = unsafe { datum_bytes(arg_datum(fcinfo, 0)) };
     // Encode straight into the palloc'd C string.
     let len = envelope::text_len(bytes.len());
+    // SAFETY: palloc raises rather than returning null, and the slice covers
+    // exactly the `len + 1` bytes allocated.
     unsafe {
         let out = pg_sys::palloc(len + 1).cast::<u8>();
         let buf = std::slice::from_raw_parts_mut(out, len + 1);
@@ -67,6 +73,8 @@ pub unsafe extern "C-unwind" fn byok_encrypted_out(
 pub unsafe extern "C-unwind" fn byok_encrypted_recv(
     fcinfo: pg_sys::FunctionCallInfo,
 ) -> pg_sys::Datum {
+    // SAFETY: fmgr calls the STRICT type I/O functions with a valid `fcinfo`;
+    // receive functions get a StringInfo whose `data[cursor..len]` is unread.
     unsafe {
         let buf = arg_datum(fcinfo, 0).cast_mut_ptr::<pg_sys::StringInfoData>();
         let remaining = ((*buf).len - (*buf).cursor) as usize;
@@ -88,6 +96,8 @@ pub unsafe extern "C-unwind" fn byok_encrypted_recv(
 pub unsafe extern "C-unwind" fn byok_encrypted_send(
     fcinfo: pg_sys::FunctionCallInfo,
 ) -> pg_sys::Datum {
+    // SAFETY: fmgr calls the STRICT type I/O functions with a valid `fcinfo`;
+    // the argument is a byok.encrypted varlena.
     copy_to_varlena(unsafe { datum_bytes(arg_datum(fcinfo, 0)) })
 }
 
@@ -96,6 +106,8 @@ pub unsafe extern "C-unwind" fn byok_encrypted_send(
 pub unsafe extern "C-unwind" fn byok_value_data_key_id(
     fcinfo: pg_sys::FunctionCallInfo,
 ) -> pg_sys::Datum {
+    // SAFETY: fmgr calls the STRICT type I/O functions with a valid `fcinfo`;
+    // the argument is a byok.encrypted varlena.
     let bytes = unsafe { datum_bytes(arg_datum(fcinfo, 0)) };
     let envelope = Envelope::parse(bytes)
         .map_err(ByokError::MalformedValue)
