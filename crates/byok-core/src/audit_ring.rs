@@ -63,14 +63,22 @@ pub struct AuditRing {
     dropped: [DropCounter; DROP_COUNTERS],
 }
 
-// SAFETY: every field is atomic, or a buffer whose ownership a slot's state
-// hands to exactly one process at a time (FILLING: the pusher; TAKEN: the taker).
+// SAFETY: the only non-`Sync` field is each slot's `record` (an `UnsafeCell`).
+// Its buffer is touched only by the party that moved the slot's `state` with a
+// compare-and-swap: FREE -> FILLING gives it to one pusher (`try_push`), READY ->
+// TAKEN to one taker (`take`). The pusher publishes with a Release store of
+// READY that the taker's AcqRel swap acquires, and the taker returns the slot
+// with a Release store of FREE that the next pusher's swap acquires, so the
+// accesses never overlap, whether from threads or from processes sharing the
+// ring. Every other field is an atomic.
 unsafe impl Sync for AuditRing {}
 
 impl AuditRing {
     /// A ring on the heap (tests); in shared memory it is zeroed in place.
     pub fn new_boxed() -> Box<AuditRing> {
-        // SAFETY: all-zero is a valid state for every field (atomics, byte arrays).
+        // SAFETY: every field is an integer atomic, a byte array in an
+        // `UnsafeCell`, or an array of those, and all-zero bytes are a valid value
+        // of each (the empty ring: every slot FREE, no drop counter owned).
         unsafe { Box::new_zeroed().assume_init() }
     }
 
@@ -110,7 +118,10 @@ impl AuditRing {
             {
                 slot.database.store(database, Ordering::Relaxed);
                 slot.role.store(role, Ordering::Relaxed);
-                // SAFETY: FILLING gives this thread the slot's buffer.
+                // SAFETY: our swap FREE -> FILLING succeeded, so no other pusher
+                // holds this slot and no taker reads it (takers only take READY
+                // slots); the swap acquired the last taker's release of FREE.
+                // `record.len() <= AUDIT_RECORD_LEN` was checked above.
                 unsafe { (&mut *slot.record.get())[..record.len()].copy_from_slice(record) };
                 slot.len.store(record.len() as u32, Ordering::Relaxed);
                 slot.seq
@@ -198,7 +209,9 @@ impl AuditRing {
                 continue; // another writer took it
             }
             let len = (slot.len.load(Ordering::Relaxed) as usize).min(AUDIT_RECORD_LEN);
-            // SAFETY: TAKEN gives this thread the slot's buffer.
+            // SAFETY: our swap READY -> TAKEN succeeded, so this thread alone
+            // owns the buffer until it stores FREE below; the swap acquired the
+            // pusher's Release store of READY, made after the buffer was written.
             let record = unsafe { (&*slot.record.get())[..len].to_vec() };
             taken.push((slot.seq.load(Ordering::Relaxed), record));
             slot.state.store(FREE, Ordering::Release);

@@ -41,7 +41,10 @@ fn coarse_monotonic() -> Duration {
         tv_sec: 0,
         tv_nsec: 0,
     };
-    // SAFETY: `ts` is a valid, writable timespec.
+    // SAFETY: `clock_gettime` writes one `timespec` through its pointer and
+    // keeps no reference to it; `ts` is a live, initialized, exclusively
+    // borrowed local of exactly that type. Failure is reported by the return
+    // value (checked), not by leaving `ts` half-written.
     if unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) } == 0 {
         Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
     } else {

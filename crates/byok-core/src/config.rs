@@ -161,176 +161,41 @@ pub fn check_tenant_id(tenant_id: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// The keys a document may have at its top level.
+const TOP_LEVEL_FIELDS: &[&str] = &[
+    "customer",
+    "tenant_id",
+    "encryption",
+    "key_rotation",
+    "cache_config",
+    "audit",
+];
+
 impl TenantConfig {
+    /// Parses and checks a tenant's configuration document.
+    ///
+    /// The checks run in a fixed order and the first that fails is the error
+    /// returned, so the order of the calls below is part of the behaviour
+    /// (tests compare the messages): unknown top-level keys, identity
+    /// (`tenant_id`, `customer`), then `encryption` and its provider block,
+    /// then the optional sections (`key_rotation`, `cache_config`, `audit`).
     pub fn from_json(doc: &Value) -> Result<Self, ConfigError> {
         let root = doc
             .as_object()
             .ok_or_else(|| err("(document)", "must be a JSON object"))?;
-        check_keys(
-            root,
-            "",
-            &[
-                "customer",
-                "tenant_id",
-                "encryption",
-                "key_rotation",
-                "cache_config",
-                "audit",
-            ],
-        )?;
-
-        let tenant_id = required_str(root, "", "tenant_id")?;
-        check_tenant_id(tenant_id).map_err(|p| err("tenant_id", p))?;
-        let customer = required_str(root, "", "customer")?;
-        if customer.len() > MAX_CUSTOMER_LEN {
-            return Err(err(
-                "customer",
-                format!("must be at most {MAX_CUSTOMER_LEN} characters"),
-            ));
-        }
-
-        let encryption = root
-            .get("encryption")
-            .ok_or_else(|| err("encryption", "is required"))?
-            .as_object()
-            .ok_or_else(|| err("encryption", "must be an object"))?;
-        let mut allowed: Vec<&str> = vec!["provider", "key_rotation", "cache_config", "audit"];
-        allowed.extend(ProviderKind::ALL.iter().map(|p| p.name()));
-        check_keys(encryption, "encryption", &allowed)?;
-
-        let provider_name = required_str(encryption, "encryption", "provider")?;
-        let provider = ProviderKind::from_name(provider_name).ok_or_else(|| {
-            err(
-                "encryption.provider",
-                format!(
-                    "unknown provider \"{}\"; expected one of: {}",
-                    printable(provider_name),
-                    ProviderKind::ALL.map(|p| p.name()).join(", ")
-                ),
-            )
-        })?;
-        let block_path = format!("encryption.{}", provider.name());
-        let block = encryption
-            .get(provider.name())
-            .ok_or_else(|| {
-                err(
-                    &block_path,
-                    format!("is required when provider is \"{}\"", provider.name()),
-                )
-            })?
-            .as_object()
-            .ok_or_else(|| err(&block_path, "must be an object"))?;
-        for (key, value) in block {
-            // Provider blocks are checked in full by their provider; here only nulls are refused.
-            if value.is_null() {
-                return Err(err(&format!("{block_path}.{key}"), "must not be null"));
-            }
-        }
-        if provider == ProviderKind::Local {
-            check_keys(block, &block_path, &["key_id"])?;
-        }
-        let master_key_id = required_str(block, &block_path, provider.master_key_field())?;
-        if master_key_id.len() > MAX_KEY_ID_LEN {
-            return Err(err(
-                &format!("{block_path}.{}", provider.master_key_field()),
-                format!("must be at most {MAX_KEY_ID_LEN} characters"),
-            ));
-        }
-        if master_key_id.chars().any(char::is_control) {
-            return Err(err(
-                &format!("{block_path}.{}", provider.master_key_field()),
-                "must not contain control characters",
-            ));
-        }
+        check_keys(root, "", TOP_LEVEL_FIELDS)?;
+        let tenant_id = read_tenant_id(root)?;
+        let customer = read_customer(root)?;
+        let encryption = encryption_section(root)?;
+        let provider = read_provider(encryption)?;
+        let (block_path, block) = provider_block(encryption, provider)?;
+        let master_key_id = read_master_key_id(block, &block_path, provider)?;
         for field in provider.other_required_fields() {
             required_str(block, &block_path, field)?;
         }
-
-        let rotation = match section(root, encryption, "key_rotation")? {
-            None => RotationPolicy {
-                enabled: false,
-                interval_days: DEFAULT_ROTATION_INTERVAL_DAYS,
-            },
-            Some((path, obj)) => {
-                check_keys(obj, &path, &["enabled", "interval_days"])?;
-                RotationPolicy {
-                    enabled: opt_bool(obj, &path, "enabled", false)?,
-                    interval_days: opt_int(
-                        obj,
-                        &path,
-                        "interval_days",
-                        DEFAULT_ROTATION_INTERVAL_DAYS,
-                        1,
-                        MAX_INTERVAL_DAYS,
-                    )?,
-                }
-            }
-        };
-        let cache = match section(root, encryption, "cache_config")? {
-            None => CachePolicy {
-                ttl_seconds: None,
-                max_entries: None,
-                grace_period_seconds: DEFAULT_GRACE_PERIOD_SECONDS,
-            },
-            Some((path, obj)) => {
-                check_keys(
-                    obj,
-                    &path,
-                    &["ttl_seconds", "max_entries", "grace_period_seconds"],
-                )?;
-                CachePolicy {
-                    // Absent: the server's default (byok.cache_ttl_seconds, byok.cache_max_entries).
-                    ttl_seconds: obj
-                        .contains_key("ttl_seconds")
-                        .then(|| {
-                            opt_int(
-                                obj,
-                                &path,
-                                "ttl_seconds",
-                                DEFAULT_CACHE_TTL_SECONDS,
-                                1,
-                                MAX_TTL_SECONDS,
-                            )
-                        })
-                        .transpose()?,
-                    max_entries: obj
-                        .contains_key("max_entries")
-                        .then(|| {
-                            opt_int(
-                                obj,
-                                &path,
-                                "max_entries",
-                                DEFAULT_CACHE_MAX_ENTRIES,
-                                1,
-                                MAX_CACHE_ENTRIES,
-                            )
-                        })
-                        .transpose()?,
-                    grace_period_seconds: opt_int(
-                        obj,
-                        &path,
-                        "grace_period_seconds",
-                        DEFAULT_GRACE_PERIOD_SECONDS,
-                        0,
-                        MAX_GRACE_SECONDS,
-                    )?,
-                }
-            }
-        };
-        let audit = match section(root, encryption, "audit")? {
-            None => AuditPolicy {
-                log_all_operations: true,
-                alert_on_failures: true,
-            },
-            Some((path, obj)) => {
-                check_keys(obj, &path, &["log_all_operations", "alert_on_failures"])?;
-                AuditPolicy {
-                    log_all_operations: opt_bool(obj, &path, "log_all_operations", true)?,
-                    alert_on_failures: opt_bool(obj, &path, "alert_on_failures", true)?,
-                }
-            }
-        };
-
+        let rotation = rotation_policy(section(root, encryption, "key_rotation")?)?;
+        let cache = cache_policy(section(root, encryption, "cache_config")?)?;
+        let audit = audit_policy(section(root, encryption, "audit")?)?;
         Ok(TenantConfig {
             tenant_id: tenant_id.to_string(),
             customer: customer.to_string(),
@@ -342,6 +207,174 @@ impl TenantConfig {
             audit,
         })
     }
+}
+
+/// `tenant_id`: required, in the alphabet of [`check_tenant_id`].
+fn read_tenant_id(root: &Map<String, Value>) -> Result<&str, ConfigError> {
+    let tenant_id = required_str(root, "", "tenant_id")?;
+    check_tenant_id(tenant_id).map_err(|p| err("tenant_id", p))?;
+    Ok(tenant_id)
+}
+
+/// `customer`: required, at most [`MAX_CUSTOMER_LEN`] bytes.
+fn read_customer(root: &Map<String, Value>) -> Result<&str, ConfigError> {
+    let customer = required_str(root, "", "customer")?;
+    if customer.len() > MAX_CUSTOMER_LEN {
+        return Err(err(
+            "customer",
+            format!("must be at most {MAX_CUSTOMER_LEN} characters"),
+        ));
+    }
+    Ok(customer)
+}
+
+/// `encryption`: a required object whose keys are `provider`, a block per
+/// provider name and the sections that may also sit at the top level.
+fn encryption_section(root: &Map<String, Value>) -> Result<&Map<String, Value>, ConfigError> {
+    let encryption = root
+        .get("encryption")
+        .ok_or_else(|| err("encryption", "is required"))?
+        .as_object()
+        .ok_or_else(|| err("encryption", "must be an object"))?;
+    let mut allowed: Vec<&str> = vec!["provider", "key_rotation", "cache_config", "audit"];
+    allowed.extend(ProviderKind::ALL.iter().map(|p| p.name()));
+    check_keys(encryption, "encryption", &allowed)?;
+    Ok(encryption)
+}
+
+/// `encryption.provider`: one of the names of [`ProviderKind`].
+fn read_provider(encryption: &Map<String, Value>) -> Result<ProviderKind, ConfigError> {
+    let provider_name = required_str(encryption, "encryption", "provider")?;
+    ProviderKind::from_name(provider_name).ok_or_else(|| {
+        err(
+            "encryption.provider",
+            format!(
+                "unknown provider \"{}\"; expected one of: {}",
+                printable(provider_name),
+                ProviderKind::ALL.map(|p| p.name()).join(", ")
+            ),
+        )
+    })
+}
+
+/// The chosen provider's block (`encryption.<provider>`) and its path. Its
+/// fields are checked in full by the provider; here only nulls are refused,
+/// and for `local` (whose only field is the key id) unknown fields.
+fn provider_block(
+    encryption: &Map<String, Value>,
+    provider: ProviderKind,
+) -> Result<Section<'_>, ConfigError> {
+    let block_path = format!("encryption.{}", provider.name());
+    let block = encryption
+        .get(provider.name())
+        .ok_or_else(|| {
+            err(
+                &block_path,
+                format!("is required when provider is \"{}\"", provider.name()),
+            )
+        })?
+        .as_object()
+        .ok_or_else(|| err(&block_path, "must be an object"))?;
+    for (key, value) in block {
+        if value.is_null() {
+            return Err(err(&format!("{block_path}.{key}"), "must not be null"));
+        }
+    }
+    if provider == ProviderKind::Local {
+        check_keys(block, &block_path, &["key_id"])?;
+    }
+    Ok((block_path, block))
+}
+
+/// The master key's name in the provider block (the field
+/// [`ProviderKind::master_key_field`] names): at most [`MAX_KEY_ID_LEN`]
+/// bytes, no control characters.
+fn read_master_key_id<'a>(
+    block: &'a Map<String, Value>,
+    block_path: &str,
+    provider: ProviderKind,
+) -> Result<&'a str, ConfigError> {
+    let field = provider.master_key_field();
+    let master_key_id = required_str(block, block_path, field)?;
+    if master_key_id.len() > MAX_KEY_ID_LEN {
+        return Err(err(
+            &join(block_path, field),
+            format!("must be at most {MAX_KEY_ID_LEN} characters"),
+        ));
+    }
+    if master_key_id.chars().any(char::is_control) {
+        return Err(err(
+            &join(block_path, field),
+            "must not contain control characters",
+        ));
+    }
+    Ok(master_key_id)
+}
+
+/// `key_rotation`: off unless enabled; every [`DEFAULT_ROTATION_INTERVAL_DAYS`] by default.
+fn rotation_policy(section: Option<Section<'_>>) -> Result<RotationPolicy, ConfigError> {
+    let Some((path, obj)) = section else {
+        return Ok(RotationPolicy {
+            enabled: false,
+            interval_days: DEFAULT_ROTATION_INTERVAL_DAYS,
+        });
+    };
+    check_keys(obj, &path, &["enabled", "interval_days"])?;
+    Ok(RotationPolicy {
+        enabled: opt_bool(obj, &path, "enabled", false)?,
+        interval_days: opt_int(
+            obj,
+            &path,
+            "interval_days",
+            DEFAULT_ROTATION_INTERVAL_DAYS,
+            1,
+            MAX_INTERVAL_DAYS,
+        )?,
+    })
+}
+
+/// `cache_config`: a TTL or size left out means the server's default
+/// (`byok.cache_ttl_seconds`, `byok.cache_max_entries`), so those stay `None`.
+fn cache_policy(section: Option<Section<'_>>) -> Result<CachePolicy, ConfigError> {
+    let Some((path, obj)) = section else {
+        return Ok(CachePolicy {
+            ttl_seconds: None,
+            max_entries: None,
+            grace_period_seconds: DEFAULT_GRACE_PERIOD_SECONDS,
+        });
+    };
+    check_keys(
+        obj,
+        &path,
+        &["ttl_seconds", "max_entries", "grace_period_seconds"],
+    )?;
+    Ok(CachePolicy {
+        ttl_seconds: present_int(obj, &path, "ttl_seconds", 1, MAX_TTL_SECONDS)?,
+        max_entries: present_int(obj, &path, "max_entries", 1, MAX_CACHE_ENTRIES)?,
+        grace_period_seconds: opt_int(
+            obj,
+            &path,
+            "grace_period_seconds",
+            DEFAULT_GRACE_PERIOD_SECONDS,
+            0,
+            MAX_GRACE_SECONDS,
+        )?,
+    })
+}
+
+/// `audit`: everything logged and alerted on unless turned off.
+fn audit_policy(section: Option<Section<'_>>) -> Result<AuditPolicy, ConfigError> {
+    let Some((path, obj)) = section else {
+        return Ok(AuditPolicy {
+            log_all_operations: true,
+            alert_on_failures: true,
+        });
+    };
+    check_keys(obj, &path, &["log_all_operations", "alert_on_failures"])?;
+    Ok(AuditPolicy {
+        log_all_operations: opt_bool(obj, &path, "log_all_operations", true)?,
+        alert_on_failures: opt_bool(obj, &path, "alert_on_failures", true)?,
+    })
 }
 
 /// A located section: its dotted path and its object.
@@ -420,6 +453,7 @@ fn opt_bool(
     }
 }
 
+/// An integer field with a default when absent.
 fn opt_int(
     obj: &Map<String, Value>,
     path: &str,
@@ -428,15 +462,27 @@ fn opt_int(
     min: i64,
     max: i64,
 ) -> Result<u32, ConfigError> {
-    match obj.get(key) {
-        None => Ok(default),
-        Some(v) => match v.as_i64() {
-            Some(n) if (min..=max).contains(&n) => Ok(n as u32),
-            _ => Err(err(
-                &join(path, key),
-                format!("must be an integer between {min} and {max}"),
-            )),
-        },
+    Ok(present_int(obj, path, key, min, max)?.unwrap_or(default))
+}
+
+/// An integer field in `min..=max` (both within `u32`), `None` when absent.
+/// A field given as `null` is not absent: it is refused like any non-integer.
+fn present_int(
+    obj: &Map<String, Value>,
+    path: &str,
+    key: &str,
+    min: i64,
+    max: i64,
+) -> Result<Option<u32>, ConfigError> {
+    let Some(value) = obj.get(key) else {
+        return Ok(None);
+    };
+    match value.as_i64() {
+        Some(n) if (min..=max).contains(&n) => Ok(Some(n as u32)),
+        _ => Err(err(
+            &join(path, key),
+            format!("must be an integer between {min} and {max}"),
+        )),
     }
 }
 

@@ -64,18 +64,26 @@ impl MetricSlot {
         self.dek_latency[bucket.min(BUCKETS - 1)].fetch_add(1, Ordering::Relaxed);
     }
 
-    fn tenant(&self) -> &[u8] {
+    /// The slot's tenant label, once the slot is READY (`None` before).
+    fn published_tenant(&self) -> Option<&[u8]> {
+        if self.state.load(Ordering::Acquire) != READY {
+            return None;
+        }
         let len = (self.tenant_len.load(Ordering::Acquire) as usize).min(TENANT_LEN);
-        // SAFETY: the label is written once, before the slot becomes READY
-        // (Release), and never again; readers load READY with Acquire first.
-        unsafe { &(&*self.tenant.get())[..len] }
+        // SAFETY: the label is written only by the party whose swap EMPTY ->
+        // CLAIMING succeeded (`MetricTable::slot`), before its Release store of
+        // READY, which the Acquire load above has seen; a slot never leaves
+        // READY, so the label is never written again and shared reads of it
+        // cannot race with a write.
+        Some(unsafe { &(&*self.tenant.get())[..len] })
     }
 
     fn is(&self, database: u32, provider: u32, tenant: &[u8]) -> bool {
-        self.state.load(Ordering::Acquire) == READY
-            && self.database.load(Ordering::Relaxed) == database
-            && self.provider.load(Ordering::Relaxed) == provider
-            && self.tenant() == tenant
+        self.published_tenant().is_some_and(|label| {
+            self.database.load(Ordering::Relaxed) == database
+                && self.provider.load(Ordering::Relaxed) == provider
+                && label == tenant
+        })
     }
 }
 
@@ -99,22 +107,20 @@ pub struct MetricTable<const N: usize> {
     slots: [MetricSlot; N],
 }
 
-// SAFETY: every field is atomic except the label, which is written once by
-// the party that claimed the slot before it is published (see `MetricSlot::tenant`).
+// SAFETY: every field is an atomic except each slot's tenant label (an
+// `UnsafeCell`). A label is written by exactly one party, the one whose swap
+// EMPTY -> CLAIMING succeeded, and read only once the slot is READY
+// (`MetricSlot::published_tenant`), after which it never changes; so threads,
+// or processes sharing the table, never write a label another one reads.
 unsafe impl<const N: usize> Sync for MetricTable<N> {}
 
 impl<const N: usize> MetricTable<N> {
     /// A zeroed table on the heap (the extension places it in shared memory).
     pub fn new_boxed() -> Box<Self> {
-        let layout = std::alloc::Layout::new::<Self>();
-        // SAFETY: all-zero bytes are a valid value of every field.
-        unsafe {
-            let ptr = std::alloc::alloc_zeroed(layout).cast::<Self>();
-            if ptr.is_null() {
-                std::alloc::handle_alloc_error(layout);
-            }
-            Box::from_raw(ptr)
-        }
+        // SAFETY: every field is an integer atomic, a byte array in an
+        // `UnsafeCell`, or an array of those, and all-zero bytes are a valid
+        // value of each (the empty table: every slot EMPTY).
+        unsafe { Box::new_zeroed().assume_init() }
     }
 
     /// The slot of (database, provider, tenant), claimed on first use; `None`
@@ -132,7 +138,9 @@ impl<const N: usize> MetricTable<N> {
             {
                 m.database.store(database, Ordering::Relaxed);
                 m.provider.store(provider, Ordering::Relaxed);
-                // SAFETY: the slot is CLAIMING: only this party writes its label.
+                // SAFETY: our swap EMPTY -> CLAIMING succeeded, so no other party
+                // writes this label, and none reads it until our Release store of
+                // READY below; `tenant.len() <= TENANT_LEN` (cut above).
                 unsafe { (&mut *m.tenant.get())[..tenant.len()].copy_from_slice(tenant) };
                 m.tenant_len.store(tenant.len() as u32, Ordering::Relaxed);
                 m.state.store(READY, Ordering::Release);
@@ -150,15 +158,14 @@ impl<const N: usize> MetricTable<N> {
     /// Every (database, provider, tenant) with its counters, in label order.
     pub fn totals(&self) -> Vec<(u32, ProviderKind, String, Totals)> {
         let mut rows: BTreeMap<(u32, u32, Vec<u8>), Totals> = BTreeMap::new();
-        for m in self
-            .slots
-            .iter()
-            .filter(|m| m.state.load(Ordering::Acquire) == READY)
-        {
+        for m in &self.slots {
+            let Some(tenant) = m.published_tenant() else {
+                continue;
+            };
             let label = (
                 m.database.load(Ordering::Relaxed),
                 m.provider.load(Ordering::Relaxed),
-                m.tenant().to_vec(),
+                tenant.to_vec(),
             );
             let t = rows.entry(label).or_default();
             for (total, counter) in t.counters.iter_mut().zip(&m.counters) {
@@ -171,10 +178,17 @@ impl<const N: usize> MetricTable<N> {
         }
         rows.into_iter()
             .filter_map(|((database, provider, tenant), t)| {
+                // `slot` stores only `ProviderKind as u32`, so every row maps
+                // back and none is dropped here; the `?` only keeps a number
+                // that is not a provider (which nothing writes) from being
+                // reported as some other provider.
                 let provider = *ProviderKind::ALL.get(provider as usize)?;
                 Some((
                     database,
                     provider,
+                    // Tenant ids are ASCII (`config::check_tenant_id`), so cutting
+                    // at TENANT_LEN bytes never splits a character; lossy
+                    // decoding is only a guard.
                     String::from_utf8_lossy(&tenant).into_owned(),
                     t,
                 ))

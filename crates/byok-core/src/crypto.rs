@@ -47,18 +47,24 @@ impl DataKey {
     /// A new random key from the OS CSPRNG.
     pub fn generate() -> Result<Self, CryptoError> {
         let mut key = DataKey(SecretBox::new([0u8; DEK_LEN]));
-        getrandom::fill(&mut key.0[..]).map_err(|_| CryptoError::RandomUnavailable)?;
+        os_random(&mut key.0[..])?;
         Ok(key)
     }
 
     /// Takes the bytes of an unwrapped key; `bytes` should be zeroized by the caller.
     pub fn from_slice(bytes: &[u8]) -> Result<Self, CryptoError> {
-        if bytes.len() != DEK_LEN {
-            return Err(CryptoError::BadKeyLength(bytes.len()));
-        }
+        let bytes: &[u8; DEK_LEN] = bytes
+            .try_into()
+            .map_err(|_| CryptoError::BadKeyLength(bytes.len()))?;
+        Ok(DataKey::from_bytes(bytes))
+    }
+
+    /// As [`from_slice`](Self::from_slice), for bytes whose length is already
+    /// right (so it cannot fail); `bytes` should be zeroized by the caller.
+    pub fn from_bytes(bytes: &[u8; DEK_LEN]) -> Self {
         let mut key = DataKey(SecretBox::new([0u8; DEK_LEN]));
         key.0.copy_from_slice(bytes);
-        Ok(key)
+        key
     }
 
     pub fn expose(&self) -> &[u8; DEK_LEN] {
@@ -90,6 +96,18 @@ pub enum CryptoError {
     BadOutputLength,
 }
 
+/// Fills `buf` from the OS CSPRNG.
+///
+/// The cause `getrandom` gives (an OS error code) is deliberately not kept:
+/// [`CryptoError`] is a closed set of fixed messages that reach SQL users, and
+/// on the platforms byok_pg runs on the only failures are the kernel refusing
+/// `getrandom(2)` (a seccomp policy, a kernel too old) or `/dev/urandom` being
+/// unreadable, which all mean the same thing to the caller: no key or nonce can
+/// be made, so nothing is sealed.
+fn os_random(buf: &mut [u8]) -> Result<(), CryptoError> {
+    getrandom::fill(buf).map_err(|_| CryptoError::RandomUnavailable)
+}
+
 /// A ready AES-256-GCM key schedule for one DEK, bound to its tenant. This is
 /// what the backend caches, so a cache hit costs no key expansion.
 pub struct DekCipher {
@@ -105,10 +123,7 @@ impl DekCipher {
         if tenant_id.len() > MAX_TENANT_ID_LEN {
             return Err(CryptoError::TenantIdTooLong);
         }
-        let cipher = SecretBox::new(
-            Aes256Gcm::new_from_slice(key.expose())
-                .map_err(|_| CryptoError::BadKeyLength(DEK_LEN))?,
-        );
+        let cipher = SecretBox::new(Aes256Gcm::new(key.expose().into()));
         Ok(DekCipher {
             cipher,
             dek_id,
@@ -133,9 +148,7 @@ impl DekCipher {
         context: &[u8],
         out: &mut [u8],
     ) -> Result<(), CryptoError> {
-        self.seal_into_with(plaintext, context, out, &mut |nonce| {
-            getrandom::fill(nonce).map_err(|_| CryptoError::RandomUnavailable)
-        })
+        self.seal_into_with(plaintext, context, out, &mut os_random)
     }
 
     /// As [`seal_into`](Self::seal_into), with the nonce drawn by `fill_nonce`
@@ -269,7 +282,7 @@ impl NoncePool {
     #[inline]
     pub fn fill(&mut self, owner: u64, nonce: &mut [u8]) -> Result<(), CryptoError> {
         if self.owner != owner || self.pos + NONCE_LEN > NONCE_POOL_LEN {
-            getrandom::fill(&mut self.buf).map_err(|_| CryptoError::RandomUnavailable)?;
+            os_random(&mut self.buf)?;
             self.pos = 0;
             self.owner = owner;
         }

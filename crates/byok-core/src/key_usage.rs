@@ -69,7 +69,10 @@ impl UsageSlot {
 
 impl KeyUsage {
     pub fn new_boxed() -> Box<KeyUsage> {
-        // SAFETY: all-zero is a valid state for every field (atomics).
+        // SAFETY: every field is an integer atomic or an array of structs of
+        // them, and all-zero bytes are a valid value of each (the empty table:
+        // every slot FREE, nothing unattributed). Being all atomics, the table
+        // is `Sync` without an unsafe impl.
         unsafe { Box::new_zeroed().assume_init() }
     }
 
@@ -173,9 +176,11 @@ impl KeyUsage {
     pub fn persisted(&self, index: usize, database: u32, dek_id: u64, count: u64, retire: bool) {
         let slot = &self.slots[index];
         if slot.lock(false).is_none() {
+            // A free slot holds nothing pending, so there is nothing to subtract.
             return;
         }
         let mut next = READY;
+        // A slot that now holds another key has nothing of this key's left.
         if slot.holds(database, dek_id) {
             let left = slot.pending.load(Ordering::Relaxed).saturating_sub(count);
             slot.pending.store(left, Ordering::Relaxed);

@@ -27,26 +27,43 @@ static POOL: Mutex<Pool> = Mutex::new(Pool {
     free: [const { Vec::new() }; CLASSES],
 });
 
+/// The pool, even if a thread panicked while holding it: its free lists are
+/// changed only by single `push`/`pop`/`extend` calls, which leave them valid
+/// (at worst a region's chunks are not all listed, and are never handed out),
+/// so the poison carries no information worth failing an allocation over.
+fn pool() -> std::sync::MutexGuard<'static, Pool> {
+    POOL.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
 /// Pages of `len` bytes (a multiple of the page size) excluded from core dumps.
 fn map_region(len: usize) -> Option<NonNull<u8>> {
-    // SAFETY: an anonymous private mapping has no preconditions; the result is
-    // checked before use.
-    unsafe {
-        let ptr = libc::mmap(
+    // SAFETY: with a null hint and no MAP_FIXED, mmap picks fresh addresses and
+    // cannot replace any existing mapping, so no memory Rust knows about
+    // changes; MAP_ANONYMOUS takes no file (fd -1, offset 0). Failure is
+    // MAP_FAILED, checked before the pointer is used.
+    let ptr = unsafe {
+        libc::mmap(
             std::ptr::null_mut(),
             len,
             libc::PROT_READ | libc::PROT_WRITE,
             libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
             -1,
             0,
-        );
-        if ptr == libc::MAP_FAILED {
-            return None;
-        }
-        // Best effort: a kernel without MADV_DONTDUMP still gets zeroed memory.
-        libc::madvise(ptr, len, libc::MADV_DONTDUMP);
-        NonNull::new(ptr.cast())
+        )
+    };
+    if ptr == libc::MAP_FAILED {
+        return None;
     }
+    // SAFETY: `ptr..ptr + len` is exactly the mapping just created, which no
+    // one else knows of yet; MADV_DONTDUMP changes only whether core dumps
+    // include it, not its contents or protection.
+    if unsafe { libc::madvise(ptr, len, libc::MADV_DONTDUMP) } != 0 {
+        // Deliberately not an error (best effort): a kernel without
+        // MADV_DONTDUMP (before Linux 3.4) still gets memory that is wiped on
+        // drop, and refusing to hold keys at all would be worse;
+        // `is_excluded_from_core_dumps` tells whether it took effect.
+    }
+    NonNull::new(ptr.cast())
 }
 
 fn class_of(layout: Layout) -> Option<usize> {
@@ -65,7 +82,7 @@ fn allocate(layout: Layout) -> NonNull<u8> {
         return map_region(len).unwrap_or_else(|| std::alloc::handle_alloc_error(layout));
     };
     let size = MIN_CLASS << class;
-    let mut pool = POOL.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    let mut pool = pool();
     if pool.free[class].is_empty() {
         let region = map_region(REGION).unwrap_or_else(|| std::alloc::handle_alloc_error(layout));
         let base = region.as_ptr() as usize;
@@ -75,30 +92,45 @@ fn allocate(layout: Layout) -> NonNull<u8> {
     NonNull::new(address as *mut u8).expect("mapped addresses are not null")
 }
 
-fn release(ptr: NonNull<u8>, layout: Layout) {
-    // SAFETY: `ptr` is a live chunk of at least `layout.size()` bytes that this
-    // module handed out; volatile writes keep the wipe from being optimized away.
-    unsafe {
-        for i in 0..layout.size() {
-            std::ptr::write_volatile(ptr.as_ptr().add(i), 0);
-        }
+/// Wipes the chunk at `ptr` and gives it back (to its size class's free list,
+/// or to the kernel for a region of its own).
+///
+/// # Safety
+///
+/// `ptr` must have been returned by [`allocate`] for this same `layout`, not
+/// released since, and nothing may use the chunk afterwards (no reference or
+/// pointer to it may outlive this call).
+unsafe fn release(ptr: NonNull<u8>, layout: Layout) {
+    for i in 0..layout.size() {
+        // SAFETY: `allocate(layout)` handed out at least `layout.size()` bytes
+        // at `ptr`, still mapped and owned by the caller (see `# Safety`), so
+        // every offset below `layout.size()` is in bounds and unaliased. A
+        // volatile write, so the wipe of a dead value is not optimized away.
+        unsafe { std::ptr::write_volatile(ptr.as_ptr().add(i), 0) };
     }
     match class_of(layout) {
-        Some(class) => POOL
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .free[class]
-            .push(ptr.as_ptr() as usize),
+        Some(class) => pool().free[class].push(ptr.as_ptr() as usize),
         None => {
             let len = layout.size().next_multiple_of(page_size());
-            // SAFETY: the region was mapped by `map_region` with this length.
-            unsafe { libc::munmap(ptr.as_ptr().cast(), len) };
+            // SAFETY: for a layout without a size class, `allocate` mapped a
+            // region of its own of exactly this length (same computation, and
+            // the page size is fixed for the process) starting at `ptr`; the
+            // caller guarantees nothing refers to it any more, so unmapping it
+            // invalidates no live reference.
+            if unsafe { libc::munmap(ptr.as_ptr().cast(), len) } != 0 {
+                // Deliberately ignored: munmap of a whole mapping we made fails
+                // only on invalid arguments, which the above rules out, and the
+                // bytes are already wiped, so a failure would leak address
+                // space, never a key (while a panic here, inside `Drop`, could
+                // abort the process).
+            }
         }
     }
 }
 
 fn page_size() -> usize {
-    // SAFETY: sysconf has no preconditions.
+    // SAFETY: sysconf takes a plain integer, touches no memory of ours and is
+    // thread-safe; _SC_PAGESIZE is a valid name (the result is still checked).
     let size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
     if size > 0 { size as usize } else { 4096 }
 }
@@ -109,17 +141,32 @@ pub struct SecretBox<T> {
     _owns: PhantomData<T>,
 }
 
-// SAFETY: SecretBox owns its T exactly like Box<T>.
+// SAFETY: a SecretBox is the unique owner of its T, like Box<T>: its chunk
+// was popped from the pool under the pool's lock (or mapped for it alone) and
+// goes back only in its own `drop`, so no other value points at it. Sending
+// the box sends the T, hence `T: Send`; the pool itself is behind a Mutex, so
+// dropping on another thread is sound.
 unsafe impl<T: Send> Send for SecretBox<T> {}
-// SAFETY: as Box<T>: shared access only hands out &T.
+// SAFETY: through `&SecretBox<T>` only `&T` is reachable (`Deref`); `&mut T`
+// needs `&mut SecretBox<T>`. So sharing the box shares exactly a `&T`, which
+// is sound when `T: Sync`, as for Box<T>.
 unsafe impl<T: Sync> Sync for SecretBox<T> {}
 
 impl<T> SecretBox<T> {
     pub fn new(value: T) -> Self {
+        // Chunks are aligned to their size class (at most MAX_CLASS) and
+        // regions to pages (at least 4 KiB); a stricter alignment would not be
+        // met by the large-value path.
+        const { assert!(std::mem::align_of::<T>() <= MAX_CLASS) };
         let layout = Layout::new::<T>();
         let ptr = allocate(layout).cast::<T>();
-        // SAFETY: fresh, suitably sized and aligned (chunks are aligned to
-        // their power-of-two size, regions to pages) and unaliased.
+        // SAFETY: `allocate(layout)` returned a chunk of at least
+        // `size_of::<T>()` bytes, aligned for T (a class chunk sits at a multiple
+        // of its power-of-two size, which `class_of` makes at least
+        // `align_of::<T>()`, in a page-aligned region; a large value's region
+        // is page-aligned and T's alignment is at most MAX_CLASS, asserted
+        // above), and handed to no one else; `write` does not read or drop the
+        // uninitialized bytes it replaces.
         unsafe { ptr.as_ptr().write(value) };
         SecretBox {
             ptr,
@@ -132,7 +179,9 @@ impl<T> Deref for SecretBox<T> {
     type Target = T;
     #[inline(always)]
     fn deref(&self) -> &T {
-        // SAFETY: the pointer is valid and owned for the box's life.
+        // SAFETY: `ptr` holds the T written in `new`, aligned and initialized,
+        // and stays valid until `drop`; the box owns it alone (see the `Send`
+        // impl), and `&self` only permits shared access while this borrow lives.
         unsafe { self.ptr.as_ref() }
     }
 }
@@ -140,16 +189,21 @@ impl<T> Deref for SecretBox<T> {
 impl<T> DerefMut for SecretBox<T> {
     #[inline(always)]
     fn deref_mut(&mut self) -> &mut T {
-        // SAFETY: as above, and `&mut self` makes the access unique.
+        // SAFETY: as in `deref`, `ptr` holds a live, initialized T owned by
+        // this box alone; `&mut self` guarantees no other borrow of it exists
+        // while the returned `&mut T` lives.
         unsafe { self.ptr.as_mut() }
     }
 }
 
 impl<T> Drop for SecretBox<T> {
     fn drop(&mut self) {
-        // SAFETY: the value is dropped once, then its bytes wiped and the chunk freed.
+        // SAFETY: `ptr` holds the initialized T written in `new`, and `drop`
+        // runs once, so the T is dropped exactly once; nothing reads it after.
         unsafe { std::ptr::drop_in_place(self.ptr.as_ptr()) };
-        release(self.ptr.cast(), Layout::new::<T>());
+        // SAFETY: `ptr` came from `allocate(Layout::new::<T>())` in `new`, is
+        // released only here, and the box (the only pointer to it) is going away.
+        unsafe { release(self.ptr.cast(), Layout::new::<T>()) };
     }
 }
 
@@ -160,8 +214,11 @@ impl<T: Clone> Clone for SecretBox<T> {
 }
 
 /// Whether the memory at `address` is excluded from core dumps (reads
-/// `/proc/self/smaps`; for tests and diagnostics).
+/// `/proc/self/smaps`; for tests and diagnostics). `None` when that cannot be
+/// told: no `/proc` (another OS, a sandbox), or `address` not mapped.
 pub fn is_excluded_from_core_dumps(address: usize) -> Option<bool> {
+    // The read error is dropped on purpose: every cause means "cannot tell",
+    // which is what `None` says (its only callers are the tests below).
     let smaps = std::fs::read_to_string("/proc/self/smaps").ok()?;
     let mut inside = false;
     for line in smaps.lines() {
@@ -208,8 +265,10 @@ mod tests {
         let first = SecretBox::new([0xAAu8; 700]);
         let address = first.ptr.as_ptr() as usize;
         drop(first);
-        // SAFETY: the chunk stays mapped (regions are never unmapped); reading it
-        // shows the wipe.
+        // SAFETY: a 700-byte value lives in a size-class region, and those are
+        // never unmapped, so the freed chunk is still readable memory of this
+        // process; no other test uses the 1 KiB class, so nothing writes it
+        // while we read (the pool hands it out again only below).
         let wiped = unsafe { std::slice::from_raw_parts(address as *const u8, 700) };
         assert!(wiped.iter().all(|b| *b == 0));
         let second = SecretBox::new([0x55u8; 700]);

@@ -29,7 +29,7 @@ use crate::crypto::DataKey;
 /// Room for one encoded request or answer.
 pub const PAYLOAD_LEN: usize = 16 * 1024;
 /// A plaintext data key.
-pub const KEY_LEN: usize = 32;
+pub const KEY_LEN: usize = crate::crypto::DEK_LEN;
 
 /// Where a slot is in its round trip.
 #[repr(u32)]
@@ -112,8 +112,17 @@ pub struct SlotTable<const N: usize> {
     keys: SlotKeys<N>,
 }
 
-// SAFETY: every field is atomic or a buffer that the slot's state hands to one
-// party at a time (the module docs list who owns a slot in which state).
+// SAFETY: the non-`Sync` fields are each slot's `payload` and key buffer
+// (`UnsafeCell`s). Their owner is fixed by the slot's state, and a party
+// touches them only in a state it entered, or was handed, by an atomic change
+// of that state: Filling (entered by the claiming backend's swap from Free,
+// or its own swap from Submitted/Done when giving up) and Done belong to the
+// backend holding the claim; Running and Abandoned to the broker, which took
+// the request with the swap Submitted -> Running; Submitted to no one (it is
+// left only by one of those two swaps). Each hand-over is a Release store or AcqRel
+// swap that the receiver's Acquire load or swap sees, so the buffer accesses
+// of two parties never overlap, whether threads or processes share the table.
+// Every other field is an atomic.
 unsafe impl<const N: usize> Sync for SlotTable<N> {}
 
 /// A request the broker took: it answers it with [`SlotTable::answer`].
@@ -128,16 +137,10 @@ impl<const N: usize> SlotTable<N> {
     /// A zeroed table on the heap (in the extension it is placed, zeroed, in
     /// shared memory instead).
     pub fn new_boxed() -> Box<Self> {
-        let layout = std::alloc::Layout::new::<Self>();
-        // SAFETY: all-zero bytes are a valid value of every field (atomics,
-        // byte arrays, Free slots); the layout is the type's own and non-zero.
-        unsafe {
-            let ptr = std::alloc::alloc_zeroed(layout).cast::<Self>();
-            if ptr.is_null() {
-                std::alloc::handle_alloc_error(layout);
-            }
-            Box::from_raw(ptr)
-        }
+        // SAFETY: every field is an integer atomic, an `AtomicBool`, a byte
+        // array in an `UnsafeCell`, or an array of those, and all-zero bytes are
+        // a valid value of each (the empty table: every slot Free, no key).
+        unsafe { Box::new_zeroed().assume_init() }
     }
 
     /// The address range of the plaintext-key fields.
@@ -182,7 +185,10 @@ impl<const N: usize> SlotTable<N> {
         }
         let request_id = slot.request_id.load(Ordering::Acquire);
         let len = (slot.request_len.load(Ordering::Acquire) as usize).min(PAYLOAD_LEN);
-        // SAFETY: a Running slot's payload belongs to the broker.
+        // SAFETY: our swap Submitted -> Running succeeded, so the broker (this
+        // caller) owns the payload; the backend wrote it while Filling and
+        // published it with its Release store of Submitted, which the swap
+        // acquired. `len` is capped at PAYLOAD_LEN.
         let request = unsafe { (&*slot.payload.get())[..len].to_vec() };
         Some(Taken {
             index,
@@ -223,7 +229,11 @@ impl<const N: usize> SlotTable<N> {
     fn write_answer(&self, index: usize, response: &[u8], key: Option<&DataKey>) {
         let slot = &self.slots[index];
         let len = response.len().min(PAYLOAD_LEN);
-        // SAFETY: a Running (or Abandoned) slot's buffers belong to the broker.
+        // SAFETY: only `answer` calls this, after seeing the slot Running with
+        // the request id the broker took. From Running the backend can only
+        // move it to Abandoned, and an Abandoned slot's buffers still belong to
+        // the broker (only it frees such a slot), so no one else reads or
+        // writes them now. `len <= PAYLOAD_LEN`; a key is exactly KEY_LEN bytes.
         unsafe {
             (&mut *slot.payload.get())[..len].copy_from_slice(&response[..len]);
             if let Some(key) = key {
@@ -306,8 +316,13 @@ impl<const N: usize> SlotTable<N> {
         let len = (slot.response_len.load(Ordering::Acquire) as usize)
             .max(slot.request_len.load(Ordering::Acquire) as usize)
             .min(PAYLOAD_LEN);
-        // SAFETY: called only by the party the slot's state gives it to; a
-        // volatile write so the key wipe is not optimized away.
+        // SAFETY: only `free` calls this, having just seen the slot in the
+        // state `from` that its caller owns: Filling or Done (the backend, in
+        // `give_up` or `take_answer`) or Abandoned (the broker, in `answer` or
+        // `recover`); no other party touches the buffers of a slot in those
+        // states until `free` marks it Free. Raw-pointer writes make no
+        // reference; `len <= PAYLOAD_LEN`. The key is wiped with a volatile
+        // write so that the compiler cannot drop it as a dead store.
         unsafe {
             std::ptr::write_bytes(slot.payload.get().cast::<u8>(), 0, len);
             std::ptr::write_volatile(self.keys.0[index].get(), [0u8; KEY_LEN]);
@@ -346,7 +361,9 @@ impl<const N: usize> Claim<'_, N> {
         }
         let slot = &self.table.slots[self.index];
         let request_id = self.table.next_request_id.fetch_add(1, Ordering::AcqRel) + 1;
-        // SAFETY: a Filling slot's payload belongs to the backend that claimed it.
+        // SAFETY: this `Claim` exists only for a slot its backend moved to
+        // Filling (swap from Free in `claim`), and nothing else touches a Filling
+        // slot's payload; `request.len() <= PAYLOAD_LEN` was checked above.
         unsafe { (&mut *slot.payload.get())[..request.len()].copy_from_slice(request) };
         slot.request_len
             .store(request.len() as u32, Ordering::Release);
@@ -368,14 +385,17 @@ impl<const N: usize> Claim<'_, N> {
         }
         let slot = &self.table.slots[self.index];
         let len = (slot.response_len.load(Ordering::Acquire) as usize).min(PAYLOAD_LEN);
-        // SAFETY: a Done slot's buffers belong to the backend that submitted it.
+        // SAFETY: the slot is Done (just checked by `answered`, an Acquire load
+        // that saw the broker's AcqRel swap Running -> Done made after writing
+        // the answer), and a Done slot's buffers belong to the backend that
+        // holds this `Claim`: the broker never touches it again. `len` is capped
+        // at PAYLOAD_LEN.
         let (response, key) = unsafe {
             let response = (&*slot.payload.get())[..len].to_vec();
-            let key = if slot.has_key.load(Ordering::Acquire) {
-                DataKey::from_slice(&*self.table.keys.0[self.index].get()).ok()
-            } else {
-                None
-            };
+            let key = slot
+                .has_key
+                .load(Ordering::Acquire)
+                .then(|| DataKey::from_bytes(&*self.table.keys.0[self.index].get()));
             (response, key)
         };
         self.done = true;
@@ -439,7 +459,8 @@ mod tests {
         assert_eq!(table.busy(), 0);
         assert_eq!(signals.freed.load(Ordering::Relaxed), 1);
         // Wiped: nothing of the answer or the key is left in the slot.
-        // SAFETY: the slot is free and nobody else uses the table.
+        // SAFETY: the round trip is over (the slot is Free) and this thread is
+        // the only user of the table, so no write can overlap these reads.
         unsafe {
             assert!(
                 (*table.slots[taken.index].payload.get())
@@ -611,7 +632,8 @@ mod tests {
         // Abandoned slots are freed by the broker's (late) answers.
         assert_eq!(table.busy(), 0);
         for index in 0..4 {
-            // SAFETY: every thread has finished.
+            // SAFETY: every backend and broker thread has been joined, so this
+            // thread is the table's only user and the reads race with nothing.
             unsafe {
                 assert_eq!(*table.keys.0[index].get(), [0u8; KEY_LEN]);
                 assert!((*table.slots[index].payload.get()).iter().all(|b| *b == 0));
