@@ -65,13 +65,13 @@ CREATE FUNCTION byok.data_key_id(value byok.encrypted) RETURNS bigint
 COMMENT ON FUNCTION byok.data_key_id(byok.encrypted) IS
     'The id of the data key a value is sealed under (see byok.data_keys)';
 
--- Re-encryption (used by the re-encryption jobs; superuser only).
+-- Re-encryption (inside re-encryption jobs' statements, or for a superuser:
+-- the function checks; its privileges are in privileges.sql).
 CREATE FUNCTION byok.reencrypt(value byok.encrypted, context text DEFAULT '')
     RETURNS byok.encrypted
     AS 'MODULE_PATHNAME', 'byok_reencrypt' LANGUAGE C VOLATILE STRICT PARALLEL SAFE;
 COMMENT ON FUNCTION byok.reencrypt(byok.encrypted, text) IS
     'The same plaintext sealed under its tenant''s active data key, with the same context';
-REVOKE EXECUTE ON FUNCTION byok.reencrypt(byok.encrypted, text) FROM PUBLIC;
 
 CREATE FUNCTION byok.value_opens(value byok.encrypted, context text DEFAULT '')
     RETURNS boolean

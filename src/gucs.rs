@@ -113,6 +113,9 @@ static MAX_ENCRYPTIONS_PER_KEY: GucSetting<i32> = GucSetting::<i32>::new(1 << 30
 /// in the data directory, created with mode 0600 on first use.
 static AUDIT_KEY_FILE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 
+/// Registers every `byok.*` setting. Long on purpose: one flat registration per
+/// setting, in the order the reference documents them, so a reader finds a
+/// setting's name, default, bounds and context in one place.
 pub fn init() {
     GucRegistry::define_string_guc(
         c"byok.credential_directories",

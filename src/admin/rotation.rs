@@ -11,12 +11,13 @@
 //! again after a crash finishes the job; calling it when done changes nothing.
 //! The procedure ends with [`finish`], which checks and records completion.
 
-use byok_kms::WrappedDek;
+use byok_kms::protocol::{ProviderRef, TenantRef};
+use byok_kms::{MasterKeyInfo, WrappedDek};
 use pgrx::datum::{DatumWithOid, Interval};
 use pgrx::prelude::*;
 
 use crate::broker;
-use crate::catalog;
+use crate::catalog::{self, TenantRecord};
 use crate::errors::ByokError;
 use crate::keyring;
 use crate::postgres::spi::Required;
@@ -62,42 +63,75 @@ pub fn step(tenant_id: &str, new_key_id: &str, grace_period: &str) -> Result<i64
     // its current version is what every data key should end up wrapped under.
     let info = broker::validate(tenant_ref.clone(), tenant.provider.clone(), new_key_id)?;
     if tenant.master_key_id != new_key_id {
-        if !info.enabled || !info.can_wrap {
-            return Err(ByokError::Provider(byok_kms::ProviderError::new(
-                tenant.provider.provider,
-                byok_kms::ErrorKind::KeyDisabled,
-                format!("master key \"{new_key_id}\" is not enabled for wrapping keys"),
-            )));
-        }
-        Spi::run_with_args(
-            "UPDATE byok.tenant_config
-                SET previous_master_key_id = master_key_id,
-                    previous_master_key_retires_at = now() + $3,
-                    master_key_id = $2,
-                    provider_options = jsonb_set(provider_options, ARRAY[$4], to_jsonb($2)),
-                    updated_at = now()
-              WHERE tenant_id = $1",
-            &[
-                DatumWithOid::from(tenant_id),
-                DatumWithOid::from(new_key_id),
-                DatumWithOid::from(grace_period),
-                DatumWithOid::from(tenant.provider.provider.master_key_field()),
-            ],
-        )?;
-        // The rotation's start; its end is recorded when every key is rewrapped.
-        catalog::audit(
-            "rotate_master_key_start",
-            Some(tenant_id),
-            None,
-            true,
-            None,
-            Some(serde_json::json!({
-                "previous_key_id": tenant.master_key_id,
-                "new_key_id": new_key_id,
-            })),
-        )?;
+        switch_master_key(tenant_id, &tenant, new_key_id, grace_period, &info)?;
     }
-    let rewrapped = Spi::connect_mut(|client| -> Result<i64, ByokError> {
+    let rewrapped = rewrap_batch(
+        tenant_id,
+        &tenant_ref,
+        &tenant.provider,
+        new_key_id,
+        &info.version,
+    )?;
+    keyring::invalidate_all();
+    Ok(rewrapped)
+}
+
+/// The first step of a rotation: the tenant's master key becomes `new_key_id`
+/// and the previous one is kept for the grace period.
+fn switch_master_key(
+    tenant_id: &str,
+    tenant: &TenantRecord,
+    new_key_id: &str,
+    grace_period: Interval,
+    info: &MasterKeyInfo,
+) -> Result<(), ByokError> {
+    if !info.enabled || !info.can_wrap {
+        return Err(ByokError::Provider(byok_kms::ProviderError::new(
+            tenant.provider.provider,
+            byok_kms::ErrorKind::KeyDisabled,
+            format!("master key \"{new_key_id}\" is not enabled for wrapping keys"),
+        )));
+    }
+    Spi::run_with_args(
+        "UPDATE byok.tenant_config
+            SET previous_master_key_id = master_key_id,
+                previous_master_key_retires_at = now() + $3,
+                master_key_id = $2,
+                provider_options = jsonb_set(provider_options, ARRAY[$4], to_jsonb($2)),
+                updated_at = now()
+          WHERE tenant_id = $1",
+        &[
+            DatumWithOid::from(tenant_id),
+            DatumWithOid::from(new_key_id),
+            DatumWithOid::from(grace_period),
+            DatumWithOid::from(tenant.provider.provider.master_key_field()),
+        ],
+    )?;
+    // The rotation's start; its end is recorded when every key is rewrapped.
+    catalog::audit(
+        "rotate_master_key_start",
+        Some(tenant_id),
+        None,
+        true,
+        None,
+        Some(serde_json::json!({
+            "previous_key_id": tenant.master_key_id,
+            "new_key_id": new_key_id,
+        })),
+    )?;
+    Ok(())
+}
+
+/// Rewraps up to BATCH of the tenant's live data keys not yet under
+/// `new_key_id` at `version`; returns how many.
+fn rewrap_batch(
+    tenant_id: &str,
+    tenant: &TenantRef,
+    provider: &ProviderRef,
+    new_key_id: &str,
+    version: &str,
+) -> Result<i64, ByokError> {
+    Spi::connect_mut(|client| -> Result<i64, ByokError> {
         let batch = client.update(
             "SELECT dek_id, wrapped_dek, cmk_id, cmk_version FROM byok.wrapped_data_keys
               WHERE tenant_id = $1 AND (cmk_id <> $2 OR cmk_version <> $3) AND state <> 'destroyed'
@@ -106,7 +140,7 @@ pub fn step(tenant_id: &str, new_key_id: &str, grace_period: &str) -> Result<i64
             &[
                 DatumWithOid::from(tenant_id),
                 DatumWithOid::from(new_key_id),
-                DatumWithOid::from(info.version.as_str()),
+                DatumWithOid::from(version),
                 DatumWithOid::from(BATCH),
             ],
         )?;
@@ -128,8 +162,8 @@ pub fn step(tenant_id: &str, new_key_id: &str, grace_period: &str) -> Result<i64
         }
         for (dek_id, wrapped) in &keys {
             let rewrapped = broker::rewrap(
-                tenant_ref.clone(),
-                tenant.provider.clone(),
+                tenant.clone(),
+                provider.clone(),
                 *dek_id as u64,
                 wrapped.clone(),
                 new_key_id,
@@ -146,9 +180,7 @@ pub fn step(tenant_id: &str, new_key_id: &str, grace_period: &str) -> Result<i64
             )?;
         }
         Ok(keys.len() as i64)
-    })?;
-    keyring::invalidate_all();
-    Ok(rewrapped)
+    })
 }
 
 /// The end of a rotation: the tenant is on `new_key_id` and no live data key

@@ -5,51 +5,85 @@
 
 use std::time::Instant;
 
-use byok_core::crypto::DekCipher;
+use byok_core::crypto::{DataKey, DekCipher};
 use byok_core::envelope::{self, Envelope};
 
 use crate::broker;
 use crate::catalog;
 use crate::errors::ByokError;
 
-use byok_kms::protocol::PROBE_DEK_ID;
+use byok_kms::protocol::{PROBE_DEK_ID, ProviderRef, TenantRef};
 
 pub type Checks = Vec<(String, bool, String)>;
 
+/// The checks so far. A stage that cannot go on records its failure and
+/// returns `None`, which ends the run (later checks depend on it).
+#[derive(Default)]
+struct Report {
+    checks: Checks,
+}
+
+impl Report {
+    fn add(&mut self, name: &str, ok: bool, detail: String) {
+        self.checks.push((name.to_string(), ok, detail));
+    }
+
+    fn passed<T>(&mut self, name: &str, result: Result<T, ByokError>) -> Option<T> {
+        result
+            .inspect_err(|e| self.add(name, false, e.summary_ref()))
+            .ok()
+    }
+}
+
+/// What the checks of one tenant talk to.
+struct Target {
+    tenant: TenantRef,
+    provider: ProviderRef,
+    master_key_id: String,
+}
+
 fn run_checks(tenant_id: &str) -> Checks {
-    let mut checks: Checks = Vec::new();
-    let mut add =
-        |name: &str, ok: bool, detail: String| checks.push((name.to_string(), ok, detail));
-    let (kind, provider, master_key_id) = match catalog::load_tenant(tenant_id, false) {
-        Ok(Some(t)) => (t.provider.provider, t.provider, t.master_key_id),
-        Ok(None) => {
-            add(
-                "tenant configured",
-                false,
-                format!("tenant \"{tenant_id}\" does not exist"),
-            );
-            return checks;
-        }
-        Err(e) => {
-            add("tenant configured", false, e.summary());
-            return checks;
-        }
+    let mut report = Report::default();
+    if let Some(target) = check_tenant(&mut report, tenant_id)
+        && check_master_key(&mut report, &target).is_some()
+    {
+        check_probe_key(&mut report, tenant_id, target);
+    }
+    report.checks
+}
+
+fn check_tenant(report: &mut Report, tenant_id: &str) -> Option<Target> {
+    let found = report.passed("tenant configured", catalog::load_tenant(tenant_id, false))?;
+    let Some(config) = found else {
+        let missing = format!("tenant \"{tenant_id}\" does not exist");
+        report.add("tenant configured", false, missing);
+        return None;
     };
-    add(
+    report.add(
         "tenant configured",
         true,
-        format!("provider {}, master key {master_key_id}", kind.name()),
+        format!(
+            "provider {}, master key {}",
+            config.provider.provider.name(),
+            config.master_key_id
+        ),
     );
-    let tenant = broker::tenant_ref(tenant_id);
+    Some(Target {
+        tenant: broker::tenant_ref(tenant_id),
+        provider: config.provider,
+        master_key_id: config.master_key_id,
+    })
+}
+
+fn check_master_key(report: &mut Report, target: &Target) -> Option<()> {
     let started = Instant::now();
-    let info = match broker::validate(tenant.clone(), provider.clone(), &master_key_id) {
-        Ok(info) => info,
-        Err(e) => {
-            add("provider reachable", false, e.summary());
-            return checks;
-        }
-    };
-    add(
+    let validated = broker::validate(
+        target.tenant.clone(),
+        target.provider.clone(),
+        &target.master_key_id,
+    );
+    let info = report.passed("provider reachable", validated)?;
+    report.add(
         "provider reachable",
         true,
         format!(
@@ -57,49 +91,57 @@ fn run_checks(tenant_id: &str) -> Checks {
             started.elapsed().as_secs_f64() * 1e3
         ),
     );
-    add("master key exists", true, info.description.clone());
-    add(
+    report.add("master key exists", true, info.description.clone());
+    report.add(
         "master key enabled",
         info.enabled,
         format!("version {}", info.version),
     );
-    add(
-        "key usage allows wrap and unwrap",
-        info.can_wrap,
-        if info.can_wrap {
-            "yes".into()
-        } else {
-            info.description.clone()
-        },
-    );
-    // A probe data key: generated, wrapped, unwrapped, and used once.
-    let started = Instant::now();
-    let wrapped = match broker::generate(
-        tenant.clone(),
-        provider.clone(),
-        PROBE_DEK_ID,
-        &master_key_id,
-    ) {
-        Ok(wrapped) => wrapped,
-        Err(e) => {
-            add("data key generates", false, e.summary());
-            return checks;
-        }
+    let usage = if info.can_wrap {
+        "yes".into()
+    } else {
+        info.description.clone()
     };
+    report.add("key usage allows wrap and unwrap", info.can_wrap, usage);
+    Some(())
+}
+
+/// A probe data key: generated, wrapped, unwrapped, and used once.
+fn check_probe_key(report: &mut Report, tenant_id: &str, target: Target) -> Option<()> {
+    let started = Instant::now();
+    let generated = broker::generate(
+        target.tenant.clone(),
+        target.provider.clone(),
+        PROBE_DEK_ID,
+        &target.master_key_id,
+    );
+    let wrapped = report.passed("data key generates", generated)?;
     let generate_ms = started.elapsed().as_secs_f64() * 1e3;
-    add("data key generates", true, format!("{generate_ms:.1} ms"));
+    report.add("data key generates", true, format!("{generate_ms:.1} ms"));
     let started = Instant::now();
     let cache = catalog::cache_settings(Some(1), Some(1), Some(0));
-    let dek = match broker::unwrap(tenant, provider, PROBE_DEK_ID, wrapped, cache) {
-        Ok((dek, _)) => dek,
-        Err(e) => {
-            add("data key round-trips", false, e.summary());
-            return checks;
-        }
-    };
+    let unwrapped = broker::unwrap(target.tenant, target.provider, PROBE_DEK_ID, wrapped, cache);
+    let (dek, _) = report.passed("data key round-trips", unwrapped)?;
     let unwrap_ms = started.elapsed().as_secs_f64() * 1e3;
+    let (round_trips, outcome) = probe_round_trip(tenant_id, &dek);
+    report.add(
+        "data key round-trips",
+        round_trips,
+        format!("unwrapped in {unwrap_ms:.1} ms; {outcome}"),
+    );
+    let budget_ms = crate::gucs::kms_timeout_ms() as f64;
+    report.add(
+        "latency within byok.kms_timeout_ms",
+        generate_ms.max(unwrap_ms) < budget_ms,
+        format!("generate {generate_ms:.1} ms, unwrap {unwrap_ms:.1} ms, budget {budget_ms:.0} ms"),
+    );
+    Some(())
+}
+
+/// Seals a probe value under the key and opens it again.
+fn probe_round_trip(tenant_id: &str, dek: &DataKey) -> (bool, String) {
     let probe = b"byok_pg validate_tenant probe";
-    let round_trip = DekCipher::new(PROBE_DEK_ID, tenant_id, &dek).and_then(|cipher| {
+    let round_trip = DekCipher::new(PROBE_DEK_ID, tenant_id, dek).and_then(|cipher| {
         let mut sealed = vec![0u8; envelope::sealed_len(probe.len())];
         cipher.seal_into(probe, b"validate", &mut sealed)?;
         let parsed = Envelope::parse(&sealed)
@@ -108,26 +150,14 @@ fn run_checks(tenant_id: &str) -> Checks {
         cipher.open_into(&parsed, b"validate", &mut opened)?;
         Ok(opened == probe)
     });
-    let (round_trips, outcome) = match round_trip {
+    match round_trip {
         Ok(true) => (true, "a value sealed under it opens".to_string()),
         Ok(false) => (
             false,
             "a value sealed under it opened to something else".to_string(),
         ),
         Err(e) => (false, format!("sealing or opening with it failed: {e}")),
-    };
-    add(
-        "data key round-trips",
-        round_trips,
-        format!("unwrapped in {unwrap_ms:.1} ms; {outcome}"),
-    );
-    let budget_ms = crate::gucs::kms_timeout_ms() as f64;
-    add(
-        "latency within byok.kms_timeout_ms",
-        generate_ms.max(unwrap_ms) < budget_ms,
-        format!("generate {generate_ms:.1} ms, unwrap {unwrap_ms:.1} ms, budget {budget_ms:.0} ms"),
-    );
-    checks
+    }
 }
 
 /// Runs the checks and records the outcome.

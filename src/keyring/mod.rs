@@ -436,6 +436,8 @@ pub fn reseal(
 }
 
 /// Seals `plaintext` for `tenant_id` into `out` (exactly `sealed_len(plaintext.len())` bytes).
+/// The per-row path: kept in one function so the cache-hit branch (no SPI, no
+/// lock, no allocation) can be read, and checked, top to bottom.
 pub fn seal(
     tenant_id: &str,
     plaintext: &[u8],
