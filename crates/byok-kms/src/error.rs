@@ -69,6 +69,15 @@ impl ProviderError {
         self.hint = Some(hint.into());
         self
     }
+
+    /// With whatever detail and hint there are: the end of each back end's
+    /// conversion of its own error.
+    #[cfg(any(feature = "aws", feature = "azure", feature = "gcp", feature = "vault"))]
+    pub(crate) fn with_any(mut self, detail: Option<String>, hint: Option<&str>) -> Self {
+        self.detail = detail.or(self.detail);
+        self.hint = hint.map(str::to_string).or(self.hint);
+        self
+    }
 }
 
 impl ProviderError {

@@ -3,6 +3,11 @@
 //!
 //! A provider only ever wraps, unwraps or generates data keys under a master key
 //! (CMK) that it names; the master key itself never leaves the key manager.
+//!
+//! No unsafe code, but for one system call (`geteuid`, in [`policy`]), allowed
+//! where it is made and justified there.
+
+#![deny(unsafe_code)]
 
 #[cfg(feature = "aws")]
 pub mod aws;
@@ -17,6 +22,8 @@ pub mod local;
 pub mod policy;
 pub mod protocol;
 pub mod provider;
+#[cfg(any(feature = "azure", feature = "gcp"))]
+mod retry;
 pub mod service;
 #[cfg(feature = "vault")]
 pub mod vault;

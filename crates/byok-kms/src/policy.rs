@@ -352,6 +352,16 @@ impl AccessPolicy {
     /// directories is refused at once and clearly, whatever the provider does
     /// with the file later (each read is checked in full again).
     pub fn check_credential_location(&self, what: &str, path: &str) -> Result<(), PolicyError> {
+        self.credential_directory_of(what, path).map(drop)
+    }
+
+    /// The credential directory a path lies in, and the path below it, judged
+    /// on the text alone: nothing outside the directories is looked at.
+    fn credential_directory_of(
+        &self,
+        what: &str,
+        path: &str,
+    ) -> Result<(PathBuf, PathBuf), PolicyError> {
         let outside = || PolicyError::OutsideCredentialDirectories {
             what: what.to_string(),
             path: path.to_string(),
@@ -361,12 +371,16 @@ impl AccessPolicy {
             return Err(outside());
         }
         let requested = normalize(requested).ok_or_else(outside)?;
-        let inside = self.credential_directories.iter().any(|dir| {
-            requested
-                .strip_prefix(dir)
-                .is_ok_and(|below| below.components().next().is_some())
-        });
-        if inside { Ok(()) } else { Err(outside()) }
+        self.credential_directories
+            .iter()
+            .find_map(|dir| {
+                requested
+                    .strip_prefix(dir)
+                    .ok()
+                    .filter(|below| below.components().next().is_some())
+                    .map(|below| (dir.clone(), below.to_path_buf()))
+            })
+            .ok_or_else(outside)
     }
 
     /// Checks a credential file without reading it (for clients that open the
@@ -412,11 +426,9 @@ impl AccessPolicy {
         }
     }
 
+    /// Opens a credential file after the checks described in the module docs;
+    /// the path that was opened, and the file.
     fn open_credential(&self, what: &str, path: &str) -> Result<(PathBuf, File), PolicyError> {
-        let outside = || PolicyError::OutsideCredentialDirectories {
-            what: what.to_string(),
-            path: path.to_string(),
-        };
         if let Some(problem) = self.invalid_entries.first() {
             return Err(self.unusable(
                 what,
@@ -425,81 +437,104 @@ impl AccessPolicy {
             ));
         }
         // Lexical checks first: nothing outside the directories is looked at.
-        let requested = Path::new(path);
-        if !requested.is_absolute() {
-            return Err(outside());
-        }
-        let requested = normalize(requested).ok_or_else(outside)?;
-        let (directory, below) = self
-            .credential_directories
-            .iter()
-            .find_map(|dir| {
-                requested
-                    .strip_prefix(dir)
-                    .ok()
-                    .filter(|below| below.components().next().is_some())
-                    .map(|below| (dir.clone(), below.to_path_buf()))
-            })
-            .ok_or_else(outside)?;
+        let (directory, below) = self.credential_directory_of(what, path)?;
         // Inside a directory a superuser chose: from here on, saying what is
         // wrong with the file helps the administrator and reveals nothing else.
-        // Symbolic links are followed only while they stay inside that
-        // directory (Kubernetes mounts service-account tokens as links into a
-        // `..data` directory next to them).
-        let unusable_io = |e: std::io::Error| self.unusable(what, path, io_reason(&e));
-        let directory = std::fs::canonicalize(&directory).map_err(|e| {
-            self.unusable(
-                what,
-                path,
-                &format!("{}: {}", directory.display(), io_reason(&e)),
-            )
-        })?;
-        let resolved = std::fs::canonicalize(directory.join(&below)).map_err(unusable_io)?;
-        let leads_outside = || {
-            self.unusable(
-                what,
-                path,
-                &format!(
-                    "a symbolic link leads outside {} (to {})",
-                    directory.display(),
-                    resolved.display()
-                ),
-            )
+        let file = CredentialFile {
+            policy: self,
+            what,
+            path,
         };
+        let (directory, resolved) = file.resolve(&directory, &below)?;
+        let (opened, handle) = file.open(&directory, &resolved)?;
+        file.check_owner_and_mode(&handle)?;
+        Ok((opened, handle))
+    }
+}
+
+/// One credential file being opened: the steps of
+/// [`AccessPolicy::open_credential`] once the path is known to lie inside a
+/// credential directory, each reporting what is wrong with the file.
+struct CredentialFile<'a> {
+    policy: &'a AccessPolicy,
+    what: &'a str,
+    path: &'a str,
+}
+
+impl CredentialFile<'_> {
+    fn unusable(&self, reason: &str) -> PolicyError {
+        self.policy.unusable(self.what, self.path, reason)
+    }
+
+    fn unusable_io(&self, e: &std::io::Error) -> PolicyError {
+        self.unusable(io_reason(e))
+    }
+
+    fn leads_outside(&self, directory: &Path, resolved: &Path) -> PolicyError {
+        self.unusable(&format!(
+            "a symbolic link leads outside {} (to {})",
+            directory.display(),
+            resolved.display()
+        ))
+    }
+
+    /// The directory and the file with every symbolic link followed; links are
+    /// followed only while they stay inside the directory (Kubernetes mounts
+    /// service-account tokens as links into a `..data` directory next to them).
+    fn resolve(&self, directory: &Path, below: &Path) -> Result<(PathBuf, PathBuf), PolicyError> {
+        let directory = std::fs::canonicalize(directory)
+            .map_err(|e| self.unusable(&format!("{}: {}", directory.display(), io_reason(&e))))?;
+        let resolved =
+            std::fs::canonicalize(directory.join(below)).map_err(|e| self.unusable_io(&e))?;
         if resolved == directory || !resolved.starts_with(&directory) {
-            return Err(leads_outside());
+            return Err(self.leads_outside(&directory, &resolved));
         }
+        Ok((directory, resolved))
+    }
+
+    /// Opens the resolved file without following a link, and checks that what
+    /// was opened, not what was resolved a moment before, is inside the
+    /// directory: a link swapped in between would show here.
+    fn open(&self, directory: &Path, resolved: &Path) -> Result<(PathBuf, File), PolicyError> {
         let file = std::fs::OpenOptions::new()
             .read(true)
             .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC | libc::O_NONBLOCK)
-            .open(&resolved)
-            .map_err(unusable_io)?;
-        // What was opened, not what was resolved a moment before: a link
-        // swapped in between would show here.
+            .open(resolved)
+            .map_err(|e| self.unusable_io(&e))?;
         let opened = std::fs::read_link(format!("/proc/self/fd/{}", file.as_raw_fd()))
-            .map_err(unusable_io)?;
-        if !opened.starts_with(&directory) {
-            return Err(leads_outside());
-        }
-        let meta = file.metadata().map_err(unusable_io)?;
-        if !meta.is_file() {
-            return Err(self.unusable(what, path, "it is not a regular file"));
-        }
-        // SAFETY: geteuid cannot fail and has no preconditions.
-        let me = unsafe { libc::geteuid() };
-        if meta.uid() != me {
-            return Err(self.unusable(what, path, "it is not owned by the server's OS user"));
-        }
-        let mode = meta.mode() & 0o777;
-        if mode & 0o077 != 0 {
-            return Err(self.unusable(
-                what,
-                path,
-                &format!("its mode is {mode:04o}; other users may read it (use 0600 or stricter)"),
-            ));
+            .map_err(|e| self.unusable_io(&e))?;
+        if !opened.starts_with(directory) {
+            return Err(self.leads_outside(directory, resolved));
         }
         Ok((opened, file))
     }
+
+    /// A regular file, owned by the server's OS user and readable by it alone.
+    fn check_owner_and_mode(&self, file: &File) -> Result<(), PolicyError> {
+        let meta = file.metadata().map_err(|e| self.unusable_io(&e))?;
+        if !meta.is_file() {
+            return Err(self.unusable("it is not a regular file"));
+        }
+        if meta.uid() != effective_uid() {
+            return Err(self.unusable("it is not owned by the server's OS user"));
+        }
+        let mode = meta.mode() & 0o777;
+        if mode & 0o077 != 0 {
+            return Err(self.unusable(&format!(
+                "its mode is {mode:04o}; other users may read it (use 0600 or stricter)"
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// The server's effective user id (std has no safe accessor, and no crate
+/// that has one is a dependency here).
+#[allow(unsafe_code)]
+fn effective_uid() -> u32 {
+    // SAFETY: geteuid(2) takes no arguments, touches no memory of ours, has no
+    // preconditions and cannot fail; it only reads the process's credentials.
+    unsafe { libc::geteuid() }
 }
 
 fn io_reason(e: &std::io::Error) -> &'static str {
@@ -679,7 +714,7 @@ mod tests {
     }
 
     #[test]
-    fn endpoints() {
+    fn services_own_hosts_and_listed_endpoints_are_allowed() {
         let dir = tempfile::tempdir().unwrap();
         let p = policy(dir.path());
         for (ok, service) in [
@@ -707,6 +742,12 @@ mod tests {
         ] {
             assert_eq!(p.check_endpoint("address", ok, service), Ok(()), "{ok}");
         }
+    }
+
+    #[test]
+    fn other_hosts_ports_schemes_and_urls_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = policy(dir.path());
         for (bad, service) in [
             ("http://kms.us-east-1.amazonaws.com", Service::AwsKms),
             // Hosts anyone can put their own code or content behind.
@@ -742,6 +783,12 @@ mod tests {
         ] {
             assert!(p.check_endpoint("address", bad, service).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn plain_http_and_unverified_tls_need_the_opt_in() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = policy(dir.path());
         let insecure = AccessPolicy::new("", "127.0.0.1", true);
         assert_eq!(
             insecure.check_endpoint("a", "http://127.0.0.1:8200", Service::Private),

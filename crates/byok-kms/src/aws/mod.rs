@@ -55,6 +55,18 @@ impl AwsKmsProvider {
             &self.replicas[index - 1]
         }
     }
+
+    /// The target at `index` and the key to name there: `primary_key` (what the
+    /// caller named) on the primary, the replica's own key on a replica.
+    fn target_and_key<'a>(&'a self, index: usize, primary_key: &'a str) -> (&'a Target, &'a str) {
+        let target = self.target(index);
+        let key_id = if index == 0 {
+            primary_key
+        } else {
+            target.key_id.as_str()
+        };
+        (target, key_id)
+    }
 }
 
 pub struct AwsKmsProvider {
@@ -230,12 +242,7 @@ impl KeyProvider for AwsKmsProvider {
             // other way round, so generation falls back to replicas too.
             let out = self
                 .with_fallback(Some(&context), |index| async move {
-                    let target = self.target(index);
-                    let key_id = if index == 0 {
-                        cmk_id
-                    } else {
-                        target.key_id.as_str()
-                    };
+                    let (target, key_id) = self.target_and_key(index, cmk_id);
                     target
                         .client
                         .generate_data_key()
@@ -278,14 +285,9 @@ impl KeyProvider for AwsKmsProvider {
     ) -> ProviderFuture<'a, DataKey> {
         Box::pin(async move {
             self.with_fallback(Some(&context), |index| async move {
-                let target = self.target(index);
                 // Name the key, so KMS refuses a blob wrapped by another key
                 // (IncorrectKeyException) instead of trusting the blob's own header.
-                let key_id = if index == 0 {
-                    wrapped.cmk_version.as_str()
-                } else {
-                    target.key_id.as_str()
-                };
+                let (target, key_id) = self.target_and_key(index, &wrapped.cmk_version);
                 let mut out = target
                     .client
                     .decrypt()
@@ -313,12 +315,7 @@ impl KeyProvider for AwsKmsProvider {
         Box::pin(async move {
             let out = self
                 .with_fallback(None, |index| async move {
-                    let target = self.target(index);
-                    let key_id = if index == 0 {
-                        cmk_id
-                    } else {
-                        target.key_id.as_str()
-                    };
+                    let (target, key_id) = self.target_and_key(index, cmk_id);
                     target
                         .client
                         .describe_key()
@@ -392,14 +389,7 @@ impl KeyProvider for AwsKmsProvider {
 
 impl From<AwsError> for ProviderError {
     fn from(e: AwsError) -> Self {
-        let kind = e.kind();
-        let mut err = ProviderError::new(ProviderKind::AwsKms, kind, e.to_string());
-        if let Some(detail) = e.detail() {
-            err = err.with_detail(detail);
-        }
-        if let Some(hint) = e.hint() {
-            err = err.with_hint(hint);
-        }
-        err
+        ProviderError::new(ProviderKind::AwsKms, e.kind(), e.to_string())
+            .with_any(e.detail(), e.hint())
     }
 }

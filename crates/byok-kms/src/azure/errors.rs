@@ -250,13 +250,6 @@ impl From<AzureError> for ProviderError {
             _ => None,
         };
         let hint = e.hint();
-        let mut err = ProviderError::new(ProviderKind::AzureKv, kind, e.to_string());
-        if let Some(detail) = detail {
-            err = err.with_detail(detail);
-        }
-        if let Some(hint) = hint {
-            err = err.with_hint(hint);
-        }
-        err
+        ProviderError::new(ProviderKind::AzureKv, kind, e.to_string()).with_any(detail, hint)
     }
 }

@@ -5,7 +5,8 @@
 //!   `wrapKey` with RSA-OAEP-256 for RSA and RSA-HSM keys, A256KW for the AES
 //!   (`oct-HSM`) keys of Managed HSM; unwrap with `unwrapKey` at the recorded
 //!   version. Rotation to a new key version (or another key) is unwrap + wrap in
-//!   the broker; validation reads the key (`get`).
+//!   the broker (Key Vault has no rewrap: the trait's default); validation reads
+//!   the key (`get`).
 //! - Binding: RSA-OAEP and AES-KW take no associated data, so what is wrapped
 //!   is the data key followed by a SHA-256 digest of (tenant, data-key id); an
 //!   unwrapped value whose digest does not match is refused, so a wrapped key
@@ -29,7 +30,7 @@ mod tests;
 use crate::policy::Service;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use azure_core::cloud::{CloudConfiguration, CustomConfiguration};
 use azure_core::credentials::TokenCredential;
@@ -56,6 +57,7 @@ pub use options::{AuthOptions, AzureOptions};
 use crate::error::ProviderError;
 use crate::policy::AccessPolicy;
 use crate::provider::{KeyContext, KeyProvider, MasterKeyInfo, ProviderFuture, WrappedDek};
+use crate::retry::RetrySchedule;
 
 const ALG_RSA_OAEP_256: u8 = 1;
 const ALG_A256KW: u8 = 2;
@@ -293,9 +295,7 @@ impl AzureKvProvider {
         F: Fn() -> Fut,
         Fut: std::future::Future<Output = azure_core::Result<T>>,
     {
-        // Leave a margin so our answer, not the broker's timeout, reaches the user.
-        let deadline = Instant::now() + self.timeout.mul_f64(0.9);
-        let mut backoff = Duration::from_millis(100);
+        let mut schedule = RetrySchedule::within(self.timeout);
         loop {
             let error = match call().await {
                 Ok(value) => return Ok(value),
@@ -304,8 +304,7 @@ impl AzureKvProvider {
             let Some(asked) = error.retry_after() else {
                 return Err(error);
             };
-            let wait = asked.unwrap_or(backoff);
-            if Instant::now() + wait >= deadline {
+            let Some(wait) = schedule.next_wait(asked) else {
                 return Err(match error {
                     AzureError::Api { status: 429, .. } => AzureError::Throttled {
                         operation,
@@ -313,9 +312,8 @@ impl AzureKvProvider {
                     },
                     other => other,
                 });
-            }
+            };
             tokio::time::sleep(wait).await;
-            backoff = (backoff * 2).min(Duration::from_secs(2));
         }
     }
 
@@ -367,98 +365,6 @@ impl AzureKvProvider {
         })
         .await
     }
-
-    async fn wrap(
-        &self,
-        key_name: &str,
-        dek: &DataKey,
-        context: &KeyContext<'_>,
-    ) -> Result<WrappedDek, AzureError> {
-        let alg = self.algorithm(key_name).await?;
-        let mut payload = Zeroizing::new(Vec::with_capacity(DEK_LEN + BINDING_LEN));
-        payload.extend_from_slice(dek.expose());
-        payload.extend_from_slice(&binding(context));
-        let version = self.wrap_version(key_name);
-        let result = self
-            .with_retry("wrapKey", || {
-                let parameters = KeyOperationParameters {
-                    algorithm: Some(sdk_algorithm(alg)),
-                    value: Some(payload.to_vec()),
-                    ..Default::default()
-                };
-                let options = KeyClientWrapKeyOptions {
-                    key_version: version.clone(),
-                    ..Default::default()
-                };
-                async move {
-                    self.client
-                        .wrap_key(key_name, parameters.try_into()?, Some(options))
-                        .await?
-                        .into_model()
-                }
-            })
-            .await?;
-        let wrapped = result
-            .result
-            .ok_or_else(|| AzureError::Protocol("wrapKey returned no value".into()))?;
-        let mut blob = Vec::with_capacity(1 + wrapped.len());
-        blob.push(alg);
-        blob.extend_from_slice(&wrapped);
-        Ok(WrappedDek {
-            blob,
-            cmk_id: key_name.to_string(),
-            cmk_version: version_of(result.kid.as_deref())?,
-        })
-    }
-
-    async fn unwrap_dek(
-        &self,
-        wrapped: &WrappedDek,
-        context: &KeyContext<'_>,
-    ) -> Result<DataKey, AzureError> {
-        let (&alg, value) = wrapped
-            .blob
-            .split_first()
-            .filter(|(alg, _)| matches!(**alg, ALG_RSA_OAEP_256 | ALG_A256KW))
-            .ok_or_else(|| {
-                AzureError::Protocol("the wrapped key is not an azure_kv blob".into())
-            })?;
-        let result = self
-            .with_retry("unwrapKey", || {
-                let parameters = KeyOperationParameters {
-                    algorithm: Some(sdk_algorithm(alg)),
-                    value: Some(value.to_vec()),
-                    ..Default::default()
-                };
-                async move {
-                    self.client
-                        .unwrap_key(
-                            &wrapped.cmk_id,
-                            &wrapped.cmk_version,
-                            parameters.try_into()?,
-                            None,
-                        )
-                        .await?
-                        .into_model()
-                }
-            })
-            .await?;
-        let plain = Zeroizing::new(result.result.unwrap_or_default());
-        if plain.len() != DEK_LEN + BINDING_LEN {
-            return Err(AzureError::Binding);
-        }
-        let expected = binding(context);
-        // Not secret, but compare without an early exit anyway.
-        let differs = plain[DEK_LEN..]
-            .iter()
-            .zip(expected.iter())
-            .fold(0u8, |acc, (a, b)| acc | (a ^ b));
-        if differs != 0 {
-            return Err(AzureError::Binding);
-        }
-        DataKey::from_slice(&plain[..DEK_LEN])
-            .map_err(|_| AzureError::Protocol("the data key is not 32 bytes".into()))
-    }
 }
 
 impl KeyProvider for AzureKvProvider {
@@ -466,16 +372,48 @@ impl KeyProvider for AzureKvProvider {
         ProviderKind::AzureKv
     }
 
-    fn generate_data_key<'a>(
+    fn wrap<'a>(
         &'a self,
         cmk_id: &'a str,
+        dek: &'a DataKey,
         context: KeyContext<'a>,
-    ) -> ProviderFuture<'a, (DataKey, WrappedDek)> {
+    ) -> ProviderFuture<'a, WrappedDek> {
         Box::pin(async move {
-            let dek = DataKey::generate()
-                .map_err(|_| AzureError::Protocol("the OS random source failed".into()))?;
-            let wrapped = self.wrap(cmk_id, &dek, &context).await?;
-            Ok((dek, wrapped))
+            let alg = self.algorithm(cmk_id).await?;
+            let mut payload = Zeroizing::new(Vec::with_capacity(DEK_LEN + BINDING_LEN));
+            payload.extend_from_slice(dek.expose());
+            payload.extend_from_slice(&binding(&context));
+            let version = self.wrap_version(cmk_id);
+            let result = self
+                .with_retry("wrapKey", || {
+                    let parameters = KeyOperationParameters {
+                        algorithm: Some(sdk_algorithm(alg)),
+                        value: Some(payload.to_vec()),
+                        ..Default::default()
+                    };
+                    let options = KeyClientWrapKeyOptions {
+                        key_version: version.clone(),
+                        ..Default::default()
+                    };
+                    async move {
+                        self.client
+                            .wrap_key(cmk_id, parameters.try_into()?, Some(options))
+                            .await?
+                            .into_model()
+                    }
+                })
+                .await?;
+            let wrapped = result
+                .result
+                .ok_or_else(|| AzureError::Protocol("wrapKey returned no value".into()))?;
+            let mut blob = Vec::with_capacity(1 + wrapped.len());
+            blob.push(alg);
+            blob.extend_from_slice(&wrapped);
+            Ok(WrappedDek {
+                blob,
+                cmk_id: cmk_id.to_string(),
+                cmk_version: version_of(result.kid.as_deref())?,
+            })
         })
     }
 
@@ -484,7 +422,50 @@ impl KeyProvider for AzureKvProvider {
         wrapped: &'a WrappedDek,
         context: KeyContext<'a>,
     ) -> ProviderFuture<'a, DataKey> {
-        Box::pin(async move { Ok(self.unwrap_dek(wrapped, &context).await?) })
+        Box::pin(async move {
+            let (&alg, value) = wrapped
+                .blob
+                .split_first()
+                .filter(|(alg, _)| matches!(**alg, ALG_RSA_OAEP_256 | ALG_A256KW))
+                .ok_or_else(|| {
+                    AzureError::Protocol("the wrapped key is not an azure_kv blob".into())
+                })?;
+            let result = self
+                .with_retry("unwrapKey", || {
+                    let parameters = KeyOperationParameters {
+                        algorithm: Some(sdk_algorithm(alg)),
+                        value: Some(value.to_vec()),
+                        ..Default::default()
+                    };
+                    async move {
+                        self.client
+                            .unwrap_key(
+                                &wrapped.cmk_id,
+                                &wrapped.cmk_version,
+                                parameters.try_into()?,
+                                None,
+                            )
+                            .await?
+                            .into_model()
+                    }
+                })
+                .await?;
+            let plain = Zeroizing::new(result.result.unwrap_or_default());
+            if plain.len() != DEK_LEN + BINDING_LEN {
+                return Err(AzureError::Binding.into());
+            }
+            let expected = binding(&context);
+            // Not secret, but compare without an early exit anyway.
+            let differs = plain[DEK_LEN..]
+                .iter()
+                .zip(expected.iter())
+                .fold(0u8, |acc, (a, b)| acc | (a ^ b));
+            if differs != 0 {
+                return Err(AzureError::Binding.into());
+            }
+            Ok(DataKey::from_slice(&plain[..DEK_LEN])
+                .map_err(|_| AzureError::Protocol("the data key is not 32 bytes".into()))?)
+        })
     }
 
     fn describe_master_key<'a>(&'a self, cmk_id: &'a str) -> ProviderFuture<'a, MasterKeyInfo> {
@@ -537,19 +518,6 @@ impl KeyProvider for AzureKvProvider {
                 can_wrap: supported.is_some() && missing.is_empty(),
                 description,
             })
-        })
-    }
-
-    fn rewrap<'a>(
-        &'a self,
-        wrapped: &'a WrappedDek,
-        new_cmk_id: &'a str,
-        context: KeyContext<'a>,
-    ) -> ProviderFuture<'a, WrappedDek> {
-        Box::pin(async move {
-            // Key Vault has no rewrap: unwrap and wrap again here, in the broker.
-            let dek = self.unwrap_dek(wrapped, &context).await?;
-            Ok(self.wrap(new_cmk_id, &dek, &context).await?)
         })
     }
 }

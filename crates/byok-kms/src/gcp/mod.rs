@@ -12,7 +12,9 @@
 //!   output). A mismatch is retried; it never yields a wrong key.
 //! - Versions: the version that encrypted each data key (from the answer's
 //!   `name`) is its `cmk_version`; after the primary changes,
-//!   `CALL byok.rotate_master_key(tenant, key)` re-encrypts under the new primary.
+//!   `CALL byok.rotate_master_key(tenant, key)` re-encrypts under the new primary
+//!   (Cloud KMS has no re-encrypt: decrypt and encrypt again in the broker, the
+//!   trait's default).
 //! - RESOURCE_EXHAUSTED, UNAVAILABLE and lost connections are retried with
 //!   backoff while the wait fits in `byok.kms_timeout_ms` (the client's own
 //!   retry is off).
@@ -24,7 +26,7 @@ mod options;
 mod tests;
 
 use crate::policy::Service;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use byok_core::config::ProviderKind;
 use byok_core::crypto::DataKey;
@@ -41,6 +43,7 @@ pub use options::{AuthOptions, GcpOptions};
 
 use crate::error::ProviderError;
 use crate::provider::{KeyContext, KeyProvider, MasterKeyInfo, ProviderFuture, WrappedDek};
+use crate::retry::RetrySchedule;
 
 pub struct GcpKmsProvider {
     options: GcpOptions,
@@ -129,12 +132,9 @@ impl GcpKmsProvider {
         F: Fn() -> Fut,
         Fut: std::future::Future<Output = Result<T, GcpError>>,
     {
-        // Leave a margin so our answer, not the broker's timeout, reaches the user.
-        let deadline = Instant::now() + self.timeout.mul_f64(0.9);
-        let mut backoff = Duration::from_millis(100);
+        let mut schedule = RetrySchedule::within(self.timeout);
         loop {
-            let remaining = deadline.saturating_duration_since(Instant::now());
-            let error = match tokio::time::timeout(remaining, call()).await {
+            let error = match tokio::time::timeout(schedule.remaining(), call()).await {
                 Ok(Ok(value)) => return Ok(value),
                 Ok(Err(e)) => e,
                 Err(_) => GcpError::Unreachable {
@@ -142,94 +142,14 @@ impl GcpKmsProvider {
                     cause: format!("no answer within {} ms", self.timeout.as_millis()),
                 },
             };
-            if !error.is_transient() || Instant::now() + backoff >= deadline {
+            if !error.is_transient() {
                 return Err(error);
             }
-            tokio::time::sleep(backoff).await;
-            backoff = (backoff * 2).min(Duration::from_secs(2));
+            let Some(wait) = schedule.next_wait(None) else {
+                return Err(error);
+            };
+            tokio::time::sleep(wait).await;
         }
-    }
-
-    async fn encrypt(
-        &self,
-        key_name: &str,
-        dek: &DataKey,
-        context: &KeyContext<'_>,
-    ) -> Result<WrappedDek, GcpError> {
-        let aad = aad(context);
-        let answer = self
-            .with_retry("encrypt", || async {
-                let answer = self
-                    .client
-                    .encrypt()
-                    .set_name(key_name)
-                    .set_plaintext(dek.expose().to_vec())
-                    .set_plaintext_crc32c(crc(dek.expose()))
-                    .set_additional_authenticated_data(aad.clone())
-                    .set_additional_authenticated_data_crc32c(crc(&aad))
-                    .send()
-                    .await
-                    .map_err(|e| GcpError::from_sdk("encrypt", e))?;
-                // The request arrived intact, and so did the answer.
-                if !answer.verified_plaintext_crc32c {
-                    return Err(GcpError::Integrity {
-                        operation: "encrypt",
-                        what: "the plaintext sent",
-                    });
-                }
-                if !answer.verified_additional_authenticated_data_crc32c {
-                    return Err(GcpError::Integrity {
-                        operation: "encrypt",
-                        what: "the additional authenticated data sent",
-                    });
-                }
-                if answer.ciphertext_crc32c != Some(crc(&answer.ciphertext)) {
-                    return Err(GcpError::Integrity {
-                        operation: "encrypt",
-                        what: "the ciphertext received",
-                    });
-                }
-                Ok(answer)
-            })
-            .await?;
-        Ok(WrappedDek {
-            cmk_version: version_of(&answer.name)?,
-            blob: answer.ciphertext.to_vec(),
-            cmk_id: key_name.to_string(),
-        })
-    }
-
-    async fn decrypt(
-        &self,
-        wrapped: &WrappedDek,
-        context: &KeyContext<'_>,
-    ) -> Result<DataKey, GcpError> {
-        let aad = aad(context);
-        let plaintext = self
-            .with_retry("decrypt", || async {
-                let answer = self
-                    .client
-                    .decrypt()
-                    .set_name(&wrapped.cmk_id)
-                    .set_ciphertext(wrapped.blob.clone())
-                    .set_ciphertext_crc32c(crc(&wrapped.blob))
-                    .set_additional_authenticated_data(aad.clone())
-                    .set_additional_authenticated_data_crc32c(crc(&aad))
-                    .send()
-                    .await
-                    .map_err(|e| GcpError::from_sdk("decrypt", e))?;
-                let plaintext = Zeroizing::new(answer.plaintext.to_vec());
-                if answer.plaintext_crc32c != Some(crc(&plaintext)) {
-                    return Err(GcpError::Integrity {
-                        operation: "decrypt",
-                        what: "the plaintext received",
-                    });
-                }
-                Ok(plaintext)
-            })
-            .await?;
-        DataKey::from_slice(&plaintext)
-            .map_err(|_| GcpError::Protocol("the data key is not 32 bytes".into()))
     }
 }
 
@@ -238,16 +158,54 @@ impl KeyProvider for GcpKmsProvider {
         ProviderKind::GcpKms
     }
 
-    fn generate_data_key<'a>(
+    fn wrap<'a>(
         &'a self,
         cmk_id: &'a str,
+        dek: &'a DataKey,
         context: KeyContext<'a>,
-    ) -> ProviderFuture<'a, (DataKey, WrappedDek)> {
+    ) -> ProviderFuture<'a, WrappedDek> {
         Box::pin(async move {
-            let dek = DataKey::generate()
-                .map_err(|_| GcpError::Protocol("the OS random source failed".into()))?;
-            let wrapped = self.encrypt(cmk_id, &dek, &context).await?;
-            Ok((dek, wrapped))
+            let aad = aad(&context);
+            let answer = self
+                .with_retry("encrypt", || async {
+                    let answer = self
+                        .client
+                        .encrypt()
+                        .set_name(cmk_id)
+                        .set_plaintext(dek.expose().to_vec())
+                        .set_plaintext_crc32c(crc(dek.expose()))
+                        .set_additional_authenticated_data(aad.clone())
+                        .set_additional_authenticated_data_crc32c(crc(&aad))
+                        .send()
+                        .await
+                        .map_err(|e| GcpError::from_sdk("encrypt", e))?;
+                    // The request arrived intact, and so did the answer.
+                    if !answer.verified_plaintext_crc32c {
+                        return Err(GcpError::Integrity {
+                            operation: "encrypt",
+                            what: "the plaintext sent",
+                        });
+                    }
+                    if !answer.verified_additional_authenticated_data_crc32c {
+                        return Err(GcpError::Integrity {
+                            operation: "encrypt",
+                            what: "the additional authenticated data sent",
+                        });
+                    }
+                    if answer.ciphertext_crc32c != Some(crc(&answer.ciphertext)) {
+                        return Err(GcpError::Integrity {
+                            operation: "encrypt",
+                            what: "the ciphertext received",
+                        });
+                    }
+                    Ok(answer)
+                })
+                .await?;
+            Ok(WrappedDek {
+                cmk_version: version_of(&answer.name)?,
+                blob: answer.ciphertext.to_vec(),
+                cmk_id: cmk_id.to_string(),
+            })
         })
     }
 
@@ -256,7 +214,34 @@ impl KeyProvider for GcpKmsProvider {
         wrapped: &'a WrappedDek,
         context: KeyContext<'a>,
     ) -> ProviderFuture<'a, DataKey> {
-        Box::pin(async move { Ok(self.decrypt(wrapped, &context).await?) })
+        Box::pin(async move {
+            let aad = aad(&context);
+            let plaintext = self
+                .with_retry("decrypt", || async {
+                    let answer = self
+                        .client
+                        .decrypt()
+                        .set_name(&wrapped.cmk_id)
+                        .set_ciphertext(wrapped.blob.clone())
+                        .set_ciphertext_crc32c(crc(&wrapped.blob))
+                        .set_additional_authenticated_data(aad.clone())
+                        .set_additional_authenticated_data_crc32c(crc(&aad))
+                        .send()
+                        .await
+                        .map_err(|e| GcpError::from_sdk("decrypt", e))?;
+                    let plaintext = Zeroizing::new(answer.plaintext.to_vec());
+                    if answer.plaintext_crc32c != Some(crc(&plaintext)) {
+                        return Err(GcpError::Integrity {
+                            operation: "decrypt",
+                            what: "the plaintext received",
+                        });
+                    }
+                    Ok(plaintext)
+                })
+                .await?;
+            Ok(DataKey::from_slice(&plaintext)
+                .map_err(|_| GcpError::Protocol("the data key is not 32 bytes".into()))?)
+        })
     }
 
     fn describe_master_key<'a>(&'a self, cmk_id: &'a str) -> ProviderFuture<'a, MasterKeyInfo> {
@@ -312,19 +297,6 @@ impl KeyProvider for GcpKmsProvider {
                 can_wrap: purpose_ok,
                 description,
             })
-        })
-    }
-
-    fn rewrap<'a>(
-        &'a self,
-        wrapped: &'a WrappedDek,
-        new_cmk_id: &'a str,
-        context: KeyContext<'a>,
-    ) -> ProviderFuture<'a, WrappedDek> {
-        Box::pin(async move {
-            // Cloud KMS has no re-encrypt: decrypt and encrypt again here, in the broker.
-            let dek = self.decrypt(wrapped, &context).await?;
-            Ok(self.encrypt(new_cmk_id, &dek, &context).await?)
         })
     }
 }

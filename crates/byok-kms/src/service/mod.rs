@@ -35,7 +35,7 @@ use crate::error::{ErrorKind, ProviderError};
 use crate::local::LocalProvider;
 use crate::policy::AccessPolicy;
 use crate::protocol::{CacheSettings, ErrorWire, ProviderRef, Request, Response, TenantRef};
-use crate::provider::{CallReport, KeyContext, KeyProvider};
+use crate::provider::{CallReport, KeyContext, KeyProvider, MasterKeyInfo, WrappedDek};
 
 /// Settings from the server configuration (GUCs), reloadable.
 #[derive(Debug, Clone)]
@@ -157,6 +157,17 @@ pub struct Outcome {
 }
 
 impl Outcome {
+    /// An answer without a plaintext key, or the failure.
+    fn answer(result: Result<Response, ProviderError>) -> Self {
+        match result {
+            Ok(response) => Outcome {
+                response,
+                data_key: None,
+            },
+            Err(e) => Outcome::failed(&e),
+        }
+    }
+
     fn failed(e: &ProviderError) -> Self {
         Outcome {
             response: Response::Failed {
@@ -230,131 +241,117 @@ impl KeyService {
                 provider,
                 dek_id,
                 cmk_id,
-            } => {
-                let tenant_id = tenant.tenant_id.as_str();
-                let cmk_id = cmk_id.as_str();
-                let result = self
-                    .call(
-                        &provider,
-                        &tenant,
-                        KmsOp::Generate,
-                        Some(dek_id),
-                        |p, report| async move {
-                            let context = KeyContext {
-                                tenant_id,
-                                dek_id,
-                                report: &report,
-                            };
-                            p.generate_data_key(cmk_id, context).await
-                        },
-                    )
-                    .await;
-                match result {
-                    // The new key's plaintext is not needed by the caller: it is
-                    // unwrapped (and cached) on first use like any other.
-                    Ok((_dek, wrapped)) => Outcome {
-                        response: Response::Generated { wrapped },
-                        data_key: None,
-                    },
-                    Err(e) => Outcome::failed(&e),
-                }
-            }
+            } => Outcome::answer(
+                self.wrapped_under(&tenant, &provider, dek_id, &cmk_id, None)
+                    .await
+                    .map(|wrapped| Response::Generated { wrapped }),
+            ),
             Request::Validate {
                 tenant,
                 provider,
                 cmk_id,
-            } => {
-                let cmk_id = cmk_id.as_str();
-                let result = self
-                    .call(
-                        &provider,
-                        &tenant,
-                        KmsOp::Validate,
-                        None,
-                        |p, _report| async move { p.describe_master_key(cmk_id).await },
-                    )
-                    .await;
-                match result {
-                    Ok(info) => Outcome {
-                        response: Response::KeyInfo { info },
-                        data_key: None,
-                    },
-                    Err(e) => Outcome::failed(&e),
-                }
-            }
+            } => Outcome::answer(
+                self.validate(&tenant, &provider, &cmk_id)
+                    .await
+                    .map(|info| Response::KeyInfo { info }),
+            ),
             Request::Rewrap {
                 tenant,
                 provider,
                 dek_id,
                 wrapped,
                 new_cmk_id,
-            } => {
-                let tenant_id = tenant.tenant_id.as_str();
-                let (wrapped_ref, new_cmk) = (&wrapped, new_cmk_id.as_str());
-                let result = self
-                    .call(
-                        &provider,
-                        &tenant,
-                        KmsOp::Rewrap,
-                        Some(dek_id),
-                        |p, report| async move {
-                            let context = KeyContext {
-                                tenant_id,
-                                dek_id,
-                                report: &report,
-                            };
-                            p.rewrap(wrapped_ref, new_cmk, context).await
-                        },
-                    )
-                    .await;
-                match result {
-                    Ok(wrapped) => Outcome {
-                        response: Response::Generated { wrapped },
-                        data_key: None,
-                    },
-                    Err(e) => Outcome::failed(&e),
-                }
-            }
+            } => Outcome::answer(
+                self.wrapped_under(&tenant, &provider, dek_id, &new_cmk_id, Some(&wrapped))
+                    .await
+                    .map(|wrapped| Response::Generated { wrapped }),
+            ),
             Request::Flush {
                 database,
                 tenant_id,
                 dek_id,
-            } => {
-                let prefix = tenant_label(database, "");
-                let exact = tenant_id.map(|t| tenant_label(database, &t));
-                let doomed = |key: &CacheKey, label: &str| {
-                    key.database == database
-                        && dek_id.is_none_or(|id| key.dek_id == id)
-                        && match &exact {
-                            Some(exact) => label == exact,
-                            None => label.starts_with(&prefix),
-                        }
-                };
-                let entries = self
-                    .cache
-                    .lock()
-                    .expect("cache lock")
-                    .remove_where(|key, label| doomed(key, label));
-                self.refusals
-                    .lock()
-                    .expect("refusals lock")
-                    .retain(|key, refusal| !doomed(&key.key, &refusal.tenant_label));
-                Outcome {
-                    response: Response::Flushed {
-                        entries: entries as u64,
-                    },
-                    data_key: None,
-                }
-            }
+            } => Outcome::answer(Ok(Response::Flushed {
+                entries: self.flush(database, tenant_id.as_deref(), dek_id) as u64,
+            })),
         }
     }
 
+    /// Data key `dek_id` wrapped under `cmk_id`: a new one, or the one `from`
+    /// holds (a rotation). A new key's plaintext is not needed by the caller:
+    /// it is unwrapped (and cached) on first use like any other.
+    async fn wrapped_under(
+        &self,
+        tenant: &TenantRef,
+        provider: &ProviderRef,
+        dek_id: u64,
+        cmk_id: &str,
+        from: Option<&WrappedDek>,
+    ) -> Result<WrappedDek, ProviderError> {
+        let op = match from {
+            Some(_) => KmsOp::Rewrap,
+            None => KmsOp::Generate,
+        };
+        self.call(provider, tenant, op, Some(dek_id), |p, report| async move {
+            let context = key_context(tenant, dek_id, &report);
+            match from {
+                Some(wrapped) => p.rewrap(wrapped, cmk_id, context).await,
+                None => Ok(p.generate_data_key(cmk_id, context).await?.1),
+            }
+        })
+        .await
+    }
+
+    async fn validate(
+        &self,
+        tenant: &TenantRef,
+        provider: &ProviderRef,
+        cmk_id: &str,
+    ) -> Result<MasterKeyInfo, ProviderError> {
+        self.call(
+            provider,
+            tenant,
+            KmsOp::Validate,
+            None,
+            |p, _report| async move { p.describe_master_key(cmk_id).await },
+        )
+        .await
+    }
+
+    /// Drops a database's (or one tenant's, or one data key's) cached keys and
+    /// remembered refusals; the number of cached keys dropped.
+    fn flush(&self, database: u32, tenant_id: Option<&str>, dek_id: Option<u64>) -> usize {
+        let prefix = tenant_label(database, "");
+        let exact = tenant_id.map(|t| tenant_label(database, t));
+        let doomed = |key: &CacheKey, label: &str| {
+            key.database == database
+                && dek_id.is_none_or(|id| key.dek_id == id)
+                && match &exact {
+                    Some(exact) => label == exact,
+                    None => label.starts_with(&prefix),
+                }
+        };
+        let entries = self
+            .cache
+            .lock()
+            .expect("cache lock")
+            .remove_where(|key, label| doomed(key, label));
+        self.refusals
+            .lock()
+            .expect("refusals lock")
+            .retain(|key, refusal| !doomed(&key.key, &refusal.tenant_label));
+        entries
+    }
+
+    /// A data key from the shared cache, else from the provider (one call for
+    /// all concurrent requests, unless the key was refused a moment ago), else,
+    /// while the key manager is unreachable, from the cache past its TTL. The
+    /// flag says whether the key was served so (stale).
     async fn unwrap(
         &self,
         tenant: &TenantRef,
         provider: &ProviderRef,
         dek_id: u64,
-        wrapped: &crate::provider::WrappedDek,
+        wrapped: &WrappedDek,
         settings: CacheSettings,
     ) -> Result<(DataKey, bool), ProviderError> {
         let kind = provider.provider;
@@ -364,17 +361,14 @@ impl KeyService {
             digest: digest(tenant, wrapped),
         };
         let now = Tick::now();
-        let stale = {
-            let mut cache = self.cache.lock().expect("cache lock");
-            match cache.get(&key, now) {
-                Some(entry) if now < entry.fresh_until => {
-                    self.metrics
-                        .record(kind, tenant, MetricEvent::SharedCacheHit);
-                    return Ok((entry.dek.clone(), false));
-                }
-                Some(entry) => Some(entry.dek.clone()),
-                None => None,
+        let stale = match self.cached(&key, now) {
+            Some((dek, true)) => {
+                self.metrics
+                    .record(kind, tenant, MetricEvent::SharedCacheHit);
+                return Ok((dek, false));
             }
+            Some((dek, false)) => Some(dek),
+            None => None,
         };
         self.metrics
             .record(kind, tenant, MetricEvent::SharedCacheMiss);
@@ -387,53 +381,10 @@ impl KeyService {
             return Err(refused);
         }
         let result = self
-            .coalesced(key.clone(), async {
-                // Re-check as the leader: a previous leader fills the cache before it
-                // leaves the in-flight map, so a request that missed the cache just
-                // before that finds the key here instead of calling the provider again.
-                let now = Tick::now();
-                if let Some(entry) = self.cache.lock().expect("cache lock").get(&key, now)
-                    && now < entry.fresh_until
-                {
-                    return Ok(entry.dek.clone());
-                }
-                let result = self
-                    .call(
-                        provider,
-                        tenant,
-                        KmsOp::Unwrap,
-                        Some(dek_id),
-                        |p, report| async move {
-                            let context = KeyContext {
-                                tenant_id: &tenant.tenant_id,
-                                dek_id,
-                                report: &report,
-                            };
-                            p.unwrap(wrapped, context).await
-                        },
-                    )
-                    .await;
-                if let Ok(dek) = &result {
-                    let ttl = Duration::from_secs(settings.ttl_seconds.max(1) as u64);
-                    let grace = Duration::from_secs(settings.grace_period_seconds as u64);
-                    let fetched = Tick::now();
-                    self.cache.lock().expect("cache lock").insert(
-                        key.clone(),
-                        &tenant_label(tenant.database, &tenant.tenant_id),
-                        CachedKey {
-                            dek: dek.clone(),
-                            fresh_until: fetched + ttl,
-                        },
-                        // Kept through the grace period, so it can be served if the KMS is down.
-                        CacheLimits {
-                            ttl: ttl + grace,
-                            max_entries: settings.max_entries.max(1) as usize,
-                        },
-                        fetched,
-                    );
-                }
-                result
-            })
+            .coalesced(
+                key.clone(),
+                self.fetch(&key, tenant, provider, wrapped, settings),
+            )
             .await;
         self.remember_outcome(refusal_key, tenant, &result);
         match (result, stale) {
@@ -444,6 +395,67 @@ impl KeyService {
             }
             (Err(e), _) => Err(e),
         }
+    }
+
+    /// A cached data key, and whether it is still fresh (within its TTL).
+    fn cached(&self, key: &CacheKey, now: Tick) -> Option<(DataKey, bool)> {
+        let mut cache = self.cache.lock().expect("cache lock");
+        cache
+            .get(key, now)
+            .map(|entry| (entry.dek.clone(), now < entry.fresh_until))
+    }
+
+    /// The leader's work on a cache miss: the provider's unwrap, cached.
+    async fn fetch(
+        &self,
+        key: &CacheKey,
+        tenant: &TenantRef,
+        provider: &ProviderRef,
+        wrapped: &WrappedDek,
+        settings: CacheSettings,
+    ) -> Result<DataKey, ProviderError> {
+        // Re-check as the leader: a previous leader fills the cache before it
+        // leaves the in-flight map, so a request that missed the cache just
+        // before that finds the key here instead of calling the provider again.
+        if let Some((dek, true)) = self.cached(key, Tick::now()) {
+            return Ok(dek);
+        }
+        let dek_id = key.dek_id;
+        let dek = self
+            .call(
+                provider,
+                tenant,
+                KmsOp::Unwrap,
+                Some(dek_id),
+                |p, report| async move {
+                    p.unwrap(wrapped, key_context(tenant, dek_id, &report))
+                        .await
+                },
+            )
+            .await?;
+        self.store(key.clone(), tenant, &dek, settings);
+        Ok(dek)
+    }
+
+    /// Caches a data key for its tenant's TTL, and keeps it through the grace
+    /// period so it can be served while the key manager is down.
+    fn store(&self, key: CacheKey, tenant: &TenantRef, dek: &DataKey, settings: CacheSettings) {
+        let ttl = Duration::from_secs(settings.ttl_seconds.max(1) as u64);
+        let grace = Duration::from_secs(settings.grace_period_seconds as u64);
+        let fetched = Tick::now();
+        self.cache.lock().expect("cache lock").insert(
+            key,
+            &tenant_label(tenant.database, &tenant.tenant_id),
+            CachedKey {
+                dek: dek.clone(),
+                fresh_until: fetched + ttl,
+            },
+            CacheLimits {
+                ttl: ttl + grace,
+                max_entries: settings.max_entries.max(1) as usize,
+            },
+            fetched,
+        );
     }
 
     /// A refusal of this key still within its backoff, if any.
@@ -612,85 +624,32 @@ impl KeyService {
         result
     }
 
-    /// The provider for a tenant's settings. Clients of remote key managers are
-    /// built once per distinct configuration and kept: they hold connection pools
-    /// and refreshed credentials.
+    /// The provider for a tenant's settings.
     async fn instance(
         &self,
         kind: ProviderKind,
         provider: &ProviderRef,
     ) -> Result<Arc<dyn KeyProvider>, ProviderError> {
         let settings = self.settings.read().expect("settings lock").clone();
-        let timeout = settings.provider_timeout;
-        let policy = settings.policy.clone();
-        let options = &provider.options;
         match kind {
             ProviderKind::Local => Ok(Arc::new(LocalProvider::new(
                 &settings.local_key_file,
                 provider.create_key_store,
             ))),
-            #[cfg(feature = "aws")]
-            ProviderKind::AwsKms => {
-                self.cached_client(kind, provider, timeout, async {
-                    Ok(Arc::new(
-                        crate::aws::AwsKmsProvider::from_options(options, timeout, &policy).await?,
-                    ) as Arc<dyn KeyProvider>)
-                })
-                .await
-            }
-            #[cfg(feature = "vault")]
-            ProviderKind::Vault => {
-                self.cached_client(kind, provider, timeout, async {
-                    Ok(Arc::new(crate::vault::VaultProvider::from_options(
-                        options,
-                        timeout,
-                        policy.clone(),
-                    )?) as Arc<dyn KeyProvider>)
-                })
-                .await
-            }
-            #[cfg(feature = "gcp")]
-            ProviderKind::GcpKms => {
-                self.cached_client(kind, provider, timeout, async {
-                    Ok(Arc::new(
-                        crate::gcp::GcpKmsProvider::from_options(options, timeout, policy.clone())
-                            .await?,
-                    ) as Arc<dyn KeyProvider>)
-                })
-                .await
-            }
-            #[cfg(feature = "azure")]
-            ProviderKind::AzureKv => {
-                self.cached_client(kind, provider, timeout, async {
-                    Ok(Arc::new(crate::azure::AzureKvProvider::from_options(
-                        options,
-                        timeout,
-                        policy.clone(),
-                    )?) as Arc<dyn KeyProvider>)
-                })
-                .await
-            }
-            // Reached only in builds without some provider features.
-            #[allow(unreachable_patterns)]
-            other => Err(ProviderError::new(
-                other,
-                ErrorKind::NotSupported,
-                "not available in this build of byok_pg",
-            )
-            .with_hint("use provider \"local\", or a build that includes this provider")),
+            _ => self.remote_client(kind, provider, &settings).await,
         }
     }
 
-    /// The client for this provider configuration (and timeout), built by `build`
-    /// the first time and kept.
-    #[allow(dead_code)] // unused in builds without remote providers
-    async fn cached_client(
+    /// The client of a remote key manager for this configuration (and
+    /// timeout). Clients are built once per distinct configuration and kept:
+    /// they hold connection pools and refreshed credentials.
+    async fn remote_client(
         &self,
         kind: ProviderKind,
         provider: &ProviderRef,
-        timeout: Duration,
-        build: impl std::future::Future<Output = Result<Arc<dyn KeyProvider>, ProviderError>>,
+        settings: &ServiceSettings,
     ) -> Result<Arc<dyn KeyProvider>, ProviderError> {
+        let timeout = settings.provider_timeout;
         let cache_key = format!(
             "{}/{}/{}",
             kind.name(),
@@ -700,12 +659,53 @@ impl KeyService {
         if let Some(client) = self.clients.lock().expect("clients lock").get(&cache_key) {
             return Ok(client.clone());
         }
-        let client = build.await?;
+        let client = connect(kind, &provider.options, timeout, &settings.policy).await?;
         self.clients
             .lock()
             .expect("clients lock")
             .insert(cache_key, client.clone());
         Ok(client)
+    }
+}
+
+/// A new client of a remote key manager (it checks the configuration against
+/// the policy, reads credential files and builds its HTTP client).
+async fn connect(
+    kind: ProviderKind,
+    options: &serde_json::Map<String, serde_json::Value>,
+    timeout: Duration,
+    policy: &Arc<AccessPolicy>,
+) -> Result<Arc<dyn KeyProvider>, ProviderError> {
+    let _ = (options, timeout, policy); // unused in builds without remote providers
+    match kind {
+        #[cfg(feature = "aws")]
+        ProviderKind::AwsKms => Ok(Arc::new(
+            crate::aws::AwsKmsProvider::from_options(options, timeout, policy).await?,
+        )),
+        #[cfg(feature = "vault")]
+        ProviderKind::Vault => Ok(Arc::new(crate::vault::VaultProvider::from_options(
+            options,
+            timeout,
+            policy.clone(),
+        )?)),
+        #[cfg(feature = "gcp")]
+        ProviderKind::GcpKms => Ok(Arc::new(
+            crate::gcp::GcpKmsProvider::from_options(options, timeout, policy.clone()).await?,
+        )),
+        #[cfg(feature = "azure")]
+        ProviderKind::AzureKv => Ok(Arc::new(crate::azure::AzureKvProvider::from_options(
+            options,
+            timeout,
+            policy.clone(),
+        )?)),
+        // Reached only in builds without some provider features (`local` never
+        // comes here).
+        other => Err(ProviderError::new(
+            other,
+            ErrorKind::NotSupported,
+            "not available in this build of byok_pg",
+        )
+        .with_hint("use provider \"local\", or a build that includes this provider")),
     }
 }
 
@@ -723,12 +723,21 @@ fn is_refusal(kind: ErrorKind) -> bool {
     )
 }
 
+/// What a wrapped data key is bound to, for one call whose facts go to `report`.
+fn key_context<'a>(tenant: &'a TenantRef, dek_id: u64, report: &'a CallReport) -> KeyContext<'a> {
+    KeyContext {
+        tenant_id: &tenant.tenant_id,
+        dek_id,
+        report,
+    }
+}
+
 /// The per-tenant label of shared-cache entries: database, then tenant.
 fn tenant_label(database: u32, tenant_id: &str) -> String {
     format!("{database}/{tenant_id}")
 }
 
-fn digest(tenant: &TenantRef, wrapped: &crate::provider::WrappedDek) -> [u8; 32] {
+fn digest(tenant: &TenantRef, wrapped: &WrappedDek) -> [u8; 32] {
     let mut h = Sha256::new();
     for part in [
         tenant.tenant_id.as_bytes(),

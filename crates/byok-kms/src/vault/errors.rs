@@ -129,13 +129,6 @@ impl From<VaultError> for ProviderError {
             _ => None,
         };
         let hint = e.hint();
-        let mut err = ProviderError::new(ProviderKind::Vault, kind, e.to_string());
-        if let Some(detail) = detail {
-            err = err.with_detail(detail);
-        }
-        if let Some(hint) = hint {
-            err = err.with_hint(hint);
-        }
-        err
+        ProviderError::new(ProviderKind::Vault, kind, e.to_string()).with_any(detail, hint)
     }
 }

@@ -40,7 +40,9 @@ pub use options::{AuthOptions, VaultOptions};
 
 use crate::error::ProviderError;
 use crate::policy::AccessPolicy;
-use crate::provider::{KeyContext, KeyProvider, MasterKeyInfo, ProviderFuture, WrappedDek};
+use crate::provider::{
+    KeyContext, KeyProvider, MasterKeyInfo, ProviderFuture, WrappedDek, unwrap_and_wrap,
+};
 
 struct Session {
     client: Arc<VaultClient>,
@@ -242,6 +244,39 @@ impl VaultProvider {
         DataKey::from_slice(&bytes)
             .map_err(|_| VaultError::Protocol("the data key is not 32 bytes".into()))
     }
+
+    /// Runs `call` as [`with_client`](Self::with_client) does, with the
+    /// transit ciphertext of `wrapped` and the derivation context of `context`.
+    async fn with_ciphertext<T, F, Fut>(
+        &self,
+        wrapped: &WrappedDek,
+        context: &KeyContext<'_>,
+        call: F,
+    ) -> Result<T, ProviderError>
+    where
+        F: Fn(Arc<VaultClient>, String, String) -> Fut,
+        Fut: std::future::Future<Output = Result<T, VaultError>>,
+    {
+        let ciphertext = Self::ciphertext_of(wrapped)?;
+        let derivation = derivation_context(context);
+        self.with_client(|client| call(client, ciphertext.clone(), derivation.clone()))
+            .await
+    }
+
+    /// A wrapped data key's blob, as the transit ciphertext it is.
+    fn ciphertext_of(wrapped: &WrappedDek) -> Result<String, VaultError> {
+        String::from_utf8(wrapped.blob.clone())
+            .map_err(|_| VaultError::Protocol("the wrapped key is not a Vault ciphertext".into()))
+    }
+}
+
+/// A transit ciphertext (`vault:vN:...`) stored as the data key wrapped by `cmk_id`.
+fn wrapped_dek(ciphertext: String, cmk_id: &str) -> WrappedDek {
+    WrappedDek {
+        cmk_version: version_of(&ciphertext),
+        blob: ciphertext.into_bytes(),
+        cmk_id: cmk_id.to_string(),
+    }
 }
 
 impl KeyProvider for VaultProvider {
@@ -276,14 +311,7 @@ impl KeyProvider for VaultProvider {
                 .await?;
             let plaintext = Zeroizing::new(out.plaintext.unwrap_or_default());
             let dek = Self::key_from_base64(&plaintext)?;
-            Ok((
-                dek,
-                WrappedDek {
-                    cmk_version: version_of(&out.ciphertext),
-                    blob: out.ciphertext.into_bytes(),
-                    cmk_id: cmk_id.to_string(),
-                },
-            ))
+            Ok((dek, wrapped_dek(out.ciphertext, cmk_id)))
         })
     }
 
@@ -293,14 +321,11 @@ impl KeyProvider for VaultProvider {
         context: KeyContext<'a>,
     ) -> ProviderFuture<'a, DataKey> {
         Box::pin(async move {
-            let ciphertext = String::from_utf8(wrapped.blob.clone()).map_err(|_| {
-                VaultError::Protocol("the wrapped key is not a Vault ciphertext".into())
-            })?;
-            let derivation = derivation_context(&context);
             let out = self
-                .with_client(|client| {
-                    let (ciphertext, derivation) = (ciphertext.clone(), derivation.clone());
-                    async move {
+                .with_ciphertext(
+                    wrapped,
+                    &context,
+                    |client, ciphertext, derivation| async move {
                         let mut opts = DecryptDataRequest::builder();
                         opts.context(derivation);
                         vaultrs::transit::data::decrypt(
@@ -312,8 +337,8 @@ impl KeyProvider for VaultProvider {
                         )
                         .await
                         .map_err(|e| VaultError::from_client("decrypt", e))
-                    }
-                })
+                    },
+                )
                 .await?;
             let plaintext = Zeroizing::new(out.plaintext);
             Ok(Self::key_from_base64(&plaintext)?)
@@ -357,22 +382,56 @@ impl KeyProvider for VaultProvider {
         })
     }
 
+    /// Encrypts the plaintext with transit `encrypt` (used for a rotation to
+    /// another transit key).
+    fn wrap<'a>(
+        &'a self,
+        cmk_id: &'a str,
+        dek: &'a DataKey,
+        context: KeyContext<'a>,
+    ) -> ProviderFuture<'a, WrappedDek> {
+        Box::pin(async move {
+            let plaintext = Zeroizing::new(BASE64.encode(dek.expose()));
+            let derivation = derivation_context(&context);
+            let out = self
+                .with_client(|client| {
+                    let (plaintext, derivation) = (plaintext.clone(), derivation.clone());
+                    async move {
+                        let mut opts = EncryptDataRequest::builder();
+                        opts.context(derivation);
+                        vaultrs::transit::data::encrypt(
+                            client.as_ref(),
+                            &self.options.mount,
+                            cmk_id,
+                            &plaintext,
+                            Some(&mut opts),
+                        )
+                        .await
+                        .map_err(|e| VaultError::from_client("encrypt", e))
+                    }
+                })
+                .await?;
+            Ok(wrapped_dek(out.ciphertext, cmk_id))
+        })
+    }
+
     fn rewrap<'a>(
         &'a self,
         wrapped: &'a WrappedDek,
         new_cmk_id: &'a str,
         context: KeyContext<'a>,
     ) -> ProviderFuture<'a, WrappedDek> {
+        if new_cmk_id != wrapped.cmk_id {
+            // Another transit key: decrypt and encrypt again here, in the broker.
+            return Box::pin(unwrap_and_wrap(self, wrapped, new_cmk_id, context));
+        }
         Box::pin(async move {
-            let ciphertext = String::from_utf8(wrapped.blob.clone()).map_err(|_| {
-                VaultError::Protocol("the wrapped key is not a Vault ciphertext".into())
-            })?;
-            let derivation = derivation_context(&context);
-            let rewrapped = if new_cmk_id == wrapped.cmk_id {
-                // Same key, newest version: Vault rewraps without revealing the plaintext.
-                self.with_client(|client| {
-                    let (ciphertext, derivation) = (ciphertext.clone(), derivation.clone());
-                    async move {
+            // Same key, newest version: Vault rewraps without revealing the plaintext.
+            let out = self
+                .with_ciphertext(
+                    wrapped,
+                    &context,
+                    |client, ciphertext, derivation| async move {
                         let mut opts = RewrapDataRequest::builder();
                         opts.context(derivation);
                         vaultrs::transit::data::rewrap(
@@ -384,38 +443,10 @@ impl KeyProvider for VaultProvider {
                         )
                         .await
                         .map_err(|e| VaultError::from_client("rewrap", e))
-                    }
-                })
-                .await?
-                .ciphertext
-            } else {
-                // Another transit key: decrypt and encrypt again here, in the broker.
-                let dek = self.unwrap(wrapped, context).await?;
-                let plaintext = Zeroizing::new(BASE64.encode(dek.expose()));
-                self.with_client(|client| {
-                    let (plaintext, derivation) = (plaintext.clone(), derivation.clone());
-                    async move {
-                        let mut opts = EncryptDataRequest::builder();
-                        opts.context(derivation);
-                        vaultrs::transit::data::encrypt(
-                            client.as_ref(),
-                            &self.options.mount,
-                            new_cmk_id,
-                            &plaintext,
-                            Some(&mut opts),
-                        )
-                        .await
-                        .map_err(|e| VaultError::from_client("encrypt", e))
-                    }
-                })
-                .await?
-                .ciphertext
-            };
-            Ok(WrappedDek {
-                cmk_version: version_of(&rewrapped),
-                blob: rewrapped.into_bytes(),
-                cmk_id: new_cmk_id.to_string(),
-            })
+                    },
+                )
+                .await?;
+            Ok(wrapped_dek(out.ciphertext, new_cmk_id))
         })
     }
 }
