@@ -2,6 +2,7 @@
 
 use std::ffi::{CStr, CString};
 
+use pgrx::pg_sys;
 use pgrx::{GucContext, GucFlags, GucRegistry, GucSetting, PostgresGucEnum};
 
 /// `byok.tenant` (any user, per session or transaction): when set, this session
@@ -279,6 +280,10 @@ pub fn init() {
         GucContext::Suset,
         GucFlags::default(),
     );
+    // The prefix is ours: a misspelt byok.* setting is an error, not a silent
+    // placeholder that leaves the real setting at its default.
+    // SAFETY: called from _PG_init, after every byok.* setting is defined.
+    unsafe { pg_sys::MarkGUCPrefixReserved(c"byok".as_ptr()) };
 }
 
 /// byok.backend_cache_max_entries.

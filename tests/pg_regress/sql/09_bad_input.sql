@@ -40,6 +40,12 @@ ROLLBACK;
 -- Nothing was lost along the way: the rows sealed before all this still open.
 SELECT count(*) FILTER (WHERE byok.decrypt_text(v) = 'row ' || id) AS rows_ok FROM earlier_rows;
 
+-- The byok.* settings are the extension's own: a misspelt one is refused rather
+-- than kept as a placeholder that leaves the real setting at its default.
+SET byok.kms_timeout = 100;
+\echo SQLSTATE :LAST_ERROR_SQLSTATE
+SHOW byok.kms_timeout_ms;
+
 DROP TABLE earlier_rows;
 SELECT byok.destroy_tenant_keys('acme_bulk', 'acme_bulk');
 SELECT byok.destroy_tenant_keys('quoted', 'quoted');
