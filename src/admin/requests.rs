@@ -23,7 +23,7 @@ fn requestable()
 }
 
 /// The operation a request describes, checked as `byok.request_operation`
-/// documents: a known operation that needs approval, its arguments exactly.
+/// documents: a known requestable operation, its arguments exactly.
 pub fn parse_request(
     op: &str,
     tenant_id: &str,

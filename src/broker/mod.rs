@@ -76,7 +76,6 @@ pub fn generate(
 
 /// The same data key wrapped under `new_cmk_id`; the plaintext stays in the broker
 /// (or, where the provider can rewrap natively, in the key manager).
-#[allow(dead_code)] // called by master-key rotation (issue 8)
 pub fn rewrap(
     tenant: TenantRef,
     provider: ProviderRef,

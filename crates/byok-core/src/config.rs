@@ -506,6 +506,21 @@ mod tests {
     use super::*;
     use serde_json::json;
 
+    /// The metrics table stores a provider as `kind as u32` and reads it back
+    /// as `ALL[n]`; and the wire (serde) name is the catalog name.
+    #[test]
+    fn provider_kinds_listed_in_declaration_order_under_one_name() {
+        for (index, kind) in ProviderKind::ALL.iter().enumerate() {
+            assert_eq!(*kind as usize, index, "{kind:?} out of order in ALL");
+            let wire = serde_json::to_value(kind).unwrap();
+            assert_eq!(
+                wire,
+                json!(kind.name()),
+                "{kind:?}: serde and name() differ"
+            );
+        }
+    }
+
     fn guide_doc() -> Value {
         json!({
             "customer": "acme_corp",
