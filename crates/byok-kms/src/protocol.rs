@@ -22,6 +22,17 @@ pub struct CacheSettings {
     pub ttl_seconds: u32,
     pub max_entries: u32,
     pub grace_period_seconds: u32,
+    /// How often the broker re-checks, with the key manager, the master key
+    /// protecting this cached key (0: never; it is then trusted for the TTL).
+    #[serde(default = "default_revocation_check_seconds")]
+    pub revocation_check_seconds: u32,
+}
+
+/// `byok.revocation_check_seconds`'s default.
+pub const DEFAULT_REVOCATION_CHECK_SECONDS: u32 = 30;
+
+fn default_revocation_check_seconds() -> u32 {
+    DEFAULT_REVOCATION_CHECK_SECONDS
 }
 
 /// Who a request is for: the database (OID) whose catalog holds the tenant, and
@@ -207,6 +218,7 @@ mod tests {
                 ttl_seconds: 1,
                 max_entries: 2,
                 grace_period_seconds: 3,
+                revocation_check_seconds: 4,
             },
         };
         let json = serde_json::to_vec(&request).unwrap();

@@ -153,6 +153,19 @@ pub trait KeyProvider: Send + Sync {
     /// Checks that `cmk_id` exists, is enabled and may wrap and unwrap.
     fn describe_master_key<'a>(&'a self, cmk_id: &'a str) -> ProviderFuture<'a, MasterKeyInfo>;
 
+    /// Whether the master key that wrapped `wrapped` may still be used: the key
+    /// manager's own answer that the key is enabled *and* that we are still
+    /// permitted to use it (the key broker's revocation check). By default a
+    /// real unwrap, whose plaintext is dropped (zeroized) at once. A provider
+    /// whose unwrap does not prove both overrides it.
+    fn check_master_key<'a>(
+        &'a self,
+        wrapped: &'a WrappedDek,
+        context: KeyContext<'a>,
+    ) -> ProviderFuture<'a, ()> {
+        Box::pin(async move { self.unwrap(wrapped, context).await.map(drop) })
+    }
+
     /// The same data key wrapped under `new_cmk_id` (a master-key rotation).
     /// By default [`unwrap_and_wrap`]: the plaintext passes through the broker.
     /// Providers with a native rewrap override it to keep the plaintext inside

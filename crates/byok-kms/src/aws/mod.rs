@@ -37,7 +37,7 @@ use zeroize::Zeroize;
 pub use errors::AwsError;
 pub use options::AwsOptions;
 
-use crate::error::ProviderError;
+use crate::error::{ErrorKind, ProviderError};
 use crate::provider::{KeyContext, KeyProvider, MasterKeyInfo, ProviderFuture, WrappedDek};
 
 /// One Region's client and the key to use there.
@@ -346,6 +346,30 @@ impl KeyProvider for AwsKmsProvider {
                         .unwrap_or_else(|| "unknown".into())
                 ),
             })
+        })
+    }
+
+    /// `DescribeKey` (the key's state: disabled, pending deletion) and then a
+    /// real `Decrypt` (our permission, which `DescribeKey` does not need).
+    /// Two requests because each proves half: KMS refuses `Decrypt` under a
+    /// disabled key, but emulators such as moto do not, and a policy may deny
+    /// `kms:Decrypt` while still allowing `kms:DescribeKey`.
+    fn check_master_key<'a>(
+        &'a self,
+        wrapped: &'a WrappedDek,
+        context: KeyContext<'a>,
+    ) -> ProviderFuture<'a, ()> {
+        Box::pin(async move {
+            let info = self.describe_master_key(&wrapped.cmk_version).await?;
+            if !info.enabled {
+                return Err(ProviderError::new(
+                    ProviderKind::AwsKms,
+                    ErrorKind::KeyDisabled,
+                    format!("master key \"{}\" is not enabled", wrapped.cmk_id),
+                )
+                .with_detail(info.description));
+            }
+            self.unwrap(wrapped, context).await.map(drop)
         })
     }
 

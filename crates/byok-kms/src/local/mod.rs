@@ -9,6 +9,12 @@
 //! which tells "this file is not the one that wrapped the key" apart from
 //! "the wrapped key was modified or moved".
 //!
+//! Revocation: a master key id listed in the *revocation list* beside the key
+//! file (`<key file>.revoked`, one id per line, `#` comments) is disabled, the
+//! way a customer disables a key in a cloud key manager: every wrap, unwrap and
+//! rewrap under it is refused (`KeyDisabled`) until the line is removed. The
+//! list is read on every operation, like the key file.
+//!
 //! Threat model: the root secret sits on the database server, usually beside
 //! the data. It protects dumps, logical copies and backups that leave without
 //! the file; it does not protect against someone who can read the data
@@ -54,6 +60,10 @@ pub enum LocalError {
     BadBlob { dek_id: u64, len: usize },
     #[error("the operating system's random number generator is unavailable")]
     RandomUnavailable,
+    #[error("local master key \"{cmk_id}\" is revoked (listed in \"{list}\")")]
+    Revoked { cmk_id: String, list: PathBuf },
+    #[error("could not read the revocation list \"{list}\": {reason}")]
+    RevocationListUnreadable { list: PathBuf, reason: String },
 }
 
 impl From<LocalError> for ProviderError {
@@ -73,6 +83,11 @@ impl From<LocalError> for ProviderError {
                 .with_hint("restore the master key file this database was encrypted with"),
             LocalError::UnwrapFailed { .. } | LocalError::BadBlob { .. } => local(ErrorKind::UnwrapFailed),
             LocalError::RandomUnavailable => local(ErrorKind::Unavailable),
+            LocalError::Revoked { .. } => local(ErrorKind::KeyDisabled)
+                .with_hint("remove the key id from the revocation list to enable the key again"),
+            // Unknown is not "allowed": a list that cannot be read refuses
+            // like a key manager that cannot be asked.
+            LocalError::RevocationListUnreadable { .. } => local(ErrorKind::Unavailable),
         }
     }
 }
@@ -109,6 +124,46 @@ impl LocalProvider {
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// The revocation list: master key ids disabled by whoever holds the key file.
+    pub fn revocation_list(&self) -> PathBuf {
+        let mut name = self.path.clone().into_os_string();
+        name.push(".revoked");
+        PathBuf::from(name)
+    }
+
+    /// Refuses a master key id listed in the revocation list (a missing list
+    /// revokes nothing).
+    fn check_not_revoked(&self, cmk_id: &str) -> Result<(), LocalError> {
+        let list = self.revocation_list();
+        let text = match std::fs::read_to_string(&list) {
+            Ok(text) => text,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => {
+                return Err(LocalError::RevocationListUnreadable {
+                    list,
+                    reason: e.to_string(),
+                });
+            }
+        };
+        let revoked = text
+            .lines()
+            .map(|line| line.split('#').next().unwrap_or_default().trim())
+            .any(|id| id == cmk_id);
+        if revoked {
+            return Err(LocalError::Revoked {
+                cmk_id: cmk_id.to_string(),
+                list,
+            });
+        }
+        Ok(())
+    }
+
+    /// The root secret, for work under `cmk_id` (refused if that key is revoked).
+    fn secret_for(&self, cmk_id: &str) -> Result<RootSecret, LocalError> {
+        self.check_not_revoked(cmk_id)?;
+        self.secret()
     }
 
     fn secret(&self) -> Result<RootSecret, LocalError> {
@@ -222,7 +277,7 @@ impl LocalProvider {
         dek: &DataKey,
         context: &KeyContext<'_>,
     ) -> Result<WrappedDek, LocalError> {
-        self.secret()?.wrap(cmk_id, dek, context)
+        self.secret_for(cmk_id)?.wrap(cmk_id, dek, context)
     }
 
     pub fn generate_now(
@@ -231,7 +286,7 @@ impl LocalProvider {
         context: &KeyContext<'_>,
     ) -> Result<(DataKey, WrappedDek), LocalError> {
         let dek = DataKey::generate().map_err(|_| LocalError::RandomUnavailable)?;
-        let wrapped = self.secret()?.wrap(cmk_id, &dek, context)?;
+        let wrapped = self.secret_for(cmk_id)?.wrap(cmk_id, &dek, context)?;
         Ok((dek, wrapped))
     }
 
@@ -240,7 +295,8 @@ impl LocalProvider {
         wrapped: &WrappedDek,
         context: &KeyContext<'_>,
     ) -> Result<DataKey, LocalError> {
-        self.secret()?.unwrap_local(wrapped, context)
+        self.secret_for(&wrapped.cmk_id)?
+            .unwrap_local(wrapped, context)
     }
 
     /// Unwraps and wraps again under `new_cmk_id`, in one read of the key file.
@@ -250,21 +306,26 @@ impl LocalProvider {
         new_cmk_id: &str,
         context: &KeyContext<'_>,
     ) -> Result<WrappedDek, LocalError> {
-        let secret = self.secret()?;
+        self.check_not_revoked(new_cmk_id)?;
+        let secret = self.secret_for(&wrapped.cmk_id)?;
         let dek = secret.unwrap_local(wrapped, context)?;
         secret.wrap(new_cmk_id, &dek, context)
     }
 
     pub fn describe_now(&self, cmk_id: &str) -> Result<MasterKeyInfo, LocalError> {
+        let revoked = self.check_not_revoked(cmk_id).err();
         Ok(MasterKeyInfo {
             cmk_id: cmk_id.to_string(),
             version: self.secret()?.key_check_value(cmk_id),
-            enabled: true,
+            enabled: revoked.is_none(),
             can_wrap: true,
-            description: format!(
-                "derived from the local master key file \"{}\"",
-                self.path.display()
-            ),
+            description: match revoked {
+                Some(revoked) => revoked.to_string(),
+                None => format!(
+                    "derived from the local master key file \"{}\"",
+                    self.path.display()
+                ),
+            },
         })
     }
 

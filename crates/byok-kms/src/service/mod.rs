@@ -13,6 +13,9 @@
 //!   application cannot turn into a stream of calls against the customer's key
 //!   manager, and a key the customer enables again is used within that bound.
 //!   Outages are not remembered (the grace period covers them).
+//! - The master key behind every cached key is re-checked with its key manager
+//!   every `revocation_check_seconds` ([`liveness`]): a refusal evicts its keys
+//!   and refuses them until a check succeeds again; an outage changes nothing.
 //! - Plaintext keys are zeroized when evicted, expired or flushed.
 //! - Every provider call is bounded by the configured timeout.
 //!
@@ -36,6 +39,14 @@ use crate::local::LocalProvider;
 use crate::policy::AccessPolicy;
 use crate::protocol::{CacheSettings, ErrorWire, ProviderRef, Request, Response, TenantRef};
 use crate::provider::{CallReport, KeyContext, KeyProvider, MasterKeyInfo, WrappedDek};
+
+pub mod liveness;
+
+use liveness::{Check, MasterKeyId, Watches};
+pub use liveness::{KeyHealth, Settled};
+
+/// How often the broker looks for master keys due for their check.
+pub const LIVENESS_TICK: Duration = Duration::from_millis(200);
 
 /// Settings from the server configuration (GUCs), reloadable.
 #[derive(Debug, Clone)]
@@ -61,6 +72,8 @@ pub enum KmsOp {
     Generate,
     Rewrap,
     Validate,
+    /// A revocation check of a master key.
+    Check,
 }
 
 /// What the service reports about its work; the broker keeps the counters in
@@ -77,6 +90,9 @@ pub enum MetricEvent {
     ServedStale,
     /// A replica key (another region) answered because the primary failed.
     ServedByReplica,
+    /// A revocation check of the master key (counted for the tenant whose
+    /// data key it unwrapped; one per master key, however many tenants use it).
+    KeyCheck,
 }
 
 /// One key-manager call, as the audit trail records it.
@@ -99,6 +115,12 @@ pub trait MetricsSink: Send + Sync {
     /// Called once per key-manager call, after it ends. Runs on a runtime
     /// thread: it may only touch plain memory.
     fn audit(&self, _provider: ProviderKind, _tenant: &TenantRef, _call: KmsCallAudit) {}
+
+    /// Called after every revocation check, with what it concluded. When
+    /// `settled.health` is `Revoked` and `settled.changed`, the service has
+    /// already evicted the keys from its cache: this is where the broker makes
+    /// every backend drop its own copies. Runs on a runtime thread.
+    fn key_checked(&self, _settled: &Settled) {}
 }
 
 /// A sink that drops everything (tests, tools).
@@ -116,6 +138,8 @@ struct CacheKey {
     database: u32,
     dek_id: u64,
     digest: [u8; 32],
+    /// The master key that wrapped it, under the configuration it was asked with.
+    master: MasterKeyId,
 }
 
 struct CachedKey {
@@ -185,6 +209,8 @@ pub struct KeyService {
     refusals: Mutex<HashMap<RefusalKey, Refusal>>,
     /// Clients of remote key managers, by provider and configuration.
     clients: Mutex<HashMap<String, Arc<dyn KeyProvider>>>,
+    /// The master keys behind cached keys, and what their last check found.
+    watches: Mutex<Watches>,
     metrics: Arc<dyn MetricsSink>,
 }
 
@@ -196,6 +222,7 @@ impl KeyService {
             inflight: Mutex::new(HashMap::new()),
             refusals: Mutex::new(HashMap::new()),
             clients: Mutex::new(HashMap::new()),
+            watches: Mutex::new(Watches::default()),
             metrics,
         }
     }
@@ -317,6 +344,95 @@ impl KeyService {
         .await
     }
 
+    /// Master keys watched for revocation (behind the cached keys).
+    pub fn watched_master_keys(&self) -> usize {
+        self.watches.lock().expect("watches lock").len()
+    }
+
+    /// Runs the revocation checks until the runtime stops: every
+    /// [`LIVENESS_TICK`], each master key due is checked on a task of its own,
+    /// so a slow key manager delays no one else's check.
+    pub async fn watch_master_keys(self: Arc<Self>) {
+        let mut ticker = tokio::time::interval(LIVENESS_TICK);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        loop {
+            ticker.tick().await;
+            for check in self.due_checks() {
+                let service = self.clone();
+                tokio::spawn(async move { service.check(check).await });
+            }
+        }
+    }
+
+    /// The revocation checks due now (each marked running until it settles).
+    pub fn due_checks(&self) -> Vec<Check> {
+        self.watches.lock().expect("watches lock").due(Tick::now())
+    }
+
+    /// One revocation check: the key manager's answer on the master key,
+    /// through one of the data keys cached under it. A refusal evicts every
+    /// cached key under that master key (and refuses them until a check
+    /// succeeds); success after a refusal forgets the refusals remembered for
+    /// keys of that configuration. The sink hears the result either way.
+    pub async fn check(&self, check: Check) -> Option<Settled> {
+        let Check {
+            id,
+            provider,
+            sample,
+            ..
+        } = check;
+        let sample = &sample;
+        let result = self
+            .call(
+                &provider,
+                &sample.tenant,
+                KmsOp::Check,
+                Some(sample.dek_id),
+                |p, report| async move {
+                    p.check_master_key(
+                        &sample.wrapped,
+                        key_context(&sample.tenant, sample.dek_id, &report),
+                    )
+                    .await
+                },
+            )
+            .await;
+        self.metrics
+            .record(provider.provider, &sample.tenant, MetricEvent::KeyCheck);
+        let health = match result {
+            Ok(()) => KeyHealth::Live,
+            Err(e) if is_refusal(e.kind) => KeyHealth::Revoked(e),
+            // Unreachable, throttled, or not checkable as configured: not the
+            // customer's refusal, so nothing is evicted.
+            Err(e) => KeyHealth::Unreachable(e),
+        };
+        let settled =
+            self.watches
+                .lock()
+                .expect("watches lock")
+                .settle(&id, health, Tick::now())?;
+        if settled.changed {
+            match &settled.health {
+                KeyHealth::Revoked(_) => {
+                    self.cache
+                        .lock()
+                        .expect("cache lock")
+                        .remove_where(|key, _| key.master == id);
+                }
+                KeyHealth::Live => {
+                    let options = options_digest(&provider);
+                    self.refusals
+                        .lock()
+                        .expect("refusals lock")
+                        .retain(|key, _| key.options != options);
+                }
+                KeyHealth::Unchecked | KeyHealth::Unreachable(_) => {}
+            }
+        }
+        self.metrics.key_checked(&settled);
+        Some(settled)
+    }
+
     /// Drops a database's (or one tenant's, or one data key's) cached keys and
     /// remembered refusals; the number of cached keys dropped.
     fn flush(&self, database: u32, tenant_id: Option<&str>, dek_id: Option<u64>) -> usize {
@@ -355,14 +471,20 @@ impl KeyService {
         settings: CacheSettings,
     ) -> Result<(DataKey, bool), ProviderError> {
         let kind = provider.provider;
+        let options = options_digest(provider);
         let key = CacheKey {
             database: tenant.database,
             dek_id,
             digest: digest(tenant, wrapped),
+            master: liveness::master_key_id(&options, &wrapped.cmk_id),
         };
         let now = Tick::now();
+        let watch = |watches: &mut Watches| {
+            watches.touch(key.master, provider, tenant, dek_id, wrapped, settings, now)
+        };
         let stale = match self.cached(&key, now) {
             Some((dek, true)) => {
+                watch(&mut self.watches.lock().expect("watches lock"));
                 self.metrics
                     .record(kind, tenant, MetricEvent::SharedCacheHit);
                 return Ok((dek, false));
@@ -373,9 +495,14 @@ impl KeyService {
         self.metrics
             .record(kind, tenant, MetricEvent::SharedCacheMiss);
 
+        // A master key found revoked: refused without asking the key manager
+        // until a check finds it usable again.
+        if let Some(refused) = self.revoked(&key.master, |w| watch(w)) {
+            return Err(refused);
+        }
         let refusal_key = RefusalKey {
             key: key.clone(),
-            options: options_digest(provider),
+            options,
         };
         if let Some(refused) = self.remembered_refusal(&refusal_key, now) {
             return Err(refused);
@@ -386,7 +513,7 @@ impl KeyService {
                 self.fetch(&key, tenant, provider, wrapped, settings),
             )
             .await;
-        self.remember_outcome(refusal_key, tenant, &result);
+        self.remember_outcome(refusal_key, tenant, settings, &result);
         match (result, stale) {
             (Ok(dek), _) => Ok((dek, false)),
             (Err(e), Some(dek)) if e.kind.is_availability() => {
@@ -433,8 +560,40 @@ impl KeyService {
                 },
             )
             .await?;
+        // A check may have found the master key revoked during the call.
+        if let Some(refused) = self.revoked(&key.master, |_| {}) {
+            return Err(refused);
+        }
         self.store(key.clone(), tenant, &dek, settings);
+        self.watches.lock().expect("watches lock").touch(
+            key.master,
+            provider,
+            tenant,
+            dek_id,
+            wrapped,
+            settings,
+            Tick::now(),
+        );
         Ok(dek)
+    }
+
+    /// The refusal recorded for a revoked master key (after `touch`ing its
+    /// watch, so that it lives while keys under it are asked for).
+    fn revoked(
+        &self,
+        master: &MasterKeyId,
+        touch: impl FnOnce(&mut Watches),
+    ) -> Option<ProviderError> {
+        let mut watches = self.watches.lock().expect("watches lock");
+        let mut error = watches.revoked(master)?.clone();
+        touch(&mut watches);
+        let note = "the key manager refused this master key at its last revocation check; \
+                    it is asked again at the next one";
+        error.detail = Some(match error.detail.take() {
+            Some(detail) => format!("{detail} ({note})"),
+            None => note.to_string(),
+        });
+        Some(error)
     }
 
     /// Caches a data key for its tenant's TTL, and keeps it through the grace
@@ -481,6 +640,7 @@ impl KeyService {
         &self,
         key: RefusalKey,
         tenant: &TenantRef,
+        settings: CacheSettings,
         result: &Result<DataKey, ProviderError>,
     ) {
         let mut refusals = self.refusals.lock().expect("refusals lock");
@@ -489,12 +649,18 @@ impl KeyService {
                 refusals.remove(&key);
             }
             Err(e) if is_refusal(e.kind) => {
-                let max = self
-                    .settings
-                    .read()
-                    .expect("settings lock")
-                    .refusal_backoff_max
-                    .max(REFUSAL_BACKOFF_MIN);
+                // Up to the tenant's revocation interval: a key enabled again
+                // is used within the bound stated for revocation.
+                let max = match settings.revocation_check_seconds {
+                    0 => {
+                        self.settings
+                            .read()
+                            .expect("settings lock")
+                            .refusal_backoff_max
+                    }
+                    seconds => Duration::from_secs(seconds as u64),
+                }
+                .max(REFUSAL_BACKOFF_MIN);
                 let backoff = match refusals.get(&key) {
                     Some(previous) => (previous.backoff * 2).min(max),
                     None => REFUSAL_BACKOFF_MIN,
@@ -558,7 +724,9 @@ impl KeyService {
         }
     }
 
-    /// One provider call, bounded by the timeout and recorded in the metrics.
+    /// One provider call, bounded by the timeout, recorded in the metrics and
+    /// the audit trail (revocation checks are audited only when the key's
+    /// health changes: see [`KeyService::check`]).
     async fn call<T, F>(
         &self,
         provider: &ProviderRef,
@@ -601,22 +769,24 @@ impl KeyService {
                 latency,
             },
         );
-        self.metrics.audit(
-            kind,
-            tenant,
-            KmsCallAudit {
-                op,
-                dek_id,
-                ok: result.is_ok(),
-                latency,
-                request_id: report.request_id(),
-                error: result.as_ref().err().map(|e| match &e.detail {
-                    Some(detail) => format!("{}: {detail}", e.message),
-                    None => e.message.clone(),
-                }),
-                replica: report.replica(),
-            },
-        );
+        if op != KmsOp::Check {
+            self.metrics.audit(
+                kind,
+                tenant,
+                KmsCallAudit {
+                    op,
+                    dek_id,
+                    ok: result.is_ok(),
+                    latency,
+                    request_id: report.request_id(),
+                    error: result.as_ref().err().map(|e| match &e.detail {
+                        Some(detail) => format!("{}: {detail}", e.message),
+                        None => e.message.clone(),
+                    }),
+                    replica: report.replica(),
+                },
+            );
+        }
         if report.replica().is_some() {
             self.metrics
                 .record(kind, tenant, MetricEvent::ServedByReplica);

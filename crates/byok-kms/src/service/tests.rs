@@ -12,7 +12,9 @@ struct Counting {
     hits: AtomicUsize,
     misses: AtomicUsize,
     stale: AtomicUsize,
+    checks: AtomicUsize,
     audited: std::sync::Mutex<Vec<(TenantRef, KmsCallAudit)>>,
+    settled: std::sync::Mutex<Vec<Settled>>,
 }
 
 impl MetricsSink for Counting {
@@ -22,6 +24,7 @@ impl MetricsSink for Counting {
             MetricEvent::SharedCacheHit => &self.hits,
             MetricEvent::SharedCacheMiss => &self.misses,
             MetricEvent::ServedStale => &self.stale,
+            MetricEvent::KeyCheck => &self.checks,
             MetricEvent::ServedByReplica => return,
         };
         counter.fetch_add(1, Ordering::SeqCst);
@@ -29,6 +32,10 @@ impl MetricsSink for Counting {
 
     fn audit(&self, _: ProviderKind, tenant: &TenantRef, call: KmsCallAudit) {
         self.audited.lock().unwrap().push((tenant.clone(), call));
+    }
+
+    fn key_checked(&self, settled: &Settled) {
+        self.settled.lock().unwrap().push(settled.clone());
     }
 }
 
@@ -83,6 +90,7 @@ fn settings(ttl: u32, grace: u32) -> CacheSettings {
         ttl_seconds: ttl,
         max_entries: 10,
         grace_period_seconds: grace,
+        revocation_check_seconds: 0,
     }
 }
 
@@ -550,4 +558,182 @@ impl Fixture {
     fn audited_calls(&self) -> Vec<(TenantRef, KmsCallAudit)> {
         self.metrics.audited.lock().unwrap().clone()
     }
+}
+
+// ---------------------------------------------------------------------------
+// Revocation checks (`liveness`).
+
+fn checked(ttl: u32, every: u32) -> CacheSettings {
+    CacheSettings {
+        revocation_check_seconds: every,
+        ..settings(ttl, 0)
+    }
+}
+
+/// Revokes (or with `false` restores) local master key "cmk".
+fn revoke_local(f: &Fixture, revoked: bool) {
+    let list = LocalProvider::new(&f.key_file, false).revocation_list();
+    if revoked {
+        std::fs::write(&list, "# disabled by the customer\ncmk\n").unwrap();
+    } else {
+        std::fs::remove_file(&list).unwrap();
+    }
+}
+
+fn failed_with(outcome: &Outcome, kind: ErrorKind) -> bool {
+    matches!(outcome.response, Response::Failed { ref error } if error.kind == kind)
+}
+
+/// Runs the checks due until `until` passes.
+async fn run_checks_for(f: &Fixture, time: Duration) {
+    let end = std::time::Instant::now() + time;
+    while std::time::Instant::now() < end {
+        for check in f.service.due_checks() {
+            f.service.check(check).await;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_revoked_master_key_is_evicted_and_refused_within_one_interval_then_recovers() {
+    let f = fixture();
+    let (dek, wrapped) = wrapped_key(&f, "t", 1);
+    let ask = || {
+        f.service
+            .handle(unwrap_request("t", 1, &wrapped, checked(86_400, 1)))
+    };
+    assert_eq!(ask().await.data_key.unwrap(), dek);
+    assert_eq!(f.service.watched_master_keys(), 1);
+    run_checks_for(&f, Duration::from_millis(1100)).await;
+    assert!(f.metrics.checks.load(Ordering::SeqCst) >= 1);
+    assert!(
+        f.metrics
+            .settled
+            .lock()
+            .unwrap()
+            .iter()
+            .all(|s| s.health == KeyHealth::Live && !s.changed)
+    );
+
+    // The customer disables the key: within one interval it is refused, the
+    // cached key is gone, and the change was reported once.
+    revoke_local(&f, true);
+    run_checks_for(&f, Duration::from_millis(1100)).await;
+    assert_eq!(f.service.cached_entries(), 0, "evicted despite a 24 h TTL");
+    let changes: Vec<Settled> = f
+        .metrics
+        .settled
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|s| s.changed)
+        .cloned()
+        .collect();
+    assert_eq!(changes.len(), 1);
+    assert!(
+        matches!(changes[0].health, KeyHealth::Revoked(ref e) if e.kind == ErrorKind::KeyDisabled)
+    );
+    assert_eq!(changes[0].tenants.len(), 1);
+    let outcome = ask().await;
+    assert!(failed_with(&outcome, ErrorKind::KeyDisabled));
+    assert!(outcome.data_key.is_none());
+
+    // Requests meanwhile cost the key manager nothing.
+    let calls = f.metrics.kms_calls.load(Ordering::SeqCst);
+    for _ in 0..100 {
+        assert!(failed_with(&ask().await, ErrorKind::KeyDisabled));
+    }
+    assert_eq!(f.metrics.kms_calls.load(Ordering::SeqCst), calls);
+
+    // Enabled again: usable within one interval, without anyone's help.
+    revoke_local(&f, false);
+    run_checks_for(&f, Duration::from_millis(1100)).await;
+    assert_eq!(ask().await.data_key.unwrap(), dek);
+    let last = f.metrics.settled.lock().unwrap().last().cloned().unwrap();
+    assert!(last.health == KeyHealth::Live);
+    assert!(
+        f.metrics
+            .settled
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|s| s.changed && s.health == KeyHealth::Live)
+    );
+}
+
+#[tokio::test]
+async fn an_outage_is_not_a_revocation() {
+    let f = fixture();
+    let (dek, wrapped) = wrapped_key(&f, "t", 1);
+    let ask = || {
+        f.service
+            .handle(unwrap_request("t", 1, &wrapped, checked(86_400, 1)))
+    };
+    ask().await;
+    std::fs::rename(&f.key_file, f.key_file.with_extension("away")).unwrap();
+    run_checks_for(&f, Duration::from_millis(1200)).await;
+    let last = f.metrics.settled.lock().unwrap().last().cloned().unwrap();
+    assert!(
+        matches!(last.health, KeyHealth::Unreachable(ref e) if e.kind == ErrorKind::Unavailable)
+    );
+    assert!(last.changed);
+    // Still cached, still served.
+    assert_eq!(f.service.cached_entries(), 1);
+    assert_eq!(ask().await.data_key.unwrap(), dek);
+    std::fs::rename(f.key_file.with_extension("away"), &f.key_file).unwrap();
+    run_checks_for(&f, Duration::from_millis(1100)).await;
+    assert_eq!(
+        f.metrics.settled.lock().unwrap().last().unwrap().health,
+        KeyHealth::Live
+    );
+}
+
+#[tokio::test]
+async fn one_check_per_master_key_per_interval_whatever_the_tenants_and_keys() {
+    let f = fixture();
+    // Three tenants with two data keys each, all under master key "cmk".
+    for (n, t) in ["a", "b", "c"].iter().enumerate() {
+        for k in 0..2 {
+            let dek_id = (n * 2 + k) as u64;
+            let (_, wrapped) = wrapped_key(&f, t, dek_id);
+            for _ in 0..5 {
+                f.service
+                    .handle(unwrap_request(t, dek_id, &wrapped, checked(86_400, 1)))
+                    .await;
+            }
+        }
+    }
+    assert_eq!(f.service.watched_master_keys(), 1);
+    run_checks_for(&f, Duration::from_millis(3050)).await;
+    let checks = f.metrics.checks.load(Ordering::SeqCst);
+    assert!((2..=4).contains(&checks), "{checks} checks in 3 s at 1 s");
+    // A revocation concerns every tenant using the key.
+    revoke_local(&f, true);
+    run_checks_for(&f, Duration::from_millis(1100)).await;
+    let settled = f.metrics.settled.lock().unwrap().last().cloned().unwrap();
+    assert!(settled.changed);
+    assert_eq!(
+        settled
+            .tenants
+            .iter()
+            .map(|t| t.tenant_id.as_str())
+            .collect::<Vec<_>>(),
+        ["a", "b", "c"]
+    );
+    assert_eq!(f.service.cached_entries(), 0);
+}
+
+#[tokio::test]
+async fn checks_are_off_at_zero_and_watches_end_with_the_keys() {
+    let f = fixture();
+    let (_, wrapped) = wrapped_key(&f, "t", 1);
+    f.service
+        .handle(unwrap_request("t", 1, &wrapped, checked(1, 0)))
+        .await;
+    run_checks_for(&f, Duration::from_millis(1200)).await;
+    assert_eq!(f.metrics.checks.load(Ordering::SeqCst), 0);
+    // Past TTL (and grace) no cache can hold the key: the watch is forgotten.
+    f.service.due_checks();
+    assert_eq!(f.service.watched_master_keys(), 0);
 }

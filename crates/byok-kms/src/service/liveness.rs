@@ -1,0 +1,262 @@
+//! Liveness of master keys: the key broker's revocation check.
+//!
+//! A cached data key stays usable for its tenant's TTL (24 hours by default)
+//! in the shared cache and in every backend. So that a customer who disables
+//! its master key, or withdraws our permission, is obeyed within seconds and
+//! not at the next expiry, the broker asks the key manager, every
+//! `revocation_check_seconds`, whether each master key protecting a cached data
+//! key may still be used ([`crate::KeyProvider::check_master_key`]).
+//!
+//! - One check per master key per interval, whatever the number of tenants,
+//!   data keys and sessions behind it: keys are *watched* per master key (the
+//!   provider, its configuration and the key id), not per data key.
+//! - Checks are spread over the interval: a master key's first check comes at a
+//!   point of the interval taken from its id, then every interval after it.
+//! - A watch lives as long as any cache could hold a key it protects (the last
+//!   use plus TTL and grace period), then is forgotten.
+//! - What a check finds is the key's [`KeyHealth`]: a refusal makes it
+//!   `Revoked` (the service then evicts and refuses every key under it without
+//!   asking the key manager, until a check succeeds again); an outage makes it
+//!   `Unreachable`, which changes nothing else (the grace-period rules apply).
+//!
+//! Plain data structures; the service (`super`) runs the checks.
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::{Duration, SystemTime};
+
+use byok_core::clock::Tick;
+use sha2::{Digest, Sha256};
+
+use crate::error::ProviderError;
+use crate::protocol::{CacheSettings, ProviderRef, TenantRef};
+use crate::provider::WrappedDek;
+
+/// A master key as the broker checks it: the provider, its configuration and
+/// the key id (a digest of the three).
+pub type MasterKeyId = [u8; 32];
+
+pub fn master_key_id(options_digest: &[u8; 32], cmk_id: &str) -> MasterKeyId {
+    let mut h = Sha256::new();
+    h.update(options_digest);
+    h.update(cmk_id.as_bytes());
+    h.finalize().into()
+}
+
+/// What the last check of a master key found.
+#[derive(Debug, Clone, PartialEq)]
+pub enum KeyHealth {
+    /// Not checked yet since it was first used.
+    Unchecked,
+    /// The key manager let us use the key.
+    Live,
+    /// The key manager refused: disabled, scheduled for deletion, destroyed,
+    /// permission removed, wrong key. Every key under it is refused.
+    Revoked(ProviderError),
+    /// The key manager did not answer (or throttled us): nothing is evicted.
+    Unreachable(ProviderError),
+}
+
+impl KeyHealth {
+    pub fn name(&self) -> &'static str {
+        match self {
+            KeyHealth::Unchecked => "unchecked",
+            KeyHealth::Live => "ok",
+            KeyHealth::Revoked(_) => "revoked",
+            KeyHealth::Unreachable(_) => "unreachable",
+        }
+    }
+
+    pub fn error(&self) -> Option<&ProviderError> {
+        match self {
+            KeyHealth::Revoked(e) | KeyHealth::Unreachable(e) => Some(e),
+            KeyHealth::Unchecked | KeyHealth::Live => None,
+        }
+    }
+
+    fn same_state(&self, other: &KeyHealth) -> bool {
+        std::mem::discriminant(self) == std::mem::discriminant(other)
+    }
+}
+
+/// The data key a check unwraps (any one cached under the master key).
+#[derive(Debug, Clone)]
+pub struct Sample {
+    pub tenant: TenantRef,
+    pub dek_id: u64,
+    pub wrapped: WrappedDek,
+}
+
+struct Watch {
+    provider: ProviderRef,
+    cmk_id: String,
+    sample: Sample,
+    /// Who uses the key, by (database, tenant): whom a change of its health concerns.
+    tenants: BTreeMap<(u32, String), TenantRef>,
+    /// The shortest interval asked for by the tenants using it (`None`: never checked).
+    interval: Option<Duration>,
+    keep_until: Tick,
+    next_check: Tick,
+    checking: bool,
+    health: KeyHealth,
+    /// When the health last changed (wall clock, for the record).
+    since: SystemTime,
+}
+
+/// A check to make.
+#[derive(Debug, Clone)]
+pub struct Check {
+    pub id: MasterKeyId,
+    pub provider: ProviderRef,
+    pub cmk_id: String,
+    pub sample: Sample,
+}
+
+/// What a check concluded, for whoever records it.
+#[derive(Debug, Clone)]
+pub struct Settled {
+    pub provider: ProviderRef,
+    pub cmk_id: String,
+    pub tenants: Vec<TenantRef>,
+    pub health: KeyHealth,
+    /// The health is not what the previous check found (an event to record).
+    pub changed: bool,
+    pub previous: KeyHealth,
+    /// Since when the key has had this health.
+    pub since: SystemTime,
+}
+
+/// Every watched master key.
+#[derive(Default)]
+pub struct Watches {
+    map: HashMap<MasterKeyId, Watch>,
+}
+
+/// Where in its interval a master key's checks fall: a fraction taken from
+/// its id, so checks of many keys spread evenly and a key keeps its place.
+fn phase(id: &MasterKeyId, interval: Duration) -> Duration {
+    let fraction = u16::from_be_bytes([id[0], id[1]]) as f64 / 65_536.0;
+    interval.mul_f64(fraction)
+}
+
+impl Watches {
+    /// A data key under master key `id` was cached or served from the cache:
+    /// watch the master key as long as any cache may hold that data key.
+    #[allow(clippy::too_many_arguments)]
+    pub fn touch(
+        &mut self,
+        id: MasterKeyId,
+        provider: &ProviderRef,
+        tenant: &TenantRef,
+        dek_id: u64,
+        wrapped: &WrappedDek,
+        settings: CacheSettings,
+        now: Tick,
+    ) {
+        let keep_until = now
+            + Duration::from_secs(
+                settings.ttl_seconds.max(1) as u64 + settings.grace_period_seconds as u64,
+            );
+        let asked = (settings.revocation_check_seconds > 0)
+            .then(|| Duration::from_secs(settings.revocation_check_seconds as u64));
+        let sample = Sample {
+            tenant: tenant.clone(),
+            dek_id,
+            wrapped: wrapped.clone(),
+        };
+        let watch = self.map.entry(id).or_insert_with(|| Watch {
+            provider: provider.clone(),
+            cmk_id: wrapped.cmk_id.clone(),
+            sample: sample.clone(),
+            tenants: BTreeMap::new(),
+            interval: None,
+            keep_until,
+            next_check: now,
+            checking: false,
+            health: KeyHealth::Unchecked,
+            since: SystemTime::now(),
+        });
+        watch.sample = sample;
+        watch.keep_until = watch.keep_until.max(keep_until);
+        watch
+            .tenants
+            .entry((tenant.database, tenant.tenant_id.clone()))
+            .or_insert_with(|| tenant.clone());
+        let interval = match (watch.interval, asked) {
+            (Some(current), Some(asked)) => Some(current.min(asked)),
+            (current, asked) => current.or(asked),
+        };
+        if interval != watch.interval {
+            // First interval (or a shorter one): the next check falls at the
+            // key's place in it, counted from now.
+            if let Some(interval) = interval {
+                let next = now + phase(&id, interval);
+                if watch.interval.is_none() || next < watch.next_check {
+                    watch.next_check = next;
+                }
+            }
+            watch.interval = interval;
+        }
+    }
+
+    /// The refusal recorded for master key `id`, if the last check was refused.
+    pub fn revoked(&self, id: &MasterKeyId) -> Option<&ProviderError> {
+        match &self.map.get(id)?.health {
+            KeyHealth::Revoked(e) => Some(e),
+            _ => None,
+        }
+    }
+
+    /// The checks due at `now` (each marked as running until settled); watches
+    /// no cache can need any more are forgotten.
+    pub fn due(&mut self, now: Tick) -> Vec<Check> {
+        // (A revoked key's watch is kept alive by the requests it refuses,
+        // which touch it too.)
+        self.map.retain(|_, w| w.checking || now < w.keep_until);
+        let mut due = Vec::new();
+        for (id, w) in self.map.iter_mut() {
+            if w.checking || w.interval.is_none() || now < w.next_check {
+                continue;
+            }
+            w.checking = true;
+            due.push(Check {
+                id: *id,
+                provider: w.provider.clone(),
+                cmk_id: w.cmk_id.clone(),
+                sample: w.sample.clone(),
+            });
+        }
+        due
+    }
+
+    /// Records a check's result; the next check comes one interval later.
+    pub fn settle(&mut self, id: &MasterKeyId, health: KeyHealth, now: Tick) -> Option<Settled> {
+        let w = self.map.get_mut(id)?;
+        w.checking = false;
+        w.next_check = now + w.interval.unwrap_or(Duration::from_secs(1));
+        let changed = !w.health.same_state(&health)
+            // Unchecked -> Live is the normal start, not news.
+            && !(matches!(w.health, KeyHealth::Unchecked) && matches!(health, KeyHealth::Live));
+        if !w.health.same_state(&health) {
+            w.since = SystemTime::now();
+        }
+        let previous = std::mem::replace(&mut w.health, health.clone());
+        Some(Settled {
+            provider: w.provider.clone(),
+            cmk_id: w.cmk_id.clone(),
+            tenants: w.tenants.values().cloned().collect(),
+            health,
+            changed,
+            previous,
+            since: w.since,
+        })
+    }
+
+    /// Watched master keys.
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+}
