@@ -70,9 +70,18 @@ BEGIN
     INSERT INTO byok.audit_log VALUES (row.*);
     IF p_outcome OPERATOR(pg_catalog.=) 'failed' AND alert IS NOT FALSE THEN
         RAISE WARNING 'byok: % failed for tenant %: %', p_event, coalesce(p_tenant, '-'), coalesce(p_reason, '');
+    END IF;
+    -- byok_alerts: failures (unless the tenant turned alerts off), and the
+    -- events of the guide's rotation workflow and of its master key's health,
+    -- which the customer is told about whatever the outcome.
+    IF (p_outcome OPERATOR(pg_catalog.=) 'failed' AND alert IS NOT FALSE)
+       OR p_event OPERATOR(pg_catalog.=) ANY (ARRAY['master_key_revoked', 'master_key_restored',
+              'master_key_unreachable', 'master_key_reachable', 'rotate_master_key_start',
+              'rotate_master_key', 'master_key_retired', 'rotate_data_key',
+              'schedule_master_key_rotation', 'cancel_scheduled_rotation']) THEN
         PERFORM pg_catalog.pg_notify('byok_alerts', pg_catalog.json_build_object('audit_id', row.id, 'event', p_event,
-                          'tenant_id', p_tenant, 'dek_id', p_dek, 'reason', p_reason,
-                          'at', row.logged_at)::text);
+                          'tenant_id', p_tenant, 'dek_id', p_dek, 'outcome', p_outcome, 'reason', p_reason,
+                          'details', p_details, 'at', row.logged_at)::text);
     END IF;
     RETURN row.id;
 END

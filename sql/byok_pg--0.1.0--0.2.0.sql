@@ -43,7 +43,9 @@ DROP FUNCTION byok.audit_failure(text, text, text, jsonb);
 DROP FUNCTION byok.reencrypt_step(bigint, integer);        -- now returns text
 DROP FUNCTION byok.data_key_references(bigint);            -- parameter p_dek is now dek_id
 DROP FUNCTION byok.protect_column(regclass, name, name, text);  -- column names as text
-DROP FUNCTION byok.broker_status();                        -- two more columns
+DROP FUNCTION byok.broker_status();                        -- four more columns
+DROP VIEW byok.metrics;                                     -- one more column (key_checks),
+DROP FUNCTION byok.metrics_counters();                      -- from its function
 DROP FUNCTION byok.verify_audit_chain();                   -- now with an optional anchor
 -- one more parameter (p_role_name): the 8-argument one would make calls ambiguous
 DROP FUNCTION byok.audit_event(text, text, bigint, text, text, jsonb, oid, timestamptz);
@@ -135,7 +137,9 @@ CREATE OR REPLACE FUNCTION byok.broker_status() RETURNS TABLE (
     "audit_queued" INT,
     "audit_dropped" bigint,
     "shared_cache_entries" bigint,
-    "key_usage_unattributed" bigint
+    "key_usage_unattributed" bigint,
+    "watched_master_keys" bigint,
+    "key_epoch" bigint
 )
 STRICT VOLATILE PARALLEL SAFE
 LANGUAGE c
@@ -220,11 +224,24 @@ CREATE OR REPLACE FUNCTION byok.metrics_counters() RETURNS TABLE (
     "decrypts" bigint,
     "decrypt_failures" bigint,
     "encrypts" bigint,
+    "key_checks" bigint,
     "kms_latency_histogram" bigint[]
 )
 STRICT VOLATILE PARALLEL SAFE
 LANGUAGE c
 AS 'MODULE_PATHNAME', 'metrics_counters_wrapper';
+CREATE FUNCTION byok.key_status() RETURNS TABLE (
+    "provider" TEXT,
+    "tenant_id" TEXT,
+    "status" TEXT,
+    "reason" TEXT,
+    "checked_at" timestamp with time zone,
+    "last_ok_at" timestamp with time zone,
+    "status_since" timestamp with time zone
+)
+STRICT VOLATILE PARALLEL SAFE
+LANGUAGE c
+AS 'MODULE_PATHNAME', 'key_status_wrapper';
 CREATE OR REPLACE FUNCTION byok.pause_job(
     "job_id" bigint
 ) RETURNS TEXT
@@ -390,7 +407,7 @@ END
 $proc$;
 COMMENT ON PROCEDURE byok.rotate_master_key(text, text, interval) IS
     'Moves a tenant to a new master key (or its newest version), rewrapping every data key; resumable';
-CREATE OR REPLACE VIEW byok.metrics AS
+CREATE VIEW byok.metrics AS
 SELECT d.datname AS database, m.provider, m.tenant_id,
        CASE WHEN m.kms_calls > 0
             THEN (m.kms_calls - m.kms_failures)::float8 / m.kms_calls END AS kms_api_success_rate,
@@ -401,11 +418,24 @@ SELECT d.datname AS database, m.provider, m.tenant_id,
             THEN m.decrypt_failures::float8 / m.decrypts END AS decrypt_failures_rate,
        m.kms_calls, m.kms_failures, m.dek_generations,
        m.l1_hits, m.l1_misses, m.l2_hits, m.l2_misses, m.served_stale, m.served_by_replica,
-       m.decrypts, m.decrypt_failures, m.encrypts, m.kms_latency_histogram
+       m.decrypts, m.decrypt_failures, m.encrypts, m.key_checks, m.kms_latency_histogram
   FROM byok.metrics_counters() m
   LEFT JOIN pg_catalog.pg_database d ON d.oid = m.database_oid;
 COMMENT ON VIEW byok.metrics IS
     'Per provider and tenant: kms_api_success_rate, dek_generation_p99_ms, key_cache_hit_ratio, decrypt_failures_rate, and their counters';
+
+-- Each tenant's master key as the key broker's revocation checks last found it
+-- (status unchecked: no key of the tenant is cached, so there is nothing to check).
+CREATE VIEW byok.tenant_key_status WITH (security_invoker = true) AS
+SELECT t.tenant_id, t.provider, t.master_key_id,
+       coalesce(s.status, 'unchecked') AS status, s.reason,
+       s.checked_at AS last_checked_at, s.last_ok_at, s.status_since,
+       coalesce((t.config #>> '{encryption,cache_config,revocation_check_seconds}')::int4,
+                pg_catalog.current_setting('byok.revocation_check_seconds')::int4) AS revocation_check_seconds
+  FROM byok.tenant_config t
+  LEFT JOIN byok.key_status() s ON s.tenant_id = t.tenant_id AND s.provider = t.provider;
+COMMENT ON VIEW byok.tenant_key_status IS
+    'Per tenant: what the key broker''s last revocation check of its master key found (ok, revoked, unreachable), and when';
 
 -- access.sql
 CREATE OR REPLACE FUNCTION byok.may_use_tenant(p_role oid, p_tenant text) RETURNS boolean
@@ -512,9 +542,18 @@ BEGIN
     INSERT INTO byok.audit_log VALUES (row.*);
     IF p_outcome OPERATOR(pg_catalog.=) 'failed' AND alert IS NOT FALSE THEN
         RAISE WARNING 'byok: % failed for tenant %: %', p_event, coalesce(p_tenant, '-'), coalesce(p_reason, '');
+    END IF;
+    -- byok_alerts: failures (unless the tenant turned alerts off), and the
+    -- events of the guide's rotation workflow and of its master key's health,
+    -- which the customer is told about whatever the outcome.
+    IF (p_outcome OPERATOR(pg_catalog.=) 'failed' AND alert IS NOT FALSE)
+       OR p_event OPERATOR(pg_catalog.=) ANY (ARRAY['master_key_revoked', 'master_key_restored',
+              'master_key_unreachable', 'master_key_reachable', 'rotate_master_key_start',
+              'rotate_master_key', 'master_key_retired', 'rotate_data_key',
+              'schedule_master_key_rotation', 'cancel_scheduled_rotation']) THEN
         PERFORM pg_catalog.pg_notify('byok_alerts', pg_catalog.json_build_object('audit_id', row.id, 'event', p_event,
-                          'tenant_id', p_tenant, 'dek_id', p_dek, 'reason', p_reason,
-                          'at', row.logged_at)::text);
+                          'tenant_id', p_tenant, 'dek_id', p_dek, 'outcome', p_outcome, 'reason', p_reason,
+                          'details', p_details, 'at', row.logged_at)::text);
     END IF;
     RETURN row.id;
 END
@@ -629,10 +668,11 @@ GRANT EXECUTE ON FUNCTION byok.configure_tenant(jsonb), byok.rotate_data_key(tex
     byok.pause_job(bigint), byok.resume_job(bigint), byok.cancel_job(bigint),
     byok.wait_job(bigint, interval), byok.data_key_references(bigint),
     byok.verify_audit_chain(bigint, bytea), byok.audit_chain_head(),
-    byok.backend_cache_stats(), byok.broker_status(), byok.metrics_counters()
+    byok.backend_cache_stats(), byok.broker_status(), byok.metrics_counters(),
+    byok.key_status()
   TO byok_admin;
 GRANT EXECUTE ON PROCEDURE byok.rotate_master_key(text, text, interval) TO byok_admin;
-GRANT SELECT ON byok.jobs, byok.protected_columns, byok.metrics, byok.audit_log,
+GRANT SELECT ON byok.jobs, byok.protected_columns, byok.metrics, byok.tenant_key_status, byok.audit_log,
     byok.pending_operations
   TO byok_admin;
 -- (No role but the owner writes the catalog tables: byok_admin's changes go

@@ -123,8 +123,21 @@ SELECT d.datname AS database, m.provider, m.tenant_id,
             THEN m.decrypt_failures::float8 / m.decrypts END AS decrypt_failures_rate,
        m.kms_calls, m.kms_failures, m.dek_generations,
        m.l1_hits, m.l1_misses, m.l2_hits, m.l2_misses, m.served_stale, m.served_by_replica,
-       m.decrypts, m.decrypt_failures, m.encrypts, m.kms_latency_histogram
+       m.decrypts, m.decrypt_failures, m.encrypts, m.key_checks, m.kms_latency_histogram
   FROM byok.metrics_counters() m
   LEFT JOIN pg_catalog.pg_database d ON d.oid = m.database_oid;
 COMMENT ON VIEW byok.metrics IS
     'Per provider and tenant: kms_api_success_rate, dek_generation_p99_ms, key_cache_hit_ratio, decrypt_failures_rate, and their counters';
+
+-- Each tenant's master key as the key broker's revocation checks last found it
+-- (status unchecked: no key of the tenant is cached, so there is nothing to check).
+CREATE VIEW byok.tenant_key_status WITH (security_invoker = true) AS
+SELECT t.tenant_id, t.provider, t.master_key_id,
+       coalesce(s.status, 'unchecked') AS status, s.reason,
+       s.checked_at AS last_checked_at, s.last_ok_at, s.status_since,
+       coalesce((t.config #>> '{encryption,cache_config,revocation_check_seconds}')::int4,
+                pg_catalog.current_setting('byok.revocation_check_seconds')::int4) AS revocation_check_seconds
+  FROM byok.tenant_config t
+  LEFT JOIN byok.key_status() s ON s.tenant_id = t.tenant_id AND s.provider = t.provider;
+COMMENT ON VIEW byok.tenant_key_status IS
+    'Per tenant: what the key broker''s last revocation check of its master key found (ok, revoked, unreachable), and when';

@@ -51,10 +51,11 @@ GRANT EXECUTE ON FUNCTION byok.configure_tenant(jsonb), byok.rotate_data_key(tex
     byok.pause_job(bigint), byok.resume_job(bigint), byok.cancel_job(bigint),
     byok.wait_job(bigint, interval), byok.data_key_references(bigint),
     byok.verify_audit_chain(bigint, bytea), byok.audit_chain_head(),
-    byok.backend_cache_stats(), byok.broker_status(), byok.metrics_counters()
+    byok.backend_cache_stats(), byok.broker_status(), byok.metrics_counters(),
+    byok.key_status()
   TO byok_admin;
 GRANT EXECUTE ON PROCEDURE byok.rotate_master_key(text, text, interval) TO byok_admin;
-GRANT SELECT ON byok.jobs, byok.protected_columns, byok.metrics, byok.audit_log,
+GRANT SELECT ON byok.jobs, byok.protected_columns, byok.metrics, byok.tenant_key_status, byok.audit_log,
     byok.pending_operations
   TO byok_admin;
 -- (No role but the owner writes the catalog tables: byok_admin's changes go

@@ -292,6 +292,7 @@ pub fn cache_settings(
     ttl: Option<i32>,
     max_entries: Option<i32>,
     grace: Option<i32>,
+    revocation_check: Option<i32>,
 ) -> byok_kms::protocol::CacheSettings {
     byok_kms::protocol::CacheSettings {
         ttl_seconds: ttl
@@ -301,6 +302,10 @@ pub fn cache_settings(
             .map_or_else(crate::gucs::cache_max_entries, |m| m.max(0) as u32)
             .max(1),
         grace_period_seconds: grace.unwrap_or(0).max(0) as u32,
+        revocation_check_seconds: revocation_check.map_or_else(
+            crate::gucs::revocation_check_seconds,
+            |s| s.max(0) as u32,
+        ),
     }
 }
 
@@ -352,7 +357,7 @@ pub fn load_data_key(dek_id: u64) -> Result<Option<DataKeyRecord>, ByokError> {
             let table = client.select(
                 "SELECT k.tenant_id, k.state, k.provider, k.wrapped_dek, k.cmk_id, k.cmk_version,
                         t.cache_ttl_seconds, t.cache_max_entries, t.cache_grace_period_seconds,
-                        t.provider_options
+                        t.provider_options, (t.config OPERATOR(pg_catalog.#>>) '{encryption,cache_config,revocation_check_seconds}')::pg_catalog.int4
                    FROM byok.wrapped_data_keys k
                    JOIN byok.tenant_config t ON t.tenant_id OPERATOR(pg_catalog.=) k.tenant_id
                   WHERE k.dek_id OPERATOR(pg_catalog.=) $1",
@@ -377,7 +382,12 @@ pub fn load_data_key(dek_id: u64) -> Result<Option<DataKeyRecord>, ByokError> {
                 state: state_of(&row.required::<String>(2)?)?,
                 provider: provider_of(&row.required::<String>(3)?)?,
                 wrapped: wrapped.transpose()?,
-                cache: cache_settings(row.get::<i32>(7)?, row.get::<i32>(8)?, row.get::<i32>(9)?),
+                cache: cache_settings(
+                    row.get::<i32>(7)?,
+                    row.get::<i32>(8)?,
+                    row.get::<i32>(9)?,
+                    row.get::<i32>(11)?,
+                ),
                 provider_options: match row.get::<pgrx::JsonB>(10)?.map(|j| j.0) {
                     Some(serde_json::Value::Object(map)) => map,
                     _ => serde_json::Map::new(),
@@ -400,7 +410,8 @@ pub fn load_tenant_key_info(tenant_id: &str) -> Result<Option<TenantKeyInfo>, By
         Spi::connect(|client| {
             let args = [DatumWithOid::from(tenant_id)];
             let table = client.select(
-                "SELECT k.dek_id, t.cache_ttl_seconds, t.cache_max_entries, t.cache_grace_period_seconds
+                "SELECT k.dek_id, t.cache_ttl_seconds, t.cache_max_entries, t.cache_grace_period_seconds,
+                        (t.config OPERATOR(pg_catalog.#>>) '{encryption,cache_config,revocation_check_seconds}')::pg_catalog.int4
                    FROM byok.tenant_config t
                    LEFT JOIN byok.wrapped_data_keys k
                           ON k.tenant_id OPERATOR(pg_catalog.=) t.tenant_id
@@ -415,7 +426,12 @@ pub fn load_tenant_key_info(tenant_id: &str) -> Result<Option<TenantKeyInfo>, By
             let row = table.first();
             Ok(Some(TenantKeyInfo {
                 active_dek_id: row.get::<i64>(1)?.map(|id| id as u64),
-                cache: cache_settings(row.get::<i32>(2)?, row.get::<i32>(3)?, row.get::<i32>(4)?),
+                cache: cache_settings(
+                    row.get::<i32>(2)?,
+                    row.get::<i32>(3)?,
+                    row.get::<i32>(4)?,
+                    row.get::<i32>(5)?,
+                ),
             }))
         })
     })

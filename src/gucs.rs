@@ -27,6 +27,13 @@ static BACKEND_CACHE_MAX_ENTRIES: GucSetting<i32> = GucSetting::<i32>::new(10_00
 /// the broker's call to the key manager, may take before failing.
 static KMS_TIMEOUT_MS: GucSetting<i32> = GucSetting::<i32>::new(5_000);
 
+/// `byok.revocation_check_seconds` (server configuration): how often the key
+/// broker re-checks each master key behind a cached data key, unless the
+/// tenant's cache_config says otherwise (0: never).
+static REVOCATION_CHECK_SECONDS: GucSetting<i32> = GucSetting::<i32>::new(
+    byok_kms::protocol::DEFAULT_REVOCATION_CHECK_SECONDS as i32,
+);
+
 /// `byok.cache_ttl_seconds` (server configuration): how long a data key stays
 /// ready in the caches, for tenants whose `cache_config` sets no `ttl_seconds`.
 static CACHE_TTL_SECONDS: GucSetting<i32> = GucSetting::<i32>::new(86_400);
@@ -261,6 +268,16 @@ pub fn init() {
         GucFlags::UNIT_S,
     );
     GucRegistry::define_int_guc(
+        c"byok.revocation_check_seconds",
+        c"How often the key broker asks the key manager whether each master key behind a cached data key may still be used, unless the tenant's cache_config says otherwise.",
+        c"A refusal (disabled key, permission removed) evicts the tenant's keys from every cache within this interval plus a second. 0 turns the check off: cached keys are then trusted until their TTL.",
+        &REVOCATION_CHECK_SECONDS,
+        0,
+        86_400,
+        GucContext::Sighup,
+        GucFlags::UNIT_S,
+    );
+    GucRegistry::define_int_guc(
         c"byok.cache_max_entries",
         c"How many of a tenant's data keys stay cached, unless its cache_config says otherwise.",
         c"Applies to the backends' caches and the key broker's shared cache.",
@@ -294,6 +311,11 @@ pub fn backend_cache_max_entries() -> usize {
 /// byok.kms_timeout_ms: how long a backend waits for the key broker.
 pub fn kms_timeout_ms() -> u64 {
     KMS_TIMEOUT_MS.get().max(1) as u64
+}
+
+/// byok.revocation_check_seconds: the default interval of revocation checks.
+pub fn revocation_check_seconds() -> u32 {
+    REVOCATION_CHECK_SECONDS.get().max(0) as u32
 }
 
 /// byok.cache_ttl_seconds: the default time a data key stays cached.

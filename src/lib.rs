@@ -31,6 +31,7 @@ extension_sql_file!(
     name = "keys",
     requires = [
         api::monitoring::metrics_counters,
+        api::monitoring::key_status,
         api::rotation::rotate_master_key_step,
         api::rotation::rotate_master_key_finish
     ]

@@ -180,7 +180,8 @@ fn config_document(c: &TenantConfig) -> serde_json::Value {
             "cache_config": {
                 "ttl_seconds": c.cache.ttl_seconds,
                 "max_entries": c.cache.max_entries,
-                "grace_period_seconds": c.cache.grace_period_seconds
+                "grace_period_seconds": c.cache.grace_period_seconds,
+                "revocation_check_seconds": c.cache.revocation_check_seconds
             },
             "audit": {"log_all_operations": c.audit.log_all_operations, "alert_on_failures": c.audit.alert_on_failures}
         }

@@ -119,7 +119,7 @@ fn check_probe_key(report: &mut Report, tenant_id: &str, target: Target) -> Opti
     let generate_ms = started.elapsed().as_secs_f64() * 1e3;
     report.add("data key generates", true, format!("{generate_ms:.1} ms"));
     let started = Instant::now();
-    let cache = catalog::cache_settings(Some(1), Some(1), Some(0));
+    let cache = catalog::cache_settings(Some(1), Some(1), Some(0), Some(0));
     let unwrapped = broker::unwrap(target.tenant, target.provider, PROBE_DEK_ID, wrapped, cache);
     let (dek, _) = report.passed("data key round-trips", unwrapped)?;
     let unwrap_ms = started.elapsed().as_secs_f64() * 1e3;

@@ -35,6 +35,7 @@ fn metrics_counters() -> TableIterator<
         name!(decrypts, i64),
         name!(decrypt_failures, i64),
         name!(encrypts, i64),
+        name!(key_checks, i64),
         name!(kms_latency_histogram, Vec<i64>),
     ),
 > {
@@ -64,6 +65,7 @@ fn metrics_counters() -> TableIterator<
                 n(Counter::Decrypts),
                 n(Counter::DecryptFailures),
                 n(Counter::Encrypts),
+                n(Counter::KeyChecks),
                 t.kms_latency.iter().map(|n| *n as i64).collect(),
             )
         })
@@ -87,6 +89,8 @@ fn broker_status() -> TableIterator<
         name!(audit_dropped, i64),
         name!(shared_cache_entries, i64),
         name!(key_usage_unattributed, i64),
+        name!(watched_master_keys, i64),
+        name!(key_epoch, i64),
     ),
 > {
     let Some(shared) = shmem::shared() else {
@@ -104,5 +108,64 @@ fn broker_status() -> TableIterator<
         shared.audit.dropped_total() as i64,
         shared.shared_cache_entries.load(Ordering::Relaxed) as i64,
         shared.key_usage.unattributed() as i64,
+        shared.watched_master_keys.load(Ordering::Relaxed) as i64,
+        shared.key_epoch.load(Ordering::Acquire) as i64,
     ))
+}
+
+/// What the key broker's revocation checks last found about each tenant's
+/// master key, for this database's tenants (`byok.tenant_key_status`).
+// (pgrx reads the column names from the signature, so no type alias)
+#[allow(clippy::type_complexity)]
+#[pg_extern(volatile, parallel_safe)]
+fn key_status() -> TableIterator<
+    'static,
+    (
+        name!(provider, String),
+        name!(tenant_id, String),
+        name!(status, String),
+        name!(reason, Option<String>),
+        name!(checked_at, Option<TimestampWithTimeZone>),
+        name!(last_ok_at, Option<TimestampWithTimeZone>),
+        name!(status_since, Option<TimestampWithTimeZone>),
+    ),
+> {
+    let database = crate::postgres::session::database();
+    let totals = shmem::shared()
+        .map(|shared| shared.metrics.totals())
+        .unwrap_or_default();
+    let rows: Vec<_> = totals
+        .into_iter()
+        .filter(|(db, _, _, t)| *db == database && t.health.checked_at != 0)
+        .map(|(_, provider, tenant, t)| {
+            let h = t.health;
+            (
+                provider.name().to_string(),
+                tenant,
+                match h.status {
+                    1 => "ok",
+                    2 => "revoked",
+                    3 => "unreachable",
+                    _ => "unchecked",
+                }
+                .to_string(),
+                (h.reason as usize)
+                    .checked_sub(1)
+                    .and_then(|i| byok_kms::ErrorKind::ALL.get(i))
+                    .map(|kind| kind.name().to_string()),
+                timestamp(h.checked_at),
+                timestamp(h.ok_at),
+                timestamp(h.since),
+            )
+        })
+        .collect();
+    TableIterator::new(rows)
+}
+
+/// Microseconds since the Unix epoch as a timestamptz (`None` for 0: never).
+fn timestamp(micros: i64) -> Option<TimestampWithTimeZone> {
+    const UNIX_TO_POSTGRES_EPOCH_MICROS: i64 = 946_684_800_000_000;
+    (micros != 0)
+        .then(|| TimestampWithTimeZone::try_from(micros - UNIX_TO_POSTGRES_EPOCH_MICROS).ok())
+        .flatten()
 }

@@ -15,7 +15,8 @@ use std::time::Duration;
 
 use byok_core::config::ProviderKind;
 use byok_kms::protocol::{ErrorWire, Request, Response, TenantRef};
-use byok_kms::service::{KmsOp, MetricEvent};
+use byok_core::counters::KeyHealthRecord;
+use byok_kms::service::{KeyHealth, KmsOp, MetricEvent, Settled};
 use byok_kms::{ErrorKind, KeyService, KmsCallAudit, MetricsSink, Outcome, ServiceSettings};
 use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, SignalWakeFlags};
 use pgrx::pg_sys;
@@ -74,6 +75,35 @@ impl MetricsSink for SharedMetrics {
             MetricEvent::SharedCacheMiss => m.add(Counter::L2Misses, 1),
             MetricEvent::ServedStale => m.add(Counter::ServedStale, 1),
             MetricEvent::ServedByReplica => m.add(Counter::ServedByReplica, 1),
+            MetricEvent::KeyCheck => m.add(Counter::KeyChecks, 1),
+        }
+    }
+
+    /// A revocation check's result: each tenant's key status in shared
+    /// memory; on a change, an audit record per tenant (which also raises
+    /// `NOTIFY byok_alerts`); on a revocation, every backend's ready keys
+    /// dropped before its next row (the service has already emptied its own
+    /// cache and refuses new requests).
+    fn key_checked(&self, settled: &Settled) {
+        let Some(shared) = shmem::shared() else {
+            return;
+        };
+        if settled.changed && matches!(settled.health, KeyHealth::Revoked(_)) {
+            shared.key_epoch.fetch_add(1, Ordering::AcqRel);
+        }
+        let now = crate::audit::now_micros();
+        let since = micros(settled.since);
+        let provider = settled.provider.provider;
+        for tenant in &settled.tenants {
+            if let Some(slot) = shared
+                .metrics
+                .slot(tenant.database, provider, &tenant.tenant_id)
+            {
+                slot.set_health(health_record(&settled.health, now, since));
+            }
+            if settled.changed {
+                crate::audit::queue(tenant.database, &health_change_record(settled, tenant, since));
+            }
         }
     }
 
@@ -85,6 +115,8 @@ impl MetricsSink for SharedMetrics {
             KmsOp::Unwrap => "kms_unwrap",
             KmsOp::Rewrap => "kms_rewrap",
             KmsOp::Validate => "kms_validate",
+            // (checks are audited as changes of a key's health: key_checked)
+            KmsOp::Check => "kms_check",
         };
         let mut details = serde_json::json!({
             "provider": provider.name(),
@@ -115,6 +147,66 @@ impl MetricsSink for SharedMetrics {
                 at_micros: crate::audit::now_micros(),
             },
         );
+    }
+}
+
+fn micros(at: std::time::SystemTime) -> i64 {
+    at.duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros() as i64)
+        .unwrap_or(0)
+}
+
+fn health_record(health: &KeyHealth, now: i64, since: i64) -> KeyHealthRecord {
+    KeyHealthRecord {
+        status: match health {
+            KeyHealth::Unchecked => 0,
+            KeyHealth::Live => 1,
+            KeyHealth::Revoked(_) => 2,
+            KeyHealth::Unreachable(_) => 3,
+        },
+        reason: health.error().map_or(0, |e| e.kind as u32 + 1),
+        checked_at: now,
+        // (0 keeps the time of the last check that was allowed)
+        ok_at: if matches!(health, KeyHealth::Live) { now } else { 0 },
+        since,
+    }
+}
+
+/// The audit record of a change in a master key's health, for one tenant.
+fn health_change_record(
+    settled: &Settled,
+    tenant: &TenantRef,
+    since: i64,
+) -> crate::audit::QueuedRecord {
+    let event = match (&settled.health, &settled.previous) {
+        (KeyHealth::Revoked(_), _) => "master_key_revoked",
+        (KeyHealth::Live, KeyHealth::Revoked(_)) => "master_key_restored",
+        (KeyHealth::Unreachable(_), _) => "master_key_unreachable",
+        _ => "master_key_reachable",
+    };
+    let error = settled.health.error();
+    let mut details = serde_json::json!({
+        "provider": settled.provider.provider.name(),
+        "master_key_id": settled.cmk_id,
+        "status": settled.health.name(),
+        "previous_status": settled.previous.name(),
+    });
+    if let Some(e) = error {
+        details["reason_kind"] = e.kind.name().into();
+    }
+    crate::audit::QueuedRecord {
+        event: event.to_string(),
+        tenant_id: Some(tenant.tenant_id.clone()),
+        dek_id: None,
+        ok: error.is_none(),
+        reason: error.map(|e| match &e.detail {
+            Some(detail) => format!("{}: {detail}", e.message),
+            None => e.message.clone(),
+        }),
+        details: Some(details),
+        role: pg_sys::BOOTSTRAP_SUPERUSERID.into(),
+        role_name: Some("byok key broker".into()),
+        at_micros: since,
     }
 }
 
@@ -179,6 +271,9 @@ pub extern "C-unwind" fn byok_broker_main(_arg: pg_sys::Datum) {
     unsafe { pg_sys::before_shmem_exit(Some(on_broker_exit), pg_sys::Datum::from(0)) };
     refuse_core_dumps();
     shared.generation.fetch_add(1, Ordering::AcqRel);
+    // This broker's revocation checks cover the keys fetched through it: the
+    // backends' ready keys from before it go, and come back through it.
+    shared.key_epoch.fetch_add(1, Ordering::AcqRel);
     // Requests the previous broker had taken will never be answered by it.
     shared.slots.recover(
         &encode(&failure(
@@ -191,6 +286,7 @@ pub extern "C-unwind" fn byok_broker_main(_arg: pg_sys::Datum) {
     let wake = Arc::new(new_eventfd());
     let runtime = build_runtime();
     let service = Arc::new(KeyService::new(settings(), Arc::new(SharedMetrics)));
+    runtime.spawn(service.clone().watch_master_keys());
     let (done_tx, done_rx) = mpsc::channel::<Completion>();
     // SAFETY: publishes this process's own latch and pid; cleared at exit.
     unsafe {
@@ -220,6 +316,9 @@ pub extern "C-unwind" fn byok_broker_main(_arg: pg_sys::Datum) {
         shared
             .shared_cache_entries
             .store(service.cached_entries() as u64, Ordering::Relaxed);
+        shared
+            .watched_master_keys
+            .store(service.watched_master_keys() as u64, Ordering::Relaxed);
         while let Ok(done) = done_rx.try_recv() {
             deliver(shared, done);
         }

@@ -199,6 +199,9 @@ struct KeyRing {
     /// roles row by row (a SECURITY DEFINER function next to a direct call)
     /// re-checks a key against this, not the catalog. Cleared with the keys.
     authorized: HashMap<pg_sys::Oid, HashSet<Box<str>>>,
+    /// The shared key epoch the ready keys were loaded under
+    /// ([`crate::shmem::Shared::key_epoch`]): when it moves, they all go.
+    epoch: u64,
 }
 
 /// Whether `user` was already found to be granted `tenant_id` (a field-level
@@ -256,6 +259,7 @@ impl BackendCell<Option<KeyRing>> {
                     ciphers: KeyCache::new(gucs::backend_cache_max_entries()),
                     active: HashMap::new(),
                     authorized: HashMap::new(),
+                    epoch: crate::shmem::key_epoch(),
                 }
             });
             ring.sync_invalidations();
@@ -270,10 +274,15 @@ pub fn invalidate_all() {
 }
 
 impl KeyRing {
+    /// Drops every ready key after a catalog change (this backend's flag) or
+    /// a revocation seen by the key broker (the shared epoch): before the next
+    /// row, so a session in the middle of a long statement stops too.
     #[inline]
     fn sync_invalidations(&mut self) {
-        if STALE.load(Ordering::Relaxed) {
+        let epoch = crate::shmem::key_epoch();
+        if STALE.load(Ordering::Relaxed) || epoch != self.epoch {
             STALE.store(false, Ordering::Relaxed);
+            self.epoch = epoch;
             self.ciphers.clear();
             self.active.clear();
             self.authorized.clear();

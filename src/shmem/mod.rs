@@ -33,6 +33,13 @@ pub struct Shared {
     pub requests_served: AtomicU64,
     /// Data keys in the broker's shared cache (published by the broker).
     pub shared_cache_entries: AtomicU64,
+    /// Bumped when every backend must drop its ready keys before its next row:
+    /// a master key found revoked, or a broker (re)start (whose revocation
+    /// checks only cover keys fetched through it). Read on every row: one
+    /// atomic load of a line written a few times a day.
+    pub key_epoch: AtomicU64,
+    /// Master keys the broker watches for revocation (published by the broker).
+    pub watched_master_keys: AtomicU64,
     /// Backends waiting for a free slot sleep here.
     slot_freed: UnsafeCell<pg_sys::ConditionVariable>,
     /// A backend waiting for its answer sleeps on its slot's variable.
@@ -57,6 +64,12 @@ static mut PREV_STARTUP_HOOK: pg_sys::shmem_startup_hook_type = None;
 pub fn shared() -> Option<&'static Shared> {
     // SAFETY: set once in the postmaster before any child exists, then only read.
     unsafe { SHARED.as_ref() }
+}
+
+/// The current [`Shared::key_epoch`] (0 when not preloaded).
+#[inline(always)]
+pub fn key_epoch() -> u64 {
+    shared().map_or(0, |shared| shared.key_epoch.load(Ordering::Acquire))
 }
 
 /// Installs the hooks that size and create the shared state. Called from

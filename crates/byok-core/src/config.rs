@@ -8,7 +8,8 @@
 //!   provider: "local"            # local | aws_kms | azure_kv | gcp_kms | vault
 //!   local: { key_id: "acme-cmk-1" }
 //!   key_rotation: { enabled: true, interval_days: 90 }
-//!   cache_config: { ttl_seconds: 86400, max_entries: 1000, grace_period_seconds: 0 }
+//!   cache_config: { ttl_seconds: 86400, max_entries: 1000, grace_period_seconds: 0,
+//!                   revocation_check_seconds: 30 }
 //!   audit: { log_all_operations: true, alert_on_failures: true }
 //! ```
 //!
@@ -28,6 +29,7 @@ const MAX_TTL_SECONDS: i64 = 31_536_000;
 const MAX_CACHE_ENTRIES: i64 = 1_000_000;
 const MAX_INTERVAL_DAYS: i64 = 3_650;
 const MAX_GRACE_SECONDS: i64 = 2_592_000;
+const MAX_REVOCATION_CHECK_SECONDS: i64 = 86_400;
 const MAX_CUSTOMER_LEN: usize = 200;
 const MAX_KEY_ID_LEN: usize = 2_048;
 
@@ -92,12 +94,15 @@ pub struct RotationPolicy {
 }
 
 /// A tenant's cache settings. `None` means the server's default
-/// (`byok.cache_ttl_seconds`, `byok.cache_max_entries`).
+/// (`byok.cache_ttl_seconds`, `byok.cache_max_entries`,
+/// `byok.revocation_check_seconds`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CachePolicy {
     pub ttl_seconds: Option<u32>,
     pub max_entries: Option<u32>,
     pub grace_period_seconds: u32,
+    /// How often the master key behind cached keys is re-checked (0: never).
+    pub revocation_check_seconds: Option<u32>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -341,12 +346,18 @@ fn cache_policy(section: Option<Section<'_>>) -> Result<CachePolicy, ConfigError
             ttl_seconds: None,
             max_entries: None,
             grace_period_seconds: DEFAULT_GRACE_PERIOD_SECONDS,
+            revocation_check_seconds: None,
         });
     };
     check_keys(
         obj,
         &path,
-        &["ttl_seconds", "max_entries", "grace_period_seconds"],
+        &[
+            "ttl_seconds",
+            "max_entries",
+            "grace_period_seconds",
+            "revocation_check_seconds",
+        ],
     )?;
     Ok(CachePolicy {
         ttl_seconds: present_int(obj, &path, "ttl_seconds", 1, MAX_TTL_SECONDS)?,
@@ -358,6 +369,13 @@ fn cache_policy(section: Option<Section<'_>>) -> Result<CachePolicy, ConfigError
             DEFAULT_GRACE_PERIOD_SECONDS,
             0,
             MAX_GRACE_SECONDS,
+        )?,
+        revocation_check_seconds: present_int(
+            obj,
+            &path,
+            "revocation_check_seconds",
+            0,
+            MAX_REVOCATION_CHECK_SECONDS,
         )?,
     })
 }

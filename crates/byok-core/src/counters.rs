@@ -4,7 +4,7 @@
 
 use std::cell::UnsafeCell;
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU32, AtomicU64, Ordering};
 
 use crate::config::ProviderKind;
 use crate::histogram::BUCKETS;
@@ -31,9 +31,39 @@ pub enum Counter {
     Decrypts,
     DecryptFailures,
     Encrypts,
+    /// Revocation checks of the master key made through this tenant's keys.
+    KeyChecks,
 }
 
-const COUNTERS: usize = 12;
+const COUNTERS: usize = 13;
+
+/// What the key broker's revocation checks last found about a tenant's master
+/// key. Times are microseconds since the Unix epoch (0: never).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct KeyHealthRecord {
+    /// 0 unchecked, 1 ok, 2 revoked, 3 unreachable.
+    pub status: u32,
+    /// The key manager's reason: an error kind code set by the broker (0: none).
+    pub reason: u32,
+    /// The last check.
+    pub checked_at: i64,
+    /// The last check the key manager allowed.
+    pub ok_at: i64,
+    /// Since when the status has been what it is.
+    pub since: i64,
+}
+
+/// A [`KeyHealthRecord`] in shared memory: written by the key broker only
+/// (field by field; a reader may see one check's status with the previous
+/// check's time, which no decision depends on).
+#[repr(C)]
+struct SharedKeyHealth {
+    status: AtomicU32,
+    reason: AtomicU32,
+    checked_at: AtomicI64,
+    ok_at: AtomicI64,
+    since: AtomicI64,
+}
 
 /// Counters of one (database, provider, tenant).
 #[repr(C)]
@@ -48,6 +78,7 @@ pub struct MetricSlot {
     kms_latency: [AtomicU64; BUCKETS],
     /// Latency of obtaining a data key from the key manager (generate or unwrap).
     dek_latency: [AtomicU64; BUCKETS],
+    health: SharedKeyHealth,
 }
 
 impl MetricSlot {
@@ -58,6 +89,30 @@ impl MetricSlot {
 
     pub fn kms_latency(&self, bucket: usize) {
         self.kms_latency[bucket.min(BUCKETS - 1)].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Records what a revocation check found (an `ok_at` of 0 keeps the
+    /// time of the last check that was allowed).
+    pub fn set_health(&self, record: KeyHealthRecord) {
+        let h = &self.health;
+        h.reason.store(record.reason, Ordering::Relaxed);
+        h.checked_at.store(record.checked_at, Ordering::Relaxed);
+        if record.ok_at != 0 {
+            h.ok_at.store(record.ok_at, Ordering::Relaxed);
+        }
+        h.since.store(record.since, Ordering::Relaxed);
+        h.status.store(record.status, Ordering::Release);
+    }
+
+    fn health(&self) -> KeyHealthRecord {
+        let h = &self.health;
+        KeyHealthRecord {
+            status: h.status.load(Ordering::Acquire),
+            reason: h.reason.load(Ordering::Relaxed),
+            checked_at: h.checked_at.load(Ordering::Relaxed),
+            ok_at: h.ok_at.load(Ordering::Relaxed),
+            since: h.since.load(Ordering::Relaxed),
+        }
     }
 
     pub fn dek_latency(&self, bucket: usize) {
@@ -93,6 +148,8 @@ pub struct Totals {
     pub counters: [u64; COUNTERS],
     pub kms_latency: [u64; BUCKETS],
     pub dek_latency: [u64; BUCKETS],
+    /// The newest revocation check's findings.
+    pub health: KeyHealthRecord,
 }
 
 impl Totals {
@@ -174,6 +231,10 @@ impl<const N: usize> MetricTable<N> {
             for i in 0..BUCKETS {
                 t.kms_latency[i] += m.kms_latency[i].load(Ordering::Relaxed);
                 t.dek_latency[i] += m.dek_latency[i].load(Ordering::Relaxed);
+            }
+            let health = m.health();
+            if health.checked_at > t.health.checked_at {
+                t.health = health;
             }
         }
         rows.into_iter()

@@ -31,6 +31,34 @@ pub enum ErrorKind {
 }
 
 impl ErrorKind {
+    /// Every kind, in declaration order (`kind as usize` indexes it).
+    pub const ALL: [ErrorKind; 9] = [
+        ErrorKind::KeyNotFound,
+        ErrorKind::AccessDenied,
+        ErrorKind::KeyDisabled,
+        ErrorKind::UnwrapFailed,
+        ErrorKind::Unavailable,
+        ErrorKind::Throttled,
+        ErrorKind::Misconfigured,
+        ErrorKind::NotSupported,
+        ErrorKind::NotPermitted,
+    ];
+
+    /// Its name, as serialized (`key_disabled`).
+    pub fn name(self) -> &'static str {
+        match self {
+            ErrorKind::KeyNotFound => "key_not_found",
+            ErrorKind::AccessDenied => "access_denied",
+            ErrorKind::KeyDisabled => "key_disabled",
+            ErrorKind::UnwrapFailed => "unwrap_failed",
+            ErrorKind::Unavailable => "unavailable",
+            ErrorKind::Throttled => "throttled",
+            ErrorKind::Misconfigured => "misconfigured",
+            ErrorKind::NotSupported => "not_supported",
+            ErrorKind::NotPermitted => "not_permitted",
+        }
+    }
+
     /// Failures of reaching the key manager, as opposed to its refusals. Only these
     /// let the shared cache serve a key past its TTL (the grace period): a refusal
     /// (revoked access, disabled key) must take effect.
@@ -104,4 +132,20 @@ pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
     }
     // Some SDKs add line breaks and troubleshooting links; keep one line.
     text.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn all_kinds_in_declaration_order_with_their_serialized_names() {
+        for (index, kind) in ErrorKind::ALL.iter().enumerate() {
+            assert_eq!(*kind as usize, index);
+            assert_eq!(
+                serde_json::to_string(kind).unwrap(),
+                format!("\"{}\"", kind.name())
+            );
+        }
+    }
 }

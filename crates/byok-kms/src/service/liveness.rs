@@ -90,9 +90,10 @@ struct Watch {
     provider: ProviderRef,
     cmk_id: String,
     sample: Sample,
-    /// Who uses the key, by (database, tenant): whom a change of its health concerns.
-    tenants: BTreeMap<(u32, String), TenantRef>,
-    /// The shortest interval asked for by the tenants using it (`None`: never checked).
+    /// Who uses the key, by (database, tenant): whom a change of its health
+    /// concerns, and the interval each asked for in its latest request.
+    tenants: BTreeMap<(u32, String), (TenantRef, Option<Duration>)>,
+    /// The shortest interval the tenants ask for (`None`: never checked).
     interval: Option<Duration>,
     keep_until: Tick,
     next_check: Tick,
@@ -177,14 +178,13 @@ impl Watches {
         });
         watch.sample = sample;
         watch.keep_until = watch.keep_until.max(keep_until);
-        watch
-            .tenants
-            .entry((tenant.database, tenant.tenant_id.clone()))
-            .or_insert_with(|| tenant.clone());
-        let interval = match (watch.interval, asked) {
-            (Some(current), Some(asked)) => Some(current.min(asked)),
-            (current, asked) => current.or(asked),
-        };
+        watch.tenants.insert(
+            (tenant.database, tenant.tenant_id.clone()),
+            (tenant.clone(), asked),
+        );
+        // A tenant's latest settings count: one that turned its checks off
+        // (or lengthened them) stops asking for the shorter interval.
+        let interval = watch.tenants.values().filter_map(|(_, asked)| *asked).min();
         if interval != watch.interval {
             // First interval (or a shorter one): the next check falls at the
             // key's place in it, counted from now.
@@ -243,7 +243,7 @@ impl Watches {
         Some(Settled {
             provider: w.provider.clone(),
             cmk_id: w.cmk_id.clone(),
-            tenants: w.tenants.values().cloned().collect(),
+            tenants: w.tenants.values().map(|(t, _)| t.clone()).collect(),
             health,
             changed,
             previous,
