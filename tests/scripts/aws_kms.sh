@@ -17,7 +17,7 @@ rm -rf "$FIXTURES"; mkdir -p "$FIXTURES"; chown postgres "$FIXTURES" 2>/dev/null
 : > "$FIXTURES/errors.log"
 "$BYOK_VENV/bin/moto_server" -H 127.0.0.1 -p $RELAXED > "$FIXTURES/moto-relaxed.log" 2>&1 &
 MOTO_RELAXED=$!
-INITIAL_NO_AUTH_ACTION_COUNT=4 "$BYOK_VENV/bin/moto_server" -H 127.0.0.1 -p $STRICT > "$FIXTURES/moto-strict.log" 2>&1 &
+INITIAL_NO_AUTH_ACTION_COUNT=10 "$BYOK_VENV/bin/moto_server" -H 127.0.0.1 -p $STRICT > "$FIXTURES/moto-strict.log" 2>&1 &
 MOTO_STRICT=$!
 trap 'kill $MOTO_RELAXED $MOTO_STRICT 2>/dev/null; stop_cluster $NAME' EXIT
 for port in $RELAXED $STRICT; do
@@ -38,6 +38,9 @@ aws_secret_access_key = test
 [strict]
 aws_access_key_id = $(get strict_access_key_id)
 aws_secret_access_key = $STRICT_SECRET
+[revocable]
+aws_access_key_id = $(get revocable_access_key_id)
+aws_secret_access_key = $(get revocable_secret_access_key)
 [bogus]
 aws_access_key_id = AKIAIOSFODNN7EXAMPLE
 aws_secret_access_key = not-the-right-secret
@@ -117,6 +120,36 @@ check "configure with the strict profile (DescribeKey and GenerateDataKey are al
 expect_error "Decrypt denied by IAM" 42501 "AWS error code AccessDeniedException from Decrypt" "SELECT byok.encrypt_text('t_strict', 'x')"
 expect_error "wrong credentials" 42501 "AWS error code" \
     "SELECT byok.configure_tenant('$(config t_bogus "{\"key_arn\":\"$STRICT_KEY\",\"endpoint_url\":\"$SEP\",\"profile\":\"bogus\"}")')"
+
+# Revocation drills (tests/testlib.sh): the customer disables its key, or
+# withdraws our permission to decrypt; then undoes it.
+DRILL_KEY=$(get drill_arn)
+aws_call() { # aws_call ENDPOINT ACCESS_KEY SECRET SERVICE METHOD JSON_ARGS
+    "$PY" -c "import boto3, json, sys
+c = boto3.client(sys.argv[4], endpoint_url=sys.argv[1], aws_access_key_id=sys.argv[2], aws_secret_access_key=sys.argv[3], region_name='us-east-1')
+getattr(c, sys.argv[5])(**json.loads(sys.argv[6]))" "$@"
+}
+disable_drill_key() { aws_call "$EP" test test kms disable_key "{\"KeyId\": \"${DRILL_KEY##*/}\"}"; }
+enable_drill_key() { aws_call "$EP" test test kms enable_key "{\"KeyId\": \"${DRILL_KEY##*/}\"}"; }
+stop_moto() { kill -STOP $MOTO_RELAXED; }
+continue_moto() { kill -CONT $MOTO_RELAXED; }
+DENY_DECRYPT='{"Version": "2012-10-17", "Statement": [{"Effect": "Deny", "Action": "kms:Decrypt", "Resource": "*"}]}'
+deny_decrypt() {
+    aws_call "$SEP" "$(get admin_access_key_id)" "$(get admin_secret_access_key)" iam put_user_policy \
+        "$("$PY" -c "import json, sys; print(json.dumps({'UserName': 'byok-revocable', 'PolicyName': 'customer-revoked', 'PolicyDocument': sys.argv[1]}))" "$DENY_DECRYPT")"
+}
+allow_decrypt() {
+    aws_call "$SEP" "$(get admin_access_key_id)" "$(get admin_secret_access_key)" iam delete_user_policy \
+        '{"UserName": "byok-revocable", "PolicyName": "customer-revoked"}'
+}
+drill_config() { # drill_config TENANT AWS_BLOCK_JSON
+    printf '{"customer":"acme_corp","tenant_id":"%s","encryption":{"provider":"aws_kms","aws_kms":%s,"cache_config":{"ttl_seconds":86400,"revocation_check_seconds":2}}}' "$1" "$2"
+}
+q -c "SELECT byok.configure_tenant('$(drill_config t_disable "{\"key_arn\":\"$DRILL_KEY\",\"endpoint_url\":\"$EP\"}")')" >/dev/null
+q -c "SELECT byok.configure_tenant('$(drill_config t_iam "{\"key_arn\":\"$STRICT_KEY\",\"endpoint_url\":\"$SEP\",\"profile\":\"revocable\"}")')" >/dev/null
+revocation_drill "aws_kms: DisableKey (seen by DescribeKey)" t_disable 2 55000 "is not enabled" \
+    disable_drill_key enable_drill_key stop_moto continue_moto
+revocation_drill "aws_kms: IAM deny on kms:Decrypt" t_iam 2 42501 "AccessDeniedException" deny_decrypt allow_decrypt
 
 echo "== the audit trail: each KMS call with its AWS request id, failures with their reason"
 wait_for_audit_queue || not_ok "the audit queue did not drain"
