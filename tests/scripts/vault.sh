@@ -139,6 +139,35 @@ echo "== a revoked token is re-acquired (AppRole logs in again after a 403)"
 q -c "SELECT byok.flush_cache()" >/dev/null
 check "v_approle still decrypts" "$(q -c "SELECT byok.decrypt_text(v, 'va') FROM va WHERE id = 5")" "secret 5"
 
+# Revocation drills (tests/testlib.sh): the customer removes the policy our
+# AppRole's tokens carry, or raises the transit key's min_decryption_version
+# past the version our data keys are wrapped with; then undoes it.
+"$BAO" write transit/keys/drill derived=true >/dev/null
+DRILL_POLICY='path "transit/datakey/plaintext/drill" { capabilities = ["update"] }
+path "transit/decrypt/drill" { capabilities = ["update"] }
+path "transit/keys/drill" { capabilities = ["read"] }'
+echo "$DRILL_POLICY" | "$BAO" policy write byok-drill - >/dev/null
+"$BAO" write auth/approle/role/drill token_policies=byok-drill token_ttl=1h >/dev/null
+"$BAO" read -field=role_id auth/approle/role/drill/role-id > "$FIXTURES/drill.role_id"
+"$BAO" write -f -field=secret_id auth/approle/role/drill/secret-id | secret_file "$FIXTURES/drill.secret_id"
+drill_config() { # drill_config TENANT VAULT_BLOCK_JSON
+    printf '{"customer":"acme_corp","tenant_id":"%s","encryption":{"provider":"vault","vault":%s,"cache_config":{"ttl_seconds":86400,"revocation_check_seconds":2}}}' "$1" "$2"
+}
+for t in t_vpolicy t_vmin; do
+    q -c "SELECT byok.configure_tenant('$(drill_config $t "{\"address\":\"$HTTP\",\"key_name\":\"drill\",\"auth\":$(approle drill)}")')" >/dev/null
+done
+remove_policy() { "$BAO" policy delete byok-drill >/dev/null; }
+restore_policy() { echo "$DRILL_POLICY" | "$BAO" policy write byok-drill - >/dev/null; }
+stop_bao() { kill -STOP $BAO_HTTP; }
+continue_bao() { kill -CONT $BAO_HTTP; }
+revocation_drill "vault: the policy removed from the AppRole's tokens" t_vpolicy 2 42501 "permission denied" \
+    remove_policy restore_policy stop_bao continue_bao
+"$BAO" write -f transit/keys/drill/rotate >/dev/null
+raise_min_version() { "$BAO" write transit/keys/drill/config min_decryption_version=2 >/dev/null; }
+lower_min_version() { "$BAO" write transit/keys/drill/config min_decryption_version=1 >/dev/null; }
+revocation_drill "vault: min_decryption_version raised past the wrapped keys' version" t_vmin 2 55000 "too old" \
+    raise_min_version lower_min_version
+
 echo "== no token or secret id in any message or log"
 leaked=0
 for f in "$FIXTURES"/http.*token "$FIXTURES"/tls.*token "$FIXTURES"/*.secret_id; do
