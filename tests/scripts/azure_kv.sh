@@ -171,6 +171,18 @@ q -c "SELECT byok.flush_cache()" >/dev/null
 expect_error "Retry-After beyond the timeout fails at once, clearly" 58000 "throttled" \
     "SELECT byok.decrypt_text(v, 'az') FROM az WHERE id = 9"
 
+
+# Revocation drill (tests/testlib.sh): the customer disables the key version
+# our data key is wrapped with, then enables it again.
+DV1=$(akv create-key drill-cmk RSA-HSM 2048 wrapKey unwrapKey | field "['key']['kid'].rsplit('/',1)[1]")
+q -c "SELECT byok.configure_tenant('$(printf '{"customer":"acme_corp","tenant_id":"az_drill","encryption":{"provider":"azure_kv","azure_kv":%s,"cache_config":{"ttl_seconds":86400,"revocation_check_seconds":2}}}' "$(block drill-cmk "$(sp platform-app platform)")")')" >/dev/null
+disable_version() { akv set-enabled drill-cmk "$DV1" false >/dev/null; }
+enable_version() { akv set-enabled drill-cmk "$DV1" true >/dev/null; }
+stop_standin() { kill -STOP $STANDIN_PID; }
+continue_standin() { kill -CONT $STANDIN_PID; }
+revocation_drill "azure_kv: the key version disabled" az_drill 2 55000 "not allowed on a disabled key" \
+    disable_version enable_version stop_standin continue_standin
+
 echo "== no secret, certificate key or token in any message or log"
 leaked=0
 for s in "$(secret platform)" "$(secret reader)" "$(secret wrong)" "$(tr -d '\n' < "$FIXTURES/access.token")" \

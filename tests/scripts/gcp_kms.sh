@@ -159,6 +159,18 @@ q -c "CREATE TABLE gd AS SELECT byok.encrypt_text('g_drongo', 'via drongo') AS v
 q -c "SELECT byok.flush_cache()" >/dev/null
 check "round trip through drongo" "$(q -c "SELECT byok.decrypt_text(v) FROM gd")" "via drongo"
 
+
+# Revocation drill (tests/testlib.sh): the customer disables the key version
+# our data key is encrypted with, then enables it again.
+gkms key "$RING" drill-cmk HSM >/dev/null
+q -c "SELECT byok.configure_tenant('$(printf '{"customer":"acme_corp","tenant_id":"g_drill","encryption":{"provider":"gcp_kms","gcp_kms":%s,"cache_config":{"ttl_seconds":86400,"revocation_check_seconds":2}}}' "$(block "$RING/cryptoKeys/drill-cmk" "$(keyfile byok-platform)")")')" >/dev/null
+disable_version() { gkms state "$RING/cryptoKeys/drill-cmk/cryptoKeyVersions/1" DISABLED >/dev/null; }
+enable_version() { gkms state "$RING/cryptoKeys/drill-cmk/cryptoKeyVersions/1" ENABLED >/dev/null; }
+stop_standin() { kill -STOP $STANDIN_PID; }
+continue_standin() { kill -CONT $STANDIN_PID; }
+revocation_drill "gcp_kms: the key version disabled" g_drill 2 55000 "is not enabled" \
+    disable_version enable_version stop_standin continue_standin
+
 echo "== no private key or token in any message or log"
 leaked=0
 for s in "$(tr -d '\n' < "$FIXTURES/access.token")" \
