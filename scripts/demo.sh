@@ -18,7 +18,8 @@ SELECT byok.configure_tenant($$
 {"customer": "acme_corp", "tenant_id": "tenant_12345",
  "encryption": {"provider": "local", "local": {"key_id": "acme-cmk-1"},
                 "key_rotation": {"enabled": true, "interval_days": 90},
-                "cache_config": {"ttl_seconds": 86400, "max_entries": 1000},
+                "cache_config": {"ttl_seconds": 86400, "max_entries": 1000,
+                                 "revocation_check_seconds": 2},
                 "audit": {"log_all_operations": true, "alert_on_failures": true}}}$$);
 SELECT * FROM byok.tenants;
 SELECT * FROM byok.data_keys;
@@ -76,6 +77,26 @@ SELECT pg_sleep(2);
 SELECT id, logged_at::time(0), event, tenant_id, dek_id, role_name, outcome, left(reason, 60) AS reason
   FROM byok.audit_log ORDER BY logged_at, id;
 SELECT count(*) AS audit_chain_breaks FROM byok.verify_audit_chain();
+SQL
+# 8. Revocation: the customer revokes its master key. For the local provider its
+#    switch is the revocation list beside the key file; the cached key (24 h TTL)
+#    stops working within revocation_check_seconds + 1 s, and comes back alone.
+REVOKED="$BYOK_WORK/demo/data/byok_local_master.key.revoked"
+log "8. the customer revokes master key acme-cmk-1 (a line in $REVOKED)"
+as_postgres sh -c "echo acme-cmk-1 > '$REVOKED'"
+sleep 3
+psql_at demo $PORT -d postgres -v ON_ERROR_STOP=0 -e <<'SQL'
+SELECT byok.decrypt_text(diagnosis, 'patients.diagnosis') FROM patients WHERE id = 1;
+SELECT tenant_id, status, reason, last_checked_at::time(0), last_ok_at::time(0) FROM byok.tenant_key_status;
+SQL
+log "8. the customer enables it again (the line removed)"
+as_postgres rm -f "$REVOKED"
+sleep 3
+psql_at demo $PORT -d postgres -v ON_ERROR_STOP=0 -e <<'SQL'
+SELECT byok.decrypt_text(diagnosis, 'patients.diagnosis') FROM patients WHERE id = 1;
+SELECT tenant_id, status FROM byok.tenant_key_status;
+SELECT logged_at::time(0), event, outcome, left(reason, 70) AS reason FROM byok.audit_log
+ WHERE event LIKE 'master_key_%' ORDER BY id;
 SQL
 log "demo done. Connect with: psql -h $BYOK_WORK/demo -p $PORT -U postgres"
 log "stop it with: bash scripts/demo.sh --stop   (or pg_ctl -D $BYOK_WORK/demo/data stop as postgres)"

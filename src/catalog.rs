@@ -302,10 +302,8 @@ pub fn cache_settings(
             .map_or_else(crate::gucs::cache_max_entries, |m| m.max(0) as u32)
             .max(1),
         grace_period_seconds: grace.unwrap_or(0).max(0) as u32,
-        revocation_check_seconds: revocation_check.map_or_else(
-            crate::gucs::revocation_check_seconds,
-            |s| s.max(0) as u32,
-        ),
+        revocation_check_seconds: revocation_check
+            .map_or_else(crate::gucs::revocation_check_seconds, |s| s.max(0) as u32),
     }
 }
 

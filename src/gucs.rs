@@ -30,9 +30,8 @@ static KMS_TIMEOUT_MS: GucSetting<i32> = GucSetting::<i32>::new(5_000);
 /// `byok.revocation_check_seconds` (server configuration): how often the key
 /// broker re-checks each master key behind a cached data key, unless the
 /// tenant's cache_config says otherwise (0: never).
-static REVOCATION_CHECK_SECONDS: GucSetting<i32> = GucSetting::<i32>::new(
-    byok_kms::protocol::DEFAULT_REVOCATION_CHECK_SECONDS as i32,
-);
+static REVOCATION_CHECK_SECONDS: GucSetting<i32> =
+    GucSetting::<i32>::new(byok_kms::protocol::DEFAULT_REVOCATION_CHECK_SECONDS as i32);
 
 /// `byok.cache_ttl_seconds` (server configuration): how long a data key stays
 /// ready in the caches, for tenants whose `cache_config` sets no `ttl_seconds`.

@@ -14,8 +14,8 @@ use std::sync::mpsc;
 use std::time::Duration;
 
 use byok_core::config::ProviderKind;
-use byok_kms::protocol::{ErrorWire, Request, Response, TenantRef};
 use byok_core::counters::KeyHealthRecord;
+use byok_kms::protocol::{ErrorWire, Request, Response, TenantRef};
 use byok_kms::service::{KeyHealth, KmsOp, MetricEvent, Settled};
 use byok_kms::{ErrorKind, KeyService, KmsCallAudit, MetricsSink, Outcome, ServiceSettings};
 use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, SignalWakeFlags};
@@ -102,7 +102,10 @@ impl MetricsSink for SharedMetrics {
                 slot.set_health(health_record(&settled.health, now, since));
             }
             if settled.changed {
-                crate::audit::queue(tenant.database, &health_change_record(settled, tenant, since));
+                crate::audit::queue(
+                    tenant.database,
+                    &health_change_record(settled, tenant, since),
+                );
             }
         }
     }
@@ -167,7 +170,11 @@ fn health_record(health: &KeyHealth, now: i64, since: i64) -> KeyHealthRecord {
         reason: health.error().map_or(0, |e| e.kind as u32 + 1),
         checked_at: now,
         // (0 keeps the time of the last check that was allowed)
-        ok_at: if matches!(health, KeyHealth::Live) { now } else { 0 },
+        ok_at: if matches!(health, KeyHealth::Live) {
+            now
+        } else {
+            0
+        },
         since,
     }
 }
@@ -204,7 +211,7 @@ fn health_change_record(
             None => e.message.clone(),
         }),
         details: Some(details),
-        role: pg_sys::BOOTSTRAP_SUPERUSERID.into(),
+        role: pg_sys::BOOTSTRAP_SUPERUSERID,
         role_name: Some("byok key broker".into()),
         at_micros: since,
     }

@@ -233,9 +233,10 @@ impl Watches {
         let w = self.map.get_mut(id)?;
         w.checking = false;
         w.next_check = now + w.interval.unwrap_or(Duration::from_secs(1));
-        let changed = !w.health.same_state(&health)
-            // Unchecked -> Live is the normal start, not news.
-            && !(matches!(w.health, KeyHealth::Unchecked) && matches!(health, KeyHealth::Live));
+        // Unchecked -> Live is the normal start, not news.
+        let first_success =
+            matches!(w.health, KeyHealth::Unchecked) && matches!(health, KeyHealth::Live);
+        let changed = !w.health.same_state(&health) && !first_success;
         if !w.health.same_state(&health) {
             w.since = SystemTime::now();
         }
