@@ -479,8 +479,13 @@ impl KeyService {
             master: liveness::master_key_id(&options, &wrapped.cmk_id),
         };
         let now = Tick::now();
+        // (A validation probe's key is discarded at once: it watches nothing,
+        // and its settings must not stand in for the tenant's.)
+        let probe = dek_id == crate::protocol::PROBE_DEK_ID;
         let watch = |watches: &mut Watches| {
-            watches.touch(key.master, provider, tenant, dek_id, wrapped, settings, now)
+            if !probe {
+                watches.touch(key.master, provider, tenant, dek_id, wrapped, settings, now)
+            }
         };
         let stale = match self.cached(&key, now) {
             Some((dek, true)) => {
@@ -565,6 +570,9 @@ impl KeyService {
             return Err(refused);
         }
         self.store(key.clone(), tenant, &dek, settings);
+        if dek_id == crate::protocol::PROBE_DEK_ID {
+            return Ok(dek);
+        }
         self.watches.lock().expect("watches lock").touch(
             key.master,
             provider,

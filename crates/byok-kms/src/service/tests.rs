@@ -737,3 +737,24 @@ async fn checks_are_off_at_zero_and_watches_end_with_the_keys() {
     f.service.due_checks();
     assert_eq!(f.service.watched_master_keys(), 0);
 }
+
+#[tokio::test]
+async fn a_validation_probe_neither_watches_nor_turns_off_the_tenants_checks() {
+    let f = fixture();
+    let (_, wrapped) = wrapped_key(&f, "t", 1);
+    let (_, probe) = wrapped_key(&f, "t", crate::protocol::PROBE_DEK_ID);
+    f.service
+        .handle(unwrap_request("t", 1, &wrapped, checked(86_400, 1)))
+        .await;
+    f.service
+        .handle(unwrap_request(
+            "t",
+            crate::protocol::PROBE_DEK_ID,
+            &probe,
+            checked(1, 0),
+        ))
+        .await;
+    run_checks_for(&f, Duration::from_millis(1100)).await;
+    assert!(f.metrics.checks.load(Ordering::SeqCst) >= 1);
+    assert_eq!(f.service.watched_master_keys(), 1);
+}
