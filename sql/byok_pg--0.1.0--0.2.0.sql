@@ -96,6 +96,39 @@ SELECT r.relid, r.column_name, a.attnum, r.tenant_column, r.context, r.registere
  WHERE a.atttypid = 'byok.encrypted'::pg_catalog.regtype
    AND c.relkind IN ('r', 'p') AND c.relpersistence = 'p';
 
+-- The guide's rotation workflow: master keys retired at the end of a grace
+-- period, and rotations scheduled in advance (new in 0.2.0).
+CREATE TABLE byok.retired_master_keys (
+    tenant_id text NOT NULL REFERENCES byok.tenant_config (tenant_id),
+    master_key_id text NOT NULL,
+    retired_at timestamptz NOT NULL DEFAULT now(),
+    -- data keys found still under it at the end of the grace period, and rewrapped
+    data_keys_rewrapped bigint NOT NULL DEFAULT 0,
+    PRIMARY KEY (tenant_id, master_key_id)
+);
+COMMENT ON TABLE byok.retired_master_keys IS 'Master keys whose rotation grace period ended; data keys wrapped by them are refused';
+CREATE TABLE byok.scheduled_rotations (
+    rotation_id bigserial PRIMARY KEY,
+    tenant_id text NOT NULL REFERENCES byok.tenant_config (tenant_id),
+    new_key_id text NOT NULL,
+    rotation_time timestamptz NOT NULL,
+    grace_period interval NOT NULL,
+    state text NOT NULL DEFAULT 'scheduled'
+        CHECK (state IN ('scheduled', 'running', 'done', 'failed', 'cancelled')),
+    scheduled_by name NOT NULL,
+    scheduled_at timestamptz NOT NULL DEFAULT now(),
+    started_at timestamptz,
+    finished_at timestamptz,
+    result text
+);
+COMMENT ON TABLE byok.scheduled_rotations IS 'Customer-initiated master-key rotations noticed in advance, run by the job launcher at their time';
+SELECT pg_catalog.pg_extension_config_dump('byok.retired_master_keys', '');
+SELECT pg_catalog.pg_extension_config_dump('byok.scheduled_rotations', '');
+SELECT pg_catalog.pg_extension_config_dump('byok.scheduled_rotations_rotation_id_seq', '');
+CREATE TRIGGER invalidate_key_caches
+    AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON byok.retired_master_keys
+    FOR EACH STATEMENT EXECUTE FUNCTION byok.invalidate_key_caches();
+
 -- ---------------------------------------------------------------------------
 -- 3. Functions, views, policies, triggers: the 0.2.0 definitions. CREATE OR
 --    REPLACE keeps the functions (and views) your objects may depend on, such as
@@ -298,6 +331,28 @@ STRICT VOLATILE PARALLEL UNSAFE
 SET search_path TO pg_catalog, pg_temp
 LANGUAGE c
 AS 'MODULE_PATHNAME', 'rotate_data_key_wrapper';
+CREATE FUNCTION byok.schedule_master_key_rotation(
+    "notice" jsonb
+) RETURNS bigint
+STRICT VOLATILE PARALLEL UNSAFE
+SET search_path TO pg_catalog, pg_temp
+LANGUAGE c
+AS 'MODULE_PATHNAME', 'schedule_master_key_rotation_wrapper';
+CREATE FUNCTION byok.cancel_scheduled_rotation(
+    "tenant_id" TEXT,
+    "rotation_id" bigint
+) RETURNS TEXT
+STRICT VOLATILE PARALLEL UNSAFE
+SET search_path TO pg_catalog, pg_temp
+LANGUAGE c
+AS 'MODULE_PATHNAME', 'cancel_scheduled_rotation_wrapper';
+CREATE FUNCTION byok.retire_previous_master_key(
+    "tenant_id" TEXT
+) RETURNS TEXT
+STRICT VOLATILE PARALLEL UNSAFE
+SET search_path TO pg_catalog, pg_temp
+LANGUAGE c
+AS 'MODULE_PATHNAME', 'retire_previous_master_key_wrapper';
 CREATE OR REPLACE FUNCTION byok.rotate_master_key_finish(
     "tenant_id" TEXT,
     "new_key_id" TEXT
@@ -429,9 +484,7 @@ COMMENT ON VIEW byok.metrics IS
 CREATE VIEW byok.tenant_key_status WITH (security_invoker = true) AS
 SELECT t.tenant_id, t.provider, t.master_key_id,
        coalesce(s.status, 'unchecked') AS status, s.reason,
-       s.checked_at AS last_checked_at, s.last_ok_at, s.status_since,
-       coalesce((t.config #>> '{encryption,cache_config,revocation_check_seconds}')::int4,
-                pg_catalog.current_setting('byok.revocation_check_seconds')::int4) AS revocation_check_seconds
+       s.checked_at AS last_checked_at, s.last_ok_at, s.status_since
   FROM byok.tenant_config t
   LEFT JOIN byok.key_status() s ON s.tenant_id = t.tenant_id AND s.provider = t.provider;
 COMMENT ON VIEW byok.tenant_key_status IS
@@ -669,11 +722,12 @@ GRANT EXECUTE ON FUNCTION byok.configure_tenant(jsonb), byok.rotate_data_key(tex
     byok.wait_job(bigint, interval), byok.data_key_references(bigint),
     byok.verify_audit_chain(bigint, bytea), byok.audit_chain_head(),
     byok.backend_cache_stats(), byok.broker_status(), byok.metrics_counters(),
-    byok.key_status()
+    byok.key_status(), byok.schedule_master_key_rotation(jsonb),
+    byok.cancel_scheduled_rotation(text, bigint), byok.retire_previous_master_key(text)
   TO byok_admin;
 GRANT EXECUTE ON PROCEDURE byok.rotate_master_key(text, text, interval) TO byok_admin;
 GRANT SELECT ON byok.jobs, byok.protected_columns, byok.metrics, byok.tenant_key_status, byok.audit_log,
-    byok.pending_operations
+    byok.pending_operations, byok.scheduled_rotations, byok.retired_master_keys
   TO byok_admin;
 -- (No role but the owner writes the catalog tables: byok_admin's changes go
 -- through the functions above, which check what they are asked to do.)

@@ -69,6 +69,43 @@ CREATE TRIGGER invalidate_key_caches
     AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON byok.wrapped_data_keys
     FOR EACH STATEMENT EXECUTE FUNCTION byok.invalidate_key_caches();
 
+-- Master keys retired at the end of a rotation's grace period: data keys still
+-- wrapped by one are refused (a restored old backup, say) until rewrapped.
+CREATE TABLE byok.retired_master_keys (
+    tenant_id text NOT NULL REFERENCES byok.tenant_config (tenant_id),
+    master_key_id text NOT NULL,
+    retired_at timestamptz NOT NULL DEFAULT now(),
+    -- data keys found still under it at the end of the grace period, and rewrapped
+    data_keys_rewrapped bigint NOT NULL DEFAULT 0,
+    PRIMARY KEY (tenant_id, master_key_id)
+);
+COMMENT ON TABLE byok.retired_master_keys IS 'Master keys whose rotation grace period ended; data keys wrapped by them are refused';
+
+-- The guide's customer-initiated rotations, noticed in advance: the job
+-- launcher runs each at its rotation_time (scheduled -> running -> done or
+-- failed); cancelled before it starts.
+CREATE TABLE byok.scheduled_rotations (
+    rotation_id bigserial PRIMARY KEY,
+    tenant_id text NOT NULL REFERENCES byok.tenant_config (tenant_id),
+    new_key_id text NOT NULL,
+    rotation_time timestamptz NOT NULL,
+    grace_period interval NOT NULL,
+    state text NOT NULL DEFAULT 'scheduled'
+        CHECK (state IN ('scheduled', 'running', 'done', 'failed', 'cancelled')),
+    scheduled_by name NOT NULL,
+    scheduled_at timestamptz NOT NULL DEFAULT now(),
+    started_at timestamptz,
+    finished_at timestamptz,
+    result text
+);
+COMMENT ON TABLE byok.scheduled_rotations IS 'Customer-initiated master-key rotations noticed in advance, run by the job launcher at their time';
+SELECT pg_catalog.pg_extension_config_dump('byok.retired_master_keys', '');
+SELECT pg_catalog.pg_extension_config_dump('byok.scheduled_rotations', '');
+SELECT pg_catalog.pg_extension_config_dump('byok.scheduled_rotations_rotation_id_seq', '');
+CREATE TRIGGER invalidate_key_caches
+    AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON byok.retired_master_keys
+    FOR EACH STATEMENT EXECUTE FUNCTION byok.invalidate_key_caches();
+
 -- Views without key material. They read the tables with the caller's rights
 -- (security_invoker), so the row-level security policies (access.sql) apply.
 CREATE VIEW byok.tenants WITH (security_invoker = true) AS
@@ -134,9 +171,7 @@ COMMENT ON VIEW byok.metrics IS
 CREATE VIEW byok.tenant_key_status WITH (security_invoker = true) AS
 SELECT t.tenant_id, t.provider, t.master_key_id,
        coalesce(s.status, 'unchecked') AS status, s.reason,
-       s.checked_at AS last_checked_at, s.last_ok_at, s.status_since,
-       coalesce((t.config #>> '{encryption,cache_config,revocation_check_seconds}')::int4,
-                pg_catalog.current_setting('byok.revocation_check_seconds')::int4) AS revocation_check_seconds
+       s.checked_at AS last_checked_at, s.last_ok_at, s.status_since
   FROM byok.tenant_config t
   LEFT JOIN byok.key_status() s ON s.tenant_id = t.tenant_id AND s.provider = t.provider;
 COMMENT ON VIEW byok.tenant_key_status IS

@@ -285,6 +285,8 @@ pub struct DataKeyRecord {
     /// The tenant's provider block (the broker needs it to reach the key manager).
     pub provider_options: serde_json::Map<String, serde_json::Value>,
     pub cache: byok_kms::protocol::CacheSettings,
+    /// The master key that wrapped it was retired (`byok.retired_master_keys`).
+    pub master_key_retired: bool,
 }
 
 /// A tenant's cache settings, the server's defaults filling what it leaves out.
@@ -375,7 +377,7 @@ pub fn load_data_key(dek_id: u64) -> Result<Option<DataKeyRecord>, ByokError> {
                         cmk_version: row.required::<String>(6)?,
                     })
                 });
-            Ok(Some(DataKeyRecord {
+            let mut record = DataKeyRecord {
                 tenant_id: row.required::<String>(1)?,
                 state: state_of(&row.required::<String>(2)?)?,
                 provider: provider_of(&row.required::<String>(3)?)?,
@@ -386,13 +388,51 @@ pub fn load_data_key(dek_id: u64) -> Result<Option<DataKeyRecord>, ByokError> {
                     row.get::<i32>(9)?,
                     row.get::<i32>(11)?,
                 ),
+                master_key_retired: false,
                 provider_options: match row.get::<pgrx::JsonB>(10)?.map(|j| j.0) {
                     Some(serde_json::Value::Object(map)) => map,
                     _ => serde_json::Map::new(),
                 },
-            }))
+            };
+            // (after the row is read: another query replaces SPI's result)
+            record.master_key_retired = master_key_retired(&client, dek_id)?;
+            Ok(Some(record))
         })
     })
+}
+
+/// Whether the master key that wrapped data key `dek_id` was retired. (The
+/// table is new in 0.2.0: between installing the library and `ALTER EXTENSION
+/// byok_pg UPDATE` it is missing, and nothing is retired yet.)
+fn master_key_retired(
+    client: &pgrx::spi::SpiClient<'_>,
+    dek_id: u64,
+) -> Result<bool, ByokError> {
+    let present = client
+        .select(
+            "SELECT pg_catalog.to_regclass('byok.retired_master_keys') IS NOT NULL",
+            Some(1),
+            &[],
+        )?
+        .first()
+        .get::<bool>(1)?
+        .unwrap_or(false);
+    if !present {
+        return Ok(false);
+    }
+    Ok(client
+        .select(
+            "SELECT EXISTS (SELECT 1 FROM byok.wrapped_data_keys k
+                              JOIN byok.retired_master_keys r
+                                ON r.tenant_id OPERATOR(pg_catalog.=) k.tenant_id
+                               AND r.master_key_id OPERATOR(pg_catalog.=) k.cmk_id
+                             WHERE k.dek_id OPERATOR(pg_catalog.=) $1)",
+            Some(1),
+            &[DatumWithOid::from(dek_id as i64)],
+        )?
+        .first()
+        .get::<bool>(1)?
+        .unwrap_or(false))
 }
 
 /// What encrypt needs to know about a tenant.

@@ -115,6 +115,13 @@ pub enum ByokError {
         dek_id: u64,
         tenant: Option<String>,
     },
+    /// The master key that wrapped the data key was retired at the end of a
+    /// rotation's grace period.
+    MasterKeyRetired {
+        dek_id: u64,
+        tenant: String,
+        master_key_id: String,
+    },
     InvalidKeyState {
         dek_id: u64,
         from: String,
@@ -301,6 +308,15 @@ impl ByokError {
                 format!("data key {id} is retired"),
             )
             .set_hint(format!("to read values still sealed under it, run SELECT byok.set_data_key_state({id}, 'decrypt-only')")),
+            ByokError::MasterKeyRetired {
+                dek_id,
+                tenant,
+                master_key_id,
+            } => report(
+                ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+                format!("data key {dek_id} of tenant \"{tenant}\" is wrapped by master key \"{master_key_id}\", retired at the end of its rotation's grace period"),
+            )
+            .set_hint(format!("rewrap it under the tenant's current master key: CALL byok.rotate_master_key('{tenant}', <current key id>)")),
             ByokError::InvalidKeyState { dek_id, from, to } => report(
                 ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
                 format!("data key {dek_id} cannot go from state \"{from}\" to \"{to}\""),

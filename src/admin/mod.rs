@@ -110,6 +110,26 @@ admin_operations! {
         tenant_id: String,
         new_key_id: String,
     }
+    /// The guide's customer notice of a pending rotation: the job launcher
+    /// rotates the tenant to `new_key_id` at `rotation_time`, with that grace
+    /// period for the previous key.
+    ScheduleMasterKeyRotation = "schedule_master_key_rotation", approval: true, request: true, writes: true {
+        tenant_id: String,
+        new_key_id: String,
+        rotation_time: String,
+        grace_period_hours: f64,
+    }
+    /// Withdraws a scheduled rotation that has not started.
+    CancelScheduledRotation = "cancel_scheduled_rotation", approval: false, request: false, writes: true {
+        tenant_id: String,
+        rotation_id: i64,
+    }
+    /// Ends the grace period of the master key a rotation replaced: rewraps any
+    /// data key still under it, and refuses that key from then on (the job
+    /// launcher does it when the grace period ends).
+    RetirePreviousMasterKey = "retire_previous_master_key", approval: true, request: true, writes: true {
+        tenant_id: String,
+    }
     /// decrypt-only <-> retired (retiring makes the key's values unreadable).
     SetDataKeyState = "set_data_key_state", approval: true, request: true, writes: true {
         tenant_id: String,
@@ -195,6 +215,9 @@ impl AdminOp {
             | AdminOp::RotateMasterKey { tenant_id, .. }
             | AdminOp::RotateMasterKeyStep { tenant_id, .. }
             | AdminOp::FinishMasterKeyRotation { tenant_id, .. }
+            | AdminOp::ScheduleMasterKeyRotation { tenant_id, .. }
+            | AdminOp::CancelScheduledRotation { tenant_id, .. }
+            | AdminOp::RetirePreviousMasterKey { tenant_id }
             | AdminOp::DestroyDataKey { tenant_id, .. }
             | AdminOp::SetDataKeyState { tenant_id, .. }
             | AdminOp::DestroyTenantKeys { tenant_id }
@@ -393,6 +416,20 @@ fn run(op: AdminOp, origin: Origin) -> Result<OpResult, ByokError> {
                 tenant_id,
                 new_key_id,
             } => rotation::finish(&tenant_id, &new_key_id).map(OpResult::Text),
+            AdminOp::ScheduleMasterKeyRotation {
+                tenant_id,
+                new_key_id,
+                rotation_time,
+                grace_period_hours,
+            } => rotation::schedule(&tenant_id, &new_key_id, &rotation_time, grace_period_hours)
+                .map(OpResult::Int),
+            AdminOp::CancelScheduledRotation {
+                tenant_id,
+                rotation_id,
+            } => rotation::cancel_scheduled(&tenant_id, rotation_id).map(OpResult::Text),
+            AdminOp::RetirePreviousMasterKey { tenant_id } => {
+                rotation::retire_previous_master_key(&tenant_id).map(OpResult::Text)
+            }
             AdminOp::SetDataKeyState { dek_id, state, .. } => {
                 keys::set_data_key_state(dek_id, &state).map(OpResult::Text)
             }

@@ -10,6 +10,12 @@
 //! so plaintext keys stay inside the key manager or the broker. Calling it
 //! again after a crash finishes the job; calling it when done changes nothing.
 //! The procedure ends with [`finish`], which checks and records completion.
+//!
+//! The guide's rotation workflow around it: a customer's notice of a pending
+//! rotation is [`schedule`]d and run by the job launcher at its time; when the
+//! grace period of the replaced key ends, [`retire_previous_master_key`]
+//! rewraps any data key still under it and records the key as retired, after
+//! which data keys wrapped by it are refused (`catalog::load_data_key`).
 
 use byok_kms::protocol::{ProviderRef, TenantRef};
 use byok_kms::{MasterKeyInfo, WrappedDek};
@@ -92,6 +98,14 @@ fn switch_master_key(
             format!("master key \"{new_key_id}\" is not enabled for wrapping keys"),
         )));
     }
+    // Rotating back to a key retired earlier makes it usable again.
+    Spi::run_with_args(
+        "DELETE FROM byok.retired_master_keys WHERE tenant_id = $1 AND master_key_id = $2",
+        &[
+            DatumWithOid::from(tenant_id),
+            DatumWithOid::from(new_key_id),
+        ],
+    )?;
     Spi::run_with_args(
         "UPDATE byok.tenant_config
             SET previous_master_key_id = master_key_id,
@@ -251,5 +265,186 @@ pub fn rotate_master_key(
     Ok(format!(
         "{rewrapped} data key(s) rewrapped under master key {}",
         new_key_id.trim()
+    ))
+}
+
+/// Longest grace period a scheduled rotation may ask for (a year).
+const MAX_GRACE_HOURS: f64 = 8_760.0;
+
+/// Records the customer's notice of a pending rotation; returns its id. The
+/// tenant, the key's name (segregation policy) and the time are checked now;
+/// the key itself when the rotation runs (the customer may create it later).
+pub fn schedule(
+    tenant_id: &str,
+    new_key_id: &str,
+    rotation_time: &str,
+    grace_period_hours: f64,
+) -> Result<i64, ByokError> {
+    let new_key_id = checked_key_id(new_key_id)?;
+    if !grace_period_hours.is_finite() || !(0.0..=MAX_GRACE_HOURS).contains(&grace_period_hours) {
+        return Err(ByokError::InvalidArgument {
+            message: format!("grace_period_hours must be between 0 and {MAX_GRACE_HOURS}"),
+            hint: None,
+        });
+    }
+    let tenant = catalog::load_tenant(tenant_id, true)?
+        .ok_or_else(|| ByokError::UnknownTenant(tenant_id.to_string()))?;
+    if tenant.master_key_id != new_key_id {
+        super::policy::check_key_prefix(new_key_id)?;
+    }
+    let rotation_time = Spi::get_one_with_args::<pgrx::datum::TimestampWithTimeZone>(
+        "SELECT $1::pg_catalog.timestamptz",
+        &[DatumWithOid::from(rotation_time)],
+    )?
+    .ok_or_else(|| ByokError::InvalidArgument {
+        message: "rotation_time must be a timestamp".into(),
+        hint: Some("ISO 8601 with a time zone, e.g. 2027-01-15T02:00:00Z".into()),
+    })?;
+    let role = crate::postgres::session::role_name(crate::postgres::session::acting_role());
+    let rotation_id = Spi::get_one_with_args::<i64>(
+        "INSERT INTO byok.scheduled_rotations
+                (tenant_id, new_key_id, rotation_time, grace_period, scheduled_by)
+         VALUES ($1, $2, $3, pg_catalog.make_interval(secs => $4), $5)
+         RETURNING rotation_id",
+        &[
+            DatumWithOid::from(tenant_id),
+            DatumWithOid::from(new_key_id),
+            DatumWithOid::from(rotation_time),
+            DatumWithOid::from(grace_period_hours * 3600.0),
+            DatumWithOid::from(role.as_str()),
+        ],
+    )?
+    .ok_or_else(|| ByokError::Catalog("the scheduled rotation was not recorded".into()))?;
+    catalog::audit(
+        "schedule_master_key_rotation",
+        Some(tenant_id),
+        None,
+        true,
+        None,
+        Some(serde_json::json!({
+            "rotation_id": rotation_id,
+            "new_key_id": new_key_id,
+            "rotation_time": rotation_time.to_string(),
+            "grace_period_hours": grace_period_hours,
+        })),
+    )?;
+    Ok(rotation_id)
+}
+
+/// Cancels a scheduled rotation of `tenant_id` that has not started.
+pub fn cancel_scheduled(tenant_id: &str, rotation_id: i64) -> Result<String, ByokError> {
+    let state = catalog::read_one::<String>(
+        "SELECT state FROM byok.scheduled_rotations
+          WHERE rotation_id OPERATOR(pg_catalog.=) $1 AND tenant_id OPERATOR(pg_catalog.=) $2
+            FOR UPDATE",
+        &[
+            DatumWithOid::from(rotation_id),
+            DatumWithOid::from(tenant_id),
+        ],
+    )?;
+    match state.as_deref() {
+        Some("scheduled") => {}
+        Some(other) => {
+            return Err(ByokError::InvalidArgument {
+                message: format!(
+                    "scheduled rotation {rotation_id} of tenant \"{tenant_id}\" is {other}; only a rotation that has not started can be cancelled"
+                ),
+                hint: None,
+            });
+        }
+        None => {
+            return Err(ByokError::InvalidArgument {
+                message: format!("tenant \"{tenant_id}\" has no scheduled rotation {rotation_id}"),
+                hint: Some("SELECT * FROM byok.scheduled_rotations".into()),
+            });
+        }
+    }
+    Spi::run_with_args(
+        "UPDATE byok.scheduled_rotations SET state = 'cancelled', finished_at = now() WHERE rotation_id = $1",
+        &[DatumWithOid::from(rotation_id)],
+    )?;
+    catalog::audit(
+        "cancel_scheduled_rotation",
+        Some(tenant_id),
+        None,
+        true,
+        None,
+        Some(serde_json::json!({"rotation_id": rotation_id})),
+    )?;
+    Ok(format!("scheduled rotation {rotation_id} cancelled"))
+}
+
+/// Ends the grace period of the master key the tenant's last rotation
+/// replaced: every live data key still wrapped by another key (or an older
+/// version of the current one) is rewrapped under the current key, the
+/// previous key is recorded as retired (data keys wrapped by it are refused
+/// from then on), and the end is audited.
+pub fn retire_previous_master_key(tenant_id: &str) -> Result<String, ByokError> {
+    let tenant = catalog::load_tenant(tenant_id, true)?
+        .ok_or_else(|| ByokError::UnknownTenant(tenant_id.to_string()))?;
+    let previous = catalog::read_one::<String>(
+        "SELECT previous_master_key_id FROM byok.tenant_config WHERE tenant_id OPERATOR(pg_catalog.=) $1",
+        &[DatumWithOid::from(tenant_id)],
+    )?;
+    let Some(previous) = previous else {
+        return Ok(format!(
+            "tenant \"{tenant_id}\" has no previous master key in a grace period"
+        ));
+    };
+    let current = tenant.master_key_id.clone();
+    let mut stragglers = 0;
+    loop {
+        let n = step(tenant_id, &current, "0")?;
+        stragglers += n;
+        if n == 0 {
+            break;
+        }
+    }
+    let still_under = catalog::read_one::<i64>(
+        "SELECT count(*) FROM byok.wrapped_data_keys
+          WHERE tenant_id OPERATOR(pg_catalog.=) $1 AND state OPERATOR(pg_catalog.<>) 'destroyed'
+            AND cmk_id OPERATOR(pg_catalog.=) $2",
+        &[DatumWithOid::from(tenant_id), DatumWithOid::from(previous.as_str())],
+    )?
+    .unwrap_or(0);
+    if still_under > 0 && previous != current {
+        return Err(ByokError::Internal(format!(
+            "{still_under} data key(s) of tenant \"{tenant_id}\" are still wrapped by master key \"{previous}\""
+        )));
+    }
+    if previous != current {
+        Spi::run_with_args(
+            "INSERT INTO byok.retired_master_keys (tenant_id, master_key_id, data_keys_rewrapped)
+             VALUES ($1, $2, $3)
+             ON CONFLICT (tenant_id, master_key_id) DO UPDATE
+                SET retired_at = now(), data_keys_rewrapped = excluded.data_keys_rewrapped",
+            &[
+                DatumWithOid::from(tenant_id),
+                DatumWithOid::from(previous.as_str()),
+                DatumWithOid::from(stragglers),
+            ],
+        )?;
+    }
+    Spi::run_with_args(
+        "UPDATE byok.tenant_config
+            SET previous_master_key_id = NULL, previous_master_key_retires_at = NULL, updated_at = now()
+          WHERE tenant_id = $1",
+        &[DatumWithOid::from(tenant_id)],
+    )?;
+    catalog::audit(
+        "master_key_retired",
+        Some(tenant_id),
+        None,
+        true,
+        None,
+        Some(serde_json::json!({
+            "retired_key_id": previous,
+            "current_key_id": current,
+            "data_keys_rewrapped": stragglers,
+        })),
+    )?;
+    keyring::invalidate_all();
+    Ok(format!(
+        "master key {previous} retired; {stragglers} data key(s) still under it rewrapped under {current}"
     ))
 }

@@ -8,8 +8,10 @@
 //! - The *catalog writer* writes a database's queued audit records, persists
 //!   its data keys' encryption counts, and rotates any active key that reached
 //!   `byok.max_encryptions_per_key`.
-//! - The *scheduler* rotates data keys that are due (`key_rotation`) and starts
-//!   a *job worker* for each unfinished job: this is how jobs resume after a crash.
+//! - The *scheduler* rotates data keys that are due (`key_rotation`), runs the
+//!   master-key rotations scheduled for now (`byok.scheduled_rotations`), retires
+//!   master keys whose grace period ended, and starts a *job worker* for each
+//!   unfinished job: this is how jobs resume after a crash.
 //! - A *job worker* runs one job through the shared driver (`super::drive`), a
 //!   transaction per batch. A claim in the job's row (the worker's pid and
 //!   start time) keeps a job to one worker at a time.
@@ -354,6 +356,8 @@ pub extern "C-unwind" fn byok_scheduler_main(_argument: pg_sys::Datum) {
         }
         forget_dropped_grantees();
         rotate_due_data_keys();
+        run_scheduled_rotations();
+        retire_expired_master_keys();
         crate::catalog::as_extension_owner(|| {
             Ok(column_or_warn::<i64>(
                 "re-encryption jobs to run",
@@ -430,6 +434,123 @@ fn rotate_due_data_keys() {
         if let Err(failure) = rotated {
             pgrx::warning!(
                 "byok: scheduled data-key rotation of tenant {tenant_id} failed: {}",
+                failure.summary()
+            );
+        }
+    }
+}
+
+/// Runs the customer-initiated rotations scheduled for now. Each runs whole
+/// in a subtransaction of the scheduler's transaction, marked running, then done
+/// or failed; a crash rolls all of it back, so the next visit starts it again
+/// (a rotation is idempotent). A failure is recorded in its row and audited.
+fn run_scheduled_rotations() {
+    let due: Vec<(i64, String, String, String)> = crate::catalog::as_extension_owner(|| {
+        Spi::connect(|client| {
+            let rows = client.select(
+                "SELECT rotation_id, tenant_id, new_key_id, grace_period::pg_catalog.text
+                   FROM byok.scheduled_rotations
+                  WHERE state OPERATOR(pg_catalog.=) ANY (ARRAY['scheduled', 'running'])
+                    AND rotation_time OPERATOR(pg_catalog.<=) pg_catalog.now()
+                  ORDER BY rotation_time, rotation_id",
+                None,
+                &[],
+            )?;
+            let mut out = Vec::new();
+            for row in rows {
+                out.push((
+                    row.required::<i64>(1)?,
+                    row.required::<String>(2)?,
+                    row.required::<String>(3)?,
+                    row.required::<String>(4)?,
+                ));
+            }
+            Ok(out)
+        })
+    })
+    .unwrap_or_else(|failure| {
+        pgrx::warning!(
+            "byok: could not list scheduled rotations: {}",
+            failure.summary()
+        );
+        Vec::new()
+    });
+    for (rotation_id, tenant_id, new_key_id, grace_period) in due {
+        let set_state = |state: &str, result: Option<&str>| {
+            crate::catalog::as_extension_owner(|| {
+                Spi::run_with_args(
+                    "UPDATE byok.scheduled_rotations
+                        SET state = $2, result = $3,
+                            started_at = coalesce(started_at, pg_catalog.now()),
+                            finished_at = CASE WHEN $2 OPERATOR(pg_catalog.=) 'running' THEN NULL
+                                               ELSE pg_catalog.now() END
+                      WHERE rotation_id OPERATOR(pg_catalog.=) $1",
+                    &[
+                        DatumWithOid::from(rotation_id),
+                        DatumWithOid::from(state),
+                        DatumWithOid::from(result),
+                    ],
+                )?;
+                Ok(())
+            })
+        };
+        let rotated = crate::postgres::subxact::run(|| {
+            set_state("running", None)?;
+            let result = admin::execute(
+                AdminOp::RotateMasterKey {
+                    tenant_id: tenant_id.clone(),
+                    new_key_id: new_key_id.clone(),
+                    grace_period: grace_period.clone(),
+                },
+                Origin::Policy,
+            )?;
+            set_state("done", Some(&result.text()))
+        });
+        if let Err(failure) = rotated {
+            let summary = failure.summary();
+            pgrx::warning!(
+                "byok: scheduled rotation {rotation_id} of tenant {tenant_id} to master key {new_key_id} failed: {summary}"
+            );
+            if let Err(e) = set_state("failed", Some(&summary)) {
+                pgrx::warning!(
+                    "byok: could not record the failure of scheduled rotation {rotation_id}: {}",
+                    e.summary_ref()
+                );
+            }
+        }
+    }
+}
+
+/// Retires the master keys whose grace period (after a rotation) ended.
+fn retire_expired_master_keys() {
+    let due: Vec<String> = crate::catalog::as_extension_owner(|| {
+        Ok(column_or_warn::<String>(
+            "master keys whose grace period ended",
+            "SELECT tenant_id FROM byok.tenant_config
+              WHERE previous_master_key_id IS NOT NULL
+                AND previous_master_key_retires_at OPERATOR(pg_catalog.<=) pg_catalog.now()
+              ORDER BY tenant_id",
+        ))
+    })
+    .unwrap_or_else(|failure| {
+        pgrx::warning!(
+            "byok: could not list grace periods: {}",
+            failure.summary()
+        );
+        Vec::new()
+    });
+    for tenant_id in due {
+        let retired = crate::postgres::subxact::run(|| {
+            admin::execute(
+                AdminOp::RetirePreviousMasterKey {
+                    tenant_id: tenant_id.clone(),
+                },
+                Origin::Policy,
+            )
+        });
+        if let Err(failure) = retired {
+            pgrx::warning!(
+                "byok: the grace period of tenant {tenant_id}'s previous master key ended, but it could not be retired (retried at the next visit): {}",
                 failure.summary()
             );
         }

@@ -560,6 +560,17 @@ fn load_cipher(
         }
         KeyState::Active | KeyState::DecryptOnly => {}
     }
+    if record.master_key_retired {
+        return Err(ByokError::MasterKeyRetired {
+            dek_id,
+            tenant: record.tenant_id.clone(),
+            master_key_id: record
+                .wrapped
+                .as_ref()
+                .map(|w| w.cmk_id.clone())
+                .unwrap_or_default(),
+        });
+    }
     let wrapped = record
         .wrapped
         .clone()
