@@ -79,9 +79,17 @@ BEGIN
               'master_key_unreachable', 'master_key_reachable', 'rotate_master_key_start',
               'rotate_master_key', 'master_key_retired', 'rotate_data_key',
               'schedule_master_key_rotation', 'cancel_scheduled_rotation']) THEN
-        PERFORM pg_catalog.pg_notify('byok_alerts', pg_catalog.json_build_object('audit_id', row.id, 'event', p_event,
-                          'tenant_id', p_tenant, 'dek_id', p_dek, 'outcome', p_outcome, 'reason', p_reason,
-                          'details', p_details, 'at', row.logged_at)::text);
+        -- Any role that may connect can LISTEN: by default the payload names
+        -- the audit row only (byok_admin reads it in byok.audit_log); with
+        -- byok.alert_details (postgresql.conf) it carries the tenant, key and reason.
+        IF pg_catalog.current_setting('byok.alert_details', true) OPERATOR(pg_catalog.=) 'on' THEN
+            PERFORM pg_catalog.pg_notify('byok_alerts', pg_catalog.json_build_object('audit_id', row.id, 'event', p_event,
+                              'outcome', p_outcome, 'at', row.logged_at, 'tenant_id', p_tenant, 'dek_id', p_dek,
+                              'reason', p_reason, 'details', p_details)::text);
+        ELSE
+            PERFORM pg_catalog.pg_notify('byok_alerts', pg_catalog.json_build_object('audit_id', row.id, 'event', p_event,
+                              'outcome', p_outcome, 'at', row.logged_at)::text);
+        END IF;
     END IF;
     RETURN row.id;
 END

@@ -395,7 +395,7 @@ pub fn load_data_key(dek_id: u64) -> Result<Option<DataKeyRecord>, ByokError> {
                 },
             };
             // (after the row is read: another query replaces SPI's result)
-            record.master_key_retired = master_key_retired(&client, dek_id)?;
+            record.master_key_retired = master_key_retired(client, dek_id)?;
             Ok(Some(record))
         })
     })
@@ -404,10 +404,7 @@ pub fn load_data_key(dek_id: u64) -> Result<Option<DataKeyRecord>, ByokError> {
 /// Whether the master key that wrapped data key `dek_id` was retired. (The
 /// table is new in 0.2.0: between installing the library and `ALTER EXTENSION
 /// byok_pg UPDATE` it is missing, and nothing is retired yet.)
-fn master_key_retired(
-    client: &pgrx::spi::SpiClient<'_>,
-    dek_id: u64,
-) -> Result<bool, ByokError> {
+fn master_key_retired(client: &pgrx::spi::SpiClient<'_>, dek_id: u64) -> Result<bool, ByokError> {
     let present = client
         .select(
             "SELECT pg_catalog.to_regclass('byok.retired_master_keys') IS NOT NULL",

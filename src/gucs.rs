@@ -33,6 +33,11 @@ static KMS_TIMEOUT_MS: GucSetting<i32> = GucSetting::<i32>::new(5_000);
 static REVOCATION_CHECK_SECONDS: GucSetting<i32> =
     GucSetting::<i32>::new(byok_kms::protocol::DEFAULT_REVOCATION_CHECK_SECONDS as i32);
 
+/// `byok.alert_details` (server configuration): whether `NOTIFY byok_alerts`
+/// payloads carry the tenant, data key, reason and details (read by
+/// `byok.audit_event` in SQL), not only the audit row's id and event.
+static ALERT_DETAILS: GucSetting<bool> = GucSetting::<bool>::new(false);
+
 /// `byok.cache_ttl_seconds` (server configuration): how long a data key stays
 /// ready in the caches, for tenants whose `cache_config` sets no `ttl_seconds`.
 static CACHE_TTL_SECONDS: GucSetting<i32> = GucSetting::<i32>::new(86_400);
@@ -265,6 +270,14 @@ pub fn init() {
         31_536_000,
         GucContext::Sighup,
         GucFlags::UNIT_S,
+    );
+    GucRegistry::define_bool_guc(
+        c"byok.alert_details",
+        c"Whether NOTIFY byok_alerts payloads name the tenant, data key and reason.",
+        c"Any role that may connect to the database can LISTEN: off, a payload names only the audit row (audit_id, event, outcome, at), which byok_admin reads in byok.audit_log.",
+        &ALERT_DETAILS,
+        GucContext::Sighup,
+        GucFlags::default(),
     );
     GucRegistry::define_int_guc(
         c"byok.revocation_check_seconds",

@@ -158,9 +158,14 @@ revocation_drill() {
         "$(dq -c "SELECT reason IS NOT NULL AND details ? 'master_key_id' AND details ? 'reason_kind' FROM byok.audit_log WHERE tenant_id = '$tenant' AND event = 'master_key_revoked' ORDER BY id DESC LIMIT 1")" "t"
     sleep 1
     kill $listener 2>/dev/null
-    grep -q "\"event\" : \"master_key_revoked\".*\"tenant_id\" : \"$tenant\"" "$dir/alerts" \
-        && grep -q "\"event\" : \"master_key_restored\".*\"tenant_id\" : \"$tenant\"" "$dir/alerts" \
-        && ok "$label: NOTIFY byok_alerts told of the revocation and the recovery" \
-        || not_ok "$label: byok_alerts payloads missing: $(grep -c Asynchronous "$dir/alerts") notifications"
+    # The payloads name audit rows (byok.alert_details adds the tenant and
+    # reason); the rows name the tenant.
+    local event ids
+    for event in master_key_revoked master_key_restored; do
+        ids=$(grep -o "\"audit_id\" : [0-9]*, \"event\" : \"$event\"" "$dir/alerts" | grep -o '[0-9]\+' | paste -sd, -)
+        [ -n "$ids" ] && [ "$(dq -c "SELECT count(*) > 0 FROM byok.audit_log WHERE id IN ($ids) AND tenant_id = '$tenant'")" = t ] \
+            && ok "$label: NOTIFY byok_alerts told of $event" \
+            || not_ok "$label: no byok_alerts payload for $event ($(grep -c Asynchronous "$dir/alerts") notifications)"
+    done
     wait "$listener" "${readers[@]}" "$long" 2>/dev/null
 }

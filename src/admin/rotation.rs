@@ -333,15 +333,22 @@ pub fn schedule(
 
 /// Cancels a scheduled rotation of `tenant_id` that has not started.
 pub fn cancel_scheduled(tenant_id: &str, rotation_id: i64) -> Result<String, ByokError> {
-    let state = catalog::read_one::<String>(
-        "SELECT state FROM byok.scheduled_rotations
-          WHERE rotation_id OPERATOR(pg_catalog.=) $1 AND tenant_id OPERATOR(pg_catalog.=) $2
-            FOR UPDATE",
-        &[
-            DatumWithOid::from(rotation_id),
-            DatumWithOid::from(tenant_id),
-        ],
-    )?;
+    let state = Spi::connect_mut(|client| {
+        let rows = client.update(
+            "SELECT state FROM byok.scheduled_rotations
+              WHERE rotation_id OPERATOR(pg_catalog.=) $1 AND tenant_id OPERATOR(pg_catalog.=) $2
+                FOR UPDATE",
+            Some(1),
+            &[
+                DatumWithOid::from(rotation_id),
+                DatumWithOid::from(tenant_id),
+            ],
+        )?;
+        match rows.is_empty() {
+            true => Ok::<_, ByokError>(None),
+            false => Ok(rows.first().get::<String>(1)?),
+        }
+    })?;
     match state.as_deref() {
         Some("scheduled") => {}
         Some(other) => {
@@ -404,7 +411,10 @@ pub fn retire_previous_master_key(tenant_id: &str) -> Result<String, ByokError> 
         "SELECT count(*) FROM byok.wrapped_data_keys
           WHERE tenant_id OPERATOR(pg_catalog.=) $1 AND state OPERATOR(pg_catalog.<>) 'destroyed'
             AND cmk_id OPERATOR(pg_catalog.=) $2",
-        &[DatumWithOid::from(tenant_id), DatumWithOid::from(previous.as_str())],
+        &[
+            DatumWithOid::from(tenant_id),
+            DatumWithOid::from(previous.as_str()),
+        ],
     )?
     .unwrap_or(0);
     if still_under > 0 && previous != current {

@@ -45,13 +45,20 @@ fn schedule_master_key_rotation(notice: pgrx::JsonB) -> i64 {
 
 /// The notice's fields, exactly (an unknown or missing field is an error).
 fn scheduled_rotation(notice: &serde_json::Value) -> Result<AdminOp, ByokError> {
-    const FIELDS: [&str; 4] = ["tenant_id", "new_key_id", "rotation_time", "grace_period_hours"];
-    let invalid = |message: String| ByokError::InvalidArgument {
+    const FIELDS: [&str; 4] = [
+        "tenant_id",
+        "new_key_id",
+        "rotation_time",
+        "grace_period_hours",
+    ];
+    let invalid = |message: String| {
+        ByokError::InvalidArgument {
         message,
         hint: Some(
             r#"the guide's notice: {"tenant_id": "...", "new_key_id": "...", "rotation_time": "2027-01-15T02:00:00Z", "grace_period_hours": 24}"#
                 .into(),
         ),
+    }
     };
     let Some(fields) = notice.as_object() else {
         return Err(invalid("the rotation notice must be a JSON object".into()));
@@ -76,7 +83,9 @@ fn scheduled_rotation(notice: &serde_json::Value) -> Result<AdminOp, ByokError> 
         grace_period_hours: fields
             .get("grace_period_hours")
             .and_then(|v| v.as_f64())
-            .ok_or_else(|| invalid("the rotation notice needs \"grace_period_hours\" (a number)".into()))?,
+            .ok_or_else(|| {
+                invalid("the rotation notice needs \"grace_period_hours\" (a number)".into())
+            })?,
     })
 }
 

@@ -89,7 +89,10 @@ impl MetricsSink for SharedMetrics {
             return;
         };
         if settled.changed && matches!(settled.health, KeyHealth::Revoked(_)) {
-            shared.key_epoch.fetch_add(1, Ordering::AcqRel);
+            for tenant in &settled.tenants {
+                let slot = shmem::tenant_epoch_slot(tenant.database, &tenant.tenant_id);
+                shared.tenant_epochs[slot].fetch_add(1, Ordering::AcqRel);
+            }
         }
         let now = crate::audit::now_micros();
         let since = micros(settled.since);

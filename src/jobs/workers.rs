@@ -533,10 +533,7 @@ fn retire_expired_master_keys() {
         ))
     })
     .unwrap_or_else(|failure| {
-        pgrx::warning!(
-            "byok: could not list grace periods: {}",
-            failure.summary()
-        );
+        pgrx::warning!("byok: could not list grace periods: {}", failure.summary());
         Vec::new()
     });
     for tenant_id in due {

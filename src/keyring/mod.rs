@@ -44,6 +44,19 @@ struct ReadyKey {
     /// role (SET ROLE, a SECURITY DEFINER function) is checked once through the
     /// catalog. Grant and role changes drop every ready key, so this never outlives one.
     granted_to: Cell<pg_sys::Oid>,
+    /// The tenant's revocation epoch slot, and its value when the key was
+    /// asked of the broker: once the slot moves (the broker found a tenant's
+    /// master key revoked) the key is dropped before its next use.
+    epoch_slot: usize,
+    epoch: u64,
+}
+
+impl ReadyKey {
+    /// Not dropped by a revocation since it was loaded (one atomic load).
+    #[inline(always)]
+    fn is_current(&self) -> bool {
+        crate::shmem::tenant_epoch(self.epoch_slot) == self.epoch
+    }
 }
 
 /// On whose authority a key is used.
@@ -218,6 +231,21 @@ fn is_authorized(
 }
 
 impl KeyRing {
+    /// Keeps a key just loaded, unless a revocation of its tenant was seen
+    /// while it was being loaded (it was then used for this row only).
+    fn keep(&mut self, dek_id: u64, ready: ReadyKey, limits: CacheLimits, now: Tick) {
+        if ready.is_current() {
+            let tenant: Box<str> = ready.cipher.tenant_id().into();
+            self.ciphers.insert(dek_id, &tenant, ready, limits, now);
+        }
+    }
+
+    /// Drops a key its tenant's revocation epoch made stale.
+    fn forget(&mut self, dek_id: u64) {
+        self.ciphers.remove(&dek_id);
+        self.active.retain(|_, active| active.dek_id != dek_id);
+    }
+
     fn remember_authorized(&mut self, user: pg_sys::Oid, tenant_id: &str) {
         self.authorized
             .entry(user)
@@ -370,8 +398,13 @@ pub fn open(
         result
     };
     let user = current_user();
+    let mut revoked = false;
     let hit = RING.with_ring(|ring| {
         let ready = ring.ciphers.get(&dek_id, now)?;
+        if !ready.is_current() {
+            revoked = true;
+            return None;
+        }
         match authority {
             Authority::Caller if ready.granted_to.get() != user => {
                 if !is_authorized(&ring.authorized, user, ready.cipher.tenant_id()) {
@@ -408,13 +441,13 @@ pub fn open(
         }
         None => {}
     }
+    if revoked {
+        RING.with_ring(|ring| ring.forget(dek_id));
+    }
     let (ready, limits) = load_cipher(dek_id, user, authority)?;
     ready.counts.miss(true);
     let result = open_with(&ready, out);
-    RING.with_ring(|ring| {
-        let tenant: Box<str> = ready.cipher.tenant_id().into();
-        ring.ciphers.insert(dek_id, &tenant, ready, limits, now);
-    });
+    RING.with_ring(|ring| ring.keep(dek_id, ready, limits, now));
     result
 }
 
@@ -461,10 +494,15 @@ pub fn seal(
             .map_err(|e| crypto_error(dek_id, tenant_id, e))
     };
     let user = current_user();
+    let mut revoked = None;
     let hit = RING.with_ring(|ring| {
         let active = ring.active.get(tenant_id).filter(|a| a.expires_at > now)?;
         let dek_id = active.dek_id;
         let ready = ring.ciphers.get(&dek_id, now)?;
+        if !ready.is_current() {
+            revoked = Some(dek_id);
+            return None;
+        }
         match authority {
             Authority::Caller if ready.granted_to.get() != user => {
                 if !is_authorized(&ring.authorized, user, tenant_id) {
@@ -481,6 +519,9 @@ pub fn seal(
     });
     if let Some(result) = hit {
         return result;
+    }
+    if let Some(dek_id) = revoked {
+        RING.with_ring(|ring| ring.forget(dek_id));
     }
 
     // Miss: find the tenant's active key, make sure its cipher is ready, remember both.
@@ -500,13 +541,16 @@ pub fn seal(
         .active_dek_id
         .ok_or_else(|| ByokError::NoActiveDataKey(tenant_id.to_string()))?;
     let cached = RING.with_ring(|ring| {
-        ring.ciphers.get(&dek_id, now).map(|ready| {
-            if authority == Authority::Caller {
-                ready.granted_to.set(user); // authorized above
-            }
-            ready.counts.hit(false);
-            seal_ready(ready, dek_id, &mut *out)
-        })
+        ring.ciphers
+            .get(&dek_id, now)
+            .filter(|ready| ready.is_current())
+            .map(|ready| {
+                if authority == Authority::Caller {
+                    ready.granted_to.set(user); // authorized above
+                }
+                ready.counts.hit(false);
+                seal_ready(ready, dek_id, &mut *out)
+            })
     });
     let result = match cached {
         Some(result) => result,
@@ -514,7 +558,7 @@ pub fn seal(
             let (ready, limits) = load_cipher(dek_id, user, authority)?;
             ready.counts.miss(false);
             let result = seal_ready(&ready, dek_id, out);
-            RING.with_ring(|ring| ring.ciphers.insert(dek_id, tenant_id, ready, limits, now));
+            RING.with_ring(|ring| ring.keep(dek_id, ready, limits, now));
             result
         }
     };
@@ -578,6 +622,10 @@ fn load_cipher(
             dek_id,
             tenant: tenant(),
         })?;
+    // Read before the broker is asked: a revocation seen while it answers
+    // leaves the key unkept (`KeyRing::keep`).
+    let epoch_slot = crate::shmem::tenant_epoch_slot(session::database(), &record.tenant_id);
+    let epoch = crate::shmem::tenant_epoch(epoch_slot);
     // From the broker's shared cache, or the key manager through the broker.
     // `dek` is zeroized when it goes out of scope; only the key schedule is kept.
     let (dek, _stale) = broker::unwrap(
@@ -608,6 +656,8 @@ fn load_cipher(
             } else {
                 pg_sys::InvalidOid
             }),
+            epoch_slot,
+            epoch,
         },
         limits,
     ))

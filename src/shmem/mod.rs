@@ -23,6 +23,7 @@ use pgrx::pg_sys;
 
 pub const SLOT_COUNT: usize = 64;
 pub const METRIC_SLOTS: usize = 1024;
+pub const TENANT_EPOCH_SLOTS: usize = 256;
 
 #[repr(C)]
 pub struct Shared {
@@ -33,11 +34,16 @@ pub struct Shared {
     pub requests_served: AtomicU64,
     /// Data keys in the broker's shared cache (published by the broker).
     pub shared_cache_entries: AtomicU64,
-    /// Bumped when every backend must drop its ready keys before its next row:
-    /// a master key found revoked, or a broker (re)start (whose revocation
-    /// checks only cover keys fetched through it). Read on every row: one
-    /// atomic load of a line written a few times a day.
+    /// Bumped when every backend must drop all its ready keys before its next
+    /// row: a broker (re)start (whose revocation checks only cover keys
+    /// fetched through it).
     pub key_epoch: AtomicU64,
+    /// Bumped when the key broker finds a tenant's master key revoked: every
+    /// backend drops its ready keys of the tenants in that slot
+    /// ([`tenant_epoch_slot`]) before their next row. Per slot, so that one
+    /// tenant's revocations (a hostile administrator toggling its own key)
+    /// cost the others nothing but a 1-in-256 chance of sharing its slot.
+    pub tenant_epochs: [AtomicU64; TENANT_EPOCH_SLOTS],
     /// Master keys the broker watches for revocation (published by the broker).
     pub watched_master_keys: AtomicU64,
     /// Backends waiting for a free slot sleep here.
@@ -70,6 +76,25 @@ pub fn shared() -> Option<&'static Shared> {
 #[inline(always)]
 pub fn key_epoch() -> u64 {
     shared().map_or(0, |shared| shared.key_epoch.load(Ordering::Acquire))
+}
+
+/// The slot of [`Shared::tenant_epochs`] for a tenant of a database (FNV-1a:
+/// the broker and every backend compute the same).
+pub fn tenant_epoch_slot(database: u32, tenant_id: &str) -> usize {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in database.to_le_bytes().iter().chain(tenant_id.as_bytes()) {
+        hash ^= u64::from(*byte);
+        hash = hash.wrapping_mul(0x0100_0000_01b3);
+    }
+    (hash % TENANT_EPOCH_SLOTS as u64) as usize
+}
+
+/// The current value of a tenant epoch slot (0 when not preloaded).
+#[inline(always)]
+pub fn tenant_epoch(slot: usize) -> u64 {
+    shared().map_or(0, |shared| {
+        shared.tenant_epochs[slot % TENANT_EPOCH_SLOTS].load(Ordering::Acquire)
+    })
 }
 
 /// Installs the hooks that size and create the shared state. Called from

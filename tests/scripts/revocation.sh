@@ -46,6 +46,11 @@ q -c "CREATE TABLE bystander AS SELECT g AS id, byok.encrypt_text('globex', 'y' 
 
 revocation_drill "local: a master key id in the revocation list" acme 2 55000 'local master key "acme-cmk" is revoked' \
     revoke_acme restore_acme key_file_gone key_file_back
+# Any role that can connect can LISTEN: by default the payloads name no tenant.
+alerts="$BYOK_WORK/drill-$NAME-acme/alerts"
+grep -q '"event" : "master_key_revoked"' "$alerts" && ! grep -q 'tenant_id\|acme-cmk\|revoked (' "$alerts" \
+    && ok "by default the byok_alerts payloads name the audit row only" || not_ok "byok_alerts payload content: $(grep -m1 Asynchronous "$alerts")"
+check "the refusal does not show the server's paths" "$(grep -c "$DATA" "$BYOK_WORK/drill-$NAME-acme/reader1")" "0"
 
 grep -q "ERROR:  55000:" "$BYOK_WORK/revocation-second-db" \
     && ok "a session of another database reading the tenant stopped too" \

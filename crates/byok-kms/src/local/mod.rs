@@ -60,8 +60,12 @@ pub enum LocalError {
     BadBlob { dek_id: u64, len: usize },
     #[error("the operating system's random number generator is unavailable")]
     RandomUnavailable,
-    #[error("local master key \"{cmk_id}\" is revoked (listed in \"{list}\")")]
-    Revoked { cmk_id: String, list: PathBuf },
+    // (the list's path is for the server's operator, not every caller: it is
+    // left out of the message)
+    #[error(
+        "local master key \"{cmk_id}\" is revoked (listed in the revocation list beside the key file)"
+    )]
+    Revoked { cmk_id: String },
     #[error("could not read the revocation list \"{list}\": {reason}")]
     RevocationListUnreadable { list: PathBuf, reason: String },
 }
@@ -154,7 +158,6 @@ impl LocalProvider {
         if revoked {
             return Err(LocalError::Revoked {
                 cmk_id: cmk_id.to_string(),
-                list,
             });
         }
         Ok(())

@@ -9,7 +9,8 @@
 //!
 //! - One check per master key per interval, whatever the number of tenants,
 //!   data keys and sessions behind it: keys are *watched* per master key (the
-//!   provider, its configuration and the key id), not per data key.
+//!   provider, its configuration, the key id and version: a key manager may
+//!   disable one version and not another), not per data key.
 //! - Checks are spread over the interval: a master key's first check comes at a
 //!   point of the interval taken from its id, then every interval after it.
 //! - A watch lives as long as any cache could hold a key it protects (the last
@@ -31,16 +32,24 @@ use crate::error::ProviderError;
 use crate::protocol::{CacheSettings, ProviderRef, TenantRef};
 use crate::provider::WrappedDek;
 
-/// A master key as the broker checks it: the provider, its configuration and
-/// the key id (a digest of the three).
+/// A master key as the broker checks it: the provider, its configuration, the
+/// key id and its version (a digest of the four).
 pub type MasterKeyId = [u8; 32];
 
-pub fn master_key_id(options_digest: &[u8; 32], cmk_id: &str) -> MasterKeyId {
+pub fn master_key_id(options_digest: &[u8; 32], wrapped: &WrappedDek) -> MasterKeyId {
     let mut h = Sha256::new();
     h.update(options_digest);
-    h.update(cmk_id.as_bytes());
+    for part in [&wrapped.cmk_id, &wrapped.cmk_version] {
+        h.update((part.len() as u64).to_be_bytes());
+        h.update(part.as_bytes());
+    }
     h.finalize().into()
 }
+
+/// How often a key found revoked (or unreachable) is checked again when no
+/// tenant asks for checks any more: a key the customer enables again must not
+/// stay refused for good.
+pub const FALLBACK_INTERVAL: Duration = Duration::from_secs(30);
 
 /// What the last check of a master key found.
 #[derive(Debug, Clone, PartialEq)]
@@ -214,7 +223,9 @@ impl Watches {
         self.map.retain(|_, w| w.checking || now < w.keep_until);
         let mut due = Vec::new();
         for (id, w) in self.map.iter_mut() {
-            if w.checking || w.interval.is_none() || now < w.next_check {
+            let needs_checks = w.interval.is_some()
+                || matches!(w.health, KeyHealth::Revoked(_) | KeyHealth::Unreachable(_));
+            if w.checking || !needs_checks || now < w.next_check {
                 continue;
             }
             w.checking = true;
@@ -232,7 +243,7 @@ impl Watches {
     pub fn settle(&mut self, id: &MasterKeyId, health: KeyHealth, now: Tick) -> Option<Settled> {
         let w = self.map.get_mut(id)?;
         w.checking = false;
-        w.next_check = now + w.interval.unwrap_or(Duration::from_secs(1));
+        w.next_check = now + w.interval.unwrap_or(FALLBACK_INTERVAL);
         // Unchecked -> Live is the normal start, not news.
         let first_success =
             matches!(w.health, KeyHealth::Unchecked) && matches!(health, KeyHealth::Live);
@@ -252,6 +263,14 @@ impl Watches {
         })
     }
 
+    /// A check that ended without settling (its task failed): the key is
+    /// checked again at the next tick instead of never.
+    pub fn abandon(&mut self, id: &MasterKeyId) {
+        if let Some(w) = self.map.get_mut(id) {
+            w.checking = false;
+        }
+    }
+
     /// Watched master keys.
     pub fn len(&self) -> usize {
         self.map.len()
@@ -259,5 +278,129 @@ impl Watches {
 
     pub fn is_empty(&self) -> bool {
         self.map.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::error::ErrorKind;
+    use byok_core::config::ProviderKind;
+
+    fn wrapped(version: &str) -> WrappedDek {
+        WrappedDek {
+            blob: vec![1, 2, 3],
+            cmk_id: "cmk".into(),
+            cmk_version: version.into(),
+        }
+    }
+
+    fn provider() -> ProviderRef {
+        ProviderRef {
+            provider: ProviderKind::Local,
+            options: serde_json::Map::new(),
+            create_key_store: false,
+        }
+    }
+
+    fn tenant() -> TenantRef {
+        TenantRef {
+            database: 1,
+            tenant_id: "t".into(),
+            role: 0,
+            role_name: String::new(),
+        }
+    }
+
+    fn settings(every: u32) -> CacheSettings {
+        CacheSettings {
+            ttl_seconds: 86_400,
+            max_entries: 10,
+            grace_period_seconds: 0,
+            revocation_check_seconds: every,
+        }
+    }
+
+    fn refused() -> KeyHealth {
+        KeyHealth::Revoked(ProviderError::new(
+            ProviderKind::Local,
+            ErrorKind::KeyDisabled,
+            "disabled",
+        ))
+    }
+
+    #[test]
+    fn each_version_of_a_master_key_is_watched_on_its_own() {
+        let options = [7u8; 32];
+        assert_ne!(
+            master_key_id(&options, &wrapped("v1")),
+            master_key_id(&options, &wrapped("v2"))
+        );
+        assert_eq!(
+            master_key_id(&options, &wrapped("v1")),
+            master_key_id(&options, &wrapped("v1"))
+        );
+    }
+
+    #[test]
+    fn a_revoked_key_is_still_checked_when_its_tenants_turn_checks_off() {
+        let mut watches = Watches::default();
+        let id = master_key_id(&[0; 32], &wrapped("v1"));
+        let now = Tick::now();
+        watches.touch(
+            id,
+            &provider(),
+            &tenant(),
+            1,
+            &wrapped("v1"),
+            settings(1),
+            now,
+        );
+        let due = watches.due(now + Duration::from_secs(1));
+        assert_eq!(due.len(), 1);
+        let settled = watches
+            .settle(&id, refused(), now + Duration::from_secs(1))
+            .unwrap();
+        assert!(settled.changed);
+        // The tenant turns its checks off: the refusal must not last for ever.
+        watches.touch(
+            id,
+            &provider(),
+            &tenant(),
+            1,
+            &wrapped("v1"),
+            settings(0),
+            now,
+        );
+        let at = now + Duration::from_secs(2);
+        assert_eq!(watches.due(at).len(), 1, "the check already planned");
+        watches.settle(&id, refused(), at).unwrap();
+        assert!(watches.due(at + Duration::from_secs(5)).is_empty());
+        assert_eq!(
+            watches.due(at + FALLBACK_INTERVAL).len(),
+            1,
+            "then the fallback interval"
+        );
+    }
+
+    #[test]
+    fn a_check_that_never_settles_is_made_again() {
+        let mut watches = Watches::default();
+        let id = master_key_id(&[0; 32], &wrapped("v1"));
+        let now = Tick::now();
+        watches.touch(
+            id,
+            &provider(),
+            &tenant(),
+            1,
+            &wrapped("v1"),
+            settings(1),
+            now,
+        );
+        let later = now + Duration::from_secs(2);
+        assert_eq!(watches.due(later).len(), 1);
+        assert!(watches.due(later).is_empty(), "running: not due twice");
+        watches.abandon(&id);
+        assert_eq!(watches.due(later).len(), 1);
     }
 }

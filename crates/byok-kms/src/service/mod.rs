@@ -381,6 +381,19 @@ impl KeyService {
             sample,
             ..
         } = check;
+        // Should the task end without settling (a provider that panics), the
+        // key is checked again at the next tick instead of never.
+        struct Unsettled<'a>(&'a Mutex<Watches>, MasterKeyId, bool);
+        impl Drop for Unsettled<'_> {
+            fn drop(&mut self) {
+                if !self.2
+                    && let Ok(mut watches) = self.0.lock()
+                {
+                    watches.abandon(&self.1);
+                }
+            }
+        }
+        let mut guard = Unsettled(&self.watches, id, false);
         let sample = &sample;
         let result = self
             .call(
@@ -406,19 +419,23 @@ impl KeyService {
             // customer's refusal, so nothing is evicted.
             Err(e) => KeyHealth::Unreachable(e),
         };
+        guard.2 = true;
         let settled =
             self.watches
                 .lock()
                 .expect("watches lock")
                 .settle(&id, health, Tick::now())?;
+        if matches!(settled.health, KeyHealth::Revoked(_)) {
+            // At every check, not only the first: nothing under a revoked
+            // key stays cached, whatever raced with the previous eviction.
+            self.cache
+                .lock()
+                .expect("cache lock")
+                .remove_where(|key, _| key.master == id);
+        }
         if settled.changed {
             match &settled.health {
-                KeyHealth::Revoked(_) => {
-                    self.cache
-                        .lock()
-                        .expect("cache lock")
-                        .remove_where(|key, _| key.master == id);
-                }
+                KeyHealth::Revoked(_) => {}
                 KeyHealth::Live => {
                     let options = options_digest(&provider);
                     self.refusals
@@ -476,7 +493,7 @@ impl KeyService {
             database: tenant.database,
             dek_id,
             digest: digest(tenant, wrapped),
-            master: liveness::master_key_id(&options, &wrapped.cmk_id),
+            master: liveness::master_key_id(&options, wrapped),
         };
         let now = Tick::now();
         // (A validation probe's key is discarded at once: it watches nothing,
@@ -487,6 +504,13 @@ impl KeyService {
                 watches.touch(key.master, provider, tenant, dek_id, wrapped, settings, now)
             }
         };
+        // A master key found revoked: refused without asking the key manager
+        // until a check finds it usable again (also a key stored in the cache
+        // by a call that raced with the check).
+        if let Some(refused) = self.revoked(&key.master, |w| watch(w)) {
+            self.cache.lock().expect("cache lock").remove(&key);
+            return Err(refused);
+        }
         let stale = match self.cached(&key, now) {
             Some((dek, true)) => {
                 watch(&mut self.watches.lock().expect("watches lock"));
@@ -499,12 +523,6 @@ impl KeyService {
         };
         self.metrics
             .record(kind, tenant, MetricEvent::SharedCacheMiss);
-
-        // A master key found revoked: refused without asking the key manager
-        // until a check finds it usable again.
-        if let Some(refused) = self.revoked(&key.master, |w| watch(w)) {
-            return Err(refused);
-        }
         let refusal_key = RefusalKey {
             key: key.clone(),
             options,
