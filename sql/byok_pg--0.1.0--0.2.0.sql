@@ -115,7 +115,11 @@ CREATE TABLE byok.scheduled_rotations (
     grace_period interval NOT NULL,
     state text NOT NULL DEFAULT 'scheduled'
         CHECK (state IN ('scheduled', 'running', 'done', 'failed', 'cancelled')),
+    -- who made it take effect (under dual control: the approver), and whether
+    -- a second administrator approved it (one that was not must not run once
+    -- dual control applies)
     scheduled_by name NOT NULL,
+    approved boolean NOT NULL DEFAULT false,
     scheduled_at timestamptz NOT NULL DEFAULT now(),
     started_at timestamptz,
     finished_at timestamptz,

@@ -120,7 +120,9 @@ admin_operations! {
         grace_period_hours: f64,
     }
     /// Withdraws a scheduled rotation that has not started.
-    CancelScheduledRotation = "cancel_scheduled_rotation", approval: false, request: false, writes: true {
+    /// (Approved like scheduling: a customer's rotation, perhaps of a
+    /// compromised key, is not one administrator's to call off.)
+    CancelScheduledRotation = "cancel_scheduled_rotation", approval: true, request: true, writes: true {
         tenant_id: String,
         rotation_id: i64,
     }
@@ -421,8 +423,14 @@ fn run(op: AdminOp, origin: Origin) -> Result<OpResult, ByokError> {
                 new_key_id,
                 rotation_time,
                 grace_period_hours,
-            } => rotation::schedule(&tenant_id, &new_key_id, &rotation_time, grace_period_hours)
-                .map(OpResult::Int),
+            } => rotation::schedule(
+                &tenant_id,
+                &new_key_id,
+                &rotation_time,
+                grace_period_hours,
+                origin == Origin::Approved,
+            )
+            .map(OpResult::Int),
             AdminOp::CancelScheduledRotation {
                 tenant_id,
                 rotation_id,

@@ -279,6 +279,7 @@ pub fn schedule(
     new_key_id: &str,
     rotation_time: &str,
     grace_period_hours: f64,
+    approved: bool,
 ) -> Result<i64, ByokError> {
     let new_key_id = checked_key_id(new_key_id)?;
     if !grace_period_hours.is_finite() || !(0.0..=MAX_GRACE_HOURS).contains(&grace_period_hours) {
@@ -303,8 +304,8 @@ pub fn schedule(
     let role = crate::postgres::session::role_name(crate::postgres::session::acting_role());
     let rotation_id = Spi::get_one_with_args::<i64>(
         "INSERT INTO byok.scheduled_rotations
-                (tenant_id, new_key_id, rotation_time, grace_period, scheduled_by)
-         VALUES ($1, $2, $3, pg_catalog.make_interval(secs => $4), $5)
+                (tenant_id, new_key_id, rotation_time, grace_period, scheduled_by, approved)
+         VALUES ($1, $2, $3, pg_catalog.make_interval(secs => $4), $5, $6)
          RETURNING rotation_id",
         &[
             DatumWithOid::from(tenant_id),
@@ -312,6 +313,7 @@ pub fn schedule(
             DatumWithOid::from(rotation_time),
             DatumWithOid::from(grace_period_hours * 3600.0),
             DatumWithOid::from(role.as_str()),
+            DatumWithOid::from(approved),
         ],
     )?
     .ok_or_else(|| ByokError::Catalog("the scheduled rotation was not recorded".into()))?;

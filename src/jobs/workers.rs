@@ -445,10 +445,20 @@ fn rotate_due_data_keys() {
 /// or failed; a crash rolls all of it back, so the next visit starts it again
 /// (a rotation is idempotent). A failure is recorded in its row and audited.
 fn run_scheduled_rotations() {
-    let due: Vec<(i64, String, String, String)> = crate::catalog::as_extension_owner(|| {
+    // (A table of 0.2.0: absent until ALTER EXTENSION byok_pg UPDATE.)
+    let present = crate::catalog::as_extension_owner(|| {
+        crate::catalog::read_one::<bool>(
+            "SELECT pg_catalog.to_regclass('byok.scheduled_rotations') IS NOT NULL",
+            &[],
+        )
+    });
+    if !matches!(present, Ok(Some(true))) {
+        return;
+    }
+    let due: Vec<(i64, String, String, String, bool)> = crate::catalog::as_extension_owner(|| {
         Spi::connect(|client| {
             let rows = client.select(
-                "SELECT rotation_id, tenant_id, new_key_id, grace_period::pg_catalog.text
+                "SELECT rotation_id, tenant_id, new_key_id, grace_period::pg_catalog.text, approved
                    FROM byok.scheduled_rotations
                   WHERE state OPERATOR(pg_catalog.=) ANY (ARRAY['scheduled', 'running'])
                     AND rotation_time OPERATOR(pg_catalog.<=) pg_catalog.now()
@@ -463,6 +473,7 @@ fn run_scheduled_rotations() {
                     row.required::<String>(2)?,
                     row.required::<String>(3)?,
                     row.required::<String>(4)?,
+                    row.required::<bool>(5)?,
                 ));
             }
             Ok(out)
@@ -475,27 +486,51 @@ fn run_scheduled_rotations() {
         );
         Vec::new()
     });
-    for (rotation_id, tenant_id, new_key_id, grace_period) in due {
+    for (rotation_id, tenant_id, new_key_id, grace_period, approved) in due {
+        // Only a rotation still scheduled (or running, after a crash) moves:
+        // one cancelled since it was listed stays cancelled (the cancel holds
+        // its row until it commits). Whether a row moved is the answer.
         let set_state = |state: &str, result: Option<&str>| {
             crate::catalog::as_extension_owner(|| {
-                Spi::run_with_args(
-                    "UPDATE byok.scheduled_rotations
-                        SET state = $2, result = $3,
-                            started_at = coalesce(started_at, pg_catalog.now()),
-                            finished_at = CASE WHEN $2 OPERATOR(pg_catalog.=) 'running' THEN NULL
-                                               ELSE pg_catalog.now() END
-                      WHERE rotation_id OPERATOR(pg_catalog.=) $1",
-                    &[
-                        DatumWithOid::from(rotation_id),
-                        DatumWithOid::from(state),
-                        DatumWithOid::from(result),
-                    ],
-                )?;
-                Ok(())
+                Spi::connect_mut(|client| {
+                    let moved = client.update(
+                        "UPDATE byok.scheduled_rotations
+                            SET state = $2, result = $3,
+                                started_at = coalesce(started_at, pg_catalog.now()),
+                                finished_at = CASE WHEN $2 OPERATOR(pg_catalog.=) 'running' THEN NULL
+                                                   ELSE pg_catalog.now() END
+                          WHERE rotation_id OPERATOR(pg_catalog.=) $1
+                            AND state OPERATOR(pg_catalog.=) ANY (ARRAY['scheduled', 'running'])
+                      RETURNING rotation_id",
+                        None,
+                        &[
+                            DatumWithOid::from(rotation_id),
+                            DatumWithOid::from(state),
+                            DatumWithOid::from(result),
+                        ],
+                    )?;
+                    Ok::<_, ByokError>(!moved.is_empty())
+                })
             })
         };
         let rotated = crate::postgres::subxact::run(|| {
-            set_state("running", None)?;
+            if !set_state("running", None)? {
+                return Ok(());
+            }
+            // Scheduled while dual control did not apply, and it applies now:
+            // a rotation nobody approved does not run.
+            if !approved && crate::admin::policy::dual_control_applies() {
+                return Err(ByokError::NotAllowed {
+                    message: format!(
+                        "scheduled rotation {rotation_id} was made without a second administrator's approval, and dual control applies now"
+                    ),
+                    detail: None,
+                    hint: Some(
+                        "schedule it again: byok.request_operation('schedule_master_key_rotation', ...)"
+                            .into(),
+                    ),
+                });
+            }
             let result = admin::execute(
                 AdminOp::RotateMasterKey {
                     tenant_id: tenant_id.clone(),
@@ -504,7 +539,7 @@ fn run_scheduled_rotations() {
                 },
                 Origin::Policy,
             )?;
-            set_state("done", Some(&result.text()))
+            set_state("done", Some(&result.text())).map(drop)
         });
         if let Err(failure) = rotated {
             let summary = failure.summary();

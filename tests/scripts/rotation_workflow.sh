@@ -104,11 +104,28 @@ wait_until 15 "SELECT state FROM byok.scheduled_rotations WHERE rotation_id = $b
     || not_ok "scheduled rotation $bad: $(q -c "SELECT state, result FROM byok.scheduled_rotations WHERE rotation_id = $bad")"
 as_postgres rm -f "$BYOK_WORK/$NAME/data/byok_local_master.key.revoked"
 
+echo "== dual control: in production a schedule, a cancel and a retirement need a second administrator"
+unapproved=$(q -c "SELECT byok.schedule_master_key_rotation('$(notice acme acme-cmk-5 "$(q -c "SELECT to_char(clock_timestamp() AT TIME ZONE 'UTC' + interval '3 seconds', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')")" 1)')")
+q -c "ALTER SYSTEM SET byok.environment = 'production'" -c "SELECT pg_reload_conf()" >/dev/null
+sleep 1
+expect_error "scheduling" 42501 "schedule_master_key_rotation needs dual control" \
+    "SELECT byok.schedule_master_key_rotation('$(notice acme prod-acme-1 2030-01-01T00:00:00Z 1)')"
+expect_error "cancelling" 42501 "cancel_scheduled_rotation needs dual control" \
+    "SELECT byok.cancel_scheduled_rotation('acme', $unapproved)"
+expect_error "ending a grace period early" 42501 "retire_previous_master_key needs dual control" \
+    "SELECT byok.retire_previous_master_key('acme')"
+wait_until 15 "SELECT state FROM byok.scheduled_rotations WHERE rotation_id = $unapproved" failed \
+    && ok "a rotation scheduled before dual control applied does not run unapproved: $(q -c "SELECT left(result, 90) FROM byok.scheduled_rotations WHERE rotation_id = $unapproved")" \
+    || not_ok "unapproved scheduled rotation: $(q -c "SELECT state, result FROM byok.scheduled_rotations WHERE rotation_id = $unapproved")"
+check "the tenant stayed on its key" "$(q -c "SELECT master_key_id FROM byok.tenants WHERE tenant_id = 'acme'")" "acme-cmk-3"
+q -c "ALTER SYSTEM RESET byok.environment" -c "SELECT pg_reload_conf()" >/dev/null
+sleep 1
+
 echo "== the trail, and the notices sent on byok_alerts"
 q -c "SELECT byok.rotate_data_key('acme')" >/dev/null
 wait_for_audit_queue
 check "audited in order" "$(q -c "SELECT string_agg(event, ',' ORDER BY id) FROM byok.audit_log WHERE tenant_id = 'acme' AND event IN ('schedule_master_key_rotation', 'cancel_scheduled_rotation', 'rotate_master_key_start', 'rotate_master_key', 'master_key_retired') AND outcome = 'ok'")" \
-    "schedule_master_key_rotation,cancel_scheduled_rotation,schedule_master_key_rotation,rotate_master_key_start,rotate_master_key,master_key_retired,rotate_master_key_start,rotate_master_key,master_key_retired,schedule_master_key_rotation"
+    "schedule_master_key_rotation,cancel_scheduled_rotation,schedule_master_key_rotation,rotate_master_key_start,rotate_master_key,master_key_retired,rotate_master_key_start,rotate_master_key,master_key_retired,schedule_master_key_rotation,schedule_master_key_rotation"
 sleep 1
 for event in schedule_master_key_rotation cancel_scheduled_rotation; do
     grep -q "\"event\" : \"$event\"" "$FIXTURES/alerts-before" && ok "byok_alerts: $event" || not_ok "byok_alerts: no $event"

@@ -239,9 +239,17 @@ impl Watches {
         due
     }
 
-    /// Records a check's result; the next check comes one interval later.
+    /// Records a check's result; the next check comes one interval later. A
+    /// key refused before stays refused when the key manager cannot be reached:
+    /// only an answer that allows it ends a revocation.
     pub fn settle(&mut self, id: &MasterKeyId, health: KeyHealth, now: Tick) -> Option<Settled> {
         let w = self.map.get_mut(id)?;
+        let health = match (&w.health, health) {
+            (KeyHealth::Revoked(refusal), KeyHealth::Unreachable(_)) => {
+                KeyHealth::Revoked(refusal.clone())
+            }
+            (_, health) => health,
+        };
         w.checking = false;
         w.next_check = now + w.interval.unwrap_or(FALLBACK_INTERVAL);
         // Unchecked -> Live is the normal start, not news.
@@ -381,6 +389,31 @@ mod tests {
             1,
             "then the fallback interval"
         );
+    }
+
+    #[test]
+    fn an_outage_does_not_end_a_revocation() {
+        let mut watches = Watches::default();
+        let id = master_key_id(&[0; 32], &wrapped("v1"));
+        let now = Tick::now();
+        watches.touch(
+            id,
+            &provider(),
+            &tenant(),
+            1,
+            &wrapped("v1"),
+            settings(1),
+            now,
+        );
+        watches.settle(&id, refused(), now).unwrap();
+        let outage = KeyHealth::Unreachable(ProviderError::new(
+            ProviderKind::Local,
+            ErrorKind::Unavailable,
+            "no answer",
+        ));
+        let settled = watches.settle(&id, outage, now).unwrap();
+        assert!(matches!(settled.health, KeyHealth::Revoked(_)) && !settled.changed);
+        assert!(watches.revoked(&id).is_some());
     }
 
     #[test]

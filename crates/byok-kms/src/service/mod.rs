@@ -583,23 +583,26 @@ impl KeyService {
                 },
             )
             .await?;
-        // A check may have found the master key revoked during the call.
-        if let Some(refused) = self.revoked(&key.master, |_| {}) {
-            return Err(refused);
+        // The tenant joins the key's watch, the revocation is checked and the
+        // key stored, all under the watches lock: a check finding the key
+        // revoked either settles first (and the key is refused here) or counts
+        // this tenant among those whose backends must drop it.
+        let mut watches = self.watches.lock().expect("watches lock");
+        if dek_id != crate::protocol::PROBE_DEK_ID {
+            watches.touch(
+                key.master,
+                provider,
+                tenant,
+                dek_id,
+                wrapped,
+                settings,
+                Tick::now(),
+            );
+        }
+        if let Some(refused) = watches.revoked(&key.master) {
+            return Err(revocation_error(refused));
         }
         self.store(key.clone(), tenant, &dek, settings);
-        if dek_id == crate::protocol::PROBE_DEK_ID {
-            return Ok(dek);
-        }
-        self.watches.lock().expect("watches lock").touch(
-            key.master,
-            provider,
-            tenant,
-            dek_id,
-            wrapped,
-            settings,
-            Tick::now(),
-        );
         Ok(dek)
     }
 
@@ -611,14 +614,8 @@ impl KeyService {
         touch: impl FnOnce(&mut Watches),
     ) -> Option<ProviderError> {
         let mut watches = self.watches.lock().expect("watches lock");
-        let mut error = watches.revoked(master)?.clone();
+        let error = revocation_error(watches.revoked(master)?);
         touch(&mut watches);
-        let note = "the key manager refused this master key at its last revocation check; \
-                    it is asked again at the next one";
-        error.detail = Some(match error.detail.take() {
-            Some(detail) => format!("{detail} ({note})"),
-            None => note.to_string(),
-        });
         Some(error)
     }
 
@@ -903,6 +900,18 @@ async fn connect(
         )
         .with_hint("use provider \"local\", or a build that includes this provider")),
     }
+}
+
+/// A revocation check's refusal, as the requests it refuses report it.
+fn revocation_error(refusal: &ProviderError) -> ProviderError {
+    let mut error = refusal.clone();
+    let note = "the key manager refused this master key at its last revocation check; \
+                it is asked again at the next one";
+    error.detail = Some(match error.detail.take() {
+        Some(detail) => format!("{detail} ({note})"),
+        None => note.to_string(),
+    });
+    error
 }
 
 /// Refusals remembered at most (each a few hundred bytes).
