@@ -329,6 +329,11 @@ mod tests {
         }
     }
 
+    /// A use of data key 1 (wrapped under version v1) by tenant "t".
+    fn touch(watches: &mut Watches, id: MasterKeyId, settings: CacheSettings, now: Tick) {
+        watches.touch(id, &provider(), &tenant(), 1, &wrapped("v1"), settings, now);
+    }
+
     fn refused() -> KeyHealth {
         KeyHealth::Revoked(ProviderError::new(
             ProviderKind::Local,
@@ -355,15 +360,7 @@ mod tests {
         let mut watches = Watches::default();
         let id = master_key_id(&[0; 32], &wrapped("v1"));
         let now = Tick::now();
-        watches.touch(
-            id,
-            &provider(),
-            &tenant(),
-            1,
-            &wrapped("v1"),
-            settings(1),
-            now,
-        );
+        touch(&mut watches, id, settings(1), now);
         let due = watches.due(now + Duration::from_secs(1));
         assert_eq!(due.len(), 1);
         let settled = watches
@@ -371,15 +368,7 @@ mod tests {
             .unwrap();
         assert!(settled.changed);
         // The tenant turns its checks off: the refusal must not last for ever.
-        watches.touch(
-            id,
-            &provider(),
-            &tenant(),
-            1,
-            &wrapped("v1"),
-            settings(0),
-            now,
-        );
+        touch(&mut watches, id, settings(0), now);
         let at = now + Duration::from_secs(2);
         assert_eq!(watches.due(at).len(), 1, "the check already planned");
         watches.settle(&id, refused(), at).unwrap();
@@ -396,15 +385,7 @@ mod tests {
         let mut watches = Watches::default();
         let id = master_key_id(&[0; 32], &wrapped("v1"));
         let now = Tick::now();
-        watches.touch(
-            id,
-            &provider(),
-            &tenant(),
-            1,
-            &wrapped("v1"),
-            settings(1),
-            now,
-        );
+        touch(&mut watches, id, settings(1), now);
         watches.settle(&id, refused(), now).unwrap();
         let outage = KeyHealth::Unreachable(ProviderError::new(
             ProviderKind::Local,
@@ -421,15 +402,7 @@ mod tests {
         let mut watches = Watches::default();
         let id = master_key_id(&[0; 32], &wrapped("v1"));
         let now = Tick::now();
-        watches.touch(
-            id,
-            &provider(),
-            &tenant(),
-            1,
-            &wrapped("v1"),
-            settings(1),
-            now,
-        );
+        touch(&mut watches, id, settings(1), now);
         let later = now + Duration::from_secs(2);
         assert_eq!(watches.due(later).len(), 1);
         assert!(watches.due(later).is_empty(), "running: not due twice");
