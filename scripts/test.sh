@@ -40,7 +40,8 @@ record "fuzzing" $status
 
 log "unit tests: byok-core, byok-kms (no PostgreSQL)"
 status=0; cargo test -p byok-core -p byok-kms --release 2>&1 | tee "$BYOK_WORK.cargo-test.log" | grep -E "^test result|FAILED|panicked" || status=$?
-grep -q "FAILED\|error:" "$BYOK_WORK.cargo-test.log" && status=1
+# (compiler errors start their line; a test's name may contain "error::")
+grep -qE "FAILED|^error(\[|:)" "$BYOK_WORK.cargo-test.log" && status=1
 record "cargo test (core, kms)" $status
 
 log "key-manager stand-ins tested against the vendors' REST reference examples"
