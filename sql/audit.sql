@@ -78,7 +78,8 @@ BEGIN
        OR p_event OPERATOR(pg_catalog.=) ANY (ARRAY['master_key_revoked', 'master_key_restored',
               'master_key_unreachable', 'master_key_reachable', 'rotate_master_key_start',
               'rotate_master_key', 'master_key_retired', 'rotate_data_key',
-              'schedule_master_key_rotation', 'cancel_scheduled_rotation']) THEN
+              'schedule_master_key_rotation', 'cancel_scheduled_rotation',
+              'alert_firing', 'alert_resolved']) THEN
         -- Any role that may connect can LISTEN: by default the payload names
         -- the audit row only (byok_admin reads it in byok.audit_log); with
         -- byok.alert_details (postgresql.conf) it carries the tenant, key and reason.
@@ -87,8 +88,15 @@ BEGIN
                               'outcome', p_outcome, 'at', row.logged_at, 'tenant_id', p_tenant, 'dek_id', p_dek,
                               'reason', p_reason, 'details', p_details)::text);
         ELSE
-            PERFORM pg_catalog.pg_notify('byok_alerts', pg_catalog.json_build_object('audit_id', row.id, 'event', p_event,
-                              'outcome', p_outcome, 'at', row.logged_at)::text);
+            PERFORM pg_catalog.pg_notify('byok_alerts', CASE WHEN p_event OPERATOR(pg_catalog.~~) 'alert\_%'
+                -- (a monitor's change also names its metric, severity and state)
+                THEN pg_catalog.json_build_object('audit_id', row.id, 'event', p_event,
+                              'outcome', p_outcome, 'at', row.logged_at,
+                              'metric', p_details OPERATOR(pg_catalog.->>) 'metric',
+                              'severity', p_details OPERATOR(pg_catalog.->>) 'severity',
+                              'state', p_details OPERATOR(pg_catalog.->>) 'state')
+                ELSE pg_catalog.json_build_object('audit_id', row.id, 'event', p_event,
+                              'outcome', p_outcome, 'at', row.logged_at) END::text);
         END IF;
     END IF;
     RETURN row.id;

@@ -279,6 +279,27 @@ CREATE FUNCTION byok.key_status() RETURNS TABLE (
 STRICT VOLATILE PARALLEL SAFE
 LANGUAGE c
 AS 'MODULE_PATHNAME', 'key_status_wrapper';
+CREATE FUNCTION byok.alert_states() RETURNS TABLE (
+    "provider" TEXT,
+    "tenant_id" TEXT,
+    "monitor" TEXT,
+    "metric" TEXT,
+    "value" double precision,
+    "threshold" double precision,
+    "unit" TEXT,
+    "time_window" TEXT,
+    "severity" TEXT,
+    "state" TEXT,
+    "since" timestamp with time zone,
+    "evaluated_at" timestamp with time zone
+)
+STRICT VOLATILE PARALLEL SAFE
+LANGUAGE c
+AS 'MODULE_PATHNAME', 'alert_states_wrapper';
+CREATE FUNCTION byok.prometheus_metrics() RETURNS TEXT
+STRICT VOLATILE PARALLEL SAFE
+LANGUAGE c
+AS 'MODULE_PATHNAME', 'prometheus_metrics_wrapper';
 CREATE OR REPLACE FUNCTION byok.pause_job(
     "job_id" bigint
 ) RETURNS TEXT
@@ -494,6 +515,19 @@ SELECT t.tenant_id, t.provider, t.master_key_id,
 COMMENT ON VIEW byok.tenant_key_status IS
     'Per tenant: what the key broker''s last revocation check of its master key found (ok, revoked, unreachable), and when';
 
+-- The guide's monitoring rules, evaluated by the key broker every 10 seconds
+-- over each monitor's window (the tenant's monitoring_rules, or the guide's),
+-- for the tenants the reader may see.
+CREATE VIEW byok.alerts WITH (security_invoker = true) AS
+SELECT a.tenant_id, a.provider, a.monitor, a.metric, a.value, a.threshold, a.unit,
+       a.time_window, a.severity, a.state, a.since, a.evaluated_at
+  FROM byok.alert_states() a
+ WHERE EXISTS (SELECT 1 FROM byok.tenant_config t
+                WHERE t.tenant_id OPERATOR(pg_catalog.=) a.tenant_id
+                  AND t.provider OPERATOR(pg_catalog.=) a.provider);
+COMMENT ON VIEW byok.alerts IS
+    'Per tenant and monitor of the guide''s monitoring_rules: the value over its window, threshold, severity, state (ok, firing, disabled) and since when';
+
 -- access.sql
 CREATE OR REPLACE FUNCTION byok.may_use_tenant(p_role oid, p_tenant text) RETURNS boolean
 LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
@@ -607,7 +641,8 @@ BEGIN
        OR p_event OPERATOR(pg_catalog.=) ANY (ARRAY['master_key_revoked', 'master_key_restored',
               'master_key_unreachable', 'master_key_reachable', 'rotate_master_key_start',
               'rotate_master_key', 'master_key_retired', 'rotate_data_key',
-              'schedule_master_key_rotation', 'cancel_scheduled_rotation']) THEN
+              'schedule_master_key_rotation', 'cancel_scheduled_rotation',
+              'alert_firing', 'alert_resolved']) THEN
         -- Any role that may connect can LISTEN: by default the payload names
         -- the audit row only (byok_admin reads it in byok.audit_log); with
         -- byok.alert_details (postgresql.conf) it carries the tenant, key and reason.
@@ -616,8 +651,15 @@ BEGIN
                               'outcome', p_outcome, 'at', row.logged_at, 'tenant_id', p_tenant, 'dek_id', p_dek,
                               'reason', p_reason, 'details', p_details)::text);
         ELSE
-            PERFORM pg_catalog.pg_notify('byok_alerts', pg_catalog.json_build_object('audit_id', row.id, 'event', p_event,
-                              'outcome', p_outcome, 'at', row.logged_at)::text);
+            PERFORM pg_catalog.pg_notify('byok_alerts', CASE WHEN p_event OPERATOR(pg_catalog.~~) 'alert\_%'
+                -- (a monitor's change also names its metric, severity and state)
+                THEN pg_catalog.json_build_object('audit_id', row.id, 'event', p_event,
+                              'outcome', p_outcome, 'at', row.logged_at,
+                              'metric', p_details OPERATOR(pg_catalog.->>) 'metric',
+                              'severity', p_details OPERATOR(pg_catalog.->>) 'severity',
+                              'state', p_details OPERATOR(pg_catalog.->>) 'state')
+                ELSE pg_catalog.json_build_object('audit_id', row.id, 'event', p_event,
+                              'outcome', p_outcome, 'at', row.logged_at) END::text);
         END IF;
     END IF;
     RETURN row.id;
@@ -735,10 +777,13 @@ GRANT EXECUTE ON FUNCTION byok.configure_tenant(jsonb), byok.rotate_data_key(tex
     byok.verify_audit_chain(bigint, bytea), byok.audit_chain_head(),
     byok.backend_cache_stats(), byok.broker_status(), byok.metrics_counters(),
     byok.key_status(), byok.schedule_master_key_rotation(jsonb),
-    byok.cancel_scheduled_rotation(text, bigint), byok.retire_previous_master_key(text)
+    byok.cancel_scheduled_rotation(text, bigint), byok.retire_previous_master_key(text),
+    byok.alert_states(), byok.prometheus_metrics()
   TO byok_admin;
+-- SQL exporters (postgres_exporter and the like) run as members of pg_monitor.
+GRANT EXECUTE ON FUNCTION byok.prometheus_metrics() TO pg_monitor;
 GRANT EXECUTE ON PROCEDURE byok.rotate_master_key(text, text, interval) TO byok_admin;
-GRANT SELECT ON byok.jobs, byok.protected_columns, byok.metrics, byok.tenant_key_status, byok.audit_log,
+GRANT SELECT ON byok.jobs, byok.protected_columns, byok.metrics, byok.tenant_key_status, byok.alerts, byok.audit_log,
     byok.pending_operations, byok.scheduled_rotations, byok.retired_master_keys
   TO byok_admin;
 -- (No role but the owner writes the catalog tables: byok_admin's changes go

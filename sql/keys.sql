@@ -180,3 +180,16 @@ SELECT t.tenant_id, t.provider, t.master_key_id,
   LEFT JOIN byok.key_status() s ON s.tenant_id = t.tenant_id AND s.provider = t.provider;
 COMMENT ON VIEW byok.tenant_key_status IS
     'Per tenant: what the key broker''s last revocation check of its master key found (ok, revoked, unreachable), and when';
+
+-- The guide's monitoring rules, evaluated by the key broker every 10 seconds
+-- over each monitor's window (the tenant's monitoring_rules, or the guide's),
+-- for the tenants the reader may see.
+CREATE VIEW byok.alerts WITH (security_invoker = true) AS
+SELECT a.tenant_id, a.provider, a.monitor, a.metric, a.value, a.threshold, a.unit,
+       a.time_window, a.severity, a.state, a.since, a.evaluated_at
+  FROM byok.alert_states() a
+ WHERE EXISTS (SELECT 1 FROM byok.tenant_config t
+                WHERE t.tenant_id OPERATOR(pg_catalog.=) a.tenant_id
+                  AND t.provider OPERATOR(pg_catalog.=) a.provider);
+COMMENT ON VIEW byok.alerts IS
+    'Per tenant and monitor of the guide''s monitoring_rules: the value over its window, threshold, severity, state (ok, firing, disabled) and since when';

@@ -53,10 +53,13 @@ GRANT EXECUTE ON FUNCTION byok.configure_tenant(jsonb), byok.rotate_data_key(tex
     byok.verify_audit_chain(bigint, bytea), byok.audit_chain_head(),
     byok.backend_cache_stats(), byok.broker_status(), byok.metrics_counters(),
     byok.key_status(), byok.schedule_master_key_rotation(jsonb),
-    byok.cancel_scheduled_rotation(text, bigint), byok.retire_previous_master_key(text)
+    byok.cancel_scheduled_rotation(text, bigint), byok.retire_previous_master_key(text),
+    byok.alert_states(), byok.prometheus_metrics()
   TO byok_admin;
+-- SQL exporters (postgres_exporter and the like) run as members of pg_monitor.
+GRANT EXECUTE ON FUNCTION byok.prometheus_metrics() TO pg_monitor;
 GRANT EXECUTE ON PROCEDURE byok.rotate_master_key(text, text, interval) TO byok_admin;
-GRANT SELECT ON byok.jobs, byok.protected_columns, byok.metrics, byok.tenant_key_status, byok.audit_log,
+GRANT SELECT ON byok.jobs, byok.protected_columns, byok.metrics, byok.tenant_key_status, byok.alerts, byok.audit_log,
     byok.pending_operations, byok.scheduled_rotations, byok.retired_master_keys
   TO byok_admin;
 -- (No role but the owner writes the catalog tables: byok_admin's changes go

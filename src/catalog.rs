@@ -279,6 +279,8 @@ pub fn membership_conflicts(
 #[derive(Debug, Clone)]
 pub struct DataKeyRecord {
     pub tenant_id: String,
+    /// The tenant's monitoring rules (`monitoring_rules`, or the guide's).
+    pub monitoring: byok_core::monitors::Rules,
     pub state: KeyState,
     pub provider: ProviderKind,
     pub wrapped: Option<WrappedDek>,
@@ -357,7 +359,8 @@ pub fn load_data_key(dek_id: u64) -> Result<Option<DataKeyRecord>, ByokError> {
             let table = client.select(
                 "SELECT k.tenant_id, k.state, k.provider, k.wrapped_dek, k.cmk_id, k.cmk_version,
                         t.cache_ttl_seconds, t.cache_max_entries, t.cache_grace_period_seconds,
-                        t.provider_options, (t.config OPERATOR(pg_catalog.#>>) '{encryption,cache_config,revocation_check_seconds}')::pg_catalog.int4
+                        t.provider_options, (t.config OPERATOR(pg_catalog.#>>) '{encryption,cache_config,revocation_check_seconds}')::pg_catalog.int4,
+                        t.config OPERATOR(pg_catalog.#>) '{encryption,monitoring_rules}'
                    FROM byok.wrapped_data_keys k
                    JOIN byok.tenant_config t ON t.tenant_id OPERATOR(pg_catalog.=) k.tenant_id
                   WHERE k.dek_id OPERATOR(pg_catalog.=) $1",
@@ -389,6 +392,7 @@ pub fn load_data_key(dek_id: u64) -> Result<Option<DataKeyRecord>, ByokError> {
                     row.get::<i32>(11)?,
                 ),
                 master_key_retired: false,
+                monitoring: monitoring_rules(row.get::<pgrx::JsonB>(12)?.map(|j| j.0)),
                 provider_options: match row.get::<pgrx::JsonB>(10)?.map(|j| j.0) {
                     Some(serde_json::Value::Object(map)) => map,
                     _ => serde_json::Map::new(),
@@ -399,6 +403,16 @@ pub fn load_data_key(dek_id: u64) -> Result<Option<DataKeyRecord>, ByokError> {
             Ok(Some(record))
         })
     })
+}
+
+/// A tenant's `monitoring_rules` (checked when the tenant was configured; a
+/// document that no longer parses, edited by hand, falls back to the guide's).
+fn monitoring_rules(section: Option<serde_json::Value>) -> byok_core::monitors::Rules {
+    section
+        .as_ref()
+        .and_then(serde_json::Value::as_object)
+        .and_then(|obj| byok_core::monitors::parse_rules("monitoring_rules", obj).ok())
+        .unwrap_or_else(byok_core::monitors::default_rules)
 }
 
 /// Whether the master key that wrapped data key `dek_id` was retired. (The

@@ -38,6 +38,32 @@ static REVOCATION_CHECK_SECONDS: GucSetting<i32> =
 /// `byok.audit_event` in SQL), not only the audit row's id and event.
 static ALERT_DETAILS: GucSetting<bool> = GucSetting::<bool>::new(false);
 
+/// `byok.metrics_listen_address` (server configuration, superuser only):
+/// `host:port` where the key broker serves Prometheus metrics (`/metrics`);
+/// empty (the default): not served. Plain HTTP on loopback addresses; bound
+/// elsewhere it needs TLS (`byok.metrics_tls_cert_file`/`_key_file`) or basic
+/// authentication (`byok.metrics_basic_auth_file`).
+static METRICS_LISTEN_ADDRESS: GucSetting<Option<CString>> =
+    GucSetting::<Option<CString>>::new(None);
+
+/// `byok.metrics_tls_cert_file` / `byok.metrics_tls_key_file` (server
+/// configuration, superuser only): PEM certificate chain and private key; both
+/// set: the endpoint speaks HTTPS only.
+static METRICS_TLS_CERT_FILE: GucSetting<Option<CString>> =
+    GucSetting::<Option<CString>>::new(None);
+static METRICS_TLS_KEY_FILE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
+
+/// `byok.metrics_basic_auth_file` (server configuration, superuser only): a
+/// file whose first line is `user:password`; set: every scrape must present them.
+static METRICS_BASIC_AUTH_FILE: GucSetting<Option<CString>> =
+    GucSetting::<Option<CString>>::new(None);
+
+/// `byok.metrics_tenant_labels` (server configuration): whether the Prometheus
+/// series carry a `tenant` label (one series group per tenant) rather than
+/// summing tenants per database and provider (the default, bounded however
+/// many tenants there are).
+static METRICS_TENANT_LABELS: GucSetting<bool> = GucSetting::<bool>::new(false);
+
 /// `byok.cache_ttl_seconds` (server configuration): how long a data key stays
 /// ready in the caches, for tenants whose `cache_config` sets no `ttl_seconds`.
 static CACHE_TTL_SECONDS: GucSetting<i32> = GucSetting::<i32>::new(86_400);
@@ -279,6 +305,46 @@ pub fn init() {
         GucContext::Sighup,
         GucFlags::default(),
     );
+    GucRegistry::define_string_guc(
+        c"byok.metrics_listen_address",
+        c"host:port where the key broker serves Prometheus metrics at /metrics (empty: off).",
+        c"Loopback addresses may be plain HTTP; any other address needs byok.metrics_tls_cert_file and byok.metrics_tls_key_file, or byok.metrics_basic_auth_file.",
+        &METRICS_LISTEN_ADDRESS,
+        GucContext::Sighup,
+        GucFlags::SUPERUSER_ONLY,
+    );
+    GucRegistry::define_string_guc(
+        c"byok.metrics_tls_cert_file",
+        c"PEM certificate chain of the metrics endpoint (with byok.metrics_tls_key_file: HTTPS).",
+        c"",
+        &METRICS_TLS_CERT_FILE,
+        GucContext::Sighup,
+        GucFlags::SUPERUSER_ONLY,
+    );
+    GucRegistry::define_string_guc(
+        c"byok.metrics_tls_key_file",
+        c"PEM private key of the metrics endpoint.",
+        c"",
+        &METRICS_TLS_KEY_FILE,
+        GucContext::Sighup,
+        GucFlags::SUPERUSER_ONLY,
+    );
+    GucRegistry::define_string_guc(
+        c"byok.metrics_basic_auth_file",
+        c"File whose first line is user:password, required of every scrape of the metrics endpoint.",
+        c"Empty: no authentication (allowed on loopback addresses only, unless TLS is on).",
+        &METRICS_BASIC_AUTH_FILE,
+        GucContext::Sighup,
+        GucFlags::SUPERUSER_ONLY,
+    );
+    GucRegistry::define_bool_guc(
+        c"byok.metrics_tenant_labels",
+        c"Whether Prometheus series carry a tenant label.",
+        c"Off (the default): tenants are summed per database and provider, so the number of series does not grow with the number of tenants.",
+        &METRICS_TENANT_LABELS,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
     GucRegistry::define_int_guc(
         c"byok.revocation_check_seconds",
         c"How often the key broker asks the key manager whether each master key behind a cached data key may still be used, unless the tenant's cache_config says otherwise.",
@@ -313,6 +379,58 @@ pub fn init() {
     // placeholder that leaves the real setting at its default.
     // SAFETY: called from _PG_init, after every byok.* setting is defined.
     unsafe { pg_sys::MarkGUCPrefixReserved(c"byok".as_ptr()) };
+}
+
+/// The metrics endpoint's settings (`None`: not served); an error names the
+/// setting that is wrong.
+pub fn metrics_exporter() -> Result<Option<byok_exporter::ExporterConfig>, String> {
+    let address = string_setting(&METRICS_LISTEN_ADDRESS);
+    if address.is_empty() {
+        return Ok(None);
+    }
+    let address = std::net::ToSocketAddrs::to_socket_addrs(address.as_str())
+        .ok()
+        .and_then(|mut addrs| addrs.next())
+        .ok_or_else(|| {
+            format!("byok.metrics_listen_address \"{address}\" is not a host:port that resolves")
+        })?;
+    let tls = match (
+        string_setting(&METRICS_TLS_CERT_FILE),
+        string_setting(&METRICS_TLS_KEY_FILE),
+    ) {
+        (cert, key) if cert.is_empty() && key.is_empty() => None,
+        (cert, key) if cert.is_empty() || key.is_empty() => {
+            return Err(
+                "byok.metrics_tls_cert_file and byok.metrics_tls_key_file must be set together"
+                    .into(),
+            );
+        }
+        (cert, key) => Some(byok_exporter::TlsFiles {
+            cert_file: cert.into(),
+            key_file: key.into(),
+        }),
+    };
+    let basic_auth = match string_setting(&METRICS_BASIC_AUTH_FILE) {
+        path if path.is_empty() => None,
+        path => {
+            let contents = std::fs::read_to_string(&path)
+                .map_err(|e| format!("byok.metrics_basic_auth_file: could not read {path}: {e}"))?;
+            Some(
+                byok_exporter::BasicAuth::from_file_contents(&contents)
+                    .map_err(|e| format!("byok.metrics_basic_auth_file: {e}"))?,
+            )
+        }
+    };
+    Ok(Some(byok_exporter::ExporterConfig {
+        address,
+        tls,
+        basic_auth,
+    }))
+}
+
+/// byok.metrics_tenant_labels.
+pub fn metrics_tenant_labels() -> bool {
+    METRICS_TENANT_LABELS.get()
 }
 
 /// byok.backend_cache_max_entries.

@@ -32,6 +32,7 @@ extension_sql_file!(
     requires = [
         api::monitoring::metrics_counters,
         api::monitoring::key_status,
+        api::monitoring::alert_states,
         api::rotation::rotate_master_key_step,
         api::rotation::rotate_master_key_finish
     ]

@@ -170,7 +170,7 @@ pub fn changes_existing_tenant(document: &serde_json::Value) -> Result<bool, Byo
 }
 
 fn config_document(c: &TenantConfig) -> serde_json::Value {
-    serde_json::json!({
+    let mut document = serde_json::json!({
         "customer": c.customer,
         "tenant_id": c.tenant_id,
         "encryption": {
@@ -185,7 +185,14 @@ fn config_document(c: &TenantConfig) -> serde_json::Value {
             },
             "audit": {"log_all_operations": c.audit.log_all_operations, "alert_on_failures": c.audit.alert_on_failures}
         }
-    })
+    });
+    // Only when it differs from the guide's: tenants configured before
+    // monitoring_rules existed keep the same stored document.
+    if c.monitoring != byok_core::monitors::default_rules() {
+        document["encryption"]["monitoring_rules"] =
+            byok_core::monitors::rules_document(&c.monitoring);
+    }
+    document
 }
 
 /// Generates a data key under `cmk_id`, stores it wrapped and active; returns its id.

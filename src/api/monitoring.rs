@@ -2,7 +2,9 @@
 //! shows, per database, provider and tenant, `kms_api_success_rate`,
 //! `dek_generation_p99_ms`, `key_cache_hit_ratio` and `decrypt_failures_rate`,
 //! with the raw counters behind them (`byok.metrics_counters`, from shared
-//! memory), and `byok.broker_status` the key broker's state.
+//! memory), and `byok.broker_status` the key broker's state. `byok.alerts`
+//! shows the monitors the key broker evaluates over their windows, and
+//! `byok.prometheus_metrics()` the text the broker's metrics endpoint serves.
 
 use std::sync::atomic::Ordering;
 
@@ -160,6 +162,75 @@ fn key_status() -> TableIterator<
         })
         .collect();
     TableIterator::new(rows)
+}
+
+/// The guide's monitors for this database's tenants, as the key broker last
+/// evaluated them over their windows (`byok.alerts`).
+// (pgrx reads the column names from the signature, so no type alias)
+#[allow(clippy::type_complexity)]
+#[pg_extern(volatile, parallel_safe)]
+fn alert_states() -> TableIterator<
+    'static,
+    (
+        name!(provider, String),
+        name!(tenant_id, String),
+        name!(monitor, String),
+        name!(metric, String),
+        name!(value, Option<f64>),
+        name!(threshold, f64),
+        name!(unit, String),
+        name!(time_window, String),
+        name!(severity, String),
+        name!(state, String),
+        name!(since, Option<TimestampWithTimeZone>),
+        name!(evaluated_at, Option<TimestampWithTimeZone>),
+    ),
+> {
+    let database = crate::postgres::session::database();
+    let alerts = shmem::shared()
+        .map(|shared| shared.metrics.alerts())
+        .unwrap_or_default();
+    let rows: Vec<_> = alerts
+        .into_iter()
+        .filter(|(db, _, _, _)| *db == database)
+        .flat_map(|(_, provider, tenant, records)| {
+            records.into_iter().map(move |r| {
+                (
+                    provider.name().to_string(),
+                    tenant.clone(),
+                    r.metric.monitor().to_string(),
+                    r.metric.name().to_string(),
+                    r.value,
+                    r.rule.threshold,
+                    r.metric.unit().to_string(),
+                    byok_core::monitors::format_window(r.rule.window_seconds),
+                    r.rule.severity.name().to_string(),
+                    match (r.rule.enabled, r.firing) {
+                        (false, _) => "disabled",
+                        (true, true) => "firing",
+                        (true, false) => "ok",
+                    }
+                    .to_string(),
+                    timestamp(r.since * 1_000_000),
+                    timestamp(r.evaluated_at * 1_000_000),
+                )
+            })
+        })
+        .collect();
+    TableIterator::new(rows)
+}
+
+/// The Prometheus text exposition the key broker serves on
+/// `byok.metrics_listen_address`, for scraping through SQL exporters.
+#[pg_extern(volatile, parallel_safe)]
+fn prometheus_metrics() -> String {
+    let Some(_) = shmem::shared() else {
+        ByokError::NotPreloaded.raise();
+    };
+    // This backend's own pending counts first, as for byok.metrics.
+    keyring::flush_metrics();
+    shmem::set_metrics_tenant_labels(crate::gucs::metrics_tenant_labels());
+    shmem::exposition()
 }
 
 /// Microseconds since the Unix epoch as a timestamptz (`None` for 0: never).

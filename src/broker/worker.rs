@@ -14,7 +14,7 @@ use std::sync::mpsc;
 use std::time::Duration;
 
 use byok_core::config::ProviderKind;
-use byok_core::counters::KeyHealthRecord;
+use byok_core::counters::{AlertChange, KeyHealthRecord};
 use byok_kms::protocol::{ErrorWire, Request, Response, TenantRef};
 use byok_kms::service::{KeyHealth, KmsOp, MetricEvent, Settled};
 use byok_kms::{ErrorKind, KeyService, KmsCallAudit, MetricsSink, Outcome, ServiceSettings};
@@ -64,11 +64,11 @@ impl MetricsSink for SharedMetrics {
                 if !ok {
                     m.add(Counter::KmsFailures, 1);
                 }
-                let bucket = byok_core::histogram::bucket(latency.as_micros() as u64);
-                m.kms_latency(bucket);
+                let micros = latency.as_micros() as u64;
+                m.kms_latency(micros);
                 if ok && matches!(op, KmsOp::Unwrap | KmsOp::Generate) {
                     m.add(Counter::DekGenerations, 1);
-                    m.dek_latency(bucket);
+                    m.dek_latency(micros);
                 }
             }
             MetricEvent::SharedCacheHit => m.add(Counter::L2Hits, 1),
@@ -297,6 +297,8 @@ pub extern "C-unwind" fn byok_broker_main(_arg: pg_sys::Datum) {
     let runtime = build_runtime();
     let service = Arc::new(KeyService::new(settings(), Arc::new(SharedMetrics)));
     runtime.spawn(service.clone().watch_master_keys());
+    let mut exporter = Exporter::default();
+    exporter.configure(&runtime);
     let (done_tx, done_rx) = mpsc::channel::<Completion>();
     // SAFETY: publishes this process's own latch and pid; cleared at exit.
     unsafe {
@@ -320,6 +322,10 @@ pub extern "C-unwind" fn byok_broker_main(_arg: pg_sys::Datum) {
             // SAFETY: re-reads postgresql.conf in this process, as any worker may.
             unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
             service.reconfigure(settings());
+            exporter.configure(&runtime);
+        }
+        for change in shared.metrics.tick(crate::audit::now_micros() / 1_000_000) {
+            crate::audit::queue(change.database, &alert_record(&change));
         }
         // Published before the answers, so a caller that was just answered (a
         // flush, say) reads the count after its own request.
@@ -482,4 +488,122 @@ fn deliver(shared: &Shared, done: Completion) {
         shared,
     );
     // The data key, if any, is zeroized as `done` drops.
+}
+
+/// The audit record of a monitor that changed state (its `NOTIFY byok_alerts`
+/// comes with it).
+fn alert_record(change: &AlertChange) -> crate::audit::QueuedRecord {
+    let a = &change.alert;
+    let metric = a.metric;
+    let window = byok_core::monitors::format_window(a.rule.window_seconds);
+    let value = a.value.map_or("no data".to_string(), |v| {
+        format!("{v:.4} {}", metric.unit())
+    });
+    let side = match (a.firing, metric.fires_below()) {
+        (true, true) => "below",
+        (true, false) => "above",
+        (false, _) => "back within",
+    };
+    let reason = format!(
+        "{}: {} over {window} is {value}, {side} the threshold {} ({})",
+        metric.monitor(),
+        metric.name(),
+        a.rule.threshold,
+        a.rule.severity.name(),
+    );
+    crate::audit::QueuedRecord {
+        event: if a.firing {
+            "alert_firing"
+        } else {
+            "alert_resolved"
+        }
+        .to_string(),
+        tenant_id: Some(change.tenant.clone()),
+        dek_id: None,
+        ok: true,
+        reason: Some(reason),
+        details: Some(serde_json::json!({
+            "provider": change.provider.name(),
+            "monitor": metric.monitor(),
+            "metric": metric.name(),
+            "severity": a.rule.severity.name(),
+            "state": if a.firing { "firing" } else { "ok" },
+            "value": a.value,
+            "threshold": a.rule.threshold,
+            "unit": metric.unit(),
+            "window": window,
+        })),
+        role: pg_sys::BOOTSTRAP_SUPERUSERID,
+        role_name: Some("byok key broker".into()),
+        at_micros: a.since * 1_000_000,
+    }
+}
+
+/// The Prometheus endpoint, run on the broker's runtime and restarted when
+/// its settings change (SIGHUP).
+#[derive(Default)]
+struct Exporter {
+    running: Option<(byok_exporter::ExporterConfig, tokio::task::JoinHandle<()>)>,
+    settings_error: Option<String>,
+}
+
+impl Exporter {
+    /// Reads the settings (on this, the main thread) and (re)starts or stops
+    /// the endpoint to match.
+    fn configure(&mut self, runtime: &tokio::runtime::Runtime) {
+        crate::shmem::set_metrics_tenant_labels(gucs::metrics_tenant_labels());
+        let wanted = match gucs::metrics_exporter() {
+            Ok(wanted) => {
+                self.settings_error = None;
+                wanted
+            }
+            Err(problem) => {
+                // Said once per change, not at every reload.
+                if self.settings_error.as_ref() != Some(&problem) {
+                    pgrx::warning!("byok key broker: metrics endpoint not served: {problem}");
+                }
+                self.settings_error = Some(problem);
+                None
+            }
+        };
+        if self.running.as_ref().map(|(config, _)| config) == wanted.as_ref()
+            && self
+                .running
+                .as_ref()
+                .is_none_or(|(_, task)| !task.is_finished())
+        {
+            return;
+        }
+        if let Some((_, task)) = self.running.take() {
+            task.abort();
+        }
+        let Some(config) = wanted else {
+            return;
+        };
+        if config.password_in_clear() {
+            pgrx::warning!(
+                "byok key broker: the metrics endpoint on {} takes a password over plain HTTP; set byok.metrics_tls_cert_file and byok.metrics_tls_key_file",
+                config.address
+            );
+        }
+        // Bound here, so a failure is reported in the log at once.
+        let bound = runtime.block_on(byok_exporter::Exporter::bind(&config));
+        match bound {
+            Ok(endpoint) => {
+                log!(
+                    "byok key broker: serving Prometheus metrics on {}://{}/metrics",
+                    if config.tls.is_some() {
+                        "https"
+                    } else {
+                        "http"
+                    },
+                    endpoint.local_addr().unwrap_or(config.address)
+                );
+                let render: byok_exporter::Render = Arc::new(crate::shmem::exposition);
+                let task = runtime.spawn(endpoint.serve(render));
+                self.running = Some((config, task));
+            }
+            Err(e) => pgrx::warning!("byok key broker: metrics endpoint not served: {e}"),
+        }
+    }
 }

@@ -165,6 +165,11 @@ fn run_sql(sql: &str, args: &[DatumWithOid]) -> Result<(), ByokError> {
 
 /// Marks the job failed with `reason` and records it.
 fn fail(job: i64, tenant: Option<&str>, reason: &str) -> Result<(), ByokError> {
+    if let Some(shared) = crate::shmem::shared() {
+        shared
+            .jobs_failed
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
     run_sql(
         "UPDATE byok.reencrypt_jobs SET state = 'failed', updated_at = pg_catalog.now(), last_error = $2
           WHERE job_id OPERATOR(pg_catalog.=) $1",
@@ -297,6 +302,14 @@ fn checkpoint(
     sweeping: bool,
     rewritten: i64,
 ) -> Result<(), ByokError> {
+    // (counted before the commit: a batch rolled back later is counted anyway,
+    // which a rate of progress can afford)
+    if let Some(shared) = crate::shmem::shared() {
+        shared.job_rows_rewritten.fetch_add(
+            rewritten.max(0) as u64,
+            std::sync::atomic::Ordering::Relaxed,
+        );
+    }
     run_sql(
         "UPDATE byok.reencrypt_jobs SET cursor_relid = $2::pg_catalog.oid::pg_catalog.regclass,
                 cursor_column = $3, cursor_ctid = pg_catalog.format('(%s,0)', $4)::pg_catalog.tid,

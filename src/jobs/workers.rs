@@ -255,6 +255,29 @@ pub extern "C-unwind" fn byok_catalog_writer_main(_argument: pg_sys::Datum) {
     });
 }
 
+/// Publishes the share of its encryption budget this database's busiest
+/// active data key has used (`byok_data_key_budget_used_ratio`).
+fn publish_budget_used(budget: i64) {
+    let most = crate::catalog::as_extension_owner(|| {
+        Ok(column_or_warn::<i64>(
+            "data keys' encryption counts",
+            "SELECT coalesce(max(encryptions), 0)::pg_catalog.int8 FROM byok.wrapped_data_keys
+              WHERE state OPERATOR(pg_catalog.=) 'active'",
+        ))
+    })
+    .ok()
+    .and_then(|rows| rows.first().copied());
+    if let (Some(most), Some(shared)) = (most, crate::shmem::shared()) {
+        let database = crate::postgres::session::database();
+        shared
+            .databases
+            .set_name(database, &crate::postgres::session::database_name());
+        shared
+            .databases
+            .set_budget_used(database, most as f64 / budget.max(1) as f64);
+    }
+}
+
 /// Adds the pending encryption counts of this database's keys to the catalog.
 /// Returns what to subtract after commit: (slot, key, count, key no longer active).
 fn persist_key_usage(database: u32) -> Result<Vec<(usize, u64, u64, bool)>, ByokError> {
@@ -282,6 +305,7 @@ fn persist_key_usage(database: u32) -> Result<Vec<(usize, u64, u64, bool)>, Byok
 /// tenant fails, clearly, until a rotation succeeds; decryption goes on.
 fn enforce_encryption_budget() -> Result<(), ByokError> {
     let budget = gucs::max_encryptions_per_key() as i64;
+    publish_budget_used(budget);
     let over: Vec<(String, i64, i64)> = crate::catalog::as_extension_owner(|| {
         Spi::connect(|client| {
             let rows = client.select(
@@ -355,6 +379,7 @@ pub extern "C-unwind" fn byok_scheduler_main(_argument: pg_sys::Datum) {
             return Vec::new();
         }
         forget_dropped_grantees();
+        publish_budget_used(gucs::max_encryptions_per_key() as i64);
         rotate_due_data_keys();
         run_scheduled_rotations();
         retire_expired_master_keys();
@@ -629,6 +654,7 @@ pub extern "C-unwind" fn byok_reencrypt_main(argument: pg_sys::Datum) {
     if !BackgroundWorker::transaction(|| super::engine::claim_for_worker(job)).unwrap_or(false) {
         return;
     }
+    count_running_job();
     let outcome = super::drive(job, &mut WorkerRunner, false);
     let recorded = BackgroundWorker::transaction(|| {
         if let Err(e) = &outcome {
@@ -640,5 +666,27 @@ pub extern "C-unwind" fn byok_reencrypt_main(argument: pg_sys::Datum) {
         // The job's row could not be updated (the database is going away, say):
         // the claim frees itself when this process ends; say why in the log.
         pgrx::warning!("byok job worker for job {job}: {}", e.summary_ref());
+    }
+}
+
+/// Counts this worker in `jobs_running` until its process exits, however it
+/// exits (an error, a SIGTERM: the exit callback runs in every case).
+fn count_running_job() {
+    let Some(shared) = crate::shmem::shared() else {
+        return;
+    };
+    shared
+        .jobs_running
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    // SAFETY: registers a plain C callback for this process's exit.
+    unsafe { pg_sys::before_shmem_exit(Some(uncount_running_job), pg_sys::Datum::from(0)) };
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn uncount_running_job(_code: i32, _arg: pg_sys::Datum) {
+    if let Some(shared) = crate::shmem::shared() {
+        shared
+            .jobs_running
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
     }
 }

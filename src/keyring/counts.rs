@@ -10,9 +10,26 @@ use std::cell::Cell;
 
 use byok_core::config::ProviderKind;
 use byok_core::counters::{Counter, MetricSlot};
+use byok_core::monitors::Rules;
 
 use crate::postgres::session;
 use crate::shmem;
+
+/// Publishes a tenant's monitoring rules for the key broker's evaluation, and
+/// this database's name for the Prometheus labels. Called before each key is
+/// fetched (not per row), so the rules are in place even when the fetch
+/// fails; both are no-ops when already published.
+pub fn publish_monitoring(provider: ProviderKind, tenant: &str, rules: &Rules) {
+    let Some(shared) = shmem::shared() else {
+        return;
+    };
+    shared
+        .databases
+        .set_name(session::database(), &session::database_name());
+    if let Some(slot) = shared.metrics.slot(session::database(), provider, tenant) {
+        slot.set_rules(rules);
+    }
+}
 
 /// Counts of one ready key not yet added to shared memory.
 pub struct PendingCounts {

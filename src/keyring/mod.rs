@@ -622,6 +622,7 @@ fn load_cipher(
             dek_id,
             tenant: tenant(),
         })?;
+    counts::publish_monitoring(record.provider, &record.tenant_id, &record.monitoring);
     // Read before the broker is asked: a revocation seen while it answers
     // leaves the key unkept (`KeyRing::keep`).
     let epoch_slot = crate::shmem::tenant_epoch_slot(session::database(), &record.tenant_id);

@@ -22,6 +22,22 @@ pub fn database() -> u32 {
     u32::from(unsafe { pg_sys::MyDatabaseId })
 }
 
+/// The current database's name (its OID if it cannot be read).
+pub fn database_name() -> String {
+    // SAFETY: get_database_name with our own database id returns a palloc'd C
+    // string (or NULL), read inside the transaction that calls us.
+    unsafe {
+        let name = pg_sys::get_database_name(pg_sys::MyDatabaseId);
+        if name.is_null() {
+            database().to_string()
+        } else {
+            std::ffi::CStr::from_ptr(name)
+                .to_string_lossy()
+                .into_owned()
+        }
+    }
+}
+
 /// The current user (`current_user`).
 #[inline]
 pub fn current_user() -> pg_sys::Oid {

@@ -3,7 +3,8 @@
 //!
 //! - the request slots between backends and the broker
 //!   ([`byok_core::slots`], woken through PostgreSQL condition variables here);
-//! - the monitoring counters behind `byok.metrics` ([`byok_core::counters`]);
+//! - the monitoring counters behind `byok.metrics`, `byok.alerts` and the
+//!   Prometheus endpoint, with their windows ([`byok_core::counters`]);
 //! - the audit queue the catalog writers drain ([`byok_core::audit_ring`]);
 //! - per-data-key encryption counts not yet persisted ([`byok_core::key_usage`]);
 //! - the broker's process, latch and a few gauges.
@@ -12,11 +13,11 @@
 //! places them in PostgreSQL's segment and supplies the waiting.
 
 use std::cell::UnsafeCell;
-use std::sync::atomic::{AtomicI32, AtomicPtr, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI32, AtomicI64, AtomicPtr, AtomicU64, Ordering};
 use std::time::Duration;
 
 use byok_core::audit_ring::AuditRing;
-use byok_core::counters::MetricTable;
+use byok_core::counters::{DatabaseTable, MetricTable};
 use byok_core::key_usage::KeyUsage;
 use byok_core::slots::{Signals, SlotTable};
 use pgrx::pg_sys;
@@ -24,6 +25,7 @@ use pgrx::pg_sys;
 pub const SLOT_COUNT: usize = 64;
 pub const METRIC_SLOTS: usize = 1024;
 pub const TENANT_EPOCH_SLOTS: usize = 256;
+pub const DATABASE_SLOTS: usize = 256;
 
 #[repr(C)]
 pub struct Shared {
@@ -52,6 +54,12 @@ pub struct Shared {
     slot_answered: [UnsafeCell<pg_sys::ConditionVariable>; SLOT_COUNT],
     pub slots: SlotTable<SLOT_COUNT>,
     pub metrics: MetricTable<METRIC_SLOTS>,
+    /// Database names (for the Prometheus labels) and budget figures.
+    pub databases: DatabaseTable<DATABASE_SLOTS>,
+    /// Re-encryption jobs: workers running, values rewritten, jobs failed.
+    pub jobs_running: AtomicI64,
+    pub job_rows_rewritten: AtomicU64,
+    pub jobs_failed: AtomicU64,
     /// Audit records waiting for their database's catalog writer.
     pub audit: AuditRing,
     /// Encryptions per data key not yet persisted in the catalog.
@@ -231,4 +239,47 @@ fn sleep_on(cv: *mut pg_sys::ConditionVariable, timeout: Duration) {
 pub fn stop_waiting() {
     // SAFETY: no preconditions; a no-op when not on any wait list.
     unsafe { pg_sys::ConditionVariableCancelSleep() };
+}
+
+/// Whether the Prometheus exposition labels series by tenant (the broker
+/// copies `byok.metrics_tenant_labels` here, so its runtime threads never read
+/// a setting; backends read the setting itself).
+static METRICS_TENANT_LABELS: std::sync::atomic::AtomicBool =
+    std::sync::atomic::AtomicBool::new(false);
+
+pub fn set_metrics_tenant_labels(on: bool) {
+    METRICS_TENANT_LABELS.store(on, Ordering::Relaxed);
+}
+
+/// The Prometheus text exposition of everything in shared memory. Reads
+/// atomics only (no PostgreSQL call): the key broker's runtime threads run it.
+pub fn exposition() -> String {
+    let Some(shared) = shared() else {
+        return String::new();
+    };
+    let pid = shared.broker_pid.load(Ordering::Acquire);
+    byok_core::prometheus::Snapshot {
+        broker: byok_core::prometheus::BrokerFigures {
+            up: pid != 0,
+            starts: shared.generation.load(Ordering::Acquire),
+            busy_slots: shared.slots.busy() as u64,
+            total_slots: SLOT_COUNT as u64,
+            requests_served: shared.requests_served.load(Ordering::Relaxed),
+            audit_queued: shared.audit.queued() as u64,
+            audit_dropped: shared.audit.dropped_total(),
+            shared_cache_entries: shared.shared_cache_entries.load(Ordering::Relaxed),
+            watched_master_keys: shared.watched_master_keys.load(Ordering::Relaxed),
+            metric_slots_used: shared.metrics.used() as u64,
+            metric_slots: METRIC_SLOTS as u64,
+            jobs_running: shared.jobs_running.load(Ordering::Relaxed).max(0) as u64,
+            job_rows_rewritten: shared.job_rows_rewritten.load(Ordering::Relaxed),
+            jobs_failed: shared.jobs_failed.load(Ordering::Relaxed),
+        },
+        totals: shared.metrics.totals(),
+        alerts: shared.metrics.alerts(),
+        database_names: shared.databases.names(),
+        key_budget_used: shared.databases.budgets_used(),
+        tenant_labels: METRICS_TENANT_LABELS.load(Ordering::Relaxed),
+    }
+    .render()
 }

@@ -122,6 +122,8 @@ pub struct TenantConfig {
     pub rotation: RotationPolicy,
     pub cache: CachePolicy,
     pub audit: AuditPolicy,
+    /// The guide's monitors, with this tenant's overrides (`monitoring_rules`).
+    pub monitoring: crate::monitors::Rules,
 }
 
 /// A configuration problem: `field` is a dotted path such as
@@ -174,6 +176,7 @@ const TOP_LEVEL_FIELDS: &[&str] = &[
     "key_rotation",
     "cache_config",
     "audit",
+    "monitoring_rules",
 ];
 
 impl TenantConfig {
@@ -201,6 +204,7 @@ impl TenantConfig {
         let rotation = rotation_policy(section(root, encryption, "key_rotation")?)?;
         let cache = cache_policy(section(root, encryption, "cache_config")?)?;
         let audit = audit_policy(section(root, encryption, "audit")?)?;
+        let monitoring = monitoring_rules(section(root, encryption, "monitoring_rules")?)?;
         Ok(TenantConfig {
             tenant_id: tenant_id.to_string(),
             customer: customer.to_string(),
@@ -210,6 +214,7 @@ impl TenantConfig {
             rotation,
             cache,
             audit,
+            monitoring,
         })
     }
 }
@@ -241,7 +246,13 @@ fn encryption_section(root: &Map<String, Value>) -> Result<&Map<String, Value>, 
         .ok_or_else(|| err("encryption", "is required"))?
         .as_object()
         .ok_or_else(|| err("encryption", "must be an object"))?;
-    let mut allowed: Vec<&str> = vec!["provider", "key_rotation", "cache_config", "audit"];
+    let mut allowed: Vec<&str> = vec![
+        "provider",
+        "key_rotation",
+        "cache_config",
+        "audit",
+        "monitoring_rules",
+    ];
     allowed.extend(ProviderKind::ALL.iter().map(|p| p.name()));
     check_keys(encryption, "encryption", &allowed)?;
     Ok(encryption)
@@ -395,6 +406,15 @@ fn audit_policy(section: Option<Section<'_>>) -> Result<AuditPolicy, ConfigError
     })
 }
 
+/// `monitoring_rules`: the guide's monitors unless overridden.
+fn monitoring_rules(section: Option<Section<'_>>) -> Result<crate::monitors::Rules, ConfigError> {
+    match section {
+        None => Ok(crate::monitors::default_rules()),
+        Some((path, obj)) => crate::monitors::parse_rules(&path, obj)
+            .map_err(|(field, problem)| ConfigError { field, problem }),
+    }
+}
+
 /// A located section: its dotted path and its object.
 type Section<'a> = (String, &'a Map<String, Value>);
 
@@ -506,7 +526,7 @@ fn present_int(
 
 /// Field names and provider names from user input are echoed in messages; keep
 /// them short and free of control characters.
-fn printable(s: &str) -> String {
+pub(crate) fn printable(s: &str) -> String {
     if s.is_empty() {
         // An empty JSON key must still name something in the error.
         return "\"\"".to_string();

@@ -31,6 +31,8 @@ pub mod histogram;
 // Shared memory: a zeroed table of atomics.
 #[allow(unsafe_code)]
 pub mod key_usage;
+pub mod monitors;
+pub mod prometheus;
 // `mmap`/`madvise`/`munmap` and a `Box`-like owner of raw chunks.
 #[allow(unsafe_code)]
 pub mod secret_mem;
