@@ -413,6 +413,8 @@ pub fn metrics_exporter() -> Result<Option<byok_exporter::ExporterConfig>, Strin
     let basic_auth = match string_setting(&METRICS_BASIC_AUTH_FILE) {
         path if path.is_empty() => None,
         path => {
+            check_private_file(&path)
+                .map_err(|problem| format!("byok.metrics_basic_auth_file: {path} {problem}"))?;
             let contents = std::fs::read_to_string(&path)
                 .map_err(|e| format!("byok.metrics_basic_auth_file: could not read {path}: {e}"))?;
             Some(
@@ -426,6 +428,24 @@ pub fn metrics_exporter() -> Result<Option<byok_exporter::ExporterConfig>, Strin
         tls,
         basic_auth,
     }))
+}
+
+/// A secret file must be the server OS user's and unreadable by others.
+fn check_private_file(path: &str) -> Result<(), String> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(path).map_err(|e| format!("cannot be read: {e}"))?;
+    // SAFETY: geteuid has no preconditions.
+    let me = unsafe { libc::geteuid() };
+    if meta.uid() != me {
+        return Err("must be owned by the server's OS user".into());
+    }
+    if meta.mode() & 0o077 != 0 {
+        return Err(format!(
+            "must not be readable or writable by group or others (mode {:o}; use 0600)",
+            meta.mode() & 0o777
+        ));
+    }
+    Ok(())
 }
 
 /// byok.metrics_tenant_labels.
