@@ -405,9 +405,13 @@ pub fn metrics_exporter() -> Result<Option<byok_exporter::ExporterConfig>, Strin
                     .into(),
             );
         }
-        (cert, key) => Some(byok_exporter::TlsFiles {
-            cert_file: cert.into(),
-            key_file: key.into(),
+        (cert, key) => Some({
+            check_private_file(&key)
+                .map_err(|problem| format!("byok.metrics_tls_key_file: {key} {problem}"))?;
+            byok_exporter::TlsFiles {
+                cert_file: cert.into(),
+                key_file: key.into(),
+            }
         }),
     };
     let basic_auth = match string_setting(&METRICS_BASIC_AUTH_FILE) {

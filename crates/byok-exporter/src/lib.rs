@@ -33,6 +33,9 @@ pub const CONTENT_TYPE_TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
 const MAX_CONNECTIONS: usize = 16;
 /// A client has this long to finish its TLS handshake and request head.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// And this long for the whole exchange: one request per connection, so a
+/// local user holding connections open cannot starve the scraper for long.
+const CONNECTION_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Where and how to serve.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -178,20 +181,24 @@ impl Exporter {
                 let mut http = http1::Builder::new();
                 http.timer(TokioTimer::new())
                     .header_read_timeout(HANDSHAKE_TIMEOUT)
-                    .keep_alive(true);
-                match tls {
-                    Some(acceptor) => {
-                        let Ok(Ok(stream)) =
-                            tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await
-                        else {
-                            return;
-                        };
-                        let _ = http.serve_connection(TokioIo::new(stream), service).await;
+                    .keep_alive(false);
+                let exchange = async {
+                    match tls {
+                        Some(acceptor) => {
+                            let Ok(Ok(stream)) =
+                                tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream))
+                                    .await
+                            else {
+                                return;
+                            };
+                            let _ = http.serve_connection(TokioIo::new(stream), service).await;
+                        }
+                        None => {
+                            let _ = http.serve_connection(TokioIo::new(stream), service).await;
+                        }
                     }
-                    None => {
-                        let _ = http.serve_connection(TokioIo::new(stream), service).await;
-                    }
-                }
+                };
+                let _ = tokio::time::timeout(CONNECTION_TIMEOUT, exchange).await;
             });
         }
     }
