@@ -6,7 +6,8 @@
 # tenant on OpenBao (Vault transit); KMS failures come from stopping OpenBao,
 # decryption failures from tampered values. Checked through Prometheus's HTTP
 # API: the series and their values, and the KMS-connectivity and failed-
-# decryption alerts going to firing and back to inactive. Checked in the
+# decryption alerts going to firing and back to inactive, and the Grafana
+# dashboard's queries (monitoring/byok-dashboard.json) running there. Checked in the
 # database: byok.alerts, and NOTIFY byok_alerts payloads in a listening session.
 # Then the endpoint's protection: TLS and basic authentication, and refusal to
 # serve an unprotected non-loopback address.
@@ -155,6 +156,30 @@ done
 check "nothing fires while all is well" "$(alert_state ByokKmsConnectivity)/$(alert_state ByokDecryptFailures)" "inactive/inactive"
 check "byok.alerts agrees" "$(q -c "SELECT string_agg(state, ',' ORDER BY metric) FROM byok.alerts WHERE tenant_id = 'mon' AND metric IN ('kms_api_success_rate', 'decrypt_failures_rate')")" "ok,ok"
 
+echo "== the Grafana dashboard's queries run in Prometheus"
+out=$("$PY" - "$PROM_PORT" "$BYOK_ROOT/monitoring/byok-dashboard.json" <<'PY'
+import json, sys, urllib.parse, urllib.request
+port, path = sys.argv[1], sys.argv[2]
+dashboard = json.load(open(path))
+bad, empty, n = [], [], 0
+for panel in dashboard["panels"]:
+    for target in panel["targets"]:
+        n += 1
+        expr = target["expr"].replace("$database", ".*").replace("$provider", ".*")
+        url = f"http://127.0.0.1:{port}/api/v1/query?" + urllib.parse.urlencode({"query": expr})
+        try:
+            data = json.load(urllib.request.urlopen(url, timeout=5))
+        except Exception as e:
+            bad.append(f"{panel['title']}: {e}")
+            continue
+        if data.get("status") != "success":
+            bad.append(f"{panel['title']}: {data}")
+        elif not data["data"]["result"]:
+            empty.append(panel["title"])
+print(f"{n} queries; errors: {bad or 'none'}; no data yet: {len(empty)}")
+PY
+)
+grep -q "errors: none" <<<"$out" && ok "dashboard: $out" || not_ok "dashboard: $out"
 echo "== the key manager stops: KMS connectivity fires in Prometheus and in byok.alerts"
 kill -STOP $BAO_PID
 # Each new session needs the key from the key manager (its 2 s TTL has passed):
