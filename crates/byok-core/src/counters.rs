@@ -538,11 +538,13 @@ impl<const N: usize> MetricTable<N> {
     /// evaluates every tenant's monitors over their windows, and returns the
     /// monitors whose state changed. Only the key broker calls this.
     pub fn tick(&self, now: i64) -> Vec<AlertChange> {
-        if now < self.fine_at.load(Ordering::Relaxed) + FINE_STEP_SECONDS {
+        // (a clock set back samples at once rather than stalling until it catches up)
+        let due = |last: i64, step: i64| now < last || now >= last + step;
+        if !due(self.fine_at.load(Ordering::Relaxed), FINE_STEP_SECONDS) {
             return Vec::new();
         }
         self.fine_at.store(now, Ordering::Relaxed);
-        let coarse = now >= self.coarse_at.load(Ordering::Relaxed) + COARSE_STEP_SECONDS;
+        let coarse = due(self.coarse_at.load(Ordering::Relaxed), COARSE_STEP_SECONDS);
         if coarse {
             self.coarse_at.store(now, Ordering::Relaxed);
         }
@@ -863,6 +865,7 @@ mod tests {
         let mut now = 1_000_000;
         assert!(table.tick(now).is_empty(), "nothing to measure: ok");
         assert!(table.tick(now + 1).is_empty(), "not a sampling tick");
+        assert_eq!(table.fine_at.load(Ordering::Relaxed), now);
         assert_eq!(table.alerts()[0].3[0].value, None);
         // 100 calls, all fine.
         slot.add(Counter::KmsCalls, 100);
@@ -978,5 +981,15 @@ mod tests {
         let changes = table.tick(now);
         assert_eq!(changes.len(), 1);
         assert_eq!(changes[0].alert.value, Some(0.02));
+    }
+
+    #[test]
+    fn a_clock_set_back_does_not_stop_the_sampling() {
+        let table = MetricTable::<1>::new_boxed();
+        table.slot(1, ProviderKind::Local, "t").unwrap();
+        table.tick(10_000);
+        table.tick(5_000);
+        assert_eq!(table.fine_at.load(Ordering::Relaxed), 5_000);
+        assert_eq!(table.alerts()[0].3[0].evaluated_at, 5_000);
     }
 }
