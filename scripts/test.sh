@@ -38,11 +38,11 @@ log "fuzzing: envelope, text input, tenant config (${FUZZ_SECONDS:-60}s each)"
 status=0; bash scripts/fuzz.sh "${FUZZ_SECONDS:-60}" || status=$?
 record "fuzzing" $status
 
-log "unit tests: byok-core, byok-kms (no PostgreSQL)"
-status=0; cargo test -p byok-core -p byok-kms --release 2>&1 | tee "$BYOK_WORK.cargo-test.log" | grep -E "^test result|FAILED|panicked" || status=$?
+log "unit tests: byok-core, byok-exporter, byok-kms (no PostgreSQL)"
+status=0; cargo test -p byok-core -p byok-exporter -p byok-kms --release 2>&1 | tee "$BYOK_WORK.cargo-test.log" | grep -E "^test result|FAILED|panicked" || status=$?
 # (compiler errors start their line; a test's name may contain "error::")
 grep -qE "FAILED|^error(\[|:)" "$BYOK_WORK.cargo-test.log" && status=1
-record "cargo test (core, kms)" $status
+record "cargo test (core, exporter, kms)" $status
 
 log "key-manager stand-ins tested against the vendors' REST reference examples"
 status=0; for t in tests/standins/*/test_*.py; do "$PY" "$t" 2>&1 | tail -3 || status=$?; done
