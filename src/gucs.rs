@@ -388,12 +388,13 @@ pub fn metrics_exporter() -> Result<Option<byok_exporter::ExporterConfig>, Strin
     if address.is_empty() {
         return Ok(None);
     }
-    let address = std::net::ToSocketAddrs::to_socket_addrs(address.as_str())
-        .ok()
-        .and_then(|mut addrs| addrs.next())
-        .ok_or_else(|| {
-            format!("byok.metrics_listen_address \"{address}\" is not a host:port that resolves")
-        })?;
+    // An IP address, not a name: resolving one would stall the key broker's
+    // main loop on a slow DNS server at every reload.
+    let address: std::net::SocketAddr = address.parse().map_err(|_| {
+        format!(
+            "byok.metrics_listen_address \"{address}\" is not an IP address and port (such as 127.0.0.1:9187 or [::1]:9187)"
+        )
+    })?;
     let tls = match (
         string_setting(&METRICS_TLS_CERT_FILE),
         string_setting(&METRICS_TLS_KEY_FILE),

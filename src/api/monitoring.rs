@@ -221,7 +221,8 @@ fn alert_states() -> TableIterator<
 }
 
 /// The Prometheus text exposition the key broker serves on
-/// `byok.metrics_listen_address`, for scraping through SQL exporters.
+/// `byok.metrics_listen_address`, for this database, for scraping through
+/// SQL exporters.
 #[pg_extern(volatile, parallel_safe)]
 fn prometheus_metrics() -> String {
     let Some(_) = shmem::shared() else {
@@ -229,8 +230,12 @@ fn prometheus_metrics() -> String {
     };
     // This backend's own pending counts first, as for byok.metrics.
     keyring::flush_metrics();
-    shmem::set_metrics_tenant_labels(crate::gucs::metrics_tenant_labels());
-    shmem::exposition()
+    // This database's series only: a role of one database learns nothing of
+    // another's (the endpoint, served to a scraper, has them all).
+    shmem::exposition(
+        Some(crate::postgres::session::database()),
+        crate::gucs::metrics_tenant_labels(),
+    )
 }
 
 /// Microseconds since the Unix epoch as a timestamptz (`None` for 0: never).

@@ -324,6 +324,7 @@ pub extern "C-unwind" fn byok_broker_main(_arg: pg_sys::Datum) {
             service.reconfigure(settings());
             exporter.configure(&runtime);
         }
+        exporter.maintain(&runtime);
         for change in shared.metrics.tick(crate::audit::now_micros() / 1_000_000) {
             crate::audit::queue(change.database, &alert_record(&change));
         }
@@ -533,62 +534,83 @@ fn alert_record(change: &AlertChange) -> crate::audit::QueuedRecord {
             "unit": metric.unit(),
             "window": window,
         })),
-        role: pg_sys::BOOTSTRAP_SUPERUSERID,
+        // Not the key broker's own role (10): monitors' changes have their own
+        // share of the audit queue, so many of them never crowd out the
+        // master keys' health records.
+        role: pg_sys::InvalidOid.into(),
         role_name: Some("byok key broker".into()),
         at_micros: a.since * 1_000_000,
     }
 }
 
-/// The Prometheus endpoint, run on the broker's runtime and restarted when
-/// its settings change (SIGHUP).
+/// The Prometheus endpoint, run on the broker's runtime: (re)started at every
+/// SIGHUP (so a renewed certificate or password file is read again), stopped
+/// when unset, and retried every few seconds when its address cannot be bound.
 #[derive(Default)]
 struct Exporter {
-    running: Option<(byok_exporter::ExporterConfig, tokio::task::JoinHandle<()>)>,
-    settings_error: Option<String>,
+    running: Option<tokio::task::JoinHandle<()>>,
+    wanted: Option<byok_exporter::ExporterConfig>,
+    tenant_labels: bool,
+    retry_at: Option<std::time::Instant>,
+    /// The last problem reported, so a retry does not repeat it in the log.
+    reported: Option<String>,
 }
 
+/// How often a endpoint that could not be bound is tried again.
+const EXPORTER_RETRY: Duration = Duration::from_secs(10);
+
 impl Exporter {
-    /// Reads the settings (on this, the main thread) and (re)starts or stops
-    /// the endpoint to match.
+    /// Reads the settings (on this, the main thread) and restarts the endpoint.
     fn configure(&mut self, runtime: &tokio::runtime::Runtime) {
-        crate::shmem::set_metrics_tenant_labels(gucs::metrics_tenant_labels());
-        let wanted = match gucs::metrics_exporter() {
-            Ok(wanted) => {
-                self.settings_error = None;
-                wanted
-            }
+        self.stop(runtime);
+        self.reported = None;
+        self.wanted = match gucs::metrics_exporter() {
+            Ok(wanted) => wanted,
             Err(problem) => {
-                // Said once per change, not at every reload.
-                if self.settings_error.as_ref() != Some(&problem) {
-                    pgrx::warning!("byok key broker: metrics endpoint not served: {problem}");
-                }
-                self.settings_error = Some(problem);
+                self.report(format!("metrics endpoint not served: {problem}"));
                 None
             }
         };
-        if self.running.as_ref().map(|(config, _)| config) == wanted.as_ref()
-            && self
-                .running
-                .as_ref()
-                .is_none_or(|(_, task)| !task.is_finished())
-        {
-            return;
-        }
-        if let Some((_, task)) = self.running.take() {
-            task.abort();
-        }
-        let Some(config) = wanted else {
+        let Some(config) = &self.wanted else {
             return;
         };
+        // Tenant ids only to a scraper that authenticates.
+        self.tenant_labels = gucs::metrics_tenant_labels();
+        if self.tenant_labels && config.basic_auth.is_none() {
+            self.tenant_labels = false;
+            pgrx::warning!(
+                "byok key broker: byok.metrics_tenant_labels is on, but the metrics endpoint has no byok.metrics_basic_auth_file: it serves no tenant labels"
+            );
+        }
         if config.password_in_clear() {
             pgrx::warning!(
                 "byok key broker: the metrics endpoint on {} takes a password over plain HTTP; set byok.metrics_tls_cert_file and byok.metrics_tls_key_file",
                 config.address
             );
         }
-        // Bound here, so a failure is reported in the log at once.
-        let bound = runtime.block_on(byok_exporter::Exporter::bind(&config));
-        match bound {
+        self.start(runtime);
+    }
+
+    /// Retries a start that failed, and restarts an endpoint that ended.
+    fn maintain(&mut self, runtime: &tokio::runtime::Runtime) {
+        if self.wanted.is_none() {
+            return;
+        }
+        let ended = self.running.as_ref().is_some_and(|task| task.is_finished());
+        let due = self
+            .retry_at
+            .is_some_and(|at| std::time::Instant::now() >= at);
+        if ended || (self.running.is_none() && due) {
+            self.running = None;
+            self.start(runtime);
+        }
+    }
+
+    fn start(&mut self, runtime: &tokio::runtime::Runtime) {
+        let Some(config) = self.wanted.clone() else {
+            return;
+        };
+        match runtime.block_on(byok_exporter::Exporter::bind(&config)) {
             Ok(endpoint) => {
                 log!(
                     "byok key broker: serving Prometheus metrics on {}://{}/metrics",
@@ -599,11 +621,38 @@ impl Exporter {
                     },
                     endpoint.local_addr().unwrap_or(config.address)
                 );
-                let render: byok_exporter::Render = Arc::new(crate::shmem::exposition);
-                let task = runtime.spawn(endpoint.serve(render));
-                self.running = Some((config, task));
+                let tenant_labels = self.tenant_labels;
+                let render: byok_exporter::Render =
+                    Arc::new(move || crate::shmem::exposition(None, tenant_labels));
+                self.running = Some(runtime.spawn(endpoint.serve(render)));
+                self.retry_at = None;
+                self.reported = None;
             }
-            Err(e) => pgrx::warning!("byok key broker: metrics endpoint not served: {e}"),
+            Err(e) => {
+                let retry = matches!(e, byok_exporter::ExporterError::Bind(..));
+                self.report(format!(
+                    "metrics endpoint not served: {e}{}",
+                    if retry { " (retrying every 10 s)" } else { "" }
+                ));
+                self.retry_at = retry.then(|| std::time::Instant::now() + EXPORTER_RETRY);
+            }
+        }
+    }
+
+    /// Stops the endpoint and waits until its listener is closed (so the
+    /// address can be bound again at once).
+    fn stop(&mut self, runtime: &tokio::runtime::Runtime) {
+        if let Some(task) = self.running.take() {
+            task.abort();
+            let _ = runtime.block_on(task);
+        }
+        self.retry_at = None;
+    }
+
+    fn report(&mut self, problem: String) {
+        if self.reported.as_ref() != Some(&problem) {
+            pgrx::warning!("byok key broker: {problem}");
+            self.reported = Some(problem);
         }
     }
 }

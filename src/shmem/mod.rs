@@ -241,23 +241,24 @@ pub fn stop_waiting() {
     unsafe { pg_sys::ConditionVariableCancelSleep() };
 }
 
-/// Whether the Prometheus exposition labels series by tenant (the broker
-/// copies `byok.metrics_tenant_labels` here, so its runtime threads never read
-/// a setting; backends read the setting itself).
-static METRICS_TENANT_LABELS: std::sync::atomic::AtomicBool =
-    std::sync::atomic::AtomicBool::new(false);
-
-pub fn set_metrics_tenant_labels(on: bool) {
-    METRICS_TENANT_LABELS.store(on, Ordering::Relaxed);
-}
-
-/// The Prometheus text exposition of everything in shared memory. Reads
-/// atomics only (no PostgreSQL call): the key broker's runtime threads run it.
-pub fn exposition() -> String {
+/// The Prometheus text exposition of what shared memory holds: the key
+/// broker's figures and, per (database, provider[, tenant]), the counters and
+/// monitors, for every database or only `database`. Reads atomics only (no
+/// PostgreSQL call): the key broker's runtime threads run it.
+pub fn exposition(database: Option<u32>, tenant_labels: bool) -> String {
     let Some(shared) = shared() else {
         return String::new();
     };
     let pid = shared.broker_pid.load(Ordering::Acquire);
+    let wanted = |db: &u32| database.is_none_or(|only| only == *db);
+    let mut totals = shared.metrics.totals();
+    totals.retain(|(db, ..)| wanted(db));
+    let mut alerts = shared.metrics.alerts();
+    alerts.retain(|(db, ..)| wanted(db));
+    let mut database_names = shared.databases.names();
+    database_names.retain(|db, _| wanted(db));
+    let mut key_budget_used = shared.databases.budgets_used();
+    key_budget_used.retain(|db, _| wanted(db));
     byok_core::prometheus::Snapshot {
         broker: byok_core::prometheus::BrokerFigures {
             up: pid != 0,
@@ -275,11 +276,11 @@ pub fn exposition() -> String {
             job_rows_rewritten: shared.job_rows_rewritten.load(Ordering::Relaxed),
             jobs_failed: shared.jobs_failed.load(Ordering::Relaxed),
         },
-        totals: shared.metrics.totals(),
-        alerts: shared.metrics.alerts(),
-        database_names: shared.databases.names(),
-        key_budget_used: shared.databases.budgets_used(),
-        tenant_labels: METRICS_TENANT_LABELS.load(Ordering::Relaxed),
+        totals,
+        alerts,
+        database_names,
+        key_budget_used,
+        tenant_labels,
     }
     .render()
 }

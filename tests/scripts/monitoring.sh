@@ -197,6 +197,8 @@ check "its value is below 99.9 percent" "$(q -c "SELECT value < 99.9 AND unit = 
 wait_for 5 prom_value_is 'byok_monitor_firing{metric="kms_api_success_rate",provider="vault"}' 1 \
     && ok "Prometheus's byok_monitor_firing says the same" \
     || not_ok "byok_monitor_firing: $(promql 'byok_monitor_firing{provider="vault"}')"
+wait_for 10 state_is ByokTenantMonitorFiring firing && ok "Prometheus: ByokTenantMonitorFiring (byok.alerts' answer) firing" \
+    || not_ok "ByokTenantMonitorFiring is $(alert_state ByokTenantMonitorFiring)"
 kill -CONT $BAO_PID
 # Successful calls from here on; the failures leave the 30 s window.
 for i in $(seq 1 40); do
@@ -244,25 +246,39 @@ check "payloads name no tenant (byok.alert_details is off)" "$(echo "$payloads" 
 check "each payload is an audit row" \
     "$(q -c "SELECT count(*) FROM byok.audit_log WHERE tenant_id = 'mon' AND event IN ('alert_firing', 'alert_resolved')")" "4"
 
-echo "== tenant labels, on request"
+echo "== tenant labels, on request; byok.prometheus_metrics() shows its own database"
 q -c "ALTER SYSTEM SET byok.metrics_tenant_labels = on" -c "SELECT pg_reload_conf()" >/dev/null
-wait_for 20 prom_value_is 'count(byok_decrypts_total{tenant="mon"})' 1 && ok "series carry tenant=\"mon\"" \
-    || not_ok "no tenant label after byok.metrics_tenant_labels = on: $(promql 'byok_decrypts_total')"
-check "byok.prometheus_metrics() has them too" "$(q -c "SELECT byok.prometheus_metrics()" | grep -c 'byok_decrypts_total{database="postgres",provider="vault",tenant="mon"}')" "1"
+check "byok.prometheus_metrics() labels series by tenant" "$(q -c "SELECT byok.prometheus_metrics()" | grep -c 'byok_decrypts_total{database="postgres",provider="vault",tenant="mon"}')" "1"
+# The endpoint has no password yet: tenant ids are not served to whoever connects.
+wait_for 10 grep -q "byok.metrics_tenant_labels is on, but the metrics endpoint has no byok.metrics_basic_auth_file" "$BYOK_WORK/$NAME/server.log" \
+    && ok "an unauthenticated endpoint serves no tenant labels, and the log says why" || not_ok "no warning about tenant labels without a password"
+sleep 2
+check "Prometheus got no tenant label" "$(promql 'count(byok_decrypts_total{tenant!=""})' | wc -l)" "0"
+q -c "CREATE DATABASE mon_other" >/dev/null
+psql_at $NAME $PORT -d mon_other -qAt -c "CREATE EXTENSION byok_pg" \
+    -c "SELECT byok.configure_tenant('{\"customer\":\"Other\",\"tenant_id\":\"other\",\"encryption\":{\"provider\":\"local\",\"local\":{\"key_id\":\"k\"}}}')" \
+    -c "SELECT byok.decrypt_text(byok.encrypt_text('other', 'x'))" >/dev/null
+wait_for 10 prom_value_is 'count(byok_encrypts_total{database="mon_other"})' 1 && ok "the endpoint serves every database" \
+    || not_ok "no series of mon_other at the endpoint: $(promql byok_encrypts_total)"
+check "byok.prometheus_metrics() in postgres shows nothing of mon_other" "$(q -c "SELECT byok.prometheus_metrics()" | grep -c 'mon_other')" "0"
+check "... and in mon_other nothing of postgres" "$(psql_at $NAME $PORT -d mon_other -qAt -c "SELECT byok.prometheus_metrics()" | grep -c 'database="postgres"')" "0"
 
 echo "== the endpoint's protection"
-metrics_get() { # metrics_get URL [user:password] [ca] -> HTTP status
+metrics_get() { # metrics_get URL [user:password] [ca] [text] -> HTTP status (and whether text is on the page)
     "$PY" - "$@" <<'PY'
 import base64, ssl, sys, urllib.error, urllib.request
 url = sys.argv[1]
 request = urllib.request.Request(url)
 if len(sys.argv) > 2 and sys.argv[2]:
     request.add_header("Authorization", "Basic " + base64.b64encode(sys.argv[2].encode()).decode())
-context = ssl.create_default_context(cafile=sys.argv[3]) if len(sys.argv) > 3 else None
+context = ssl.create_default_context(cafile=sys.argv[3]) if len(sys.argv) > 3 and sys.argv[3] else None
 try:
     with urllib.request.urlopen(request, timeout=5, context=context) as r:
         body = r.read().decode()
-        print(r.status, "metrics" if "byok_broker_up 1" in body else "no-metrics")
+        if len(sys.argv) > 4:
+            print(r.status, "found" if sys.argv[4] in body else "not-found")
+        else:
+            print(r.status, "metrics" if "byok_broker_up 1" in body else "no-metrics")
 except urllib.error.HTTPError as e:
     print(e.code)
 except Exception as e:
@@ -280,6 +296,7 @@ q -c "ALTER SYSTEM SET byok.metrics_tls_cert_file = '$FIXTURES/metrics.crt'" \
 URL=https://127.0.0.1:$METRICS_PORT/metrics
 wait_for 10 test "$(metrics_get $URL prometheus:scrape-secret "$FIXTURES/metrics.crt")" = "200 metrics" \
     && ok "HTTPS with the password: 200 and the metrics" || not_ok "HTTPS with the password: $(metrics_get $URL prometheus:scrape-secret "$FIXTURES/metrics.crt")"
+check "with a password, the endpoint labels series by tenant" "$(metrics_get $URL prometheus:scrape-secret "$FIXTURES/metrics.crt" tenant=\"mon\")" "200 found"
 check "HTTPS without a password: 401" "$(metrics_get $URL "" "$FIXTURES/metrics.crt")" "401"
 check "HTTPS with a wrong password: 401" "$(metrics_get $URL prometheus:guess "$FIXTURES/metrics.crt")" "401"
 check "plain HTTP to the TLS endpoint gets nothing" "$(metrics_get http://127.0.0.1:$METRICS_PORT/metrics prometheus:scrape-secret | cut -c1-6)" "failed"
@@ -288,7 +305,7 @@ check "the password never reaches the server log" "$(grep -c scrape-secret "$BYO
 q -c "ALTER SYSTEM RESET byok.metrics_tls_cert_file" -c "ALTER SYSTEM RESET byok.metrics_tls_key_file" \
   -c "ALTER SYSTEM RESET byok.metrics_basic_auth_file" \
   -c "ALTER SYSTEM SET byok.metrics_listen_address = '0.0.0.0:$METRICS_PORT'" -c "SELECT pg_reload_conf()" >/dev/null
-wait_for 10 grep -q "is not a loopback address: serving metrics there needs TLS" "$BYOK_WORK/$NAME/server.log" \
+wait_for 10 grep -q "is not a loopback address: serving metrics there needs basic authentication" "$BYOK_WORK/$NAME/server.log" \
     && ok "an unprotected non-loopback address is refused, and the log says why" || not_ok "no refusal in the server log"
 check "nothing listens there" "$(metrics_get http://127.0.0.1:$METRICS_PORT/metrics | cut -c1-6)" "failed"
 # Only superusers set where metrics are served.
@@ -298,6 +315,6 @@ grep -qE "permission denied to set parameter|must be superuser" <<<"$out" && ok 
 expect_error "nor read the password file's path" 42501 "" \
     "SET ROLE mon_admin; SHOW byok.metrics_basic_auth_file"
 
-q -c "DROP ROLE mon_admin" >/dev/null
+q -c "DROP ROLE mon_admin" -c "DROP DATABASE mon_other" >/dev/null
 [ "$fail" = 0 ] && echo "monitoring: all passed"
 exit $fail

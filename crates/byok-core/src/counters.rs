@@ -186,9 +186,11 @@ struct SharedRule {
     enabled: AtomicU32,
 }
 
-/// A monitor's state, written by the key broker only.
+/// A monitor's state, written by the key broker only, under a sequence lock
+/// as [`Sample`] (a reader never mixes two evaluations).
 #[repr(C)]
 struct SharedAlert {
+    seq: AtomicU32,
     firing: AtomicU32,
     /// The value's f64 bits (NaN: nothing to measure in the window).
     value: AtomicU64,
@@ -320,6 +322,22 @@ impl MetricSlot {
 
     fn alert(&self, metric: Metric) -> AlertRecord {
         let a = &self.alerts[metric as usize];
+        let mut record = self.alert_once(a, metric);
+        for _ in 0..64 {
+            let before = a.seq.load(Ordering::Acquire);
+            if before.is_multiple_of(2) {
+                record = self.alert_once(a, metric);
+                fence(Ordering::Acquire);
+                if a.seq.load(Ordering::Relaxed) == before {
+                    break;
+                }
+            }
+            std::hint::spin_loop();
+        }
+        record
+    }
+
+    fn alert_once(&self, a: &SharedAlert, metric: Metric) -> AlertRecord {
         let value = f64::from_bits(a.value.load(Ordering::Relaxed));
         AlertRecord {
             metric,
@@ -333,12 +351,14 @@ impl MetricSlot {
             firing: a.firing.load(Ordering::Relaxed) != 0,
             value: (!value.is_nan()).then_some(value),
             since: a.since.load(Ordering::Relaxed),
-            evaluated_at: a.evaluated_at.load(Ordering::Acquire),
+            evaluated_at: a.evaluated_at.load(Ordering::Relaxed),
         }
     }
 
     fn set_alert(&self, record: &AlertRecord) {
         let a = &self.alerts[record.metric as usize];
+        a.seq.fetch_add(1, Ordering::AcqRel);
+        fence(Ordering::Release);
         a.firing.store(u32::from(record.firing), Ordering::Relaxed);
         a.value.store(
             record.value.unwrap_or(f64::NAN).to_bits(),
@@ -353,7 +373,8 @@ impl MetricSlot {
         a.enabled
             .store(u32::from(record.rule.enabled), Ordering::Relaxed);
         a.since.store(record.since, Ordering::Relaxed);
-        a.evaluated_at.store(record.evaluated_at, Ordering::Release);
+        a.evaluated_at.store(record.evaluated_at, Ordering::Relaxed);
+        a.seq.fetch_add(1, Ordering::Release);
     }
 
     /// Records what a revocation check found (an `ok_at` of 0 keeps the

@@ -280,14 +280,10 @@ pub fn rules_document(rules: &Rules) -> Value {
 
 /// `"30s"`, `"5m"`, `"1h"` in seconds.
 pub fn parse_window(text: &str) -> Option<u32> {
-    let (number, unit) = text.split_at(text.len().checked_sub(1)?);
+    let (number, scale) = [("s", 1), ("m", 60), ("h", 3600)]
+        .into_iter()
+        .find_map(|(unit, scale)| text.strip_suffix(unit).map(|n| (n, scale)))?;
     let n: u32 = number.parse().ok()?;
-    let scale = match unit {
-        "s" => 1,
-        "m" => 60,
-        "h" => 3600,
-        _ => return None,
-    };
     n.checked_mul(scale)
 }
 
@@ -476,6 +472,9 @@ mod tests {
         assert_eq!(parse_window("m"), None);
         assert_eq!(parse_window(""), None);
         assert_eq!(parse_window("-1m"), None);
+        assert_eq!(parse_window("5é"), None);
+        assert_eq!(parse_window("é"), None);
+        assert_eq!(parse_window("99999999999h"), None);
         assert_eq!(format_window(90), "90s");
         let older = WindowCounts {
             kms_calls: 100,

@@ -291,14 +291,14 @@ impl Snapshot {
     }
 
     fn monitors(&self, w: &mut Writer) {
-        let mut firing: BTreeMap<(Group, Metric), (u64, &'static str)> = BTreeMap::new();
+        // (severity is part of the key: tenants may override a monitor's severity)
+        let mut firing: BTreeMap<(Group, Metric, &'static str), u64> = BTreeMap::new();
         for (database, provider, tenant, records) in &self.alerts {
             let group = self.group(*database, *provider, tenant);
             for r in records {
-                let e = firing
-                    .entry((group.clone(), r.metric))
-                    .or_insert((0, r.rule.severity.name()));
-                e.0 += u64::from(r.firing);
+                *firing
+                    .entry((group.clone(), r.metric, r.rule.severity.name()))
+                    .or_default() += u64::from(r.firing);
             }
         }
         w.header(
@@ -306,7 +306,7 @@ impl Snapshot {
             "gauge",
             "Tenants whose monitor (the guide's monitoring_rules, evaluated by the key broker over its window, with per-tenant overrides) fires: the same answer as byok.alerts.",
         );
-        for ((group, metric), (n, severity)) in &firing {
+        for ((group, metric, severity), n) in &firing {
             let mut labels = group_labels(group);
             labels.push(("metric", metric.name()));
             labels.push(("severity", severity));

@@ -3,10 +3,11 @@
 //! runtime; the page comes from a render function the broker supplies (built
 //! from shared-memory counters only, never a PostgreSQL call).
 //!
-//! Policy: plain, unauthenticated HTTP is served on loopback addresses only.
-//! Bound anywhere else, the endpoint needs TLS or basic authentication (both
-//! is best: basic authentication alone sends the password in the clear), or
-//! it refuses to start.
+//! Policy: unauthenticated HTTP is served on loopback addresses only (where
+//! it is open to the machine's local users). Bound anywhere else, the
+//! endpoint needs basic authentication (TLS only encrypts: it does not say who
+//! may scrape), and TLS with it, or the password crosses the network in the
+//! clear (allowed, with a warning), or it refuses to start.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -29,10 +30,11 @@ use tokio_rustls::TlsAcceptor;
 /// The content type of the Prometheus text format.
 pub const CONTENT_TYPE_TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
 
-/// Connections served at once; more wait to be accepted (a scraper needs one).
+/// Connections served at once; more are closed at once (a scraper needs one,
+/// and a client holding many cannot make the others wait behind it).
 const MAX_CONNECTIONS: usize = 16;
 /// A client has this long to finish its TLS handshake and request head.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 /// And this long for the whole exchange: one request per connection, so a
 /// local user holding connections open cannot starve the scraper for long.
 const CONNECTION_TIMEOUT: Duration = Duration::from_secs(30);
@@ -106,7 +108,7 @@ pub enum ExporterError {
     #[error("{0}")]
     Config(String),
     #[error(
-        "{0} is not a loopback address: serving metrics there needs TLS (byok.metrics_tls_cert_file and byok.metrics_tls_key_file) or basic authentication (byok.metrics_basic_auth_file)"
+        "{0} is not a loopback address: serving metrics there needs basic authentication (byok.metrics_basic_auth_file), with TLS (byok.metrics_tls_cert_file and byok.metrics_tls_key_file)"
     )]
     Insecure(SocketAddr),
     #[error("could not listen on {0}: {1}")]
@@ -118,7 +120,7 @@ pub enum ExporterError {
 impl ExporterConfig {
     /// Refuses a configuration that would expose the metrics unprotected.
     pub fn check(&self) -> Result<(), ExporterError> {
-        if !self.address.ip().is_loopback() && self.tls.is_none() && self.basic_auth.is_none() {
+        if !self.address.ip().is_loopback() && self.basic_auth.is_none() {
             return Err(ExporterError::Insecure(self.address));
         }
         Ok(())
@@ -163,20 +165,25 @@ impl Exporter {
     pub async fn serve(self, render: Render) {
         let permits = Arc::new(Semaphore::new(MAX_CONNECTIONS));
         loop {
-            let Ok(permit) = permits.clone().acquire_owned().await else {
-                return;
-            };
             let Ok((stream, _)) = self.listener.accept().await else {
                 // (out of descriptors, say: try again shortly)
                 tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            };
+            let Ok(permit) = permits.clone().try_acquire_owned() else {
+                drop(stream);
                 continue;
             };
             let (tls, auth, render) = (self.tls.clone(), self.basic_auth.clone(), render.clone());
             tokio::spawn(async move {
                 let _permit = permit;
                 let service = service_fn(move |request| {
-                    let response = answer(&request, auth.as_deref(), &render);
-                    async move { Ok::<_, std::convert::Infallible>(response) }
+                    let (auth, render) = (auth.clone(), render.clone());
+                    async move {
+                        Ok::<_, std::convert::Infallible>(
+                            answer(&request, auth.as_deref(), render).await,
+                        )
+                    }
                 });
                 let mut http = http1::Builder::new();
                 http.timer(TokioTimer::new())
@@ -204,10 +211,10 @@ impl Exporter {
     }
 }
 
-fn answer(
+async fn answer(
     request: &Request<Incoming>,
     auth: Option<&BasicAuth>,
-    render: &Render,
+    render: Render,
 ) -> Response<Full<Bytes>> {
     let reply = |status: StatusCode, body: String| {
         let mut response = Response::new(Full::new(Bytes::from(body)));
@@ -226,7 +233,14 @@ fn answer(
     }
     match (request.method(), request.uri().path()) {
         (&Method::GET | &Method::HEAD, "/metrics") => {
-            let mut response = reply(StatusCode::OK, render());
+            // Off the runtime's worker threads, which also serve key requests.
+            let Ok(page) = tokio::task::spawn_blocking(move || render()).await else {
+                return reply(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "could not render\n".into(),
+                );
+            };
+            let mut response = reply(StatusCode::OK, page);
             response
                 .headers_mut()
                 .insert(CONTENT_TYPE, HeaderValue::from_static(CONTENT_TYPE_TEXT));
@@ -293,9 +307,12 @@ mod tests {
             request.push_str(&format!("Authorization: Basic {encoded}\r\n"));
         }
         request.push_str("\r\n");
-        stream.write_all(request.as_bytes()).await.unwrap();
+        // (a refused connection is an empty answer)
+        if stream.write_all(request.as_bytes()).await.is_err() {
+            return String::new();
+        }
         let mut response = String::new();
-        stream.read_to_string(&mut response).await.unwrap();
+        let _ = stream.read_to_string(&mut response).await;
         response
     }
 
@@ -305,6 +322,13 @@ mod tests {
         assert!(config("[::1]:9187").check().is_ok());
         let open = config("0.0.0.0:9187");
         assert!(matches!(open.check(), Err(ExporterError::Insecure(_))));
+        // TLS alone encrypts but lets anyone scrape.
+        let mut tls_only = open.clone();
+        tls_only.tls = Some(TlsFiles {
+            cert_file: "c".into(),
+            key_file: "k".into(),
+        });
+        assert!(matches!(tls_only.check(), Err(ExporterError::Insecure(_))));
         let mut with_auth = open.clone();
         with_auth.basic_auth = Some(BasicAuth::from_file_contents("prom:s3cret\n").unwrap());
         assert!(with_auth.check().is_ok());
@@ -340,6 +364,31 @@ mod tests {
             get(addr, "/other", Some("prom:s3cret"))
                 .await
                 .starts_with("HTTP/1.1 404")
+        );
+        server.abort();
+    }
+
+    #[tokio::test]
+    async fn idle_connections_do_not_starve_the_scraper_for_long() {
+        let exporter = Exporter::bind(&config("127.0.0.1:0")).await.unwrap();
+        let addr = exporter.local_addr().unwrap();
+        let server = tokio::spawn(exporter.serve(Arc::new(|| "byok_broker_up 1\n".to_string())));
+        let mut idle = Vec::new();
+        for _ in 0..MAX_CONNECTIONS {
+            idle.push(tokio::net::TcpStream::connect(addr).await.unwrap());
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        // Over the limit: closed at once, not queued behind the idle ones.
+        let refused = tokio::time::timeout(Duration::from_secs(2), get(addr, "/metrics", None))
+            .await
+            .expect("an over-limit connection is closed at once");
+        assert!(!refused.contains("byok_broker_up"));
+        drop(idle);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(
+            get(addr, "/metrics", None)
+                .await
+                .ends_with("byok_broker_up 1\n")
         );
         server.abort();
     }
