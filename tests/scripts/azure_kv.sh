@@ -76,7 +76,12 @@ akv create-key sign-only RSA 2048 sign verify >/dev/null
 # The server trusts the test fixtures with credentials, and the local
 # emulators (plain http on 127.0.0.1) as endpoints: a production server
 # allows neither (SECURITY.md).
-start_cluster $NAME $PORT "byok.credential_directories = '$FIXTURES'" "byok.allowed_endpoints = '127.0.0.1'" "byok.allow_insecure_transport = on"
+# No background revocation checks by default: the stand-in's throttle hook
+# answers the next unwrapKey calls with 429, whoever makes them, and a check
+# landing in that moment took the 429s meant for the data path (the drill below
+# sets its own interval).
+start_cluster $NAME $PORT "byok.credential_directories = '$FIXTURES'" "byok.allowed_endpoints = '127.0.0.1'" "byok.allow_insecure_transport = on" \
+    "byok.revocation_check_seconds = 0"
 q -c "CREATE EXTENSION byok_pg" >/dev/null
 config() { # config TENANT AZURE_BLOCK_JSON
     printf '{"customer":"acme_corp","tenant_id":"%s","encryption":{"provider":"azure_kv","azure_kv":%s,"key_rotation":{"enabled":true,"interval_days":90},"cache_config":{"ttl_seconds":86400,"max_entries":1000},"audit":{"log_all_operations":true,"alert_on_failures":true}}}' "$1" "$2"

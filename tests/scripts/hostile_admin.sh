@@ -41,8 +41,12 @@ LISTENER=$!
 trap 'kill $LISTENER 2>/dev/null; stop_cluster $NAME' EXIT
 # The superuser's policy: credentials from $CREDS only; the local listener is an
 # allowed endpoint (as a real Vault server would be), over plain http (tests).
+# No background revocation checks: a check landing while the key file is
+# swapped below would (rightly) call the refusal a revocation, with another
+# message than the negative cache's under test (revocation.sh tests those).
 start_cluster $NAME $PORT "byok.credential_directories = '$CREDS'" \
-    "byok.allowed_endpoints = '127.0.0.1:$LISTEN_PORT'" "byok.allow_insecure_transport = on"
+    "byok.allowed_endpoints = '127.0.0.1:$LISTEN_PORT'" "byok.allow_insecure_transport = on" \
+    "byok.revocation_check_seconds = 0"
 q -c "CREATE EXTENSION byok_pg" -c "CREATE ROLE thief LOGIN IN ROLE byok_admin" >/dev/null
 DATA="$BYOK_WORK/$NAME/data"
 q -c "SELECT byok.configure_tenant('{\"customer\":\"c\",\"tenant_id\":\"local_t\",\"encryption\":{\"provider\":\"local\",\"local\":{\"key_id\":\"k\"}}}')" >/dev/null

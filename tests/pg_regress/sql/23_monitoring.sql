@@ -71,7 +71,8 @@ SELECT count(*) FROM pym_files WHERE byok.decrypt_text(body, 'pym_files') = 'fil
 -- byok.metrics has the counters since the server started (reading it also adds
 -- this session's pending per-row counts, which a session otherwise adds at most
 -- once a second); the monitors look at windows of them.
-SELECT tenant_id, encrypts, decrypts, decrypt_failures FROM byok.metrics WHERE tenant_id = 'pym';
+SELECT tenant_id, encrypts, decrypts, decrypt_failures FROM byok.metrics
+ WHERE database = current_database() AND tenant_id = 'pym';
 SELECT wait_for_evaluation('pym', now());
 -- Every monitor of the tenant, with its value over its window. The success rate
 -- is in percent (the guide's 99.9), the p99 in ms, the rates as fractions. The
