@@ -79,7 +79,8 @@ BEGIN
               'master_key_unreachable', 'master_key_reachable', 'rotate_master_key_start',
               'rotate_master_key', 'master_key_retired', 'rotate_data_key',
               'schedule_master_key_rotation', 'cancel_scheduled_rotation',
-              'alert_firing', 'alert_resolved']) THEN
+              'alert_firing', 'alert_resolved', 'activate_dr', 'deactivate_dr',
+              'compromise_response_step', 'compromise_response']) THEN
         -- Any role that may connect can LISTEN: by default the payload names
         -- the audit row only (byok_admin reads it in byok.audit_log); with
         -- byok.alert_details (postgresql.conf) it carries the tenant, key and reason.

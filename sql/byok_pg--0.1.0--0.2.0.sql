@@ -57,6 +57,27 @@ DROP FUNCTION byok.audit_event(text, text, bigint, text, text, jsonb, oid, times
 -- count: keys created before the update start from 0.
 ALTER TABLE byok.wrapped_data_keys ADD COLUMN encryptions bigint NOT NULL DEFAULT 0;
 
+-- Disaster recovery: a backup master key per tenant (encryption.backup), a
+-- second wrap of every data key under it, and DR activation.
+ALTER TABLE byok.tenant_config
+    ADD COLUMN backup_provider text
+        CHECK (backup_provider IN ('local', 'aws_kms', 'azure_kv', 'gcp_kms', 'vault')),
+    ADD COLUMN backup_master_key_id text,
+    ADD COLUMN backup_provider_options jsonb,
+    ADD COLUMN dr_active boolean NOT NULL DEFAULT false,
+    ADD COLUMN dr_activated_at timestamptz,
+    ADD CONSTRAINT tenant_config_dr_needs_backup CHECK (NOT dr_active OR backup_provider IS NOT NULL);
+ALTER TABLE byok.wrapped_data_keys
+    ADD COLUMN backup_wrapped_dek bytea,
+    ADD COLUMN backup_provider text,
+    ADD COLUMN backup_cmk_id text,
+    ADD COLUMN backup_cmk_version text,
+    ADD COLUMN has_primary_wrap boolean GENERATED ALWAYS AS (wrapped_dek IS NOT NULL) STORED,
+    ADD COLUMN has_backup_wrap boolean GENERATED ALWAYS AS (backup_wrapped_dek IS NOT NULL) STORED,
+    DROP CONSTRAINT wrapped_data_keys_check,
+    ADD CONSTRAINT wrapped_data_keys_check
+        CHECK ((state = 'destroyed') = (wrapped_dek IS NULL AND backup_wrapped_dek IS NULL));
+
 -- A job is kept to one worker by a claim in its row (0.1.0 used an advisory
 -- lock, which any role could take first).
 ALTER TABLE byok.reencrypt_jobs ADD COLUMN worker_pid integer,
@@ -140,6 +161,50 @@ CREATE TRIGGER invalidate_key_caches
 --    unchanged since 0.1.0 (sql/types.sql).
 
 -- The library's functions (#[pg_extern]; as `cargo pgrx schema` writes them).
+CREATE OR REPLACE FUNCTION byok.activate_dr(
+    "tenant_id" TEXT
+) RETURNS TEXT
+STRICT VOLATILE PARALLEL UNSAFE
+SET search_path TO pg_catalog, pg_temp
+LANGUAGE c
+AS 'MODULE_PATHNAME', 'activate_dr_wrapper';
+CREATE OR REPLACE FUNCTION byok.deactivate_dr(
+    "tenant_id" TEXT
+) RETURNS TEXT
+STRICT VOLATILE PARALLEL UNSAFE
+SET search_path TO pg_catalog, pg_temp
+LANGUAGE c
+AS 'MODULE_PATHNAME', 'deactivate_dr_wrapper';
+CREATE OR REPLACE FUNCTION byok.complete_key_wraps_step(
+    "tenant_id" TEXT
+) RETURNS bigint
+STRICT VOLATILE PARALLEL UNSAFE
+SET search_path TO pg_catalog, pg_temp
+LANGUAGE c
+AS 'MODULE_PATHNAME', 'complete_key_wraps_step_wrapper';
+CREATE OR REPLACE FUNCTION byok.start_compromise_response(
+    "tenant_id" TEXT,
+    "new_master_key" TEXT
+) RETURNS bigint
+STRICT VOLATILE PARALLEL UNSAFE
+SET search_path TO pg_catalog, pg_temp
+LANGUAGE c
+AS 'MODULE_PATHNAME', 'start_compromise_response_wrapper';
+CREATE OR REPLACE FUNCTION byok.compromise_response_step(
+    "tenant_id" TEXT,
+    "job_id" bigint DEFAULT NULL
+) RETURNS TEXT
+VOLATILE PARALLEL UNSAFE
+SET search_path TO pg_catalog, pg_temp
+LANGUAGE c
+AS 'MODULE_PATHNAME', 'compromise_response_step_wrapper';
+CREATE OR REPLACE FUNCTION byok.complete_key_wraps_finish(
+    "tenant_id" TEXT
+) RETURNS TEXT
+STRICT VOLATILE PARALLEL UNSAFE
+SET search_path TO pg_catalog, pg_temp
+LANGUAGE c
+AS 'MODULE_PATHNAME', 'complete_key_wraps_finish_wrapper';
 CREATE OR REPLACE FUNCTION byok.approve_operation(
     "id" bigint
 ) RETURNS TEXT
@@ -258,6 +323,7 @@ CREATE OR REPLACE FUNCTION byok.metrics_counters() RETURNS TABLE (
     "l2_misses" bigint,
     "served_stale" bigint,
     "served_by_replica" bigint,
+    "served_by_backup" bigint,
     "decrypts" bigint,
     "decrypt_failures" bigint,
     "encrypts" bigint,
@@ -460,12 +526,15 @@ CREATE OR REPLACE VIEW byok.tenants WITH (security_invoker = true) AS
            rotation_enabled, rotation_interval_days,
            cache_ttl_seconds, cache_max_entries, cache_grace_period_seconds,
            audit_log_all_operations, audit_alert_on_failures,
-           created_at, updated_at
+           created_at, updated_at,
+           backup_provider, backup_master_key_id, backup_provider_options,
+           dr_active, dr_activated_at
       FROM byok.tenant_config;
 COMMENT ON VIEW byok.tenants IS 'Tenants and their settings (no key material)';
 CREATE OR REPLACE VIEW byok.data_keys WITH (security_invoker = true) AS
     SELECT dek_id, tenant_id, provider, cmk_id, cmk_version, state,
-           created_at, rotated_at, destroyed_at, encryptions
+           created_at, rotated_at, destroyed_at, encryptions,
+           has_primary_wrap, backup_provider, backup_cmk_id, backup_cmk_version, has_backup_wrap
       FROM byok.wrapped_data_keys;
 COMMENT ON VIEW byok.data_keys IS 'Data keys, their states and how many values each sealed (no key material)';
 CREATE OR REPLACE PROCEDURE byok.rotate_master_key(tenant_id text, new_key_id text,
@@ -498,7 +567,7 @@ SELECT d.datname AS database, m.provider, m.tenant_id,
             THEN m.decrypt_failures::float8 / m.decrypts END AS decrypt_failures_rate,
        m.kms_calls, m.kms_failures, m.dek_generations,
        m.l1_hits, m.l1_misses, m.l2_hits, m.l2_misses, m.served_stale, m.served_by_replica,
-       m.decrypts, m.decrypt_failures, m.encrypts, m.key_checks, m.kms_latency_histogram
+       m.served_by_backup, m.decrypts, m.decrypt_failures, m.encrypts, m.key_checks, m.kms_latency_histogram
   FROM byok.metrics_counters() m
   LEFT JOIN pg_catalog.pg_database d ON d.oid = m.database_oid;
 COMMENT ON VIEW byok.metrics IS
@@ -642,7 +711,8 @@ BEGIN
               'master_key_unreachable', 'master_key_reachable', 'rotate_master_key_start',
               'rotate_master_key', 'master_key_retired', 'rotate_data_key',
               'schedule_master_key_rotation', 'cancel_scheduled_rotation',
-              'alert_firing', 'alert_resolved']) THEN
+              'alert_firing', 'alert_resolved', 'activate_dr', 'deactivate_dr',
+              'compromise_response_step', 'compromise_response']) THEN
         -- Any role that may connect can LISTEN: by default the payload names
         -- the audit row only (byok_admin reads it in byok.audit_log); with
         -- byok.alert_details (postgresql.conf) it carries the tenant, key and reason.
@@ -721,6 +791,100 @@ SELECT request_id, operation, tenant_id, args, requested_by, requested_at, expir
   FROM byok.operation_requests;
 COMMENT ON VIEW byok.pending_operations IS 'Dual-control requests and their state (pending, done, cancelled, expired)';
 
+-- dr.sql (new in 0.2.0)
+-- Disaster recovery: every data key of a tenant with encryption.backup is
+-- wrapped under both master keys. This procedure adds the wraps that are
+-- missing (keys made before the backup was configured, or under a backup
+-- since replaced; keys made while DR was active, once the primary is back).
+-- Commits after every batch, so it runs on a live database and, after a
+-- crash, is called again to finish. (A procedure that commits cannot pin
+-- search_path; it only calls schema-qualified functions, each of which does.)
+CREATE PROCEDURE byok.complete_key_wraps(tenant_id text)
+LANGUAGE plpgsql AS $proc$
+DECLARE
+    changed bigint;
+BEGIN
+    LOOP
+        changed := byok.complete_key_wraps_step(tenant_id);
+        COMMIT;
+        EXIT WHEN changed OPERATOR(pg_catalog.=) 0;
+    END LOOP;
+    RAISE NOTICE 'tenant %: %', tenant_id, byok.complete_key_wraps_finish(tenant_id);
+END
+$proc$;
+COMMENT ON PROCEDURE byok.complete_key_wraps(text) IS
+    'Wraps every data key of a tenant under both its master key and its backup master key; resumable';
+
+-- The guide's key-compromise procedure, one resumable operation (see
+-- src/admin/compromise.rs for the steps and why their order matters).
+CREATE TABLE byok.compromise_responses (
+    response_id bigserial PRIMARY KEY,
+    tenant_id text NOT NULL REFERENCES byok.tenant_config (tenant_id),
+    compromised_key_id text NOT NULL,
+    new_master_key_id text NOT NULL,
+    -- the tenant's live data keys when the response started: replaced, then destroyed
+    old_data_keys bigint[] NOT NULL,
+    step text NOT NULL DEFAULT 'rewrap'
+        CHECK (step IN ('rewrap', 'new_data_key', 'reencrypt', 'verify', 'retire', 'destroy', 'done')),
+    -- the re-encryption job of the reencrypt step
+    job_id bigint,
+    started_by name NOT NULL,
+    started_at timestamptz NOT NULL DEFAULT pg_catalog.clock_timestamp(),
+    finished_at timestamptz,
+    -- per step: when it finished and what it found
+    report jsonb NOT NULL DEFAULT '{}'
+);
+CREATE UNIQUE INDEX compromise_responses_one_per_tenant
+    ON byok.compromise_responses (tenant_id) WHERE finished_at IS NULL;
+COMMENT ON TABLE byok.compromise_responses IS 'Key-compromise responses (byok.respond_to_compromise): their steps and reports';
+SELECT pg_catalog.pg_extension_config_dump('byok.compromise_responses', '');
+SELECT pg_catalog.pg_extension_config_dump('byok.compromise_responses_response_id_seq', '');
+
+-- Starts (or resumes) the response and runs it to the end, committing after
+-- every step. Under dual control a second administrator approves
+-- 'start_compromise_response' first; the CALL then resumes that response.
+CREATE PROCEDURE byok.respond_to_compromise(tenant_id text, new_master_key text)
+LANGUAGE plpgsql AS $proc$
+DECLARE
+    state text;
+    job bigint;
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM byok.compromise_responses r
+                    WHERE r.tenant_id OPERATOR(pg_catalog.=) respond_to_compromise.tenant_id
+                      AND r.finished_at IS NULL) THEN
+        PERFORM byok.start_compromise_response(tenant_id, new_master_key);
+        COMMIT;
+    END IF;
+    LOOP
+        state := byok.compromise_response_step(tenant_id);
+        COMMIT;
+        IF state OPERATOR(pg_catalog.=) 'start_job' THEN
+            job := byok.start_reencrypt(tenant_id);
+            state := byok.compromise_response_step(tenant_id, job);
+            COMMIT;
+        END IF;
+        IF state OPERATOR(pg_catalog.~~) 'wait_job:%' THEN
+            PERFORM byok.wait_job(pg_catalog.split_part(state, ':', 2)::pg_catalog.int8, '24 hours');
+            COMMIT;
+        ELSIF state OPERATOR(pg_catalog.=) 'waiting' THEN
+            -- (transactions older than the new data key must end first)
+            PERFORM pg_catalog.pg_sleep(0.2);
+        ELSIF state OPERATOR(pg_catalog.~~) 'job_failed:%' THEN
+            RAISE EXCEPTION 'the re-encryption job % of the compromise response failed', pg_catalog.split_part(state, ':', 2)
+                USING ERRCODE = 'object_not_in_prerequisite_state',
+                      HINT = 'see byok.jobs for its error; CALL byok.respond_to_compromise again to start a new job';
+        END IF;
+        EXIT WHEN state OPERATOR(pg_catalog.=) 'done';
+    END LOOP;
+    RAISE NOTICE 'tenant %: compromise response complete: %', tenant_id,
+        (SELECT r.report FROM byok.compromise_responses r
+          WHERE r.tenant_id OPERATOR(pg_catalog.=) respond_to_compromise.tenant_id
+          ORDER BY r.response_id DESC LIMIT 1);
+END
+$proc$;
+COMMENT ON PROCEDURE byok.respond_to_compromise(text, text) IS
+    'Key compromise: rewrap under a new master key, new data key, re-encrypt, verify, retire and destroy the old keys; resumable';
+
 -- ---------------------------------------------------------------------------
 -- 4. Privileges: exactly a fresh install's. What 0.1.0 granted to PUBLIC,
 --    byok_admin and byok_user is revoked, then sql/privileges.sql is applied as
@@ -755,10 +919,12 @@ GRANT SELECT (tenant_id, customer, provider, master_key_id, previous_master_key_
               previous_master_key_retires_at, provider_options, rotation_enabled,
               rotation_interval_days, cache_ttl_seconds, cache_max_entries,
               cache_grace_period_seconds, audit_log_all_operations, audit_alert_on_failures,
-              created_at, updated_at)
+              created_at, updated_at, backup_provider, backup_master_key_id,
+              backup_provider_options, dr_active, dr_activated_at)
     ON byok.tenant_config TO byok_admin, byok_user;
 GRANT SELECT (dek_id, tenant_id, provider, cmk_id, cmk_version, state, created_at, rotated_at,
-              destroyed_at, encryptions)
+              destroyed_at, encryptions, has_primary_wrap, backup_provider, backup_cmk_id,
+              backup_cmk_version, has_backup_wrap)
     ON byok.wrapped_data_keys TO byok_admin, byok_user;
 GRANT SELECT ON byok.tenant_grants TO byok_admin, byok_user;
 GRANT SELECT ON byok.tenants, byok.data_keys, byok.tenant_access TO byok_admin, byok_user;
@@ -778,13 +944,19 @@ GRANT EXECUTE ON FUNCTION byok.configure_tenant(jsonb), byok.rotate_data_key(tex
     byok.backend_cache_stats(), byok.broker_status(), byok.metrics_counters(),
     byok.key_status(), byok.schedule_master_key_rotation(jsonb),
     byok.cancel_scheduled_rotation(text, bigint), byok.retire_previous_master_key(text),
-    byok.alert_states(), byok.prometheus_metrics()
+    byok.alert_states(), byok.prometheus_metrics(),
+    byok.complete_key_wraps_step(text), byok.complete_key_wraps_finish(text),
+    byok.activate_dr(text), byok.deactivate_dr(text),
+    byok.start_compromise_response(text, text), byok.compromise_response_step(text, bigint)
   TO byok_admin;
 -- SQL exporters (postgres_exporter and the like) run as members of pg_monitor.
 GRANT EXECUTE ON FUNCTION byok.prometheus_metrics() TO pg_monitor;
-GRANT EXECUTE ON PROCEDURE byok.rotate_master_key(text, text, interval) TO byok_admin;
+GRANT EXECUTE ON PROCEDURE byok.rotate_master_key(text, text, interval),
+    byok.complete_key_wraps(text), byok.respond_to_compromise(text, text)
+  TO byok_admin;
 GRANT SELECT ON byok.jobs, byok.protected_columns, byok.metrics, byok.tenant_key_status, byok.alerts, byok.audit_log,
-    byok.pending_operations, byok.scheduled_rotations, byok.retired_master_keys
+    byok.pending_operations, byok.scheduled_rotations, byok.retired_master_keys,
+    byok.compromise_responses
   TO byok_admin;
 -- (No role but the owner writes the catalog tables: byok_admin's changes go
 -- through the functions above, which check what they are asked to do.)

@@ -24,7 +24,16 @@ CREATE TABLE byok.tenant_config (
     -- the document as given to byok.configure_tenant()
     config jsonb NOT NULL,
     created_at timestamptz NOT NULL DEFAULT now(),
-    updated_at timestamptz NOT NULL DEFAULT now()
+    updated_at timestamptz NOT NULL DEFAULT now(),
+    -- encryption.backup: a second master key every data key is also wrapped under
+    backup_provider text
+        CHECK (backup_provider IN ('local', 'aws_kms', 'azure_kv', 'gcp_kms', 'vault')),
+    backup_master_key_id text,
+    backup_provider_options jsonb,
+    -- DR activated (byok.activate_dr): the backup generates and unwraps, the primary is not asked
+    dr_active boolean NOT NULL DEFAULT false,
+    dr_activated_at timestamptz,
+    CONSTRAINT tenant_config_dr_needs_backup CHECK (NOT dr_active OR backup_provider IS NOT NULL)
 );
 COMMENT ON TABLE byok.tenant_config IS 'One row per tenant, from its byok_config document';
 
@@ -33,7 +42,8 @@ CREATE SEQUENCE byok.data_key_id_seq;
 CREATE TABLE byok.wrapped_data_keys (
     dek_id bigint PRIMARY KEY DEFAULT nextval('byok.data_key_id_seq'),
     tenant_id text NOT NULL REFERENCES byok.tenant_config (tenant_id),
-    -- the data key wrapped by the tenant's master key; NULL once destroyed
+    -- the data key wrapped by the tenant's master key; NULL once destroyed (or,
+    -- for a key made while DR was active, until byok.complete_key_wraps wraps it)
     wrapped_dek bytea,
     provider text NOT NULL,
     cmk_id text NOT NULL,
@@ -46,7 +56,16 @@ CREATE TABLE byok.wrapped_data_keys (
     -- values sealed under it so far (its nonce budget; byok.max_encryptions_per_key),
     -- persisted by the catalog writer a few seconds behind
     encryptions bigint NOT NULL DEFAULT 0,
-    CHECK ((state = 'destroyed') = (wrapped_dek IS NULL))
+    -- the same data key wrapped by the tenant's backup master key (encryption.backup)
+    backup_wrapped_dek bytea,
+    backup_provider text,
+    backup_cmk_id text,
+    backup_cmk_version text,
+    -- which wraps exist, for the views (the wrapped keys themselves are not readable)
+    has_primary_wrap boolean GENERATED ALWAYS AS (wrapped_dek IS NOT NULL) STORED,
+    has_backup_wrap boolean GENERATED ALWAYS AS (backup_wrapped_dek IS NOT NULL) STORED,
+    CONSTRAINT wrapped_data_keys_check
+        CHECK ((state = 'destroyed') = (wrapped_dek IS NULL AND backup_wrapped_dek IS NULL))
 );
 ALTER SEQUENCE byok.data_key_id_seq OWNED BY byok.wrapped_data_keys.dek_id;
 CREATE UNIQUE INDEX wrapped_data_keys_one_active_per_tenant
@@ -118,13 +137,16 @@ CREATE VIEW byok.tenants WITH (security_invoker = true) AS
            rotation_enabled, rotation_interval_days,
            cache_ttl_seconds, cache_max_entries, cache_grace_period_seconds,
            audit_log_all_operations, audit_alert_on_failures,
-           created_at, updated_at
+           created_at, updated_at,
+           backup_provider, backup_master_key_id, backup_provider_options,
+           dr_active, dr_activated_at
       FROM byok.tenant_config;
 COMMENT ON VIEW byok.tenants IS 'Tenants and their settings (no key material)';
 
 CREATE VIEW byok.data_keys WITH (security_invoker = true) AS
     SELECT dek_id, tenant_id, provider, cmk_id, cmk_version, state,
-           created_at, rotated_at, destroyed_at, encryptions
+           created_at, rotated_at, destroyed_at, encryptions,
+           has_primary_wrap, backup_provider, backup_cmk_id, backup_cmk_version, has_backup_wrap
       FROM byok.wrapped_data_keys;
 COMMENT ON VIEW byok.data_keys IS 'Data keys, their states and how many values each sealed (no key material)';
 
@@ -164,7 +186,7 @@ SELECT d.datname AS database, m.provider, m.tenant_id,
             THEN m.decrypt_failures::float8 / m.decrypts END AS decrypt_failures_rate,
        m.kms_calls, m.kms_failures, m.dek_generations,
        m.l1_hits, m.l1_misses, m.l2_hits, m.l2_misses, m.served_stale, m.served_by_replica,
-       m.decrypts, m.decrypt_failures, m.encrypts, m.key_checks, m.kms_latency_histogram
+       m.served_by_backup, m.decrypts, m.decrypt_failures, m.encrypts, m.key_checks, m.kms_latency_histogram
   FROM byok.metrics_counters() m
   LEFT JOIN pg_catalog.pg_database d ON d.oid = m.database_oid;
 COMMENT ON VIEW byok.metrics IS

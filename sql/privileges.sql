@@ -31,10 +31,12 @@ GRANT SELECT (tenant_id, customer, provider, master_key_id, previous_master_key_
               previous_master_key_retires_at, provider_options, rotation_enabled,
               rotation_interval_days, cache_ttl_seconds, cache_max_entries,
               cache_grace_period_seconds, audit_log_all_operations, audit_alert_on_failures,
-              created_at, updated_at)
+              created_at, updated_at, backup_provider, backup_master_key_id,
+              backup_provider_options, dr_active, dr_activated_at)
     ON byok.tenant_config TO byok_admin, byok_user;
 GRANT SELECT (dek_id, tenant_id, provider, cmk_id, cmk_version, state, created_at, rotated_at,
-              destroyed_at, encryptions)
+              destroyed_at, encryptions, has_primary_wrap, backup_provider, backup_cmk_id,
+              backup_cmk_version, has_backup_wrap)
     ON byok.wrapped_data_keys TO byok_admin, byok_user;
 GRANT SELECT ON byok.tenant_grants TO byok_admin, byok_user;
 GRANT SELECT ON byok.tenants, byok.data_keys, byok.tenant_access TO byok_admin, byok_user;
@@ -54,13 +56,19 @@ GRANT EXECUTE ON FUNCTION byok.configure_tenant(jsonb), byok.rotate_data_key(tex
     byok.backend_cache_stats(), byok.broker_status(), byok.metrics_counters(),
     byok.key_status(), byok.schedule_master_key_rotation(jsonb),
     byok.cancel_scheduled_rotation(text, bigint), byok.retire_previous_master_key(text),
-    byok.alert_states(), byok.prometheus_metrics()
+    byok.alert_states(), byok.prometheus_metrics(),
+    byok.complete_key_wraps_step(text), byok.complete_key_wraps_finish(text),
+    byok.activate_dr(text), byok.deactivate_dr(text),
+    byok.start_compromise_response(text, text), byok.compromise_response_step(text, bigint)
   TO byok_admin;
 -- SQL exporters (postgres_exporter and the like) run as members of pg_monitor.
 GRANT EXECUTE ON FUNCTION byok.prometheus_metrics() TO pg_monitor;
-GRANT EXECUTE ON PROCEDURE byok.rotate_master_key(text, text, interval) TO byok_admin;
+GRANT EXECUTE ON PROCEDURE byok.rotate_master_key(text, text, interval),
+    byok.complete_key_wraps(text), byok.respond_to_compromise(text, text)
+  TO byok_admin;
 GRANT SELECT ON byok.jobs, byok.protected_columns, byok.metrics, byok.tenant_key_status, byok.alerts, byok.audit_log,
-    byok.pending_operations, byok.scheduled_rotations, byok.retired_master_keys
+    byok.pending_operations, byok.scheduled_rotations, byok.retired_master_keys,
+    byok.compromise_responses
   TO byok_admin;
 -- (No role but the owner writes the catalog tables: byok_admin's changes go
 -- through the functions above, which check what they are asked to do.)

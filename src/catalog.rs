@@ -118,11 +118,55 @@ pub fn as_extension_owner<R>(f: impl FnOnce() -> Result<R, ByokError>) -> Result
     f()
 }
 
-/// A tenant as the catalog holds it: its key manager and master key.
+/// A tenant as the catalog holds it: its key manager and master key, its
+/// backup key (`encryption.backup`) and whether DR is active.
 #[derive(Debug, Clone)]
 pub struct TenantRecord {
     pub provider: ProviderRef,
     pub master_key_id: String,
+    pub backup: Option<BackupKeyRecord>,
+    pub dr_active: bool,
+}
+
+/// A tenant's backup master key and the key manager holding it.
+#[derive(Debug, Clone)]
+pub struct BackupKeyRecord {
+    pub provider: ProviderRef,
+    pub master_key_id: String,
+}
+
+impl TenantRecord {
+    /// Where new data keys are made: the backup while DR is active, else the
+    /// primary (with the backup as the second wrap).
+    pub fn generating_key(&self) -> (&ProviderRef, &str) {
+        match (&self.backup, self.dr_active) {
+            (Some(backup), true) => (&backup.provider, &backup.master_key_id),
+            _ => (&self.provider, &self.master_key_id),
+        }
+    }
+}
+
+/// A backup key manager's reference, flagged as the backup.
+pub fn backup_provider_ref(
+    kind: ProviderKind,
+    options: serde_json::Map<String, serde_json::Value>,
+) -> ProviderRef {
+    ProviderRef {
+        provider: kind,
+        options,
+        create_key_store: false,
+        backup: true,
+    }
+}
+
+/// Columns new in 0.2.0 are read through `to_jsonb(row)`: between installing
+/// the library and `ALTER EXTENSION byok_pg UPDATE` they are missing, and a
+/// missing key reads as NULL instead of failing every decryption.
+fn json_object(value: Option<serde_json::Value>) -> serde_json::Map<String, serde_json::Value> {
+    match value {
+        Some(serde_json::Value::Object(map)) => map,
+        _ => serde_json::Map::new(),
+    }
 }
 
 /// The tenant `tenant_id` (locked for update with `lock`), or `None`. Call as
@@ -138,10 +182,20 @@ pub fn load_tenant_with(
     lock: bool,
 ) -> Result<Option<TenantRecord>, ByokError> {
     let sql = if lock {
-        "SELECT provider, master_key_id, provider_options FROM byok.tenant_config
+        "SELECT provider, master_key_id, provider_options,
+                pg_catalog.to_jsonb(t) OPERATOR(pg_catalog.->>) 'backup_provider',
+                pg_catalog.to_jsonb(t) OPERATOR(pg_catalog.->>) 'backup_master_key_id',
+                pg_catalog.to_jsonb(t) OPERATOR(pg_catalog.->) 'backup_provider_options',
+                (pg_catalog.to_jsonb(t) OPERATOR(pg_catalog.->>) 'dr_active')::pg_catalog.bool
+           FROM byok.tenant_config t
           WHERE tenant_id OPERATOR(pg_catalog.=) $1 FOR UPDATE"
     } else {
-        "SELECT provider, master_key_id, provider_options FROM byok.tenant_config
+        "SELECT provider, master_key_id, provider_options,
+                pg_catalog.to_jsonb(t) OPERATOR(pg_catalog.->>) 'backup_provider',
+                pg_catalog.to_jsonb(t) OPERATOR(pg_catalog.->>) 'backup_master_key_id',
+                pg_catalog.to_jsonb(t) OPERATOR(pg_catalog.->) 'backup_provider_options',
+                (pg_catalog.to_jsonb(t) OPERATOR(pg_catalog.->>) 'dr_active')::pg_catalog.bool
+           FROM byok.tenant_config t
           WHERE tenant_id OPERATOR(pg_catalog.=) $1"
     };
     let rows = client.update(sql, Some(1), &[DatumWithOid::from(tenant_id)])?;
@@ -155,17 +209,27 @@ pub fn load_tenant_with(
     let master_key_id: String = row
         .get(2)?
         .ok_or_else(|| ByokError::Catalog(format!("tenant \"{tenant_id}\" has no master key")))?;
-    let options = match row.get::<pgrx::JsonB>(3)?.map(|j| j.0) {
-        Some(serde_json::Value::Object(map)) => map,
-        _ => serde_json::Map::new(),
+    let options = json_object(row.get::<pgrx::JsonB>(3)?.map(|j| j.0));
+    let backup = match (row.get::<String>(4)?, row.get::<String>(5)?) {
+        (Some(kind), Some(master_key_id)) => Some(BackupKeyRecord {
+            provider: backup_provider_ref(
+                provider_of(&kind)?,
+                json_object(row.get::<pgrx::JsonB>(6)?.map(|j| j.0)),
+            ),
+            master_key_id,
+        }),
+        _ => None,
     };
     Ok(Some(TenantRecord {
         provider: ProviderRef {
             provider: provider_of(&name)?,
             options,
             create_key_store: false,
+            backup: false,
         },
         master_key_id,
+        backup,
+        dr_active: row.get::<bool>(7)?.unwrap_or(false),
     }))
 }
 
@@ -289,6 +353,11 @@ pub struct DataKeyRecord {
     pub cache: byok_kms::protocol::CacheSettings,
     /// The master key that wrapped it was retired (`byok.retired_master_keys`).
     pub master_key_retired: bool,
+    /// The same key wrapped by the tenant's backup master key, when the
+    /// tenant's backup is still the key manager that made it.
+    pub backup: Option<byok_kms::protocol::BackupWrap>,
+    /// DR is active for the tenant: only the backup is asked.
+    pub dr_active: bool,
 }
 
 /// A tenant's cache settings, the server's defaults filling what it leaves out.
@@ -360,7 +429,16 @@ pub fn load_data_key(dek_id: u64) -> Result<Option<DataKeyRecord>, ByokError> {
                 "SELECT k.tenant_id, k.state, k.provider, k.wrapped_dek, k.cmk_id, k.cmk_version,
                         t.cache_ttl_seconds, t.cache_max_entries, t.cache_grace_period_seconds,
                         t.provider_options, (t.config OPERATOR(pg_catalog.#>>) '{encryption,cache_config,revocation_check_seconds}')::pg_catalog.int4,
-                        t.config OPERATOR(pg_catalog.#>) '{encryption,monitoring_rules}'
+                        t.config OPERATOR(pg_catalog.#>) '{encryption,monitoring_rules}',
+                        (pg_catalog.to_jsonb(k) OPERATOR(pg_catalog.->>) 'backup_wrapped_dek')::pg_catalog.bytea,
+                        pg_catalog.to_jsonb(k) OPERATOR(pg_catalog.->>) 'backup_cmk_id',
+                        pg_catalog.to_jsonb(k) OPERATOR(pg_catalog.->>) 'backup_cmk_version',
+                        pg_catalog.to_jsonb(t) OPERATOR(pg_catalog.->) 'backup_provider_options',
+                        -- the tenant's backup, if it is the key manager that wrapped this key
+                        CASE WHEN (pg_catalog.to_jsonb(k) OPERATOR(pg_catalog.->>) 'backup_provider')
+                                  OPERATOR(pg_catalog.=) (pg_catalog.to_jsonb(t) OPERATOR(pg_catalog.->>) 'backup_provider')
+                             THEN pg_catalog.to_jsonb(t) OPERATOR(pg_catalog.->>) 'backup_provider' END,
+                        (pg_catalog.to_jsonb(t) OPERATOR(pg_catalog.->>) 'dr_active')::pg_catalog.bool
                    FROM byok.wrapped_data_keys k
                    JOIN byok.tenant_config t ON t.tenant_id OPERATOR(pg_catalog.=) k.tenant_id
                   WHERE k.dek_id OPERATOR(pg_catalog.=) $1",
@@ -392,6 +470,21 @@ pub fn load_data_key(dek_id: u64) -> Result<Option<DataKeyRecord>, ByokError> {
                     row.get::<i32>(11)?,
                 ),
                 master_key_retired: false,
+                backup: match (row.get::<Vec<u8>>(13)?, row.get::<String>(17)?) {
+                    (Some(blob), Some(kind)) => Some(byok_kms::protocol::BackupWrap {
+                        provider: backup_provider_ref(
+                            provider_of(&kind)?,
+                            json_object(row.get::<pgrx::JsonB>(16)?.map(|j| j.0)),
+                        ),
+                        wrapped: WrappedDek {
+                            blob,
+                            cmk_id: row.required::<String>(14)?,
+                            cmk_version: row.required::<String>(15)?,
+                        },
+                    }),
+                    _ => None,
+                },
+                dr_active: row.get::<bool>(18)?.unwrap_or(false),
                 monitoring: monitoring_rules(row.get::<pgrx::JsonB>(12)?.map(|j| j.0)),
                 provider_options: match row.get::<pgrx::JsonB>(10)?.map(|j| j.0) {
                     Some(serde_json::Value::Object(map)) => map,

@@ -39,6 +39,8 @@ pub enum ByokError {
         message: String,
         hint: Option<String>,
     },
+    /// A required argument was NULL (22004).
+    NullArgument(&'static str),
     /// A refusal on privilege grounds not covered by a more specific variant (42501).
     NotAllowed {
         message: String,
@@ -208,6 +210,10 @@ impl ByokError {
                     None => r,
                 }
             }
+            ByokError::NullArgument(name) => report(
+                ERRCODE_NULL_VALUE_NOT_ALLOWED,
+                format!("{name} must not be NULL"),
+            ),
             ByokError::NotAllowed { message, detail, hint } => {
                 let mut r = report(ERRCODE_INSUFFICIENT_PRIVILEGE, message);
                 if let Some(d) = detail {

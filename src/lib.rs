@@ -57,6 +57,17 @@ extension_sql_file!(
     name = "dual_control",
     requires = ["audit"]
 );
+extension_sql_file!(
+    "../sql/dr.sql",
+    name = "dr",
+    requires = [
+        "dual_control",
+        api::dr::complete_key_wraps_step,
+        api::dr::complete_key_wraps_finish,
+        api::dr::start_compromise_response,
+        api::dr::compromise_response_step
+    ]
+);
 extension_sql_file!("../sql/privileges.sql", name = "privileges", finalize);
 
 #[pg_guard]

@@ -4,7 +4,7 @@
 //! own success record in its transaction.
 
 use byok_core::config::{ProviderKind, TenantConfig};
-use byok_kms::protocol::ProviderRef;
+use byok_kms::protocol::{BackupTarget, ProviderRef};
 use byok_kms::{ErrorKind, ProviderError};
 use pgrx::JsonB;
 use pgrx::datum::DatumWithOid;
@@ -12,7 +12,7 @@ use pgrx::prelude::*;
 use pgrx::spi::SpiClient;
 
 use crate::broker::{self, tenant_ref};
-use crate::catalog::{self, KeyState};
+use crate::catalog::{self, KeyState, TenantRecord};
 use crate::errors::ByokError;
 use crate::keyring;
 use crate::postgres::spi::Required;
@@ -27,6 +27,7 @@ pub fn configure_tenant(document: &serde_json::Value) -> Result<String, ByokErro
         provider: config.provider,
         options: config.provider_options.clone(),
         create_key_store: true,
+        backup: false,
     };
     check_master_key(
         &config.tenant_id,
@@ -34,20 +35,82 @@ pub fn configure_tenant(document: &serde_json::Value) -> Result<String, ByokErro
         &provider,
         &config.master_key_id,
     )?;
-    Spi::connect_mut(|client| upsert_tenant(client, &config, &provider))?;
+    // The backup key is held to the same checks: an escrow nobody can use is none.
+    let backup = match &config.backup {
+        Some(backup) => {
+            super::policy::check_key_prefix(&backup.master_key_id)?;
+            let backup_provider = ProviderRef {
+                create_key_store: true,
+                ..catalog::backup_provider_ref(backup.provider, backup.provider_options.clone())
+            };
+            check_master_key(
+                &config.tenant_id,
+                backup.provider,
+                &backup_provider,
+                &backup.master_key_id,
+            )
+            .map_err(|e| backup_error(e, "encryption.backup"))?;
+            Some(catalog::BackupKeyRecord {
+                provider: ProviderRef {
+                    create_key_store: false,
+                    ..backup_provider
+                },
+                master_key_id: backup.master_key_id.clone(),
+            })
+        }
+        None => None,
+    };
+    let record = TenantRecord {
+        provider,
+        master_key_id: config.master_key_id.clone(),
+        backup,
+        dr_active: false,
+    };
+    // (locked until the transaction ends: nothing changes between the check and the update)
+    if let Some(existing) = catalog::load_tenant(&config.tenant_id, true)? {
+        let backup_of = |r: &TenantRecord| {
+            r.backup.as_ref().map(|b| {
+                (
+                    b.provider.provider,
+                    b.provider.options.clone(),
+                    b.master_key_id.clone(),
+                )
+            })
+        };
+        if backup_of(&existing) != backup_of(&record) {
+            super::dr::refuse_backup_change(&config.tenant_id)?;
+        }
+    }
+    Spi::connect_mut(|client| upsert_tenant(client, &config, record))?;
     keyring::invalidate_all();
+    let mut details = serde_json::json!({
+        "provider": config.provider.name(),
+        "master_key_id": config.master_key_id,
+    });
+    if let Some(backup) = &config.backup {
+        details["backup_provider"] = backup.provider.name().into();
+        details["backup_master_key_id"] = backup.master_key_id.clone().into();
+    }
     catalog::audit(
         "configure_tenant",
         Some(&config.tenant_id),
         None,
         true,
         None,
-        Some(serde_json::json!({
-            "provider": config.provider.name(),
-            "master_key_id": config.master_key_id,
-        })),
+        Some(details),
     )?;
     Ok(config.tenant_id)
+}
+
+/// A backup key manager's error, saying that it is about the backup.
+fn backup_error(e: ByokError, field: &str) -> ByokError {
+    match e {
+        ByokError::Provider(mut provider_error) => {
+            provider_error.message = format!("{field}: {}", provider_error.message);
+            ByokError::Provider(provider_error)
+        }
+        other => other,
+    }
 }
 
 /// The master key must exist, be enabled and allow wrapping (asked through the
@@ -82,10 +145,24 @@ pub fn check_master_key(
 fn upsert_tenant(
     client: &mut SpiClient<'_>,
     config: &TenantConfig,
-    provider: &ProviderRef,
+    mut record: TenantRecord,
 ) -> Result<(), ByokError> {
     let tenant_id = config.tenant_id.as_str();
-    if let Some(existing) = catalog::load_tenant_with(client, tenant_id, true)?
+    let existing = catalog::load_tenant_with(client, tenant_id, true)?;
+    if let Some(existing) = &existing
+        && existing.dr_active
+    {
+        record.dr_active = true;
+        if record.backup.is_none() {
+            return Err(ByokError::InvalidArgument {
+                message: format!(
+                    "tenant \"{tenant_id}\" runs on its backup master key (DR is active); its encryption.backup cannot be removed"
+                ),
+                hint: Some(format!("SELECT byok.deactivate_dr('{tenant_id}') first")),
+            });
+        }
+    }
+    if let Some(existing) = existing
         && (existing.provider.provider != config.provider
             || existing.master_key_id != config.master_key_id)
     {
@@ -103,13 +180,15 @@ fn upsert_tenant(
     let c = config;
     let provider_options = JsonB(serde_json::Value::Object(c.provider_options.clone()));
     let document = JsonB(config_document(c));
+    let backup = c.backup.as_ref();
     client.update(
         "INSERT INTO byok.tenant_config AS t
              (tenant_id, customer, provider, master_key_id, provider_options,
               rotation_enabled, rotation_interval_days,
               cache_ttl_seconds, cache_max_entries, cache_grace_period_seconds,
-              audit_log_all_operations, audit_alert_on_failures, config)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)
+              audit_log_all_operations, audit_alert_on_failures, config,
+              backup_provider, backup_master_key_id, backup_provider_options)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)
          ON CONFLICT (tenant_id) DO UPDATE SET
               customer = excluded.customer,
               provider_options = excluded.provider_options,
@@ -121,6 +200,9 @@ fn upsert_tenant(
               audit_log_all_operations = excluded.audit_log_all_operations,
               audit_alert_on_failures = excluded.audit_alert_on_failures,
               config = excluded.config,
+              backup_provider = excluded.backup_provider,
+              backup_master_key_id = excluded.backup_master_key_id,
+              backup_provider_options = excluded.backup_provider_options,
               updated_at = now()",
         None,
         &[
@@ -137,6 +219,11 @@ fn upsert_tenant(
             DatumWithOid::from(c.audit.log_all_operations),
             DatumWithOid::from(c.audit.alert_on_failures),
             DatumWithOid::from(document),
+            DatumWithOid::from(backup.map(|b| b.provider.name())),
+            DatumWithOid::from(backup.map(|b| b.master_key_id.as_str())),
+            DatumWithOid::from(
+                backup.map(|b| JsonB(serde_json::Value::Object(b.provider_options.clone()))),
+            ),
         ],
     )?;
     let active = client.update(
@@ -145,13 +232,7 @@ fn upsert_tenant(
         &[DatumWithOid::from(tenant_id)],
     )?;
     if active.is_empty() {
-        create_data_key(
-            client,
-            tenant_id,
-            c.provider,
-            provider.clone(),
-            &c.master_key_id,
-        )?;
+        create_data_key(client, tenant_id, &record)?;
     }
     Ok(())
 }
@@ -186,6 +267,12 @@ fn config_document(c: &TenantConfig) -> serde_json::Value {
             "audit": {"log_all_operations": c.audit.log_all_operations, "alert_on_failures": c.audit.alert_on_failures}
         }
     });
+    if let Some(backup) = &c.backup {
+        document["encryption"]["backup"] = serde_json::json!({
+            "provider": backup.provider.name(),
+            backup.provider.name(): backup.provider_options,
+        });
+    }
     // Only when it differs from the guide's: tenants configured before
     // monitoring_rules existed keep the same stored document.
     if c.monitoring != byok_core::monitors::default_rules() {
@@ -195,32 +282,66 @@ fn config_document(c: &TenantConfig) -> serde_json::Value {
     document
 }
 
-/// Generates a data key under `cmk_id`, stores it wrapped and active; returns its id.
+/// Generates a data key for the tenant, stores it wrapped and active; returns
+/// its id. Wrapped under the master key and the backup key when the tenant has
+/// one (both, or the key is not made); while DR is active, under the backup
+/// only (`byok.complete_key_wraps` adds the primary's wrap once it is back).
 fn create_data_key(
     client: &mut SpiClient<'_>,
     tenant_id: &str,
-    kind: ProviderKind,
-    provider: ProviderRef,
-    cmk_id: &str,
+    tenant: &TenantRecord,
 ) -> Result<i64, ByokError> {
     let dek_id: i64 = client
         .update("SELECT nextval('byok.data_key_id_seq')", Some(1), &[])?
         .first()
         .get_one()?
         .ok_or_else(|| ByokError::Internal("nextval returned NULL".into()))?;
-    // Generated by the key broker; only the wrapped form comes back.
-    let wrapped = broker::generate(tenant_ref(tenant_id), provider, dek_id as u64, cmk_id)?;
+    // Generated by the key broker; only the wrapped forms come back.
+    let (provider, cmk_id) = tenant.generating_key();
+    let backup_target = match (&tenant.backup, tenant.dr_active) {
+        (Some(backup), false) => Some(BackupTarget {
+            provider: backup.provider.clone(),
+            cmk_id: backup.master_key_id.clone(),
+        }),
+        _ => None,
+    };
+    let (wrapped, second) = broker::generate(
+        tenant_ref(tenant_id),
+        provider.clone(),
+        dek_id as u64,
+        cmk_id,
+        backup_target,
+    )
+    .map_err(|e| match tenant.dr_active {
+        true => backup_error(e, "backup key manager (DR is active)"),
+        false => e,
+    })?;
+    let (primary, backup) = match tenant.dr_active {
+        true => (None, Some(wrapped)),
+        false => (Some(wrapped), second),
+    };
+    let backup_kind = tenant.backup.as_ref().map(|b| b.provider.provider.name());
     client.update(
-        "INSERT INTO byok.wrapped_data_keys (dek_id, tenant_id, wrapped_dek, provider, cmk_id, cmk_version, state)
-         VALUES ($1, $2, $3, $4, $5, $6, 'active')",
+        "INSERT INTO byok.wrapped_data_keys (dek_id, tenant_id, wrapped_dek, provider, cmk_id, cmk_version, state,
+                                             backup_wrapped_dek, backup_provider, backup_cmk_id, backup_cmk_version)
+         VALUES ($1, $2, $3, $4, $5, $6, 'active', $7, $8, $9, $10)",
         None,
         &[
             DatumWithOid::from(dek_id),
             DatumWithOid::from(tenant_id),
-            DatumWithOid::from(wrapped.blob),
-            DatumWithOid::from(kind.name()),
-            DatumWithOid::from(wrapped.cmk_id.as_str()),
-            DatumWithOid::from(wrapped.cmk_version.as_str()),
+            DatumWithOid::from(primary.as_ref().map(|w| w.blob.clone())),
+            DatumWithOid::from(tenant.provider.provider.name()),
+            DatumWithOid::from(
+                primary
+                    .as_ref()
+                    .map_or(tenant.master_key_id.as_str(), |w| w.cmk_id.as_str()),
+            ),
+            // (not wrapped by the primary yet: no version)
+            DatumWithOid::from(primary.as_ref().map_or("", |w| w.cmk_version.as_str())),
+            DatumWithOid::from(backup.as_ref().map(|w| w.blob.clone())),
+            DatumWithOid::from(backup.as_ref().and(backup_kind)),
+            DatumWithOid::from(backup.as_ref().map(|w| w.cmk_id.as_str())),
+            DatumWithOid::from(backup.as_ref().map(|w| w.cmk_version.as_str())),
         ],
     )?;
     Ok(dek_id)
@@ -239,13 +360,7 @@ pub fn rotate_data_key(tenant_id: &str, reason: Option<&str>) -> Result<i64, Byo
             None,
             &[DatumWithOid::from(tenant_id)],
         )?;
-        create_data_key(
-            client,
-            tenant_id,
-            tenant.provider.provider,
-            tenant.provider,
-            &tenant.master_key_id,
-        )
+        create_data_key(client, tenant_id, &tenant)
     })?;
     keyring::invalidate_all();
     catalog::audit(
@@ -348,7 +463,8 @@ pub fn destroy_data_key(tenant_id: &str, dek_id: i64) -> Result<String, ByokErro
         }
         client.update(
             "UPDATE byok.wrapped_data_keys
-                SET state = 'destroyed', wrapped_dek = NULL, destroyed_at = now()
+                SET state = 'destroyed', wrapped_dek = NULL, backup_wrapped_dek = NULL,
+                    destroyed_at = now()
               WHERE dek_id = $1",
             None,
             &[DatumWithOid::from(dek_id)],
@@ -381,7 +497,8 @@ pub fn destroy_tenant_keys(tenant_id: &str) -> Result<i64, ByokError> {
         }
         let rows = client.update(
             "UPDATE byok.wrapped_data_keys
-                SET state = 'destroyed', wrapped_dek = NULL, destroyed_at = now()
+                SET state = 'destroyed', wrapped_dek = NULL, backup_wrapped_dek = NULL,
+                    destroyed_at = now()
               WHERE tenant_id = $1 AND state <> 'destroyed'",
             None,
             &[DatumWithOid::from(tenant_id)],

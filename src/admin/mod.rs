@@ -16,6 +16,8 @@
 //!
 //! A new operation is one variant here and one function in a sibling module.
 
+pub mod compromise;
+pub mod dr;
 pub mod grants;
 pub mod keys;
 pub mod policy;
@@ -153,6 +155,30 @@ admin_operations! {
     FlushCache = "flush_cache", approval: false, request: false, writes: false { tenant_id: Option<String> }
     /// The guide's validation checks.
     ValidateTenant = "validate_tenant", approval: false, request: false, writes: false { tenant_id: String }
+    /// One batch of `CALL byok.complete_key_wraps`: data keys get the wrap
+    /// they lack (backup, or primary for keys made during DR). Adds only what
+    /// the tenant's configuration already asks for, so no approval.
+    CompleteKeyWrapsStep = "complete_key_wraps_step", approval: false, request: false, writes: true { tenant_id: String }
+    /// The end of `CALL byok.complete_key_wraps`: counts and records the result.
+    CompleteKeyWraps = "complete_key_wraps", approval: false, request: false, writes: true { tenant_id: String }
+    /// The backup master key takes over: new keys and unwraps (DR).
+    ActivateDr = "activate_dr", approval: true, request: true, writes: true { tenant_id: String }
+    /// Back to the primary master key, which must answer again.
+    DeactivateDr = "deactivate_dr", approval: true, request: true, writes: true { tenant_id: String }
+    /// Starts the key-compromise response (`CALL byok.respond_to_compromise`):
+    /// it ends by destroying the tenant's data keys, so it needs a second
+    /// administrator where dual control applies.
+    StartCompromiseResponse = "start_compromise_response", approval: true, request: true, writes: true {
+        tenant_id: String,
+        new_master_key: String,
+    }
+    /// One step of a started compromise response (only one a second
+    /// administrator approved, where dual control applies, can be under way).
+    CompromiseResponseStep = "compromise_response_step", approval: false, request: false, writes: true {
+        tenant_id: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        job_id: Option<i64>,
+    }
 }
 
 /// What an operation returns to SQL.
@@ -225,7 +251,13 @@ impl AdminOp {
             | AdminOp::DestroyTenantKeys { tenant_id }
             | AdminOp::GrantTenant { tenant_id, .. }
             | AdminOp::RevokeTenant { tenant_id, .. }
-            | AdminOp::ValidateTenant { tenant_id } => Some(tenant_id),
+            | AdminOp::ValidateTenant { tenant_id }
+            | AdminOp::CompleteKeyWrapsStep { tenant_id }
+            | AdminOp::CompleteKeyWraps { tenant_id }
+            | AdminOp::ActivateDr { tenant_id }
+            | AdminOp::DeactivateDr { tenant_id }
+            | AdminOp::StartCompromiseResponse { tenant_id, .. }
+            | AdminOp::CompromiseResponseStep { tenant_id, .. } => Some(tenant_id),
             AdminOp::FlushCache { tenant_id } => tenant_id.as_deref(),
         }
     }
@@ -264,6 +296,7 @@ impl AdminOp {
     pub fn approval_name(&self) -> &'static str {
         match self {
             AdminOp::RotateMasterKeyStep { .. } => "rotate_master_key",
+            AdminOp::CompleteKeyWrapsStep { .. } => "complete_key_wraps",
             other => other.name(),
         }
     }
@@ -458,6 +491,21 @@ fn run(op: AdminOp, origin: Origin) -> Result<OpResult, ByokError> {
             }
             AdminOp::ValidateTenant { tenant_id } => {
                 validate::validate_tenant(&tenant_id).map(OpResult::Checks)
+            }
+            AdminOp::CompleteKeyWrapsStep { tenant_id } => {
+                dr::complete_key_wraps_step(&tenant_id).map(OpResult::Int)
+            }
+            AdminOp::CompleteKeyWraps { tenant_id } => {
+                dr::complete_key_wraps_finish(&tenant_id).map(OpResult::Text)
+            }
+            AdminOp::ActivateDr { tenant_id } => dr::activate(&tenant_id).map(OpResult::Text),
+            AdminOp::DeactivateDr { tenant_id } => dr::deactivate(&tenant_id).map(OpResult::Text),
+            AdminOp::StartCompromiseResponse {
+                tenant_id,
+                new_master_key,
+            } => compromise::start(&tenant_id, &new_master_key).map(OpResult::Int),
+            AdminOp::CompromiseResponseStep { tenant_id, job_id } => {
+                compromise::step(&tenant_id, job_id).map(OpResult::Text)
             }
         }
     })

@@ -29,7 +29,7 @@ use crate::keyring;
 use crate::postgres::spi::Required;
 
 /// Data keys rewrapped per transaction.
-const BATCH: i64 = 100;
+pub(super) const BATCH: i64 = 100;
 
 fn checked_key_id(new_key_id: &str) -> Result<&str, ByokError> {
     let new_key_id = new_key_id.trim();
@@ -61,6 +61,7 @@ pub fn step(tenant_id: &str, new_key_id: &str, grace_period: &str) -> Result<i64
     let grace_period = interval(grace_period)?;
     let tenant = catalog::load_tenant(tenant_id, true)?
         .ok_or_else(|| ByokError::UnknownTenant(tenant_id.to_string()))?;
+    super::dr::refuse_while_active(tenant_id, &tenant, "a master-key rotation")?;
     if tenant.master_key_id != new_key_id {
         super::policy::check_key_prefix(new_key_id)?;
     }
@@ -149,6 +150,7 @@ fn rewrap_batch(
         let batch = client.update(
             "SELECT dek_id, wrapped_dek, cmk_id, cmk_version FROM byok.wrapped_data_keys
               WHERE tenant_id = $1 AND (cmk_id <> $2 OR cmk_version <> $3) AND state <> 'destroyed'
+                AND wrapped_dek IS NOT NULL
               ORDER BY dek_id LIMIT $4 FOR UPDATE",
             None,
             &[

@@ -35,24 +35,78 @@ impl Report {
     }
 }
 
-/// What the checks of one tenant talk to.
+/// What the checks of one tenant talk to: its master key, or its backup
+/// master key (`label` then prefixes every check's name).
 struct Target {
     tenant: TenantRef,
     provider: ProviderRef,
     master_key_id: String,
+    label: &'static str,
+}
+
+impl Target {
+    fn name(&self, check: &str) -> String {
+        format!("{}{check}", self.label)
+    }
 }
 
 fn run_checks(tenant_id: &str) -> Checks {
     let mut report = Report::default();
-    if let Some(target) = check_tenant(&mut report, tenant_id)
-        && check_master_key(&mut report, &target).is_some()
-    {
+    let Some((target, record)) = check_tenant(&mut report, tenant_id) else {
+        return report.checks;
+    };
+    if check_master_key(&mut report, &target).is_some() {
         check_probe_key(&mut report, tenant_id, target);
+    }
+    if let Some(backup) = &record.backup {
+        check_backup(&mut report, tenant_id, &record, backup);
     }
     report.checks
 }
 
-fn check_tenant(report: &mut Report, tenant_id: &str) -> Option<Target> {
+/// The backup master key: the same checks as the primary's, whether every
+/// live data key has its backup wrap, and DR's state.
+fn check_backup(
+    report: &mut Report,
+    tenant_id: &str,
+    record: &catalog::TenantRecord,
+    backup: &catalog::BackupKeyRecord,
+) {
+    let target = Target {
+        tenant: broker::tenant_ref(tenant_id),
+        provider: backup.provider.clone(),
+        master_key_id: backup.master_key_id.clone(),
+        label: "backup: ",
+    };
+    if check_master_key(report, &target).is_some() {
+        check_probe_key(report, tenant_id, target);
+    }
+    if let Some(missing) = report.passed(
+        "backup: every data key has a backup wrap",
+        super::dr::keys_without_backup_wrap(tenant_id, backup),
+    ) {
+        report.add(
+            "backup: every data key has a backup wrap",
+            missing == 0,
+            match missing {
+                0 => "yes".to_string(),
+                n => format!(
+                    "{n} data key(s) without one: CALL byok.complete_key_wraps('{tenant_id}')"
+                ),
+            },
+        );
+    }
+    report.add(
+        "DR",
+        true,
+        match record.dr_active {
+            true => "active: the backup master key makes and opens data keys".into(),
+            false => "not active: the backup is asked only while the primary is unreachable".into(),
+        },
+    );
+}
+
+fn check_tenant(report: &mut Report, tenant_id: &str) -> Option<(Target, catalog::TenantRecord)> {
     let found = report.passed("tenant configured", catalog::load_tenant(tenant_id, false))?;
     let Some(config) = found else {
         let missing = format!("tenant \"{tenant_id}\" does not exist");
@@ -68,11 +122,15 @@ fn check_tenant(report: &mut Report, tenant_id: &str) -> Option<Target> {
             config.master_key_id
         ),
     );
-    Some(Target {
-        tenant: broker::tenant_ref(tenant_id),
-        provider: config.provider,
-        master_key_id: config.master_key_id,
-    })
+    Some((
+        Target {
+            tenant: broker::tenant_ref(tenant_id),
+            provider: config.provider.clone(),
+            master_key_id: config.master_key_id.clone(),
+            label: "",
+        },
+        config,
+    ))
 }
 
 fn check_master_key(report: &mut Report, target: &Target) -> Option<()> {
@@ -82,18 +140,22 @@ fn check_master_key(report: &mut Report, target: &Target) -> Option<()> {
         target.provider.clone(),
         &target.master_key_id,
     );
-    let info = report.passed("provider reachable", validated)?;
+    let info = report.passed(&target.name("provider reachable"), validated)?;
     report.add(
-        "provider reachable",
+        &target.name("provider reachable"),
         true,
         format!(
             "answered in {:.1} ms",
             started.elapsed().as_secs_f64() * 1e3
         ),
     );
-    report.add("master key exists", true, info.description.clone());
     report.add(
-        "master key enabled",
+        &target.name("master key exists"),
+        true,
+        info.description.clone(),
+    );
+    report.add(
+        &target.name("master key enabled"),
         info.enabled,
         format!("version {}", info.version),
     );
@@ -102,7 +164,11 @@ fn check_master_key(report: &mut Report, target: &Target) -> Option<()> {
     } else {
         info.description.clone()
     };
-    report.add("key usage allows wrap and unwrap", info.can_wrap, usage);
+    report.add(
+        &target.name("key usage allows wrap and unwrap"),
+        info.can_wrap,
+        usage,
+    );
     Some(())
 }
 
@@ -114,24 +180,38 @@ fn check_probe_key(report: &mut Report, tenant_id: &str, target: Target) -> Opti
         target.provider.clone(),
         PROBE_DEK_ID,
         &target.master_key_id,
-    );
-    let wrapped = report.passed("data key generates", generated)?;
+        None,
+    )
+    .map(|(wrapped, _)| wrapped);
+    let wrapped = report.passed(&target.name("data key generates"), generated)?;
     let generate_ms = started.elapsed().as_secs_f64() * 1e3;
-    report.add("data key generates", true, format!("{generate_ms:.1} ms"));
+    report.add(
+        &target.name("data key generates"),
+        true,
+        format!("{generate_ms:.1} ms"),
+    );
     let started = Instant::now();
     let cache = catalog::cache_settings(Some(1), Some(1), Some(0), Some(0));
-    let unwrapped = broker::unwrap(target.tenant, target.provider, PROBE_DEK_ID, wrapped, cache);
-    let (dek, _) = report.passed("data key round-trips", unwrapped)?;
+    let name = target.name("data key round-trips");
+    let unwrapped = broker::unwrap(
+        target.tenant.clone(),
+        target.provider.clone(),
+        PROBE_DEK_ID,
+        wrapped,
+        cache,
+        None,
+    );
+    let (dek, _) = report.passed(&name, unwrapped)?;
     let unwrap_ms = started.elapsed().as_secs_f64() * 1e3;
     let (round_trips, outcome) = probe_round_trip(tenant_id, &dek);
     report.add(
-        "data key round-trips",
+        &name,
         round_trips,
         format!("unwrapped in {unwrap_ms:.1} ms; {outcome}"),
     );
     let budget_ms = crate::gucs::kms_timeout_ms() as f64;
     report.add(
-        "latency within byok.kms_timeout_ms",
+        &target.name("latency within byok.kms_timeout_ms"),
         generate_ms.max(unwrap_ms) < budget_ms,
         format!("generate {generate_ms:.1} ms, unwrap {unwrap_ms:.1} ms, budget {budget_ms:.0} ms"),
     );

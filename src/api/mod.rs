@@ -3,6 +3,7 @@
 //! functions raise errors.
 
 pub mod crypt;
+pub mod dr;
 pub mod governance;
 pub mod jobs;
 pub mod monitoring;

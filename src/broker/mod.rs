@@ -10,7 +10,9 @@ pub mod worker;
 use crate::errors::ByokError;
 use crate::postgres::session;
 use byok_core::crypto::DataKey;
-use byok_kms::protocol::{CacheSettings, ProviderRef, Request, Response, TenantRef};
+use byok_kms::protocol::{
+    BackupTarget, BackupWrap, CacheSettings, ProviderRef, Request, Response, TenantRef,
+};
 use byok_kms::{MasterKeyInfo, WrappedDek};
 
 /// Who a request is for: this database, the tenant, and the acting role.
@@ -34,13 +36,15 @@ fn failed(response: Response) -> ByokError {
     }
 }
 
-/// The plaintext of a wrapped data key, from the shared cache or the key manager.
+/// The plaintext of a wrapped data key, from the shared cache or the key
+/// manager (or, while it cannot be reached, the backup key manager).
 pub fn unwrap(
     tenant: TenantRef,
     provider: ProviderRef,
     dek_id: u64,
     wrapped: WrappedDek,
     cache: CacheSettings,
+    backup: Option<BackupWrap>,
 ) -> Result<(DataKey, bool), ByokError> {
     let answer = client::call(&Request::Unwrap {
         tenant,
@@ -48,6 +52,7 @@ pub fn unwrap(
         dek_id,
         wrapped,
         cache,
+        backup,
     })?;
     match (answer.response, answer.data_key) {
         (Response::DataKey { stale }, Some(dek)) => Ok((dek, stale)),
@@ -55,21 +60,51 @@ pub fn unwrap(
     }
 }
 
-/// A new data key wrapped under `cmk_id`.
+/// A new data key wrapped under `cmk_id` (and under the backup key too when
+/// `backup` names one: both wraps, or an error).
 pub fn generate(
     tenant: TenantRef,
     provider: ProviderRef,
     dek_id: u64,
     cmk_id: &str,
-) -> Result<WrappedDek, ByokError> {
+    backup: Option<BackupTarget>,
+) -> Result<(WrappedDek, Option<WrappedDek>), ByokError> {
+    let wants_backup = backup.is_some();
     let answer = client::call(&Request::Generate {
         tenant,
         provider,
         dek_id,
         cmk_id: cmk_id.to_string(),
+        backup,
     })?;
     match answer.response {
-        Response::Generated { wrapped } => Ok(wrapped),
+        Response::Generated { wrapped, backup } if backup.is_some() == wants_backup => {
+            Ok((wrapped, backup))
+        }
+        other => Err(failed(other)),
+    }
+}
+
+/// The data key `wrapped` holds (opened by `from`) wrapped under `cmk_id` of
+/// `to`; the plaintext stays in the broker.
+pub fn copy_wrap(
+    tenant: TenantRef,
+    dek_id: u64,
+    from: ProviderRef,
+    wrapped: WrappedDek,
+    to: ProviderRef,
+    cmk_id: &str,
+) -> Result<WrappedDek, ByokError> {
+    let answer = client::call(&Request::CopyWrap {
+        tenant,
+        dek_id,
+        from,
+        wrapped,
+        to,
+        cmk_id: cmk_id.to_string(),
+    })?;
+    match answer.response {
+        Response::Generated { wrapped, .. } => Ok(wrapped),
         other => Err(failed(other)),
     }
 }
@@ -91,7 +126,7 @@ pub fn rewrap(
         new_cmk_id: new_cmk_id.to_string(),
     })?;
     match answer.response {
-        Response::Generated { wrapped } => Ok(wrapped),
+        Response::Generated { wrapped, .. } => Ok(wrapped),
         other => Err(failed(other)),
     }
 }

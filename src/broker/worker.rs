@@ -75,6 +75,7 @@ impl MetricsSink for SharedMetrics {
             MetricEvent::SharedCacheMiss => m.add(Counter::L2Misses, 1),
             MetricEvent::ServedStale => m.add(Counter::ServedStale, 1),
             MetricEvent::ServedByReplica => m.add(Counter::ServedByReplica, 1),
+            MetricEvent::ServedByBackup => m.add(Counter::ServedByBackup, 1),
             MetricEvent::KeyCheck => m.add(Counter::KeyChecks, 1),
         }
     }
@@ -121,6 +122,7 @@ impl MetricsSink for SharedMetrics {
             KmsOp::Unwrap => "kms_unwrap",
             KmsOp::Rewrap => "kms_rewrap",
             KmsOp::Validate => "kms_validate",
+            KmsOp::Wrap => "kms_wrap",
             // (checks are audited as changes of a key's health: key_checked)
             KmsOp::Check => "kms_check",
         };
@@ -133,6 +135,9 @@ impl MetricsSink for SharedMetrics {
         }
         if let Some(replica) = call.replica {
             details["replica"] = replica.into();
+        }
+        if call.backup {
+            details["key_manager"] = "backup".into();
         }
         // A validation probe's key is never stored: no key id, a note instead.
         let probe = call.dek_id == Some(byok_kms::protocol::PROBE_DEK_ID);

@@ -615,13 +615,31 @@ fn load_cipher(
                 .unwrap_or_default(),
         });
     }
-    let wrapped = record
-        .wrapped
-        .clone()
-        .ok_or_else(|| ByokError::KeyDestroyed {
-            dek_id,
-            tenant: tenant(),
-        })?;
+    // Which key manager opens it: the primary (the backup standing by for
+    // an outage), or only the backup while DR is active or until a key made
+    // during DR is wrapped by the primary too.
+    let primary = ProviderRef {
+        provider: record.provider,
+        options: record.provider_options.clone(),
+        create_key_store: false,
+        backup: false,
+    };
+    let (provider, wrapped, backup) = match (
+        record.dr_active,
+        record.wrapped.clone(),
+        record.backup.clone(),
+    ) {
+        (true, _, Some(backup)) | (false, None, Some(backup)) => {
+            (backup.provider, backup.wrapped, None)
+        }
+        (_, Some(wrapped), backup) => (primary, wrapped, backup),
+        (_, None, None) => {
+            return Err(ByokError::KeyDestroyed {
+                dek_id,
+                tenant: tenant(),
+            });
+        }
+    };
     counts::publish_monitoring(record.provider, &record.tenant_id, &record.monitoring);
     // Read before the broker is asked: a revocation seen while it answers
     // leaves the key unkept (`KeyRing::keep`).
@@ -631,14 +649,11 @@ fn load_cipher(
     // `dek` is zeroized when it goes out of scope; only the key schedule is kept.
     let (dek, _stale) = broker::unwrap(
         broker::tenant_ref(&record.tenant_id),
-        ProviderRef {
-            provider: record.provider,
-            options: record.provider_options.clone(),
-            create_key_store: false,
-        },
+        provider,
         dek_id,
         wrapped,
         record.cache,
+        backup,
     )?;
     let cipher = DekCipher::new(dek_id, &record.tenant_id, &dek)
         .map_err(|e| ByokError::Internal(e.to_string()))?;

@@ -4,7 +4,8 @@
 # Entra ID token endpoint, real RSA-OAEP-256 and A256KW, versions, access
 # policies, throttling). Service principal by secret and by certificate, a token
 # file, Managed-HSM AES keys, rotation to a new key version, disabled key, wrong
-# credentials, unknown key, missing permission, untrusted TLS, 429 with Retry-After.
+# credentials, unknown key, missing permission, untrusted TLS, 429 with Retry-After,
+# managed identity (App Service's token endpoint), replica vaults.
 source "$(dirname "${BASH_SOURCE[0]}")/../../scripts/lib.sh"
 set +e   # every outcome is checked below
 PORT=54345
@@ -53,10 +54,17 @@ cat > "$FIXTURES/principals.json" <<JSON
   "platform-app": {"secret": "$(secret platform)", "permissions": ["get", "wrapKey", "unwrapKey"]},
   "platform-cert-app": {"certificate_pem_file": "$FIXTURES/platform-cert.pem", "permissions": ["get", "wrapKey", "unwrapKey"]},
   "reader-app": {"secret": "$(secret reader)", "permissions": ["get"]},
-  "operator-app": {"secret": "$(secret operator)", "permissions": ["get", "create", "update", "rotate", "wrapKey", "unwrapKey"]}}}
+  "operator-app": {"secret": "$(secret operator)", "permissions": ["get", "create", "update", "rotate", "wrapKey", "unwrapKey"]},
+  "platform-mi-user": {"managed_identity": true, "permissions": ["get", "wrapKey", "unwrapKey"]}}}
 JSON
+# Managed identity as App Service provides it: a local token endpoint and its
+# secret, in the server's environment (the SDK reads IDENTITY_ENDPOINT and
+# IDENTITY_HEADER); the system-assigned identity is "platform-app".
+MSI_HEADER=$(head -c 18 /dev/urandom | base64 | tr -d '/+=')
+export IDENTITY_ENDPOINT="https://127.0.0.1:$AKV_PORT/msi/token" IDENTITY_HEADER="$MSI_HEADER"
 
-"$PY" "$STANDIN/server.py" --port $AKV_PORT --state "$FIXTURES" --principals "$FIXTURES/principals.json" 2> "$FIXTURES/standin.log" &
+"$PY" "$STANDIN/server.py" --port $AKV_PORT --state "$FIXTURES" --principals "$FIXTURES/principals.json" \
+    --msi-principal platform-app --msi-header "$MSI_HEADER" 2> "$FIXTURES/standin.log" &
 STANDIN_PID=$!
 trap 'kill $STANDIN_PID 2>/dev/null; stop_cluster $NAME' EXIT
 for _ in $(seq 1 200); do [ -s "$FIXTURES/ca.pem" ] && break; sleep 0.05; done
@@ -101,6 +109,14 @@ check "the data key records the key version that wrapped it" "$(q -c "SELECT pro
 q -c "SELECT byok.flush_cache()" >/dev/null
 check "after a cache flush, unwrapKey at that version" "$(q -c "SELECT byok.decrypt_text(v, 'az') FROM az WHERE id = 7")" "secret 7"
 
+echo "== replica_vault_urls: the vault cannot be reached, a replica holding the same keys answers"
+REPLICA_BLOCK=$(printf '{"vault_url":"https://127.0.0.1:1","replica_vault_urls":["%s"],"key_name":"platform-cmk","authority_host":"%s","ca_cert_file":"%s","verify_challenge_resource":false,"auth":%s}' \
+    "$URL" "$URL" "$FIXTURES/ca.pem" "$(sp platform-app platform)")
+check "configure with a dead vault and a replica" "$(q -c "SELECT byok.configure_tenant('$(config az_replica "$REPLICA_BLOCK")')")" "az_replica"
+q -c "SELECT byok.flush_cache()" >/dev/null
+check "round trip through the replica" "$(q -c "SELECT byok.decrypt_text(byok.encrypt_text('az_replica', 'via the replica'))")" "via the replica"
+check "served_by_replica counts it" "$(q -c "SELECT served_by_replica > 0 FROM byok.metrics WHERE tenant_id = 'az_replica'")" "t"
+
 echo "== service principal (certificate: a signed client assertion)"
 CERT_AUTH=$(printf '{"method":"service_principal","tenant_id":"%s","client_id":"platform-cert-app","client_certificate_file":"%s"}' "$TENANT" "$FIXTURES/platform-sp.pem")
 check "configure with client_certificate_file" "$(q -c "SELECT byok.configure_tenant('$(config az_cert "$(block platform-cmk "$CERT_AUTH")")')")" "az_cert"
@@ -111,6 +127,30 @@ akv token | secret_file "$FIXTURES/access.token"
 TOKEN_AUTH=$(printf '{"method":"token_file","token_file":"%s"}' "$FIXTURES/access.token")
 check "configure with token_file" "$(q -c "SELECT byok.configure_tenant('$(config az_token "$(block platform-cmk "$TOKEN_AUTH")")')")" "az_token"
 check "round trip" "$(q -c "SELECT byok.decrypt_text(byok.encrypt_text('az_token', 'by token file'))")" "by token file"
+
+echo "== managed identity (App Service's token endpoint: IDENTITY_ENDPOINT, IDENTITY_HEADER)"
+msi_count() { akv_hook stats | field ".get('msi 200', 0)"; }
+MI_AUTH='{"method":"managed_identity"}'
+check "configure with the system-assigned identity" "$(q -c "SELECT byok.configure_tenant('$(config az_mi "$(block platform-cmk "$MI_AUTH")")')")" "az_mi"
+check "round trip" "$(q -c "SELECT byok.decrypt_text(byok.encrypt_text('az_mi', 'by managed identity'))")" "by managed identity"
+issued=$(msi_count)
+q -c "SELECT byok.flush_cache()" >/dev/null
+check "the token is cached: another unwrap, no new token" "$(q -c "SELECT byok.decrypt_text(byok.encrypt_text('az_mi', 'again'))")/$(msi_count)" "again/$issued"
+# A user-assigned identity, with tokens that live 302 s: the SDK refreshes a
+# token once it is within 300 s of its expiry, before it expires.
+akv_hook msi 302 false >/dev/null
+MI_USER='{"method":"managed_identity","client_id":"platform-mi-user"}'
+check "configure with a user-assigned identity" "$(q -c "SELECT byok.configure_tenant('$(config az_mi_user "$(block platform-cmk "$MI_USER")")')")" "az_mi_user"
+issued=$(msi_count)
+sleep 3
+q -c "SELECT byok.flush_cache()" >/dev/null
+check "a token near its expiry is refreshed before it expires" "$(q -c "SELECT byok.decrypt_text(byok.encrypt_text('az_mi_user', 'refreshed'))")/$(msi_count)" "refreshed/$((issued + 1))"
+akv_hook msi 3599 true >/dev/null
+MI_DOWN='{"method":"managed_identity","client_id":"platform-app"}'
+expect_error "the token endpoint down: a clear outage" 58000 "token request" \
+    "SELECT byok.configure_tenant('$(config az_mi_down "$(block platform-cmk "$MI_DOWN")")')"
+akv_hook msi 3599 false >/dev/null
+check "and back" "$(q -c "SELECT byok.configure_tenant('$(config az_mi_down "$(block platform-cmk "$MI_DOWN")")')")" "az_mi_down"
 
 echo "== Managed HSM AES key (A256KW)"
 check "configure on an oct-HSM key" "$(q -c "SELECT byok.configure_tenant('$(config az_hsm "$(block hsm-aes "$(sp platform-app platform)")")')")" "az_hsm"

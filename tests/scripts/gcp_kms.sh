@@ -2,7 +2,8 @@
 # The gcp_kms provider end to end, through the extension and the key broker,
 # against the Cloud KMS stand-in (tests/standins/gcp_kms: JWT bearer grant,
 # IAM permissions, real AES-256-GCM with versions, CRC32C, RESOURCE_EXHAUSTED on
-# demand), and one round trip against drongo (a second opinion on the REST shapes).
+# demand, the metadata server's token endpoint), and one round trip against drongo
+# (a second opinion on the REST shapes).
 source "$(dirname "${BASH_SOURCE[0]}")/../../scripts/lib.sh"
 set +e   # every outcome is checked below
 PORT=54346
@@ -41,7 +42,11 @@ json.dump(key, open(sys.argv[2], "w"))
 PY
 chown postgres "$FIXTURES/deleted-key.json"; chmod 600 "$FIXTURES/deleted-key.json"
 
-"$PY" "$STANDIN/server.py" --port $KMS_PORT --accounts "$FIXTURES/accounts.json" --ready-file "$FIXTURES/ready" 2> "$FIXTURES/standin.log" &
+# The metadata server, as a Compute Engine instance has it: found through
+# GCE_METADATA_HOST in the server's environment; the instance runs as byok-platform.
+export GCE_METADATA_HOST="127.0.0.1:$KMS_PORT"
+"$PY" "$STANDIN/server.py" --port $KMS_PORT --accounts "$FIXTURES/accounts.json" --ready-file "$FIXTURES/ready" \
+    --mds-account "byok-platform@$PROJECT.iam.gserviceaccount.com" 2> "$FIXTURES/standin.log" &
 STANDIN_PID=$!
 "$BYOK_VENV/bin/drongo" server --host 127.0.0.1 --port $DRONGO_PORT > "$FIXTURES/drongo.log" 2>&1 &
 DRONGO_PID=$!
@@ -76,10 +81,37 @@ check "the data key records the version that encrypted it" "$(q -c "SELECT provi
 q -c "SELECT byok.flush_cache()" >/dev/null
 check "after a cache flush, decrypt through Cloud KMS" "$(q -c "SELECT byok.decrypt_text(v, 'g') FROM g WHERE id = 7")" "secret 7"
 
+echo "== replica_endpoints: the endpoint cannot be reached, the same key through another answers"
+check "configure with a dead endpoint and a replica" "$(q -c "SELECT byok.configure_tenant('$(config g_replica "{\"key_name\":\"$KEY\",\"endpoint\":\"http://127.0.0.1:1\",\"replica_endpoints\":[\"$URL\"],\"auth\":{\"method\":\"service_account_key\",\"key_file\":\"$(keyfile byok-platform)\"}}")')")" "g_replica"
+q -c "SELECT byok.flush_cache()" >/dev/null
+check "round trip through the replica" "$(q -c "SELECT byok.decrypt_text(byok.encrypt_text('g_replica', 'via the replica'))")" "via the replica"
+check "served_by_replica counts it" "$(q -c "SELECT served_by_replica > 0 FROM byok.metrics WHERE tenant_id = 'g_replica'")" "t"
+
 echo "== a token from a file; an EKM key through the same calls"
 gkms token | (umask 077; cat > "$FIXTURES/access.token"); chown postgres "$FIXTURES/access.token"
 check "configure with token_file on an EXTERNAL key" "$(q -c "SELECT byok.configure_tenant('$(config g_token "{\"key_name\":\"$RING/cryptoKeys/ekm-cmk\",\"endpoint\":\"$URL\",\"auth\":{\"method\":\"token_file\",\"token_file\":\"$FIXTURES/access.token\"}}")')")" "g_token"
 check "round trip" "$(q -c "SELECT byok.decrypt_text(byok.encrypt_text('g_token', 'external'))")" "external"
+
+echo "== the metadata server (GCE_METADATA_HOST): token issued, cached, refreshed before expiry, down"
+mds_count() { gkms stats | field ".get('mds 200', 0)"; }
+mds_hook() { gkms raw POST /_standin/mds "$1" >/dev/null; }
+MDS_AUTH='{"method":"metadata_server"}'
+check "configure with the instance's service account" "$(q -c "SELECT byok.configure_tenant('$(config g_mds "{\"key_name\":\"$KEY\",\"endpoint\":\"$URL\",\"auth\":$MDS_AUTH}")')")" "g_mds"
+check "round trip" "$(q -c "SELECT byok.decrypt_text(byok.encrypt_text('g_mds', 'by metadata server'))")" "by metadata server"
+issued=$(mds_count)
+q -c "SELECT byok.flush_cache()" >/dev/null
+check "the token is cached: another decrypt, no new token" "$(q -c "SELECT byok.decrypt_text(byok.encrypt_text('g_mds', 'again'))")/$(mds_count)" "again/$issued"
+# Tokens that live 242 s: google-cloud-auth refreshes 240 s before expiry, in the background.
+mds_hook '{"lifetime": 242}'
+check "configure a second key's tenant (a new token, 242 s)" "$(q -c "SELECT byok.configure_tenant('$(config g_mds_short "{\"key_name\":\"$RING/cryptoKeys/ekm-cmk\",\"endpoint\":\"$URL\",\"auth\":$MDS_AUTH}")')")" "g_mds_short"
+issued=$(mds_count)
+sleep 4
+check "refreshed before it expired, without a request waiting" "$(( $(mds_count) > issued ))" "1"
+check "and used" "$(q -c "SELECT byok.decrypt_text(byok.encrypt_text('g_mds_short', 'refreshed'))")" "refreshed"
+mds_hook '{"lifetime": 3599, "down": true}'
+expect_error "the metadata server down: a clear outage" 58000 "access token" \
+    "SELECT byok.configure_tenant('$(config g_mds_down "{\"key_name\":\"$KEY\",\"endpoint\":\"$URL/\",\"auth\":$MDS_AUTH}")')"
+mds_hook '{"down": false}'
 
 echo "== a wrapped key moved to another tenant does not open (its AAD names the tenant)"
 q -c "SELECT byok.configure_tenant('$(config g_other "$(block "$KEY" "$(keyfile byok-platform)")")')" >/dev/null

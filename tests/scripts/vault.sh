@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The vault provider end to end against OpenBao (the real server), over HTTP and
-# TLS: token and AppRole auth under a least-privilege policy, round trips, key
-# rotation and rewrap, min_decryption_version, permission denied, re-login.
+# TLS: token, AppRole and Kubernetes (service-account JWT) auth under a
+# least-privilege policy, round trips, key rotation and rewrap,
+# min_decryption_version, permission denied, re-login, replica addresses.
 source "$(dirname "${BASH_SOURCE[0]}")/../../scripts/lib.sh"
 set +e   # every outcome is checked below
 PORT=54344
@@ -99,6 +100,39 @@ check "configure with token_file" "$(q -c "SELECT byok.configure_tenant('$(confi
 q -c "CREATE TABLE vt AS SELECT g AS id, byok.encrypt_text('v_token', 'token ' || g) AS v FROM generate_series(1, 20) g" >/dev/null
 check "round trip" "$(q -c "SELECT count(*) FROM vt WHERE byok.decrypt_text(v) = 'token ' || id")" "20"
 
+echo "== Kubernetes auth: a service-account JWT (OpenBao's JWT auth, mounted where Kubernetes auth would be)"
+# OpenBao's kubernetes method would ask a Kubernetes API server to review the
+# token, which cannot run here; its jwt method takes the same login request
+# (POST auth/<mount>/login {role, jwt}) and checks the JWT's signature itself.
+"$PY" - "$FIXTURES" <<'PY'
+import base64, json, os, sys, time
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import padding, rsa
+d = sys.argv[1]
+key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+open(os.path.join(d, "k8s-sa.pub.pem"), "wb").write(key.public_key().public_bytes(
+    serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+b64 = lambda b: base64.urlsafe_b64encode(b).rstrip(b"=").decode()
+def jwt(claims):
+    head = b64(json.dumps({"alg": "RS256", "typ": "JWT"}).encode()) + "." + b64(json.dumps(claims).encode())
+    return head + "." + b64(key.sign(head.encode(), padding.PKCS1v15(), hashes.SHA256()))
+now = int(time.time())
+claims = {"iss": "kubernetes/serviceaccount", "sub": "system:serviceaccount:db:postgres", "aud": ["vault"],
+          "iat": now, "nbf": now - 60, "exp": now + 3600}
+open(os.path.join(d, "k8s.jwt"), "w").write(jwt(claims))
+open(os.path.join(d, "k8s-expired.jwt"), "w").write(jwt(dict(claims, exp=now - 60, iat=now - 3700)))
+PY
+for f in k8s.jwt k8s-expired.jwt; do chown postgres "$FIXTURES/$f"; chmod 600 "$FIXTURES/$f"; done
+"$BAO" auth enable -path=kubernetes jwt >/dev/null
+"$BAO" write auth/kubernetes/config jwt_validation_pubkeys=@"$FIXTURES/k8s-sa.pub.pem" >/dev/null
+"$BAO" write auth/kubernetes/role/byok role_type=jwt bound_audiences=vault user_claim=sub \
+    bound_subject=system:serviceaccount:db:postgres token_policies=byok-platform token_ttl=1h >/dev/null
+k8s() { printf '{"method":"kubernetes","role":"byok","jwt_file":"%s"}' "$FIXTURES/$1"; }
+check "configure with Kubernetes auth" "$(q -c "SELECT byok.configure_tenant('$(config v_k8s "{\"address\":\"$HTTP\",\"key_name\":\"byok\",\"auth\":$(k8s k8s.jwt)}")')")" "v_k8s"
+check "round trip" "$(q -c "SELECT byok.decrypt_text(byok.encrypt_text('v_k8s', 'by service account'))")" "by service account"
+expect_error "an expired service-account token is refused" 42501 "Kubernetes login" \
+    "SELECT byok.configure_tenant('$(config v_k8s_old "{\"address\":\"$HTTP\",\"key_name\":\"byok\",\"auth\":$(k8s k8s-expired.jwt)}")')"
+
 echo "== TLS with the server's CA"
 check "configure over HTTPS with ca_cert_file" "$(q -c "SELECT byok.configure_tenant('$(config v_tls "{\"address\":\"$TLS\",\"key_name\":\"byok\",\"ca_cert_file\":\"$FIXTURES/tls/vault-ca.pem\",\"auth\":$(approle tls)}")')")" "v_tls"
 check "round trip over TLS" "$(q -c "SELECT byok.decrypt_text(byok.encrypt_text('v_tls', 'over tls'))")" "over tls"
@@ -133,6 +167,19 @@ expect_error "a key that is not derived is refused" 42501 "derived=true" \
     "SELECT byok.configure_tenant('$(config v_nd "{\"address\":\"$HTTP\",\"key_name\":\"not-derived\",\"auth\":$(approle http)}")')"
 expect_error "Vault unreachable" 58000 "could not be reached" \
     "SELECT byok.configure_tenant('$(config v_down "{\"address\":\"http://127.0.0.1:1\",\"key_name\":\"byok\",\"auth\":$(approle http)}")')"
+
+echo "== replica_addresses: the address cannot be reached, a replica answers; a refusal is final"
+check "configure with a dead address and a replica" "$(q -c "SELECT byok.configure_tenant('$(config v_replica "{\"address\":\"http://127.0.0.1:1\",\"replica_addresses\":[\"$HTTP\"],\"key_name\":\"byok\",\"auth\":$(token http.token)}")')")" "v_replica"
+check "round trip through the replica" "$(q -c "SELECT byok.decrypt_text(byok.encrypt_text('v_replica', 'via the replica'))")" "via the replica"
+check "served_by_replica counts it" "$(q -c "SELECT served_by_replica > 0 FROM byok.metrics WHERE tenant_id = 'v_replica'")" "t"
+wait_for_audit_queue
+check "the audit trail names the replica" "$(q -c "SELECT details->>'replica' FROM byok.audit_log WHERE tenant_id = 'v_replica' AND event = 'kms_unwrap' ORDER BY id DESC LIMIT 1")" "$HTTP"
+q -c "SELECT byok.configure_tenant('$(config v_refused "{\"address\":\"$HTTP\",\"replica_addresses\":[\"$TLS\"],\"ca_cert_file\":\"$FIXTURES/tls/vault-ca.pem\",\"key_name\":\"byok\",\"auth\":$(token http.no_decrypt_token)}")')" >/dev/null
+expect_error "the address refuses (no decrypt in its policy): the replica is not asked" 42501 "permission denied" \
+    "SELECT byok.encrypt_text('v_refused', 'x')"
+check "no replica served v_refused" "$(q -c "SELECT coalesce(sum(served_by_replica), 0) FROM byok.metrics WHERE tenant_id = 'v_refused'")" "0"
+expect_error "a replica address outside byok.allowed_endpoints is refused" 42501 "replica_addresses" \
+    "SELECT byok.configure_tenant('$(config v_far "{\"address\":\"$HTTP\",\"replica_addresses\":[\"https://vault.example.com:8200\"],\"key_name\":\"byok\",\"auth\":$(token http.token)}")')"
 
 echo "== a revoked token is re-acquired (AppRole logs in again after a 403)"
 "$BAO" token revoke -mode=path auth/approle >/dev/null

@@ -11,6 +11,9 @@
 //!   cache_config: { ttl_seconds: 86400, max_entries: 1000, grace_period_seconds: 0,
 //!                   revocation_check_seconds: 30 }
 //!   audit: { log_all_operations: true, alert_on_failures: true }
+//!   backup:                      # optional: every data key also wrapped here (escrow)
+//!     provider: "vault"
+//!     vault: { address: "https://vault-dr:8200", key_name: "acme-escrow" }
 //! ```
 //!
 //! `key_rotation`, `cache_config` and `audit` sit under `encryption` as in the
@@ -124,6 +127,20 @@ pub struct TenantConfig {
     pub audit: AuditPolicy,
     /// The guide's monitors, with this tenant's overrides (`monitoring_rules`).
     pub monitoring: crate::monitors::Rules,
+    /// A second master key every data key is also wrapped under (`backup`).
+    pub backup: Option<BackupKey>,
+}
+
+/// `encryption.backup`: a second master key, on the same or another key
+/// manager, that every data key of the tenant is also wrapped under. It is
+/// used to unwrap only while the primary key manager is unreachable (never
+/// when it refuses), or for every operation once DR is activated.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BackupKey {
+    pub provider: ProviderKind,
+    pub master_key_id: String,
+    /// The backup provider's block as given.
+    pub provider_options: Map<String, Value>,
 }
 
 /// A configuration problem: `field` is a dotted path such as
@@ -205,6 +222,7 @@ impl TenantConfig {
         let cache = cache_policy(section(root, encryption, "cache_config")?)?;
         let audit = audit_policy(section(root, encryption, "audit")?)?;
         let monitoring = monitoring_rules(section(root, encryption, "monitoring_rules")?)?;
+        let backup = backup_key(encryption, provider, master_key_id, block)?;
         Ok(TenantConfig {
             tenant_id: tenant_id.to_string(),
             customer: customer.to_string(),
@@ -215,8 +233,90 @@ impl TenantConfig {
             cache,
             audit,
             monitoring,
+            backup,
         })
     }
+}
+
+/// `encryption.backup`: `provider` and that provider's block, like the
+/// primary's. A backup under the very key the primary uses protects nothing,
+/// so it is refused.
+fn backup_key(
+    encryption: &Map<String, Value>,
+    primary: ProviderKind,
+    primary_key: &str,
+    primary_block: &Map<String, Value>,
+) -> Result<Option<BackupKey>, ConfigError> {
+    let Some(value) = encryption.get("backup") else {
+        return Ok(None);
+    };
+    let path = "encryption.backup";
+    let backup = value
+        .as_object()
+        .ok_or_else(|| err(path, "must be an object"))?;
+    let mut allowed: Vec<&str> = vec!["provider"];
+    allowed.extend(ProviderKind::ALL.iter().map(|p| p.name()));
+    check_keys(backup, path, &allowed)?;
+    let provider_name = required_str(backup, path, "provider")?;
+    let provider = ProviderKind::from_name(provider_name).ok_or_else(|| {
+        err(
+            "encryption.backup.provider",
+            format!(
+                "unknown provider \"{}\"; expected one of: {}",
+                printable(provider_name),
+                ProviderKind::ALL.map(|p| p.name()).join(", ")
+            ),
+        )
+    })?;
+    if let Some(other) = backup
+        .keys()
+        .find(|k| k.as_str() != "provider" && k.as_str() != provider.name())
+    {
+        return Err(err(
+            &format!("{path}.{}", printable(other)),
+            format!(
+                "the backup's provider is \"{}\"; only its block may be given",
+                provider.name()
+            ),
+        ));
+    }
+    let block_path = format!("{path}.{}", provider.name());
+    let block = backup
+        .get(provider.name())
+        .ok_or_else(|| {
+            err(
+                &block_path,
+                format!(
+                    "is required when the backup's provider is \"{}\"",
+                    provider.name()
+                ),
+            )
+        })?
+        .as_object()
+        .ok_or_else(|| err(&block_path, "must be an object"))?;
+    for (key, value) in block {
+        if value.is_null() {
+            return Err(err(&format!("{block_path}.{key}"), "must not be null"));
+        }
+    }
+    if provider == ProviderKind::Local {
+        check_keys(block, &block_path, &["key_id"])?;
+    }
+    let master_key_id = read_master_key_id(block, &block_path, provider)?;
+    for field in provider.other_required_fields() {
+        required_str(block, &block_path, field)?;
+    }
+    if provider == primary && master_key_id == primary_key && block == primary_block {
+        return Err(err(
+            path,
+            "names the primary master key itself; a backup must be another key (another key manager, account, location or cluster)",
+        ));
+    }
+    Ok(Some(BackupKey {
+        provider,
+        master_key_id: master_key_id.to_string(),
+        provider_options: block.clone(),
+    }))
 }
 
 /// `tenant_id`: required, in the alphabet of [`check_tenant_id`].
@@ -252,6 +352,7 @@ fn encryption_section(root: &Map<String, Value>) -> Result<&Map<String, Value>, 
         "cache_config",
         "audit",
         "monitoring_rules",
+        "backup",
     ];
     allowed.extend(ProviderKind::ALL.iter().map(|p| p.name()));
     check_keys(encryption, "encryption", &allowed)?;
@@ -766,6 +867,64 @@ mod tests {
         let doc = json!({"customer": "c", "tenant_id": "t",
             "encryption": {"provider": "vault", "vault": {"address": "https://v:8200"}}});
         assert_eq!(error_of(doc).field, "encryption.vault.key_name");
+    }
+
+    #[test]
+    fn a_backup_key_on_another_provider() {
+        let mut doc = guide_doc();
+        doc["encryption"]["backup"] = json!({"provider": "vault",
+            "vault": {"address": "https://vault-dr:8200", "key_name": "acme-escrow"}});
+        let c = TenantConfig::from_json(&doc).unwrap();
+        let backup = c.backup.unwrap();
+        assert_eq!(backup.provider, ProviderKind::Vault);
+        assert_eq!(backup.master_key_id, "acme-escrow");
+        assert_eq!(backup.provider_options["address"], "https://vault-dr:8200");
+        assert!(
+            TenantConfig::from_json(&guide_doc())
+                .unwrap()
+                .backup
+                .is_none()
+        );
+    }
+
+    #[test]
+    fn a_bad_backup_is_named() {
+        let cases = [
+            (json!("vault"), "encryption.backup"),
+            (json!({}), "encryption.backup.provider"),
+            (json!({"provider": "rot13"}), "encryption.backup.provider"),
+            (json!({"provider": "vault"}), "encryption.backup.vault"),
+            (
+                json!({"provider": "vault", "vault": {"key_name": "k"}}),
+                "encryption.backup.vault.address",
+            ),
+            (
+                json!({"provider": "local", "local": {"key_id": "k"}, "vault": {}}),
+                "encryption.backup.vault",
+            ),
+            (
+                json!({"provider": "local", "local": {"key_id": "k", "x": 1}}),
+                "encryption.backup.local.x",
+            ),
+            (
+                json!({"provider": "local", "local": {"key_id": "acme-cmk-1"}}),
+                "encryption.backup",
+            ),
+            (
+                json!({"provider": "local", "surprise": 1}),
+                "encryption.backup.surprise",
+            ),
+        ];
+        for (backup, field) in cases {
+            let mut doc = guide_doc();
+            doc["encryption"]["backup"] = backup.clone();
+            assert_eq!(error_of(doc).field, field, "backup: {backup}");
+        }
+        // Another key id under the same local file is a different key.
+        let mut doc = guide_doc();
+        doc["encryption"]["backup"] =
+            json!({"provider": "local", "local": {"key_id": "acme-escrow"}});
+        assert!(TenantConfig::from_json(&doc).is_ok());
     }
 
     #[test]

@@ -34,9 +34,12 @@ pub enum Counter {
     Encrypts,
     /// Revocation checks of the master key made through this tenant's keys.
     KeyChecks,
+    /// Data keys the tenant's backup key manager unwrapped (the primary was
+    /// unreachable, or DR is active).
+    ServedByBackup,
 }
 
-const COUNTERS: usize = 13;
+const COUNTERS: usize = 14;
 
 /// What the key broker's revocation checks last found about a tenant's master
 /// key. Times are microseconds since the Unix epoch (0: never).

@@ -256,6 +256,12 @@ impl Snapshot {
         );
         counter(
             &mut w,
+            "byok_served_by_backup_total",
+            "Data keys unwrapped by the tenant's backup key manager (primary unavailable, or DR active).",
+            &[(|t| t.get(Counter::ServedByBackup), &[])],
+        );
+        counter(
+            &mut w,
             "byok_key_checks_total",
             "Revocation checks of master keys.",
             &[(|t| t.get(Counter::KeyChecks), &[])],

@@ -65,6 +65,27 @@ impl ErrorKind {
     pub fn is_availability(self) -> bool {
         matches!(self, ErrorKind::Unavailable | ErrorKind::Throttled)
     }
+
+    /// A key manager's "no" about a key (access denied, the key disabled or
+    /// missing, a wrapped key that does not open), as opposed to its being
+    /// unreachable: final, never routed around.
+    pub fn is_refusal(self) -> bool {
+        matches!(
+            self,
+            ErrorKind::AccessDenied
+                | ErrorKind::KeyDisabled
+                | ErrorKind::KeyNotFound
+                | ErrorKind::UnwrapFailed
+        )
+    }
+
+    /// The key manager could not be reached at all. Only this sends a call
+    /// to a replica or the backup: a throttled key manager is reachable, and
+    /// may be refusing the key behind its throttling (AWS throttles before it
+    /// looks at the key's state).
+    pub fn is_unreachable(self) -> bool {
+        self == ErrorKind::Unavailable
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -22,6 +22,7 @@ pub mod local;
 pub mod policy;
 pub mod protocol;
 pub mod provider;
+pub mod replicas;
 #[cfg(any(feature = "azure", feature = "gcp"))]
 mod retry;
 pub mod service;

@@ -59,6 +59,25 @@ pub struct ProviderRef {
     /// so a lost file is never silently replaced while data still needs it.
     #[serde(default)]
     pub create_key_store: bool,
+    /// This is the tenant's backup key manager (`encryption.backup`): its
+    /// calls are audited and counted as such.
+    #[serde(default)]
+    pub backup: bool,
+}
+
+/// The same data key wrapped under the tenant's backup master key: tried
+/// when the primary key manager cannot be reached, never when it refuses.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BackupWrap {
+    pub provider: ProviderRef,
+    pub wrapped: WrappedDek,
+}
+
+/// Where a new data key is also wrapped (the tenant's backup master key).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BackupTarget {
+    pub provider: ProviderRef,
+    pub cmk_id: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -71,12 +90,30 @@ pub enum Request {
         dek_id: u64,
         wrapped: WrappedDek,
         cache: CacheSettings,
+        /// The backup wrap, used only while `provider` is unreachable.
+        #[serde(default)]
+        backup: Option<BackupWrap>,
     },
-    /// A new data key, wrapped under `cmk_id`.
+    /// A new data key, wrapped under `cmk_id` (and under the backup key too,
+    /// when one is given: the key is refused unless both wraps succeed).
     Generate {
         tenant: TenantRef,
         provider: ProviderRef,
         dek_id: u64,
+        cmk_id: String,
+        #[serde(default)]
+        backup: Option<BackupTarget>,
+    },
+    /// The data key `wrapped` holds (opened by `from`), wrapped under `cmk_id`
+    /// of another key manager `to`: a backup wrap added to an existing key, or
+    /// the primary wrap of a key made while DR was active. The plaintext never
+    /// leaves the broker.
+    CopyWrap {
+        tenant: TenantRef,
+        dek_id: u64,
+        from: ProviderRef,
+        wrapped: WrappedDek,
+        to: ProviderRef,
         cmk_id: String,
     },
     /// The same data key wrapped under another master key (rotation); the
@@ -112,6 +149,7 @@ impl Request {
             | Request::Generate { provider, .. }
             | Request::Rewrap { provider, .. }
             | Request::Validate { provider, .. } => Some(provider.provider),
+            Request::CopyWrap { to, .. } => Some(to.provider),
             Request::Flush { .. } => None,
         }
     }
@@ -178,6 +216,9 @@ pub enum Response {
     },
     Generated {
         wrapped: WrappedDek,
+        /// The backup wrap, when the request named a backup key.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        backup: Option<WrappedDek>,
     },
     KeyInfo {
         info: MasterKeyInfo,
@@ -207,6 +248,7 @@ mod tests {
                 provider: ProviderKind::Local,
                 options: Map::new(),
                 create_key_store: false,
+                backup: false,
             },
             dek_id: 9,
             wrapped: WrappedDek {
@@ -220,6 +262,7 @@ mod tests {
                 grace_period_seconds: 3,
                 revocation_check_seconds: 4,
             },
+            backup: None,
         };
         let json = serde_json::to_vec(&request).unwrap();
         assert!(String::from_utf8_lossy(&json).contains("\"blob\":\"0001feff\""));

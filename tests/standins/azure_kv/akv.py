@@ -9,6 +9,7 @@ against the stand-in (or any vault), with a service principal's secret.
   akv.py ... token                                 (prints an access token for Key Vault)
   akv.py URL CA_PEM throttle COUNT RETRY_AFTER      (stand-in hook)
   akv.py URL CA_PEM stats                          (stand-in hook)
+  akv.py URL CA_PEM msi LIFETIME DOWN              (stand-in hook: managed-identity tokens)
 
 Prints the JSON answer; exits 1 with the error body on an HTTP error.
 """
@@ -72,6 +73,8 @@ def main(argv):
     client = Client(url, ca)
     if argv[2] == "throttle":
         result = client.call("POST", "/_standin/throttle", {"count": int(argv[3]), "retry_after": int(argv[4])}, query=False)
+    elif argv[2] == "msi":
+        result = client.call("POST", "/_standin/msi", {"lifetime": int(argv[3]), "down": argv[4] == "true"}, query=False)
     elif argv[2] == "stats":
         result = client.call("GET", "/_standin/stats", query=False)
     else:

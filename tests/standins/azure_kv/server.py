@@ -24,12 +24,21 @@ protocol, written from Microsoft's REST reference (Key Vault keys API
   missing one gets 403 Forbidden, innererror AccessDenied. A disabled key
   version gets 403 Forbidden, innererror KeyDisabled; an unknown key or
   version 404 KeyNotFound; a malformed request 400 BadParameter.
+- Managed identity, as App Service serves it (REST endpoint reference,
+  api-version 2019-08-01): ``GET /msi/token?api-version=2019-08-01&resource=R``
+  [``&client_id=C``] with the ``X-IDENTITY-HEADER`` secret and ``metadata:
+  true`` returns ``{"access_token", "expires_on" (epoch seconds, a string),
+  "resource", "token_type", "client_id"}`` for the system-assigned identity
+  (``--msi-principal``) or a user-assigned one (a principal with
+  ``"managed_identity": true``). A wrong or missing secret gets 401, an
+  identity not assigned 400. ``POST /_standin/msi {"lifetime": S, "down":
+  bool}`` sets the tokens' lifetime, or makes the endpoint drop connections.
 - Throttling: ``POST /_standin/throttle {"count": N, "retry_after": S}`` makes
   the next N Key Vault requests answer 429 with ``Retry-After: S`` (a test
   hook, outside the real API). ``GET /_standin/stats`` counts requests by
   operation and status.
 
-Usage: server.py --port PORT --state DIR --principals FILE
+Usage: server.py --port PORT --state DIR --principals FILE [--msi-principal ID --msi-header SECRET]
 The principals file: {"tenant_id": "...", "principals": {"CLIENT_ID":
 {"secret": "...", "certificate_pem_file": "...", "permissions": ["get", ...]}}}
 """
@@ -142,6 +151,10 @@ class State:
         self.throttle_count = 0
         self.throttle_retry_after = 1
         self.stats = {}
+        self.msi_principal = None
+        self.msi_header = None
+        self.msi_lifetime = TOKEN_LIFETIME
+        self.msi_down = False
 
     def count(self, op, status):
         with self.lock:
@@ -288,6 +301,8 @@ class Handler(BaseHTTPRequestHandler):
         m = re.fullmatch(r"/([^/]+)/oauth2/v2\.0/token", path)
         if m:
             return self.token(m.group(1), method, body)
+        if path == "/msi/token":
+            return self.managed_identity_token(method, parse_qs(url.query))
         if path.startswith("/keys/") or path == "/keys":
             return self.key_vault(method, path, parse_qs(url.query), body)
         self.send_json(404, {"error": {"code": "NotFound", "message": "No such resource."}})
@@ -301,6 +316,12 @@ class Handler(BaseHTTPRequestHandler):
                 st.throttle_count = int(req.get("count", 0))
                 st.throttle_retry_after = int(req.get("retry_after", 1))
             return self.send_json(200, {"count": st.throttle_count})
+        if path == "/_standin/msi" and method == "POST":
+            req = json.loads(body or b"{}")
+            with st.lock:
+                st.msi_lifetime = int(req.get("lifetime", st.msi_lifetime))
+                st.msi_down = bool(req.get("down", st.msi_down))
+            return self.send_json(200, {"lifetime": st.msi_lifetime, "down": st.msi_down})
         if path == "/_standin/stats" and method == "GET":
             with st.lock:
                 return self.send_json(200, dict(st.stats))
@@ -348,6 +369,40 @@ class Handler(BaseHTTPRequestHandler):
             st.tokens[token] = (client_id, tenant, scope, time.time() + TOKEN_LIFETIME)
         st.count("token", 200)
         self.send_json(200, {"token_type": "Bearer", "expires_in": TOKEN_LIFETIME, "ext_expires_in": TOKEN_LIFETIME, "access_token": token})
+
+    # --- Managed identity (App Service's local token endpoint) --------------
+    def managed_identity_token(self, method, query):
+        st = self.state
+        if st.msi_down:
+            # Down: the connection is dropped without an answer.
+            st.count("msi", 0)
+            self.close_connection = True
+            self.connection.close()
+            return
+        arg = lambda name: (query.get(name) or [""])[0]
+        secret = self.headers.get("X-IDENTITY-HEADER", "")
+        if method != "GET":
+            status, body = 405, {"error": "invalid_request", "error_description": "The endpoint only accepts GET requests."}
+        elif st.msi_header is None or not secrets.compare_digest(secret, st.msi_header):
+            status, body = 401, {"error": "unauthorized", "error_description": "The X-IDENTITY-HEADER header is missing or wrong."}
+        elif arg("api-version") != "2019-08-01":
+            status, body = 400, {"error": "invalid_request", "error_description": "api-version must be 2019-08-01."}
+        elif arg("resource") != KEY_VAULT_RESOURCE:
+            status, body = 400, {"error": "invalid_resource", "error_description": f"The resource '{arg('resource')}' is not known to this stand-in."}
+        else:
+            client_id = arg("client_id") or st.msi_principal
+            principal = st.principals.get(client_id or "")
+            if client_id is None or principal is None or not (client_id == st.msi_principal or principal.get("managed_identity")):
+                status, body = 400, {"error": "invalid_request", "error_description": "Identity not found"}
+            else:
+                token = secrets.token_urlsafe(48)
+                expires = int(time.time()) + st.msi_lifetime
+                with st.lock:
+                    st.tokens[token] = (client_id, st.tenant_id, KEY_VAULT_SCOPE, expires)
+                status, body = 200, {"access_token": token, "expires_on": str(expires), "resource": KEY_VAULT_RESOURCE,
+                                     "token_type": "Bearer", "client_id": client_id}
+        st.count("msi", status)
+        self.send_json(status, body)
 
     # --- Key Vault ----------------------------------------------------------
     def challenge(self):
@@ -539,10 +594,14 @@ def main():
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--state", required=True, help="directory for ca.pem and the server certificate")
     parser.add_argument("--principals", required=True)
+    parser.add_argument("--msi-principal", help="the client id the system-assigned managed identity is")
+    parser.add_argument("--msi-header", help="the X-IDENTITY-HEADER secret of the managed-identity endpoint")
     args = parser.parse_args()
     with open(args.principals) as f:
         config = json.load(f)
     Handler.state = State(config["tenant_id"], config["principals"])
+    Handler.state.msi_principal = args.msi_principal
+    Handler.state.msi_header = args.msi_header
     context = make_tls(args.state)
     server = ThreadingHTTPServer(("127.0.0.1", args.port), Handler)
     server.daemon_threads = True

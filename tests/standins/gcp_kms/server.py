@@ -23,6 +23,13 @@ grant):
 - CRC32C: ``plaintextCrc32c``, ``additionalAuthenticatedDataCrc32c`` and
   ``ciphertextCrc32c`` are checked when sent (400 INVALID_ARGUMENT on a
   mismatch) and answered with ``verified...`` flags and the output's checksum.
+- The Compute Engine metadata server's token endpoint (reached through
+  ``GCE_METADATA_HOST``): ``GET /computeMetadata/v1/instance/service-accounts/
+  default/token`` with ``Metadata-Flavor: Google`` returns ``{"access_token",
+  "expires_in", "token_type"}`` for the instance's account (``--mds-account``);
+  without the header, 403. ``/computeMetadata/v1/universe/universe-domain``
+  answers ``googleapis.com``. ``POST /_standin/mds {"lifetime": S, "down":
+  bool}`` sets the tokens' lifetime, or makes the endpoint answer 503.
 - Test hooks outside the real API: ``POST /_standin/exhaust {"count": N}``
   (the next N KMS calls get 429 RESOURCE_EXHAUSTED), ``POST /_standin/corrupt
   {"count": N}`` (the next N encrypt/decrypt answers carry a damaged output, so
@@ -30,7 +37,7 @@ grant):
 
 Errors are ``{"error": {"code": N, "message": "...", "status": "..."}}``.
 
-Usage: server.py --port PORT --accounts FILE
+Usage: server.py --port PORT --accounts FILE [--mds-account EMAIL]
 The accounts file: {"EMAIL": {"key_id": "...", "public_key_pem": "...",
 "permissions": ["cloudkms.cryptoKeyVersions.useToEncrypt", ...]}}
 """
@@ -163,6 +170,9 @@ class State:
         self.exhaust = 0
         self.corrupt = 0
         self.stats = {}
+        self.mds_account = None
+        self.mds_lifetime = 3599
+        self.mds_down = False
 
     def count(self, op, code):
         with self.lock:
@@ -206,6 +216,8 @@ class Handler(BaseHTTPRequestHandler):
             return self.hook(method, url.path, body)
         if url.path == "/token":
             return self.token(body)
+        if url.path.startswith("/computeMetadata/v1/"):
+            return self.metadata(method, url.path[len("/computeMetadata/v1/"):])
         if url.path.startswith("/v1/"):
             return self.kms(method, url.path[len("/v1/"):], parse_qs(url.query), body)
         self.send_json(404, ApiError(404, "NOT_FOUND", "Not Found").body())
@@ -219,11 +231,49 @@ class Handler(BaseHTTPRequestHandler):
                 st.exhaust = int(req.get("count", 0))
             elif path == "/_standin/corrupt" and method == "POST":
                 st.corrupt = int(req.get("count", 0))
+            elif path == "/_standin/mds" and method == "POST":
+                st.mds_lifetime = int(req.get("lifetime", st.mds_lifetime))
+                st.mds_down = bool(req.get("down", st.mds_down))
             elif path == "/_standin/stats":
                 return self.send_json(200, dict(st.stats))
             else:
                 return self.send_json(404, {})
         self.send_json(200, {})
+
+    # --- the metadata server -------------------------------------------------------
+    def metadata(self, method, path):
+        st = self.state
+        def text(code, body):
+            data = body.encode()
+            self.send_response(code)
+            self.send_header("Metadata-Flavor", "Google")
+            self.send_header("Content-Type", "application/text")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+        if self.headers.get("Metadata-Flavor") != "Google":
+            st.count("mds", 403)
+            return text(403, "Missing required header: Metadata-Flavor")
+        if st.mds_down:
+            st.count("mds", 503)
+            return text(503, "The metadata server is unavailable.")
+        if method == "GET" and path == "universe/universe-domain":
+            return text(200, "googleapis.com")
+        if method == "GET" and path == "instance/service-accounts/default/token" and st.mds_account:
+            token = "ya29.mds-" + secrets.token_urlsafe(40)
+            with st.lock:
+                st.tokens[token] = (st.mds_account, "https://www.googleapis.com/auth/cloud-platform",
+                                    time.time() + st.mds_lifetime)
+            st.count("mds", 200)
+            body = json.dumps({"access_token": token, "expires_in": st.mds_lifetime, "token_type": "Bearer"})
+            self.send_response(200)
+            self.send_header("Metadata-Flavor", "Google")
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            return self.wfile.write(body.encode())
+        st.count("mds", 404)
+        return text(404, "Not found")
 
     # --- OAuth 2.0 JWT bearer grant -------------------------------------------------
     def token(self, body):
@@ -495,9 +545,11 @@ def main():
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--accounts", required=True)
     parser.add_argument("--ready-file", help="written once the server listens")
+    parser.add_argument("--mds-account", help="the instance's service account, for the metadata server")
     args = parser.parse_args()
     with open(args.accounts) as f:
         Handler.state = State(json.load(f))
+    Handler.state.mds_account = args.mds_account
     server = ThreadingHTTPServer(("127.0.0.1", args.port), Handler)
     server.daemon_threads = True
     if args.ready_file:

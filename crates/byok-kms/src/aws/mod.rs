@@ -106,6 +106,9 @@ impl AwsKmsProvider {
                 )
                 .map_err(refused)?;
         }
+        // Each Region gets a share of the call's time, so replicas are still
+        // asked within byok.kms_timeout_ms when the primary hangs.
+        let timeout = crate::replicas::share(timeout, 1 + options.replica_key_arns.len());
         let primary = Self::build_target(
             &options,
             &options.key_arn,
@@ -193,7 +196,7 @@ impl AwsKmsProvider {
     }
 
     /// Runs `call` against the primary, then each replica while the failure is
-    /// one of reaching the Region (not a refusal).
+    /// one of reaching the Region (not a refusal): [`crate::replicas`].
     /// `call` gets the index of the target: 0 the primary, 1.. the replicas.
     async fn with_fallback<T, F, Fut>(
         &self,
@@ -204,20 +207,11 @@ impl AwsKmsProvider {
         F: Fn(usize) -> Fut,
         Fut: std::future::Future<Output = Result<T, ProviderError>>,
     {
-        let mut result = call(0).await;
-        for (i, replica) in self.replicas.iter().enumerate() {
-            match &result {
-                Err(e) if e.kind.is_availability() => {}
-                _ => break,
-            }
-            result = call(i + 1).await;
-            if result.is_ok()
-                && let Some(context) = context
-            {
-                context.report.note_replica(&replica.region);
-            }
-        }
-        result
+        let labels: Vec<&str> = std::iter::once(&self.primary)
+            .chain(&self.replicas)
+            .map(|target| target.region.as_str())
+            .collect();
+        crate::replicas::first_reachable(&labels, context.map(|c| c.report), call).await
     }
 }
 
@@ -275,6 +269,46 @@ impl KeyProvider for AwsKmsProvider {
                     cmk_version: version,
                 },
             ))
+        })
+    }
+
+    /// `Encrypt` of a data key made elsewhere (a backup wrap of another key
+    /// manager's key), with the same encryption context as a generated one.
+    fn wrap<'a>(
+        &'a self,
+        cmk_id: &'a str,
+        dek: &'a DataKey,
+        context: KeyContext<'a>,
+    ) -> ProviderFuture<'a, WrappedDek> {
+        Box::pin(async move {
+            let out = self
+                .with_fallback(Some(&context), |index| async move {
+                    let (target, key_id) = self.target_and_key(index, cmk_id);
+                    target
+                        .client
+                        .encrypt()
+                        .key_id(key_id)
+                        .plaintext(Blob::new(dek.expose().to_vec()))
+                        .set_encryption_context(Some(encryption_context(&context)))
+                        .send()
+                        .await
+                        .inspect(|out| context.report.note_request_id(out.request_id()))
+                        .map_err(|e| {
+                            context.report.note_request_id(e.request_id());
+                            errors::from_sdk("Encrypt", e)
+                        })
+                })
+                .await?;
+            let blob = out
+                .ciphertext_blob()
+                .ok_or_else(|| AwsError::protocol("Encrypt returned no ciphertext"))?
+                .as_ref()
+                .to_vec();
+            Ok(WrappedDek {
+                blob,
+                cmk_id: cmk_id.to_string(),
+                cmk_version: out.key_id().unwrap_or(cmk_id).to_string(),
+            })
         })
     }
 

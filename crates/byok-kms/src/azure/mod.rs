@@ -20,6 +20,9 @@
 //! - Auth: service principal (secret, or certificate signing a client
 //!   assertion), managed identity, or a token from a file. Tokens are cached and
 //!   refreshed by the SDK.
+//! - Disaster recovery: `replica_vault_urls` (vaults the keys were backed up
+//!   to and restored in: same names and versions) are tried in order when the
+//!   vault cannot be reached, never after a refusal ([`crate::replicas`]).
 
 mod credentials;
 mod errors;
@@ -66,7 +69,9 @@ const BINDING_LEN: usize = 32;
 
 pub struct AzureKvProvider {
     options: AzureOptions,
-    client: KeyClient,
+    /// The vault's client, then its replicas', with their URLs.
+    clients: Vec<(String, KeyClient)>,
+    /// Each vault's share of the call's time.
     timeout: Duration,
     /// Key type per key name (it never changes for a key): picks the algorithm.
     key_types: Mutex<HashMap<String, u8>>,
@@ -121,6 +126,15 @@ impl AzureKvProvider {
                 Service::AzureKeyVault,
             )
             .map_err(refused)?;
+        for url in &options.replica_vault_urls {
+            policy
+                .check_endpoint(
+                    "encryption.azure_kv.replica_vault_urls",
+                    url,
+                    Service::AzureKeyVault,
+                )
+                .map_err(refused)?;
+        }
         policy
             .check_endpoint(
                 "encryption.azure_kv.authority_host",
@@ -164,10 +178,19 @@ impl AzureKvProvider {
                 .check_credential_location(what, path)
                 .map_err(refused)?;
         }
-        let client = Self::build_client(&options, timeout, &policy)?;
+        let timeout = crate::replicas::share(timeout, 1 + options.replica_vault_urls.len());
+        let clients = std::iter::once(&options.vault_url)
+            .chain(&options.replica_vault_urls)
+            .map(|url| {
+                Ok((
+                    url.clone(),
+                    Self::build_client(&options, url, timeout, &policy)?,
+                ))
+            })
+            .collect::<Result<Vec<_>, AzureError>>()?;
         Ok(AzureKvProvider {
             options,
-            client,
+            clients,
             timeout,
             key_types: Mutex::new(HashMap::new()),
         })
@@ -271,13 +294,14 @@ impl AzureKvProvider {
 
     fn build_client(
         options: &AzureOptions,
+        vault_url: &str,
         timeout: Duration,
         policy: &Arc<AccessPolicy>,
     ) -> Result<KeyClient, AzureError> {
         let client_options = Self::client_options(options, timeout, policy)?;
         let credential = Self::credential(options, client_options.clone(), policy)?;
         KeyClient::new(
-            &options.vault_url,
+            vault_url,
             credential,
             Some(KeyClientOptions {
                 client_options,
@@ -286,6 +310,32 @@ impl AzureKvProvider {
             }),
         )
         .map_err(|e| AzureError::Config(format!("vault_url: {e}")))
+    }
+
+    /// Runs `call` with the vault's client, then each replica's while the
+    /// failure is one of reaching the vault ([`crate::replicas`]), each with
+    /// [`with_retry`](Self::with_retry).
+    async fn on_vaults<'a, T, F, Fut>(
+        &'a self,
+        operation: &'static str,
+        report: Option<&crate::provider::CallReport>,
+        call: F,
+    ) -> Result<T, ProviderError>
+    where
+        F: Fn(&'a KeyClient) -> Fut,
+        Fut: std::future::Future<Output = azure_core::Result<T>>,
+    {
+        let labels: Vec<&str> = self.clients.iter().map(|(url, _)| url.as_str()).collect();
+        crate::replicas::first_reachable(&labels, report, |index| {
+            let client = &self.clients[index].1;
+            let call = &call;
+            async move {
+                self.with_retry(operation, || call(client))
+                    .await
+                    .map_err(ProviderError::from)
+            }
+        })
+        .await
     }
 
     /// Runs `call`, retrying throttling and transient faults while the wait
@@ -318,19 +368,18 @@ impl AzureKvProvider {
     }
 
     /// The algorithm for a key, from its type (read once per key name).
-    async fn algorithm(&self, key_name: &str) -> Result<u8, AzureError> {
+    async fn algorithm(&self, key_name: &str) -> Result<u8, ProviderError> {
         if let Some(alg) = self.key_types.lock().expect("key types lock").get(key_name) {
             return Ok(*alg);
         }
         let key = self.get_key(key_name).await?;
-        let kty = key
-            .key
-            .and_then(|k| k.kty)
-            .ok_or_else(|| AzureError::Protocol("the key has no type".into()))?;
+        let kty = key.key.and_then(|k| k.kty).ok_or_else(|| {
+            ProviderError::from(AzureError::Protocol("the key has no type".into()))
+        })?;
         let alg = algorithm_for(&kty).ok_or_else(|| {
-            AzureError::Config(format!(
+            ProviderError::from(AzureError::Config(format!(
                 "key \"{key_name}\" is of type {kty}; byok_pg wraps with RSA, RSA-HSM or oct-HSM keys"
-            ))
+            )))
         })?;
         self.key_types
             .lock()
@@ -349,19 +398,14 @@ impl AzureKvProvider {
     async fn get_key(
         &self,
         key_name: &str,
-    ) -> Result<azure_security_keyvault_keys::models::Key, AzureError> {
+    ) -> Result<azure_security_keyvault_keys::models::Key, ProviderError> {
         let version = self.wrap_version(key_name);
-        self.with_retry("get", || {
+        self.on_vaults("get", None, |client| {
             let options = KeyClientGetKeyOptions {
                 key_version: version.clone(),
                 ..Default::default()
             };
-            async move {
-                self.client
-                    .get_key(key_name, Some(options))
-                    .await?
-                    .into_model()
-            }
+            async move { client.get_key(key_name, Some(options)).await?.into_model() }
         })
         .await
     }
@@ -385,7 +429,7 @@ impl KeyProvider for AzureKvProvider {
             payload.extend_from_slice(&binding(&context));
             let version = self.wrap_version(cmk_id);
             let result = self
-                .with_retry("wrapKey", || {
+                .on_vaults("wrapKey", Some(context.report), |client| {
                     let parameters = KeyOperationParameters {
                         algorithm: Some(sdk_algorithm(alg)),
                         value: Some(payload.to_vec()),
@@ -396,7 +440,7 @@ impl KeyProvider for AzureKvProvider {
                         ..Default::default()
                     };
                     async move {
-                        self.client
+                        client
                             .wrap_key(cmk_id, parameters.try_into()?, Some(options))
                             .await?
                             .into_model()
@@ -431,14 +475,14 @@ impl KeyProvider for AzureKvProvider {
                     AzureError::Protocol("the wrapped key is not an azure_kv blob".into())
                 })?;
             let result = self
-                .with_retry("unwrapKey", || {
+                .on_vaults("unwrapKey", Some(context.report), |client| {
                     let parameters = KeyOperationParameters {
                         algorithm: Some(sdk_algorithm(alg)),
                         value: Some(value.to_vec()),
                         ..Default::default()
                     };
                     async move {
-                        self.client
+                        client
                             .unwrap_key(
                                 &wrapped.cmk_id,
                                 &wrapped.cmk_version,

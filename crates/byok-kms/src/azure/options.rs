@@ -3,6 +3,8 @@
 //! ```yaml
 //! azure_kv:
 //!   vault_url: "https://byok-vault-acme.vault.azure.net"
+//!   replica_vault_urls: ["https://byok-vault-acme-dr.vault.azure.net"]   # optional: tried in
+//!                                        # order when vault_url cannot be reached (never on a refusal)
 //!   key_name: "platform-cmk"             # RSA or RSA-HSM (RSA-OAEP-256), or oct-HSM (A256KW)
 //!   key_version: "0123abcd..."           # optional: wrap with this version, not the newest
 //!   authority_host: "https://login.microsoftonline.com"   # optional (sovereign clouds, tests)
@@ -30,6 +32,10 @@ use super::AzureError;
 #[serde(deny_unknown_fields)]
 pub struct AzureOptions {
     pub vault_url: String,
+    /// Vaults holding the same keys (a secondary vault the keys were backed
+    /// up to and restored in), tried in order when `vault_url` cannot be reached.
+    #[serde(default)]
+    pub replica_vault_urls: Vec<String>,
     pub key_name: String,
     #[serde(default)]
     pub key_version: Option<String>,
@@ -74,6 +80,21 @@ impl AzureOptions {
             return Err(AzureError::Config(format!(
                 "encryption.azure_kv.vault_url: \"{}\" is not an https URL",
                 options.vault_url
+            )));
+        }
+        if let Some(bad) = options
+            .replica_vault_urls
+            .iter()
+            .find(|u| !u.starts_with("https://"))
+        {
+            return Err(AzureError::Config(format!(
+                "encryption.azure_kv.replica_vault_urls: \"{bad}\" is not an https URL"
+            )));
+        }
+        if options.replica_vault_urls.len() > crate::replicas::MAX_REPLICAS {
+            return Err(AzureError::Config(format!(
+                "encryption.azure_kv.replica_vault_urls: at most {}",
+                crate::replicas::MAX_REPLICAS
             )));
         }
         if let Some(host) = &options.authority_host

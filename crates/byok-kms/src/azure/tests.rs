@@ -145,3 +145,41 @@ fn errors_map_to_kinds() {
     assert!(api(404, "KeyNotFound", None, "get").retry_after().is_none());
     assert_eq!(AzureError::Binding.kind(), ErrorKind::UnwrapFailed);
 }
+
+#[test]
+fn replica_vault_urls_are_https_and_few() {
+    let with = |replicas: serde_json::Value| {
+        let mut b = base();
+        b["replica_vault_urls"] = replicas;
+        AzureOptions::parse(&block(b))
+    };
+    let o = with(json!(["https://byok-vault-acme-dr.vault.azure.net"])).unwrap();
+    assert_eq!(
+        o.replica_vault_urls,
+        ["https://byok-vault-acme-dr.vault.azure.net"]
+    );
+    assert!(
+        AzureOptions::parse(&block(base()))
+            .unwrap()
+            .replica_vault_urls
+            .is_empty()
+    );
+    for bad in [
+        json!(["http://dr.vault.azure.net"]),
+        json!("https://dr.vault.azure.net"),
+        json!([
+            "https://a",
+            "https://b",
+            "https://c",
+            "https://d",
+            "https://e"
+        ]),
+    ] {
+        let e = with(bad.clone()).unwrap_err().to_string();
+        // (serde names the field only for the values it parsed)
+        assert!(
+            e.contains("replica_vault_urls") || e.contains("expected a sequence"),
+            "{bad}: {e}"
+        );
+    }
+}

@@ -18,6 +18,10 @@
 //! - RESOURCE_EXHAUSTED, UNAVAILABLE and lost connections are retried with
 //!   backoff while the wait fits in `byok.kms_timeout_ms` (the client's own
 //!   retry is off).
+//! - Disaster recovery: `replica_endpoints` (the same key through other
+//!   endpoints) are tried in order when the endpoint cannot be reached, never
+//!   after a refusal ([`crate::replicas`]). A key in another location is
+//!   another key: it is a tenant's `encryption.backup`, not a replica.
 
 mod credentials;
 mod errors;
@@ -47,7 +51,9 @@ use crate::retry::RetrySchedule;
 
 pub struct GcpKmsProvider {
     options: GcpOptions,
-    client: KeyManagementService,
+    /// The endpoint's client, then the replicas', with their endpoints.
+    clients: Vec<(String, KeyManagementService)>,
+    /// Each endpoint's share of the call's time.
     timeout: Duration,
 }
 
@@ -83,6 +89,16 @@ impl GcpKmsProvider {
                 Service::GcpKms,
             )
             .map_err(refused)?;
+        for endpoint in &options.replica_endpoints {
+            policy
+                .check_endpoint(
+                    "encryption.gcp_kms.replica_endpoints",
+                    endpoint,
+                    Service::GcpKms,
+                )
+                .map_err(refused)?;
+        }
+        let timeout = crate::replicas::share(timeout, 1 + options.replica_endpoints.len());
         match &options.auth {
             AuthOptions::ServiceAccountKey { key_file } => policy
                 .check_credential_location("encryption.gcp_kms.auth.key_file", key_file)
@@ -112,18 +128,48 @@ impl GcpKmsProvider {
                 .build()
                 .map_err(|e| GcpError::Config(format!("metadata server credentials: {e}")))?,
         };
-        let client = KeyManagementService::builder()
-            .with_endpoint(options.endpoint())
-            .with_credentials(credentials)
-            .with_retry_policy(NeverRetry)
-            .build()
-            .await
-            .map_err(|e| GcpError::Config(format!("Cloud KMS client: {e}")))?;
+        let mut clients = Vec::new();
+        for endpoint in options.endpoints() {
+            let client = KeyManagementService::builder()
+                .with_endpoint(endpoint)
+                .with_credentials(credentials.clone())
+                .with_retry_policy(NeverRetry)
+                .build()
+                .await
+                .map_err(|e| GcpError::Config(format!("Cloud KMS client: {e}")))?;
+            clients.push((endpoint.to_string(), client));
+        }
         Ok(GcpKmsProvider {
             options,
-            client,
+            clients,
             timeout,
         })
+    }
+
+    /// Runs `call` with the endpoint's client, then each replica's while the
+    /// failure is one of reaching it ([`crate::replicas`]), each with
+    /// [`with_retry`](Self::with_retry).
+    async fn on_endpoints<'a, T, F, Fut>(
+        &'a self,
+        operation: &'static str,
+        report: Option<&crate::provider::CallReport>,
+        call: F,
+    ) -> Result<T, ProviderError>
+    where
+        F: Fn(&'a KeyManagementService) -> Fut,
+        Fut: std::future::Future<Output = Result<T, GcpError>>,
+    {
+        let labels: Vec<&str> = self.clients.iter().map(|(e, _)| e.as_str()).collect();
+        crate::replicas::first_reachable(&labels, report, |index| {
+            let client = &self.clients[index].1;
+            let call = &call;
+            async move {
+                self.with_retry(operation, || call(client))
+                    .await
+                    .map_err(ProviderError::from)
+            }
+        })
+        .await
     }
 
     /// Runs `call`, retrying transient failures while the wait still fits in the timeout.
@@ -167,9 +213,8 @@ impl KeyProvider for GcpKmsProvider {
         Box::pin(async move {
             let aad = aad(&context);
             let answer = self
-                .with_retry("encrypt", || async {
-                    let answer = self
-                        .client
+                .on_endpoints("encrypt", Some(context.report), |client| async {
+                    let answer = client
                         .encrypt()
                         .set_name(cmk_id)
                         .set_plaintext(dek.expose().to_vec())
@@ -217,9 +262,8 @@ impl KeyProvider for GcpKmsProvider {
         Box::pin(async move {
             let aad = aad(&context);
             let plaintext = self
-                .with_retry("decrypt", || async {
-                    let answer = self
-                        .client
+                .on_endpoints("decrypt", Some(context.report), |client| async {
+                    let answer = client
                         .decrypt()
                         .set_name(&wrapped.cmk_id)
                         .set_ciphertext(wrapped.blob.clone())
@@ -253,8 +297,8 @@ impl KeyProvider for GcpKmsProvider {
                 .into());
             }
             let key = self
-                .with_retry("get", || async {
-                    self.client
+                .on_endpoints("get", None, |client| async {
+                    client
                         .get_crypto_key()
                         .set_name(cmk_id)
                         .send()

@@ -4,6 +4,9 @@
 //! gcp_kms:
 //!   key_name: "projects/acme-byok/locations/us-east1/keyRings/byok-keyring/cryptoKeys/platform-cmk"
 //!   endpoint: "https://cloudkms.googleapis.com"   # optional: regional / PSC endpoints, tests
+//!   replica_endpoints: ["https://cloudkms.europe-west4.rep.googleapis.com"]   # optional: the
+//!                                    # same key through other endpoints, tried in order when
+//!                                    # the endpoint cannot be reached (never on a refusal)
 //!   auth:
 //!     method: "service_account_key"              # service_account_key | metadata_server | token_file
 //!     key_file: "/etc/byok/gcp-sa.json"          # the JSON key; its token_uri gets the JWT grant
@@ -23,6 +26,12 @@ pub struct GcpOptions {
     pub key_name: String,
     #[serde(default)]
     pub endpoint: Option<String>,
+    /// Other endpoints serving the same key (a multi-region key's regional
+    /// endpoints, a Private Service Connect endpoint), tried in order when
+    /// `endpoint` cannot be reached. A key in another location is another
+    /// key (Cloud KMS ciphertexts name their key): use `encryption.backup`.
+    #[serde(default)]
+    pub replica_endpoints: Vec<String>,
     pub auth: AuthOptions,
 }
 
@@ -60,14 +69,37 @@ impl GcpOptions {
                 options.key_name
             )));
         }
+        let is_url = |e: &str| e.starts_with("https://") || e.starts_with("http://");
         if let Some(endpoint) = &options.endpoint
-            && !(endpoint.starts_with("https://") || endpoint.starts_with("http://"))
+            && !is_url(endpoint)
         {
             return Err(GcpError::Config(format!(
                 "encryption.gcp_kms.endpoint: \"{endpoint}\" is not an http(s) URL"
             )));
         }
+        if let Some(bad) = options.replica_endpoints.iter().find(|e| !is_url(e)) {
+            return Err(GcpError::Config(format!(
+                "encryption.gcp_kms.replica_endpoints: \"{bad}\" is not an http(s) URL"
+            )));
+        }
+        if options.replica_endpoints.len() > crate::replicas::MAX_REPLICAS {
+            return Err(GcpError::Config(format!(
+                "encryption.gcp_kms.replica_endpoints: at most {}",
+                crate::replicas::MAX_REPLICAS
+            )));
+        }
         Ok(options)
+    }
+
+    /// The endpoint, then the replicas, without trailing slashes.
+    pub fn endpoints(&self) -> Vec<&str> {
+        std::iter::once(self.endpoint())
+            .chain(
+                self.replica_endpoints
+                    .iter()
+                    .map(|e| e.trim_end_matches('/')),
+            )
+            .collect()
     }
 
     pub fn endpoint(&self) -> &str {

@@ -116,3 +116,38 @@ fn errors_map_to_kinds_and_retries() {
     assert!(integrity.is_transient());
     assert_eq!(integrity.kind(), ErrorKind::Unavailable);
 }
+
+#[test]
+fn replica_endpoints_are_urls_and_few() {
+    let with = |replicas: serde_json::Value| {
+        GcpOptions::parse(&block(json!({
+            "key_name": KEY, "replica_endpoints": replicas, "auth": {"method": "metadata_server"}
+        })))
+    };
+    let o = with(json!(["https://cloudkms.europe-west4.rep.googleapis.com/"])).unwrap();
+    assert_eq!(
+        o.endpoints(),
+        [
+            "https://cloudkms.googleapis.com",
+            "https://cloudkms.europe-west4.rep.googleapis.com"
+        ]
+    );
+    for bad in [
+        json!(["cloudkms.europe-west4.rep.googleapis.com"]),
+        json!("https://cloudkms.googleapis.com"),
+        json!([
+            "https://a",
+            "https://b",
+            "https://c",
+            "https://d",
+            "https://e"
+        ]),
+    ] {
+        let e = with(bad.clone()).unwrap_err().to_string();
+        // (serde names the field only for the values it parsed)
+        assert!(
+            e.contains("replica_endpoints") || e.contains("expected a sequence"),
+            "{bad}: {e}"
+        );
+    }
+}

@@ -374,6 +374,24 @@ impl KeyProvider for LocalProvider {
         }))
     }
 
+    fn wrap<'a>(
+        &'a self,
+        cmk_id: &'a str,
+        dek: &'a DataKey,
+        context: KeyContext<'a>,
+    ) -> ProviderFuture<'a, WrappedDek> {
+        let (me, cmk_id, dek, tenant, dek_id) = (
+            self.clone(),
+            cmk_id.to_string(),
+            dek.clone(),
+            context.tenant_id.to_string(),
+            context.dek_id,
+        );
+        Box::pin(blocking(move || {
+            LocalProvider::wrap(&me, &cmk_id, &dek, &KeyContext::new(&tenant, dek_id))
+        }))
+    }
+
     fn unwrap<'a>(
         &'a self,
         wrapped: &'a WrappedDek,

@@ -308,6 +308,7 @@ mod tests {
             provider: ProviderKind::Local,
             options: serde_json::Map::new(),
             create_key_store: false,
+            backup: false,
         }
     }
 

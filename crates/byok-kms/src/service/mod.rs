@@ -37,7 +37,9 @@ use tokio::sync::watch;
 use crate::error::{ErrorKind, ProviderError};
 use crate::local::LocalProvider;
 use crate::policy::AccessPolicy;
-use crate::protocol::{CacheSettings, ErrorWire, ProviderRef, Request, Response, TenantRef};
+use crate::protocol::{
+    BackupTarget, BackupWrap, CacheSettings, ErrorWire, ProviderRef, Request, Response, TenantRef,
+};
 use crate::provider::{CallReport, KeyContext, KeyProvider, MasterKeyInfo, WrappedDek};
 
 pub mod liveness;
@@ -62,6 +64,11 @@ pub struct ServiceSettings {
     pub refusal_backoff_max: Duration,
 }
 
+/// The share of the provider timeout each of the primary and the backup key
+/// manager gets when an unwrap may fall back to the backup (both fit within
+/// the time the backend waits, with some left for the answer to travel).
+pub const BACKUP_TIME_SHARE_PERCENT: u32 = 45;
+
 /// First wait after a refusal; doubled on each repeat up to `refusal_backoff_max`.
 pub const REFUSAL_BACKOFF_MIN: Duration = Duration::from_secs(1);
 
@@ -72,6 +79,8 @@ pub enum KmsOp {
     Generate,
     Rewrap,
     Validate,
+    /// A data key wrapped under another key manager's master key (a backup wrap).
+    Wrap,
     /// A revocation check of a master key.
     Check,
 }
@@ -90,6 +99,9 @@ pub enum MetricEvent {
     ServedStale,
     /// A replica key (another region) answered because the primary failed.
     ServedByReplica,
+    /// The backup key manager unwrapped a data key (the primary was
+    /// unreachable, or DR is active).
+    ServedByBackup,
     /// A revocation check of the master key (counted for the tenant whose
     /// data key it unwrapped; one per master key, however many tenants use it).
     KeyCheck,
@@ -107,6 +119,8 @@ pub struct KmsCallAudit {
     /// The error's message and detail (never key material or credentials).
     pub error: Option<String>,
     pub replica: Option<String>,
+    /// Made with the tenant's backup key manager.
+    pub backup: bool,
 }
 
 pub trait MetricsSink: Send + Sync {
@@ -253,8 +267,9 @@ impl KeyService {
                 dek_id,
                 wrapped,
                 cache,
+                backup,
             } => match self
-                .unwrap(&tenant, &provider, dek_id, &wrapped, cache)
+                .unwrap(&tenant, &provider, dek_id, &wrapped, cache, backup.as_ref())
                 .await
             {
                 Ok((dek, stale)) => Outcome {
@@ -268,10 +283,43 @@ impl KeyService {
                 provider,
                 dek_id,
                 cmk_id,
+                backup: None,
             } => Outcome::answer(
                 self.wrapped_under(&tenant, &provider, dek_id, &cmk_id, None)
                     .await
-                    .map(|wrapped| Response::Generated { wrapped }),
+                    .map(|wrapped| Response::Generated {
+                        wrapped,
+                        backup: None,
+                    }),
+            ),
+            Request::Generate {
+                tenant,
+                provider,
+                dek_id,
+                cmk_id,
+                backup: Some(backup),
+            } => Outcome::answer(
+                self.generate_with_backup(&tenant, &provider, dek_id, &cmk_id, &backup)
+                    .await
+                    .map(|(wrapped, backup)| Response::Generated {
+                        wrapped,
+                        backup: Some(backup),
+                    }),
+            ),
+            Request::CopyWrap {
+                tenant,
+                dek_id,
+                from,
+                wrapped,
+                to,
+                cmk_id,
+            } => Outcome::answer(
+                self.copy_wrap(&tenant, dek_id, &from, &wrapped, &to, &cmk_id)
+                    .await
+                    .map(|wrapped| Response::Generated {
+                        wrapped,
+                        backup: None,
+                    }),
             ),
             Request::Validate {
                 tenant,
@@ -291,7 +339,10 @@ impl KeyService {
             } => Outcome::answer(
                 self.wrapped_under(&tenant, &provider, dek_id, &new_cmk_id, Some(&wrapped))
                     .await
-                    .map(|wrapped| Response::Generated { wrapped }),
+                    .map(|wrapped| Response::Generated {
+                        wrapped,
+                        backup: None,
+                    }),
             ),
             Request::Flush {
                 database,
@@ -325,6 +376,81 @@ impl KeyService {
                 None => Ok(p.generate_data_key(cmk_id, context).await?.1),
             }
         })
+        .await
+    }
+
+    /// A new data key wrapped under the primary's `cmk_id` and the backup's
+    /// key: both or neither (a key without its escrow wrap is not made).
+    async fn generate_with_backup(
+        &self,
+        tenant: &TenantRef,
+        provider: &ProviderRef,
+        dek_id: u64,
+        cmk_id: &str,
+        backup: &BackupTarget,
+    ) -> Result<(WrappedDek, WrappedDek), ProviderError> {
+        let (dek, wrapped) = self
+            .call(
+                provider,
+                tenant,
+                KmsOp::Generate,
+                Some(dek_id),
+                |p, report| async move {
+                    p.generate_data_key(cmk_id, key_context(tenant, dek_id, &report))
+                        .await
+                },
+            )
+            .await?;
+        let backup_wrapped = self
+            .wrap_with(tenant, dek_id, &dek, &backup.provider, &backup.cmk_id)
+            .await?;
+        Ok((wrapped, backup_wrapped))
+    }
+
+    /// The key `wrapped` holds, opened by `from` and wrapped by `to` under `cmk_id`.
+    async fn copy_wrap(
+        &self,
+        tenant: &TenantRef,
+        dek_id: u64,
+        from: &ProviderRef,
+        wrapped: &WrappedDek,
+        to: &ProviderRef,
+        cmk_id: &str,
+    ) -> Result<WrappedDek, ProviderError> {
+        let dek = self
+            .call(
+                from,
+                tenant,
+                KmsOp::Unwrap,
+                Some(dek_id),
+                |p, report| async move {
+                    p.unwrap(wrapped, key_context(tenant, dek_id, &report))
+                        .await
+                },
+            )
+            .await?;
+        self.wrap_with(tenant, dek_id, &dek, to, cmk_id).await
+    }
+
+    /// `dek` wrapped under `cmk_id` of `provider`.
+    async fn wrap_with(
+        &self,
+        tenant: &TenantRef,
+        dek_id: u64,
+        dek: &DataKey,
+        provider: &ProviderRef,
+        cmk_id: &str,
+    ) -> Result<WrappedDek, ProviderError> {
+        self.call(
+            provider,
+            tenant,
+            KmsOp::Wrap,
+            Some(dek_id),
+            |p, report| async move {
+                p.wrap(cmk_id, dek, key_context(tenant, dek_id, &report))
+                    .await
+            },
+        )
         .await
     }
 
@@ -477,8 +603,9 @@ impl KeyService {
 
     /// A data key from the shared cache, else from the provider (one call for
     /// all concurrent requests, unless the key was refused a moment ago), else,
-    /// while the key manager is unreachable, from the cache past its TTL. The
-    /// flag says whether the key was served so (stale).
+    /// while the key manager is unreachable, from the backup key manager
+    /// (`backup`) or the cache past its TTL. The flag says whether the key was
+    /// served from the cache past its TTL (stale).
     async fn unwrap(
         &self,
         tenant: &TenantRef,
@@ -486,6 +613,7 @@ impl KeyService {
         dek_id: u64,
         wrapped: &WrappedDek,
         settings: CacheSettings,
+        backup: Option<&BackupWrap>,
     ) -> Result<(DataKey, bool), ProviderError> {
         let kind = provider.provider;
         let options = options_digest(provider);
@@ -533,12 +661,13 @@ impl KeyService {
         let result = self
             .coalesced(
                 key.clone(),
-                self.fetch(&key, tenant, provider, wrapped, settings),
+                self.fetch(&key, tenant, provider, wrapped, settings, backup),
             )
             .await;
         self.remember_outcome(refusal_key, tenant, settings, &result);
         match (result, stale) {
             (Ok(dek), _) => Ok((dek, false)),
+            // (only an outage: a refusal, the primary's or the backup's, is final)
             (Err(e), Some(dek)) if e.kind.is_availability() => {
                 self.metrics.record(kind, tenant, MetricEvent::ServedStale);
                 Ok((dek, true))
@@ -555,7 +684,13 @@ impl KeyService {
             .map(|entry| (entry.dek.clone(), now < entry.fresh_until))
     }
 
-    /// The leader's work on a cache miss: the provider's unwrap, cached.
+    /// The leader's work on a cache miss: the provider's unwrap (or, while it
+    /// cannot be reached, the backup's), cached.
+    ///
+    /// The backup is asked only when the primary is *unavailable*. A refusal
+    /// (the key disabled, access denied) is the customer's decision about its
+    /// own key: answering it from an escrow copy would route around a
+    /// revocation, so it is final.
     async fn fetch(
         &self,
         key: &CacheKey,
@@ -563,6 +698,7 @@ impl KeyService {
         provider: &ProviderRef,
         wrapped: &WrappedDek,
         settings: CacheSettings,
+        backup: Option<&BackupWrap>,
     ) -> Result<DataKey, ProviderError> {
         // Re-check as the leader: a previous leader fills the cache before it
         // leaves the in-flight map, so a request that missed the cache just
@@ -571,18 +707,45 @@ impl KeyService {
             return Ok(dek);
         }
         let dek_id = key.dek_id;
+        let share = match backup {
+            Some(_) => BACKUP_TIME_SHARE_PERCENT,
+            None => 100,
+        };
         let dek = self
-            .call(
+            .call_within(
                 provider,
                 tenant,
                 KmsOp::Unwrap,
                 Some(dek_id),
+                share,
                 |p, report| async move {
                     p.unwrap(wrapped, key_context(tenant, dek_id, &report))
                         .await
                 },
             )
-            .await?;
+            .await;
+        let dek = match (dek, backup) {
+            (Err(e), Some(backup)) if e.kind.is_unreachable() => {
+                // The primary stays watched too: once it answers again, its
+                // refusal ends what the backup opened (the check at the top of
+                // `unwrap` refuses before any cached copy is served).
+                if dek_id != crate::protocol::PROBE_DEK_ID {
+                    self.watches.lock().expect("watches lock").touch(
+                        key.master,
+                        provider,
+                        tenant,
+                        dek_id,
+                        wrapped,
+                        settings,
+                        Tick::now(),
+                    );
+                }
+                return self
+                    .fetch_from_backup(tenant, dek_id, backup, settings, share, e)
+                    .await;
+            }
+            (dek, _) => dek?,
+        };
         // The tenant joins the key's watch, the revocation is checked and the
         // key stored, all under the watches lock: a check finding the key
         // revoked either settles first (and the key is refused here) or counts
@@ -599,6 +762,84 @@ impl KeyService {
                 Tick::now(),
             );
         }
+        if let Some(refused) = watches.revoked(&key.master) {
+            return Err(revocation_error(refused));
+        }
+        self.store(key.clone(), tenant, &dek, settings);
+        Ok(dek)
+    }
+
+    /// The backup's unwrap of a key the primary could not be reached for
+    /// (`unreachable`, its error). Cached and watched under the backup's
+    /// master key. A refusal by the backup is final, like the primary's; when
+    /// the backup cannot be reached either, the primary's error is returned
+    /// with the backup's in its detail.
+    async fn fetch_from_backup(
+        &self,
+        tenant: &TenantRef,
+        dek_id: u64,
+        backup: &BackupWrap,
+        settings: CacheSettings,
+        share: u32,
+        unreachable: ProviderError,
+    ) -> Result<DataKey, ProviderError> {
+        // A key the backup opened earlier in the outage is cached (and
+        // watched) under the backup's master key: a revocation there evicts it.
+        let key = backup_cache_key(tenant, dek_id, backup);
+        let probe = dek_id == crate::protocol::PROBE_DEK_ID;
+        let touch = |watches: &mut Watches| {
+            if !probe {
+                watches.touch(
+                    key.master,
+                    &backup.provider,
+                    tenant,
+                    dek_id,
+                    &backup.wrapped,
+                    settings,
+                    Tick::now(),
+                )
+            }
+        };
+        if let Some(refused) = self.revoked(&key.master, touch) {
+            self.cache.lock().expect("cache lock").remove(&key);
+            return Err(refused);
+        }
+        if let Some((dek, true)) = self.cached(&key, Tick::now()) {
+            touch(&mut self.watches.lock().expect("watches lock"));
+            return Ok(dek);
+        }
+        let from_backup = self
+            .call_within(
+                &backup.provider,
+                tenant,
+                KmsOp::Unwrap,
+                Some(dek_id),
+                share,
+                |p, report| async move {
+                    p.unwrap(&backup.wrapped, key_context(tenant, dek_id, &report))
+                        .await
+                },
+            )
+            .await;
+        let dek = match from_backup {
+            Ok(dek) => dek,
+            Err(refusal) if is_refusal(refusal.kind) => return Err(refusal),
+            Err(backup_error) => {
+                let mut e = unreachable;
+                let note = format!(
+                    "the backup key manager ({}) failed too: {}",
+                    backup.provider.provider.name(),
+                    backup_error.message
+                );
+                e.detail = Some(match e.detail.take() {
+                    Some(detail) => format!("{detail}; {note}"),
+                    None => note,
+                });
+                return Err(e);
+            }
+        };
+        let mut watches = self.watches.lock().expect("watches lock");
+        touch(&mut watches);
         if let Some(refused) = watches.revoked(&key.master) {
             return Err(revocation_error(refused));
         }
@@ -761,13 +1002,34 @@ impl KeyService {
     where
         F: std::future::Future<Output = Result<T, ProviderError>>,
     {
+        self.call_within(provider, tenant, op, dek_id, 100, f).await
+    }
+
+    /// [`call`](Self::call), bounded by `percent` of the provider timeout: an
+    /// unwrap with a backup to fall back on gives each key manager a share of
+    /// the time the backend waits (`byok.kms_timeout_ms`), so a primary that
+    /// hangs still leaves the backup time to answer.
+    async fn call_within<T, F>(
+        &self,
+        provider: &ProviderRef,
+        tenant: &TenantRef,
+        op: KmsOp,
+        dek_id: Option<u64>,
+        percent: u32,
+        f: impl FnOnce(Arc<dyn KeyProvider>, Arc<CallReport>) -> F,
+    ) -> Result<T, ProviderError>
+    where
+        F: std::future::Future<Output = Result<T, ProviderError>>,
+    {
         let kind = provider.provider;
         let instance = self.instance(kind, provider).await?;
         let timeout = self
             .settings
             .read()
             .expect("settings lock")
-            .provider_timeout;
+            .provider_timeout
+            * percent
+            / 100;
         let started = Instant::now();
         let report = Arc::new(CallReport::default());
         let result = match tokio::time::timeout(timeout, f(instance, report.clone())).await {
@@ -807,12 +1069,17 @@ impl KeyService {
                         None => e.message.clone(),
                     }),
                     replica: report.replica(),
+                    backup: provider.backup,
                 },
             );
         }
         if report.replica().is_some() {
             self.metrics
                 .record(kind, tenant, MetricEvent::ServedByReplica);
+        }
+        if provider.backup && op == KmsOp::Unwrap && result.is_ok() {
+            self.metrics
+                .record(kind, tenant, MetricEvent::ServedByBackup);
         }
         result
     }
@@ -917,15 +1184,9 @@ fn revocation_error(refusal: &ProviderError) -> ProviderError {
 /// Refusals remembered at most (each a few hundred bytes).
 const MAX_REFUSALS: usize = 10_000;
 
-/// A key manager's "no" about a key, as opposed to its being unreachable.
+/// A key manager's "no" about a key ([`ErrorKind::is_refusal`]).
 fn is_refusal(kind: ErrorKind) -> bool {
-    matches!(
-        kind,
-        ErrorKind::AccessDenied
-            | ErrorKind::KeyDisabled
-            | ErrorKind::KeyNotFound
-            | ErrorKind::UnwrapFailed
-    )
+    kind.is_refusal()
 }
 
 /// What a wrapped data key is bound to, for one call whose facts go to `report`.
@@ -940,6 +1201,17 @@ fn key_context<'a>(tenant: &'a TenantRef, dek_id: u64, report: &'a CallReport) -
 /// The per-tenant label of shared-cache entries: database, then tenant.
 fn tenant_label(database: u32, tenant_id: &str) -> String {
     format!("{database}/{tenant_id}")
+}
+
+/// Where a key the backup opened is cached: under the backup's wrap and
+/// master key.
+fn backup_cache_key(tenant: &TenantRef, dek_id: u64, backup: &BackupWrap) -> CacheKey {
+    CacheKey {
+        database: tenant.database,
+        dek_id,
+        digest: digest(tenant, &backup.wrapped),
+        master: liveness::master_key_id(&options_digest(&backup.provider), &backup.wrapped),
+    }
 }
 
 fn digest(tenant: &TenantRef, wrapped: &WrappedDek) -> [u8; 32] {

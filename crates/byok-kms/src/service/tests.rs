@@ -13,6 +13,7 @@ struct Counting {
     misses: AtomicUsize,
     stale: AtomicUsize,
     checks: AtomicUsize,
+    by_backup: AtomicUsize,
     audited: std::sync::Mutex<Vec<(TenantRef, KmsCallAudit)>>,
     settled: std::sync::Mutex<Vec<Settled>>,
 }
@@ -26,6 +27,7 @@ impl MetricsSink for Counting {
             MetricEvent::ServedStale => &self.stale,
             MetricEvent::KeyCheck => &self.checks,
             MetricEvent::ServedByReplica => return,
+            MetricEvent::ServedByBackup => &self.by_backup,
         };
         counter.fetch_add(1, Ordering::SeqCst);
     }
@@ -82,6 +84,7 @@ fn local() -> ProviderRef {
         provider: byok_core::config::ProviderKind::Local,
         options: Map::new(),
         create_key_store: true,
+        backup: false,
     }
 }
 
@@ -107,11 +110,13 @@ fn unwrap_request(t: &str, dek_id: u64, wrapped: &WrappedDek, cache: CacheSettin
         // Only configuring a tenant may create the key store, never reading a key.
         provider: ProviderRef {
             create_key_store: false,
+            backup: false,
             ..local()
         },
         dek_id,
         wrapped: wrapped.clone(),
         cache,
+        backup: None,
     }
 }
 
@@ -438,7 +443,10 @@ async fn rewrap_moves_a_key_to_another_master_key_without_changing_it() {
             new_cmk_id: "cmk-2".into(),
         })
         .await;
-    let Response::Generated { wrapped: rewrapped } = outcome.response else {
+    let Response::Generated {
+        wrapped: rewrapped, ..
+    } = outcome.response
+    else {
         panic!("expected a rewrapped key")
     };
     assert!(
@@ -489,9 +497,10 @@ async fn validate_and_generate_and_misconfigured_providers() {
             provider: local(),
             dek_id: 3,
             cmk_id: "cmk".into(),
+            backup: None,
         })
         .await;
-    let Response::Generated { wrapped } = outcome.response else {
+    let Response::Generated { wrapped, .. } = outcome.response else {
         panic!("expected a generated key")
     };
     assert!(outcome.data_key.is_none());
@@ -508,6 +517,7 @@ async fn validate_and_generate_and_misconfigured_providers() {
                 provider: byok_core::config::ProviderKind::GcpKms,
                 options: Map::new(),
                 create_key_store: false,
+                backup: false,
             },
             cmk_id: "arn".into(),
         })
@@ -785,4 +795,235 @@ async fn a_validation_probe_neither_watches_nor_turns_off_the_tenants_checks() {
     run_checks_until(&f, |f| f.metrics.checks.load(Ordering::SeqCst) >= 1).await;
     assert!(f.metrics.checks.load(Ordering::SeqCst) >= 1);
     assert_eq!(f.service.watched_master_keys(), 1);
+}
+
+/// The tenant's backup: another local master key, flagged as the backup.
+fn local_backup() -> BackupTarget {
+    BackupTarget {
+        provider: ProviderRef {
+            create_key_store: false,
+            backup: true,
+            ..local()
+        },
+        cmk_id: "cmk-escrow".into(),
+    }
+}
+
+/// A primary key manager that cannot be reached: a Vault nobody listens for.
+fn unreachable_primary(f: &Fixture) -> ProviderRef {
+    let token = f.key_file.with_file_name("token");
+    std::fs::write(&token, "t").unwrap();
+    let options = serde_json::json!({
+        "address": "http://127.0.0.1:9", "key_name": "cmk",
+        "auth": {"method": "token", "token_file": token},
+    });
+    ProviderRef {
+        provider: ProviderKind::Vault,
+        options: options.as_object().unwrap().clone(),
+        create_key_store: false,
+        backup: false,
+    }
+}
+
+/// A data key generated under "cmk" and "cmk-escrow" at once.
+async fn generated_with_backup(f: &Fixture, t: &str, dek_id: u64) -> (WrappedDek, WrappedDek) {
+    let outcome = f
+        .service
+        .handle(Request::Generate {
+            tenant: tenant(t),
+            provider: local(),
+            dek_id,
+            cmk_id: "cmk".into(),
+            backup: Some(local_backup()),
+        })
+        .await;
+    let Response::Generated {
+        wrapped,
+        backup: Some(backup),
+    } = outcome.response
+    else {
+        panic!("expected two wraps: {:?}", outcome.response)
+    };
+    (wrapped, backup)
+}
+
+#[tokio::test]
+async fn a_key_generated_with_a_backup_has_two_wraps_of_the_same_key() {
+    let f = fixture();
+    let (primary, backup) = generated_with_backup(&f, "t", 5).await;
+    assert_eq!(primary.cmk_id, "cmk");
+    assert_eq!(backup.cmk_id, "cmk-escrow");
+    let provider = LocalProvider::new(&f.key_file, false);
+    let context = KeyContext::new("t", 5);
+    assert_eq!(
+        provider.unwrap_now(&primary, &context).unwrap(),
+        provider.unwrap_now(&backup, &context).unwrap()
+    );
+    let audited = f.metrics.audited.lock().unwrap();
+    let ops: Vec<(KmsOp, bool)> = audited.iter().map(|(_, c)| (c.op, c.backup)).collect();
+    assert_eq!(ops, [(KmsOp::Generate, false), (KmsOp::Wrap, true)]);
+}
+
+#[tokio::test]
+async fn no_key_is_made_without_its_backup_wrap() {
+    let f = fixture();
+    generated_with_backup(&f, "t", 1).await;
+    let list = LocalProvider::new(&f.key_file, false).revocation_list();
+    std::fs::write(&list, "cmk-escrow\n").unwrap();
+    let outcome = f
+        .service
+        .handle(Request::Generate {
+            tenant: tenant("t"),
+            provider: local(),
+            dek_id: 2,
+            cmk_id: "cmk".into(),
+            backup: Some(local_backup()),
+        })
+        .await;
+    assert!(
+        failed_with(&outcome, ErrorKind::KeyDisabled),
+        "{:?}",
+        outcome.response
+    );
+}
+
+#[tokio::test]
+async fn the_backup_unwraps_only_while_the_primary_is_unreachable() {
+    let f = fixture();
+    let (primary, backup) = generated_with_backup(&f, "t", 6).await;
+    let dek = LocalProvider::new(&f.key_file, false)
+        .unwrap_now(&primary, &KeyContext::new("t", 6))
+        .unwrap();
+    let backup_wrap = BackupWrap {
+        provider: local_backup().provider,
+        wrapped: backup.clone(),
+    };
+    // The primary cannot be reached: the backup answers, counted and audited.
+    let request = Request::Unwrap {
+        tenant: tenant("t"),
+        provider: unreachable_primary(&f),
+        dek_id: 6,
+        wrapped: primary.clone(),
+        cache: settings(60, 0),
+        backup: Some(backup_wrap.clone()),
+    };
+    let outcome = f.service.handle(request.clone()).await;
+    assert_eq!(outcome.data_key.expect("served by the backup"), dek);
+    assert_eq!(f.metrics.by_backup.load(Ordering::SeqCst), 1);
+    let backup_calls: Vec<KmsCallAudit> = f
+        .metrics
+        .audited
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(_, c)| c.clone())
+        .filter(|c| c.op == KmsOp::Unwrap)
+        .collect();
+    assert_eq!(
+        backup_calls.len(),
+        2,
+        "the primary's failure, then the backup"
+    );
+    assert!(!backup_calls[0].ok && !backup_calls[0].backup);
+    assert!(backup_calls[1].ok && backup_calls[1].backup);
+    // Cached like any other key: the next request costs nothing.
+    f.service.handle(request).await.data_key.unwrap();
+    assert_eq!(f.metrics.by_backup.load(Ordering::SeqCst), 1);
+
+    // The primary refuses (the customer disabled its key): final, whatever
+    // the backup could say.
+    revoke_local(&f, true);
+    let outcome = f
+        .service
+        .handle(Request::Unwrap {
+            tenant: tenant("t"),
+            provider: local(),
+            dek_id: 6,
+            wrapped: primary.clone(),
+            cache: settings(60, 0),
+            backup: Some(backup_wrap.clone()),
+        })
+        .await;
+    assert!(failed_with(&outcome, ErrorKind::KeyDisabled));
+    assert_eq!(
+        f.metrics.by_backup.load(Ordering::SeqCst),
+        1,
+        "backup not asked"
+    );
+
+    // The primary unreachable and the backup refusing (its key disabled): the
+    // backup's refusal, not an outage, even with a stale copy at hand.
+    let list = LocalProvider::new(&f.key_file, false).revocation_list();
+    std::fs::write(&list, "cmk-escrow\n").unwrap();
+    let outcome = f
+        .service
+        .handle(Request::Unwrap {
+            tenant: tenant("t"),
+            provider: unreachable_primary(&f),
+            dek_id: 61,
+            wrapped: primary.clone(),
+            cache: settings(1, 3600),
+            backup: Some(BackupWrap {
+                provider: local_backup().provider,
+                wrapped: backup.clone(),
+            }),
+        })
+        .await;
+    assert!(
+        failed_with(&outcome, ErrorKind::KeyDisabled)
+            || failed_with(&outcome, ErrorKind::UnwrapFailed),
+        "{:?}",
+        outcome.response
+    );
+    std::fs::remove_file(&list).unwrap();
+
+    // Both unreachable: the primary's error, the backup's failure in its detail.
+    std::fs::rename(&f.key_file, f.key_file.with_extension("away")).unwrap();
+    let outcome = f
+        .service
+        .handle(Request::Unwrap {
+            tenant: tenant("t"),
+            provider: unreachable_primary(&f),
+            dek_id: 60,
+            wrapped: backup.clone(),
+            cache: settings(60, 0),
+            backup: Some(backup_wrap),
+        })
+        .await;
+    let Response::Failed { error } = outcome.response else {
+        panic!("both down")
+    };
+    assert_eq!(error.kind, ErrorKind::Unavailable);
+    assert!(
+        error
+            .detail
+            .unwrap_or_default()
+            .contains("the backup key manager (local) failed too"),
+    );
+}
+
+#[tokio::test]
+async fn copy_wrap_adds_a_backup_wrap_to_an_existing_key() {
+    let f = fixture();
+    let (dek, wrapped) = wrapped_key(&f, "t", 8);
+    let outcome = f
+        .service
+        .handle(Request::CopyWrap {
+            tenant: tenant("t"),
+            dek_id: 8,
+            from: local(),
+            wrapped,
+            to: local_backup().provider,
+            cmk_id: "cmk-escrow".into(),
+        })
+        .await;
+    assert!(outcome.data_key.is_none(), "never hands out the plaintext");
+    let Response::Generated { wrapped: copy, .. } = outcome.response else {
+        panic!("expected the backup wrap")
+    };
+    assert_eq!(copy.cmk_id, "cmk-escrow");
+    let opened = LocalProvider::new(&f.key_file, false)
+        .unwrap_now(&copy, &KeyContext::new("t", 8))
+        .unwrap();
+    assert_eq!(opened, dek);
 }

@@ -13,6 +13,10 @@
 //! - Auth: a token read from a file, AppRole (secret id from a file), or
 //!   Kubernetes. Tokens are renewed (or logins repeated) before they expire, and
 //!   re-acquired once after a 403.
+//! - Disaster recovery: `replica_addresses` (performance standbys, a DR
+//!   cluster) are tried in order when the address cannot be reached, never
+//!   after a refusal; each is logged in to on its own, and each gets an equal
+//!   share of the call's time.
 
 mod errors;
 mod options;
@@ -41,7 +45,7 @@ pub use options::{AuthOptions, VaultOptions};
 use crate::error::ProviderError;
 use crate::policy::AccessPolicy;
 use crate::provider::{
-    KeyContext, KeyProvider, MasterKeyInfo, ProviderFuture, WrappedDek, unwrap_and_wrap,
+    CallReport, KeyContext, KeyProvider, MasterKeyInfo, ProviderFuture, WrappedDek, unwrap_and_wrap,
 };
 
 struct Session {
@@ -50,12 +54,20 @@ struct Session {
     refresh_at: Option<Instant>,
 }
 
+/// One cluster: the primary address or a replica, with its own login.
+struct Endpoint {
+    address: String,
+    session: Mutex<Option<Session>>,
+}
+
 pub struct VaultProvider {
     options: VaultOptions,
+    /// Bound on each endpoint's requests (the call's time, shared among them).
     timeout: Duration,
     /// Which credential files and endpoints the server allows (checked per use).
     policy: Arc<AccessPolicy>,
-    session: Mutex<Option<Session>>,
+    /// The address, then the replicas, in order.
+    endpoints: Vec<Endpoint>,
 }
 
 /// The derivation context binding a data key to its tenant and id.
@@ -97,6 +109,15 @@ impl VaultProvider {
                 Service::Private,
             )
             .map_err(refused)?;
+        for replica in &options.replica_addresses {
+            policy
+                .check_endpoint(
+                    "encryption.vault.replica_addresses",
+                    replica,
+                    Service::Private,
+                )
+                .map_err(refused)?;
+        }
         if options.tls_skip_verify {
             policy
                 .check_insecure_tls("encryption.vault.tls_skip_verify")
@@ -125,18 +146,25 @@ impl VaultProvider {
                 .check_credential_location(what, path)
                 .map_err(refused)?;
         }
+        let endpoints: Vec<Endpoint> = std::iter::once(&options.address)
+            .chain(&options.replica_addresses)
+            .map(|address| Endpoint {
+                address: address.clone(),
+                session: Mutex::new(None),
+            })
+            .collect();
         Ok(VaultProvider {
+            timeout: crate::replicas::share(timeout, endpoints.len()),
             options,
-            timeout,
             policy,
-            session: Mutex::new(None),
+            endpoints,
         })
     }
 
-    fn client_with(&self, token: &str) -> Result<VaultClient, VaultError> {
+    fn client_with(&self, address: &str, token: &str) -> Result<VaultClient, VaultError> {
         let mut settings = VaultClientSettingsBuilder::default();
         settings
-            .address(&self.options.address)
+            .address(address)
             .token(token)
             .timeout(Some(self.timeout))
             .verify(!self.options.tls_skip_verify);
@@ -157,13 +185,14 @@ impl VaultProvider {
         VaultClient::new(settings).map_err(|e| VaultError::from_client("connect", e))
     }
 
-    /// A fresh session: the token from its file, or a login.
-    async fn login(&self) -> Result<Session, VaultError> {
+    /// A fresh session with the cluster at `address`: the token from its
+    /// file, or a login.
+    async fn login(&self, address: &str) -> Result<Session, VaultError> {
         let (token, lease) = match &self.options.auth {
             AuthOptions::Token { token_file } => {
                 let token =
                     read_secret_file(&self.policy, "encryption.vault.auth.token_file", token_file)?;
-                let client = self.client_with(&token)?;
+                let client = self.client_with(address, &token)?;
                 let ttl = vaultrs::token::lookup_self(&client)
                     .await
                     .map_err(|e| VaultError::from_client("token lookup", e))?
@@ -180,7 +209,7 @@ impl VaultProvider {
                     "encryption.vault.auth.secret_id_file",
                     secret_id_file,
                 )?;
-                let client = self.client_with("")?;
+                let client = self.client_with(address, "")?;
                 let auth = vaultrs::auth::approle::login(&client, mount, role_id, &secret_id)
                     .await
                     .map_err(|e| VaultError::from_client("AppRole login", e))?;
@@ -193,7 +222,7 @@ impl VaultProvider {
             } => {
                 let jwt =
                     read_secret_file(&self.policy, "encryption.vault.auth.jwt_file", jwt_file)?;
-                let client = self.client_with("")?;
+                let client = self.client_with(address, "")?;
                 let auth = vaultrs::auth::kubernetes::login(&client, mount, role, &jwt)
                     .await
                     .map_err(|e| VaultError::from_client("Kubernetes login", e))?;
@@ -201,34 +230,62 @@ impl VaultProvider {
             }
         };
         Ok(Session {
-            client: Arc::new(self.client_with(&token)?),
+            client: Arc::new(self.client_with(address, &token)?),
             // Tokens without a TTL (root, some periodic tokens) never need refreshing.
             refresh_at: (lease > 0).then(|| Instant::now() + Duration::from_secs(lease * 2 / 3)),
         })
     }
 
-    async fn client(&self, force_new: bool) -> Result<Arc<VaultClient>, VaultError> {
-        let mut session = self.session.lock().await;
+    async fn client(
+        &self,
+        endpoint: &Endpoint,
+        force_new: bool,
+    ) -> Result<Arc<VaultClient>, VaultError> {
+        let mut session = endpoint.session.lock().await;
         let stale = match session.as_ref() {
             None => true,
             Some(s) => force_new || s.refresh_at.is_some_and(|at| Instant::now() >= at),
         };
         if stale {
-            *session = Some(self.login().await?);
+            *session = Some(self.login(&endpoint.address).await?);
         }
         Ok(session.as_ref().expect("set above").client.clone())
     }
 
-    /// Runs `call`; after a 403 (expired or revoked token) logs in again and retries once.
-    async fn with_client<T, F, Fut>(&self, call: F) -> Result<T, ProviderError>
+    /// Runs `call` on the first endpoint, then on each replica while the
+    /// failure is one of reaching the cluster, never after a refusal
+    /// ([`crate::replicas`]); a replica's answer is noted in `report`.
+    async fn with_client<T, F, Fut>(
+        &self,
+        report: Option<&CallReport>,
+        call: F,
+    ) -> Result<T, ProviderError>
     where
         F: Fn(Arc<VaultClient>) -> Fut,
         Fut: std::future::Future<Output = Result<T, VaultError>>,
     {
-        let result = call(self.client(false).await?).await;
+        let labels: Vec<&str> = self.endpoints.iter().map(|e| e.address.as_str()).collect();
+        crate::replicas::first_reachable(&labels, report, |index| {
+            self.with_endpoint(&self.endpoints[index], &call)
+        })
+        .await
+    }
+
+    /// Runs `call` on one endpoint; after a 403 (expired or revoked token)
+    /// logs in again and retries once.
+    async fn with_endpoint<T, F, Fut>(
+        &self,
+        endpoint: &Endpoint,
+        call: &F,
+    ) -> Result<T, ProviderError>
+    where
+        F: Fn(Arc<VaultClient>) -> Fut,
+        Fut: std::future::Future<Output = Result<T, VaultError>>,
+    {
+        let result = call(self.client(endpoint, false).await?).await;
         match result {
             Err(e) if e.is_forbidden() => {
-                let retry = call(self.client(true).await?).await;
+                let retry = call(self.client(endpoint, true).await?).await;
                 retry.map_err(Into::into)
             }
             other => other.map_err(Into::into),
@@ -259,8 +316,10 @@ impl VaultProvider {
     {
         let ciphertext = Self::ciphertext_of(wrapped)?;
         let derivation = derivation_context(context);
-        self.with_client(|client| call(client, ciphertext.clone(), derivation.clone()))
-            .await
+        self.with_client(Some(context.report), |client| {
+            call(client, ciphertext.clone(), derivation.clone())
+        })
+        .await
     }
 
     /// A wrapped data key's blob, as the transit ciphertext it is.
@@ -292,7 +351,7 @@ impl KeyProvider for VaultProvider {
         Box::pin(async move {
             let derivation = derivation_context(&context);
             let out = self
-                .with_client(|client| {
+                .with_client(Some(context.report), |client| {
                     let derivation = derivation.clone();
                     async move {
                         let mut opts = GenerateDataKeyRequest::builder();
@@ -348,7 +407,7 @@ impl KeyProvider for VaultProvider {
     fn describe_master_key<'a>(&'a self, cmk_id: &'a str) -> ProviderFuture<'a, MasterKeyInfo> {
         Box::pin(async move {
             let key = self
-                .with_client(|client| async move {
+                .with_client(None, |client| async move {
                     vaultrs::transit::key::read(client.as_ref(), &self.options.mount, cmk_id)
                         .await
                         .map_err(|e| VaultError::from_client("key read", e))
@@ -394,7 +453,7 @@ impl KeyProvider for VaultProvider {
             let plaintext = Zeroizing::new(BASE64.encode(dek.expose()));
             let derivation = derivation_context(&context);
             let out = self
-                .with_client(|client| {
+                .with_client(Some(context.report), |client| {
                     let (plaintext, derivation) = (plaintext.clone(), derivation.clone());
                     async move {
                         let mut opts = EncryptDataRequest::builder();

@@ -3,6 +3,8 @@
 //! ```yaml
 //! vault:
 //!   address: "https://vault.example:8200"
+//!   replica_addresses: ["https://vault-dr.example:8200"]   # optional: tried in order
+//!                                    # when the address cannot be reached (never on a refusal)
 //!   mount: "transit"                 # default
 //!   key_name: "byok"                 # a transit key created with derived=true
 //!   namespace: "admin/team-a"        # optional (HCP Vault / Enterprise)
@@ -27,6 +29,10 @@ use super::VaultError;
 #[serde(deny_unknown_fields)]
 pub struct VaultOptions {
     pub address: String,
+    /// Standby or DR clusters holding the same transit keys, tried in order
+    /// when `address` cannot be reached.
+    #[serde(default)]
+    pub replica_addresses: Vec<String>,
     #[serde(default = "default_mount")]
     pub mount: String,
     pub key_name: String,
@@ -82,10 +88,22 @@ impl VaultOptions {
     pub fn parse(block: &Map<String, Value>) -> Result<Self, VaultError> {
         let options: VaultOptions = serde_json::from_value(Value::Object(block.clone()))
             .map_err(|e| VaultError::Config(format!("encryption.vault: {e}")))?;
-        if !(options.address.starts_with("https://") || options.address.starts_with("http://")) {
+        let is_url = |a: &str| a.starts_with("https://") || a.starts_with("http://");
+        if !is_url(&options.address) {
             return Err(VaultError::Config(format!(
                 "encryption.vault.address: \"{}\" is not an http(s) URL",
                 options.address
+            )));
+        }
+        if let Some(bad) = options.replica_addresses.iter().find(|a| !is_url(a)) {
+            return Err(VaultError::Config(format!(
+                "encryption.vault.replica_addresses: \"{bad}\" is not an http(s) URL"
+            )));
+        }
+        if options.replica_addresses.len() > crate::replicas::MAX_REPLICAS {
+            return Err(VaultError::Config(format!(
+                "encryption.vault.replica_addresses: at most {}",
+                crate::replicas::MAX_REPLICAS
             )));
         }
         if options.tls_skip_verify && !options.allow_insecure_tls {

@@ -39,6 +39,39 @@ fn insecure_tls_needs_an_explicit_opt_in_and_tokens_are_never_inline() {
 }
 
 #[test]
+fn replica_addresses_are_urls_and_few() {
+    let base = json!({"address": "https://v:8200", "key_name": "k",
+        "auth": {"method": "token", "token_file": "/t"}});
+    let with = |replicas: serde_json::Value| {
+        let mut b = base.clone();
+        b["replica_addresses"] = replicas;
+        VaultOptions::parse(&block(b))
+    };
+    assert_eq!(
+        with(json!(["https://dr:8200"])).unwrap().replica_addresses,
+        ["https://dr:8200"]
+    );
+    assert!(
+        VaultOptions::parse(&block(base.clone()))
+            .unwrap()
+            .replica_addresses
+            .is_empty()
+    );
+    assert!(with(json!(["dr:8200"])).is_err());
+    assert!(with(json!("https://dr:8200")).is_err());
+    assert!(
+        with(json!([
+            "https://a",
+            "https://b",
+            "https://c",
+            "https://d",
+            "https://e"
+        ]))
+        .is_err()
+    );
+}
+
+#[test]
 fn api_errors_map_to_kinds() {
     let api = |status, msg: &str| VaultError::Api {
         operation: "decrypt",
