@@ -65,10 +65,15 @@ impl VaultError {
 
     pub fn kind(&self) -> ErrorKind {
         match self {
-            VaultError::Api { status, .. } => {
+            VaultError::Api {
+                status, operation, ..
+            } => {
                 let text = self.text().to_lowercase();
                 match status {
                     401 | 403 => ErrorKind::AccessDenied,
+                    // A login refused (an expired or unknown service-account
+                    // token, a bad role): a credential problem, like a 403.
+                    400 if operation.ends_with("login") => ErrorKind::AccessDenied,
                     404 => ErrorKind::KeyNotFound,
                     429 => ErrorKind::Throttled,
                     503 => ErrorKind::Unavailable,

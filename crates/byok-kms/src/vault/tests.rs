@@ -82,6 +82,12 @@ fn api_errors_map_to_kinds() {
         api(403, "permission denied").kind(),
         ErrorKind::AccessDenied
     );
+    let login = VaultError::Api {
+        operation: "Kubernetes login",
+        status: 400,
+        errors: vec!["error validating token: token is expired".to_string()],
+    };
+    assert_eq!(login.kind(), ErrorKind::AccessDenied);
     assert_eq!(
         api(400, "encryption key not found").kind(),
         ErrorKind::KeyNotFound
