@@ -169,3 +169,34 @@ revocation_drill() {
     done
     wait "$listener" "${readers[@]}" "$long" 2>/dev/null
 }
+
+# ---------------------------------------------------------------------------
+# Backup drill (issue: disaster recovery for every provider). A tenant whose
+# primary is a local key and whose backup (encryption.backup) is PROVIDER with
+# BLOCK: every data key is wrapped by both; with the local key file gone (the
+# primary unreachable), every value is read through PROVIDER; with it back,
+# the primary answers again.
+#
+#   backup_drill TENANT PROVIDER BLOCK_JSON
+backup_drill() {
+    local tenant=$1 provider=$2 block=$3 db=${DB:-postgres}
+    local key_file="$BYOK_WORK/$NAME/data/byok_local_master.key" table="backup_$1"
+    bq() { psql_at "$NAME" "$PORT" -d "$db" -qAt "$@"; }
+    echo "== backup drill: a local primary, a $provider backup (tenant $tenant)"
+    check "$provider as the backup: configure" "$(bq -c "SELECT byok.configure_tenant('{\"customer\":\"acme_corp\",\"tenant_id\":\"$tenant\",
+        \"encryption\":{\"provider\":\"local\",\"local\":{\"key_id\":\"$tenant-cmk\"},
+                        \"backup\":{\"provider\":\"$provider\",\"$provider\":$block}}}')")" "$tenant"
+    check "$provider as the backup: the data key is wrapped by both" \
+        "$(bq -c "SELECT has_primary_wrap, backup_provider, has_backup_wrap FROM byok.data_keys WHERE tenant_id = '$tenant'")" "t|$provider|t"
+    bq -c "SET client_min_messages = warning; DROP TABLE IF EXISTS $table; CREATE TABLE $table AS SELECT g AS id, byok.encrypt_text('$tenant', 'b ' || g, '$table') AS v FROM generate_series(1, 20) g" >/dev/null
+    mv "$key_file" "$key_file.away"
+    bq -c "SELECT byok.flush_cache('$tenant')" >/dev/null
+    check "$provider as the backup: every value read through it with the primary gone" \
+        "$(bq -c "SELECT count(*) FROM $table WHERE byok.decrypt_text(v, '$table') = 'b ' || id")" "20"
+    check "$provider as the backup: served_by_backup counts it" \
+        "$(bq -c "SELECT coalesce(sum(served_by_backup), 0) > 0 FROM byok.metrics WHERE tenant_id = '$tenant' AND provider = '$provider'")" "t"
+    mv "$key_file.away" "$key_file"
+    bq -c "SELECT byok.flush_cache('$tenant')" >/dev/null
+    check "$provider as the backup: the primary answers again" \
+        "$(bq -c "SELECT count(*) FROM $table WHERE byok.decrypt_text(v, '$table') = 'b ' || id")" "20"
+}

@@ -165,6 +165,49 @@ fn key_rows(sql: &str, args: &[DatumWithOid]) -> Result<Vec<KeyRow>, ByokError> 
     })
 }
 
+/// Wraps up to `limit` data keys made during DR (wrapped by the backup
+/// alone) under the tenant's primary master key; returns how many.
+fn add_primary_wraps(
+    tenant_id: &str,
+    tenant: &TenantRecord,
+    backup: &BackupKeyRecord,
+    limit: i64,
+) -> Result<i64, ByokError> {
+    let rows = key_rows(
+        "SELECT dek_id, backup_wrapped_dek, backup_cmk_id, backup_cmk_version
+           FROM byok.wrapped_data_keys
+          WHERE tenant_id = $1 AND state <> 'destroyed' AND wrapped_dek IS NULL
+            AND backup_wrapped_dek IS NOT NULL AND backup_provider = $2
+          ORDER BY dek_id LIMIT $3 FOR UPDATE",
+        &[
+            DatumWithOid::from(tenant_id),
+            DatumWithOid::from(backup.provider.provider.name()),
+            DatumWithOid::from(limit),
+        ],
+    )?;
+    for row in &rows {
+        let wrapped = broker::copy_wrap(
+            tenant_ref(tenant_id),
+            row.dek_id as u64,
+            backup.provider.clone(),
+            row.wrapped.clone(),
+            tenant.provider.clone(),
+            &tenant.master_key_id,
+        )?;
+        Spi::run_with_args(
+            "UPDATE byok.wrapped_data_keys SET wrapped_dek = $2, cmk_id = $3, cmk_version = $4
+              WHERE dek_id = $1",
+            &[
+                DatumWithOid::from(row.dek_id),
+                DatumWithOid::from(wrapped.blob),
+                DatumWithOid::from(wrapped.cmk_id.as_str()),
+                DatumWithOid::from(wrapped.cmk_version.as_str()),
+            ],
+        )?;
+    }
+    Ok(rows.len() as i64)
+}
+
 /// One step of `CALL byok.complete_key_wraps`: up to `BATCH` data keys get
 /// the wrap they lack (see the module docs); with no backup configured,
 /// backup wraps of keys the primary wraps are dropped (the customer withdrew
@@ -193,40 +236,7 @@ pub fn complete_key_wraps_step(tenant_id: &str) -> Result<i64, ByokError> {
     let mut changed = 0;
     if !tenant.dr_active {
         // Keys made during DR: the primary wraps them now.
-        let rows = key_rows(
-            "SELECT dek_id, backup_wrapped_dek, backup_cmk_id, backup_cmk_version
-               FROM byok.wrapped_data_keys
-              WHERE tenant_id = $1 AND state <> 'destroyed' AND wrapped_dek IS NULL
-                AND backup_wrapped_dek IS NOT NULL AND backup_provider = $2
-              ORDER BY dek_id LIMIT $3 FOR UPDATE",
-            &[
-                DatumWithOid::from(tenant_id),
-                DatumWithOid::from(backup.provider.provider.name()),
-                DatumWithOid::from(BATCH),
-            ],
-        )?;
-        for row in &rows {
-            let wrapped = broker::copy_wrap(
-                tenant_ref.clone(),
-                row.dek_id as u64,
-                backup.provider.clone(),
-                row.wrapped.clone(),
-                tenant.provider.clone(),
-                &tenant.master_key_id,
-            )?;
-            Spi::run_with_args(
-                "UPDATE byok.wrapped_data_keys
-                    SET wrapped_dek = $2, cmk_id = $3, cmk_version = $4
-                  WHERE dek_id = $1",
-                &[
-                    DatumWithOid::from(row.dek_id),
-                    DatumWithOid::from(wrapped.blob),
-                    DatumWithOid::from(wrapped.cmk_id.as_str()),
-                    DatumWithOid::from(wrapped.cmk_version.as_str()),
-                ],
-            )?;
-        }
-        changed += rows.len() as i64;
+        changed += add_primary_wraps(tenant_id, &tenant, backup, BATCH)?;
         // Keys without a backup wrap under the current backup key.
         let rows = key_rows(
             "SELECT dek_id, wrapped_dek, cmk_id, cmk_version FROM byok.wrapped_data_keys
@@ -419,34 +429,7 @@ pub fn deactivate(tenant_id: &str) -> Result<String, ByokError> {
     // Keys made during DR get the primary's wrap now, before the switch:
     // from then on the primary (and its customer's revocations) decides.
     let backup = tenant.backup.as_ref().ok_or_else(|| no_backup(tenant_id))?;
-    let made_during_dr = key_rows(
-        "SELECT dek_id, backup_wrapped_dek, backup_cmk_id, backup_cmk_version
-           FROM byok.wrapped_data_keys
-          WHERE tenant_id = $1 AND state <> 'destroyed' AND wrapped_dek IS NULL
-            AND backup_wrapped_dek IS NOT NULL
-          ORDER BY dek_id FOR UPDATE",
-        &[DatumWithOid::from(tenant_id)],
-    )?;
-    for row in &made_during_dr {
-        let wrapped = broker::copy_wrap(
-            tenant_ref(tenant_id),
-            row.dek_id as u64,
-            backup.provider.clone(),
-            row.wrapped.clone(),
-            tenant.provider.clone(),
-            &tenant.master_key_id,
-        )?;
-        Spi::run_with_args(
-            "UPDATE byok.wrapped_data_keys SET wrapped_dek = $2, cmk_id = $3, cmk_version = $4
-              WHERE dek_id = $1",
-            &[
-                DatumWithOid::from(row.dek_id),
-                DatumWithOid::from(wrapped.blob),
-                DatumWithOid::from(wrapped.cmk_id.as_str()),
-                DatumWithOid::from(wrapped.cmk_version.as_str()),
-            ],
-        )?;
-    }
+    let made_during_dr = add_primary_wraps(tenant_id, &tenant, backup, i64::MAX)?;
     Spi::run_with_args(
         "UPDATE byok.tenant_config SET dr_active = false, dr_activated_at = NULL, updated_at = now()
           WHERE tenant_id = $1",
@@ -462,13 +445,13 @@ pub fn deactivate(tenant_id: &str) -> Result<String, ByokError> {
         None,
         Some(serde_json::json!({
             "master_key_id": tenant.master_key_id,
-            "data_keys_wrapped_by_the_primary": made_during_dr.len(),
+            "data_keys_wrapped_by_the_primary": made_during_dr,
         })),
     )?;
     Ok(format!(
         "DR ended for tenant \"{tenant_id}\": master key {} ({}) is used again; {} data key(s) made during DR wrapped by it",
         tenant.master_key_id,
         tenant.provider.provider.name(),
-        made_during_dr.len()
+        made_during_dr
     ))
 }

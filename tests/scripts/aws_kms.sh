@@ -162,4 +162,5 @@ echo "== no secret in any message or log"
 q -c "SELECT reason, details FROM byok.audit_log" >> "$FIXTURES/errors.log"
 grep -q -- "$STRICT_SECRET\|not-the-right-secret" "$FIXTURES/errors.log" "$BYOK_WORK/$NAME/server.log" \
     && not_ok "a secret access key appears in an error or the server log" || ok "no secret access key in errors or the server log"
+backup_drill b_aws aws_kms "{\"key_arn\":\"$PRIMARY\",\"endpoint_url\":\"$EP\"}"
 exit $fail

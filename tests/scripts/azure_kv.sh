@@ -235,4 +235,5 @@ for s in "$(secret platform)" "$(secret reader)" "$(secret wrong)" "$(tr -d '\n'
     grep -qF -- "$s" "$FIXTURES/errors.log" "$BYOK_WORK/$NAME/server.log" && leaked=1
 done
 [ $leaked = 0 ] && ok "no credential in errors or the server log" || not_ok "a credential leaked into a message or the log"
+backup_drill b_azure azure_kv "$(block platform-cmk "$(sp platform-app platform)")"
 exit $fail

@@ -210,4 +210,5 @@ for s in "$(tr -d '\n' < "$FIXTURES/access.token")" \
     grep -qF -- "$s" "$FIXTURES/errors.log" "$BYOK_WORK/$NAME/server.log" && leaked=1
 done
 [ $leaked = 0 ] && ok "no credential in errors or the server log" || not_ok "a credential leaked into a message or the log"
+backup_drill b_gcp gcp_kms "$(block "$KEY" "$(keyfile byok-platform)")"
 exit $fail

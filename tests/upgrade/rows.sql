@@ -2,7 +2,10 @@
 -- order), readable on 0.1.0 and on later versions: columns that exist in both,
 -- audit rows without their hashes (the update re-chains them) and only up to
 -- :audit_max (the update appends its own row), every sealed value byte for byte.
-SELECT 'tenants ' || count(*) || ' ' || md5(string_agg(t::text, '|' ORDER BY tenant_id)) FROM byok.tenant_config t;
+SELECT 'tenants ' || count(*) || ' ' || md5(string_agg(concat_ws(',', tenant_id, customer, provider, master_key_id,
+       provider_options, rotation_enabled, rotation_interval_days, cache_ttl_seconds, cache_max_entries,
+       cache_grace_period_seconds, audit_log_all_operations, audit_alert_on_failures, previous_master_key_id,
+       previous_master_key_retires_at, config, created_at, updated_at), '|' ORDER BY tenant_id)) FROM byok.tenant_config t;
 SELECT 'data keys ' || count(*) || ' ' || md5(string_agg(concat_ws(',', dek_id, tenant_id, md5(wrapped_dek), provider, cmk_id,
        cmk_version, state, created_at, rotated_at, destroyed_at), '|' ORDER BY dek_id)) FROM byok.wrapped_data_keys;
 SELECT 'grants ' || count(*) || ' ' || md5(string_agg(g::text, '|' ORDER BY grantee::text, tenant_id)) FROM byok.tenant_grants g;

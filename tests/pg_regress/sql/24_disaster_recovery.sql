@@ -157,6 +157,29 @@ SELECT byok.compromise_response_step(NULL);
 \echo SQLSTATE :LAST_ERROR_SQLSTATE
 DROP TABLE dr_unregistered;
 
+-- In production (dual control), one administrator cannot switch a tenant to
+-- its backup, nor start a compromise response (it ends by destroying keys):
+-- a second one approves.
+SET byok.environment = 'production';
+SET byok.key_prefix = 'drt';
+CREATE ROLE dr_officer_ada LOGIN IN ROLE byok_admin;
+CREATE ROLE dr_officer_bob LOGIN IN ROLE byok_admin;
+SET SESSION AUTHORIZATION dr_officer_ada;
+SELECT byok.activate_dr('drt');
+\echo SQLSTATE :LAST_ERROR_SQLSTATE
+CALL byok.respond_to_compromise('drt', 'drt-cmk-4');
+\echo SQLSTATE :LAST_ERROR_SQLSTATE
+SELECT byok.request_operation('activate_dr', 'drt') AS dr_request \gset
+RESET SESSION AUTHORIZATION;
+SET SESSION AUTHORIZATION dr_officer_bob;
+SELECT byok.approve_operation(:dr_request) LIKE 'DR active for tenant "drt"%' AS approved;
+RESET SESSION AUTHORIZATION;
+SELECT dr_active FROM byok.tenants WHERE tenant_id = 'drt';
+RESET byok.environment;
+RESET byok.key_prefix;
+SELECT byok.deactivate_dr('drt') LIKE 'DR ended%' AS ended;
+DROP ROLE dr_officer_ada, dr_officer_bob;
+
 DROP TABLE dr_notes;
 SELECT byok.destroy_tenant_keys('drt', 'drt');
 SELECT byok.destroy_tenant_keys('drt3', 'drt3');
