@@ -121,8 +121,9 @@ fn set_local(name: &std::ffi::CStr, value: &std::ffi::CStr) {
 /// `SELECT count(*)` of `column`'s table under `condition` (`$col` names the
 /// column), as the table's owner.
 pub fn count_in(column: &Column, condition: &str, args: &[DatumWithOid]) -> Result<i64, ByokError> {
-    let sql = format!("SELECT count(*) FROM {} WHERE {condition}", column.table)
-        .replace("$col", &quote_ident(&column.column));
+    // (the column into the condition first: a table's name may itself contain "$col")
+    let condition = condition.replace("$col", &quote_ident(&column.column));
+    let sql = format!("SELECT count(*) FROM {} WHERE {condition}", column.table);
     as_table_owner(column, None, || {
         catalog::read_one::<i64>(&sql, args)?.not_null("count of values")
     })

@@ -299,7 +299,7 @@ fn reencrypt(
     Spi::run_with_args(
         "UPDATE byok.compromise_responses
             SET report = report OPERATOR(pg_catalog.||)
-                         pg_catalog.jsonb_build_object('keys_switched_at', pg_catalog.statement_timestamp())
+                         pg_catalog.jsonb_build_object('keys_switched_at', pg_catalog.clock_timestamp())
           WHERE response_id = $1 AND NOT report ? 'keys_switched_at'",
         &[DatumWithOid::from(response.id)],
     )?;
@@ -414,6 +414,8 @@ fn verify(tenant_id: &str, response: &Response) -> Result<&'static str, ByokErro
                FROM pg_catalog.pg_stat_activity a, r
               WHERE a.pid OPERATOR(pg_catalog.<>) pg_catalog.pg_backend_pid()
                 AND a.datname OPERATOR(pg_catalog.=) pg_catalog.current_database()
+                -- (sessions and workers that may write; not autovacuum, walsenders)
+                AND a.backend_type IN ('client backend', 'background worker')
                 AND a.xact_start OPERATOR(pg_catalog.<) r.switched
              UNION ALL
              SELECT 'prepared transaction ' OPERATOR(pg_catalog.||) p.gid
@@ -427,9 +429,9 @@ fn verify(tenant_id: &str, response: &Response) -> Result<&'static str, ByokErro
         let waited = catalog::read_one::<f64>(
             "UPDATE byok.compromise_responses
                 SET report = report OPERATOR(pg_catalog.||) pg_catalog.jsonb_build_object('waiting_since',
-                             coalesce(report OPERATOR(pg_catalog.->) 'waiting_since', pg_catalog.to_jsonb(pg_catalog.statement_timestamp())))
+                             coalesce(report OPERATOR(pg_catalog.->) 'waiting_since', pg_catalog.to_jsonb(pg_catalog.clock_timestamp())))
               WHERE response_id OPERATOR(pg_catalog.=) $1
-             RETURNING extract(epoch FROM pg_catalog.statement_timestamp()
+             RETURNING extract(epoch FROM pg_catalog.clock_timestamp()
                                OPERATOR(pg_catalog.-) (report OPERATOR(pg_catalog.->>) 'waiting_since')::pg_catalog.timestamptz)::pg_catalog.float8",
             &[DatumWithOid::from(response.id)],
         )?
@@ -539,17 +541,27 @@ const WAIT_FOR_OLDER: std::time::Duration = std::time::Duration::from_secs(600);
 fn check_unregistered_columns(tenant_id: &str, response: &Response) -> Result<(), ByokError> {
     let found: Vec<(pg_sys::Oid, String, String, bool)> = Spi::connect(|client| {
         let rows = client.select(
-            "SELECT c.oid,
+            // Every type that holds a byok.encrypted: arrays, domains (of
+            // domains), composite types with such a field, and so on.
+            "WITH RECURSIVE holding(oid) AS (
+                 SELECT 'byok.encrypted'::pg_catalog.regtype::pg_catalog.oid
+                 UNION
+                 SELECT ty.oid FROM pg_catalog.pg_type ty, holding h
+                  WHERE ty.typelem OPERATOR(pg_catalog.=) h.oid
+                     OR ty.typbasetype OPERATOR(pg_catalog.=) h.oid
+                     OR (ty.typrelid OPERATOR(pg_catalog.<>) 0
+                         AND EXISTS (SELECT 1 FROM pg_catalog.pg_attribute f
+                                      WHERE f.attrelid OPERATOR(pg_catalog.=) ty.typrelid
+                                        AND f.atttypid OPERATOR(pg_catalog.=) h.oid
+                                        AND NOT f.attisdropped)))
+             SELECT c.oid,
                     pg_catalog.quote_ident(n.nspname) OPERATOR(pg_catalog.||) '.' OPERATOR(pg_catalog.||) pg_catalog.quote_ident(c.relname),
                     a.attname::pg_catalog.text,
                     a.atttypid OPERATOR(pg_catalog.=) 'byok.encrypted'::pg_catalog.regtype
                FROM pg_catalog.pg_attribute a
                JOIN pg_catalog.pg_class c ON c.oid OPERATOR(pg_catalog.=) a.attrelid
                JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) c.relnamespace
-               JOIN pg_catalog.pg_type t ON t.oid OPERATOR(pg_catalog.=) a.atttypid
-              WHERE (a.atttypid OPERATOR(pg_catalog.=) 'byok.encrypted'::pg_catalog.regtype
-                     OR t.typelem OPERATOR(pg_catalog.=) 'byok.encrypted'::pg_catalog.regtype
-                     OR t.typbasetype OPERATOR(pg_catalog.=) 'byok.encrypted'::pg_catalog.regtype)
+              WHERE a.atttypid IN (SELECT oid FROM holding)
                 AND a.attnum OPERATOR(pg_catalog.>) 0 AND NOT a.attisdropped
                 AND c.relkind IN ('r', 'p', 'm') AND NOT c.relispartition
                 AND c.relpersistence OPERATOR(pg_catalog.<>) 't'

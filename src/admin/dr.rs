@@ -402,16 +402,63 @@ fn refuse_if_primary_refuses(tenant_id: &str, tenant: &TenantRecord) -> Result<(
             "the key broker's last revocation check found it revoked".into(),
         ));
     }
-    match broker::validate(
+    // Describing the key says whether it is enabled; only a real unwrap of one
+    // of the tenant's keys says whether we may still use it.
+    let answer = broker::validate(
         tenant_ref(tenant_id),
         tenant.provider.clone(),
         &tenant.master_key_id,
-    ) {
-        Ok(info) if !info.enabled => Err(refusal(info.description)),
+    )
+    .and_then(|info| match info.enabled {
+        false => Err(refusal(info.description)),
+        true => unwrap_one_key(tenant_id, tenant),
+    });
+    match answer {
+        // Reachable and usable (a planned switch), or unreachable (the loss DR is for).
+        Ok(()) => Ok(()),
+        Err(ByokError::Provider(e)) if e.kind.is_unreachable() => Ok(()),
+        // (a key manager that hangs: the broker's call outlasts the wait for it)
+        Err(ByokError::BrokerTimeout {
+            broker_up: true, ..
+        }) => Ok(()),
         Err(ByokError::Provider(e)) if e.kind.is_refusal() => Err(refusal(e.message)),
-        // Reachable and enabled (a planned switch), or unreachable (the loss DR is for).
-        _ => Ok(()),
+        Err(ByokError::WrongState { .. }) => answer,
+        // Throttled, misconfigured, the broker down: not known to be lost.
+        Err(other) => Err(ByokError::WrongState {
+            message: format!(
+                "the primary key manager of tenant \"{tenant_id}\" neither answered nor was unreachable; DR is not activated"
+            ),
+            detail: Some(other.summary()),
+            hint: Some("try again; DR takes over from a key manager that cannot be reached".into()),
+        }),
     }
+}
+
+/// Unwraps one of the tenant's live data keys with the primary (its own
+/// wrap, no backup): the key manager's answer on whether we may use the key.
+fn unwrap_one_key(tenant_id: &str, tenant: &TenantRecord) -> Result<(), ByokError> {
+    let rows = key_rows(
+        "SELECT dek_id, wrapped_dek, cmk_id, cmk_version FROM byok.wrapped_data_keys
+          WHERE tenant_id = $1 AND state IN ('active', 'decrypt-only') AND wrapped_dek IS NOT NULL
+          ORDER BY state = 'active' DESC, dek_id DESC LIMIT 1",
+        &[DatumWithOid::from(tenant_id)],
+    )?;
+    let Some(row) = rows.into_iter().next() else {
+        return Ok(());
+    };
+    // (with the tenant's own cache settings: the broker watches the key with them)
+    let cache = catalog::load_tenant_key_info(tenant_id)?
+        .map(|info| info.cache)
+        .unwrap_or_else(|| catalog::cache_settings(None, None, None, None));
+    broker::unwrap(
+        tenant_ref(tenant_id),
+        tenant.provider.clone(),
+        row.dek_id as u64,
+        row.wrapped,
+        cache,
+        None,
+    )
+    .map(drop)
 }
 
 /// Returns the tenant to its primary master key, which must answer again.
@@ -430,6 +477,16 @@ pub fn deactivate(tenant_id: &str) -> Result<String, ByokError> {
     // from then on the primary (and its customer's revocations) decides.
     let backup = tenant.backup.as_ref().ok_or_else(|| no_backup(tenant_id))?;
     let made_during_dr = add_primary_wraps(tenant_id, &tenant, backup, i64::MAX)?;
+    let left = keys_without_primary_wrap(tenant_id)?;
+    if left > 0 {
+        return Err(ByokError::WrongState {
+            message: format!(
+                "{left} data key(s) of tenant \"{tenant_id}\" made during DR could not be wrapped under the primary; DR stays active"
+            ),
+            detail: Some("they are wrapped by another backup key manager than the tenant's".into()),
+            hint: None,
+        });
+    }
     Spi::run_with_args(
         "UPDATE byok.tenant_config SET dr_active = false, dr_activated_at = NULL, updated_at = now()
           WHERE tenant_id = $1",

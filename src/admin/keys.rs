@@ -102,6 +102,35 @@ pub fn configure_tenant(document: &serde_json::Value) -> Result<String, ByokErro
     Ok(config.tenant_id)
 }
 
+/// Whether the catalog has 0.2.0's backup columns: between installing the
+/// library and `ALTER EXTENSION byok_pg UPDATE` it does not, and the key
+/// lifecycle (rotation, destruction, configuration without a backup) works
+/// on the 0.1.0 columns alone.
+fn has_backup_columns(client: &mut SpiClient<'_>) -> Result<bool, ByokError> {
+    Ok(client
+        .update(
+            "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_attribute
+                             WHERE attrelid OPERATOR(pg_catalog.=) 'byok.wrapped_data_keys'::pg_catalog.regclass
+                               AND attname OPERATOR(pg_catalog.=) 'backup_wrapped_dek' AND NOT attisdropped)",
+            Some(1),
+            &[],
+        )?
+        .first()
+        .get_one::<bool>()?
+        .unwrap_or(false))
+}
+
+/// The SET clause that erases a data key: both wraps (the primary's only
+/// before the 0.2.0 catalog).
+fn erase_clause(client: &mut SpiClient<'_>) -> Result<&'static str, ByokError> {
+    Ok(match has_backup_columns(client)? {
+        true => {
+            "state = 'destroyed', wrapped_dek = NULL, backup_wrapped_dek = NULL, destroyed_at = now()"
+        }
+        false => "state = 'destroyed', wrapped_dek = NULL, destroyed_at = now()",
+    })
+}
+
 /// A backup key manager's error, saying that it is about the backup.
 fn backup_error(e: ByokError, field: &str) -> ByokError {
     match e {
@@ -181,7 +210,22 @@ fn upsert_tenant(
     let provider_options = JsonB(serde_json::Value::Object(c.provider_options.clone()));
     let document = JsonB(config_document(c));
     let backup = c.backup.as_ref();
-    client.update(
+    let with_backup = has_backup_columns(client)?;
+    if !with_backup && backup.is_some() {
+        return Err(ByokError::WrongState {
+            message: "encryption.backup needs the 0.2.0 catalog".into(),
+            detail: None,
+            hint: Some("ALTER EXTENSION byok_pg UPDATE".into()),
+        });
+    }
+    const BACKUP_COLUMNS: &str = ",
+              backup_provider, backup_master_key_id, backup_provider_options)";
+    const BACKUP_VALUES: &str = ", $14, $15, $16)";
+    const BACKUP_SET: &str = "
+              backup_provider = excluded.backup_provider,
+              backup_master_key_id = excluded.backup_master_key_id,
+              backup_provider_options = excluded.backup_provider_options,";
+    let mut sql = String::from(
         "INSERT INTO byok.tenant_config AS t
              (tenant_id, customer, provider, master_key_id, provider_options,
               rotation_enabled, rotation_interval_days,
@@ -204,28 +248,38 @@ fn upsert_tenant(
               backup_master_key_id = excluded.backup_master_key_id,
               backup_provider_options = excluded.backup_provider_options,
               updated_at = now()",
-        None,
-        &[
-            DatumWithOid::from(tenant_id),
-            DatumWithOid::from(c.customer.as_str()),
-            DatumWithOid::from(c.provider.name()),
-            DatumWithOid::from(c.master_key_id.as_str()),
-            DatumWithOid::from(provider_options),
-            DatumWithOid::from(c.rotation.enabled),
-            DatumWithOid::from(c.rotation.interval_days as i32),
-            DatumWithOid::from(c.cache.ttl_seconds.map(|v| v as i32)),
-            DatumWithOid::from(c.cache.max_entries.map(|v| v as i32)),
-            DatumWithOid::from(c.cache.grace_period_seconds as i32),
-            DatumWithOid::from(c.audit.log_all_operations),
-            DatumWithOid::from(c.audit.alert_on_failures),
-            DatumWithOid::from(document),
-            DatumWithOid::from(backup.map(|b| b.provider.name())),
-            DatumWithOid::from(backup.map(|b| b.master_key_id.as_str())),
-            DatumWithOid::from(
-                backup.map(|b| JsonB(serde_json::Value::Object(b.provider_options.clone()))),
-            ),
-        ],
-    )?;
+    );
+    if !with_backup {
+        // (before ALTER EXTENSION byok_pg UPDATE: the 0.1.0 columns only)
+        sql = sql
+            .replace(BACKUP_COLUMNS, ")")
+            .replace(BACKUP_VALUES, ")")
+            .replace(BACKUP_SET, "");
+    }
+    let mut args = vec![
+        DatumWithOid::from(tenant_id),
+        DatumWithOid::from(c.customer.as_str()),
+        DatumWithOid::from(c.provider.name()),
+        DatumWithOid::from(c.master_key_id.as_str()),
+        DatumWithOid::from(provider_options),
+        DatumWithOid::from(c.rotation.enabled),
+        DatumWithOid::from(c.rotation.interval_days as i32),
+        DatumWithOid::from(c.cache.ttl_seconds.map(|v| v as i32)),
+        DatumWithOid::from(c.cache.max_entries.map(|v| v as i32)),
+        DatumWithOid::from(c.cache.grace_period_seconds as i32),
+        DatumWithOid::from(c.audit.log_all_operations),
+        DatumWithOid::from(c.audit.alert_on_failures),
+        DatumWithOid::from(document),
+        DatumWithOid::from(backup.map(|b| b.provider.name())),
+        DatumWithOid::from(backup.map(|b| b.master_key_id.as_str())),
+        DatumWithOid::from(
+            backup.map(|b| JsonB(serde_json::Value::Object(b.provider_options.clone()))),
+        ),
+    ];
+    if !with_backup {
+        args.truncate(13);
+    }
+    client.update(&sql, None, &args)?;
     let active = client.update(
         "SELECT dek_id FROM byok.wrapped_data_keys WHERE tenant_id = $1 AND state = 'active'",
         Some(1),
@@ -321,29 +375,39 @@ fn create_data_key(
         false => (Some(wrapped), second),
     };
     let backup_kind = tenant.backup.as_ref().map(|b| b.provider.provider.name());
-    client.update(
-        "INSERT INTO byok.wrapped_data_keys (dek_id, tenant_id, wrapped_dek, provider, cmk_id, cmk_version, state,
-                                             backup_wrapped_dek, backup_provider, backup_cmk_id, backup_cmk_version)
-         VALUES ($1, $2, $3, $4, $5, $6, 'active', $7, $8, $9, $10)",
-        None,
-        &[
-            DatumWithOid::from(dek_id),
-            DatumWithOid::from(tenant_id),
-            DatumWithOid::from(primary.as_ref().map(|w| w.blob.clone())),
-            DatumWithOid::from(tenant.provider.provider.name()),
-            DatumWithOid::from(
-                primary
-                    .as_ref()
-                    .map_or(tenant.master_key_id.as_str(), |w| w.cmk_id.as_str()),
-            ),
-            // (not wrapped by the primary yet: no version)
-            DatumWithOid::from(primary.as_ref().map_or("", |w| w.cmk_version.as_str())),
-            DatumWithOid::from(backup.as_ref().map(|w| w.blob.clone())),
-            DatumWithOid::from(backup.as_ref().and(backup_kind)),
-            DatumWithOid::from(backup.as_ref().map(|w| w.cmk_id.as_str())),
-            DatumWithOid::from(backup.as_ref().map(|w| w.cmk_version.as_str())),
-        ],
-    )?;
+    // (before the 0.2.0 catalog there is no backup, and no column for one)
+    let sql = match has_backup_columns(client)? {
+        true => {
+            "INSERT INTO byok.wrapped_data_keys (dek_id, tenant_id, wrapped_dek, provider, cmk_id, cmk_version, state,
+                                                 backup_wrapped_dek, backup_provider, backup_cmk_id, backup_cmk_version)
+             VALUES ($1, $2, $3, $4, $5, $6, 'active', $7, $8, $9, $10)"
+        }
+        false => {
+            "INSERT INTO byok.wrapped_data_keys (dek_id, tenant_id, wrapped_dek, provider, cmk_id, cmk_version, state)
+             VALUES ($1, $2, $3, $4, $5, $6, 'active')"
+        }
+    };
+    let mut args = vec![
+        DatumWithOid::from(dek_id),
+        DatumWithOid::from(tenant_id),
+        DatumWithOid::from(primary.as_ref().map(|w| w.blob.clone())),
+        DatumWithOid::from(tenant.provider.provider.name()),
+        DatumWithOid::from(
+            primary
+                .as_ref()
+                .map_or(tenant.master_key_id.as_str(), |w| w.cmk_id.as_str()),
+        ),
+        // (not wrapped by the primary yet: no version)
+        DatumWithOid::from(primary.as_ref().map_or("", |w| w.cmk_version.as_str())),
+        DatumWithOid::from(backup.as_ref().map(|w| w.blob.clone())),
+        DatumWithOid::from(backup.as_ref().and(backup_kind)),
+        DatumWithOid::from(backup.as_ref().map(|w| w.cmk_id.as_str())),
+        DatumWithOid::from(backup.as_ref().map(|w| w.cmk_version.as_str())),
+    ];
+    if !sql.contains("backup_wrapped_dek") {
+        args.truncate(6);
+    }
+    client.update(sql, None, &args)?;
     Ok(dek_id)
 }
 
@@ -461,11 +525,9 @@ pub fn destroy_data_key(tenant_id: &str, dek_id: i64) -> Result<String, ByokErro
                 values,
             });
         }
+        let erase = erase_clause(client)?;
         client.update(
-            "UPDATE byok.wrapped_data_keys
-                SET state = 'destroyed', wrapped_dek = NULL, backup_wrapped_dek = NULL,
-                    destroyed_at = now()
-              WHERE dek_id = $1",
+            &format!("UPDATE byok.wrapped_data_keys SET {erase} WHERE dek_id = $1"),
             None,
             &[DatumWithOid::from(dek_id)],
         )?;
@@ -495,11 +557,11 @@ pub fn destroy_tenant_keys(tenant_id: &str) -> Result<i64, ByokError> {
         if catalog::load_tenant_with(client, tenant_id, true)?.is_none() {
             return Err(ByokError::UnknownTenant(tenant_id.to_string()));
         }
+        let erase = erase_clause(client)?;
         let rows = client.update(
-            "UPDATE byok.wrapped_data_keys
-                SET state = 'destroyed', wrapped_dek = NULL, backup_wrapped_dek = NULL,
-                    destroyed_at = now()
-              WHERE tenant_id = $1 AND state <> 'destroyed'",
+            &format!(
+                "UPDATE byok.wrapped_data_keys SET {erase} WHERE tenant_id = $1 AND state <> 'destroyed'"
+            ),
             None,
             &[DatumWithOid::from(tenant_id)],
         )?;
