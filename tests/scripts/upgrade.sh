@@ -117,6 +117,12 @@ ALTER TABLE byok.audit_log DISABLE TRIGGER audit_log_append_only;
 UPDATE byok.audit_log SET details = '{"n": 99}' WHERE id = 2;
 ALTER TABLE byok.audit_log ENABLE TRIGGER audit_log_append_only;
 SQL
+# A database left on 0.1.0's catalog for a while after the new library is in
+# (ALTER EXTENSION byok_pg UPDATE not run yet): its keys must keep their lifecycle.
+q postgres "CREATE DATABASE later"
+q later "CREATE EXTENSION byok_pg VERSION '$OLD_VERSION'"
+q later "SELECT byok.configure_tenant('{\"customer\":\"later\",\"tenant_id\":\"later\",\"encryption\":{\"provider\":\"local\",\"local\":{\"key_id\":\"later-cmk\"}}}')" >/dev/null
+q later "CREATE TABLE notes AS SELECT g AS id, byok.encrypt_text('later', 'n' || g) AS v FROM generate_series(1, 10) g"
 audit_max=$(q app "SELECT max(id) FROM byok.audit_log")
 psql_at "$NAME" "$PORT" -d app -qAt -v audit_max="$audit_max" -f tests/upgrade/rows.sql > "$U/rows-before.txt"
 plain_sql="SELECT count(*) || ' ' || md5(string_agg(byok.decrypt_text(ssn, 'people.ssn') || convert_from(byok.decrypt(note), 'UTF8'), '|' ORDER BY id)) FROM people"
@@ -142,6 +148,12 @@ for sql in "SELECT * FROM byok.broker_status()" "SELECT * FROM byok.backend_cach
         || echo "before the update, fails: $sql: $(head -1 <<<"$out")"
 done
 check "server up after the old definitions met the new library" "$(grep -c 'terminated by signal' "$BYOK_WORK/$NAME/server.log")" "0"
+check "before the update: a data-key rotation on the 0.1.0 catalog" "$(q later "SELECT byok.rotate_data_key('later') > 0")" "t"
+check "before the update: values under the old and the new key decrypt" \
+    "$(q later "INSERT INTO notes VALUES (11, byok.encrypt_text('later', 'n11')); SELECT count(*) FROM notes WHERE byok.decrypt_text(v) = 'n' || id")" "11"
+check "before the update: reconfiguring the tenant" \
+    "$(q later "SELECT byok.configure_tenant('{\"customer\":\"later inc\",\"tenant_id\":\"later\",\"encryption\":{\"provider\":\"local\",\"local\":{\"key_id\":\"later-cmk\"}}}')")" "later"
+check "before the update: crypto-shredding" "$(q later "SELECT byok.destroy_tenant_keys('later', 'later')")" "2"
 for db in app golden; do
     out=$(psql_at "$NAME" "$PORT" -d "$db" -q -c "ALTER EXTENSION byok_pg UPDATE" 2>&1) || not_ok "ALTER EXTENSION byok_pg UPDATE in $db: $out"
     [ -z "$out" ] || echo "$out"
