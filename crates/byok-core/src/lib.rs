@@ -33,6 +33,7 @@ pub mod histogram;
 pub mod key_usage;
 pub mod monitors;
 pub mod prometheus;
+pub mod search;
 // `mmap`/`madvise`/`munmap` and a `Box`-like owner of raw chunks.
 #[allow(unsafe_code)]
 pub mod secret_mem;

@@ -1,0 +1,187 @@
+//! Blind index terms: what makes an encrypted column searchable by equality
+//! (issue 21, work in progress).
+//!
+//! A term is HMAC-SHA-256 under the tenant's *index key* (256 bits, wrapped
+//! by the tenant's master key like a data key) of the tenant, the context and
+//! the normalized plaintext, each length-prefixed, truncated to the column's
+//! term length. The same plaintext gives unrelated terms in another tenant
+//! (another key, another tenant id) or another context. Never a plain hash: a
+//! term reveals nothing without the index key, only equality within one
+//! tenant, context and index key.
+//!
+//! Normalization is declared per column and applied identically when a value
+//! is sealed and when a probe is computed: a Unicode form (NFC or NFKC), then
+//! case folding (Unicode lowercase), then trimming of white space.
+
+use hmac::{Hmac, KeyInit, Mac};
+use sha2::Sha256;
+use unicode_normalization::UnicodeNormalization;
+use zeroize::Zeroizing;
+
+/// Shortest term a column may ask for (a collision in 2^32 values).
+pub const MIN_TERM_LEN: usize = 4;
+/// Longest: the whole HMAC.
+pub const MAX_TERM_LEN: usize = 32;
+/// The default: a collision in 2^64, far beyond any column's size.
+pub const DEFAULT_TERM_LEN: usize = 8;
+
+const TERM_LABEL: &[u8] = b"byok_pg/term/v1\0";
+
+/// A Unicode normalization form.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UnicodeForm {
+    Nfc,
+    Nfkc,
+}
+
+/// How a column's values are normalized before their term is computed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Normalization {
+    pub unicode: Option<UnicodeForm>,
+    pub case_fold: bool,
+    pub trim: bool,
+}
+
+impl Normalization {
+    /// `exact`, or a comma-separated list of `nfc`/`nfkc`, `casefold`, `trim`.
+    pub fn parse(spec: &str) -> Result<Self, String> {
+        let mut n = Normalization::default();
+        let spec = spec.trim();
+        if spec.eq_ignore_ascii_case("exact") || spec.is_empty() {
+            return Ok(n);
+        }
+        for part in spec.split(',').map(str::trim) {
+            match part.to_ascii_lowercase().as_str() {
+                "nfc" | "nfkc" if n.unicode.is_some() => {
+                    return Err("give one Unicode form (nfc or nfkc)".into());
+                }
+                "nfc" => n.unicode = Some(UnicodeForm::Nfc),
+                "nfkc" => n.unicode = Some(UnicodeForm::Nfkc),
+                "casefold" => n.case_fold = true,
+                "trim" => n.trim = true,
+                other => {
+                    return Err(format!(
+                        "unknown normalization \"{}\"; expected exact, or any of nfc|nfkc, casefold, trim",
+                        other.chars().take(32).collect::<String>()
+                    ));
+                }
+            }
+        }
+        Ok(n)
+    }
+
+    /// The spec that parses back to this normalization (stored with a column).
+    pub fn spec(&self) -> String {
+        let mut parts = Vec::new();
+        match self.unicode {
+            Some(UnicodeForm::Nfc) => parts.push("nfc"),
+            Some(UnicodeForm::Nfkc) => parts.push("nfkc"),
+            None => {}
+        }
+        if self.case_fold {
+            parts.push("casefold");
+        }
+        if self.trim {
+            parts.push("trim");
+        }
+        if parts.is_empty() {
+            "exact".into()
+        } else {
+            parts.join(",")
+        }
+    }
+
+    /// `text` normalized (kept in a buffer wiped on drop: it is plaintext).
+    pub fn apply(&self, text: &str) -> Zeroizing<String> {
+        let mut out: String = match self.unicode {
+            Some(UnicodeForm::Nfc) => text.nfc().collect(),
+            Some(UnicodeForm::Nfkc) => text.nfkc().collect(),
+            None => text.to_string(),
+        };
+        if self.case_fold {
+            out = out.to_lowercase();
+        }
+        if self.trim {
+            out = out.trim().to_string();
+        }
+        Zeroizing::new(out)
+    }
+}
+
+/// A tenant's index key: the HMAC key its terms are computed under.
+pub struct IndexKey(Zeroizing<[u8; 32]>);
+
+impl IndexKey {
+    pub fn from_bytes(bytes: &[u8; 32]) -> Self {
+        IndexKey(Zeroizing::new(*bytes))
+    }
+
+    /// The term of `normalized` (already normalized plaintext) for `tenant`
+    /// and `context`, `len` bytes long (MIN_TERM_LEN..=MAX_TERM_LEN).
+    pub fn term(&self, tenant: &str, context: &[u8], normalized: &[u8], len: usize) -> Vec<u8> {
+        let len = len.clamp(MIN_TERM_LEN, MAX_TERM_LEN);
+        let mut mac = <Hmac<Sha256> as KeyInit>::new_from_slice(&self.0[..])
+            .expect("HMAC takes a key of any length");
+        mac.update(TERM_LABEL);
+        for part in [tenant.as_bytes(), context, normalized] {
+            mac.update(&(part.len() as u64).to_be_bytes());
+            mac.update(part);
+        }
+        mac.finalize().into_bytes()[..len].to_vec()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(b: u8) -> IndexKey {
+        IndexKey::from_bytes(&[b; 32])
+    }
+
+    #[test]
+    fn terms_are_bound_to_key_tenant_context_and_value() {
+        let k = key(1);
+        let t = k.term("acme", b"users.email", b"alice@example.com", 16);
+        assert_eq!(t.len(), 16);
+        assert_eq!(t, k.term("acme", b"users.email", b"alice@example.com", 16));
+        for other in [
+            key(2).term("acme", b"users.email", b"alice@example.com", 16),
+            k.term("globex", b"users.email", b"alice@example.com", 16),
+            k.term("acme", b"users.name", b"alice@example.com", 16),
+            k.term("acme", b"users.email", b"bob@example.com", 16),
+            // length prefixes: moving bytes between fields changes the term
+            k.term("acmeu", b"sers.email", b"alice@example.com", 16),
+        ] {
+            assert_ne!(t, other);
+        }
+        // A shorter term is a prefix of the longer one.
+        assert_eq!(
+            k.term("acme", b"c", b"v", 4),
+            k.term("acme", b"c", b"v", 32)[..4].to_vec()
+        );
+        assert_eq!(k.term("acme", b"c", b"v", 1).len(), MIN_TERM_LEN);
+        assert_eq!(k.term("acme", b"c", b"v", 99).len(), MAX_TERM_LEN);
+    }
+
+    #[test]
+    fn normalization_parses_and_applies_in_a_fixed_order() {
+        assert_eq!(
+            Normalization::parse("exact").unwrap(),
+            Normalization::default()
+        );
+        let n = Normalization::parse("trim, casefold,NFKC").unwrap();
+        assert_eq!(n.spec(), "nfkc,casefold,trim");
+        assert_eq!(Normalization::parse(&n.spec()).unwrap(), n);
+        // NFKC folds the ligature and the full-width letters; then lowercase; then trim.
+        assert_eq!(&*n.apply("  \u{FB01}LE \u{FF21}  "), "file a");
+        // NFC composes, NFKC also folds compatibility characters.
+        let nfc = Normalization::parse("nfc").unwrap();
+        assert_eq!(&*nfc.apply("e\u{301}"), "\u{e9}");
+        assert_eq!(&*nfc.apply("\u{FB01}"), "\u{FB01}");
+        assert_eq!(&*Normalization::default().apply(" A "), " A ");
+        assert!(Normalization::parse("nfc,nfkc").is_err());
+        assert!(Normalization::parse("soundex").is_err());
+        assert_eq!(&*Normalization::parse("trim").unwrap().apply(""), "");
+    }
+}
