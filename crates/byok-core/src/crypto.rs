@@ -1,7 +1,8 @@
 //! Sealing and opening values with AES-256-GCM under a data key.
 //!
 //! The AAD of every value is
-//! `envelope header (version, algorithm, DEK id) || u16 tenant length || tenant id || context`,
+//! `envelope header (version, algorithm, DEK id; for a searchable value also
+//! its index key id and term) || u16 tenant length || tenant id || context`,
 //! so a value copied to another tenant, another key id, or used with another
 //! caller context (column name, primary key...) fails to open. The context comes
 //! last, which makes the encoding unambiguous without a second length prefix.
@@ -22,7 +23,7 @@ pub const MAX_TENANT_ID_LEN: usize = 128;
 
 /// AADs up to this size are built on the stack, so sealing with an ordinary
 /// context does not allocate. Small, because the buffer is zeroed on every call.
-const STACK_AAD_LEN: usize = 160;
+const STACK_AAD_LEN: usize = 192;
 
 /// A plaintext data key, in memory excluded from core dumps
 /// ([`SecretBox`]) and wiped when dropped; never printed.
@@ -167,14 +168,49 @@ impl DekCipher {
         if out.len() != envelope::sealed_len(plaintext.len()) {
             return Err(CryptoError::BadOutputLength);
         }
-        let (header, rest) = out.split_at_mut(HEADER_LEN);
+        out[..HEADER_LEN].copy_from_slice(&self.header);
+        self.seal_after_header(HEADER_LEN, plaintext, context, out, fill_nonce)
+    }
+
+    /// As [`seal_into_with`](Self::seal_into_with), for a searchable value: the
+    /// envelope (version 2) carries `term`, computed under index key
+    /// `index_key_id`, in its authenticated header. `out` must be exactly
+    /// `envelope::searchable_sealed_len(plaintext.len(), term.len())` bytes.
+    pub fn seal_searchable_into_with(
+        &self,
+        plaintext: &[u8],
+        context: &[u8],
+        index_key_id: u64,
+        term: &[u8],
+        out: &mut [u8],
+        fill_nonce: &mut dyn FnMut(&mut [u8]) -> Result<(), CryptoError>,
+    ) -> Result<(), CryptoError> {
+        if !(envelope::MIN_TERM_LEN..=envelope::MAX_TERM_LEN).contains(&term.len())
+            || index_key_id == 0
+            || out.len() != envelope::searchable_sealed_len(plaintext.len(), term.len())
+        {
+            return Err(CryptoError::BadOutputLength);
+        }
+        let header_len = envelope::write_searchable_header(self.dek_id, index_key_id, term, out);
+        self.seal_after_header(header_len, plaintext, context, out, fill_nonce)
+    }
+
+    /// Seals into `out`, whose first `header_len` bytes hold the header already.
+    fn seal_after_header(
+        &self,
+        header_len: usize,
+        plaintext: &[u8],
+        context: &[u8],
+        out: &mut [u8],
+        fill_nonce: &mut dyn FnMut(&mut [u8]) -> Result<(), CryptoError>,
+    ) -> Result<(), CryptoError> {
+        let (header, rest) = out.split_at_mut(header_len);
         let (nonce, rest) = rest.split_at_mut(NONCE_LEN);
         let (body, tag_out) = rest.split_at_mut(plaintext.len());
-        header.copy_from_slice(&self.header);
         fill_nonce(nonce)?;
         let nonce = Nonce::try_from(&*nonce).expect("NONCE_LEN is 12");
         let buffer = InOutBuf::new(plaintext, body).expect("lengths are equal");
-        let tag = self.with_aad(context, |aad| {
+        let tag = self.with_aad(header, context, |aad| {
             self.cipher
                 .encrypt_inout_detached(&nonce, aad, buffer)
                 // Only possible for plaintexts beyond GCM's 64 GiB limit.
@@ -204,7 +240,7 @@ impl DekCipher {
         let nonce = Nonce::try_from(&envelope.nonce()[..]).expect("NONCE_LEN is 12");
         let tag = Tag::try_from(&envelope.tag()[..]).expect("TAG_LEN is 16");
         let ciphertext = envelope.ciphertext();
-        let result = self.with_aad(context, |aad| {
+        let result = self.with_aad(envelope.header(), context, |aad| {
             let buffer = InOutBuf::new(ciphertext, &mut *out).expect("lengths are equal");
             self.cipher
                 .decrypt_inout_detached(&nonce, aad, buffer, &tag)
@@ -231,16 +267,18 @@ impl DekCipher {
         Ok(out)
     }
 
-    /// Calls `f` with this key's AAD for `context`, built on the stack when it fits.
-    fn with_aad<R>(&self, context: &[u8], f: impl FnOnce(&[u8]) -> R) -> R {
+    /// Calls `f` with the AAD of a value with `header` under this key for
+    /// `context`, built on the stack when it fits.
+    fn with_aad<R>(&self, header: &[u8], context: &[u8], f: impl FnOnce(&[u8]) -> R) -> R {
         let tenant = self.tenant_id.as_bytes();
-        let len = HEADER_LEN + 2 + tenant.len() + context.len();
+        let h = header.len();
+        let len = h + 2 + tenant.len() + context.len();
         let fill = |buf: &mut [u8]| {
-            buf[..HEADER_LEN].copy_from_slice(&self.header);
+            buf[..h].copy_from_slice(header);
             // tenant ids are at most MAX_TENANT_ID_LEN bytes (checked in new), so u16 holds it
-            buf[HEADER_LEN..HEADER_LEN + 2].copy_from_slice(&(tenant.len() as u16).to_be_bytes());
-            buf[HEADER_LEN + 2..HEADER_LEN + 2 + tenant.len()].copy_from_slice(tenant);
-            buf[HEADER_LEN + 2 + tenant.len()..].copy_from_slice(context);
+            buf[h..h + 2].copy_from_slice(&(tenant.len() as u16).to_be_bytes());
+            buf[h + 2..h + 2 + tenant.len()].copy_from_slice(tenant);
+            buf[h + 2 + tenant.len()..].copy_from_slice(context);
         };
         if len <= STACK_AAD_LEN {
             let mut stack = [0u8; STACK_AAD_LEN];
@@ -469,5 +507,39 @@ mod tests {
             DekCipher::new(1, &tenant, &key).err(),
             Some(CryptoError::TenantIdTooLong)
         );
+    }
+
+    #[test]
+    fn searchable_values_bind_their_term() {
+        let key = DataKey::from_bytes(&[3u8; DEK_LEN]);
+        let cipher = DekCipher::new(11, "acme", &key).unwrap();
+        let term = [0x5Au8; 8];
+        let mut out = vec![0u8; envelope::searchable_sealed_len(5, term.len())];
+        cipher
+            .seal_searchable_into_with(b"hello", b"ctx", 99, &term, &mut out, &mut os_random)
+            .unwrap();
+        assert_eq!(cipher.open(&out, b"ctx").unwrap(), b"hello");
+        let env = Envelope::parse(&out).unwrap();
+        assert_eq!(env.term(), Some(&term[..]));
+        assert_eq!(env.index_key_id(), Some(99));
+        // Another term, another index key id, or another context: refused.
+        for at in [envelope::HEADER_LEN + 3, envelope::SEARCHABLE_HEADER_FIXED + 2] {
+            let mut tampered = out.clone();
+            tampered[at] ^= 1;
+            assert_eq!(
+                cipher.open(&tampered, b"ctx").unwrap_err(),
+                OpenError::Crypto(CryptoError::AuthenticationFailed)
+            );
+        }
+        assert!(cipher.open(&out, b"other").is_err());
+        // Bad term lengths and a zero index key id are refused.
+        for (len, id) in [(3usize, 99u64), (33, 99), (8, 0)] {
+            let mut out = vec![0u8; envelope::searchable_sealed_len(5, len)];
+            assert!(
+                cipher
+                    .seal_searchable_into_with(b"hello", b"ctx", id, &vec![1; len], &mut out, &mut os_random)
+                    .is_err()
+            );
+        }
     }
 }

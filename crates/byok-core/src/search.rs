@@ -1,5 +1,4 @@
-//! Blind index terms: what makes an encrypted column searchable by equality
-//! (issue 21, work in progress).
+//! Blind index terms: what makes an encrypted column searchable by equality.
 //!
 //! A term is HMAC-SHA-256 under the tenant's *index key* (256 bits, wrapped
 //! by the tenant's master key like a data key) of the tenant, the context and
@@ -16,16 +15,39 @@
 use hmac::{Hmac, KeyInit, Mac};
 use sha2::Sha256;
 use unicode_normalization::UnicodeNormalization;
-use zeroize::Zeroizing;
+use zeroize::{Zeroize, Zeroizing};
 
-/// Shortest term a column may ask for (a collision in 2^32 values).
-pub const MIN_TERM_LEN: usize = 4;
-/// Longest: the whole HMAC.
-pub const MAX_TERM_LEN: usize = 32;
+use crate::secret_mem::SecretBox;
+
+pub use crate::envelope::{MAX_TERM_LEN, MIN_TERM_LEN};
+
 /// The default: a collision in 2^64, far beyond any column's size.
 pub const DEFAULT_TERM_LEN: usize = 8;
 
 const TERM_LABEL: &[u8] = b"byok_pg/term/v1\0";
+
+/// How a column's terms are made: its normalization and term length.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SearchSpec {
+    pub normalization: Normalization,
+    pub term_len: usize,
+}
+
+impl Default for SearchSpec {
+    fn default() -> Self {
+        SearchSpec {
+            normalization: Normalization::default(),
+            term_len: DEFAULT_TERM_LEN,
+        }
+    }
+}
+
+/// Why a value cannot be normalized.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NormalizeError {
+    #[error("the value is not valid UTF-8, which this column's normalization needs")]
+    NotUtf8,
+}
 
 /// A Unicode normalization form.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -91,6 +113,11 @@ impl Normalization {
         }
     }
 
+    /// Whether values are used exactly as given.
+    pub fn is_exact(&self) -> bool {
+        *self == Normalization::default()
+    }
+
     /// `text` normalized (kept in a buffer wiped on drop: it is plaintext).
     pub fn apply(&self, text: &str) -> Zeroizing<String> {
         let mut out: String = match self.unicode {
@@ -102,32 +129,84 @@ impl Normalization {
             out = out.to_lowercase();
         }
         if self.trim {
-            out = out.trim().to_string();
+            let trimmed = out.trim().to_string();
+            out.zeroize();
+            out = trimmed;
         }
         Zeroizing::new(out)
     }
+
+    /// `value` normalized: borrowed as it is when the normalization is exact
+    /// (no allocation on the per-row path), else a wiped-on-drop copy.
+    pub fn apply_bytes<'a>(&self, value: &'a [u8]) -> Result<Normalized<'a>, NormalizeError> {
+        if self.is_exact() {
+            return Ok(Normalized::Exact(value));
+        }
+        let text = std::str::from_utf8(value).map_err(|_| NormalizeError::NotUtf8)?;
+        Ok(Normalized::Changed(self.apply(text)))
+    }
 }
 
-/// A tenant's index key: the HMAC key its terms are computed under.
-pub struct IndexKey(Zeroizing<[u8; 32]>);
+/// A normalized value.
+pub enum Normalized<'a> {
+    Exact(&'a [u8]),
+    Changed(Zeroizing<String>),
+}
+
+impl Normalized<'_> {
+    pub fn as_bytes(&self) -> &[u8] {
+        match self {
+            Normalized::Exact(b) => b,
+            Normalized::Changed(s) => s.as_bytes(),
+        }
+    }
+}
+
+/// A tenant's index key, ready: the HMAC state keyed with it (in memory
+/// excluded from core dumps and wiped on drop), so a term costs the
+/// message's hashing only, not the key's.
+pub struct IndexKey {
+    keyed: SecretBox<Hmac<Sha256>>,
+}
 
 impl IndexKey {
     pub fn from_bytes(bytes: &[u8; 32]) -> Self {
-        IndexKey(Zeroizing::new(*bytes))
+        IndexKey {
+            keyed: SecretBox::new(
+                <Hmac<Sha256> as KeyInit>::new_from_slice(bytes)
+                    .expect("HMAC takes a key of any length"),
+            ),
+        }
     }
 
-    /// The term of `normalized` (already normalized plaintext) for `tenant`
-    /// and `context`, `len` bytes long (MIN_TERM_LEN..=MAX_TERM_LEN).
-    pub fn term(&self, tenant: &str, context: &[u8], normalized: &[u8], len: usize) -> Vec<u8> {
-        let len = len.clamp(MIN_TERM_LEN, MAX_TERM_LEN);
-        let mut mac = <Hmac<Sha256> as KeyInit>::new_from_slice(&self.0[..])
-            .expect("HMAC takes a key of any length");
+    /// Writes the term of `normalized` (already normalized plaintext) for
+    /// `tenant` and `context` into `out`, whose length (MIN_TERM_LEN..=MAX_TERM_LEN)
+    /// is the term's.
+    pub fn term_into(&self, tenant: &str, context: &[u8], normalized: &[u8], out: &mut [u8]) {
+        debug_assert!((MIN_TERM_LEN..=MAX_TERM_LEN).contains(&out.len()));
+        let mut mac = (*self.keyed).clone();
         mac.update(TERM_LABEL);
         for part in [tenant.as_bytes(), context, normalized] {
             mac.update(&(part.len() as u64).to_be_bytes());
             mac.update(part);
         }
-        mac.finalize().into_bytes()[..len].to_vec()
+        let full = mac.finalize().into_bytes();
+        let len = out.len().min(MAX_TERM_LEN);
+        out[..len].copy_from_slice(&full[..len]);
+    }
+
+    /// As [`term_into`](Self::term_into), into a new vector of `len` bytes
+    /// (clamped to MIN_TERM_LEN..=MAX_TERM_LEN).
+    pub fn term(&self, tenant: &str, context: &[u8], normalized: &[u8], len: usize) -> Vec<u8> {
+        let mut out = vec![0u8; len.clamp(MIN_TERM_LEN, MAX_TERM_LEN)];
+        self.term_into(tenant, context, normalized, &mut out);
+        out
+    }
+}
+
+impl std::fmt::Debug for IndexKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("IndexKey(<redacted>)")
     }
 }
 
@@ -183,5 +262,15 @@ mod tests {
         assert!(Normalization::parse("nfc,nfkc").is_err());
         assert!(Normalization::parse("soundex").is_err());
         assert_eq!(&*Normalization::parse("trim").unwrap().apply(""), "");
+        // Exact borrows; others need UTF-8.
+        assert!(matches!(
+            Normalization::default().apply_bytes(b"\xff").unwrap(),
+            Normalized::Exact(_)
+        ));
+        assert_eq!(
+            n.apply_bytes(b"\xff").err(),
+            Some(NormalizeError::NotUtf8)
+        );
+        assert_eq!(n.apply_bytes(b" A ").unwrap().as_bytes(), b"a");
     }
 }
