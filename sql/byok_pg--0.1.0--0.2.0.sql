@@ -78,6 +78,14 @@ ALTER TABLE byok.wrapped_data_keys
     ADD CONSTRAINT wrapped_data_keys_check
         CHECK ((state = 'destroyed') = (wrapped_dek IS NULL AND backup_wrapped_dek IS NULL));
 
+-- Searchable encryption: a tenant's index keys live beside its data keys
+-- (purpose 'index'), each purpose with its own active key.
+ALTER TABLE byok.wrapped_data_keys
+    ADD COLUMN purpose text NOT NULL DEFAULT 'data' CHECK (purpose IN ('data', 'index'));
+DROP INDEX byok.wrapped_data_keys_one_active_per_tenant;
+CREATE UNIQUE INDEX wrapped_data_keys_one_active_per_tenant
+    ON byok.wrapped_data_keys (tenant_id, purpose) WHERE state = 'active';
+
 -- A job is kept to one worker by a claim in its row (0.1.0 used an advisory
 -- lock, which any role could take first).
 ALTER TABLE byok.reencrypt_jobs ADD COLUMN worker_pid integer,
@@ -104,10 +112,25 @@ CREATE TABLE byok.protected_column_registry (
     -- the context every value of the column is sealed with ('' = none)
     context text NOT NULL DEFAULT '',
     registered_at timestamptz NOT NULL DEFAULT now(),
-    PRIMARY KEY (relid, column_name)
+    -- searchable (byok.make_searchable): the length of its terms and how its
+    -- values are normalized before their term is computed; NULL: not searchable
+    search_term_length smallint CHECK (search_term_length BETWEEN 4 AND 32),
+    search_normalization text,
+    PRIMARY KEY (relid, column_name),
+    CONSTRAINT protected_column_registry_search_check
+        CHECK ((search_term_length IS NULL) = (search_normalization IS NULL))
 );
 COMMENT ON TABLE byok.protected_column_registry IS 'Columns of type byok.encrypted that re-encryption jobs rewrite';
 SELECT pg_catalog.pg_extension_config_dump('byok.protected_column_registry', '');
+-- Backends cache searchable columns' term settings: a change reaches them at
+-- commit. Row triggers, fired by those settings only: the event trigger below
+-- touches this table on every DROP, which must not empty every key cache.
+CREATE TRIGGER invalidate_key_caches_search_settings
+    AFTER UPDATE OF search_term_length, search_normalization ON byok.protected_column_registry
+    FOR EACH ROW EXECUTE FUNCTION byok.invalidate_key_caches();
+CREATE TRIGGER invalidate_key_caches_searchable_gone
+    AFTER DELETE ON byok.protected_column_registry
+    FOR EACH ROW WHEN (OLD.search_term_length IS NOT NULL) EXECUTE FUNCTION byok.invalidate_key_caches();
 INSERT INTO byok.protected_column_registry (relid, column_name, attnum, tenant_column, context, registered_at)
 SELECT r.relid, r.column_name, a.attnum, r.tenant_column, r.context, r.registered_at
   FROM byok.protected_column_registry_0_1_0 r
@@ -161,6 +184,23 @@ CREATE TRIGGER invalidate_key_caches
 --    unchanged since 0.1.0 (sql/types.sql).
 
 -- The library's functions (#[pg_extern]; as `cargo pgrx schema` writes them).
+CREATE OR REPLACE FUNCTION byok.make_searchable(
+    "tbl" regclass,
+    "col" TEXT,
+    "term_length" INT DEFAULT 8,
+    "normalization" TEXT DEFAULT 'exact'
+) RETURNS TEXT
+STRICT VOLATILE PARALLEL UNSAFE
+SET search_path TO pg_catalog, pg_temp
+LANGUAGE c
+AS 'MODULE_PATHNAME', 'make_searchable_wrapper';
+CREATE OR REPLACE FUNCTION byok.rotate_index_key(
+    "tenant_id" TEXT
+) RETURNS bigint
+STRICT VOLATILE PARALLEL UNSAFE
+SET search_path TO pg_catalog, pg_temp
+LANGUAGE c
+AS 'MODULE_PATHNAME', 'rotate_index_key_wrapper';
 CREATE OR REPLACE FUNCTION byok.activate_dr(
     "tenant_id" TEXT
 ) RETURNS TEXT
@@ -534,7 +574,8 @@ COMMENT ON VIEW byok.tenants IS 'Tenants and their settings (no key material)';
 CREATE OR REPLACE VIEW byok.data_keys WITH (security_invoker = true) AS
     SELECT dek_id, tenant_id, provider, cmk_id, cmk_version, state,
            created_at, rotated_at, destroyed_at, encryptions,
-           has_primary_wrap, backup_provider, backup_cmk_id, backup_cmk_version, has_backup_wrap
+           has_primary_wrap, backup_provider, backup_cmk_id, backup_cmk_version, has_backup_wrap,
+           purpose
       FROM byok.wrapped_data_keys;
 COMMENT ON VIEW byok.data_keys IS 'Data keys, their states and how many values each sealed (no key material)';
 CREATE OR REPLACE PROCEDURE byok.rotate_master_key(tenant_id text, new_key_id text,
@@ -618,7 +659,8 @@ CREATE POLICY own_grants ON byok.tenant_grants FOR SELECT
 
 -- jobs.sql
 CREATE OR REPLACE VIEW byok.protected_columns AS
-SELECT relid AS table_name, column_name, tenant_column, context, registered_at
+SELECT relid AS table_name, column_name, tenant_column, context, registered_at,
+       search_term_length, search_normalization
   FROM byok.protected_column_registry;
 COMMENT ON VIEW byok.protected_columns IS 'Columns registered with byok.protect_column()';
 CREATE OR REPLACE VIEW byok.jobs AS
@@ -885,6 +927,71 @@ $proc$;
 COMMENT ON PROCEDURE byok.respond_to_compromise(text, text) IS
     'Key compromise: rewrap under a new master key, new data key, re-encrypt, verify, retire and destroy the old keys; resumable';
 
+-- search.sql
+-- Searchable encryption: blind index terms (see README, "Searchable encryption").
+--
+-- A searchable value carries, in its authenticated header, a term: HMAC-SHA-256
+-- under its tenant's index key of the tenant, the context and the normalized
+-- plaintext, truncated to the column's term length. byok.term() reads it
+-- without any key, so an expression index can hold it; byok.search_terms()
+-- computes the probes (under the active index key and, while a rotation's job
+-- rewrites terms, the previous one); byok.matches() is both in one call, and
+-- confirms each candidate by decrypting it, so a truncated term's false
+-- positives never reach the result.
+
+-- The probes and the confirming check: C functions reading their arguments
+-- in place (the probe is computed once per query, the check once per candidate).
+CREATE FUNCTION byok.search_term(tenant_id text, plaintext text, context text DEFAULT '')
+    RETURNS bytea
+    AS 'MODULE_PATHNAME', 'byok_search_term' LANGUAGE C STABLE STRICT PARALLEL SAFE;
+COMMENT ON FUNCTION byok.search_term(text, text, text) IS
+    'The probe for a value under the tenant''s active index key: WHERE byok.term(col) = byok.search_term(...)';
+CREATE FUNCTION byok.search_terms(tenant_id text, plaintext text, context text DEFAULT '')
+    RETURNS bytea[]
+    AS 'MODULE_PATHNAME', 'byok_search_terms' LANGUAGE C STABLE STRICT PARALLEL SAFE;
+COMMENT ON FUNCTION byok.search_terms(text, text, text) IS
+    'The probes for a value under every live index key of the tenant (two while an index-key rotation''s job runs)';
+CREATE FUNCTION byok.confirm_match(value byok.encrypted, tenant_id text, plaintext text, context text DEFAULT '')
+    RETURNS boolean
+    AS 'MODULE_PATHNAME', 'byok_confirm_match' LANGUAGE C STABLE STRICT PARALLEL SAFE COST 1000;
+COMMENT ON FUNCTION byok.confirm_match(byok.encrypted, text, text, text) IS
+    'Whether a candidate found by its term is the tenant''s and decrypts to plaintext (after the column''s normalization)';
+
+-- Sealing with a term: the same C function as the three-argument forms, which
+-- reads the fourth argument when there is one.
+CREATE FUNCTION byok.encrypt(tenant_id text, plaintext bytea, context text, searchable boolean)
+    RETURNS byok.encrypted
+    AS 'MODULE_PATHNAME', 'byok_encrypt' LANGUAGE C VOLATILE STRICT PARALLEL SAFE;
+COMMENT ON FUNCTION byok.encrypt(text, bytea, text, boolean) IS
+    'Seals bytes for a tenant; with searchable => true the value also carries its blind index term (byok.term)';
+CREATE FUNCTION byok.encrypt_text(tenant_id text, plaintext text, context text, searchable boolean)
+    RETURNS byok.encrypted
+    AS 'MODULE_PATHNAME', 'byok_encrypt' LANGUAGE C VOLATILE STRICT PARALLEL SAFE;
+COMMENT ON FUNCTION byok.encrypt_text(text, text, text, boolean) IS
+    'Seals text for a tenant; with searchable => true the value also carries its blind index term (byok.term)';
+
+-- Metadata of a sealed value, readable without any key: what an index holds.
+CREATE FUNCTION byok.term(value byok.encrypted) RETURNS bytea
+    AS 'MODULE_PATHNAME', 'byok_value_term' LANGUAGE C IMMUTABLE STRICT PARALLEL SAFE;
+COMMENT ON FUNCTION byok.term(byok.encrypted) IS
+    'A searchable value''s blind index term, prefixed by its index key id (NULL for a value sealed without one): CREATE INDEX ON t (byok.term(col))';
+CREATE FUNCTION byok.index_key_id(value byok.encrypted) RETURNS bigint
+    AS 'MODULE_PATHNAME', 'byok_value_index_key_id' LANGUAGE C IMMUTABLE STRICT PARALLEL SAFE;
+COMMENT ON FUNCTION byok.index_key_id(byok.encrypted) IS
+    'The id of the index key a searchable value''s term was computed under (NULL for a value without a term)';
+
+-- The one-call lookup. A SQL function the planner inlines, so that
+--   WHERE byok.matches(email, 'acme', 'alice@example.com', 'users.email')
+-- becomes an index condition on byok.term(email) plus the confirming decrypt.
+-- SECURITY INVOKER and without SET (either would stop the inlining): it runs
+-- nothing but the schema-qualified functions below, with the caller's rights.
+CREATE FUNCTION byok.matches(value byok.encrypted, tenant_id text, plaintext text, context text DEFAULT '')
+    RETURNS boolean LANGUAGE sql STABLE PARALLEL SAFE
+    AS $$ SELECT byok.term($1) OPERATOR(pg_catalog.=) ANY (byok.search_terms($2, $3, $4))
+             AND byok.confirm_match($1, $2, $3, $4) $$;
+COMMENT ON FUNCTION byok.matches(byok.encrypted, text, text, text) IS
+    'Whether a searchable value equals plaintext (after the column''s normalization), through an index on byok.term(value) when there is one';
+
 -- ---------------------------------------------------------------------------
 -- 4. Privileges: exactly a fresh install's. What 0.1.0 granted to PUBLIC,
 --    byok_admin and byok_user is revoked, then sql/privileges.sql is applied as
@@ -909,11 +1016,17 @@ GRANT EXECUTE ON FUNCTION byok.encrypted_in(cstring), byok.encrypted_out(byok.en
 GRANT EXECUTE ON FUNCTION byok.data_key_id(byok.encrypted), byok.reencrypt(byok.encrypted, text),
     byok.value_opens(byok.encrypted, text)
   TO PUBLIC;
+-- A searchable value's term and index key id: bytes of the value, no key
+-- (an index on byok.term(col) is built and used with the table owner's rights).
+GRANT EXECUTE ON FUNCTION byok.term(byok.encrypted), byok.index_key_id(byok.encrypted) TO PUBLIC;
 
 -- byok_user: the per-row functions, and what the catalog views need.
 GRANT EXECUTE ON FUNCTION byok.encrypt(text, bytea, text), byok.encrypt_text(text, text, text),
     byok.decrypt(byok.encrypted, text), byok.decrypt_text(byok.encrypted, text),
-    byok.tenant_visible(text)
+    byok.tenant_visible(text),
+    byok.encrypt(text, bytea, text, boolean), byok.encrypt_text(text, text, text, boolean),
+    byok.search_term(text, text, text), byok.search_terms(text, text, text),
+    byok.confirm_match(byok.encrypted, text, text, text), byok.matches(byok.encrypted, text, text, text)
   TO byok_user, byok_admin;
 GRANT SELECT (tenant_id, customer, provider, master_key_id, previous_master_key_id,
               previous_master_key_retires_at, provider_options, rotation_enabled,
@@ -924,7 +1037,7 @@ GRANT SELECT (tenant_id, customer, provider, master_key_id, previous_master_key_
     ON byok.tenant_config TO byok_admin, byok_user;
 GRANT SELECT (dek_id, tenant_id, provider, cmk_id, cmk_version, state, created_at, rotated_at,
               destroyed_at, encryptions, has_primary_wrap, backup_provider, backup_cmk_id,
-              backup_cmk_version, has_backup_wrap)
+              backup_cmk_version, has_backup_wrap, purpose)
     ON byok.wrapped_data_keys TO byok_admin, byok_user;
 GRANT SELECT ON byok.tenant_grants TO byok_admin, byok_user;
 GRANT SELECT ON byok.tenants, byok.data_keys, byok.tenant_access TO byok_admin, byok_user;
@@ -947,7 +1060,8 @@ GRANT EXECUTE ON FUNCTION byok.configure_tenant(jsonb), byok.rotate_data_key(tex
     byok.alert_states(), byok.prometheus_metrics(),
     byok.complete_key_wraps_step(text), byok.complete_key_wraps_finish(text),
     byok.activate_dr(text), byok.deactivate_dr(text),
-    byok.start_compromise_response(text, text), byok.compromise_response_step(text, bigint)
+    byok.start_compromise_response(text, text), byok.compromise_response_step(text, bigint),
+    byok.rotate_index_key(text), byok.make_searchable(regclass, text, integer, text)
   TO byok_admin;
 -- SQL exporters (postgres_exporter and the like) run as members of pg_monitor.
 GRANT EXECUTE ON FUNCTION byok.prometheus_metrics() TO pg_monitor;

@@ -14,10 +14,25 @@ CREATE TABLE byok.protected_column_registry (
     -- the context every value of the column is sealed with ('' = none)
     context text NOT NULL DEFAULT '',
     registered_at timestamptz NOT NULL DEFAULT now(),
-    PRIMARY KEY (relid, column_name)
+    -- searchable (byok.make_searchable): the length of its terms and how its
+    -- values are normalized before their term is computed; NULL: not searchable
+    search_term_length smallint CHECK (search_term_length BETWEEN 4 AND 32),
+    search_normalization text,
+    PRIMARY KEY (relid, column_name),
+    CONSTRAINT protected_column_registry_search_check
+        CHECK ((search_term_length IS NULL) = (search_normalization IS NULL))
 );
 COMMENT ON TABLE byok.protected_column_registry IS 'Columns of type byok.encrypted that re-encryption jobs rewrite';
 SELECT pg_catalog.pg_extension_config_dump('byok.protected_column_registry', '');
+-- Backends cache searchable columns' term settings: a change reaches them at
+-- commit. Row triggers, fired by those settings only: the event trigger below
+-- touches this table on every DROP, which must not empty every key cache.
+CREATE TRIGGER invalidate_key_caches_search_settings
+    AFTER UPDATE OF search_term_length, search_normalization ON byok.protected_column_registry
+    FOR EACH ROW EXECUTE FUNCTION byok.invalidate_key_caches();
+CREATE TRIGGER invalidate_key_caches_searchable_gone
+    AFTER DELETE ON byok.protected_column_registry
+    FOR EACH ROW WHEN (OLD.search_term_length IS NOT NULL) EXECUTE FUNCTION byok.invalidate_key_caches();
 
 CREATE TABLE byok.reencrypt_jobs (
     job_id bigserial PRIMARY KEY,
@@ -58,7 +73,8 @@ CREATE TABLE byok.reencrypt_jobs (
 COMMENT ON TABLE byok.reencrypt_jobs IS 'Re-encryption jobs and their checkpoints';
 
 CREATE VIEW byok.protected_columns AS
-SELECT relid AS table_name, column_name, tenant_column, context, registered_at
+SELECT relid AS table_name, column_name, tenant_column, context, registered_at,
+       search_term_length, search_normalization
   FROM byok.protected_column_registry;
 COMMENT ON VIEW byok.protected_columns IS 'Columns registered with byok.protect_column()';
 

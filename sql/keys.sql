@@ -64,12 +64,15 @@ CREATE TABLE byok.wrapped_data_keys (
     -- which wraps exist, for the views (the wrapped keys themselves are not readable)
     has_primary_wrap boolean GENERATED ALWAYS AS (wrapped_dek IS NOT NULL) STORED,
     has_backup_wrap boolean GENERATED ALWAYS AS (backup_wrapped_dek IS NOT NULL) STORED,
+    -- 'data': seals values (AES-256-GCM); 'index': keys the blind index terms
+    -- of searchable values (HMAC-SHA-256). Each purpose has its own active key.
+    purpose text NOT NULL DEFAULT 'data' CHECK (purpose IN ('data', 'index')),
     CONSTRAINT wrapped_data_keys_check
         CHECK ((state = 'destroyed') = (wrapped_dek IS NULL AND backup_wrapped_dek IS NULL))
 );
 ALTER SEQUENCE byok.data_key_id_seq OWNED BY byok.wrapped_data_keys.dek_id;
 CREATE UNIQUE INDEX wrapped_data_keys_one_active_per_tenant
-    ON byok.wrapped_data_keys (tenant_id) WHERE state = 'active';
+    ON byok.wrapped_data_keys (tenant_id, purpose) WHERE state = 'active';
 CREATE INDEX wrapped_data_keys_tenant ON byok.wrapped_data_keys (tenant_id);
 COMMENT ON TABLE byok.wrapped_data_keys IS 'Data keys, stored only wrapped by their tenant''s master key';
 
@@ -146,7 +149,8 @@ COMMENT ON VIEW byok.tenants IS 'Tenants and their settings (no key material)';
 CREATE VIEW byok.data_keys WITH (security_invoker = true) AS
     SELECT dek_id, tenant_id, provider, cmk_id, cmk_version, state,
            created_at, rotated_at, destroyed_at, encryptions,
-           has_primary_wrap, backup_provider, backup_cmk_id, backup_cmk_version, has_backup_wrap
+           has_primary_wrap, backup_provider, backup_cmk_id, backup_cmk_version, has_backup_wrap,
+           purpose
       FROM byok.wrapped_data_keys;
 COMMENT ON VIEW byok.data_keys IS 'Data keys, their states and how many values each sealed (no key material)';
 

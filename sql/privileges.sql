@@ -21,11 +21,17 @@ GRANT EXECUTE ON FUNCTION byok.encrypted_in(cstring), byok.encrypted_out(byok.en
 GRANT EXECUTE ON FUNCTION byok.data_key_id(byok.encrypted), byok.reencrypt(byok.encrypted, text),
     byok.value_opens(byok.encrypted, text)
   TO PUBLIC;
+-- A searchable value's term and index key id: bytes of the value, no key
+-- (an index on byok.term(col) is built and used with the table owner's rights).
+GRANT EXECUTE ON FUNCTION byok.term(byok.encrypted), byok.index_key_id(byok.encrypted) TO PUBLIC;
 
 -- byok_user: the per-row functions, and what the catalog views need.
 GRANT EXECUTE ON FUNCTION byok.encrypt(text, bytea, text), byok.encrypt_text(text, text, text),
     byok.decrypt(byok.encrypted, text), byok.decrypt_text(byok.encrypted, text),
-    byok.tenant_visible(text)
+    byok.tenant_visible(text),
+    byok.encrypt(text, bytea, text, boolean), byok.encrypt_text(text, text, text, boolean),
+    byok.search_term(text, text, text), byok.search_terms(text, text, text),
+    byok.confirm_match(byok.encrypted, text, text, text), byok.matches(byok.encrypted, text, text, text)
   TO byok_user, byok_admin;
 GRANT SELECT (tenant_id, customer, provider, master_key_id, previous_master_key_id,
               previous_master_key_retires_at, provider_options, rotation_enabled,
@@ -36,7 +42,7 @@ GRANT SELECT (tenant_id, customer, provider, master_key_id, previous_master_key_
     ON byok.tenant_config TO byok_admin, byok_user;
 GRANT SELECT (dek_id, tenant_id, provider, cmk_id, cmk_version, state, created_at, rotated_at,
               destroyed_at, encryptions, has_primary_wrap, backup_provider, backup_cmk_id,
-              backup_cmk_version, has_backup_wrap)
+              backup_cmk_version, has_backup_wrap, purpose)
     ON byok.wrapped_data_keys TO byok_admin, byok_user;
 GRANT SELECT ON byok.tenant_grants TO byok_admin, byok_user;
 GRANT SELECT ON byok.tenants, byok.data_keys, byok.tenant_access TO byok_admin, byok_user;
@@ -59,7 +65,8 @@ GRANT EXECUTE ON FUNCTION byok.configure_tenant(jsonb), byok.rotate_data_key(tex
     byok.alert_states(), byok.prometheus_metrics(),
     byok.complete_key_wraps_step(text), byok.complete_key_wraps_finish(text),
     byok.activate_dr(text), byok.deactivate_dr(text),
-    byok.start_compromise_response(text, text), byok.compromise_response_step(text, bigint)
+    byok.start_compromise_response(text, text), byok.compromise_response_step(text, bigint),
+    byok.rotate_index_key(text), byok.make_searchable(regclass, text, integer, text)
   TO byok_admin;
 -- SQL exporters (postgres_exporter and the like) run as members of pg_monitor.
 GRANT EXECUTE ON FUNCTION byok.prometheus_metrics() TO pg_monitor;

@@ -26,6 +26,8 @@ pub struct CatalogIds {
     pub tenant_config: pg_sys::Oid,
     pub wrapped_data_keys: pg_sys::Oid,
     pub tenant_grants: pg_sys::Oid,
+    /// (searchable columns' term settings are cached with the keys)
+    pub protected_column_registry: pg_sys::Oid,
 }
 
 thread_local! {
@@ -47,7 +49,8 @@ fn catalog_ids() -> Result<CatalogIds, ByokError> {
     }
     let ids = Spi::connect(|client| -> Result<Option<CatalogIds>, ByokError> {
         let table = client.select(
-            "SELECT e.extowner, c.oid, k.oid, g.oid
+            "SELECT e.extowner, c.oid, k.oid, g.oid,
+                    pg_catalog.to_regclass('byok.protected_column_registry')::pg_catalog.oid
                FROM pg_catalog.pg_extension e,
                     pg_catalog.pg_class c, pg_catalog.pg_class k, pg_catalog.pg_class g
               WHERE e.extname OPERATOR(pg_catalog.=) 'byok_pg'
@@ -66,6 +69,7 @@ fn catalog_ids() -> Result<CatalogIds, ByokError> {
             tenant_config: row.get(2)?.unwrap_or(pg_sys::InvalidOid),
             wrapped_data_keys: row.get(3)?.unwrap_or(pg_sys::InvalidOid),
             tenant_grants: row.get(4)?.unwrap_or(pg_sys::InvalidOid),
+            protected_column_registry: row.get(5)?.unwrap_or(pg_sys::InvalidOid),
         }))
     })?;
     let ids = ids.ok_or_else(|| {
@@ -358,6 +362,8 @@ pub struct DataKeyRecord {
     pub backup: Option<byok_kms::protocol::BackupWrap>,
     /// DR is active for the tenant: only the backup is asked.
     pub dr_active: bool,
+    /// An index key (blind index terms), not a data key.
+    pub is_index_key: bool,
 }
 
 /// A tenant's cache settings, the server's defaults filling what it leaves out.
@@ -438,7 +444,8 @@ pub fn load_data_key(dek_id: u64) -> Result<Option<DataKeyRecord>, ByokError> {
                         CASE WHEN (pg_catalog.to_jsonb(k) OPERATOR(pg_catalog.->>) 'backup_provider')
                                   OPERATOR(pg_catalog.=) (pg_catalog.to_jsonb(t) OPERATOR(pg_catalog.->>) 'backup_provider')
                              THEN pg_catalog.to_jsonb(t) OPERATOR(pg_catalog.->>) 'backup_provider' END,
-                        (pg_catalog.to_jsonb(t) OPERATOR(pg_catalog.->>) 'dr_active')::pg_catalog.bool
+                        (pg_catalog.to_jsonb(t) OPERATOR(pg_catalog.->>) 'dr_active')::pg_catalog.bool,
+                        (pg_catalog.to_jsonb(k) OPERATOR(pg_catalog.->>) 'purpose') IS NOT DISTINCT FROM 'index'
                    FROM byok.wrapped_data_keys k
                    JOIN byok.tenant_config t ON t.tenant_id OPERATOR(pg_catalog.=) k.tenant_id
                   WHERE k.dek_id OPERATOR(pg_catalog.=) $1",
@@ -485,6 +492,7 @@ pub fn load_data_key(dek_id: u64) -> Result<Option<DataKeyRecord>, ByokError> {
                     _ => None,
                 },
                 dr_active: row.get::<bool>(18)?.unwrap_or(false),
+                is_index_key: row.get::<bool>(19)?.unwrap_or(false),
                 monitoring: monitoring_rules(row.get::<pgrx::JsonB>(12)?.map(|j| j.0)),
                 provider_options: match row.get::<pgrx::JsonB>(10)?.map(|j| j.0) {
                     Some(serde_json::Value::Object(map)) => map,
@@ -539,6 +547,70 @@ fn master_key_retired(client: &pgrx::spi::SpiClient<'_>, dek_id: u64) -> Result<
         .unwrap_or(false))
 }
 
+/// The condition (on `byok.wrapped_data_keys k`) that leaves index keys out.
+/// Read through `to_jsonb`: between installing this library and `ALTER
+/// EXTENSION byok_pg UPDATE` the 0.1.0 catalog has no `purpose` column (and
+/// no index keys).
+pub const DATA_KEYS_ONLY: &str =
+    "(pg_catalog.to_jsonb(k) OPERATOR(pg_catalog.->>) 'purpose') IS DISTINCT FROM 'index'";
+
+/// A tenant's index keys: the active one first, then any decrypt-only one a
+/// rotation left (probes use them all), and the newest destroyed one.
+#[derive(Debug, Clone, Default)]
+pub struct IndexKeys {
+    pub live: Vec<u64>,
+    pub destroyed: Option<u64>,
+}
+
+pub fn index_keys(tenant_id: &str) -> Result<IndexKeys, ByokError> {
+    as_catalog_owner(|| {
+        let rows = read_one::<pgrx::JsonB>(
+            "SELECT pg_catalog.jsonb_build_object(
+                        'live', coalesce(pg_catalog.jsonb_agg(dek_id ORDER BY state OPERATOR(pg_catalog.<>) 'active', dek_id DESC)
+                                         FILTER (WHERE state OPERATOR(pg_catalog.=) ANY ('{active,decrypt-only}')), '[]'),
+                        'destroyed', pg_catalog.max(dek_id) FILTER (WHERE state OPERATOR(pg_catalog.=) 'destroyed'))
+               FROM byok.wrapped_data_keys
+              WHERE tenant_id OPERATOR(pg_catalog.=) $1 AND purpose OPERATOR(pg_catalog.=) 'index'",
+            &[DatumWithOid::from(tenant_id)],
+        )?
+        .map(|j| j.0)
+        .unwrap_or_default();
+        Ok(IndexKeys {
+            live: rows["live"]
+                .as_array()
+                .map(|ids| ids.iter().filter_map(serde_json::Value::as_u64).collect())
+                .unwrap_or_default(),
+            destroyed: rows["destroyed"].as_u64(),
+        })
+    })
+}
+
+/// The term settings of the searchable column sealed with `context`
+/// (`byok.make_searchable`): its term length and normalization.
+pub fn search_spec(context: &[u8]) -> Result<Option<(usize, String)>, ByokError> {
+    let context = String::from_utf8_lossy(context).into_owned();
+    as_catalog_owner(|| {
+        Spi::connect(|client| {
+            let rows = client.select(
+                "SELECT search_term_length::pg_catalog.int4, search_normalization
+                   FROM byok.protected_column_registry
+                  WHERE context OPERATOR(pg_catalog.=) $1 AND search_term_length IS NOT NULL
+                  LIMIT 1",
+                Some(1),
+                &[DatumWithOid::from(context.as_str())],
+            )?;
+            if rows.is_empty() {
+                return Ok(None);
+            }
+            let row = rows.first();
+            Ok(Some((
+                row.required::<i32>(1)?.max(0) as usize,
+                row.required::<String>(2)?,
+            )))
+        })
+    })
+}
+
 /// What encrypt needs to know about a tenant.
 #[derive(Debug, Clone)]
 pub struct TenantKeyInfo {
@@ -552,13 +624,14 @@ pub fn load_tenant_key_info(tenant_id: &str) -> Result<Option<TenantKeyInfo>, By
         Spi::connect(|client| {
             let args = [DatumWithOid::from(tenant_id)];
             let table = client.select(
-                "SELECT k.dek_id, t.cache_ttl_seconds, t.cache_max_entries, t.cache_grace_period_seconds,
-                        (t.config OPERATOR(pg_catalog.#>>) '{encryption,cache_config,revocation_check_seconds}')::pg_catalog.int4
+                &format!("SELECT k.dek_id, t.cache_ttl_seconds, t.cache_max_entries, t.cache_grace_period_seconds,
+                        (t.config OPERATOR(pg_catalog.#>>) '{{encryption,cache_config,revocation_check_seconds}}')::pg_catalog.int4
                    FROM byok.tenant_config t
                    LEFT JOIN byok.wrapped_data_keys k
                           ON k.tenant_id OPERATOR(pg_catalog.=) t.tenant_id
                          AND k.state OPERATOR(pg_catalog.=) 'active'
-                  WHERE t.tenant_id OPERATOR(pg_catalog.=) $1",
+                         AND {DATA_KEYS_ONLY}
+                  WHERE t.tenant_id OPERATOR(pg_catalog.=) $1"),
                 Some(1),
                 &args,
             )?;

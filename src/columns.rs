@@ -129,17 +129,34 @@ pub fn count_in(column: &Column, condition: &str, args: &[DatumWithOid]) -> Resu
     })
 }
 
-/// How many values of registered columns data key `dek_id` seals
-/// (`destroy_data_key` refuses while it is above zero).
+/// The condition "the value in `column` (an SQL expression) is sealed under,
+/// or has its term computed under, one of the keys in `keys` (an SQL bigint[])".
+/// (Before `ALTER EXTENSION byok_pg UPDATE` brings `byok.index_key_id`, no
+/// value has a term, and the condition is on data keys alone.)
+pub fn under_keys(column: &str, keys: &str) -> Result<String, ByokError> {
+    let searchable = catalog::read_one::<bool>(
+        "SELECT pg_catalog.to_regprocedure('byok.index_key_id(byok.encrypted)') IS NOT NULL",
+        &[],
+    )?
+    .unwrap_or(false);
+    let data = format!("byok.data_key_id({column}) OPERATOR(pg_catalog.=) ANY ({keys})");
+    Ok(match searchable {
+        true => {
+            format!("({data} OR byok.index_key_id({column}) OPERATOR(pg_catalog.=) ANY ({keys}))")
+        }
+        false => data,
+    })
+}
+
+/// How many values of registered columns data key `dek_id` seals, or index
+/// key `dek_id` computed the term of (`destroy_data_key` refuses while it is
+/// above zero).
 pub fn data_key_references(dek_id: i64) -> Result<i64, ByokError> {
     let columns = catalog::as_extension_owner(|| registered_columns(None))?;
+    let condition = under_keys("$col", "ARRAY[$1::pg_catalog.int8]")?;
     let mut total = 0;
     for column in &columns {
-        total += count_in(
-            column,
-            "byok.data_key_id($col) OPERATOR(pg_catalog.=) $1",
-            &[DatumWithOid::from(dek_id)],
-        )?;
+        total += count_in(column, &condition, &[DatumWithOid::from(dek_id)])?;
     }
     Ok(total)
 }

@@ -69,6 +69,14 @@ pub enum ByokError {
     UnknownRole(String),
     UnknownDataKey(u64),
     NoActiveDataKey(String),
+    /// A searchable value or a probe for a tenant without an index key.
+    NoIndexKey(String),
+    /// A key used for the other purpose (a value naming an index key as its
+    /// data key, say): never trusted, whatever the value claims.
+    WrongKeyPurpose {
+        key_id: u64,
+        expected: &'static str,
+    },
     TenantMismatchOnEncrypt {
         requested: String,
         session: String,
@@ -112,6 +120,12 @@ pub enum ByokError {
     KeyDestroyed {
         dek_id: u64,
         tenant: Option<String>,
+    },
+    /// The tenant's index keys were destroyed (crypto-shredding): no term
+    /// can be computed, so no probe and no searchable seal.
+    IndexKeyDestroyed {
+        key_id: u64,
+        tenant: String,
     },
     KeyRetired {
         dek_id: u64,
@@ -258,6 +272,16 @@ impl ByokError {
                 format!("tenant \"{t}\" has no active data key"),
             )
             .set_hint("create one with byok.rotate_data_key()"),
+            ByokError::NoIndexKey(t) => report(
+                ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+                format!("tenant \"{t}\" has no index key, so its values cannot be made searchable"),
+            )
+            .set_hint(format!("create one with SELECT byok.rotate_index_key('{}')", t.replace('\'', "''"))),
+            ByokError::WrongKeyPurpose { key_id, expected } => report(
+                ERRCODE_INVALID_PARAMETER_VALUE,
+                format!("key {key_id} is not a {expected} key"),
+            )
+            .set_detail("a value names an index key as its data key, or the reverse: it was not sealed by byok_pg"),
             ByokError::TenantMismatchOnEncrypt { requested, session } => report(
                 ERRCODE_INSUFFICIENT_PRIVILEGE,
                 format!("cannot encrypt for tenant \"{requested}\": this session is restricted to tenant \"{session}\""),
@@ -309,6 +333,11 @@ impl ByokError {
                 format!("data key {id} has been destroyed"),
             )
             .set_detail("values sealed under a destroyed key can no longer be decrypted"),
+            ByokError::IndexKeyDestroyed { key_id, tenant } => report(
+                ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+                format!("index key {key_id} of tenant \"{tenant}\" has been destroyed"),
+            )
+            .set_detail("the tenant's keys were destroyed: its values can no longer be searched or decrypted"),
             ByokError::KeyRetired { dek_id: id, .. } => report(
                 ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
                 format!("data key {id} is retired"),

@@ -68,6 +68,7 @@ extension_sql_file!(
         api::dr::compromise_response_step
     ]
 );
+extension_sql_file!("../sql/search.sql", name = "search", requires = ["dr"]);
 extension_sql_file!("../sql/privileges.sql", name = "privileges", finalize);
 
 #[pg_guard]

@@ -281,7 +281,10 @@ fn upsert_tenant(
     }
     client.update(&sql, None, &args)?;
     let active = client.update(
-        "SELECT dek_id FROM byok.wrapped_data_keys WHERE tenant_id = $1 AND state = 'active'",
+        &format!(
+            "SELECT dek_id FROM byok.wrapped_data_keys k WHERE tenant_id = $1 AND state = 'active' AND {}",
+            catalog::DATA_KEYS_ONLY
+        ),
         Some(1),
         &[DatumWithOid::from(tenant_id)],
     )?;
@@ -345,6 +348,17 @@ fn create_data_key(
     tenant_id: &str,
     tenant: &TenantRecord,
 ) -> Result<i64, ByokError> {
+    create_key(client, tenant_id, tenant, false)
+}
+
+/// [`create_data_key`], or with `index` an index key (the HMAC key of the
+/// tenant's blind index terms), made, wrapped and stored the same way.
+fn create_key(
+    client: &mut SpiClient<'_>,
+    tenant_id: &str,
+    tenant: &TenantRecord,
+    index: bool,
+) -> Result<i64, ByokError> {
     let dek_id: i64 = client
         .update("SELECT nextval('byok.data_key_id_seq')", Some(1), &[])?
         .first()
@@ -376,7 +390,13 @@ fn create_data_key(
     };
     let backup_kind = tenant.backup.as_ref().map(|b| b.provider.provider.name());
     // (before the 0.2.0 catalog there is no backup, and no column for one)
+    // (index keys exist only on the 0.2.0 catalog, which has the purpose column)
     let sql = match has_backup_columns(client)? {
+        true if index => {
+            "INSERT INTO byok.wrapped_data_keys (dek_id, tenant_id, wrapped_dek, provider, cmk_id, cmk_version, state,
+                                                 backup_wrapped_dek, backup_provider, backup_cmk_id, backup_cmk_version, purpose)
+             VALUES ($1, $2, $3, $4, $5, $6, 'active', $7, $8, $9, $10, 'index')"
+        }
         true => {
             "INSERT INTO byok.wrapped_data_keys (dek_id, tenant_id, wrapped_dek, provider, cmk_id, cmk_version, state,
                                                  backup_wrapped_dek, backup_provider, backup_cmk_id, backup_cmk_version)
@@ -419,8 +439,11 @@ pub fn rotate_data_key(tenant_id: &str, reason: Option<&str>) -> Result<i64, Byo
         let tenant = catalog::load_tenant_with(client, tenant_id, true)?
             .ok_or_else(|| ByokError::UnknownTenant(tenant_id.to_string()))?;
         client.update(
-            "UPDATE byok.wrapped_data_keys SET state = 'decrypt-only', rotated_at = now()
-              WHERE tenant_id = $1 AND state = 'active'",
+            &format!(
+                "UPDATE byok.wrapped_data_keys k SET state = 'decrypt-only', rotated_at = now()
+                  WHERE tenant_id = $1 AND state = 'active' AND {}",
+                catalog::DATA_KEYS_ONLY
+            ),
             None,
             &[DatumWithOid::from(tenant_id)],
         )?;
@@ -436,6 +459,36 @@ pub fn rotate_data_key(tenant_id: &str, reason: Option<&str>) -> Result<i64, Byo
         reason.map(|r| serde_json::json!({"reason": r})),
     )?;
     Ok(dek_id)
+}
+
+/// Makes a new active index key for the tenant (its first, or a rotation:
+/// the previous one becomes decrypt-only, and probes use both until a
+/// re-encryption job has rewritten every term and retired it). Returns its id.
+pub fn rotate_index_key(tenant_id: &str) -> Result<i64, ByokError> {
+    let (key_id, previous) = Spi::connect_mut(|client| -> Result<(i64, Vec<i64>), ByokError> {
+        let tenant = catalog::load_tenant_with(client, tenant_id, true)?
+            .ok_or_else(|| ByokError::UnknownTenant(tenant_id.to_string()))?;
+        let previous = client
+            .update(
+                "UPDATE byok.wrapped_data_keys SET state = 'decrypt-only', rotated_at = now()
+                  WHERE tenant_id = $1 AND state = 'active' AND purpose = 'index' RETURNING dek_id",
+                None,
+                &[DatumWithOid::from(tenant_id)],
+            )?
+            .filter_map(|row| row.get::<i64>(1).ok().flatten())
+            .collect();
+        Ok((create_key(client, tenant_id, &tenant, true)?, previous))
+    })?;
+    keyring::invalidate_all();
+    catalog::audit(
+        "rotate_index_key",
+        Some(tenant_id),
+        Some(key_id),
+        true,
+        None,
+        Some(serde_json::json!({"previous_index_keys": previous})),
+    )?;
+    Ok(key_id)
 }
 
 /// Moves a data key between `decrypt-only` and `retired`. A retired key

@@ -94,6 +94,9 @@ admin_operations! {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         reason: Option<String>,
     }
+    /// A new active index key (the tenant's first, or a rotation: the previous
+    /// one becomes decrypt-only until a re-encryption job rewrites its terms).
+    RotateIndexKey = "rotate_index_key", approval: true, request: true, writes: true { tenant_id: String }
     /// All of a master-key rotation at once (the approved form of the procedure).
     RotateMasterKey = "rotate_master_key", approval: true, request: true, writes: true {
         tenant_id: String,
@@ -240,6 +243,7 @@ impl AdminOp {
         match self {
             AdminOp::ConfigureTenant { config } => config.get("tenant_id").and_then(|t| t.as_str()),
             AdminOp::RotateDataKey { tenant_id, .. }
+            | AdminOp::RotateIndexKey { tenant_id }
             | AdminOp::RotateMasterKey { tenant_id, .. }
             | AdminOp::RotateMasterKeyStep { tenant_id, .. }
             | AdminOp::FinishMasterKeyRotation { tenant_id, .. }
@@ -435,6 +439,9 @@ fn run(op: AdminOp, origin: Origin) -> Result<OpResult, ByokError> {
             }
             AdminOp::RotateDataKey { tenant_id, reason } => {
                 keys::rotate_data_key(&tenant_id, reason.as_deref()).map(OpResult::Int)
+            }
+            AdminOp::RotateIndexKey { tenant_id } => {
+                keys::rotate_index_key(&tenant_id).map(OpResult::Int)
             }
             AdminOp::RotateMasterKey {
                 tenant_id,

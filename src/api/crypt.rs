@@ -7,7 +7,7 @@ use pgrx::pg_sys;
 use pgrx::prelude::*;
 
 use crate::errors::{ByokError, OrRaise};
-use crate::keyring::{self, Authority};
+use crate::keyring::{self, Authority, Term, terms};
 use crate::postgres::fmgr::{arg_datum, nargs, pg_function_info_v1};
 use crate::postgres::varlena::{MAX_VARLENA_PAYLOAD, VarlenaBuf, datum_bytes};
 
@@ -44,34 +44,73 @@ unsafe fn context_arg<'a>(fcinfo: pg_sys::FunctionCallInfo, index: usize) -> &'a
     }
 }
 
-/// `encrypt(tenant_id text, plaintext bytea|text, context text DEFAULT '')`
+/// `encrypt(tenant_id text, plaintext bytea|text, context text DEFAULT '')`,
+/// and `encrypt(tenant_id, plaintext, context, searchable boolean)`: with
+/// `searchable`, the value also carries its blind index term.
 #[pg_guard]
 #[unsafe(no_mangle)]
 pub unsafe extern "C-unwind" fn byok_encrypt(fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Datum {
     // SAFETY: fmgr calls these STRICT functions with a valid `fcinfo` whose declared
-    // arguments (see sql/types.sql) are non-null varlenas.
-    let (tenant, plaintext, context) = unsafe {
+    // arguments (see sql/types.sql, sql/search.sql) are non-null varlenas, and a
+    // boolean fourth one when there is one.
+    let (tenant, plaintext, context, searchable) = unsafe {
         (
             datum_bytes(arg_datum(fcinfo, 0)),
             datum_bytes(arg_datum(fcinfo, 1)),
             context_arg(fcinfo, 2),
+            nargs(fcinfo) > 3 && arg_datum(fcinfo, 3).value() != 0,
         )
     };
-    let sealed_len = envelope::sealed_len(plaintext.len());
-    if sealed_len > MAX_VARLENA_PAYLOAD {
-        ByokError::ValueTooLarge(plaintext.len()).raise();
-    }
     let tenant = std::str::from_utf8(tenant)
         .map_err(|_| ByokError::InvalidArgument {
             message: "invalid tenant id: not valid UTF-8".into(),
             hint: None,
         })
         .or_raise();
+    if searchable {
+        return seal_searchable(tenant, plaintext, context);
+    }
+    let sealed_len = envelope::sealed_len(plaintext.len());
+    if sealed_len > MAX_VARLENA_PAYLOAD {
+        ByokError::ValueTooLarge(plaintext.len()).raise();
+    }
     let mut out = VarlenaBuf::new(sealed_len);
     if let Err(e) = keyring::seal(
         tenant,
         plaintext,
         context,
+        None,
+        out.as_mut_slice(),
+        Authority::Caller,
+    ) {
+        key_use_failed(e);
+    }
+    out.into_datum()
+}
+
+/// A searchable seal: the term under the tenant's active index key with the
+/// column's settings (by context), then the value.
+fn seal_searchable(tenant: &str, plaintext: &[u8], context: &[u8]) -> pg_sys::Datum {
+    let spec = terms::spec_for(context).or_raise();
+    let sealed_len = envelope::searchable_sealed_len(plaintext.len(), spec.term_len);
+    if sealed_len > MAX_VARLENA_PAYLOAD {
+        ByokError::ValueTooLarge(plaintext.len()).raise();
+    }
+    let (index_key_id, term) =
+        match terms::active_term(tenant, context, plaintext, &spec, Authority::Caller) {
+            Ok(found) => found,
+            Err(e) => key_use_failed(e),
+        };
+    let term = Term {
+        index_key_id,
+        bytes: &term[..spec.term_len],
+    };
+    let mut out = VarlenaBuf::new(sealed_len);
+    if let Err(e) = keyring::seal(
+        tenant,
+        plaintext,
+        context,
+        Some(term),
         out.as_mut_slice(),
         Authority::Caller,
     ) {
@@ -128,7 +167,8 @@ pub unsafe extern "C-unwind" fn byok_decrypt_text(
 }
 
 /// `reencrypt(value byok.encrypted, context text DEFAULT '') RETURNS byok.encrypted`:
-/// the same plaintext, sealed under its tenant's active data key.
+/// the same plaintext, sealed under its tenant's active data key (and, for a
+/// searchable value, its term under the active index key).
 #[pg_guard]
 #[unsafe(no_mangle)]
 pub unsafe extern "C-unwind" fn byok_reencrypt(fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Datum {
@@ -149,8 +189,16 @@ pub unsafe extern "C-unwind" fn byok_reencrypt(fcinfo: pg_sys::FunctionCallInfo)
         }
         .raise();
     }
-    let mut out = VarlenaBuf::new(envelope::sealed_len(envelope.plaintext_len()));
-    if let Err(e) = keyring::reseal(&envelope, context, out.as_mut_slice(), authority) {
+    let spec = keyring::reseal_spec(&envelope, context).or_raise();
+    let sealed_len = match spec {
+        Some(spec) => envelope::searchable_sealed_len(envelope.plaintext_len(), spec.term_len),
+        None => envelope::sealed_len(envelope.plaintext_len()),
+    };
+    if sealed_len > MAX_VARLENA_PAYLOAD {
+        ByokError::ValueTooLarge(envelope.plaintext_len()).raise();
+    }
+    let mut out = VarlenaBuf::new(sealed_len);
+    if let Err(e) = keyring::reseal(&envelope, context, spec, out.as_mut_slice(), authority) {
         key_use_failed(e);
     }
     out.into_datum()

@@ -8,4 +8,5 @@ pub mod governance;
 pub mod jobs;
 pub mod monitoring;
 pub mod rotation;
+pub mod search;
 pub mod tenants;

@@ -270,6 +270,9 @@ pub fn key_use_failed(error: &ByokError) {
         ByokError::AuthenticationFailed { dek_id, tenant }
         | ByokError::KeyDestroyed { dek_id, tenant }
         | ByokError::KeyRetired { dek_id, tenant } => (tenant.as_deref(), Some(*dek_id as i64)),
+        ByokError::IndexKeyDestroyed { key_id, tenant } => {
+            (Some(tenant.as_str()), Some(*key_id as i64))
+        }
         _ => return,
     };
     failure(

@@ -19,7 +19,9 @@ use pgrx::pg_sys;
 use pgrx::prelude::*;
 
 use crate::catalog;
-use crate::columns::{Column, as_table_owner, count_in, quote_ident, registered_columns};
+use crate::columns::{
+    Column, as_table_owner, count_in, quote_ident, registered_columns, under_keys,
+};
 use crate::errors::ByokError;
 use crate::postgres::spi::{NotNull, Required};
 
@@ -87,7 +89,8 @@ pub enum Step {
     Failed(String),
 }
 
-/// The decrypt-only data keys of `tenant` (all tenants: `None`).
+/// The decrypt-only keys of `tenant` (all tenants: `None`): data keys whose
+/// values a job reseals, index keys whose terms it rewrites.
 fn old_keys(tenant: Option<&str>) -> Result<Vec<i64>, ByokError> {
     catalog::read_one::<Vec<i64>>(
         "SELECT coalesce(pg_catalog.array_agg(dek_id), '{}') FROM byok.wrapped_data_keys
@@ -102,13 +105,10 @@ fn old_keys(tenant: Option<&str>) -> Result<Vec<i64>, ByokError> {
 pub fn remaining(tenant: Option<&str>, relid: Option<pg_sys::Oid>) -> Result<i64, ByokError> {
     let (columns, keys) =
         catalog::as_extension_owner(|| Ok((registered_columns(relid)?, old_keys(tenant)?)))?;
+    let condition = under_keys("$col", "$1")?;
     let mut total = 0;
     for column in &columns {
-        total += count_in(
-            column,
-            "byok.data_key_id($col) OPERATOR(pg_catalog.=) ANY ($1)",
-            &[DatumWithOid::from(keys.clone())],
-        )?;
+        total += count_in(column, &condition, &[DatumWithOid::from(keys.clone())])?;
     }
     Ok(total)
 }
@@ -372,11 +372,12 @@ fn batch_of(
         }
         let pages = ((f64::from(batch.max(1)) / per_page.max(1.0)).ceil() as i64).max(1);
         let next_page = page + pages;
+        let old = under_keys(&format!("t.{col}"), "$1")?;
         let sql = format!(
             "WITH rewritten AS (UPDATE {table} t SET {col} = byok.reencrypt(t.{col}, $2)
                                  WHERE t.ctid >= pg_catalog.format('(%s,0)', $3)::pg_catalog.tid
                                    AND t.ctid < pg_catalog.format('(%s,0)', $4)::pg_catalog.tid
-                                   AND byok.data_key_id(t.{col}) OPERATOR(pg_catalog.=) ANY ($1)
+                                   AND {old}
                                  RETURNING 1)
              SELECT count(*) FROM rewritten"
         );
@@ -398,12 +399,16 @@ fn batch_of(
         });
     }
     // Stragglers: rows moved behind the cursor or locked when it passed.
+    let (old, old_t) = (
+        under_keys(&col, "$1")?,
+        under_keys(&format!("t.{col}"), "$1")?,
+    );
     let sweep = format!(
-        "WITH todo AS (SELECT ctid FROM {table} WHERE byok.data_key_id({col}) OPERATOR(pg_catalog.=) ANY ($1)
+        "WITH todo AS (SELECT ctid FROM {table} WHERE {old}
                         LIMIT $2 FOR UPDATE SKIP LOCKED),
               rewritten AS (UPDATE {table} t SET {col} = byok.reencrypt(t.{col}, $3) FROM todo
                              WHERE t.ctid OPERATOR(pg_catalog.=) todo.ctid
-                               AND byok.data_key_id(t.{col}) OPERATOR(pg_catalog.=) ANY ($1) RETURNING 1)
+                               AND {old_t} RETURNING 1)
          SELECT count(*) FROM rewritten"
     );
     let rewritten = as_table_owner(column, Some(tenant), || {
@@ -425,7 +430,7 @@ fn batch_of(
     // those rather than finish with values under a key the job is to retire.
     let left = count_in(
         column,
-        "byok.data_key_id($col) OPERATOR(pg_catalog.=) ANY ($1)",
+        &under_keys("$col", "$1")?,
         &[DatumWithOid::from(keys.to_vec())],
     )?;
     Ok(if left > 0 {
@@ -526,16 +531,24 @@ fn verify_columns(row: &JobRow) -> Result<Option<String>, ByokError> {
     Ok(None)
 }
 
-/// Retires the tenant's decrypt-only keys no registered column references any
-/// more (in any scope); returns how many.
+/// Retires the tenant's decrypt-only keys (data or index) no registered
+/// column references any more (in any scope); returns how many.
 fn retire_unreferenced_keys(tenant: Option<&str>) -> Result<i64, ByokError> {
     // Keys still referenced by any registered column (in any scope) stay decrypt-only.
     let mut referenced: Vec<i64> = Vec::new();
     for column in registered_columns(None)? {
+        let col = quote_ident(&column.column);
+        let index_keys = match under_keys("v", "k")?.contains("index_key_id") {
+            true => format!(
+                " UNION SELECT byok.index_key_id({col}) FROM {}",
+                column.table
+            ),
+            false => String::new(),
+        };
         let sql = format!(
-            "SELECT coalesce(pg_catalog.array_agg(DISTINCT byok.data_key_id({col})), '{{}}') FROM {}",
+            "SELECT coalesce(pg_catalog.array_agg(DISTINCT id), '{{}}')
+               FROM (SELECT byok.data_key_id({col}) FROM {}{index_keys}) AS used (id)",
             column.table,
-            col = quote_ident(&column.column)
         );
         let ids = as_table_owner(&column, None, || {
             catalog::read_one::<Vec<Option<i64>>>(&sql, &[])

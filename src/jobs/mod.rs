@@ -170,6 +170,92 @@ pub fn register_column(
     })
 }
 
+/// Makes a registered column searchable (`byok.make_searchable`): values
+/// sealed with its context and `searchable => true` carry terms of
+/// `term_length` bytes over the value normalized per `normalization`. The
+/// caller must be allowed to update the column, as to register it. Columns
+/// sharing a context must share these settings (a probe finds both).
+pub fn make_searchable(
+    relid: pg_sys::Oid,
+    column: &str,
+    term_length: i32,
+    normalization: &str,
+) -> Result<String, ByokError> {
+    use byok_core::search::{MAX_TERM_LEN, MIN_TERM_LEN, Normalization};
+    if !(MIN_TERM_LEN as i32..=MAX_TERM_LEN as i32).contains(&term_length) {
+        return Err(ByokError::InvalidArgument {
+            message: format!("term_length must be between {MIN_TERM_LEN} and {MAX_TERM_LEN} bytes, not {term_length}"),
+            hint: Some("8 (the default) gives one false candidate in 2^64 values; shorter terms leak less and match more (see README, Searchable encryption)".into()),
+        });
+    }
+    let normalization = Normalization::parse(normalization)
+        .map_err(|problem| ByokError::InvalidArgument {
+            message: format!("invalid normalization: {problem}"),
+            hint: Some("for example 'exact', 'casefold,trim' or 'nfkc,casefold,trim'".into()),
+        })?
+        .spec();
+    // Checked with the caller's rights, as registering is.
+    let facts = ColumnFacts::read(relid, column, None)?;
+    facts.registrable(column, None)?;
+    let name = facts.name;
+    catalog::as_extension_owner(|| {
+        let context = catalog::read_one::<String>(
+            "SELECT context FROM byok.protected_column_registry
+              WHERE relid OPERATOR(pg_catalog.=) $1::pg_catalog.oid::pg_catalog.regclass AND column_name OPERATOR(pg_catalog.=) $2",
+            &[DatumWithOid::from(relid), DatumWithOid::from(column)],
+        )?
+        .ok_or_else(|| ByokError::WrongState {
+            message: format!("column \"{column}\" of {name} is not registered"),
+            detail: None,
+            hint: Some(format!("register it first: SELECT byok.protect_column('{name}', '{column}', tenant_column, context)")),
+        })?;
+        let other = catalog::read_one::<String>(
+            "SELECT r.relid::pg_catalog.text OPERATOR(pg_catalog.||) '.' OPERATOR(pg_catalog.||) r.column_name
+               FROM byok.protected_column_registry r
+              WHERE r.context OPERATOR(pg_catalog.=) $3 AND r.search_term_length IS NOT NULL
+                AND NOT (r.relid OPERATOR(pg_catalog.=) $1::pg_catalog.oid::pg_catalog.regclass AND r.column_name OPERATOR(pg_catalog.=) $2)
+                AND (r.search_term_length OPERATOR(pg_catalog.<>) $4 OR r.search_normalization OPERATOR(pg_catalog.<>) $5)
+              LIMIT 1",
+            &[
+                DatumWithOid::from(relid),
+                DatumWithOid::from(column),
+                DatumWithOid::from(context.as_str()),
+                DatumWithOid::from(term_length as i16),
+                DatumWithOid::from(normalization.as_str()),
+            ],
+        )?;
+        if let Some(other) = other {
+            return Err(ByokError::WrongState {
+                message: format!("searchable column {other} uses context \"{context}\" with other term settings"),
+                detail: Some("values sealed with one context are found by one probe: its columns share their term length and normalization".into()),
+                hint: Some("use the same settings, or another context".into()),
+            });
+        }
+        Spi::run_with_args(
+            "UPDATE byok.protected_column_registry SET search_term_length = $3, search_normalization = $4
+              WHERE relid OPERATOR(pg_catalog.=) $1::pg_catalog.oid::pg_catalog.regclass AND column_name OPERATOR(pg_catalog.=) $2",
+            &[
+                DatumWithOid::from(relid),
+                DatumWithOid::from(column),
+                DatumWithOid::from(term_length as i16),
+                DatumWithOid::from(normalization.as_str()),
+            ],
+        )?;
+        catalog::audit(
+            "make_searchable",
+            None,
+            None,
+            true,
+            None,
+            Some(
+                serde_json::json!({"table": name, "column": column, "context": context,
+                                    "term_length": term_length, "normalization": normalization}),
+            ),
+        )?;
+        Ok(normalization.clone())
+    })
+}
+
 /// What registering a column needs to know about it and its table.
 struct ColumnFacts {
     kind: String,

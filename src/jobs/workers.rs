@@ -435,6 +435,8 @@ fn rotate_due_data_keys() {
             "tenants due for rotation",
             "SELECT c.tenant_id FROM byok.tenant_config c
                JOIN byok.wrapped_data_keys k ON k.tenant_id = c.tenant_id AND k.state = 'active'
+                    -- (index keys rotate only when asked: a rotation rewrites every term)
+                    AND (pg_catalog.to_jsonb(k) OPERATOR(pg_catalog.->>) 'purpose') IS DISTINCT FROM 'index'
               WHERE c.rotation_enabled
                 AND k.created_at < now() - make_interval(days => c.rotation_interval_days)",
         ))

@@ -50,6 +50,7 @@ unsafe extern "C-unwind" fn relcache_callback(_arg: pg_sys::Datum, relid: pg_sys
                 || relid == ids.tenant_config
                 || relid == ids.wrapped_data_keys
                 || relid == ids.tenant_grants
+                || relid == ids.protected_column_registry
         }
     };
     if ours {

@@ -9,6 +9,7 @@
 
 pub mod counts;
 pub mod invalidation;
+pub mod terms;
 
 use std::cell::{Cell, RefCell};
 use std::collections::{HashMap, HashSet};
@@ -215,6 +216,9 @@ struct KeyRing {
     /// The shared key epoch the ready keys were loaded under
     /// ([`crate::shmem::Shared::key_epoch`]): when it moves, they all go.
     epoch: u64,
+    /// Ready index keys, their tenants' live index keys, and searchable
+    /// columns' term settings by context ([`terms`]).
+    terms: terms::TermState,
 }
 
 /// Whether `user` was already found to be granted `tenant_id` (a field-level
@@ -288,6 +292,7 @@ impl BackendCell<Option<KeyRing>> {
                     active: HashMap::new(),
                     authorized: HashMap::new(),
                     epoch: crate::shmem::key_epoch(),
+                    terms: terms::TermState::default(),
                 }
             });
             ring.sync_invalidations();
@@ -314,6 +319,7 @@ impl KeyRing {
             self.ciphers.clear();
             self.active.clear();
             self.authorized.clear();
+            self.terms.clear();
             self.ciphers.set_capacity(gucs::backend_cache_max_entries());
         }
     }
@@ -353,16 +359,33 @@ fn seal_with(
     cipher: &DekCipher,
     plaintext: &[u8],
     context: &[u8],
+    term: Option<Term<'_>>,
     out: &mut [u8],
 ) -> Result<(), CryptoError> {
     // SAFETY: MyProcPid is set once at process start and never changes after.
     let owner = unsafe { pgrx::pg_sys::MyProcPid } as u64;
     NONCES.with_borrow_mut(|pool| {
         let pool = pool.get_or_insert_with(NoncePool::default);
-        cipher.seal_into_with(plaintext, context, out, &mut |nonce| {
-            pool.fill(owner, nonce)
-        })
+        let fill = &mut |nonce: &mut [u8]| pool.fill(owner, nonce);
+        match term {
+            None => cipher.seal_into_with(plaintext, context, out, fill),
+            Some(term) => cipher.seal_searchable_into_with(
+                plaintext,
+                context,
+                term.index_key_id,
+                term.bytes,
+                out,
+                fill,
+            ),
+        }
     })
+}
+
+/// A blind index term to seal into a value, and the index key it is under.
+#[derive(Debug, Clone, Copy)]
+pub struct Term<'a> {
+    pub index_key_id: u64,
+    pub bytes: &'a [u8],
 }
 
 fn crypto_error(dek_id: u64, tenant: &str, e: CryptoError) -> ByokError {
@@ -452,11 +475,14 @@ pub fn open(
 }
 
 /// Opens `envelope` and seals its plaintext again under its tenant's active data
-/// key, with the same context (a re-encryption job's per-row step). The
-/// plaintext lives only in a buffer wiped on drop.
+/// key, with the same context (a re-encryption job's per-row step). A value
+/// that had a term, or any value of a searchable column, gets its term under
+/// the tenant's active index key with `spec` ([`reseal_spec`]). The plaintext
+/// lives only in a buffer wiped on drop.
 pub fn reseal(
     envelope: &Envelope<'_>,
     context: &[u8],
+    spec: Option<byok_core::search::SearchSpec>,
     out: &mut [u8],
     authority: Authority,
 ) -> Result<(), ByokError> {
@@ -474,7 +500,35 @@ pub fn reseal(
             load_cipher(dek_id, current_user(), authority)
                 .map(|(ready, _)| ready.cipher.tenant_id().to_string())
         })?;
-    seal(&tenant, &plaintext, context, out, authority)
+    match spec {
+        None => seal(&tenant, &plaintext, context, None, out, authority),
+        Some(spec) => {
+            let (index_key_id, term) =
+                terms::active_term(&tenant, context, &plaintext, &spec, authority)?;
+            let term = Term {
+                index_key_id,
+                bytes: &term[..spec.term_len],
+            };
+            seal(&tenant, &plaintext, context, Some(term), out, authority)
+        }
+    }
+}
+
+/// How [`reseal`] makes `envelope`'s term: with its column's settings when
+/// `context` is a searchable column's, the defaults when the value had a term
+/// otherwise, no term when it had none.
+pub fn reseal_spec(
+    envelope: &Envelope<'_>,
+    context: &[u8],
+) -> Result<Option<byok_core::search::SearchSpec>, ByokError> {
+    match terms::column_spec(context)? {
+        Some(spec) => Ok(Some(spec)),
+        None if envelope.term().is_some() => Ok(Some(byok_core::search::SearchSpec {
+            term_len: envelope.term().map_or(0, <[u8]>::len),
+            ..Default::default()
+        })),
+        None => Ok(None),
+    }
 }
 
 /// Seals `plaintext` for `tenant_id` into `out` (exactly `sealed_len(plaintext.len())` bytes).
@@ -484,13 +538,14 @@ pub fn seal(
     tenant_id: &str,
     plaintext: &[u8],
     context: &[u8],
+    term: Option<Term<'_>>,
     out: &mut [u8],
     authority: Authority,
 ) -> Result<(), ByokError> {
     check_session_tenant_for_encrypt(tenant_id)?;
     let now = Tick::now();
     let seal_ready = |ready: &ReadyKey, dek_id: u64, out: &mut [u8]| {
-        seal_with(&ready.cipher, plaintext, context, out)
+        seal_with(&ready.cipher, plaintext, context, term, out)
             .map_err(|e| crypto_error(dek_id, tenant_id, e))
     };
     let user = current_user();
@@ -581,6 +636,49 @@ fn load_cipher(
     user: pg_sys::Oid,
     authority: Authority,
 ) -> Result<(ReadyKey, CacheLimits), ByokError> {
+    let loaded = unwrap_key(dek_id, user, authority, false)?;
+    let record = &loaded.record;
+    let cipher = DekCipher::new(dek_id, &record.tenant_id, &loaded.key)
+        .map_err(|e| ByokError::Internal(e.to_string()))?;
+    let limits = CacheLimits {
+        ttl: Duration::from_secs(record.cache.ttl_seconds as u64),
+        max_entries: record.cache.max_entries as usize,
+    };
+    let counts = PendingCounts::new(record.provider, &record.tenant_id, dek_id);
+    Ok((
+        ReadyKey {
+            cipher,
+            counts,
+            // A job's use grants nothing to the role it runs as.
+            granted_to: Cell::new(if authority == Authority::Caller {
+                user
+            } else {
+                pg_sys::InvalidOid
+            }),
+            epoch_slot: loaded.epoch_slot,
+            epoch: loaded.epoch,
+        },
+        limits,
+    ))
+}
+
+/// A key just unwrapped, with what decides how long it may be kept.
+struct UnwrappedKey {
+    record: catalog::DataKeyRecord,
+    /// Zeroized when dropped; only key schedules (or keyed HMAC states) are kept.
+    key: byok_core::crypto::DataKey,
+    epoch_slot: usize,
+    epoch: u64,
+}
+
+/// Reads and checks key `dek_id` (a data key, or with `index` an index key)
+/// and has the key broker unwrap it, for `user` (or a job, per `authority`).
+fn unwrap_key(
+    dek_id: u64,
+    user: pg_sys::Oid,
+    authority: Authority,
+    index: bool,
+) -> Result<UnwrappedKey, ByokError> {
     let record = catalog::load_data_key(dek_id)?.ok_or(ByokError::UnknownDataKey(dek_id))?;
     // Refuse before asking the key manager for anything.
     check_session_tenant_for_decrypt(&record.tenant_id)?;
@@ -589,6 +687,14 @@ fn load_cipher(
         RING.with_ring(|ring| ring.remember_authorized(user, &record.tenant_id));
     }
     let tenant = || Some(record.tenant_id.clone());
+    // A value naming an index key as its data key (or a probe naming a data
+    // key) was not made here: refused before the key manager is asked.
+    if record.is_index_key != index {
+        return Err(ByokError::WrongKeyPurpose {
+            key_id: dek_id,
+            expected: if index { "index" } else { "data" },
+        });
+    }
     match record.state {
         KeyState::Destroyed => {
             return Err(ByokError::KeyDestroyed {
@@ -647,7 +753,7 @@ fn load_cipher(
     let epoch = crate::shmem::tenant_epoch(epoch_slot);
     // From the broker's shared cache, or the key manager through the broker.
     // `dek` is zeroized when it goes out of scope; only the key schedule is kept.
-    let (dek, _stale) = broker::unwrap(
+    let (key, _stale) = broker::unwrap(
         broker::tenant_ref(&record.tenant_id),
         provider,
         dek_id,
@@ -655,28 +761,12 @@ fn load_cipher(
         record.cache,
         backup,
     )?;
-    let cipher = DekCipher::new(dek_id, &record.tenant_id, &dek)
-        .map_err(|e| ByokError::Internal(e.to_string()))?;
-    let limits = CacheLimits {
-        ttl: Duration::from_secs(record.cache.ttl_seconds as u64),
-        max_entries: record.cache.max_entries as usize,
-    };
-    let counts = PendingCounts::new(record.provider, &record.tenant_id, dek_id);
-    Ok((
-        ReadyKey {
-            cipher,
-            counts,
-            // A job's use grants nothing to the role it runs as.
-            granted_to: Cell::new(if authority == Authority::Caller {
-                user
-            } else {
-                pg_sys::InvalidOid
-            }),
-            epoch_slot,
-            epoch,
-        },
-        limits,
-    ))
+    Ok(UnwrappedKey {
+        record,
+        key,
+        epoch_slot,
+        epoch,
+    })
 }
 
 /// Publishes this backend's pending per-key counters to shared memory.

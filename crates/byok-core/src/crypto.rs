@@ -523,7 +523,10 @@ mod tests {
         assert_eq!(env.term(), Some(&term[..]));
         assert_eq!(env.index_key_id(), Some(99));
         // Another term, another index key id, or another context: refused.
-        for at in [envelope::HEADER_LEN + 3, envelope::SEARCHABLE_HEADER_FIXED + 2] {
+        for at in [
+            envelope::HEADER_LEN + 3,
+            envelope::SEARCHABLE_HEADER_FIXED + 2,
+        ] {
             let mut tampered = out.clone();
             tampered[at] ^= 1;
             assert_eq!(
@@ -537,7 +540,14 @@ mod tests {
             let mut out = vec![0u8; envelope::searchable_sealed_len(5, len)];
             assert!(
                 cipher
-                    .seal_searchable_into_with(b"hello", b"ctx", id, &vec![1; len], &mut out, &mut os_random)
+                    .seal_searchable_into_with(
+                        b"hello",
+                        b"ctx",
+                        id,
+                        &vec![1; len],
+                        &mut out,
+                        &mut os_random
+                    )
                     .is_err()
             );
         }

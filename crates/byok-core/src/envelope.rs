@@ -58,9 +58,13 @@ pub const TEXT_PREFIX: &str = "byok:";
 pub enum FormatError {
     #[error("value is {len} bytes long; a sealed value has at least {min} bytes")]
     TooShort { len: usize, min: usize },
-    #[error("unsupported envelope format version {0}; this build reads versions {FORMAT_V1} and {FORMAT_V2}")]
+    #[error(
+        "unsupported envelope format version {0}; this build reads versions {FORMAT_V1} and {FORMAT_V2}"
+    )]
     UnsupportedVersion(u8),
-    #[error("a searchable value's term is {0} bytes; terms are {MIN_TERM_LEN} to {MAX_TERM_LEN} bytes")]
+    #[error(
+        "a searchable value's term is {0} bytes; terms are {MIN_TERM_LEN} to {MAX_TERM_LEN} bytes"
+    )]
     BadTermLength(usize),
     #[error("index key id 0 is not valid")]
     ZeroIndexKeyId,
@@ -203,7 +207,12 @@ pub fn header_for(dek_id: u64) -> [u8; HEADER_LEN] {
 
 /// Writes the header of a searchable value into `out` (at least
 /// [`SEARCHABLE_HEADER_FIXED`] + `term.len()` bytes); returns its length.
-pub fn write_searchable_header(dek_id: u64, index_key_id: u64, term: &[u8], out: &mut [u8]) -> usize {
+pub fn write_searchable_header(
+    dek_id: u64,
+    index_key_id: u64,
+    term: &[u8],
+    out: &mut [u8],
+) -> usize {
     debug_assert!((MIN_TERM_LEN..=MAX_TERM_LEN).contains(&term.len()));
     out[..HEADER_LEN].copy_from_slice(&header_for(dek_id));
     out[0] = FORMAT_V2;
@@ -320,7 +329,10 @@ mod tests {
         let term = vec![0xAB; term_len];
         let mut bytes = vec![0u8; SEARCHABLE_HEADER_FIXED + term_len];
         write_searchable_header(42, 7, &term, &mut bytes);
-        bytes.extend(std::iter::repeat_n(9u8, NONCE_LEN + plaintext_len + TAG_LEN));
+        bytes.extend(std::iter::repeat_n(
+            9u8,
+            NONCE_LEN + plaintext_len + TAG_LEN,
+        ));
         bytes
     }
 
@@ -363,7 +375,10 @@ mod tests {
         }
         let mut b = searchable_sample(3, 8);
         b[HEADER_LEN..HEADER_LEN + 8].fill(0);
-        assert_eq!(Envelope::parse(&b).unwrap_err(), FormatError::ZeroIndexKeyId);
+        assert_eq!(
+            Envelope::parse(&b).unwrap_err(),
+            FormatError::ZeroIndexKeyId
+        );
     }
 
     #[test]

@@ -267,10 +267,7 @@ mod tests {
             Normalization::default().apply_bytes(b"\xff").unwrap(),
             Normalized::Exact(_)
         ));
-        assert_eq!(
-            n.apply_bytes(b"\xff").err(),
-            Some(NormalizeError::NotUtf8)
-        );
+        assert_eq!(n.apply_bytes(b"\xff").err(), Some(NormalizeError::NotUtf8));
         assert_eq!(n.apply_bytes(b" A ").unwrap().as_bytes(), b"a");
     }
 }

@@ -19,7 +19,7 @@ SELECT 'byok:***'::byok.encrypted;
 \echo SQLSTATE :LAST_ERROR_SQLSTATE
 SELECT 'byok:AAAA'::byok.encrypted;
 \echo SQLSTATE :LAST_ERROR_SQLSTATE
-SELECT ('byok:' || encode('\x02'::bytea || decode(repeat('00', 40), 'hex'), 'base64'))::byok.encrypted;
+SELECT ('byok:' || encode('\x03'::bytea || decode(repeat('00', 40), 'hex'), 'base64'))::byok.encrypted;
 \echo SQLSTATE :LAST_ERROR_SQLSTATE
 SELECT ('byok:' || encode('\x0107'::bytea || decode(repeat('00', 40), 'hex'), 'base64'))::byok.encrypted;
 \echo SQLSTATE :LAST_ERROR_SQLSTATE
