@@ -12,7 +12,8 @@
 //!
 //! 1. `rewrap`: every data key rewrapped under the new master key (the
 //!    compromised one is kept as the previous key, with no grace period).
-//! 2. `new_data_key`: a new active data key; the old ones are decrypt-only.
+//! 2. `new_data_key`: a new active data key, and a new index key if the
+//!    tenant has one (searchable values); the old ones are decrypt-only.
 //! 3. `reencrypt`: a re-encryption job over every registered column (the
 //!    procedure starts it and waits for it).
 //! 4. `verify`: every transaction (and prepared transaction) older than the
@@ -233,10 +234,17 @@ pub fn step(tenant_id: &str, job_id: Option<i64>) -> Result<String, ByokError> {
         }
         "new_data_key" => {
             let dek_id = super::keys::rotate_data_key(tenant_id, Some("compromise response"))?;
+            // The index key was wrapped by the compromised master key too:
+            // whoever unwrapped it could test guesses against the terms.
+            // A new one, and the job rewrites every term under it.
+            let index_key = match catalog::index_keys(tenant_id)?.live.is_empty() {
+                true => None,
+                false => Some(super::keys::rotate_index_key(tenant_id)?),
+            };
             advance(
                 tenant_id,
                 &response,
-                serde_json::json!({"new_data_key": dek_id}),
+                serde_json::json!({"new_data_key": dek_id, "new_index_key": index_key}),
             )?
         }
         "reencrypt" => return reencrypt(tenant_id, &response, job_id),
@@ -601,7 +609,7 @@ fn check_unregistered_columns(tenant_id: &str, response: &Response) -> Result<()
         };
         let values = crate::columns::count_in(
             &target,
-            "byok.data_key_id($col) OPERATOR(pg_catalog.=) ANY ($1)",
+            &crate::columns::under_keys("$col", "$1")?,
             &[DatumWithOid::from(response.old_data_keys.clone())],
         )?;
         if values > 0 {

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # pg_dump of a database with encrypted columns, restored:
-#  1. into another database of the same cluster: every row decrypts;
+#  1. into another database of the same cluster: every row decrypts, and a
+#     searchable column is found through its restored index;
 #  2. into a fresh cluster given a copy of the master key file: every row decrypts;
 #  3. into a fresh cluster without the key file: the restore keeps every value, and
 #     decrypting fails clearly until the key file is put back.
@@ -22,7 +23,17 @@ INSERT INTO people SELECT g, CASE WHEN g % 2 = 0 THEN 'acme' ELSE 'globex' END,
 -- a rotation in the middle, so two keys of one tenant are in use
 SELECT byok.rotate_data_key('acme');
 UPDATE people SET ssn = byok.encrypt_text('acme', 'ssn-' || id, 'people.ssn:' || id) WHERE tenant = 'acme' AND id > 1000;
+-- a searchable column with its index on the terms
+SELECT byok.rotate_index_key('acme');
+CREATE TABLE contacts (id int PRIMARY KEY, email byok.encrypted);
+SELECT byok.protect_column('contacts', 'email', NULL, 'contacts.email');
+SELECT byok.make_searchable('contacts', 'email', normalization => 'casefold');
+INSERT INTO contacts SELECT g, byok.encrypt_text('acme', 'c' || g || '@example.com', 'contacts.email', searchable => true)
+  FROM generate_series(1, 500) g;
+CREATE INDEX contacts_email_term ON contacts (byok.term(email));
 SQL
+lookup_sql="SET enable_seqscan = off; SELECT id FROM contacts WHERE byok.matches(email, 'acme', 'C42@example.com', 'contacts.email')"
+explain_sql="SET enable_seqscan = off; EXPLAIN (COSTS OFF) SELECT id FROM contacts WHERE byok.matches(email, 'acme', 'C42@example.com', 'contacts.email')"
 sum_sql="SELECT count(*) || ':' || md5(string_agg(byok.decrypt_text(ssn, 'people.ssn:' || id), ',' ORDER BY id)) FROM people"
 raw_sql="SELECT count(*) || ':' || md5(string_agg(ssn::text, ',' ORDER BY id)) FROM people"
 expected=$(psql_at dump_src $SRC -d app -qAt -c "$sum_sql")
@@ -37,6 +48,8 @@ check "dump carries the key catalog" "$("$PG_BIN/pg_restore" -f - "$dump" | grep
 psql_at dump_src $SRC -d postgres -q -c "CREATE DATABASE app_copy"
 "$PG_BIN/pg_restore" -h "$BYOK_WORK/dump_src" -p $SRC -U postgres -d app_copy --exit-on-error "$dump"
 check "restored in the same cluster" "$(psql_at dump_src $SRC -d app_copy -qAt -c "$sum_sql")" "$expected"
+check "searchable lookups after restore" "$(psql_at dump_src $SRC -d app_copy -qAt -c "$lookup_sql")" "42"
+check "through the restored index" "$(psql_at dump_src $SRC -d app_copy -qAt -c "$explain_sql" | grep -c 'contacts_email_term')" "1"
 # The key id sequence is restored too, or this rotation would collide with a restored id.
 check "key ids continue after restore" \
   "$(psql_at dump_src $SRC -d app_copy -qAt -c "SELECT byok.rotate_data_key('globex') > max(dek_id) - 1 FROM byok.data_keys")" "t"
@@ -47,6 +60,7 @@ install -o postgres -m 600 "$BYOK_WORK/dump_src/data/byok_local_master.key" "$BY
 psql_at dump_dst $DST -d postgres -q -c "CREATE DATABASE app"
 "$PG_BIN/pg_restore" -h "$BYOK_WORK/dump_dst" -p $DST -U postgres -d app --exit-on-error "$dump"
 check "restored in a cluster with the key file" "$(psql_at dump_dst $DST -d app -qAt -c "$sum_sql")" "$expected"
+check "searchable lookups in the other cluster" "$(psql_at dump_dst $DST -d app -qAt -c "$lookup_sql")" "42"
 check "new values after restore" "$(psql_at dump_dst $DST -d app -qAt -c "SELECT byok.decrypt_text(byok.encrypt_text('acme', 'new'))")" "new"
 
 # 3. a fresh cluster without the key file: nothing lost, clear error, recoverable
