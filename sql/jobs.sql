@@ -16,7 +16,7 @@ CREATE TABLE byok.protected_column_registry (
     registered_at timestamptz NOT NULL DEFAULT now(),
     -- searchable (byok.make_searchable): the length of its terms and how its
     -- values are normalized before their term is computed; NULL: not searchable
-    search_term_length smallint CHECK (search_term_length BETWEEN 4 AND 32),
+    search_term_length smallint CHECK (search_term_length BETWEEN 2 AND 32),
     search_normalization text,
     PRIMARY KEY (relid, column_name),
     CONSTRAINT protected_column_registry_search_check

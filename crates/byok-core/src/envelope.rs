@@ -41,7 +41,7 @@ pub const HEADER_LEN: usize = 10;
 /// A version 2 header before its term: version 1's, an index key id, a term length.
 pub const SEARCHABLE_HEADER_FIXED: usize = HEADER_LEN + 8 + 1;
 /// Shortest and longest term a version 2 value carries.
-pub const MIN_TERM_LEN: usize = 4;
+pub const MIN_TERM_LEN: usize = 2;
 pub const MAX_TERM_LEN: usize = 32;
 /// The longest header of any version.
 pub const MAX_HEADER_LEN: usize = SEARCHABLE_HEADER_FIXED + MAX_TERM_LEN;
@@ -365,7 +365,7 @@ mod tests {
                 FormatError::TooShort { .. }
             ));
         }
-        for bad in [0u8, 3, 33, 255] {
+        for bad in [0u8, 1, 33, 255] {
             let mut b = searchable_sample(40, 8);
             b[SEARCHABLE_HEADER_FIXED - 1] = bad;
             assert_eq!(

@@ -94,7 +94,7 @@ SELECT error_of($$INSERT INTO users VALUES (9002, 'acme_s', byok.encrypt_text('a
 
 -- A column's settings: a term length out of range, an unknown normalization,
 -- a column not registered, another column with the same context and other settings.
-SELECT byok.make_searchable('users', 'email', term_length => 2);
+SELECT byok.make_searchable('users', 'email', term_length => 1);
 SELECT byok.make_searchable('users', 'email', normalization => 'soundex');
 CREATE TABLE contacts (id int, email byok.encrypted);
 SELECT byok.make_searchable('contacts', 'email');
