@@ -126,7 +126,7 @@ SELECT pg_catalog.pg_extension_config_dump('byok.protected_column_registry', '')
 -- commit. Row triggers, fired by those settings only: the event trigger below
 -- touches this table on every DROP, which must not empty every key cache.
 CREATE TRIGGER invalidate_key_caches_search_settings
-    AFTER UPDATE OF search_term_length, search_normalization ON byok.protected_column_registry
+    AFTER UPDATE OF search_term_length, search_normalization, context ON byok.protected_column_registry
     FOR EACH ROW EXECUTE FUNCTION byok.invalidate_key_caches();
 CREATE TRIGGER invalidate_key_caches_searchable_gone
     AFTER DELETE ON byok.protected_column_registry

@@ -595,12 +595,20 @@ pub fn search_spec(context: &[u8]) -> Result<Option<(usize, String)>, ByokError>
                 "SELECT search_term_length::pg_catalog.int4, search_normalization
                    FROM byok.protected_column_registry
                   WHERE context OPERATOR(pg_catalog.=) $1 AND search_term_length IS NOT NULL
-                  LIMIT 1",
-                Some(1),
+                  LIMIT 2",
+                Some(2),
                 &[DatumWithOid::from(context.as_str())],
             )?;
             if rows.is_empty() {
                 return Ok(None);
+            }
+            // (make_searchable and protect_column keep a searchable context to
+            // one column; two mean the registry was edited by hand)
+            if rows.len() > 1 {
+                return Err(ByokError::Catalog(format!(
+                    "two searchable columns are registered with context \"{}\"",
+                    context.chars().take(64).collect::<String>()
+                )));
             }
             let row = rows.first();
             Ok(Some((

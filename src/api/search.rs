@@ -170,8 +170,9 @@ pub unsafe extern "C-unwind" fn byok_search_terms(
 /// `confirm_match(value byok.encrypted, tenant_id text, plaintext text,
 /// context text DEFAULT '') RETURNS boolean`: whether `value` is the tenant's
 /// and, decrypted and normalized, equals `plaintext` normalized. A value of
-/// another tenant, or without a term, is not a match (never an error: a
-/// truncated term's false candidates from anywhere in the column reach it).
+/// another tenant, or without a term, is not a match (not an error: a
+/// truncated term's false candidates from anywhere in the column reach it);
+/// one of the tenant's that fails authentication raises, as decrypting it would.
 #[pg_guard]
 #[unsafe(no_mangle)]
 pub unsafe extern "C-unwind" fn byok_confirm_match(
@@ -201,7 +202,9 @@ pub unsafe extern "C-unwind" fn byok_confirm_match(
     ) {
         key_use_failed(e);
     }
-    if !candidate {
+    // A value whose data key is another tenant's carries a term copied from
+    // one of ours (terms are public): not a match, and not ours to open.
+    if !candidate || !keyring::data_key_of_tenant(envelope.dek_id(), tenant).or_raise() {
         return pg_sys::Datum::from(false);
     }
     let mut opened = zeroize::Zeroizing::new(vec![0u8; envelope.plaintext_len()]);

@@ -146,6 +146,7 @@ pub fn register_column(
     let attnum = facts.registrable(column, tenant_column)?;
     let name = facts.name;
     catalog::as_extension_owner(|| {
+        check_context(relid, column, context, false)?;
         Spi::run_with_args(
             "INSERT INTO byok.protected_column_registry (relid, column_name, attnum, tenant_column, context)
              VALUES ($1::pg_catalog.oid::pg_catalog.regclass, $2, $3, $4, $5)
@@ -170,11 +171,80 @@ pub fn register_column(
     })
 }
 
+/// Refuses `context` for `column` of `relid` when another registered column
+/// uses it and either is (or, with `making_searchable`, becomes) searchable, or
+/// its table has another owner. Term settings are found by context when a value
+/// is sealed or probed, so a searchable column's context is its alone; and a
+/// context is its owner's, so no one else can take it over (an empty context,
+/// shared by columns without one, is exempt from the owner rule).
+fn check_context(
+    relid: pg_sys::Oid,
+    column: &str,
+    context: &str,
+    making_searchable: bool,
+) -> Result<(), ByokError> {
+    let other = Spi::connect(|client| {
+        let rows = client.select(
+            "SELECT r.relid::pg_catalog.text OPERATOR(pg_catalog.||) '.' OPERATOR(pg_catalog.||) r.column_name,
+                    r.search_term_length IS NOT NULL
+                        OR EXISTS (SELECT 1 FROM byok.protected_column_registry s
+                                    WHERE s.relid OPERATOR(pg_catalog.=) $1::pg_catalog.oid::pg_catalog.regclass
+                                      AND s.column_name OPERATOR(pg_catalog.=) $2
+                                      AND s.search_term_length IS NOT NULL),
+                    c.relowner OPERATOR(pg_catalog.<>) (SELECT t.relowner FROM pg_catalog.pg_class t
+                                                          WHERE t.oid OPERATOR(pg_catalog.=) $1::pg_catalog.oid)
+               FROM byok.protected_column_registry r
+               JOIN pg_catalog.pg_class c ON c.oid OPERATOR(pg_catalog.=) r.relid::pg_catalog.oid
+              WHERE r.context OPERATOR(pg_catalog.=) $3
+                AND NOT (r.relid OPERATOR(pg_catalog.=) $1::pg_catalog.oid::pg_catalog.regclass
+                         AND r.column_name OPERATOR(pg_catalog.=) $2)
+              ORDER BY 2 DESC, 3 DESC LIMIT 1",
+            Some(1),
+            &[
+                DatumWithOid::from(relid),
+                DatumWithOid::from(column),
+                DatumWithOid::from(context),
+            ],
+        )?;
+        if rows.is_empty() {
+            return Ok::<_, ByokError>(None);
+        }
+        let row = rows.first();
+        Ok(Some((
+            row.required::<String>(1)?,
+            row.required::<bool>(2)?,
+            row.required::<bool>(3)?,
+        )))
+    })?;
+    let Some((other, searchable, other_owner)) = other else {
+        return Ok(());
+    };
+    if searchable || making_searchable {
+        return Err(ByokError::WrongState {
+            message: format!(
+                "context \"{context}\" is also registered for {other}: a searchable column's context must be its own"
+            ),
+            detail: Some("values and probes find their term settings by context".into()),
+            hint: Some("give each searchable column its own context".into()),
+        });
+    }
+    if other_owner && !context.is_empty() {
+        return Err(ByokError::WrongState {
+            message: format!(
+                "context \"{context}\" is registered for {other}, a table of another owner"
+            ),
+            detail: Some("a context belongs to the owner of the columns registered with it".into()),
+            hint: Some("use a context of your own (for example the table and column name)".into()),
+        });
+    }
+    Ok(())
+}
+
 /// Makes a registered column searchable (`byok.make_searchable`): values
 /// sealed with its context and `searchable => true` carry terms of
 /// `term_length` bytes over the value normalized per `normalization`. The
-/// caller must be allowed to update the column, as to register it. Columns
-/// sharing a context must share these settings (a probe finds both).
+/// caller must be allowed to update the column, as to register it. The
+/// column's context must be its own ([`check_context`]).
 pub fn make_searchable(
     relid: pg_sys::Oid,
     column: &str,
@@ -209,28 +279,7 @@ pub fn make_searchable(
             detail: None,
             hint: Some(format!("register it first: SELECT byok.protect_column('{name}', '{column}', tenant_column, context)")),
         })?;
-        let other = catalog::read_one::<String>(
-            "SELECT r.relid::pg_catalog.text OPERATOR(pg_catalog.||) '.' OPERATOR(pg_catalog.||) r.column_name
-               FROM byok.protected_column_registry r
-              WHERE r.context OPERATOR(pg_catalog.=) $3 AND r.search_term_length IS NOT NULL
-                AND NOT (r.relid OPERATOR(pg_catalog.=) $1::pg_catalog.oid::pg_catalog.regclass AND r.column_name OPERATOR(pg_catalog.=) $2)
-                AND (r.search_term_length OPERATOR(pg_catalog.<>) $4 OR r.search_normalization OPERATOR(pg_catalog.<>) $5)
-              LIMIT 1",
-            &[
-                DatumWithOid::from(relid),
-                DatumWithOid::from(column),
-                DatumWithOid::from(context.as_str()),
-                DatumWithOid::from(term_length as i16),
-                DatumWithOid::from(normalization.as_str()),
-            ],
-        )?;
-        if let Some(other) = other {
-            return Err(ByokError::WrongState {
-                message: format!("searchable column {other} uses context \"{context}\" with other term settings"),
-                detail: Some("values sealed with one context are found by one probe: its columns share their term length and normalization".into()),
-                hint: Some("use the same settings, or another context".into()),
-            });
-        }
+        check_context(relid, column, &context, true)?;
         Spi::run_with_args(
             "UPDATE byok.protected_column_registry SET search_term_length = $3, search_normalization = $4
               WHERE relid OPERATOR(pg_catalog.=) $1::pg_catalog.oid::pg_catalog.regclass AND column_name OPERATOR(pg_catalog.=) $2",

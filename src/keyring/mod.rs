@@ -400,6 +400,22 @@ fn crypto_error(dek_id: u64, tenant: &str, e: CryptoError) -> ByokError {
     }
 }
 
+/// Whether data key `dek_id` is one of `tenant_id`'s (from the ring, or the
+/// catalog on a miss). Reveals nothing a caller could not learn: `confirm_match`
+/// asks it only about a value whose term the caller's tenant's key produced.
+pub fn data_key_of_tenant(dek_id: u64, tenant_id: &str) -> Result<bool, ByokError> {
+    let cached = RING.with_ring(|ring| {
+        ring.ciphers
+            .get(&dek_id, Tick::now())
+            .map(|ready| ready.cipher.tenant_id() == tenant_id)
+    });
+    match cached {
+        Some(answer) => Ok(answer),
+        None => Ok(catalog::load_data_key(dek_id)?
+            .is_some_and(|record| record.tenant_id == tenant_id && !record.is_index_key)),
+    }
+}
+
 /// Opens `envelope` into `out` (exactly `envelope.plaintext_len()` bytes).
 pub fn open(
     envelope: &Envelope<'_>,

@@ -20,9 +20,12 @@ use super::{
 use crate::catalog;
 use crate::errors::ByokError;
 
-/// Searchable columns' settings kept at most (contexts are few; a caller
-/// making up a new context per row must not grow a backend without bound).
-const MAX_SPECS: usize = 4096;
+/// Searchable columns' settings kept at most, and the longest context kept:
+/// contexts are few and short (a column's name); a caller making up a new,
+/// long context per call must not grow a backend without bound (at most
+/// 1024 x 256 bytes here; a longer context is looked up every time).
+const MAX_SPECS: usize = 1024;
+const MAX_CACHED_CONTEXT: usize = 256;
 
 /// An index key ready for use.
 struct ReadyIndexKey {
@@ -81,12 +84,14 @@ pub fn column_spec(context: &[u8]) -> Result<Option<SearchSpec>, ByokError> {
             })?,
         }),
     };
-    RING.with_ring(|ring| {
-        if ring.terms.specs.len() >= MAX_SPECS {
-            ring.terms.specs.clear();
-        }
-        ring.terms.specs.insert(context.into(), spec);
-    });
+    if context.len() <= MAX_CACHED_CONTEXT {
+        RING.with_ring(|ring| {
+            if ring.terms.specs.len() >= MAX_SPECS {
+                ring.terms.specs.clear();
+            }
+            ring.terms.specs.insert(context.into(), spec);
+        });
+    }
     Ok(spec)
 }
 

@@ -99,8 +99,45 @@ SELECT byok.make_searchable('users', 'email', normalization => 'soundex');
 CREATE TABLE contacts (id int, email byok.encrypted);
 SELECT byok.make_searchable('contacts', 'email');
 SELECT byok.protect_column('contacts', 'email', NULL, 'users.email');
-SELECT byok.make_searchable('contacts', 'email', term_length => 4);
 DROP TABLE contacts;
+
+-- A searchable column's context is its own, and a context belongs to the
+-- owner of the columns registered with it: another table owner can neither
+-- share a searchable context nor take over one in use (and so cannot change
+-- how another column's terms are made).
+CREATE TABLE plain_notes (id int, body byok.encrypted);
+SELECT byok.protect_column('plain_notes', 'body', NULL, 'plain_notes.body');
+CREATE ROLE search_squatter;
+GRANT byok_admin TO search_squatter;
+CREATE TABLE squat (id int, v byok.encrypted);
+ALTER TABLE squat OWNER TO search_squatter;
+SET ROLE search_squatter;
+SELECT byok.protect_column('squat', 'v', NULL, 'users.email');
+SELECT byok.protect_column('squat', 'v', NULL, 'plain_notes.body');
+SELECT byok.protect_column('squat', 'v', NULL, 'squat.v');
+SELECT byok.make_searchable('squat', 'v');
+-- and once registered, it cannot move onto a context in use either
+SELECT byok.protect_column('squat', 'v', NULL, 'plain_notes.body');
+RESET ROLE;
+-- The owner of plain_notes cannot make it searchable while another column shares its context.
+CREATE TABLE more_notes (id int, body byok.encrypted);
+SELECT byok.protect_column('more_notes', 'body', NULL, 'plain_notes.body');
+SELECT byok.make_searchable('plain_notes', 'body');
+DROP TABLE squat, plain_notes, more_notes;
+
+-- Terms are public (byok.term): a value forged with a copy of another row's
+-- term is not a match when its data key is another tenant's, and fails
+-- authentication (as decrypting it would) when it is the tenant's own.
+CREATE FUNCTION raw_bytes(v byok.encrypted) RETURNS bytea LANGUAGE sql AS $$ SELECT decode(substr(v::text, 6), 'base64') $$;
+CREATE FUNCTION sealed(b bytea) RETURNS byok.encrypted LANGUAGE sql AS $$ SELECT ('byok:' || encode(b, 'base64'))::byok.encrypted $$;
+INSERT INTO users
+SELECT 9100 + n, 'acme_s', sealed('\x0201'::bytea || int8send(k.dek_id) || substr(raw_bytes(u.email), 11, 17) || decode(repeat('00', 40), 'hex'))
+  FROM users u, byok.data_keys k, (VALUES (0, 'globex_s'), (1, 'acme_s')) AS f(n, t)
+ WHERE u.id = 42 AND k.tenant_id = f.t AND k.purpose = 'data' AND k.state = 'active';
+SELECT id FROM users WHERE byok.matches(email, 'acme_s', 'user42@example.com', 'users.email') AND id <> 9101;
+SELECT error_of($$SELECT id FROM users WHERE byok.matches(email, 'acme_s', 'user42@example.com', 'users.email')$$);
+DELETE FROM users WHERE id >= 9100;
+DROP FUNCTION raw_bytes(byok.encrypted), sealed(bytea);
 
 -- Errors. A searchable value (envelope version 2) whose header is malformed
 -- is refused on input, like any malformed value:
@@ -162,4 +199,6 @@ SELECT id FROM users WHERE byok.matches(email, 'acme_s', 'user42@example.com', '
 DROP TABLE users;
 DROP OWNED BY search_user;
 DROP ROLE search_user;
+DROP OWNED BY search_squatter;
+DROP ROLE search_squatter;
 DROP FUNCTION error_of(text);
