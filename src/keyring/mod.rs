@@ -596,18 +596,7 @@ pub fn seal(
     }
 
     // Miss: find the tenant's active key, make sure its cipher is ready, remember both.
-    check_tenant_id(tenant_id).map_err(|problem| ByokError::InvalidArgument {
-        message: format!("invalid tenant id: {problem}"),
-        hint: None,
-    })?;
-    // Before anything about the tenant is looked up (an unknown tenant and one
-    // not granted look the same to a role without the grant).
-    authorize_as(authority, tenant_id, user)?;
-    if authority == Authority::Caller {
-        RING.with_ring(|ring| ring.remember_authorized(user, tenant_id));
-    }
-    let info = catalog::load_tenant_key_info(tenant_id)?
-        .ok_or_else(|| ByokError::UnknownTenant(tenant_id.to_string()))?;
+    let info = admit_tenant(tenant_id, authority, user)?;
     let dek_id = info
         .active_dek_id
         .ok_or_else(|| ByokError::NoActiveDataKey(tenant_id.to_string()))?;
@@ -643,6 +632,28 @@ pub fn seal(
         );
     });
     result
+}
+
+/// The start of a miss on a tenant's keys (sealing, or computing terms): the
+/// tenant id checked and the caller authorized (remembered for the next rows)
+/// before anything about the tenant is looked up, so an unknown tenant and one
+/// not granted look the same to a role without the grant; then the tenant's
+/// active data key and cache settings.
+fn admit_tenant(
+    tenant_id: &str,
+    authority: Authority,
+    user: pg_sys::Oid,
+) -> Result<catalog::TenantKeyInfo, ByokError> {
+    check_tenant_id(tenant_id).map_err(|problem| ByokError::InvalidArgument {
+        message: format!("invalid tenant id: {problem}"),
+        hint: None,
+    })?;
+    authorize_as(authority, tenant_id, user)?;
+    if authority == Authority::Caller {
+        RING.with_ring(|ring| ring.remember_authorized(user, tenant_id));
+    }
+    catalog::load_tenant_key_info(tenant_id)?
+        .ok_or_else(|| ByokError::UnknownTenant(tenant_id.to_string()))
 }
 
 /// Reads, checks and unwraps data key `dek_id` into a ready cipher for `user`

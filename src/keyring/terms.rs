@@ -8,13 +8,12 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use byok_core::clock::Tick;
-use byok_core::config::check_tenant_id;
 use byok_core::envelope::MAX_TERM_LEN;
 use byok_core::search::{IndexKey, Normalization, SearchSpec};
 use pgrx::pg_sys;
 
 use super::{
-    Authority, RING, authorize_as, check_session_tenant_for_encrypt, current_user, is_authorized,
+    Authority, RING, admit_tenant, check_session_tenant_for_encrypt, current_user, is_authorized,
     job_covers, unwrap_key,
 };
 use crate::catalog;
@@ -192,16 +191,7 @@ pub fn with_terms(
     }
 
     // Miss: check the tenant and the caller, read its index keys, load them.
-    check_tenant_id(tenant).map_err(|problem| ByokError::InvalidArgument {
-        message: format!("invalid tenant id: {problem}"),
-        hint: None,
-    })?;
-    authorize_as(authority, tenant, user)?;
-    if authority == Authority::Caller {
-        RING.with_ring(|ring| ring.remember_authorized(user, tenant));
-    }
-    let info = catalog::load_tenant_key_info(tenant)?
-        .ok_or_else(|| ByokError::UnknownTenant(tenant.to_string()))?;
+    let info = admit_tenant(tenant, authority, user)?;
     let keys = catalog::index_keys(tenant)?;
     if keys.live.is_empty() {
         return Err(match keys.destroyed {
