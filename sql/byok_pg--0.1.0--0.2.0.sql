@@ -122,6 +122,10 @@ CREATE TABLE byok.protected_column_registry (
 );
 COMMENT ON TABLE byok.protected_column_registry IS 'Columns of type byok.encrypted that re-encryption jobs rewrite';
 SELECT pg_catalog.pg_extension_config_dump('byok.protected_column_registry', '');
+-- A searchable column's context is its own (byok.make_searchable checks it
+-- under a table lock; this is the backstop).
+CREATE UNIQUE INDEX protected_column_registry_searchable_context
+    ON byok.protected_column_registry (context) WHERE search_term_length IS NOT NULL;
 -- Backends cache searchable columns' term settings: a change reaches them at
 -- commit. Row triggers, fired by those settings only: the event trigger below
 -- touches this table on every DROP, which must not empty every key cache.
@@ -934,7 +938,7 @@ COMMENT ON PROCEDURE byok.respond_to_compromise(text, text) IS
 -- under its tenant's index key of the tenant, the context and the normalized
 -- plaintext, truncated to the column's term length. byok.term() reads it
 -- without any key, so an expression index can hold it; byok.search_terms()
--- computes the probes (under the active index key and, while a rotation's job
+-- computes the probes (once per query as an index condition) (under the active index key and, while a rotation's job
 -- rewrites terms, the previous one); byok.matches() is both in one call, and
 -- confirms each candidate by decrypting it, so a truncated term's false
 -- positives never reach the result.

@@ -24,6 +24,10 @@ CREATE TABLE byok.protected_column_registry (
 );
 COMMENT ON TABLE byok.protected_column_registry IS 'Columns of type byok.encrypted that re-encryption jobs rewrite';
 SELECT pg_catalog.pg_extension_config_dump('byok.protected_column_registry', '');
+-- A searchable column's context is its own (byok.make_searchable checks it
+-- under a table lock; this is the backstop).
+CREATE UNIQUE INDEX protected_column_registry_searchable_context
+    ON byok.protected_column_registry (context) WHERE search_term_length IS NOT NULL;
 -- Backends cache searchable columns' term settings: a change reaches them at
 -- commit. Row triggers, fired by those settings only: the event trigger below
 -- touches this table on every DROP, which must not empty every key cache.

@@ -1,7 +1,8 @@
 -- Every privilege byok_pg grants, in one place. Nothing is open to PUBLIC
--- beyond the schema, the type, and three per-row functions that decide for
--- themselves (data_key_id reads no key; reencrypt and value_opens act only for a
--- re-encryption job's statement or a role granted the value's tenant).
+-- beyond the schema, the type, and five per-row functions that decide for
+-- themselves (data_key_id, term and index_key_id read no key; reencrypt and
+-- value_opens act only for a re-encryption job's statement or a role granted
+-- the value's tenant).
 --   byok_user:  encrypt and decrypt the tenants it is granted (byok.grant_tenant);
 --   byok_admin: administration. It runs as the extension's owner inside each
 --               function, never through rights on the catalog tables themselves

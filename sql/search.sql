@@ -4,7 +4,7 @@
 -- under its tenant's index key of the tenant, the context and the normalized
 -- plaintext, truncated to the column's term length. byok.term() reads it
 -- without any key, so an expression index can hold it; byok.search_terms()
--- computes the probes (under the active index key and, while a rotation's job
+-- computes the probes (once per query as an index condition) (under the active index key and, while a rotation's job
 -- rewrites terms, the previous one); byok.matches() is both in one call, and
 -- confirms each candidate by decrypting it, so a truncated term's false
 -- positives never reach the result.

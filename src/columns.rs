@@ -134,11 +134,7 @@ pub fn count_in(column: &Column, condition: &str, args: &[DatumWithOid]) -> Resu
 /// (Before `ALTER EXTENSION byok_pg UPDATE` brings `byok.index_key_id`, no
 /// value has a term, and the condition is on data keys alone.)
 pub fn under_keys(column: &str, keys: &str) -> Result<String, ByokError> {
-    let searchable = catalog::read_one::<bool>(
-        "SELECT pg_catalog.to_regprocedure('byok.index_key_id(byok.encrypted)') IS NOT NULL",
-        &[],
-    )?
-    .unwrap_or(false);
+    let searchable = search_installed()?;
     let data = format!("byok.data_key_id({column}) OPERATOR(pg_catalog.=) ANY ({keys})");
     Ok(match searchable {
         true => {
@@ -146,6 +142,17 @@ pub fn under_keys(column: &str, keys: &str) -> Result<String, ByokError> {
         }
         false => data,
     })
+}
+
+/// Whether the database has the SQL side of searchable encryption (0.2.0:
+/// `byok.index_key_id`); between installing this library and `ALTER EXTENSION
+/// byok_pg UPDATE` it does not, and no value has a term.
+pub fn search_installed() -> Result<bool, ByokError> {
+    Ok(catalog::read_one::<bool>(
+        "SELECT pg_catalog.to_regprocedure('byok.index_key_id(byok.encrypted)') IS NOT NULL",
+        &[],
+    )?
+    .unwrap_or(false))
 }
 
 /// How many values of registered columns data key `dek_id` seals, or index

@@ -84,6 +84,11 @@ pub enum ByokError {
     TenantMismatchOnDecrypt {
         session: String,
     },
+    /// A probe (or a searchable seal's term) for a tenant other than `byok.tenant`.
+    TenantMismatchOnSearch {
+        requested: String,
+        session: String,
+    },
     TenantNotGranted {
         tenant: String,
         role: String,
@@ -285,6 +290,11 @@ impl ByokError {
             ByokError::TenantMismatchOnEncrypt { requested, session } => report(
                 ERRCODE_INSUFFICIENT_PRIVILEGE,
                 format!("cannot encrypt for tenant \"{requested}\": this session is restricted to tenant \"{session}\""),
+            )
+            .set_detail("byok.tenant is set"),
+            ByokError::TenantMismatchOnSearch { requested, session } => report(
+                ERRCODE_INSUFFICIENT_PRIVILEGE,
+                format!("cannot compute terms for tenant \"{requested}\": this session is restricted to tenant \"{session}\""),
             )
             .set_detail("byok.tenant is set"),
             ByokError::TenantMismatchOnDecrypt { session } => report(

@@ -17,12 +17,19 @@ pub enum TableLock {
     /// EXCLUSIVE conflicts with itself and with writers, not with readers
     /// (ACCESS SHARE), and needs more than the SELECT privilege others have.
     AuditChain,
+    /// Checking a context against the protected-column registry and then
+    /// registering or making a column searchable (`jobs::check_context`): one
+    /// at a time, so two sessions cannot both find a context free.
+    ColumnRegistry,
 }
 
 impl TableLock {
     fn statement(self) -> &'static str {
         match self {
             TableLock::AuditChain => "LOCK TABLE byok.audit_log IN SHARE ROW EXCLUSIVE MODE",
+            TableLock::ColumnRegistry => {
+                "LOCK TABLE byok.protected_column_registry IN SHARE ROW EXCLUSIVE MODE"
+            }
         }
     }
 }

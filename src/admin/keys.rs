@@ -402,6 +402,13 @@ fn create_key(
                                                  backup_wrapped_dek, backup_provider, backup_cmk_id, backup_cmk_version)
              VALUES ($1, $2, $3, $4, $5, $6, 'active', $7, $8, $9, $10)"
         }
+        false if index => {
+            return Err(ByokError::WrongState {
+                message: "index keys need the 0.2.0 catalog".into(),
+                detail: None,
+                hint: Some("ALTER EXTENSION byok_pg UPDATE".into()),
+            });
+        }
         false => {
             "INSERT INTO byok.wrapped_data_keys (dek_id, tenant_id, wrapped_dek, provider, cmk_id, cmk_version, state)
              VALUES ($1, $2, $3, $4, $5, $6, 'active')"

@@ -22,9 +22,19 @@ pg_function_info_v1!(
 /// Raises a key-use failure, recording it in the audit trail first when it
 /// matters to a security reviewer (refusals, authentication failures).
 #[cold]
-fn key_use_failed(error: ByokError) -> ! {
+pub(crate) fn key_use_failed(error: ByokError) -> ! {
     crate::audit::key_use_failed(&error);
     error.raise()
+}
+
+/// A tenant id argument's bytes as a string (raises for bytes that are not UTF-8).
+pub(crate) fn tenant_id(bytes: &[u8]) -> &str {
+    std::str::from_utf8(bytes)
+        .map_err(|_| ByokError::InvalidArgument {
+            message: "invalid tenant id: not valid UTF-8".into(),
+            hint: None,
+        })
+        .or_raise()
 }
 
 /// The optional `context` argument (SQL default '').
@@ -61,12 +71,7 @@ pub unsafe extern "C-unwind" fn byok_encrypt(fcinfo: pg_sys::FunctionCallInfo) -
             nargs(fcinfo) > 3 && arg_datum(fcinfo, 3).value() != 0,
         )
     };
-    let tenant = std::str::from_utf8(tenant)
-        .map_err(|_| ByokError::InvalidArgument {
-            message: "invalid tenant id: not valid UTF-8".into(),
-            hint: None,
-        })
-        .or_raise();
+    let tenant = tenant_id(tenant);
     if searchable {
         return seal_searchable(tenant, plaintext, context);
     }
@@ -189,18 +194,17 @@ pub unsafe extern "C-unwind" fn byok_reencrypt(fcinfo: pg_sys::FunctionCallInfo)
         }
         .raise();
     }
-    let spec = keyring::reseal_spec(&envelope, context).or_raise();
-    let sealed_len = match spec {
-        Some(spec) => envelope::searchable_sealed_len(envelope.plaintext_len(), spec.term_len),
-        None => envelope::sealed_len(envelope.plaintext_len()),
+    // (built in a vector first: whether it gets a term is known only once the
+    // value is open; a job's step, not the per-row path of queries)
+    let sealed = match keyring::reseal(&envelope, context, authority) {
+        Ok(sealed) => sealed,
+        Err(e) => key_use_failed(e),
     };
-    if sealed_len > MAX_VARLENA_PAYLOAD {
+    if sealed.len() > MAX_VARLENA_PAYLOAD {
         ByokError::ValueTooLarge(envelope.plaintext_len()).raise();
     }
-    let mut out = VarlenaBuf::new(sealed_len);
-    if let Err(e) = keyring::reseal(&envelope, context, spec, out.as_mut_slice(), authority) {
-        key_use_failed(e);
-    }
+    let mut out = VarlenaBuf::new(sealed.len());
+    out.as_mut_slice().copy_from_slice(&sealed);
     out.into_datum()
 }
 

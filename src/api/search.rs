@@ -9,6 +9,7 @@ use pgrx::pg_sys;
 use pgrx::prelude::*;
 
 use crate::admin::{self, AdminOp};
+use crate::api::crypt::{key_use_failed, tenant_id};
 use crate::errors::{ByokError, OrRaise};
 use crate::keyring::{self, Authority, terms};
 use crate::postgres::fmgr::{arg_datum, nargs, pg_function_info_v1};
@@ -21,13 +22,6 @@ pg_function_info_v1!(
     byok_search_terms,
     byok_confirm_match
 );
-
-/// Raises a key-use failure, audited as the per-row functions' are.
-#[cold]
-fn key_use_failed(error: ByokError) -> ! {
-    crate::audit::key_use_failed(&error);
-    error.raise()
-}
 
 /// Argument 0 parsed as a sealed value.
 ///
@@ -108,13 +102,7 @@ unsafe fn probe_args<'a>(
             },
         )
     };
-    let tenant = std::str::from_utf8(tenant)
-        .map_err(|_| ByokError::InvalidArgument {
-            message: "invalid tenant id: not valid UTF-8".into(),
-            hint: None,
-        })
-        .or_raise();
-    (tenant, plaintext, context)
+    (tenant_id(tenant), plaintext, context)
 }
 
 /// Every probe for a value: under the active index key, and with `all` the
@@ -129,7 +117,7 @@ fn probes(tenant: &str, plaintext: &[u8], context: &[u8], all: bool) -> Vec<Vec<
         &spec,
         all,
         Authority::Caller,
-        &mut |id, term| out.push(terms::keyed_term(id, term)),
+        &mut |id, term| out.push(byok_core::search::keyed_term(id, term)),
     ) {
         key_use_failed(e);
     }
@@ -171,8 +159,9 @@ pub unsafe extern "C-unwind" fn byok_search_terms(
 /// context text DEFAULT '') RETURNS boolean`: whether `value` is the tenant's
 /// and, decrypted and normalized, equals `plaintext` normalized. A value of
 /// another tenant, or without a term, is not a match (not an error: a
-/// truncated term's false candidates from anywhere in the column reach it);
-/// one of the tenant's that fails authentication raises, as decrypting it would.
+/// truncated term's false candidates from anywhere in the column reach it),
+/// nor is a value of the tenant's that fails authentication (recorded in the
+/// audit trail: a value carrying a copied term).
 #[pg_guard]
 #[unsafe(no_mangle)]
 pub unsafe extern "C-unwind" fn byok_confirm_match(
@@ -195,7 +184,7 @@ pub unsafe extern "C-unwind" fn byok_confirm_match(
         tenant,
         context,
         plaintext,
-        &SpecWithLen::of(spec, value_term.len()),
+        &spec.with_term_len(value_term.len()),
         true,
         Authority::Caller,
         &mut |id, term| candidate |= id == value_key && term == value_term,
@@ -208,8 +197,15 @@ pub unsafe extern "C-unwind" fn byok_confirm_match(
         return pg_sys::Datum::from(false);
     }
     let mut opened = zeroize::Zeroizing::new(vec![0u8; envelope.plaintext_len()]);
-    if let Err(e) = keyring::open(&envelope, context, &mut opened, Authority::Caller) {
-        key_use_failed(e);
+    match keyring::open(&envelope, context, &mut opened, Authority::Caller) {
+        Ok(()) => {}
+        // A value carrying a copy of a term (terms are public) fails here:
+        // recorded, and not a match, so a forged row cannot break lookups.
+        Err(e @ ByokError::AuthenticationFailed { .. }) => {
+            crate::audit::key_use_failed(&e);
+            return pg_sys::Datum::from(false);
+        }
+        Err(e) => key_use_failed(e),
     }
     let equal = match (
         spec.normalization.apply_bytes(&opened),
@@ -219,16 +215,6 @@ pub unsafe extern "C-unwind" fn byok_confirm_match(
         _ => false,
     };
     pg_sys::Datum::from(equal)
-}
-
-/// A column's settings with the term length a stored value actually has (a
-/// value keeps its length until a job rewrites it).
-struct SpecWithLen;
-
-impl SpecWithLen {
-    fn of(spec: byok_core::search::SearchSpec, term_len: usize) -> byok_core::search::SearchSpec {
-        byok_core::search::SearchSpec { term_len, ..spec }
-    }
 }
 
 /// `byok.make_searchable(tbl, col, term_length, normalization)`: declares a

@@ -265,7 +265,9 @@ pub fn key_use_failed(error: &ByokError) {
         ByokError::DataKeyNotGranted { tenant, dek_id, .. } => {
             (Some(tenant.as_str()), Some(*dek_id as i64))
         }
-        ByokError::TenantMismatchOnEncrypt { requested, .. } => (Some(requested.as_str()), None),
+        ByokError::TenantMismatchOnEncrypt { requested, .. }
+        | ByokError::TenantMismatchOnSearch { requested, .. } => (Some(requested.as_str()), None),
+        ByokError::WrongKeyPurpose { key_id, .. } => (None, Some(*key_id as i64)),
         ByokError::TenantMismatchOnDecrypt { .. } | ByokError::BrokerTimeout { .. } => (None, None),
         ByokError::AuthenticationFailed { dek_id, tenant }
         | ByokError::KeyDestroyed { dek_id, tenant }

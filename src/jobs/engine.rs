@@ -538,7 +538,7 @@ fn retire_unreferenced_keys(tenant: Option<&str>) -> Result<i64, ByokError> {
     let mut referenced: Vec<i64> = Vec::new();
     for column in registered_columns(None)? {
         let col = quote_ident(&column.column);
-        let index_keys = match under_keys("v", "k")?.contains("index_key_id") {
+        let index_keys = match crate::columns::search_installed()? {
             true => format!(
                 " UNION SELECT byok.index_key_id({col}) FROM {}",
                 column.table

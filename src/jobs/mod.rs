@@ -146,6 +146,7 @@ pub fn register_column(
     let attnum = facts.registrable(column, tenant_column)?;
     let name = facts.name;
     catalog::as_extension_owner(|| {
+        crate::locks::lock_for_transaction(crate::locks::TableLock::ColumnRegistry)?;
         check_context(relid, column, context, false)?;
         Spi::run_with_args(
             "INSERT INTO byok.protected_column_registry (relid, column_name, attnum, tenant_column, context)
@@ -261,7 +262,7 @@ pub fn make_searchable(
     let normalization = Normalization::parse(normalization)
         .map_err(|problem| ByokError::InvalidArgument {
             message: format!("invalid normalization: {problem}"),
-            hint: Some("for example 'exact', 'casefold,trim' or 'nfkc,casefold,trim'".into()),
+            hint: Some("for example 'exact', 'lowercase,trim' or 'nfkc,lowercase,trim'".into()),
         })?
         .spec();
     // Checked with the caller's rights, as registering is.
@@ -279,7 +280,9 @@ pub fn make_searchable(
             detail: None,
             hint: Some(format!("register it first: SELECT byok.protect_column('{name}', '{column}', tenant_column, context)")),
         })?;
+        crate::locks::lock_for_transaction(crate::locks::TableLock::ColumnRegistry)?;
         check_context(relid, column, &context, true)?;
+        refuse_settings_change(relid, column, &name, term_length, &normalization)?;
         Spi::run_with_args(
             "UPDATE byok.protected_column_registry SET search_term_length = $3, search_normalization = $4
               WHERE relid OPERATOR(pg_catalog.=) $1::pg_catalog.oid::pg_catalog.regclass AND column_name OPERATOR(pg_catalog.=) $2",
@@ -303,6 +306,53 @@ pub fn make_searchable(
         )?;
         Ok(normalization.clone())
     })
+}
+
+/// Refuses to change the term settings of a searchable column that holds
+/// values with terms: probes would use the new settings at once and miss every
+/// row until all terms were rewritten.
+fn refuse_settings_change(
+    relid: pg_sys::Oid,
+    column: &str,
+    name: &str,
+    term_length: i32,
+    normalization: &str,
+) -> Result<(), ByokError> {
+    let current = Spi::connect(|client| {
+        let rows = client.select(
+            "SELECT search_term_length::pg_catalog.int4, search_normalization FROM byok.protected_column_registry
+              WHERE relid OPERATOR(pg_catalog.=) $1::pg_catalog.oid::pg_catalog.regclass
+                AND column_name OPERATOR(pg_catalog.=) $2 AND search_term_length IS NOT NULL",
+            Some(1),
+            &[DatumWithOid::from(relid), DatumWithOid::from(column)],
+        )?;
+        if rows.is_empty() {
+            return Ok::<_, ByokError>(None);
+        }
+        let row = rows.first();
+        Ok(Some((row.required::<i32>(1)?, row.required::<String>(2)?)))
+    })?;
+    let Some((length, spec)) = current else {
+        return Ok(());
+    };
+    if length == term_length && spec == normalization {
+        return Ok(());
+    }
+    let columns = crate::columns::registered_columns(Some(relid))?;
+    let Some(target) = columns.iter().find(|c| c.column == column) else {
+        return Ok(());
+    };
+    let with_terms = crate::columns::count_in(target, "byok.term($col) IS NOT NULL", &[])?;
+    if with_terms > 0 {
+        return Err(ByokError::WrongState {
+            message: format!(
+                "column \"{column}\" of {name} already holds {with_terms} value(s) with terms of {length} byte(s), normalization {spec}"
+            ),
+            detail: Some("lookups would use the new settings at once and miss those rows until every term is rewritten".into()),
+            hint: Some("copy the values into a new searchable column (with its own context), or keep the settings".into()),
+        });
+    }
+    Ok(())
 }
 
 /// What registering a column needs to know about it and its table.

@@ -433,12 +433,15 @@ fn rotate_due_data_keys() {
     let due: Vec<String> = crate::catalog::as_extension_owner(|| {
         Ok(column_or_warn::<String>(
             "tenants due for rotation",
-            "SELECT c.tenant_id FROM byok.tenant_config c
-               JOIN byok.wrapped_data_keys k ON k.tenant_id = c.tenant_id AND k.state = 'active'
-                    -- (index keys rotate only when asked: a rotation rewrites every term)
-                    AND (pg_catalog.to_jsonb(k) OPERATOR(pg_catalog.->>) 'purpose') IS DISTINCT FROM 'index'
-              WHERE c.rotation_enabled
-                AND k.created_at < now() - make_interval(days => c.rotation_interval_days)",
+            // (index keys rotate only when asked: a rotation rewrites every term)
+            &format!(
+                "SELECT c.tenant_id FROM byok.tenant_config c
+                   JOIN byok.wrapped_data_keys k ON k.tenant_id = c.tenant_id AND k.state = 'active'
+                        AND {}
+                  WHERE c.rotation_enabled
+                    AND k.created_at < now() - make_interval(days => c.rotation_interval_days)",
+                crate::catalog::DATA_KEYS_ONLY
+            ),
         ))
     })
     .unwrap_or_else(|failure| {

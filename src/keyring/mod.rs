@@ -338,6 +338,21 @@ fn check_session_tenant_for_decrypt(tenant_id: &str) -> Result<(), ByokError> {
     }
 }
 
+/// Fails if `byok.tenant` restricts this session to another tenant than the
+/// one a term is computed for (a probe, or a searchable seal).
+#[inline]
+fn check_session_tenant_for_terms(tenant_id: &str) -> Result<(), ByokError> {
+    match gucs::session_tenant() {
+        Some(session) if session.to_bytes() != tenant_id.as_bytes() => {
+            Err(ByokError::TenantMismatchOnSearch {
+                requested: tenant_id.to_string(),
+                session: session.to_string_lossy().into_owned(),
+            })
+        }
+        _ => Ok(()),
+    }
+}
+
 #[inline]
 fn check_session_tenant_for_encrypt(tenant_id: &str) -> Result<(), ByokError> {
     match gucs::session_tenant() {
@@ -491,17 +506,17 @@ pub fn open(
 }
 
 /// Opens `envelope` and seals its plaintext again under its tenant's active data
-/// key, with the same context (a re-encryption job's per-row step). A value
-/// that had a term, or any value of a searchable column, gets its term under
-/// the tenant's active index key with `spec` ([`reseal_spec`]). The plaintext
-/// lives only in a buffer wiped on drop.
+/// key, with the same context (a re-encryption job's per-row step); returns
+/// the new envelope. It carries a term under the tenant's active index key
+/// when the value had one, or when `context` is a searchable column's and the
+/// tenant has an index key (a tenant without one keeps unsearchable values).
+/// The plaintext lives only in a buffer wiped on drop.
 pub fn reseal(
     envelope: &Envelope<'_>,
     context: &[u8],
-    spec: Option<byok_core::search::SearchSpec>,
-    out: &mut [u8],
     authority: Authority,
-) -> Result<(), ByokError> {
+) -> Result<Vec<u8>, ByokError> {
+    use byok_core::envelope::{sealed_len, searchable_sealed_len};
     let mut plaintext = zeroize::Zeroizing::new(vec![0u8; envelope.plaintext_len()]);
     open(envelope, context, &mut plaintext, authority)?;
     let dek_id = envelope.dek_id();
@@ -516,38 +531,39 @@ pub fn reseal(
             load_cipher(dek_id, current_user(), authority)
                 .map(|(ready, _)| ready.cipher.tenant_id().to_string())
         })?;
-    match spec {
-        None => seal(&tenant, &plaintext, context, None, out, authority),
-        Some(spec) => {
-            let (index_key_id, term) =
-                terms::active_term(&tenant, context, &plaintext, &spec, authority)?;
-            let term = Term {
-                index_key_id,
-                bytes: &term[..spec.term_len],
-            };
-            seal(&tenant, &plaintext, context, Some(term), out, authority)
+    let had_term = envelope.term();
+    let spec = match (terms::column_spec(context)?, had_term) {
+        (Some(spec), _) => Some(spec),
+        (None, Some(term)) => {
+            Some(byok_core::search::SearchSpec::default().with_term_len(term.len()))
         }
-    }
+        (None, None) => None,
+    };
+    let term = match spec {
+        None => None,
+        Some(spec) => match terms::active_term(&tenant, context, &plaintext, &spec, authority) {
+            Ok((index_key_id, term)) => Some((index_key_id, term, spec.term_len)),
+            Err(ByokError::NoIndexKey(_)) if had_term.is_none() => None,
+            Err(e) => return Err(e),
+        },
+    };
+    let mut out = vec![
+        0u8;
+        match term {
+            Some((_, _, len)) => searchable_sealed_len(plaintext.len(), len),
+            None => sealed_len(plaintext.len()),
+        }
+    ];
+    let term = term.as_ref().map(|(index_key_id, bytes, len)| Term {
+        index_key_id: *index_key_id,
+        bytes: &bytes[..*len],
+    });
+    seal(&tenant, &plaintext, context, term, &mut out, authority)?;
+    Ok(out)
 }
 
-/// How [`reseal`] makes `envelope`'s term: with its column's settings when
-/// `context` is a searchable column's, the defaults when the value had a term
-/// otherwise, no term when it had none.
-pub fn reseal_spec(
-    envelope: &Envelope<'_>,
-    context: &[u8],
-) -> Result<Option<byok_core::search::SearchSpec>, ByokError> {
-    match terms::column_spec(context)? {
-        Some(spec) => Ok(Some(spec)),
-        None if envelope.term().is_some() => Ok(Some(byok_core::search::SearchSpec {
-            term_len: envelope.term().map_or(0, <[u8]>::len),
-            ..Default::default()
-        })),
-        None => Ok(None),
-    }
-}
-
-/// Seals `plaintext` for `tenant_id` into `out` (exactly `sealed_len(plaintext.len())` bytes).
+/// Seals `plaintext` for `tenant_id` into `out` (exactly `sealed_len(plaintext.len())`
+/// bytes, or `searchable_sealed_len` with a `term`).
 /// The per-row path: kept in one function so the cache-hit branch (no SPI, no
 /// lock, no allocation) can be read, and checked, top to bottom.
 pub fn seal(
@@ -779,7 +795,7 @@ fn unwrap_key(
     let epoch_slot = crate::shmem::tenant_epoch_slot(session::database(), &record.tenant_id);
     let epoch = crate::shmem::tenant_epoch(epoch_slot);
     // From the broker's shared cache, or the key manager through the broker.
-    // `dek` is zeroized when it goes out of scope; only the key schedule is kept.
+    // `key` is zeroized when dropped; callers keep only a key schedule or a keyed HMAC state.
     let (key, _stale) = broker::unwrap(
         broker::tenant_ref(&record.tenant_id),
         provider,

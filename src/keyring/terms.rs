@@ -13,7 +13,7 @@ use byok_core::search::{IndexKey, Normalization, SearchSpec};
 use pgrx::pg_sys;
 
 use super::{
-    Authority, RING, admit_tenant, check_session_tenant_for_encrypt, current_user, is_authorized,
+    Authority, RING, admit_tenant, check_session_tenant_for_terms, current_user, is_authorized,
     job_covers, unwrap_key,
 };
 use crate::catalog;
@@ -50,11 +50,16 @@ struct TenantIndexKeys {
     granted_to: Cell<pg_sys::Oid>,
 }
 
+/// Maps read on the per-row path: foldhash, several times cheaper than
+/// SipHash on short keys. Its weaker resistance to chosen collisions matters
+/// little here: the maps are one backend's, keyed by what that session uses.
+type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
+
 #[derive(Default)]
 pub(super) struct TermState {
-    keys: HashMap<u64, ReadyIndexKey>,
-    tenants: HashMap<Box<str>, TenantIndexKeys>,
-    specs: HashMap<Box<[u8]>, Option<SearchSpec>>,
+    keys: FastMap<u64, ReadyIndexKey>,
+    tenants: FastMap<Box<str>, TenantIndexKeys>,
+    specs: FastMap<Box<[u8]>, Option<SearchSpec>>,
 }
 
 impl TermState {
@@ -62,6 +67,18 @@ impl TermState {
         self.keys.clear();
         self.tenants.clear();
         self.specs.clear();
+    }
+
+    /// Keeps a key just loaded. Keys expired or dropped by a revocation go
+    /// first (wiped as they drop), and the ready index keys stay within
+    /// `byok.backend_cache_max_entries`, like the data keys.
+    fn keep(&mut self, id: u64, ready: ReadyIndexKey, now: Tick) {
+        self.keys.retain(|_, key| key.is_usable(now));
+        self.tenants.retain(|_, entry| entry.expires_at > now);
+        if self.keys.len() >= crate::gucs::backend_cache_max_entries().max(1) {
+            self.keys.clear();
+        }
+        self.keys.insert(id, ready);
     }
 }
 
@@ -138,7 +155,7 @@ pub fn with_terms(
     authority: Authority,
     each: &mut dyn FnMut(u64, &[u8]),
 ) -> Result<(), ByokError> {
-    check_session_tenant_for_encrypt(tenant)?;
+    check_session_tenant_for_terms(tenant)?;
     let normalized =
         spec.normalization
             .apply_bytes(plaintext)
@@ -151,7 +168,8 @@ pub fn with_terms(
     let mut buf = [0u8; MAX_TERM_LEN];
     let now = Tick::now();
     let user = current_user();
-    // Hit: the tenant's keys known, granted, ready.
+    // Hit: the tenant's keys known, granted, ready. One lookup per key: the
+    // per-row seal asks for the active key only.
     let hit = RING.with_ring(|ring| {
         let entry = ring
             .terms
@@ -163,26 +181,27 @@ pub fn with_terms(
             Authority::Caller => is_authorized(&ring.authorized, user, tenant),
             Authority::Job => job_covers(tenant),
         };
-        let ids = &entry.live[..if all { entry.live.len() } else { 1 }.min(entry.live.len())];
-        if !allowed
-            || ids.is_empty()
-            || !ids.iter().all(|id| {
-                ring.terms
-                    .keys
-                    .get(id)
-                    .is_some_and(|ready| ready.is_usable(now))
-            })
-        {
-            return None;
+        let wanted = if all { entry.live.len() } else { 1 };
+        let ids = entry
+            .live
+            .get(..wanted)
+            .filter(|ids| allowed && !ids.is_empty())?;
+        let mut ready = Vec::new();
+        let keys = &ring.terms.keys;
+        let first = keys.get(&ids[0]).filter(|r| r.is_usable(now))?;
+        if ids.len() > 1 {
+            // (probes, once per query: the previous keys too)
+            for id in &ids[1..] {
+                ready.push((*id, keys.get(id).filter(|r| r.is_usable(now))?));
+            }
         }
         if authority == Authority::Caller {
             entry.granted_to.set(user);
         }
-        for id in ids {
-            ring.terms.keys[id]
-                .key
+        for (id, key) in std::iter::once((ids[0], first)).chain(ready) {
+            key.key
                 .term_into(tenant, context, normalized, &mut buf[..len]);
-            each(*id, &buf[..len]);
+            each(id, &buf[..len]);
         }
         Some(())
     });
@@ -225,7 +244,7 @@ pub fn with_terms(
                 .term_into(tenant, context, normalized, &mut buf[..len]);
             // Kept unless a revocation was seen while it was loaded.
             if ready.is_usable(now) {
-                RING.with_ring(|ring| ring.terms.keys.insert(id, ready));
+                RING.with_ring(|ring| ring.terms.keep(id, ready, now));
             }
         }
         each(id, &buf[..len]);
@@ -245,14 +264,4 @@ pub fn with_terms(
         )
     });
     Ok(())
-}
-
-/// The probe `byok.term` of a matching value holds: the index key id, the
-/// term's length and the term (the bytes after a version 2 envelope's data key id).
-pub fn keyed_term(index_key_id: u64, term: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(9 + term.len());
-    out.extend_from_slice(&index_key_id.to_be_bytes());
-    out.push(term.len() as u8);
-    out.extend_from_slice(term);
-    out
 }

@@ -27,7 +27,7 @@ UPDATE people SET ssn = byok.encrypt_text('acme', 'ssn-' || id, 'people.ssn:' ||
 SELECT byok.rotate_index_key('acme');
 CREATE TABLE contacts (id int PRIMARY KEY, email byok.encrypted);
 SELECT byok.protect_column('contacts', 'email', NULL, 'contacts.email');
-SELECT byok.make_searchable('contacts', 'email', normalization => 'casefold');
+SELECT byok.make_searchable('contacts', 'email', normalization => 'lowercase');
 INSERT INTO contacts SELECT g, byok.encrypt_text('acme', 'c' || g || '@example.com', 'contacts.email', searchable => true)
   FROM generate_series(1, 500) g;
 CREATE INDEX contacts_email_term ON contacts (byok.term(email));

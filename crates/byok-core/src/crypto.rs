@@ -23,7 +23,7 @@ pub const MAX_TENANT_ID_LEN: usize = 128;
 
 /// AADs up to this size are built on the stack, so sealing with an ordinary
 /// context does not allocate. Small, because the buffer is zeroed on every call.
-const STACK_AAD_LEN: usize = 192;
+const STACK_AAD_LEN: usize = 160;
 
 /// A plaintext data key, in memory excluded from core dumps
 /// ([`SecretBox`]) and wiped when dropped; never printed.
@@ -196,6 +196,7 @@ impl DekCipher {
     }
 
     /// Seals into `out`, whose first `header_len` bytes hold the header already.
+    #[inline]
     fn seal_after_header(
         &self,
         header_len: usize,
@@ -269,6 +270,7 @@ impl DekCipher {
 
     /// Calls `f` with the AAD of a value with `header` under this key for
     /// `context`, built on the stack when it fits.
+    #[inline]
     fn with_aad<R>(&self, header: &[u8], context: &[u8], f: impl FnOnce(&[u8]) -> R) -> R {
         let tenant = self.tenant_id.as_bytes();
         let h = header.len();

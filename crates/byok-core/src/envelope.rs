@@ -17,7 +17,7 @@
 //!      1     1  algorithm (1 = AES-256-GCM)
 //!      2     8  data-key (DEK) id, big-endian
 //!     10     8  index-key id, big-endian
-//!     18     1  term length t (4..=32)
+//!     18     1  term length t (2..=32)
 //!     19     t  term
 //!   19+t    12  nonce, then ciphertext and tag as in version 1
 //! ```
@@ -38,8 +38,11 @@ pub const FORMAT_V2: u8 = 2;
 pub const ALG_AES256_GCM: u8 = 1;
 /// Version, algorithm and DEK id: the header of a version 1 value (authenticated as AAD).
 pub const HEADER_LEN: usize = 10;
+/// An index key id and a term length: what precedes a term (in a version 2
+/// header, and in what `byok.term` returns).
+pub const KEYED_TERM_FIXED: usize = 8 + 1;
 /// A version 2 header before its term: version 1's, an index key id, a term length.
-pub const SEARCHABLE_HEADER_FIXED: usize = HEADER_LEN + 8 + 1;
+pub const SEARCHABLE_HEADER_FIXED: usize = HEADER_LEN + KEYED_TERM_FIXED;
 /// Shortest and longest term a version 2 value carries.
 pub const MIN_TERM_LEN: usize = 2;
 pub const MAX_TERM_LEN: usize = 32;
@@ -165,8 +168,8 @@ impl<'a> Envelope<'a> {
         (self.bytes[0] == FORMAT_V2).then(|| &self.bytes[SEARCHABLE_HEADER_FIXED..self.header_len])
     }
 
-    /// The index key id and the term, as `byok.term` returns them: what an
-    /// index on a searchable column holds.
+    /// The index key id, the term's length and the term, as `byok.term`
+    /// returns them: what an index on a searchable column holds.
     pub fn keyed_term(&self) -> Option<&'a [u8]> {
         (self.bytes[0] == FORMAT_V2).then(|| &self.bytes[HEADER_LEN..self.header_len])
     }
@@ -205,6 +208,16 @@ pub fn header_for(dek_id: u64) -> [u8; HEADER_LEN] {
     header
 }
 
+/// Writes the index key id, the term's length and the term into `out` (at
+/// least [`KEYED_TERM_FIXED`] + `term.len()` bytes); returns the length written.
+pub fn write_keyed_term(index_key_id: u64, term: &[u8], out: &mut [u8]) -> usize {
+    debug_assert!((MIN_TERM_LEN..=MAX_TERM_LEN).contains(&term.len()));
+    out[..8].copy_from_slice(&index_key_id.to_be_bytes());
+    out[8] = term.len() as u8;
+    out[KEYED_TERM_FIXED..KEYED_TERM_FIXED + term.len()].copy_from_slice(term);
+    KEYED_TERM_FIXED + term.len()
+}
+
 /// Writes the header of a searchable value into `out` (at least
 /// [`SEARCHABLE_HEADER_FIXED`] + `term.len()` bytes); returns its length.
 pub fn write_searchable_header(
@@ -213,13 +226,9 @@ pub fn write_searchable_header(
     term: &[u8],
     out: &mut [u8],
 ) -> usize {
-    debug_assert!((MIN_TERM_LEN..=MAX_TERM_LEN).contains(&term.len()));
     out[..HEADER_LEN].copy_from_slice(&header_for(dek_id));
     out[0] = FORMAT_V2;
-    out[HEADER_LEN..HEADER_LEN + 8].copy_from_slice(&index_key_id.to_be_bytes());
-    out[SEARCHABLE_HEADER_FIXED - 1] = term.len() as u8;
-    out[SEARCHABLE_HEADER_FIXED..SEARCHABLE_HEADER_FIXED + term.len()].copy_from_slice(term);
-    SEARCHABLE_HEADER_FIXED + term.len()
+    HEADER_LEN + write_keyed_term(index_key_id, term, &mut out[HEADER_LEN..])
 }
 
 /// Length of the envelope for a plaintext of `plaintext_len` bytes.
@@ -229,7 +238,7 @@ pub fn sealed_len(plaintext_len: usize) -> usize {
 
 /// Length of a searchable envelope with a term of `term_len` bytes.
 pub fn searchable_sealed_len(plaintext_len: usize, term_len: usize) -> usize {
-    plaintext_len + OVERHEAD + 8 + 1 + term_len
+    plaintext_len + OVERHEAD + KEYED_TERM_FIXED + term_len
 }
 
 /// Length of the text form of an envelope of `envelope_len` bytes.

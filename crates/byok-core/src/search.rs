@@ -10,18 +10,18 @@
 //!
 //! Normalization is declared per column and applied identically when a value
 //! is sealed and when a probe is computed: a Unicode form (NFC or NFKC), then
-//! case folding (Unicode lowercase), then trimming of white space.
+//! Unicode lowercase (not full case folding), then trimming of white space.
 
 use hmac::{Hmac, KeyInit, Mac};
 use sha2::Sha256;
 use unicode_normalization::UnicodeNormalization;
-use zeroize::{Zeroize, Zeroizing};
+use zeroize::Zeroizing;
 
 use crate::secret_mem::SecretBox;
 
 pub use crate::envelope::{MAX_TERM_LEN, MIN_TERM_LEN};
 
-/// The default: a collision in 2^64, far beyond any column's size.
+/// The default: a lookup among n values meets about n / 2^64 false candidates.
 pub const DEFAULT_TERM_LEN: usize = 8;
 
 const TERM_LABEL: &[u8] = b"byok_pg/term/v1\0";
@@ -31,6 +31,17 @@ const TERM_LABEL: &[u8] = b"byok_pg/term/v1\0";
 pub struct SearchSpec {
     pub normalization: Normalization,
     pub term_len: usize,
+}
+
+impl SearchSpec {
+    /// The same settings with terms of `term_len` bytes (a stored value keeps
+    /// the length it was sealed with until a job rewrites it).
+    pub fn with_term_len(self, term_len: usize) -> Self {
+        SearchSpec {
+            term_len: term_len.clamp(MIN_TERM_LEN, MAX_TERM_LEN),
+            ..self
+        }
+    }
 }
 
 impl Default for SearchSpec {
@@ -60,12 +71,12 @@ pub enum UnicodeForm {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Normalization {
     pub unicode: Option<UnicodeForm>,
-    pub case_fold: bool,
+    pub lowercase: bool,
     pub trim: bool,
 }
 
 impl Normalization {
-    /// `exact`, or a comma-separated list of `nfc`/`nfkc`, `casefold`, `trim`.
+    /// `exact`, or a comma-separated list of `nfc`/`nfkc`, `lowercase`, `trim`.
     pub fn parse(spec: &str) -> Result<Self, String> {
         let mut n = Normalization::default();
         let spec = spec.trim();
@@ -79,11 +90,11 @@ impl Normalization {
                 }
                 "nfc" => n.unicode = Some(UnicodeForm::Nfc),
                 "nfkc" => n.unicode = Some(UnicodeForm::Nfkc),
-                "casefold" => n.case_fold = true,
+                "lowercase" => n.lowercase = true,
                 "trim" => n.trim = true,
                 other => {
                     return Err(format!(
-                        "unknown normalization \"{}\"; expected exact, or any of nfc|nfkc, casefold, trim",
+                        "unknown normalization \"{}\"; expected exact, or any of nfc|nfkc, lowercase, trim",
                         other.chars().take(32).collect::<String>()
                     ));
                 }
@@ -100,8 +111,8 @@ impl Normalization {
             Some(UnicodeForm::Nfkc) => parts.push("nfkc"),
             None => {}
         }
-        if self.case_fold {
-            parts.push("casefold");
+        if self.lowercase {
+            parts.push("lowercase");
         }
         if self.trim {
             parts.push("trim");
@@ -118,26 +129,35 @@ impl Normalization {
         *self == Normalization::default()
     }
 
-    /// `text` normalized (kept in a buffer wiped on drop: it is plaintext).
+    /// `text` normalized (plaintext: every buffer it passes through is wiped;
+    /// the first is sized so that it rarely grows, which would leave a copy
+    /// behind in freed memory).
     pub fn apply(&self, text: &str) -> Zeroizing<String> {
-        let mut out: String = match self.unicode {
-            Some(UnicodeForm::Nfc) => text.nfc().collect(),
-            Some(UnicodeForm::Nfkc) => text.nfkc().collect(),
-            None => text.to_string(),
-        };
-        if self.case_fold {
-            out = out.to_lowercase();
+        let mut out = Zeroizing::new(String::with_capacity(text.len() * 3 + 16));
+        match self.unicode {
+            Some(UnicodeForm::Nfc) => out.extend(text.nfc()),
+            Some(UnicodeForm::Nfkc) => out.extend(text.nfkc()),
+            None => out.push_str(text),
+        }
+        if self.lowercase {
+            // Unicode lowercase (char::to_lowercase), not full case folding:
+            // "STRASSE" and "straße" stay different values.
+            let mut lowered = Zeroizing::new(String::with_capacity(out.len() + 16));
+            lowered.extend(out.chars().flat_map(char::to_lowercase));
+            out = lowered;
         }
         if self.trim {
-            let trimmed = out.trim().to_string();
-            out.zeroize();
-            out = trimmed;
+            let trimmed = out.trim();
+            if trimmed.len() != out.len() {
+                out = Zeroizing::new(trimmed.to_string());
+            }
         }
-        Zeroizing::new(out)
+        out
     }
 
     /// `value` normalized: borrowed as it is when the normalization is exact
-    /// (no allocation on the per-row path), else a wiped-on-drop copy.
+    /// (no allocation on the per-row path), else a wiped-on-drop copy (an
+    /// allocation or two per value).
     pub fn apply_bytes<'a>(&self, value: &'a [u8]) -> Result<Normalized<'a>, NormalizeError> {
         if self.is_exact() {
             return Ok(Normalized::Exact(value));
@@ -204,6 +224,15 @@ impl IndexKey {
     }
 }
 
+/// What `byok.term` returns for a searchable value, and so what a probe must
+/// be: the index key id, the term's length and the term (the envelope header's
+/// bytes after the data key id, [`crate::envelope::Envelope::keyed_term`]).
+pub fn keyed_term(index_key_id: u64, term: &[u8]) -> Vec<u8> {
+    let mut out = vec![0u8; crate::envelope::KEYED_TERM_FIXED + term.len()];
+    crate::envelope::write_keyed_term(index_key_id, term, &mut out);
+    out
+}
+
 impl std::fmt::Debug for IndexKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("IndexKey(<redacted>)")
@@ -249,8 +278,8 @@ mod tests {
             Normalization::parse("exact").unwrap(),
             Normalization::default()
         );
-        let n = Normalization::parse("trim, casefold,NFKC").unwrap();
-        assert_eq!(n.spec(), "nfkc,casefold,trim");
+        let n = Normalization::parse("trim, lowercase,NFKC").unwrap();
+        assert_eq!(n.spec(), "nfkc,lowercase,trim");
         assert_eq!(Normalization::parse(&n.spec()).unwrap(), n);
         // NFKC folds the ligature and the full-width letters; then lowercase; then trim.
         assert_eq!(&*n.apply("  \u{FB01}LE \u{FF21}  "), "file a");
@@ -261,6 +290,7 @@ mod tests {
         assert_eq!(&*Normalization::default().apply(" A "), " A ");
         assert!(Normalization::parse("nfc,nfkc").is_err());
         assert!(Normalization::parse("soundex").is_err());
+        assert!(Normalization::parse("casefold").is_err());
         assert_eq!(&*Normalization::parse("trim").unwrap().apply(""), "");
         // Exact borrows; others need UTF-8.
         assert!(matches!(
