@@ -12,7 +12,9 @@
 //! is sealed and when a probe is computed: a Unicode form (NFC or NFKC), then
 //! Unicode lowercase (not full case folding), then trimming of white space.
 
-use hmac::{Hmac, KeyInit, Mac};
+use std::cell::RefCell;
+
+use hmac::{HmacReset, KeyInit, Mac};
 use sha2::Sha256;
 use unicode_normalization::UnicodeNormalization;
 use zeroize::Zeroizing;
@@ -24,7 +26,9 @@ pub use crate::envelope::{MAX_TERM_LEN, MIN_TERM_LEN};
 /// The default: a lookup among n values meets about n / 2^64 false candidates.
 pub const DEFAULT_TERM_LEN: usize = 8;
 
-const TERM_LABEL: &[u8] = b"byok_pg/term/v1\0";
+/// The first byte of every term's message: the format, so a later one can
+/// never produce the same message (index keys are used for nothing else).
+const TERM_FORMAT: u8 = 1;
 
 /// How a column's terms are made: its normalization and term length.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -182,35 +186,41 @@ impl Normalized<'_> {
     }
 }
 
-/// A tenant's index key, ready: the HMAC state keyed with it (in memory
-/// excluded from core dumps and wiped on drop), so a term costs the
-/// message's hashing only, not the key's.
+/// A tenant's index key, ready: an HMAC-SHA-256 instance keyed with it (in
+/// memory excluded from core dumps and wiped on drop), which each term resets
+/// to its keyed state: a term costs the hashing of its message only, with no
+/// copy of the key state to make and wipe per value.
 pub struct IndexKey {
-    keyed: SecretBox<Hmac<Sha256>>,
+    keyed: SecretBox<RefCell<HmacReset<Sha256>>>,
 }
 
 impl IndexKey {
     pub fn from_bytes(bytes: &[u8; 32]) -> Self {
         IndexKey {
-            keyed: SecretBox::new(
-                <Hmac<Sha256> as KeyInit>::new_from_slice(bytes)
+            keyed: SecretBox::new(RefCell::new(
+                <HmacReset<Sha256> as KeyInit>::new_from_slice(bytes)
                     .expect("HMAC takes a key of any length"),
-            ),
+            )),
         }
     }
 
     /// Writes the term of `normalized` (already normalized plaintext) for
     /// `tenant` and `context` into `out`, whose length (MIN_TERM_LEN..=MAX_TERM_LEN)
-    /// is the term's.
+    /// is the term's. The message is `TERM_FORMAT | u8 tenant length | tenant |
+    /// u32 context length | context | value`: unambiguous (the value comes
+    /// last), and short, so a 100-byte value takes three SHA-256 blocks.
     pub fn term_into(&self, tenant: &str, context: &[u8], normalized: &[u8], out: &mut [u8]) {
         debug_assert!((MIN_TERM_LEN..=MAX_TERM_LEN).contains(&out.len()));
-        let mut mac = (*self.keyed).clone();
-        mac.update(TERM_LABEL);
-        for part in [tenant.as_bytes(), context, normalized] {
-            mac.update(&(part.len() as u64).to_be_bytes());
-            mac.update(part);
-        }
-        let full = mac.finalize().into_bytes();
+        debug_assert!(tenant.len() <= crate::crypto::MAX_TENANT_ID_LEN);
+        let mut mac = self.keyed.borrow_mut();
+        // (finalize_reset leaves it keyed; this covers an unwind midway)
+        Mac::reset(&mut *mac);
+        mac.update(&[TERM_FORMAT, tenant.len() as u8]);
+        mac.update(tenant.as_bytes());
+        mac.update(&(context.len() as u32).to_be_bytes());
+        mac.update(context);
+        mac.update(normalized);
+        let full = mac.finalize_reset().into_bytes();
         let len = out.len().min(MAX_TERM_LEN);
         out[..len].copy_from_slice(&full[..len]);
     }
@@ -224,6 +234,12 @@ impl IndexKey {
     }
 }
 
+impl std::fmt::Debug for IndexKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("IndexKey(<redacted>)")
+    }
+}
+
 /// What `byok.term` returns for a searchable value, and so what a probe must
 /// be: the index key id, the term's length and the term (the envelope header's
 /// bytes after the data key id, [`crate::envelope::Envelope::keyed_term`]).
@@ -231,12 +247,6 @@ pub fn keyed_term(index_key_id: u64, term: &[u8]) -> Vec<u8> {
     let mut out = vec![0u8; crate::envelope::KEYED_TERM_FIXED + term.len()];
     crate::envelope::write_keyed_term(index_key_id, term, &mut out);
     out
-}
-
-impl std::fmt::Debug for IndexKey {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("IndexKey(<redacted>)")
-    }
 }
 
 #[cfg(test)]
