@@ -588,16 +588,22 @@ pub fn index_keys(tenant_id: &str) -> Result<IndexKeys, ByokError> {
 /// The term settings of the searchable column sealed with `context`
 /// (`byok.make_searchable`): its term length and normalization.
 pub fn search_spec(context: &[u8]) -> Result<Option<(usize, String)>, ByokError> {
-    let context = String::from_utf8_lossy(context).into_owned();
+    // (a context that is not UTF-8 cannot be registered: it has no settings)
+    let Ok(context) = std::str::from_utf8(context) else {
+        return Ok(None);
+    };
     as_catalog_owner(|| {
         Spi::connect(|client| {
             let rows = client.select(
-                "SELECT search_term_length::pg_catalog.int4, search_normalization
-                   FROM byok.protected_column_registry
-                  WHERE context OPERATOR(pg_catalog.=) $1 AND search_term_length IS NOT NULL
+                "SELECT r.search_term_length::pg_catalog.int4, r.search_normalization
+                   FROM byok.protected_column_registry r
+                  WHERE r.context OPERATOR(pg_catalog.=) $1 AND r.search_term_length IS NOT NULL
+                    -- (a row whose table is gone, before the event trigger removes it)
+                    AND EXISTS (SELECT 1 FROM pg_catalog.pg_class c
+                                 WHERE c.oid OPERATOR(pg_catalog.=) r.relid::pg_catalog.oid)
                   LIMIT 2",
                 Some(2),
-                &[DatumWithOid::from(context.as_str())],
+                &[DatumWithOid::from(context)],
             )?;
             if rows.is_empty() {
                 return Ok(None);

@@ -19,7 +19,10 @@ pub enum TableLock {
     AuditChain,
     /// Checking a context against the protected-column registry and then
     /// registering or making a column searchable (`jobs::check_context`): one
-    /// at a time, so two sessions cannot both find a context free.
+    /// at a time, so two sessions cannot both find a context free. SHARE
+    /// UPDATE EXCLUSIVE conflicts with itself, not with the row changes the
+    /// registry's event trigger makes on every DDL command: holding it never
+    /// stalls anyone's DDL.
     ColumnRegistry,
 }
 
@@ -28,7 +31,7 @@ impl TableLock {
         match self {
             TableLock::AuditChain => "LOCK TABLE byok.audit_log IN SHARE ROW EXCLUSIVE MODE",
             TableLock::ColumnRegistry => {
-                "LOCK TABLE byok.protected_column_registry IN SHARE ROW EXCLUSIVE MODE"
+                "LOCK TABLE byok.protected_column_registry IN SHARE UPDATE EXCLUSIVE MODE"
             }
         }
     }

@@ -147,6 +147,21 @@ pub fn register_column(
     let name = facts.name;
     catalog::as_extension_owner(|| {
         crate::locks::lock_for_transaction(crate::locks::TableLock::ColumnRegistry)?;
+        // A searchable column keeps a context of its own: never the empty one.
+        let searchable = catalog::read_one::<bool>(
+            "SELECT search_term_length IS NOT NULL FROM byok.protected_column_registry
+              WHERE relid OPERATOR(pg_catalog.=) $1::pg_catalog.oid::pg_catalog.regclass
+                AND column_name OPERATOR(pg_catalog.=) $2",
+            &[DatumWithOid::from(relid), DatumWithOid::from(column)],
+        )?
+        .unwrap_or(false);
+        if searchable && context.is_empty() {
+            return Err(ByokError::WrongState {
+                message: format!("column \"{column}\" of {name} is searchable: it keeps a context of its own"),
+                detail: Some("values and probes find a column's term settings by its context; the empty context is every unnamed column's".into()),
+                hint: None,
+            });
+        }
         check_context(relid, column, context, false)?;
         Spi::run_with_args(
             "INSERT INTO byok.protected_column_registry (relid, column_name, attnum, tenant_column, context)
@@ -270,6 +285,9 @@ pub fn make_searchable(
     facts.registrable(column, None)?;
     let name = facts.name;
     catalog::as_extension_owner(|| {
+        // The lock first: the context read below must be the one checked and
+        // kept (a concurrent protect_column could move the column meanwhile).
+        crate::locks::lock_for_transaction(crate::locks::TableLock::ColumnRegistry)?;
         let context = catalog::read_one::<String>(
             "SELECT context FROM byok.protected_column_registry
               WHERE relid OPERATOR(pg_catalog.=) $1::pg_catalog.oid::pg_catalog.regclass AND column_name OPERATOR(pg_catalog.=) $2",
@@ -280,19 +298,40 @@ pub fn make_searchable(
             detail: None,
             hint: Some(format!("register it first: SELECT byok.protect_column('{name}', '{column}', tenant_column, context)")),
         })?;
-        crate::locks::lock_for_transaction(crate::locks::TableLock::ColumnRegistry)?;
+        if context.is_empty() {
+            return Err(ByokError::WrongState {
+                message: format!("column \"{column}\" of {name} is registered without a context"),
+                detail: Some("values and probes find a column's term settings by its context; the empty context is every unnamed column's".into()),
+                hint: Some(format!("register it with a context of its own: SELECT byok.protect_column('{name}', '{column}', tenant_column, '<table>.<column>')")),
+            });
+        }
         check_context(relid, column, &context, true)?;
         refuse_settings_change(relid, column, &name, term_length, &normalization)?;
-        Spi::run_with_args(
-            "UPDATE byok.protected_column_registry SET search_term_length = $3, search_normalization = $4
-              WHERE relid OPERATOR(pg_catalog.=) $1::pg_catalog.oid::pg_catalog.regclass AND column_name OPERATOR(pg_catalog.=) $2",
-            &[
-                DatumWithOid::from(relid),
-                DatumWithOid::from(column),
-                DatumWithOid::from(term_length as i16),
-                DatumWithOid::from(normalization.as_str()),
-            ],
-        )?;
+        let updated = Spi::connect_mut(|client| {
+            Ok::<_, ByokError>(client.update(
+                "UPDATE byok.protected_column_registry SET search_term_length = $3, search_normalization = $4
+                  WHERE relid OPERATOR(pg_catalog.=) $1::pg_catalog.oid::pg_catalog.regclass
+                    AND column_name OPERATOR(pg_catalog.=) $2 AND context OPERATOR(pg_catalog.=) $5",
+                None,
+                &[
+                    DatumWithOid::from(relid),
+                    DatumWithOid::from(column),
+                    DatumWithOid::from(term_length as i16),
+                    DatumWithOid::from(normalization.as_str()),
+                    DatumWithOid::from(context.as_str()),
+                ],
+            )?
+            .len())
+        })?;
+        if updated != 1 {
+            return Err(ByokError::WrongState {
+                message: format!(
+                    "the registration of column \"{column}\" of {name} changed meanwhile"
+                ),
+                detail: None,
+                hint: Some("try again".into()),
+            });
+        }
         catalog::audit(
             "make_searchable",
             None,

@@ -123,6 +123,12 @@ SELECT byok.make_searchable('squat', 'v');
 -- and once registered, it cannot move onto a context in use either
 SELECT byok.protect_column('squat', 'v', NULL, 'plain_notes.body');
 RESET ROLE;
+-- The empty context is every unnamed column's: a searchable column needs its own.
+CREATE TABLE unnamed (id int, v byok.encrypted);
+SELECT byok.protect_column('unnamed', 'v');
+SELECT byok.make_searchable('unnamed', 'v');
+SELECT byok.protect_column('users', 'email', 'tenant', '');
+DROP TABLE unnamed;
 -- The owner of plain_notes cannot make it searchable while another column shares its context.
 CREATE TABLE more_notes (id int, body byok.encrypted);
 SELECT byok.protect_column('more_notes', 'body', NULL, 'plain_notes.body');
