@@ -22,7 +22,11 @@ fuzz_target!(|data: &[u8]| {
     assert_ne!(envelope.dek_id(), 0);
     // A searchable value (version 2): its term is in range, its index key
     // named, and what byok.term returns lies within the header.
-    match (envelope.index_key_id(), envelope.term(), envelope.keyed_term()) {
+    match (
+        envelope.index_key_id(),
+        envelope.term(),
+        envelope.keyed_term(),
+    ) {
         (None, None, None) => assert_eq!(envelope.header().len(), HEADER_LEN),
         (Some(index_key_id), Some(term), Some(keyed)) => {
             assert_ne!(index_key_id, 0);

@@ -85,4 +85,22 @@ err=$(q -c "SELECT count(*) FROM users WHERE byok.matches(email, 't2', 'user2@ex
 grep -q 'index key .* of tenant "t2" has been destroyed' <<<"$err" && ok "probes for a shredded tenant fail: $err" || not_ok "shredded probe: $err"
 check "other tenants still found" \
   "$(q -c "SELECT count(*) FROM users WHERE byok.matches(email, 't3', 'USER3@example.com', 'users.email')")" "2"
+# A race: while one session moves a column onto the shared empty context (and
+# holds its transaction open), another makes the column searchable. The
+# registry lock is taken before the context is read, so the second waits and
+# is refused: the empty context never becomes searchable.
+q >/dev/null -c "CREATE TABLE race (id int, v byok.encrypted)" -c "SELECT byok.protect_column('race', 'v', NULL, 'race.v')"
+q -c "BEGIN" -c "SELECT byok.protect_column('race', 'v', NULL, '')" -c "SELECT pg_sleep(2)" -c "COMMIT" >/dev/null &
+sleep 1
+err=$(q -c "SELECT byok.make_searchable('race', 'v')" 2>&1 || true)
+wait
+grep -q 'registered without a context' <<<"$err" && ok "a concurrent move onto the empty context wins the race cleanly: $err" || not_ok "race: $err"
+check "the empty context has no term settings" \
+  "$(q -c "SELECT count(*) FROM byok.protected_columns WHERE context = '' AND search_term_length IS NOT NULL")" "0"
+# Holding the registry lock does not stall DDL (whose event trigger updates the registry).
+q -c "BEGIN" -c "SELECT byok.protect_column('race', 'v', NULL, 'race.v')" -c "SELECT pg_sleep(3)" -c "COMMIT" >/dev/null &
+sleep 1
+check "DDL goes on while the registry lock is held" \
+  "$(q -c "SET lock_timeout = '1s'" -c "CREATE TABLE ddl_meanwhile (i int)" -c "DROP TABLE ddl_meanwhile" -c "SELECT 'done'" 2>&1 | tail -1)" "done"
+wait
 exit $fail
