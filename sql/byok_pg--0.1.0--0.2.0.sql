@@ -29,6 +29,64 @@ DROP FUNCTION byok.require_preload();
 DROP POLICY tenant_visibility ON byok.tenant_config;
 DROP POLICY tenant_visibility ON byok.wrapped_data_keys;
 DROP POLICY tenant_visibility ON byok.tenant_grants;
+
+-- Grants name their role by byok.role_ref (no binary form: Citus copies the
+-- grants between nodes as role names, each node resolving its own OIDs). The
+-- view over the column is re-created below.
+DROP VIEW byok.tenant_access;
+-- byok.role_ref: a role, stored as its OID like regrole, written and read only
+-- as the role's name. It has no binary send/receive on purpose: Citus copies a
+-- reference table between nodes in binary when every column allows it, and a
+-- role's OID differs from node to node (README, "Citus"). Its input refuses a
+-- bare number (an OID from another node or of a dropped role).
+CREATE TYPE byok.role_ref;
+CREATE FUNCTION byok.role_ref_in(cstring) RETURNS byok.role_ref
+    AS 'MODULE_PATHNAME', 'byok_role_ref_in' LANGUAGE C STRICT STABLE PARALLEL SAFE;
+CREATE FUNCTION byok.role_ref_out(byok.role_ref) RETURNS cstring
+    AS 'regroleout' LANGUAGE internal STRICT STABLE PARALLEL SAFE;
+CREATE TYPE byok.role_ref (INPUT = byok.role_ref_in, OUTPUT = byok.role_ref_out, LIKE = pg_catalog.oid);
+COMMENT ON TYPE byok.role_ref IS 'A role, stored as its OID, written and read as its name only (no binary form: Citus copies it between nodes as text)';
+CREATE CAST (byok.role_ref AS pg_catalog.oid) WITHOUT FUNCTION;
+CREATE CAST (pg_catalog.oid AS byok.role_ref) WITHOUT FUNCTION;
+CREATE CAST (byok.role_ref AS pg_catalog.regrole) WITHOUT FUNCTION AS IMPLICIT;
+CREATE CAST (pg_catalog.regrole AS byok.role_ref) WITHOUT FUNCTION AS ASSIGNMENT;
+-- Comparison (OID order), for the grants' primary key.
+CREATE FUNCTION byok.role_ref_eq(byok.role_ref, byok.role_ref) RETURNS boolean
+    AS 'oideq' LANGUAGE internal IMMUTABLE STRICT LEAKPROOF PARALLEL SAFE;
+CREATE FUNCTION byok.role_ref_ne(byok.role_ref, byok.role_ref) RETURNS boolean
+    AS 'oidne' LANGUAGE internal IMMUTABLE STRICT LEAKPROOF PARALLEL SAFE;
+CREATE FUNCTION byok.role_ref_lt(byok.role_ref, byok.role_ref) RETURNS boolean
+    AS 'oidlt' LANGUAGE internal IMMUTABLE STRICT LEAKPROOF PARALLEL SAFE;
+CREATE FUNCTION byok.role_ref_le(byok.role_ref, byok.role_ref) RETURNS boolean
+    AS 'oidle' LANGUAGE internal IMMUTABLE STRICT LEAKPROOF PARALLEL SAFE;
+CREATE FUNCTION byok.role_ref_gt(byok.role_ref, byok.role_ref) RETURNS boolean
+    AS 'oidgt' LANGUAGE internal IMMUTABLE STRICT LEAKPROOF PARALLEL SAFE;
+CREATE FUNCTION byok.role_ref_ge(byok.role_ref, byok.role_ref) RETURNS boolean
+    AS 'oidge' LANGUAGE internal IMMUTABLE STRICT LEAKPROOF PARALLEL SAFE;
+CREATE FUNCTION byok.role_ref_cmp(byok.role_ref, byok.role_ref) RETURNS integer
+    AS 'btoidcmp' LANGUAGE internal IMMUTABLE STRICT LEAKPROOF PARALLEL SAFE;
+CREATE FUNCTION byok.role_ref_hash(byok.role_ref) RETURNS integer
+    AS 'hashoid' LANGUAGE internal IMMUTABLE STRICT LEAKPROOF PARALLEL SAFE;
+CREATE OPERATOR byok.= (LEFTARG = byok.role_ref, RIGHTARG = byok.role_ref, FUNCTION = byok.role_ref_eq,
+    COMMUTATOR = OPERATOR(byok.=), NEGATOR = OPERATOR(byok.<>), RESTRICT = eqsel, JOIN = eqjoinsel, HASHES, MERGES);
+CREATE OPERATOR byok.<> (LEFTARG = byok.role_ref, RIGHTARG = byok.role_ref, FUNCTION = byok.role_ref_ne,
+    COMMUTATOR = OPERATOR(byok.<>), NEGATOR = OPERATOR(byok.=), RESTRICT = neqsel, JOIN = neqjoinsel);
+CREATE OPERATOR byok.< (LEFTARG = byok.role_ref, RIGHTARG = byok.role_ref, FUNCTION = byok.role_ref_lt,
+    COMMUTATOR = OPERATOR(byok.>), NEGATOR = OPERATOR(byok.>=), RESTRICT = scalarltsel, JOIN = scalarltjoinsel);
+CREATE OPERATOR byok.<= (LEFTARG = byok.role_ref, RIGHTARG = byok.role_ref, FUNCTION = byok.role_ref_le,
+    COMMUTATOR = OPERATOR(byok.>=), NEGATOR = OPERATOR(byok.>), RESTRICT = scalarlesel, JOIN = scalarlejoinsel);
+CREATE OPERATOR byok.> (LEFTARG = byok.role_ref, RIGHTARG = byok.role_ref, FUNCTION = byok.role_ref_gt,
+    COMMUTATOR = OPERATOR(byok.<), NEGATOR = OPERATOR(byok.<=), RESTRICT = scalargtsel, JOIN = scalargtjoinsel);
+CREATE OPERATOR byok.>= (LEFTARG = byok.role_ref, RIGHTARG = byok.role_ref, FUNCTION = byok.role_ref_ge,
+    COMMUTATOR = OPERATOR(byok.<=), NEGATOR = OPERATOR(byok.<), RESTRICT = scalargesel, JOIN = scalargejoinsel);
+CREATE OPERATOR CLASS byok.role_ref_ops DEFAULT FOR TYPE byok.role_ref USING btree AS
+    OPERATOR 1 byok.<, OPERATOR 2 byok.<=, OPERATOR 3 byok.=, OPERATOR 4 byok.>=, OPERATOR 5 byok.>,
+    FUNCTION 1 byok.role_ref_cmp(byok.role_ref, byok.role_ref);
+CREATE OPERATOR CLASS byok.role_ref_hash_ops DEFAULT FOR TYPE byok.role_ref USING hash AS
+    OPERATOR 1 byok.=, FUNCTION 1 byok.role_ref_hash(byok.role_ref);
+
+ALTER TABLE byok.tenant_grants
+    ALTER COLUMN grantee TYPE byok.role_ref USING grantee::pg_catalog.oid::byok.role_ref;
 DROP FUNCTION byok.tenant_visible(name, text);
 
 -- The job engine, dual control and the audit helpers moved into the library.
@@ -650,8 +708,8 @@ LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $f
                     WHERE g.tenant_id OPERATOR(pg_catalog.=) p_tenant
                       AND pg_catalog.pg_has_role(p_role, g.grantee::pg_catalog.oid, 'USAGE'))
 $fn$;
-CREATE OR REPLACE VIEW byok.tenant_access WITH (security_invoker = true) AS
-    SELECT grantee, tenant_id, granted_by, granted_at FROM byok.tenant_grants;
+CREATE VIEW byok.tenant_access WITH (security_invoker = true) AS
+    SELECT grantee::pg_catalog.regrole AS grantee, tenant_id, granted_by, granted_at FROM byok.tenant_grants;
 COMMENT ON VIEW byok.tenant_access IS 'Per-tenant grants (byok.grant_tenant): all of them for administrators, a role''s own for others';
 CREATE POLICY tenant_visibility ON byok.tenant_config FOR SELECT
     USING (byok.tenant_visible(tenant_id));
@@ -996,6 +1054,60 @@ CREATE FUNCTION byok.matches(value byok.encrypted, tenant_id text, plaintext tex
 COMMENT ON FUNCTION byok.matches(byok.encrypted, text, text, text) IS
     'Whether a searchable value equals plaintext (after the column''s normalization), through an index on byok.term(value) when there is one';
 
+-- citus.sql
+-- Scale-out on Citus (README, "Citus"). Run once by a superuser on the
+-- coordinator, byok.citus_distribute_catalog() makes the key catalog a set of
+-- Citus reference tables: every node holds a copy, and every change made on
+-- the coordinator reaches every node in the same distributed transaction
+-- (two-phase commit), where the catalog triggers drop that node's ready keys.
+-- Nodes added later get the copy from Citus itself. Wrapped keys travel as
+-- they are stored: each node's key broker unwraps them from the key manager.
+CREATE FUNCTION byok.citus_distribute_catalog() RETURNS SETOF regclass
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $fn$
+DECLARE
+    t pg_catalog.regclass;
+    distributed pg_catalog.regclass[] := '{}';
+BEGIN
+    IF pg_catalog.to_regclass('pg_catalog.pg_dist_partition') IS NULL THEN
+        RAISE EXCEPTION 'Citus is not installed in this database'
+            USING ERRCODE = '0A000', HINT = 'CREATE EXTENSION citus, on every node, first';
+    END IF;
+    IF (SELECT groupid FROM pg_catalog.pg_dist_local_group) OPERATOR(pg_catalog.<>) 0 THEN
+        RAISE EXCEPTION 'byok.citus_distribute_catalog() runs on the coordinator'
+            USING ERRCODE = '0A000';
+    END IF;
+    IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_dist_node WHERE groupid OPERATOR(pg_catalog.=) 0) THEN
+        RAISE EXCEPTION 'the coordinator is not in the Citus metadata'
+            USING ERRCODE = '55000',
+                  DETAIL = 'the coordinator keeps a copy of the key catalog too, which its own backends and key broker read',
+                  HINT = 'SELECT citus_set_coordinator_host(''<host>'', <port>) first';
+    END IF;
+    -- The catalog's statement triggers run on each node's copy (byok.invalidate_key_caches).
+    PERFORM pg_catalog.set_config('citus.enable_unsafe_triggers', 'on', true);
+    -- Every table of the foreign-key graph becomes a reference table here, in
+    -- this transaction; none may be turned into a Citus local table meanwhile.
+    PERFORM pg_catalog.set_config('citus.enable_local_reference_table_foreign_keys', 'off', true);
+    FOREACH t IN ARRAY ARRAY['byok.tenant_config', 'byok.wrapped_data_keys', 'byok.tenant_grants',
+                             'byok.retired_master_keys', 'byok.scheduled_rotations',
+                             'byok.compromise_responses']::pg_catalog.regclass[] LOOP
+        IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_dist_partition
+                        WHERE logicalrelid OPERATOR(pg_catalog.=) t) THEN
+            PERFORM pg_catalog.create_reference_table(t);
+            distributed := distributed OPERATOR(pg_catalog.||) t;
+            RETURN NEXT t;
+        END IF;
+    END LOOP;
+    -- The rows now live in the reference tables' shards. The coordinator's own
+    -- tables are emptied, referencing tables first: wrapped keys must not
+    -- linger where a later destruction would not reach them.
+    FOR i IN REVERSE pg_catalog.cardinality(distributed)..1 LOOP
+        PERFORM pg_catalog.truncate_local_data_after_distributing_table(distributed[i]);
+    END LOOP;
+END
+$fn$;
+COMMENT ON FUNCTION byok.citus_distribute_catalog() IS
+    'On a Citus coordinator: make the key catalog reference tables, kept on every node; returns the tables it distributed';
+
 -- ---------------------------------------------------------------------------
 -- 4. Privileges: exactly a fresh install's. What 0.1.0 granted to PUBLIC,
 --    byok_admin and byok_user is revoked, then sql/privileges.sql is applied as
@@ -1015,6 +1127,13 @@ REVOKE EXECUTE ON ALL PROCEDURES IN SCHEMA byok FROM PUBLIC;
 -- The type's input and output (used by COPY, pg_dump, drivers).
 GRANT EXECUTE ON FUNCTION byok.encrypted_in(cstring), byok.encrypted_out(byok.encrypted),
     byok.encrypted_recv(internal), byok.encrypted_send(byok.encrypted)
+  TO PUBLIC;
+-- byok.role_ref's input, output and comparisons (OIDs and names only).
+GRANT EXECUTE ON FUNCTION byok.role_ref_in(cstring), byok.role_ref_out(byok.role_ref),
+    byok.role_ref_eq(byok.role_ref, byok.role_ref), byok.role_ref_ne(byok.role_ref, byok.role_ref),
+    byok.role_ref_lt(byok.role_ref, byok.role_ref), byok.role_ref_le(byok.role_ref, byok.role_ref),
+    byok.role_ref_gt(byok.role_ref, byok.role_ref), byok.role_ref_ge(byok.role_ref, byok.role_ref),
+    byok.role_ref_cmp(byok.role_ref, byok.role_ref), byok.role_ref_hash(byok.role_ref)
   TO PUBLIC;
 -- Called inside re-encryption jobs' statements, which run as each table's owner.
 GRANT EXECUTE ON FUNCTION byok.data_key_id(byok.encrypted), byok.reencrypt(byok.encrypted, text),

@@ -18,6 +18,13 @@ REVOKE EXECUTE ON ALL PROCEDURES IN SCHEMA byok FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION byok.encrypted_in(cstring), byok.encrypted_out(byok.encrypted),
     byok.encrypted_recv(internal), byok.encrypted_send(byok.encrypted)
   TO PUBLIC;
+-- byok.role_ref's input, output and comparisons (OIDs and names only).
+GRANT EXECUTE ON FUNCTION byok.role_ref_in(cstring), byok.role_ref_out(byok.role_ref),
+    byok.role_ref_eq(byok.role_ref, byok.role_ref), byok.role_ref_ne(byok.role_ref, byok.role_ref),
+    byok.role_ref_lt(byok.role_ref, byok.role_ref), byok.role_ref_le(byok.role_ref, byok.role_ref),
+    byok.role_ref_gt(byok.role_ref, byok.role_ref), byok.role_ref_ge(byok.role_ref, byok.role_ref),
+    byok.role_ref_cmp(byok.role_ref, byok.role_ref), byok.role_ref_hash(byok.role_ref)
+  TO PUBLIC;
 -- Called inside re-encryption jobs' statements, which run as each table's owner.
 GRANT EXECUTE ON FUNCTION byok.data_key_id(byok.encrypted), byok.reencrypt(byok.encrypted, text),
     byok.value_opens(byok.encrypted, text)

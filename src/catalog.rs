@@ -96,7 +96,7 @@ pub fn invalidate_everywhere() -> Result<(), ByokError> {
 /// returned guard restores the caller's id, context and search_path when
 /// dropped, also while an error unwinds.
 fn switch_to_owner(owner: pg_sys::Oid, flags: u32) -> crate::postgres::security::SwitchedUser {
-    crate::postgres::security::SwitchedUser::enter(owner, flags)
+    crate::postgres::security::SwitchedUser::enter_catalog(owner, flags)
 }
 
 /// Runs `f` with the extension owner's user id (and restores the caller's
@@ -243,6 +243,43 @@ pub fn tenant_of_data_key(dek_id: i64) -> Result<Option<String>, ByokError> {
         "SELECT tenant_id FROM byok.wrapped_data_keys WHERE dek_id OPERATOR(pg_catalog.=) $1",
         &[DatumWithOid::from(dek_id)],
     )
+}
+
+/// Where this node stands in a Citus cluster, as far as the key catalog goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClusterRole {
+    /// No Citus, or a key catalog that is still this node's own.
+    Standalone,
+    /// The Citus coordinator, whose key catalog is a set of reference tables.
+    Coordinator,
+    /// A Citus worker: it reads the catalog the coordinator writes.
+    Worker,
+}
+
+/// This node's [`ClusterRole`]. Administrative paths only (two catalog reads).
+pub fn cluster_role() -> Result<ClusterRole, ByokError> {
+    // (Citus's catalogs exist only where Citus is installed: asked by name first)
+    let citus = read_one::<bool>(
+        "SELECT pg_catalog.to_regclass('pg_catalog.pg_dist_partition') IS NOT NULL
+            AND pg_catalog.to_regclass('pg_catalog.pg_dist_local_group') IS NOT NULL",
+        &[],
+    )?
+    .unwrap_or(false);
+    if !citus {
+        return Ok(ClusterRole::Standalone);
+    }
+    let group = read_one::<i32>(
+        "SELECT l.groupid FROM pg_catalog.pg_dist_local_group l
+          WHERE EXISTS (SELECT 1 FROM pg_catalog.pg_dist_partition p
+                         WHERE p.logicalrelid OPERATOR(pg_catalog.=)
+                               pg_catalog.to_regclass('byok.wrapped_data_keys'))",
+        &[],
+    )?;
+    Ok(match group {
+        None => ClusterRole::Standalone,
+        Some(0) => ClusterRole::Coordinator,
+        Some(_) => ClusterRole::Worker,
+    })
 }
 
 /// The first column of the first row of a read-only query (None: no row or
@@ -548,11 +585,20 @@ fn master_key_retired(client: &pgrx::spi::SpiClient<'_>, dek_id: u64) -> Result<
 }
 
 /// The condition (on `byok.wrapped_data_keys k`) that leaves index keys out.
-/// Read through `to_jsonb`: between installing this library and `ALTER
-/// EXTENSION byok_pg UPDATE` the 0.1.0 catalog has no `purpose` column (and
-/// no index keys).
-pub const DATA_KEYS_ONLY: &str =
-    "(pg_catalog.to_jsonb(k) OPERATOR(pg_catalog.->>) 'purpose') IS DISTINCT FROM 'index'";
+/// Between installing this library and `ALTER EXTENSION byok_pg UPDATE` the
+/// 0.1.0 catalog has no `purpose` column (and no index keys). (A plain column
+/// test: on Citus a statement on a reference table may not pass its rows to a
+/// function that is not immutable, as `to_jsonb(k)` would.)
+pub fn data_keys_only() -> Result<&'static str, ByokError> {
+    let ids = catalog_ids()?;
+    // SAFETY: a syscache lookup by relation OID and a NUL-terminated name.
+    let purpose = unsafe { pg_sys::get_attnum(ids.wrapped_data_keys, c"purpose".as_ptr()) };
+    Ok(if purpose > 0 {
+        "k.purpose OPERATOR(pg_catalog.=) 'data'"
+    } else {
+        "true"
+    })
+}
 
 /// A tenant's index keys: the active one first, then any decrypt-only one a
 /// rotation left (probes use them all), and the newest destroyed one.
@@ -635,6 +681,7 @@ pub struct TenantKeyInfo {
 /// The tenant's active data key id, or `None` if the tenant does not exist.
 pub fn load_tenant_key_info(tenant_id: &str) -> Result<Option<TenantKeyInfo>, ByokError> {
     as_catalog_owner(|| {
+        let data_keys_only = data_keys_only()?;
         Spi::connect(|client| {
             let args = [DatumWithOid::from(tenant_id)];
             let table = client.select(
@@ -644,7 +691,7 @@ pub fn load_tenant_key_info(tenant_id: &str) -> Result<Option<TenantKeyInfo>, By
                    LEFT JOIN byok.wrapped_data_keys k
                           ON k.tenant_id OPERATOR(pg_catalog.=) t.tenant_id
                          AND k.state OPERATOR(pg_catalog.=) 'active'
-                         AND {DATA_KEYS_ONLY}
+                         AND {data_keys_only}
                   WHERE t.tenant_id OPERATOR(pg_catalog.=) $1"),
                 Some(1),
                 &args,

@@ -22,6 +22,7 @@
 //! | all broker request slots busy past the timeout | 53000 |
 //! | not loaded through shared_preload_libraries | 55000    |
 //! | key administration on a standby             | 25006    |
+//! | key administration on a Citus worker node     | 0A000    |
 //! | local master key file malformed or readable by others | F0000 |
 
 use byok_core::config::ConfigError;
@@ -157,6 +158,9 @@ pub enum ByokError {
     MalformedValue(FormatError),
     NotPreloaded,
     ReadOnlyStandby(&'static str),
+    /// Key administration on a Citus worker whose key catalog is a reference
+    /// table: the coordinator changes it on every node at once.
+    CitusWorkerNode(&'static str),
     BrokerTimeout {
         timeout_ms: u64,
         broker_up: bool,
@@ -395,6 +399,12 @@ impl ByokError {
             )
             .set_detail("the key catalog is read-only during recovery; standbys decrypt with the keys replicated from the primary")
             .set_hint("run it on the primary; the standby follows through replication"),
+            ByokError::CitusWorkerNode(action) => report(
+                ERRCODE_FEATURE_NOT_SUPPORTED,
+                format!("cannot {action} on a Citus worker node"),
+            )
+            .set_detail("the key catalog is a set of Citus reference tables, changed from the coordinator on every node in one distributed transaction")
+            .set_hint("run it on the coordinator"),
             ByokError::NotPreloaded => report(
                 ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
                 "byok_pg is not loaded through shared_preload_libraries".to_string(),

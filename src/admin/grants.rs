@@ -23,7 +23,7 @@ pub fn grant(role_name: &str, tenant_id: &str) -> Result<bool, ByokError> {
     change(
         "grant_tenant",
         "WITH changed AS (INSERT INTO byok.tenant_grants (grantee, tenant_id, granted_by)
-                          VALUES ($1::pg_catalog.oid::pg_catalog.regrole, $2, session_user)
+                          VALUES ($1::pg_catalog.oid::pg_catalog.regrole::pg_catalog.text::byok.role_ref, $2, session_user)
                           ON CONFLICT DO NOTHING RETURNING 1)
          SELECT EXISTS (SELECT 1 FROM changed)",
         role,
@@ -37,7 +37,8 @@ pub fn revoke(role_name: &str, tenant_id: &str) -> Result<bool, ByokError> {
     change(
         "revoke_tenant",
         "WITH changed AS (DELETE FROM byok.tenant_grants
-                           WHERE grantee = $1::pg_catalog.oid::pg_catalog.regrole AND tenant_id = $2
+                           WHERE grantee OPERATOR(byok.=) $1::pg_catalog.oid::pg_catalog.regrole::pg_catalog.text::byok.role_ref
+                             AND tenant_id OPERATOR(pg_catalog.=) $2
                            RETURNING 1)
          SELECT EXISTS (SELECT 1 FROM changed)",
         role,
@@ -46,7 +47,9 @@ pub fn revoke(role_name: &str, tenant_id: &str) -> Result<bool, ByokError> {
 }
 
 /// Runs a statement adding or removing one grant (`$1` role, `$2` tenant; true if
-/// it changed anything) and records it in the audit trail.
+/// it changed anything) and records it in the audit trail. The role reaches
+/// the statement as its name (`::text::byok.role_ref`): on Citus the statement
+/// runs on every node, where the same role has another OID.
 fn change(event: &str, sql: &str, role: pg_sys::Oid, tenant_id: &str) -> Result<bool, ByokError> {
     let changed = Spi::get_one_with_args::<bool>(
         sql,

@@ -247,7 +247,10 @@ fn upsert_tenant(
               backup_provider = excluded.backup_provider,
               backup_master_key_id = excluded.backup_master_key_id,
               backup_provider_options = excluded.backup_provider_options,
-              updated_at = now()",
+              -- (the proposed row's created_at is this statement's now(): Citus
+              -- runs DO UPDATE SET on a reference table only when it calls no
+              -- function that is not immutable)
+              updated_at = excluded.created_at",
     );
     if !with_backup {
         // (before ALTER EXTENSION byok_pg UPDATE: the 0.1.0 columns only)
@@ -283,7 +286,7 @@ fn upsert_tenant(
     let active = client.update(
         &format!(
             "SELECT dek_id FROM byok.wrapped_data_keys k WHERE tenant_id = $1 AND state = 'active' AND {}",
-            catalog::DATA_KEYS_ONLY
+            catalog::data_keys_only()?
         ),
         Some(1),
         &[DatumWithOid::from(tenant_id)],
@@ -449,7 +452,7 @@ pub fn rotate_data_key(tenant_id: &str, reason: Option<&str>) -> Result<i64, Byo
             &format!(
                 "UPDATE byok.wrapped_data_keys k SET state = 'decrypt-only', rotated_at = now()
                   WHERE tenant_id = $1 AND state = 'active' AND {}",
-                catalog::DATA_KEYS_ONLY
+                catalog::data_keys_only()?
             ),
             None,
             &[DatumWithOid::from(tenant_id)],

@@ -518,11 +518,16 @@ fn run(op: AdminOp, origin: Origin) -> Result<OpResult, ByokError> {
     })
 }
 
-/// Key administration writes the catalog: refused clearly on a standby.
+/// Key administration writes the catalog: refused clearly on a standby, and
+/// on a Citus worker (the coordinator writes the reference tables everywhere;
+/// a worker's own key id sequence would collide with the coordinator's).
 pub fn require_primary(action: &'static str) -> Result<(), ByokError> {
     // SAFETY: reads shared state, no preconditions.
     if unsafe { pg_sys::RecoveryInProgress() } {
         return Err(ByokError::ReadOnlyStandby(action));
+    }
+    if catalog::cluster_role()? == catalog::ClusterRole::Worker {
+        return Err(ByokError::CitusWorkerNode(action));
     }
     Ok(())
 }

@@ -248,11 +248,18 @@ pub extern "C-unwind" fn byok_catalog_writer_main(_argument: pg_sys::Datum) {
     }
     BackgroundWorker::transaction(|| {
         if extension_installed()
+            && !on_citus_worker()
             && let Err(e) = enforce_encryption_budget()
         {
             pgrx::warning!("byok: encryption budget: {}", e.summary_ref());
         }
     });
+}
+
+/// Whether this is a Citus worker reading a shared key catalog (whose
+/// maintenance is the coordinator's).
+fn on_citus_worker() -> bool {
+    crate::catalog::cluster_role().ok() == Some(crate::catalog::ClusterRole::Worker)
 }
 
 /// Publishes the share of its encryption budget this database's busiest
@@ -378,11 +385,22 @@ pub extern "C-unwind" fn byok_scheduler_main(_argument: pg_sys::Datum) {
         if !extension_installed() || unsafe { pg_sys::RecoveryInProgress() } {
             return Vec::new();
         }
+        if on_citus_worker() {
+            // The coordinator keeps the shared catalog; this node only reads it.
+            return Vec::new();
+        }
         forget_dropped_grantees();
         publish_budget_used(gucs::max_encryptions_per_key() as i64);
         rotate_due_data_keys();
         run_scheduled_rotations();
         retire_expired_master_keys();
+        if crate::catalog::cluster_role().ok() == Some(crate::catalog::ClusterRole::Coordinator)
+            && let Err(e) = enforce_encryption_budget()
+        {
+            // (workers persist their counts into the shared catalog; the
+            // coordinator rotates what reached the budget)
+            pgrx::warning!("byok: encryption budget: {}", e.summary_ref());
+        }
         crate::catalog::as_extension_owner(|| {
             Ok(column_or_warn::<i64>(
                 "re-encryption jobs to run",
@@ -440,7 +458,7 @@ fn rotate_due_data_keys() {
                         AND {}
                   WHERE c.rotation_enabled
                     AND k.created_at < now() - make_interval(days => c.rotation_interval_days)",
-                crate::catalog::DATA_KEYS_ONLY
+                crate::catalog::data_keys_only()?
             ),
         ))
     })

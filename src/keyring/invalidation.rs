@@ -76,7 +76,23 @@ pub unsafe extern "C-unwind" fn byok_invalidate_key_caches(
             ByokError::NotATrigger("byok.invalidate_key_caches()").raise();
         }
         let trigger = context.cast::<pg_sys::TriggerData>();
-        pg_sys::CacheInvalidateRelcacheByRelid((*(*trigger).tg_relation).rd_id);
+        let relid = (*(*trigger).tg_relation).rd_id;
+        pg_sys::CacheInvalidateRelcacheByRelid(relid);
+        // On Citus the catalog tables are reference tables: a change arrives at
+        // each node's shard (byok.wrapped_data_keys_102008), whose OID no cache
+        // watches. Also invalidate the table the callback knows.
+        let known = catalog::known_catalog_ids().is_some_and(|ids| {
+            [
+                ids.tenant_config,
+                ids.wrapped_data_keys,
+                ids.tenant_grants,
+                ids.protected_column_registry,
+            ]
+            .contains(&relid)
+        });
+        if !known && let Err(e) = catalog::invalidate_everywhere() {
+            e.raise();
+        }
         keyring::invalidate_all();
         pg_sys::Datum::from(0)
     }

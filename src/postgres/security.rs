@@ -61,6 +61,36 @@ impl SwitchedUser {
         }
     }
 
+    /// The extension's catalog work, as its owner. On Citus the key catalog is
+    /// a set of reference tables, and a catalog read made while a worker runs
+    /// a shard query (a pushed-down `byok.decrypt` whose key is not ready yet)
+    /// is a nested distributed execution, which Citus refuses unless allowed.
+    /// Allowed here, inside this guard only: the nested statements touch only
+    /// reference tables, which have a copy on every node and never move, so
+    /// they read this node's copy.
+    pub fn enter_catalog(user: pg_sys::Oid, flags: u32) -> Self {
+        let guard = Self::enter(user, flags);
+        const NESTED: &CStr = c"citus.allow_nested_distributed_execution";
+        // SAFETY: reads and sets a setting within the nest level `enter`
+        // opened (undone when the guard drops); only where Citus defined it,
+        // so no placeholder is created without Citus.
+        unsafe {
+            if !pg_sys::GetConfigOption(NESTED.as_ptr(), true, false).is_null() {
+                pg_sys::set_config_option(
+                    NESTED.as_ptr(),
+                    c"on".as_ptr(),
+                    pg_sys::GucContext::PGC_USERSET,
+                    pg_sys::GucSource::PGC_S_SESSION,
+                    pg_sys::GucAction::GUC_ACTION_SAVE,
+                    true,
+                    0,
+                    false,
+                );
+            }
+        }
+        guard
+    }
+
     /// Work on a user table, as its owner, in a security-restricted operation.
     pub fn as_table_owner(owner: pg_sys::Oid) -> Self {
         Self::enter(

@@ -1,1 +1,2 @@
 pub mod encrypted;
+pub mod role_ref;

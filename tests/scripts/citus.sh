@@ -1,0 +1,184 @@
+#!/usr/bin/env bash
+# byok_pg on Citus: a coordinator and two workers on this machine, the key
+# catalog distributed as reference tables (byok.citus_distribute_catalog), a
+# table distributed by tenant id over 32 tenants. Encrypted inserts through the
+# coordinator; reads pushed down to the workers (router and multi-shard) under
+# each node's own key broker (one key-manager call per data key per node);
+# grants and byok.tenant on every node; rotation, revocation of a grant and
+# shredding seen by every node at once; administration refused on workers; a
+# node added later gets the catalog; a shard move keeps every value readable.
+# Citus is built from the vendored source once per machine (lib.sh: ensure_citus).
+source "$(dirname "${BASH_SOURCE[0]}")/../../scripts/lib.sh"
+set +e   # every outcome is checked below
+NAME=citus_0; PORT=54390
+W1=54391; W2=54392; W3=54393
+trap '[ -n "${KEEP_CLUSTERS:-}" ] || for n in 0 1 2 3; do stop_cluster citus_$n; done' EXIT
+source "$(dirname "${BASH_SOURCE[0]}")/../testlib.sh"
+ensure_citus || { not_ok "Citus could not be built"; exit 1; }
+
+KEY="$BYOK_WORK/citus_local_master.key"
+rm -f "$KEY"
+node_conf=("shared_preload_libraries = 'citus,byok_pg'"
+           "byok.local_master_key_file = '$KEY'"   # one local master key for every node
+           "citus.node_conninfo = 'sslmode=disable'"
+           "max_prepared_transactions = 100" "wal_level = logical"
+           "citus.propagate_set_commands = 'local'")
+for n in 0 1 2; do start_cluster citus_$n $((PORT + n)) "${node_conf[@]}"; done
+c() { psql_at citus_0 $PORT -d postgres -qAt "$@"; }
+w() { local n=$1; shift; psql_at citus_$n $((PORT + n)) -d postgres -qAt "$@"; }
+for n in 0 1 2; do w $n -c "CREATE EXTENSION citus" >/dev/null; done
+c >/dev/null <<SQL
+SELECT citus_set_coordinator_host('127.0.0.1', $PORT);
+SELECT citus_add_node('127.0.0.1', $W1);
+SELECT citus_add_node('127.0.0.1', $W2);
+CREATE EXTENSION byok_pg;
+SQL
+check "CREATE EXTENSION on the coordinator reaches every worker" \
+    "$(w 1 -c "SELECT extversion FROM pg_extension WHERE extname = 'byok_pg'")|$(w 2 -c "SELECT extversion FROM pg_extension WHERE extname = 'byok_pg'")" \
+    "$(c -c "SELECT extversion FROM pg_extension WHERE extname = 'byok_pg'")|$(c -c "SELECT extversion FROM pg_extension WHERE extname = 'byok_pg'")"
+
+echo "== the key catalog on every node"
+# A tenant configured before the catalog is distributed goes with it.
+c -c "SELECT byok.configure_tenant('{\"customer\":\"c\",\"tenant_id\":\"t0\",\"encryption\":{\"provider\":\"local\",\"local\":{\"key_id\":\"k0\"}}}')" >/dev/null
+NAME=citus_1 PORT=$W1 expect_error "distributing from a worker is refused" 0A000 "runs on the coordinator" \
+    "SELECT byok.citus_distribute_catalog()"
+check "byok.citus_distribute_catalog() makes the catalog reference tables" \
+    "$(c -c "SELECT string_agg(t::text, ',') FROM byok.citus_distribute_catalog() t")" \
+    "byok.tenant_config,byok.wrapped_data_keys,byok.tenant_grants,byok.retired_master_keys,byok.scheduled_rotations,byok.compromise_responses"
+check "a second call has nothing left to do" "$(c -c "SELECT count(*) FROM byok.citus_distribute_catalog()")" "0"
+check "the tenant configured before is on every worker" "$(w 1 -c "SELECT tenant_id FROM byok.tenants")|$(w 2 -c "SELECT tenant_id FROM byok.tenants")" "t0|t0"
+c -c "SELECT byok.configure_tenant(format('{\"customer\":\"c\",\"tenant_id\":\"t%s\",\"encryption\":{\"provider\":\"local\",\"local\":{\"key_id\":\"k%s\"}}}', g, g)::jsonb) FROM generate_series(1, 31) g" >/dev/null
+for n in 1 2; do
+    check "worker $n knows the 32 tenants and their data keys, configured on the coordinator" \
+        "$(w $n -c "SELECT count(*), count(DISTINCT dek_id) FILTER (WHERE state = 'active') FROM byok.data_keys")" "32|32"
+done
+# Roles are Citus's to propagate; grants name them (byok.role_ref), each node its own OIDs.
+w 1 -c "CREATE ROLE only_here_1; CREATE ROLE only_here_2" >/dev/null   # (shifts worker 1's OIDs)
+c >/dev/null <<'SQL'
+CREATE ROLE app LOGIN IN ROLE byok_user;
+SELECT byok.grant_tenant('app', 't' || g) FROM generate_series(0, 15) g;
+SQL
+for n in 1 2; do
+    check "worker $n: the grants name its own role app" \
+        "$(w $n -c "SELECT count(*) FROM byok.tenant_access WHERE grantee::oid = 'app'::regrole::oid")" "16"
+done
+
+echo "== a distributed table, written through the coordinator, read on the workers"
+c >/dev/null <<'SQL'
+CREATE TABLE accounts (tenant_id text NOT NULL, id int NOT NULL, secret byok.encrypted NOT NULL);
+SELECT create_distributed_table('accounts', 'tenant_id', shard_count => 8);
+GRANT SELECT, INSERT ON accounts TO app;
+INSERT INTO accounts
+SELECT 't' || (g % 32), g, byok.encrypt_text('t' || (g % 32), 'secret ' || g, 'accounts.secret')
+  FROM generate_series(1, 3200) g;
+SQL
+check "every row decrypts (multi-shard, on the workers)" \
+    "$(c -c "SELECT count(*) FROM accounts WHERE byok.decrypt_text(secret, 'accounts.secret') = 'secret ' || id")" "3200"
+check "a tenant's rows decrypt (router query)" \
+    "$(c -c "SELECT count(*) FROM accounts WHERE tenant_id = 't7' AND byok.decrypt_text(secret, 'accounts.secret') = 'secret ' || id")" "100"
+plan=$(c -c "EXPLAIN (VERBOSE, COSTS OFF) SELECT byok.decrypt_text(secret, 'accounts.secret') FROM accounts WHERE tenant_id = 't7'")
+grep -q "Task Count: 1" <<<"$plan" && grep -q "Query: SELECT byok.decrypt_text(secret, 'accounts.secret'::text) AS decrypt_text FROM public.accounts_[0-9]* accounts WHERE (tenant_id OPERATOR(pg_catalog.=) 't7'::text)" <<<"$plan" \
+    && ok "EXPLAIN: the router query sends byok.decrypt_text to the one worker holding the tenant" || not_ok "router plan: $plan"
+plan=$(c -c "EXPLAIN (VERBOSE, COSTS OFF) SELECT byok.decrypt_text(secret, 'accounts.secret') FROM accounts")
+grep -q "Task Count: 8" <<<"$plan" && grep -q "Query: SELECT byok.decrypt_text(secret, 'accounts.secret'::text) AS decrypt_text FROM public.accounts_[0-9]* accounts WHERE true" <<<"$plan" \
+    && ok "EXPLAIN: the multi-shard query decrypts on the workers, shard by shard" || not_ok "multi-shard plan: $plan"
+# Which node holds which tenant, and how many key-manager calls each made.
+c >/dev/null <<'SQL'
+CREATE VIEW tenant_nodes AS
+SELECT t.tenant_id, n.nodeport
+  FROM (SELECT DISTINCT tenant_id FROM accounts) t
+  JOIN pg_dist_placement p ON p.shardid = get_shard_id_for_distribution_column('accounts', t.tenant_id)
+  JOIN pg_dist_node n ON n.groupid = p.groupid;
+SQL
+for n in 1 2; do
+    port=$((PORT + n))
+    # (each worker's key broker unwrapped each of its tenants' data keys once, however many backends asked)
+    c -c "SELECT count(byok.decrypt_text(secret, 'accounts.secret')) FROM accounts" >/dev/null
+    # (dek_generations: successful unwraps and generations; a worker generates
+    # nothing. kms_calls would also count the periodic revocation checks.)
+    check "worker $n: one unwrap per data key it used (its tenants: $(c -c "SELECT count(*) FROM tenant_nodes WHERE nodeport = $port"))" \
+        "$(w $n -c "SELECT coalesce(sum(dek_generations), 0), coalesce(max(dek_generations), 0) FROM byok.metrics WHERE tenant_id LIKE 't%'")" \
+        "$(c -c "SELECT count(*) FROM tenant_nodes WHERE nodeport = $port")|1"
+done
+
+echo "== grants and byok.tenant hold on every node"
+a() { psql_at citus_0 $PORT -d postgres -qAt -U app -v VERBOSITY=verbose "$@"; }
+check "app reads a granted tenant through the coordinator" \
+    "$(a -c "SELECT count(*) FROM accounts WHERE tenant_id = 't3' AND byok.decrypt_text(secret, 'accounts.secret') = 'secret ' || id")" "100"
+out=$(a -c "SELECT count(byok.decrypt_text(secret, 'accounts.secret')) FROM accounts WHERE tenant_id = 't20'" 2>&1)
+grep -q "ERROR:  42501:  *role \"app\" may not use data key" <<<"$out" && grep -q "while executing command on 127.0.0.1:" <<<"$out" \
+    && ok "app cannot read an ungranted tenant's shard (42501, raised on the worker)" || not_ok "ungranted: $out"
+out=$(a -c "SELECT count(byok.decrypt_text(secret, 'accounts.secret')) FROM accounts" 2>&1)
+grep -q "ERROR:  42501:" <<<"$out" && ok "nor through a multi-shard query" || not_ok "multi-shard ungranted: $out"
+# (citus.propagate_set_commands = 'local' carries SET LOCAL to the workers;
+# each statement on its own, as Citus forwards the SET's own text)
+out=$(a -v ON_ERROR_STOP=1 2>&1 <<'SQL'
+BEGIN;
+SET LOCAL byok.tenant = 't3';
+SELECT count(byok.decrypt_text(secret, 'accounts.secret')) FROM accounts WHERE tenant_id = 't3';
+SELECT count(byok.decrypt_text(secret, 'accounts.secret')) FROM accounts WHERE tenant_id = 't4';
+COMMIT;
+SQL
+)
+grep -q "^100$" <<<"$out" && grep -q "ERROR:  42501:.*t3" <<<"$out" && ok "SET LOCAL byok.tenant = t3: t3's rows read, t4's refused on the worker" || not_ok "byok.tenant: $out"
+a -c "SELECT count(byok.decrypt_text(secret, 'accounts.secret')) FROM accounts WHERE tenant_id = 't5'" >/dev/null
+c -c "SELECT byok.revoke_tenant('app', 't5')" >/dev/null
+out=$(a -c "SELECT count(byok.decrypt_text(secret, 'accounts.secret')) FROM accounts WHERE tenant_id = 't5'" 2>&1)
+grep -q "ERROR:  42501:" <<<"$out" && ok "a revoke on the coordinator takes effect on the worker at once" || not_ok "revoke: $out"
+check "app inserts through the coordinator for a granted tenant" \
+    "$(a -c "INSERT INTO accounts VALUES ('t3', 5000, byok.encrypt_text('t3', 'secret 5000', 'accounts.secret')) RETURNING id")" "5000"
+
+echo "== administration: from the coordinator, for every node"
+NAME=citus_1 PORT=$W1 expect_error "rotating a data key on a worker is refused" 0A000 "cannot rotate_data_key on a Citus worker node" \
+    "SELECT byok.rotate_data_key('t1')"
+old=$(c -c "SELECT dek_id FROM byok.data_keys WHERE tenant_id = 't1' AND state = 'active'")
+new=$(c -c "SELECT byok.rotate_data_key('t1')")
+for n in 1 2; do
+    check "worker $n sees the rotation at once (new key active, old decrypt-only)" \
+        "$(w $n -c "SELECT string_agg(dek_id || ':' || state, ',' ORDER BY dek_id) FROM byok.data_keys WHERE tenant_id = 't1'")" "$old:decrypt-only,$new:active"
+done
+c -c "INSERT INTO accounts SELECT 't1', g, byok.encrypt_text('t1', 'secret ' || g, 'accounts.secret') FROM generate_series(6001, 6050) g" >/dev/null
+check "rows under the old and the new key decrypt" \
+    "$(c -c "SELECT count(*) FILTER (WHERE byok.data_key_id(secret) = $old) || '+' || count(*) FILTER (WHERE byok.data_key_id(secret) = $new) FROM accounts WHERE tenant_id = 't1' AND byok.decrypt_text(secret, 'accounts.secret') = 'secret ' || id")" "100+50"
+c -c "SELECT byok.set_data_key_state($old, 'retired')" >/dev/null
+out=$(c -v VERBOSITY=verbose -c "SELECT count(byok.decrypt_text(secret, 'accounts.secret')) FROM accounts WHERE tenant_id = 't1'" 2>&1)
+grep -q "is retired" <<<"$out" && ok "a key retired on the coordinator is refused on the worker holding its rows" || not_ok "retired: $out"
+c -c "SELECT byok.set_data_key_state($old, 'decrypt-only')" >/dev/null
+
+echo "== shredding one tenant"
+c -c "SELECT count(byok.decrypt_text(secret, 'accounts.secret')) FROM accounts WHERE tenant_id IN ('t30', 't31')" >/dev/null   # (keys cached on the workers)
+c -c "SELECT byok.destroy_tenant_keys('t31', 't31')" >/dev/null
+out=$(c -v VERBOSITY=verbose -c "SELECT count(byok.decrypt_text(secret, 'accounts.secret')) FROM accounts WHERE tenant_id = 't31'" 2>&1)
+grep -q "ERROR:  55000:" <<<"$out" && grep -q "destroyed" <<<"$out" && ok "t31 is unreadable on the worker holding it (55000, destroyed)" || not_ok "shredded: $out"
+for n in 1 2; do
+    check "worker $n: t31's wrapped keys are gone from its copy" \
+        "$(w $n -c "SELECT count(*) FILTER (WHERE state = 'destroyed') || '/' || count(*) FROM byok.data_keys WHERE tenant_id = 't31'")" "1/1"
+done
+check "the other tenants are untouched" \
+    "$(c -c "SELECT count(*) FROM accounts WHERE tenant_id <> 't31' AND byok.decrypt_text(secret, 'accounts.secret') = 'secret ' || id")" "3151"
+
+echo "== a node added later, and a shard move"
+start_cluster citus_3 $W3 "${node_conf[@]}"
+w 3 -c "CREATE EXTENSION citus; CREATE ROLE only_here_3; CREATE ROLE only_here_4; CREATE ROLE only_here_5" >/dev/null
+c -c "SELECT citus_add_node('127.0.0.1', $W3)" >/dev/null
+# (Citus copies reference tables to a new node here, or when shards move there)
+c -c "SELECT replicate_reference_tables()" >/dev/null
+check "the new node holds its own copy of the catalog" \
+    "$(c -c "SELECT count(*) FROM pg_dist_placement p JOIN pg_dist_node n USING (groupid) JOIN pg_dist_shard s USING (shardid) WHERE n.nodeport = $W3 AND s.logicalrelid::text LIKE 'byok.%'")" "6"
+check "the new node has the catalog" "$(w 3 -c "SELECT count(*) FROM byok.tenants")" "32"
+check "its grants name its own roles" \
+    "$(w 3 -c "SELECT count(*) FROM byok.tenant_access WHERE grantee::oid = 'app'::regrole::oid")" "15"
+shard=$(c -c "SELECT get_shard_id_for_distribution_column('accounts', 't7')")
+from=$(c -c "SELECT nodeport FROM tenant_nodes WHERE tenant_id = 't7'")
+c -c "SELECT citus_move_shard_placement($shard, '127.0.0.1', $from, '127.0.0.1', $W3, shard_transfer_mode => 'block_writes')" >/dev/null
+check "t7's shard moved to the new node" "$(c -c "SELECT nodeport FROM tenant_nodes WHERE tenant_id = 't7'")" "$W3"
+check "its rows decrypt there, under that node's key broker" \
+    "$(c -c "SELECT count(*) FROM accounts WHERE tenant_id = 't7' AND byok.decrypt_text(secret, 'accounts.secret') = 'secret ' || id")" "100"
+check "the new node's broker unwrapped t7's key itself, once" "$(w 3 -c "SELECT sum(dek_generations) FROM byok.metrics WHERE tenant_id = 't7'")" "1"
+
+echo "== COPY into a distributed table"
+c -c "COPY (SELECT tenant_id, id + 100000, secret FROM accounts WHERE tenant_id = 't2') TO STDOUT" > "$BYOK_WORK/citus_copy.txt"
+c -c "\\copy accounts FROM '$BYOK_WORK/citus_copy.txt'" >/dev/null
+check "copied encrypted values decrypt" \
+    "$(c -c "SELECT count(*) FROM accounts WHERE tenant_id = 't2' AND id > 100000 AND byok.decrypt_text(secret, 'accounts.secret') = 'secret ' || (id - 100000)")" "100"
+exit $fail
