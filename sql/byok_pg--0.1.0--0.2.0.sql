@@ -263,6 +263,31 @@ STRICT VOLATILE PARALLEL UNSAFE
 SET search_path TO pg_catalog, pg_temp
 LANGUAGE c
 AS 'MODULE_PATHNAME', 'rotate_index_key_wrapper';
+CREATE OR REPLACE FUNCTION byok.citus_reencrypt_shard(
+    "tbl" oid,
+    "shard_id" bigint,
+    "column_name" TEXT,
+    "context" TEXT,
+    "tenant_id" TEXT,
+    "keys" bigint[],
+    "batch" INT
+) RETURNS bigint
+VOLATILE PARALLEL UNSAFE
+SET search_path TO pg_catalog, pg_temp
+LANGUAGE c
+AS 'MODULE_PATHNAME', 'citus_reencrypt_shard_wrapper';
+CREATE OR REPLACE FUNCTION byok.citus_unopened_in_shard(
+    "tbl" oid,
+    "shard_id" bigint,
+    "column_name" TEXT,
+    "context" TEXT,
+    "tenant_id" TEXT,
+    "keys" bigint[]
+) RETURNS bigint
+VOLATILE PARALLEL UNSAFE
+SET search_path TO pg_catalog, pg_temp
+LANGUAGE c
+AS 'MODULE_PATHNAME', 'citus_unopened_in_shard_wrapper';
 CREATE OR REPLACE FUNCTION byok.activate_dr(
     "tenant_id" TEXT
 ) RETURNS TEXT

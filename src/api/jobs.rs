@@ -81,3 +81,47 @@ fn data_key_references(dek_id: i64) -> i64 {
 fn reencrypt_step(job_id: i64, batch: i32) -> String {
     jobs::step_here(job_id, batch).unwrap_or_else(|e| e.raise())
 }
+
+/// `byok.citus_reencrypt_shard(...)`: on the node holding shard `shard_id` of
+/// Citus distributed table `tbl`, one batch of a re-encryption job on that
+/// shard (the coordinator's job sends it; superusers only). Returns how many
+/// values it rewrote (0 also when the shard is not on this node).
+#[pg_extern(volatile, parallel_unsafe)]
+#[search_path(pg_catalog, pg_temp)]
+fn citus_reencrypt_shard(
+    tbl: pg_sys::Oid,
+    shard_id: i64,
+    column_name: &str,
+    context: &str,
+    tenant_id: Option<&str>,
+    keys: Vec<i64>,
+    batch: i32,
+) -> i64 {
+    jobs::citus::shard_column(tbl, shard_id, column_name, context)
+        .and_then(|shard| match shard {
+            Some(column) => jobs::engine::sweep(&column, tenant_id, &keys, batch),
+            None => Ok(0),
+        })
+        .unwrap_or_else(|e| e.raise())
+}
+
+/// `byok.citus_unopened_in_shard(...)`: on the node holding the shard, how
+/// many of its values (of the tenant's keys, or all) do not open: a job's
+/// verification (superusers only).
+#[pg_extern(volatile, parallel_unsafe)]
+#[search_path(pg_catalog, pg_temp)]
+fn citus_unopened_in_shard(
+    tbl: pg_sys::Oid,
+    shard_id: i64,
+    column_name: &str,
+    context: &str,
+    tenant_id: Option<&str>,
+    keys: Vec<i64>,
+) -> i64 {
+    jobs::citus::shard_column(tbl, shard_id, column_name, context)
+        .and_then(|shard| match shard {
+            Some(column) => jobs::engine::unopened(&column, tenant_id, &keys),
+            None => Ok(0),
+        })
+        .unwrap_or_else(|e| e.raise())
+}

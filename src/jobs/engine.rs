@@ -23,6 +23,7 @@ use crate::columns::{
     Column, as_table_owner, count_in, quote_ident, registered_columns, under_keys,
 };
 use crate::errors::ByokError;
+use crate::jobs::citus;
 use crate::postgres::spi::{NotNull, Required};
 
 /// A job's state, as stored in `byok.reencrypt_jobs.state`.
@@ -224,7 +225,11 @@ pub fn step(job: i64, batch: i32) -> Result<Step, ByokError> {
             (0, false)
         };
         let outcome = crate::postgres::subxact::run(|| {
-            batch_of(&column, row.tenant.as_deref(), &keys, page, sweeping, batch)
+            if citus::is_distributed(&column)? {
+                citus_batch(&column, row.tenant.as_deref(), &keys, batch)
+            } else {
+                batch_of(&column, row.tenant.as_deref(), &keys, page, sweeping, batch)
+            }
         });
         record_batch(job, row.tenant.as_deref(), &columns, &column, page, outcome)
     })
@@ -399,29 +404,7 @@ fn batch_of(
         });
     }
     // Stragglers: rows moved behind the cursor or locked when it passed.
-    let (old, old_t) = (
-        under_keys(&col, "$1")?,
-        under_keys(&format!("t.{col}"), "$1")?,
-    );
-    let sweep = format!(
-        "WITH todo AS (SELECT ctid FROM {table} WHERE {old}
-                        LIMIT $2 FOR UPDATE SKIP LOCKED),
-              rewritten AS (UPDATE {table} t SET {col} = byok.reencrypt(t.{col}, $3) FROM todo
-                             WHERE t.ctid OPERATOR(pg_catalog.=) todo.ctid
-                               AND {old_t} RETURNING 1)
-         SELECT count(*) FROM rewritten"
-    );
-    let rewritten = as_table_owner(column, Some(tenant), || {
-        Spi::get_one_with_args::<i64>(
-            &sweep,
-            &[
-                DatumWithOid::from(keys.to_vec()),
-                DatumWithOid::from(i64::from(batch.max(1))),
-                DatumWithOid::from(column.context.as_str()),
-            ],
-        )?
-        .not_null("rows rewritten")
-    })?;
+    let rewritten = sweep(column, tenant, keys, batch)?;
     if rewritten > 0 {
         return Ok(Batch::Swept(rewritten));
     }
@@ -437,6 +420,104 @@ fn batch_of(
         Batch::LockedRowsLeft
     } else {
         Batch::ColumnDone
+    })
+}
+
+/// Rewrites at most `batch` values of `column` still under `keys` (rows that
+/// other transactions hold locked are skipped), as the table's owner; returns
+/// how many. The job's sweep, and a Citus shard's whole batch.
+pub fn sweep(
+    column: &Column,
+    tenant: Option<&str>,
+    keys: &[i64],
+    batch: i32,
+) -> Result<i64, ByokError> {
+    let col = quote_ident(&column.column);
+    let table = &column.table;
+    let (old, old_t) = (
+        under_keys(&col, "$1")?,
+        under_keys(&format!("t.{col}"), "$1")?,
+    );
+    let sweep = format!(
+        "WITH todo AS (SELECT ctid FROM {table} WHERE {old}
+                        LIMIT $2 FOR UPDATE SKIP LOCKED),
+              rewritten AS (UPDATE {table} t SET {col} = byok.reencrypt(t.{col}, $3) FROM todo
+                             WHERE t.ctid OPERATOR(pg_catalog.=) todo.ctid
+                               AND {old_t} RETURNING 1)
+         SELECT count(*) FROM rewritten"
+    );
+    as_table_owner(column, Some(tenant), || {
+        Spi::get_one_with_args::<i64>(
+            &sweep,
+            &[
+                DatumWithOid::from(keys.to_vec()),
+                DatumWithOid::from(i64::from(batch.max(1))),
+                DatumWithOid::from(column.context.as_str()),
+            ],
+        )?
+        .not_null("rows rewritten")
+    })
+}
+
+/// One batch on a column of a Citus distributed table. Citus runs no
+/// volatile function (`byok.reencrypt`) in an UPDATE of a distributed table,
+/// so each shard is rewritten where it lives: every placement's node runs
+/// [`sweep`] on its shard (`byok.citus_reencrypt_shard`, as the table's owner
+/// there), all at once. Nothing is checkpointed by position: a value is
+/// rewritten only while it is under an old key, so a batch repeated after a
+/// crash finds nothing to do twice.
+fn citus_batch(
+    column: &Column,
+    tenant: Option<&str>,
+    keys: &[i64],
+    batch: i32,
+) -> Result<Batch, ByokError> {
+    let rewritten = citus::on_every_shard(
+        column,
+        "SELECT byok.citus_reencrypt_shard(%L::pg_catalog.regclass, %s, %L, %L, %L, %L::pg_catalog.int8[], %s)",
+        tenant,
+        keys,
+        Some(batch),
+    )?;
+    if rewritten > 0 {
+        return Ok(Batch::Swept(rewritten));
+    }
+    let left = count_in(
+        column,
+        &under_keys("$col", "$1")?,
+        &[DatumWithOid::from(keys.to_vec())],
+    )?;
+    Ok(if left > 0 {
+        Batch::LockedRowsLeft
+    } else {
+        Batch::ColumnDone
+    })
+}
+
+/// How many values of `column` (of `tenant`'s `keys`, or all) do not open
+/// with its context, as the table's owner with the job's authority.
+pub fn unopened(
+    column: &Column,
+    tenant: Option<&str>,
+    keys_of_tenant: &[i64],
+) -> Result<i64, ByokError> {
+    as_table_owner(column, Some(tenant), || {
+        let sql = format!(
+            "SELECT count(*) FROM {} WHERE {col} IS NOT NULL
+                AND ($2::pg_catalog.text IS NULL OR byok.data_key_id({col}) OPERATOR(pg_catalog.=) ANY ($3))
+                AND NOT byok.value_opens({col}, $1)",
+            column.table,
+            col = quote_ident(&column.column)
+        );
+        catalog::read_one::<i64>(
+            &sql,
+            &[
+                DatumWithOid::from(column.context.as_str()),
+                DatumWithOid::from(tenant),
+                DatumWithOid::from(keys_of_tenant.to_vec()),
+            ],
+        )?
+        .not_null("values counted")
     })
 }
 
@@ -492,24 +573,17 @@ fn verify_columns(row: &JobRow) -> Result<Option<String>, ByokError> {
     let keys_of_tenant = tenant_keys(tenant)?;
     for column in registered_columns(row.relid)? {
         let verified = crate::postgres::subxact::run(|| {
-            as_table_owner(&column, Some(tenant), || {
-                let sql = format!(
-                    "SELECT count(*) FROM {} WHERE {col} IS NOT NULL
-                        AND ($2::pg_catalog.text IS NULL OR byok.data_key_id({col}) OPERATOR(pg_catalog.=) ANY ($3))
-                        AND NOT byok.value_opens({col}, $1)",
-                    column.table,
-                    col = quote_ident(&column.column)
-                );
-                catalog::read_one::<i64>(
-                    &sql,
-                    &[
-                        DatumWithOid::from(column.context.as_str()),
-                        DatumWithOid::from(tenant),
-                        DatumWithOid::from(keys_of_tenant.clone()),
-                    ],
-                )?
-                .not_null("values counted")
-            })
+            if citus::is_distributed(&column)? {
+                citus::on_every_shard(
+                    &column,
+                    "SELECT byok.citus_unopened_in_shard(%L::pg_catalog.regclass, %s, %L, %L, %L, %L::pg_catalog.int8[])",
+                    tenant,
+                    &keys_of_tenant,
+                    None,
+                )
+            } else {
+                unopened(&column, tenant, &keys_of_tenant)
+            }
         });
         let problem = match verified {
             Ok(0) => None,

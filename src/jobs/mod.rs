@@ -3,6 +3,7 @@
 //! per batch) or in the transaction that started it (`byok.wait_job` in a
 //! migration run as one transaction).
 
+pub mod citus;
 pub mod engine;
 pub mod workers;
 

@@ -145,6 +145,33 @@ out=$(c -v VERBOSITY=verbose -c "SELECT count(byok.decrypt_text(secret, 'account
 grep -q "is retired" <<<"$out" && ok "a key retired on the coordinator is refused on the worker holding its rows" || not_ok "retired: $out"
 c -c "SELECT byok.set_data_key_state($old, 'decrypt-only')" >/dev/null
 
+echo "== rotation and re-encryption of every shard while a writer runs"
+c -c "SELECT byok.protect_column('accounts', 'secret', 'tenant_id', 'accounts.secret')" >/dev/null
+olds=$(c -c "SELECT string_agg(dek_id::text, ',' ORDER BY dek_id) FROM byok.data_keys WHERE tenant_id IN ('t8', 't9', 't10') AND state = 'active'")
+c -c "SELECT byok.rotate_data_key('t' || g) FROM generate_series(8, 10) g" >/dev/null
+# A writer: inserts (sealed on the coordinator) and updates (an UPDATE of a
+# distributed table calls byok.encrypt_text in a subquery: Citus evaluates it
+# on the coordinator, as it runs no volatile function per row on a shard).
+( for i in $(seq 1 60); do
+    c -c "INSERT INTO accounts VALUES ('t9', 7000 + $i, byok.encrypt_text('t9', 'secret ' || (7000 + $i), 'accounts.secret'))" \
+      -c "UPDATE accounts SET secret = (SELECT byok.encrypt_text('t8', 'secret ' || 8, 'accounts.secret')) WHERE tenant_id = 't8' AND id = 8" >/dev/null 2>>"$BYOK_WORK/citus_writer.err"
+  done ) &
+writer=$!
+job=$(c -c "SELECT byok.start_reencrypt()")
+check "the job ends done" "$(c -c "SELECT byok.wait_job($job, '120 s')")" "done"
+wait $writer
+check "the writer's statements all succeeded" "$(cat "$BYOK_WORK/citus_writer.err" 2>/dev/null | head -3)" ""
+check "no value of the table is under the rotated keys" \
+    "$(c -c "SELECT count(*) FROM accounts WHERE byok.data_key_id(secret) IN ($olds)")" "0"
+check "the rotated keys are retired, on every node" \
+    "$(c -c "SELECT string_agg(DISTINCT state, ',') FROM byok.data_keys WHERE dek_id IN ($olds)")|$(w 1 -c "SELECT string_agg(DISTINCT state, ',') FROM byok.data_keys WHERE dek_id IN ($olds)")|$(w 2 -c "SELECT string_agg(DISTINCT state, ',') FROM byok.data_keys WHERE dek_id IN ($olds)")" \
+    "retired|retired|retired"
+check "every row still decrypts to its plaintext (the writer's too)" \
+    "$(c -c "SELECT count(*) FILTER (WHERE byok.decrypt_text(secret, 'accounts.secret') = 'secret ' || id), count(*) FROM accounts WHERE tenant_id <> 't31'")" \
+    "$(c -c "SELECT count(*), count(*) FROM accounts WHERE tenant_id <> 't31'")"
+check "the job rewrote the rotated tenants' rows on the workers" \
+    "$(c -c "SELECT rows_done >= 300 FROM byok.jobs WHERE job_id = $job")" "t"
+
 echo "== shredding one tenant"
 c -c "SELECT count(byok.decrypt_text(secret, 'accounts.secret')) FROM accounts WHERE tenant_id IN ('t30', 't31')" >/dev/null   # (keys cached on the workers)
 c -c "SELECT byok.destroy_tenant_keys('t31', 't31')" >/dev/null
@@ -155,7 +182,8 @@ for n in 1 2; do
         "$(w $n -c "SELECT count(*) FILTER (WHERE state = 'destroyed') || '/' || count(*) FROM byok.data_keys WHERE tenant_id = 't31'")" "1/1"
 done
 check "the other tenants are untouched" \
-    "$(c -c "SELECT count(*) FROM accounts WHERE tenant_id <> 't31' AND byok.decrypt_text(secret, 'accounts.secret') = 'secret ' || id")" "3151"
+    "$(c -c "SELECT count(*) FROM accounts WHERE tenant_id <> 't31' AND byok.decrypt_text(secret, 'accounts.secret') = 'secret ' || id")" \
+    "$(c -c "SELECT count(*) FROM accounts WHERE tenant_id <> 't31'")"
 
 echo "== a node added later, and a shard move"
 start_cluster citus_3 $W3 "${node_conf[@]}"
