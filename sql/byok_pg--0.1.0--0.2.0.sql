@@ -1133,6 +1133,75 @@ $fn$;
 COMMENT ON FUNCTION byok.citus_distribute_catalog() IS
     'On a Citus coordinator: make the key catalog reference tables, kept on every node; returns the tables it distributed';
 
+-- Each node keeps its own metrics and audit trail (its own key broker, its own
+-- backends). From the coordinator, these read every node's, through Citus's
+-- run_command_on_all_nodes: each node answers with the caller's own rights; a
+-- node that does not answer is an error naming it (58000), not a gap.
+CREATE FUNCTION byok.citus_metrics()
+RETURNS TABLE (nodename text, nodeport integer, tenant_id text, provider text,
+               kms_calls bigint, kms_failures bigint, dek_generations bigint,
+               decrypts bigint, decrypt_failures bigint, encrypts bigint,
+               key_cache_hit_ratio double precision)
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $fn$
+DECLARE
+    answer record;
+BEGIN
+    IF pg_catalog.to_regclass('pg_catalog.pg_dist_node') IS NULL THEN
+        RAISE EXCEPTION 'Citus is not installed in this database' USING ERRCODE = '0A000';
+    END IF;
+    FOR answer IN EXECUTE 'SELECT r.nodeid, r.success, r.result FROM pg_catalog.run_command_on_all_nodes($1) r ORDER BY r.nodeid'
+        USING 'SELECT coalesce(pg_catalog.json_agg(m), ''[]'') FROM byok.metrics m
+                WHERE m.database OPERATOR(pg_catalog.=) pg_catalog.current_database()'
+    LOOP
+        IF NOT answer.success THEN
+            RAISE EXCEPTION 'Citus node % did not answer: %', answer.nodeid, answer.result USING ERRCODE = '58000';
+        END IF;
+        RETURN QUERY EXECUTE
+            'SELECT n.nodename::pg_catalog.text, n.nodeport, m.tenant_id, m.provider, m.kms_calls,
+                    m.kms_failures, m.dek_generations, m.decrypts, m.decrypt_failures, m.encrypts,
+                    m.key_cache_hit_ratio
+               FROM pg_catalog.pg_dist_node n,
+                    pg_catalog.json_populate_recordset(NULL::byok.metrics, $2::pg_catalog.json) m
+              WHERE n.nodeid OPERATOR(pg_catalog.=) $1
+              ORDER BY m.tenant_id, m.provider'
+            USING answer.nodeid, answer.result;
+    END LOOP;
+END
+$fn$;
+COMMENT ON FUNCTION byok.citus_metrics() IS
+    'On a Citus coordinator: byok.metrics of every node (per node, tenant and provider)';
+
+CREATE FUNCTION byok.citus_audit_log(since timestamptz DEFAULT pg_catalog.now() OPERATOR(pg_catalog.-) interval '1 day')
+RETURNS TABLE (nodename text, nodeport integer, id bigint, logged_at timestamptz, event text,
+               tenant_id text, dek_id bigint, role_name name, outcome text, reason text, details jsonb)
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $fn$
+DECLARE
+    answer record;
+BEGIN
+    IF pg_catalog.to_regclass('pg_catalog.pg_dist_node') IS NULL THEN
+        RAISE EXCEPTION 'Citus is not installed in this database' USING ERRCODE = '0A000';
+    END IF;
+    FOR answer IN EXECUTE 'SELECT r.nodeid, r.success, r.result FROM pg_catalog.run_command_on_all_nodes($1) r ORDER BY r.nodeid'
+        USING pg_catalog.format('SELECT coalesce(pg_catalog.json_agg(a ORDER BY a.id), ''[]'')
+                                   FROM byok.audit_log a WHERE a.logged_at OPERATOR(pg_catalog.>=) %L', since)
+    LOOP
+        IF NOT answer.success THEN
+            RAISE EXCEPTION 'Citus node % did not answer: %', answer.nodeid, answer.result USING ERRCODE = '58000';
+        END IF;
+        RETURN QUERY EXECUTE
+            'SELECT n.nodename::pg_catalog.text, n.nodeport, a.id, a.logged_at, a.event, a.tenant_id,
+                    a.dek_id, a.role_name, a.outcome, a.reason, a.details
+               FROM pg_catalog.pg_dist_node n,
+                    pg_catalog.json_populate_recordset(NULL::byok.audit_log, $2::pg_catalog.json) a
+              WHERE n.nodeid OPERATOR(pg_catalog.=) $1
+              ORDER BY a.id'
+            USING answer.nodeid, answer.result;
+    END LOOP;
+END
+$fn$;
+COMMENT ON FUNCTION byok.citus_audit_log(timestamptz) IS
+    'On a Citus coordinator: the audit trail of every node since a time (each node read with the caller''s rights)';
+
 -- ---------------------------------------------------------------------------
 -- 4. Privileges: exactly a fresh install's. What 0.1.0 granted to PUBLIC,
 --    byok_admin and byok_user is revoked, then sql/privileges.sql is applied as
@@ -1208,6 +1277,7 @@ GRANT EXECUTE ON FUNCTION byok.configure_tenant(jsonb), byok.rotate_data_key(tex
     byok.alert_states(), byok.prometheus_metrics(),
     byok.complete_key_wraps_step(text), byok.complete_key_wraps_finish(text),
     byok.activate_dr(text), byok.deactivate_dr(text),
+    byok.citus_metrics(), byok.citus_audit_log(timestamptz),
     byok.start_compromise_response(text, text), byok.compromise_response_step(text, bigint),
     byok.rotate_index_key(text), byok.make_searchable(regclass, text, integer, text)
   TO byok_admin;

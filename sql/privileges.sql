@@ -73,6 +73,7 @@ GRANT EXECUTE ON FUNCTION byok.configure_tenant(jsonb), byok.rotate_data_key(tex
     byok.alert_states(), byok.prometheus_metrics(),
     byok.complete_key_wraps_step(text), byok.complete_key_wraps_finish(text),
     byok.activate_dr(text), byok.deactivate_dr(text),
+    byok.citus_metrics(), byok.citus_audit_log(timestamptz),
     byok.start_compromise_response(text, text), byok.compromise_response_step(text, bigint),
     byok.rotate_index_key(text), byok.make_searchable(regclass, text, integer, text)
   TO byok_admin;

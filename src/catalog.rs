@@ -282,6 +282,34 @@ pub fn cluster_role() -> Result<ClusterRole, ByokError> {
     })
 }
 
+/// On a Citus coordinator: runs `format(template, argument)` on every worker
+/// (Citus's `run_command_on_workers`, each node in its own transaction) and
+/// returns the sum of the bigint each returns; a node's failure is an error
+/// naming it.
+pub fn on_every_worker(template: &str, argument: Option<&str>) -> Result<i64, ByokError> {
+    Spi::connect(|client| {
+        let rows = client.select(
+            "SELECT coalesce(sum(r.result::pg_catalog.int8) FILTER (WHERE r.success), 0)::pg_catalog.int8,
+                    pg_catalog.string_agg(r.nodename OPERATOR(pg_catalog.||) ':' OPERATOR(pg_catalog.||) r.nodeport
+                                          OPERATOR(pg_catalog.||) ': ' OPERATOR(pg_catalog.||) r.result, '; ')
+                        FILTER (WHERE NOT r.success)
+               FROM pg_catalog.run_command_on_workers(pg_catalog.format($1, $2)) r",
+            None,
+            &[DatumWithOid::from(template), DatumWithOid::from(argument)],
+        )?;
+        let row = rows.first();
+        let total = row.get::<i64>(1)?.unwrap_or(0);
+        match row.get::<String>(2)? {
+            None => Ok(total),
+            Some(failures) => Err(ByokError::WrongState {
+                message: format!("not every Citus worker answered: {failures}"),
+                detail: None,
+                hint: Some("run it again once every worker answers".into()),
+            }),
+        }
+    })
+}
+
 /// The first column of the first row of a read-only query (None: no row or
 /// NULL). Read-only for SPI, so it works on a standby (pgrx's `Spi::get_one*`
 /// would assign a transaction id, which a standby refuses).

@@ -650,9 +650,13 @@ pub fn destroy_tenant_keys(tenant_id: &str) -> Result<i64, ByokError> {
 /// transaction commits (this one's at once). Returns how many shared entries
 /// went. The next use of a key fetches it from the key manager again.
 pub fn flush_cache(tenant_id: Option<&str>) -> Result<i64, ByokError> {
-    let flushed = broker::flush(tenant_id.map(str::to_string), None)?;
+    let mut flushed = broker::flush(tenant_id.map(str::to_string), None)? as i64;
     catalog::invalidate_everywhere()?;
     keyring::invalidate_all();
+    // On a Citus coordinator: every worker's key broker too (each audits its own).
+    if catalog::cluster_role()? == catalog::ClusterRole::Coordinator {
+        flushed += catalog::on_every_worker("SELECT byok.flush_cache(%L)", tenant_id)?;
+    }
     catalog::audit(
         "flush_cache",
         tenant_id,
@@ -661,5 +665,5 @@ pub fn flush_cache(tenant_id: Option<&str>) -> Result<i64, ByokError> {
         None,
         Some(serde_json::json!({"shared_entries": flushed})),
     )?;
-    Ok(flushed as i64)
+    Ok(flushed)
 }

@@ -101,6 +101,17 @@ for n in 1 2; do
         "$(c -c "SELECT count(*) FROM tenant_nodes WHERE nodeport = $port")|1"
 done
 
+# The golden test (tests/citus): where encryption and decryption run, EXPLAIN included.
+rm -rf "$BYOK_WORK/citus-regress-out"; mkdir -p "$BYOK_WORK/citus-regress-out"
+status=0
+PGOPTIONS="-c client_min_messages=warning" \
+"/usr/lib/postgresql/${PG_MAJOR}/lib/pgxs/src/test/regress/pg_regress" \
+    --use-existing --host="$BYOK_WORK/citus_0" --port=$PORT --user=postgres --dbname=postgres \
+    --bindir="$PG_BIN" --inputdir="$BYOK_ROOT/tests/citus" --outputdir="$BYOK_WORK/citus-regress-out" \
+    citus_pushdown >/dev/null || status=$?
+[ $status -ne 0 ] && [ -f "$BYOK_WORK/citus-regress-out/regression.diffs" ] && head -80 "$BYOK_WORK/citus-regress-out/regression.diffs"
+check "golden test tests/citus/citus_pushdown (EXPLAIN: decryption on the workers)" "$status" "0"
+
 echo "== grants and byok.tenant hold on every node"
 a() { psql_at citus_0 $PORT -d postgres -qAt -U app -v VERBOSITY=verbose "$@"; }
 check "app reads a granted tenant through the coordinator" \
@@ -184,6 +195,18 @@ done
 check "the other tenants are untouched" \
     "$(c -c "SELECT count(*) FROM accounts WHERE tenant_id <> 't31' AND byok.decrypt_text(secret, 'accounts.secret') = 'secret ' || id")" \
     "$(c -c "SELECT count(*) FROM accounts WHERE tenant_id <> 't31'")"
+
+echo "== cluster-wide caches, metrics and audit trail, from the coordinator"
+check "flush_cache on the coordinator empties every node's shared cache (keys were cached on both workers)" \
+    "$(c -c "SELECT byok.flush_cache() > 0")|$(w 1 -c "SELECT shared_cache_entries FROM byok.broker_status()")|$(w 2 -c "SELECT shared_cache_entries FROM byok.broker_status()")" "t|0|0"
+c -c "SELECT count(byok.decrypt_text(secret, 'accounts.secret')) FROM accounts WHERE tenant_id = 't12'" >/dev/null
+check "byok.citus_metrics(): of the workers, only the one holding t12 unwrapped its key, once before the flush and once after" \
+    "$(c -c "SELECT string_agg(nodeport || ':' || dek_generations, ',') FROM byok.citus_metrics() WHERE tenant_id = 't12' AND dek_generations > 0 AND nodeport <> $PORT")" \
+    "$(c -c "SELECT nodeport FROM tenant_nodes WHERE tenant_id = 't12'"):2"
+check "byok.citus_audit_log(): every node recorded the flush" \
+    "$(c -c "SELECT count(DISTINCT nodeport) FROM byok.citus_audit_log(now() - interval '10 minutes') WHERE event = 'flush_cache' AND outcome = 'ok'")" "3"
+check "byok.citus_audit_log(): the refused decryptions, on the worker that refused them" \
+    "$(c -c "SELECT count(*) > 0 FROM byok.citus_audit_log() WHERE nodeport <> $PORT AND outcome = 'failed' AND role_name = 'app'")" "t"
 
 echo "== a node added later, and a shard move"
 start_cluster citus_3 $W3 "${node_conf[@]}"
