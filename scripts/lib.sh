@@ -111,13 +111,14 @@ install_extension() {
 # Citus, for tests/scripts/citus.sh: built from the vendored source
 # (../shared/vendor, beside the checkout; BYOK_CITUS_VENDOR elsewhere) and
 # installed into the system PostgreSQL, once per machine (the build is cached
-# in $BYOK_WORK/citus-build). Its build dependencies are in tests/deps.
+# in /var/tmp/byok_pg-citus-build, whatever BYOK_WORK is). Its build
+# dependencies are in tests/deps.
 ensure_citus() {
     local vendor="${BYOK_CITUS_VENDOR:-$BYOK_ROOT/../shared/vendor}"
     [ -f "$vendor/build-citus.sh" ] \
         || die "the Citus source is not in $vendor (set BYOK_CITUS_VENDOR to the directory holding build-citus.sh)"
     log "Citus 13.2.2 from $vendor (built once, then cached)"
-    PG_CONFIG="$PG_CONFIG" bash "$vendor/build-citus.sh" "$BYOK_WORK/citus-build"
+    PG_CONFIG="$PG_CONFIG" bash "$vendor/build-citus.sh" "${BYOK_CITUS_BUILD:-/var/tmp/byok_pg-citus-build}"
 }
 
 # start_cluster NAME PORT [extra postgresql.conf lines...]: a fresh cluster in $BYOK_WORK/NAME.
