@@ -147,6 +147,8 @@ pub fn register_column(
     let attnum = facts.registrable(column, tenant_column)?;
     let name = facts.name;
     catalog::as_extension_owner(|| {
+        // (on Citus the registry is the coordinator's: its jobs rewrite every shard)
+        admin::require_primary("protect_column")?;
         crate::locks::lock_for_transaction(crate::locks::TableLock::ColumnRegistry)?;
         // A searchable column keeps a context of its own: never the empty one.
         let searchable = catalog::read_one::<bool>(
@@ -283,6 +285,7 @@ pub fn make_searchable(
         .spec();
     // Checked with the caller's rights, as registering is.
     let facts = ColumnFacts::read(relid, column, None)?;
+    catalog::as_extension_owner(|| admin::require_primary("make_searchable"))?;
     facts.registrable(column, None)?;
     let name = facts.name;
     catalog::as_extension_owner(|| {

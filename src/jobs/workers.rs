@@ -256,6 +256,45 @@ pub extern "C-unwind" fn byok_catalog_writer_main(_argument: pg_sys::Datum) {
     });
 }
 
+/// [`forget_dropped_grantees`] on Citus. Each node's copy of the grants holds
+/// that node's own role OIDs, so no one statement through the reference table
+/// can tell a dropped role's row (Citus would compare every copy with the
+/// coordinator's OIDs and empty the workers'). Every copy is cleaned where it
+/// lives, against its own node's roles: Citus drops a role on every node, so
+/// the copies lose the same rows. The coordinator's copy names them for the
+/// audit trail first.
+fn forget_dropped_grantees_on_every_node() -> Result<i64, ByokError> {
+    const DANGLING: &str = "NOT EXISTS (SELECT 1 FROM pg_catalog.pg_roles r
+                                         WHERE r.oid OPERATOR(pg_catalog.=) g.grantee::pg_catalog.oid)";
+    let audited = Spi::get_one::<i64>(&format!(
+        "SELECT count(byok.audit_event('grant_dropped_with_role', g.tenant_id, NULL, 'ok', NULL,
+                                       pg_catalog.jsonb_build_object('role_oid', g.grantee::pg_catalog.oid)))
+           FROM byok.tenant_grants g WHERE {DANGLING}"
+    ))?
+    .unwrap_or(0);
+    if audited == 0 {
+        return Ok(0);
+    }
+    // (%s: Citus puts each placement's quoted, qualified shard name there)
+    let failures = Spi::get_one_with_args::<String>(
+        "SELECT pg_catalog.string_agg(r.nodename OPERATOR(pg_catalog.||) ':' OPERATOR(pg_catalog.||) r.nodeport
+                                      OPERATOR(pg_catalog.||) ': ' OPERATOR(pg_catalog.||) r.result, '; ')
+           FROM pg_catalog.run_command_on_placements('byok.tenant_grants', $1) r
+          WHERE NOT r.success",
+        &[DatumWithOid::from(
+            format!("DELETE FROM %s g WHERE {DANGLING}").as_str(),
+        )],
+    )?;
+    match failures {
+        None => Ok(audited),
+        Some(failures) => Err(ByokError::WrongState {
+            message: format!("grants of dropped roles not removed on every node: {failures}"),
+            detail: None,
+            hint: None,
+        }),
+    }
+}
+
 /// Whether this is a Citus worker reading a shared key catalog (whose
 /// maintenance is the coordinator's).
 fn on_citus_worker() -> bool {
@@ -423,6 +462,9 @@ pub extern "C-unwind" fn byok_scheduler_main(_argument: pg_sys::Datum) {
 fn forget_dropped_grantees() {
     let forgotten = crate::postgres::subxact::run(|| {
         crate::catalog::as_extension_owner(|| {
+            if crate::catalog::cluster_role()? == crate::catalog::ClusterRole::Coordinator {
+                return forget_dropped_grantees_on_every_node();
+            }
             Spi::get_one::<i64>(
                 "WITH gone AS (
                      DELETE FROM byok.tenant_grants g

@@ -30,7 +30,8 @@ pub unsafe extern "C-unwind" fn byok_role_ref_in(
     // SAFETY: the datum is a NUL-terminated C string (above).
     let text = unsafe { std::ffi::CStr::from_ptr(input.cast_mut_ptr::<std::ffi::c_char>()) };
     let bytes = text.to_bytes();
-    if !bytes.is_empty() && bytes.iter().all(u8::is_ascii_digit) {
+    // (regrole's input also takes "-" for no role: refused too)
+    if bytes == b"-" || (!bytes.is_empty() && bytes.iter().all(u8::is_ascii_digit)) {
         ErrorReport::new(
             PgSqlErrorCode::ERRCODE_INVALID_TEXT_REPRESENTATION,
             format!(

@@ -22,7 +22,8 @@ node_conf=("shared_preload_libraries = 'citus,byok_pg'"
            "byok.local_master_key_file = '$KEY'"   # one local master key for every node
            "citus.node_conninfo = 'sslmode=disable'"
            "max_prepared_transactions = 100" "wal_level = logical"
-           "citus.propagate_set_commands = 'local'")
+           "citus.propagate_set_commands = 'local'"
+           "byok.scheduler_naptime_seconds = 1")     # (the coordinator's upkeep, every second)
 for n in 0 1 2; do start_cluster citus_$n $((PORT + n)) "${node_conf[@]}"; done
 c() { psql_at citus_0 $PORT -d postgres -qAt "$@"; }
 w() { local n=$1; shift; psql_at citus_$n $((PORT + n)) -d postgres -qAt "$@"; }
@@ -62,6 +63,23 @@ for n in 1 2; do
     check "worker $n: the grants name its own role app" \
         "$(w $n -c "SELECT count(*) FROM byok.tenant_access WHERE grantee::oid = 'app'::regrole::oid")" "16"
 done
+
+# A dropped role's grants go, on every node, against each node's own roles;
+# nobody else's go with them.
+c -c "CREATE ROLE gone LOGIN IN ROLE byok_user" -c "SELECT byok.grant_tenant('gone', 't1')" >/dev/null
+c -c "DROP ROLE gone" >/dev/null
+for i in $(seq 50); do
+    [ "$(c -c "SELECT count(*) FROM byok.tenant_grants")" = 16 ] && break; sleep 0.2
+done
+sleep 2   # (and a few more passes of the coordinator's upkeep)
+for n in 0 1 2; do
+    check "node $n: the dropped role's grant is gone, app's 16 remain (each copy against its own roles)" \
+        "$(w $n -c "SELECT count(*) || '/' || count(*) FILTER (WHERE grantee::oid = 'app'::regrole::oid) FROM byok.tenant_grants")" "16/16"
+done
+check "the removal is in the coordinator's audit trail" \
+    "$(c -c "SELECT count(*) FROM byok.audit_log WHERE event = 'grant_dropped_with_role' AND tenant_id = 't1'")" "1"
+expect_error "a role is named, never given by OID or as '-'" 22P02 "invalid input syntax for type byok.role_ref" \
+    "SELECT '-'::byok.role_ref"
 
 echo "== a distributed table, written through the coordinator, read on the workers"
 c >/dev/null <<'SQL'
@@ -142,6 +160,8 @@ check "app inserts through the coordinator for a granted tenant" \
 echo "== administration: from the coordinator, for every node"
 NAME=citus_1 PORT=$W1 expect_error "rotating a data key on a worker is refused" 0A000 "cannot rotate_data_key on a Citus worker node" \
     "SELECT byok.rotate_data_key('t1')"
+NAME=citus_1 PORT=$W1 expect_error "registering a column on a worker is refused" 0A000 "cannot protect_column on a Citus worker node" \
+    "SELECT byok.protect_column('accounts', 'secret')"
 old=$(c -c "SELECT dek_id FROM byok.data_keys WHERE tenant_id = 't1' AND state = 'active'")
 new=$(c -c "SELECT byok.rotate_data_key('t1')")
 for n in 1 2; do
@@ -182,6 +202,23 @@ check "every row still decrypts to its plaintext (the writer's too)" \
     "$(c -c "SELECT count(*), count(*) FROM accounts WHERE tenant_id <> 't31'")"
 check "the job rewrote the rotated tenants' rows on the workers" \
     "$(c -c "SELECT rows_done >= 300 FROM byok.jobs WHERE job_id = $job")" "t"
+
+echo "== a master-key rotation and a revocation, on every node"
+c -c "CALL byok.rotate_master_key('t2', 'k2-next')" >/dev/null
+check "after rotate_master_key on the coordinator, every worker reads t2 (its keys rewrapped everywhere)" \
+    "$(c -c "SELECT count(*) FROM accounts WHERE tenant_id = 't2' AND byok.decrypt_text(secret, 'accounts.secret') = 'secret ' || id")|$(w 1 -c "SELECT string_agg(DISTINCT cmk_id, ',') FROM byok.data_keys WHERE tenant_id = 't2'")|$(w 2 -c "SELECT string_agg(DISTINCT cmk_id, ',') FROM byok.data_keys WHERE tenant_id = 't2'")" \
+    "100|k2-next|k2-next"
+c -c "SELECT byok.configure_tenant('{\"customer\":\"c\",\"tenant_id\":\"t13\",\"encryption\":{\"provider\":\"local\",\"local\":{\"key_id\":\"k13\"},\"cache_config\":{\"ttl_seconds\":86400,\"revocation_check_seconds\":1}}}')" >/dev/null
+read13="SELECT count(*) FROM accounts WHERE tenant_id = 't13' AND byok.decrypt_text(secret, 'accounts.secret') = 'secret ' || id"
+check "t13 reads (its key cached on its worker)" "$(c -c "$read13")" "100"
+as_postgres sh -c "printf 'k13\n' > '$KEY.revoked'"   # (the customer disables the key)
+sleep 3
+out=$(c -v VERBOSITY=verbose -c "$read13" 2>&1)
+grep -q "ERROR:  55000: .*local master key \"k13\" is revoked" <<<"$out" \
+    && ok "within revocation_check_seconds + 1 s, the worker's broker refuses t13 (55000, revoked)" || not_ok "revoked: $out"
+as_postgres rm -f "$KEY.revoked"
+sleep 3
+check "restored, t13 reads again, with no administrator" "$(c -c "$read13")" "100"
 
 echo "== shredding one tenant"
 c -c "SELECT count(byok.decrypt_text(secret, 'accounts.secret')) FROM accounts WHERE tenant_id IN ('t30', 't31')" >/dev/null   # (keys cached on the workers)
