@@ -109,14 +109,17 @@ install_extension() {
 }
 
 # Citus, for tests/scripts/citus.sh: built from the vendored source
-# (../shared/vendor, beside the checkout; BYOK_CITUS_VENDOR elsewhere) and
+# (../shared/vendor beside the checkout, or /work/shared/vendor; BYOK_CITUS_VENDOR elsewhere) and
 # installed into the system PostgreSQL, once per machine (the build is cached
 # in /var/tmp/byok_pg-citus-build, whatever BYOK_WORK is). Its build
 # dependencies are in tests/deps.
 ensure_citus() {
-    local vendor="${BYOK_CITUS_VENDOR:-$BYOK_ROOT/../shared/vendor}"
-    [ -f "$vendor/build-citus.sh" ] \
-        || die "the Citus source is not in $vendor (set BYOK_CITUS_VENDOR to the directory holding build-citus.sh)"
+    local vendor="" dir
+    for dir in ${BYOK_CITUS_VENDOR:-} "$BYOK_ROOT/../shared/vendor" /work/shared/vendor; do
+        [ -f "$dir/build-citus.sh" ] && { vendor=$dir; break; }
+    done
+    [ -n "$vendor" ] \
+        || die "the Citus source is not in ../shared/vendor or /work/shared/vendor (set BYOK_CITUS_VENDOR to the directory holding build-citus.sh)"
     log "Citus 13.2.2 from $vendor (built once, then cached)"
     PG_CONFIG="$PG_CONFIG" bash "$vendor/build-citus.sh" "${BYOK_CITUS_BUILD:-/var/tmp/byok_pg-citus-build}"
 }
