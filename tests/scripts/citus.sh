@@ -200,6 +200,13 @@ check "the rotated keys are retired, on every node" \
 check "every row still decrypts to its plaintext (the writer's too)" \
     "$(c -c "SELECT count(*) FILTER (WHERE byok.decrypt_text(secret, 'accounts.secret') = 'secret ' || id), count(*) FROM accounts WHERE tenant_id <> 't31'")" \
     "$(c -c "SELECT count(*), count(*) FROM accounts WHERE tenant_id <> 't31'")"
+# (each node counts what it seals; the workers' catalog writers add their
+# counts to the shared catalog through Citus, a few seconds behind)
+for i in $(seq 100); do
+    [ "$(c -c "SELECT encryptions >= 100 FROM byok.data_keys WHERE tenant_id = 't10' AND state = 'active'")" = t ] && break; sleep 0.2
+done
+check "the values the workers sealed count toward t10's new key's budget, in the shared catalog" \
+    "$(w 1 -c "SELECT encryptions >= 100 FROM byok.data_keys WHERE tenant_id = 't10' AND state = 'active'")" "t"
 check "the job rewrote the rotated tenants' rows on the workers" \
     "$(c -c "SELECT rows_done >= 300 FROM byok.jobs WHERE job_id = $job")" "t"
 
