@@ -97,12 +97,10 @@ fn citus_reencrypt_shard(
     keys: Vec<i64>,
     batch: i32,
 ) -> i64 {
-    jobs::citus::shard_column(tbl, shard_id, column_name, context)
-        .and_then(|shard| match shard {
-            Some(column) => jobs::engine::sweep(&column, tenant_id, &keys, batch),
-            None => Ok(0),
-        })
-        .unwrap_or_else(|e| e.raise())
+    jobs::citus::on_shard(tbl, shard_id, column_name, context, |column| {
+        jobs::engine::sweep(column, tenant_id, &keys, batch)
+    })
+    .unwrap_or_else(|e| e.raise())
 }
 
 /// `byok.citus_unopened_in_shard(...)`: on the node holding the shard, how
@@ -118,10 +116,8 @@ fn citus_unopened_in_shard(
     tenant_id: Option<&str>,
     keys: Vec<i64>,
 ) -> i64 {
-    jobs::citus::shard_column(tbl, shard_id, column_name, context)
-        .and_then(|shard| match shard {
-            Some(column) => jobs::engine::unopened(&column, tenant_id, &keys),
-            None => Ok(0),
-        })
-        .unwrap_or_else(|e| e.raise())
+    jobs::citus::on_shard(tbl, shard_id, column_name, context, |column| {
+        jobs::engine::unopened(column, tenant_id, &keys)
+    })
+    .unwrap_or_else(|e| e.raise())
 }

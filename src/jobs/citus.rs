@@ -125,10 +125,25 @@ pub fn on_every_shard(
     Ok(total)
 }
 
+/// Runs `f` on shard `shard_id` of `table` on this node, as a registered
+/// column of it; 0 when the shard is not here (moved since the coordinator
+/// looked: its next batch finds it where it went). Superusers only.
+pub fn on_shard(
+    table: pg_sys::Oid,
+    shard_id: i64,
+    column: &str,
+    context: &str,
+    f: impl FnOnce(&Column) -> Result<i64, ByokError>,
+) -> Result<i64, ByokError> {
+    match shard_column(table, shard_id, column, context)? {
+        Some(column) => f(&column),
+        None => Ok(0),
+    }
+}
+
 /// Shard `shard_id` of `table` on this node, as a registered column would be
-/// (None: the shard is not here, moved since the coordinator looked).
-/// Superusers only: the coordinator's job calls it.
-pub fn shard_column(
+/// (None: the shard is not here).
+fn shard_column(
     table: pg_sys::Oid,
     shard_id: i64,
     column: &str,

@@ -405,12 +405,17 @@ fn batch_of(
     }
     // Stragglers: rows moved behind the cursor or locked when it passed.
     let rewritten = sweep(column, tenant, keys, batch)?;
+    swept(column, keys, rewritten)
+}
+
+/// What a sweep that rewrote `rewritten` values leaves to do. When it rewrote
+/// nothing, values still under old keys are in rows other transactions hold
+/// locked (SKIP LOCKED passed them): wait for those rather than finish with
+/// values under a key the job is to retire.
+fn swept(column: &Column, keys: &[i64], rewritten: i64) -> Result<Batch, ByokError> {
     if rewritten > 0 {
         return Ok(Batch::Swept(rewritten));
     }
-    // Nothing the sweep could lock is left. Values still under old keys are in
-    // rows other transactions hold locked (SKIP LOCKED passed them): wait for
-    // those rather than finish with values under a key the job is to retire.
     let left = count_in(
         column,
         &under_keys("$col", "$1")?,
@@ -479,19 +484,7 @@ fn citus_batch(
         keys,
         Some(batch),
     )?;
-    if rewritten > 0 {
-        return Ok(Batch::Swept(rewritten));
-    }
-    let left = count_in(
-        column,
-        &under_keys("$col", "$1")?,
-        &[DatumWithOid::from(keys.to_vec())],
-    )?;
-    Ok(if left > 0 {
-        Batch::LockedRowsLeft
-    } else {
-        Batch::ColumnDone
-    })
+    swept(column, keys, rewritten)
 }
 
 /// How many values of `column` (of `tenant`'s `keys`, or all) do not open
