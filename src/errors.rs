@@ -161,6 +161,9 @@ pub enum ByokError {
     /// Key administration on a Citus worker whose key catalog is a reference
     /// table: the coordinator changes it on every node at once.
     CitusWorkerNode(&'static str),
+    /// A distributed query would run on Citus workers without the session's
+    /// `byok.tenant`, which Citus carries there only as `SET LOCAL`.
+    TenantNotCarriedToWorkers,
     BrokerTimeout {
         timeout_ms: u64,
         broker_up: bool,
@@ -405,6 +408,12 @@ impl ByokError {
             )
             .set_detail("the key catalog is a set of Citus reference tables, changed from the coordinator on every node in one distributed transaction")
             .set_hint("run it on the coordinator"),
+            ByokError::TenantNotCarriedToWorkers => report(
+                ERRCODE_FEATURE_NOT_SUPPORTED,
+                "byok.tenant would not reach the Citus worker nodes this statement runs on".to_string(),
+            )
+            .set_detail("Citus sends the workers only the SET LOCAL statements of the current transaction block; the shards' part of this statement (or a procedure call Citus delegates) would run there without the tenant restriction")
+            .set_hint("set it per transaction: BEGIN; SET LOCAL byok.tenant = '...'; (with citus.propagate_set_commands = 'local' and citus.select_opens_transaction_block on), or RESET byok.tenant for distributed queries"),
             ByokError::NotPreloaded => report(
                 ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
                 "byok_pg is not loaded through shared_preload_libraries".to_string(),

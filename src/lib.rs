@@ -83,6 +83,7 @@ pub extern "C-unwind" fn _PG_init() {
     // _PG_init runs on the postmaster's only thread.
     if unsafe { pg_sys::process_shared_preload_libraries_in_progress } {
         shmem::install_hooks();
+        keyring::citus_tenant::install_hooks();
         broker::worker::register();
         jobs::workers::register_launcher();
     }

@@ -7,6 +7,7 @@
 //! reaches every backend as a relcache invalidation at commit, which drops all
 //! ready keys here before the next use.
 
+pub mod citus_tenant;
 pub mod counts;
 pub mod invalidation;
 pub mod terms;

@@ -16,9 +16,21 @@
 //! The guard restores the previous user id, security context and search_path
 //! when dropped, also while an error unwinds.
 
+use std::cell::Cell;
 use std::ffi::CStr;
 
 use pgrx::pg_sys;
+
+thread_local! {
+    /// How many catalog guards (`SwitchedUser::enter_catalog`) are open.
+    static CATALOG_GUARDS: Cell<u32> = const { Cell::new(0) };
+}
+
+/// Whether the extension's own catalog work is running (as its owner, inside
+/// `SwitchedUser::enter_catalog`): statements no session setting restricts.
+pub fn in_catalog_work() -> bool {
+    CATALOG_GUARDS.get() > 0
+}
 
 /// The search_path every piece of code running with elevated rights uses.
 pub const PINNED_SEARCH_PATH: &CStr = c"pg_catalog, pg_temp";
@@ -28,6 +40,7 @@ pub struct SwitchedUser {
     saved_user: pg_sys::Oid,
     saved_context: i32,
     guc_nest_level: i32,
+    catalog: bool,
 }
 
 impl SwitchedUser {
@@ -58,6 +71,7 @@ impl SwitchedUser {
             saved_user,
             saved_context,
             guc_nest_level,
+            catalog: false,
         }
     }
 
@@ -69,7 +83,9 @@ impl SwitchedUser {
     /// reference tables, which have a copy on every node and never move, so
     /// they read this node's copy.
     pub fn enter_catalog(user: pg_sys::Oid, flags: u32) -> Self {
-        let guard = Self::enter(user, flags);
+        let mut guard = Self::enter(user, flags);
+        guard.catalog = true;
+        CATALOG_GUARDS.set(CATALOG_GUARDS.get() + 1);
         const NESTED: &CStr = c"citus.allow_nested_distributed_execution";
         // SAFETY: reads and sets a setting within the nest level `enter`
         // opened (undone when the guard drops); only where Citus defined it,
@@ -102,6 +118,9 @@ impl SwitchedUser {
 
 impl Drop for SwitchedUser {
     fn drop(&mut self) {
+        if self.catalog {
+            CATALOG_GUARDS.set(CATALOG_GUARDS.get().saturating_sub(1));
+        }
         // SAFETY: restores exactly what `enter` saved. During an unwind the
         // error has already been copied and flushed by pgrx's FFI guard, so
         // the backend is in a state where these calls are allowed.

@@ -150,6 +150,74 @@ COMMIT;
 SQL
 )
 grep -q "^100$" <<<"$out" && grep -q "ERROR:  42501:.*t3" <<<"$out" && ok "SET LOCAL byok.tenant = t3: t3's rows read, t4's refused on the worker" || not_ok "byok.tenant: $out"
+# What Citus does not carry to the workers is refused on the coordinator
+# (0A000), rather than decrypted there unrestricted.
+a_on() { a -v ON_ERROR_STOP=0 "$@"; }   # (every statement, whatever fails)
+read_t() { echo "SELECT count(byok.decrypt_text(secret, 'accounts.secret')) FROM accounts WHERE tenant_id = '$1';"; }
+out=$(a -c "SET byok.tenant = 't3'" -c "$(read_t t4)" 2>&1)
+grep -q "ERROR:  0A000:  *byok.tenant would not reach the Citus worker nodes" <<<"$out" \
+    && ok "a session-level SET byok.tenant = t3 cannot read t4's shard through the coordinator (0A000)" || not_ok "session-level: $out"
+out=$(a_on -c "SET byok.tenant = 't3'" -c "SELECT count(*) FROM accounts" -c "$(read_t t3)" 2>&1)
+grep -c "ERROR:  0A000:" <<<"$out" | grep -qx 2 \
+    && ok "nor any distributed query, its own tenant's included (the workers would not be restricted)" || not_ok "session-level own: $out"
+out=$(a_on -c "SET byok.tenant = 't3'" -c "SELECT byok.decrypt_text(byok.encrypt_text('t3', 'here', 'c'), 'c')" -c "SELECT byok.decrypt_text(byok.encrypt_text('t4', 'here', 'c'), 'c')" 2>&1)
+grep -q "^here$" <<<"$out" && grep -q "ERROR:  42501:" <<<"$out" \
+    && ok "a session-level byok.tenant still holds on the coordinator's own queries" || not_ok "session-level local: $out"
+out=$(a 2>&1 <<SQL
+BEGIN;
+SELECT set_config('byok.tenant', 't3', true) IS NOT NULL;
+$(read_t t4)
+ROLLBACK;
+SQL
+)
+grep -q "ERROR:  0A000:" <<<"$out" && ok "set_config('byok.tenant', ..., true) in a transaction block is not carried: refused" || not_ok "set_config: $out"
+out=$(a_on 2>&1 <<SQL
+BEGIN;
+SET LOCAL byok.tenant = 't3';
+SAVEPOINT s;
+SET LOCAL byok.tenant = 't4';
+ROLLBACK TO SAVEPOINT s;
+$(read_t t3)
+$(read_t t4)
+COMMIT;
+BEGIN;
+SET LOCAL byok.tenant = 't3';
+SAVEPOINT s;
+SET LOCAL byok.tenant = 't4';
+RELEASE SAVEPOINT s;
+$(read_t t4)
+COMMIT;
+SQL
+)
+grep -q "^100$" <<<"$out" && grep -q "ERROR:  42501:.*t3" <<<"$out" && grep -q "ERROR:  0A000:" <<<"$out" \
+    && ok "savepoints: a rolled-back SET LOCAL leaves t3 in force; one in a released savepoint (which Citus forgets) is refused" \
+    || not_ok "savepoints: $out"
+out=$(a_on 2>&1 <<SQL
+BEGIN;
+SET LOCAL byok.tenant = 't3' \; SELECT 1;
+$(read_t t3)
+ROLLBACK;
+BEGIN;
+SET LOCAL citus.select_opens_transaction_block = off;
+SET LOCAL byok.tenant = 't3';
+$(read_t t3)
+ROLLBACK;
+SQL
+)
+grep -c "ERROR:  0A000:" <<<"$out" | grep -qx 2 \
+    && ok "refused too: a SET LOCAL sharing its query string (Citus forwards the whole string), reads outside a remote transaction block" \
+    || not_ok "string / select_opens: $out"
+c >/dev/null <<'SQL'
+CREATE PROCEDURE read_tenant(p_tenant text) LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM count(byok.decrypt_text(secret, 'accounts.secret')) FROM accounts WHERE tenant_id = p_tenant;
+END $$;
+SELECT create_distributed_function('read_tenant(text)', 'p_tenant', colocate_with => 'accounts');
+GRANT EXECUTE ON PROCEDURE read_tenant(text) TO app;
+SQL
+out=$(a -c "SET byok.tenant = 't3'" -c "CALL read_tenant('t4')" 2>&1)
+grep -q "ERROR:  0A000:" <<<"$out" && ok "a CALL Citus would run on a worker by itself is refused under a session-level byok.tenant" || not_ok "call: $out"
+check "the same CALL without byok.tenant runs (on the worker)" "$(a -c "CALL read_tenant('t4')" 2>&1)" ""
 a -c "SELECT count(byok.decrypt_text(secret, 'accounts.secret')) FROM accounts WHERE tenant_id = 't5'" >/dev/null
 c -c "SELECT byok.revoke_tenant('app', 't5')" >/dev/null
 out=$(a -c "SELECT count(byok.decrypt_text(secret, 'accounts.secret')) FROM accounts WHERE tenant_id = 't5'" 2>&1)
