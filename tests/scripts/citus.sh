@@ -10,8 +10,8 @@
 # Citus is built from the vendored source once per machine (lib.sh: ensure_citus).
 source "$(dirname "${BASH_SOURCE[0]}")/../../scripts/lib.sh"
 set +e   # every outcome is checked below
-NAME=citus_0; PORT=54390
-W1=54391; W2=54392; W3=54393
+NAME=citus_0; PORT=${BYOK_CITUS_PORT:-54390}   # (the workers: the next three ports)
+W1=$((PORT + 1)); W2=$((PORT + 2)); W3=$((PORT + 3))
 trap '[ -n "${KEEP_CLUSTERS:-}" ] || for n in 0 1 2 3; do stop_cluster citus_$n; done' EXIT
 source "$(dirname "${BASH_SOURCE[0]}")/../testlib.sh"
 ensure_citus || { not_ok "Citus could not be built"; exit 1; }
