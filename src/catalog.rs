@@ -256,6 +256,26 @@ pub enum ClusterRole {
     Worker,
 }
 
+/// How Citus distributes a table (`pg_dist_partition.partmethod`: `h`ash,
+/// `r`ange, `a`ppend, `n`one for a reference table), or `None` for a table
+/// Citus does not know (or no Citus). Two catalog reads: not for a per-row path.
+pub fn citus_partition_method(relid: pg_sys::Oid) -> Result<Option<String>, ByokError> {
+    // (Citus's catalogs exist only where Citus is installed: asked by name first)
+    let citus = read_one::<bool>(
+        "SELECT pg_catalog.to_regclass('pg_catalog.pg_dist_partition') IS NOT NULL",
+        &[],
+    )?
+    .unwrap_or(false);
+    if !citus {
+        return Ok(None);
+    }
+    read_one::<String>(
+        "SELECT partmethod::pg_catalog.text FROM pg_catalog.pg_dist_partition
+          WHERE logicalrelid OPERATOR(pg_catalog.=) $1::pg_catalog.oid",
+        &[DatumWithOid::from(relid)],
+    )
+}
+
 /// This node's [`ClusterRole`]. Administrative paths only (two catalog reads).
 pub fn cluster_role() -> Result<ClusterRole, ByokError> {
     // (Citus's catalogs exist only where Citus is installed: asked by name first)
@@ -669,7 +689,8 @@ pub fn search_spec(context: &[u8]) -> Result<Option<(usize, String)>, ByokError>
     as_catalog_owner(|| {
         Spi::connect(|client| {
             let rows = client.select(
-                "SELECT r.search_term_length::pg_catalog.int4, r.search_normalization
+                "SELECT r.search_term_length::pg_catalog.int4, r.search_normalization,
+                        r.relid::pg_catalog.oid, r.relid::pg_catalog.text
                    FROM byok.protected_column_registry r
                   WHERE r.context OPERATOR(pg_catalog.=) $1 AND r.search_term_length IS NOT NULL
                     -- (a row whose table is gone, before the event trigger removes it)
@@ -691,10 +712,18 @@ pub fn search_spec(context: &[u8]) -> Result<Option<(usize, String)>, ByokError>
                 )));
             }
             let row = rows.first();
-            Ok(Some((
+            let (term_len, normalization) = (
                 row.required::<i32>(1)?.max(0) as usize,
                 row.required::<String>(2)?,
-            )))
+            );
+            // (a table distributed after make_searchable: its workers would
+            // compute terms with the defaults)
+            if !byok_core::search::is_default_spec(term_len, &normalization)
+                && citus_partition_method(row.required::<pg_sys::Oid>(3)?)?.is_some()
+            {
+                return Err(ByokError::CitusSearchSettings(row.required::<String>(4)?));
+            }
+            Ok(Some((term_len, normalization)))
         })
     })
 }

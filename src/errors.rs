@@ -23,6 +23,7 @@
 //! | not loaded through shared_preload_libraries | 55000    |
 //! | key administration on a standby             | 25006    |
 //! | key administration on a Citus worker node     | 0A000    |
+//! | a distributed statement byok.tenant would not reach; non-default term settings on a Citus table | 0A000 |
 //! | local master key file malformed or readable by others | F0000 |
 
 use byok_core::config::ConfigError;
@@ -164,6 +165,10 @@ pub enum ByokError {
     /// A distributed query would run on Citus workers without the session's
     /// `byok.tenant`, which Citus carries there only as `SET LOCAL`.
     TenantNotCarriedToWorkers,
+    /// A searchable column of a Citus table with other term settings than the
+    /// defaults, which the worker nodes (computing terms by context, without
+    /// the coordinator's column registry) would not apply.
+    CitusSearchSettings(String),
     BrokerTimeout {
         timeout_ms: u64,
         broker_up: bool,
@@ -408,6 +413,12 @@ impl ByokError {
             )
             .set_detail("the key catalog is a set of Citus reference tables, changed from the coordinator on every node in one distributed transaction")
             .set_hint("run it on the coordinator"),
+            ByokError::CitusSearchSettings(table) => report(
+                ERRCODE_FEATURE_NOT_SUPPORTED,
+                format!("a searchable column of Citus table {table} must keep the default term settings"),
+            )
+            .set_detail("the worker nodes seal and probe without the coordinator's column registry: they compute terms with the defaults (8-byte terms, exact values), so terms under other settings would not match")
+            .set_hint("term_length => 8, normalization => 'exact' (normalize in the query instead), or keep the table local"),
             ByokError::TenantNotCarriedToWorkers => report(
                 ERRCODE_FEATURE_NOT_SUPPORTED,
                 "byok.tenant would not reach the Citus worker nodes this statement runs on".to_string(),

@@ -21,20 +21,7 @@ use crate::postgres::spi::Required;
 
 /// Whether `column`'s table is a Citus distributed table (hash or range).
 pub fn is_distributed(column: &Column) -> Result<bool, ByokError> {
-    let citus = crate::catalog::read_one::<bool>(
-        "SELECT pg_catalog.to_regclass('pg_catalog.pg_dist_partition') IS NOT NULL",
-        &[],
-    )?
-    .unwrap_or(false);
-    if !citus {
-        return Ok(false);
-    }
-    let method = crate::catalog::read_one::<String>(
-        "SELECT partmethod::pg_catalog.text FROM pg_catalog.pg_dist_partition
-          WHERE logicalrelid OPERATOR(pg_catalog.=) $1::pg_catalog.oid",
-        &[DatumWithOid::from(column.relid)],
-    )?;
-    match method.as_deref() {
+    match crate::catalog::citus_partition_method(column.relid)?.as_deref() {
         None => Ok(false),
         Some("h") | Some("r") | Some("a") => Ok(true),
         // A reference table's placements must stay byte for byte the same:

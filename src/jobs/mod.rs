@@ -311,6 +311,11 @@ pub fn make_searchable(
         }
         check_context(relid, column, &context, true)?;
         refuse_settings_change(relid, column, &name, term_length, &normalization)?;
+        if !byok_core::search::is_default_spec(term_length as usize, &normalization)
+            && catalog::citus_partition_method(relid)?.is_some()
+        {
+            return Err(ByokError::CitusSearchSettings(name.clone()));
+        }
         let updated = Spi::connect_mut(|client| {
             Ok::<_, ByokError>(client.update(
                 "UPDATE byok.protected_column_registry SET search_term_length = $3, search_normalization = $4

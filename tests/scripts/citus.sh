@@ -6,7 +6,8 @@
 # each node's own key broker (one key-manager call per data key per node);
 # grants and byok.tenant on every node; rotation, revocation of a grant and
 # shredding seen by every node at once; administration refused on workers; a
-# node added later gets the catalog; a shard move keeps every value readable.
+# node added later gets the catalog; a shard move keeps every value readable;
+# searchable columns of a distributed table (probed on the workers).
 # Citus is built from the vendored source once per machine (lib.sh: ensure_citus).
 source "$(dirname "${BASH_SOURCE[0]}")/../../scripts/lib.sh"
 set +e   # every outcome is checked below
@@ -344,4 +345,47 @@ c -c "COPY (SELECT tenant_id, id + 100000, secret FROM accounts WHERE tenant_id 
 c -c "\\copy accounts FROM '$BYOK_WORK/citus_copy.txt'" >/dev/null
 check "copied encrypted values decrypt" \
     "$(c -c "SELECT count(*) FROM accounts WHERE tenant_id = 't2' AND id > 100000 AND byok.decrypt_text(secret, 'accounts.secret') = 'secret ' || (id - 100000)")" "100"
+
+echo "== searchable columns on a distributed table"
+c >/dev/null <<'SQL'
+SELECT byok.rotate_index_key('t' || g) FROM generate_series(16, 23) g;
+CREATE TABLE users (tenant_id text NOT NULL, id int NOT NULL, email byok.encrypted NOT NULL);
+SELECT create_distributed_table('users', 'tenant_id', shard_count => 8, colocate_with => 'none');
+SELECT byok.protect_column('users', 'email', 'tenant_id', 'users.email');
+SQL
+expect_error "other term settings than the defaults are refused on a Citus table (the workers would not apply them)" 0A000 \
+    "a searchable column of Citus table public.users must keep the default term settings" \
+    "SELECT byok.make_searchable('users', 'email', normalization => 'lowercase')"
+check "the defaults are accepted" "$(c -c "SELECT byok.make_searchable('users', 'email')")" "exact"
+c >/dev/null <<'SQL'
+INSERT INTO users
+SELECT 't' || (16 + g % 8), g, byok.encrypt_text('t' || (16 + g % 8), 'user' || g || '@example.com', 'users.email', searchable => true)
+  FROM generate_series(1, 800) g;
+CREATE INDEX ON users (byok.term(email));
+SQL
+check "a router lookup finds the row (terms sealed on the coordinator, probed on the worker)" \
+    "$(c -c "SELECT id FROM users WHERE tenant_id = 't17' AND byok.matches(email, 't17', 'user9@example.com', 'users.email')")" "9"
+check "so does a multi-shard lookup" \
+    "$(c -c "SELECT id FROM users WHERE byok.matches(email, 't18', 'user10@example.com', 'users.email')")" "10"
+check "another tenant's probe for the same value finds nothing" \
+    "$(c -c "SELECT count(*) FROM users WHERE byok.matches(email, 't19', 'user10@example.com', 'users.email')")" "0"
+plan=$(c -c "SET citus.explain_all_tasks = off" -c "EXPLAIN (VERBOSE, COSTS OFF) SELECT id FROM users WHERE byok.matches(email, 't18', 'user10@example.com', 'users.email')")
+grep -q "Task Count: 8" <<<"$plan" && grep -q "Index Cond: (byok.term(users.email) = ANY (byok.search_terms('t18'::text, 'user10@example.com'::text, 'users.email'::text)))" <<<"$plan" \
+    && grep -q "Filter: byok.confirm_match(users.email, 't18'::text" <<<"$plan" \
+    && ok "EXPLAIN: each shard's task probes its term index on the worker and confirms there" || not_ok "search plan: $plan"
+# (INSERT ... SELECT between colocated shards runs on the workers: terms sealed there)
+c -c "INSERT INTO users SELECT tenant_id, id + 10000, byok.encrypt_text(tenant_id, byok.decrypt_text(email, 'users.email'), 'users.email', searchable => true) FROM users" >/dev/null
+check "terms sealed on the workers match the coordinator's probes" \
+    "$(c -c "SELECT string_agg(id::text, ',' ORDER BY id) FROM users WHERE byok.matches(email, 't20', 'user12@example.com', 'users.email')")" "12,10012"
+out=$(a -c "SELECT count(*) FROM users WHERE byok.matches(email, 't20', 'user12@example.com', 'users.email')" 2>&1)
+grep -q "ERROR:  42501:" <<<"$out" && ok "app cannot probe an ungranted tenant's column" || not_ok "ungranted probe: $out"
+c >/dev/null <<'SQL'
+CREATE TABLE contacts (tenant_id text NOT NULL, id int NOT NULL, email byok.encrypted);
+SELECT byok.protect_column('contacts', 'email', 'tenant_id', 'contacts.email');
+SELECT byok.make_searchable('contacts', 'email', normalization => 'lowercase');
+SELECT create_distributed_table('contacts', 'tenant_id', colocate_with => 'none');
+SQL
+expect_error "a table distributed after make_searchable with other settings: its terms are refused, not computed differently per node" 0A000 \
+    "a searchable column of Citus table public.contacts must keep the default term settings" \
+    "INSERT INTO contacts VALUES ('t16', 1, byok.encrypt_text('t16', 'A@example.com', 'contacts.email', searchable => true))"
 exit $fail

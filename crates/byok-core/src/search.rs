@@ -26,6 +26,13 @@ pub use crate::envelope::{MAX_TERM_LEN, MIN_TERM_LEN};
 /// The default: a lookup among n values meets about n / 2^64 false candidates.
 pub const DEFAULT_TERM_LEN: usize = 8;
 
+/// Whether stored term settings (a length and a normalization spec) are the
+/// defaults, which a node without the column's registration applies.
+pub fn is_default_spec(term_len: usize, normalization: &str) -> bool {
+    term_len == DEFAULT_TERM_LEN
+        && Normalization::parse(normalization).is_ok_and(|n| n == Normalization::default())
+}
+
 /// The first byte of every term's message: the format, so a later one can
 /// never produce the same message (index keys are used for nothing else).
 const TERM_FORMAT: u8 = 1;
@@ -252,6 +259,15 @@ pub fn keyed_term(index_key_id: u64, term: &[u8]) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn default_spec_is_eight_bytes_exact() {
+        assert!(is_default_spec(8, "exact"));
+        assert!(is_default_spec(8, ""));
+        assert!(!is_default_spec(12, "exact"));
+        assert!(!is_default_spec(8, "lowercase"));
+        assert!(!is_default_spec(8, "no such normalization"));
+    }
 
     fn key(b: u8) -> IndexKey {
         IndexKey::from_bytes(&[b; 32])
