@@ -339,12 +339,46 @@ check "t7's shard moved to the new node" "$(c -c "SELECT nodeport FROM tenant_no
 check "its rows decrypt there, under that node's key broker" \
     "$(c -c "SELECT count(*) FROM accounts WHERE tenant_id = 't7' AND byok.decrypt_text(secret, 'accounts.secret') = 'secret ' || id")" "100"
 check "the new node's broker unwrapped t7's key itself, once" "$(w 3 -c "SELECT sum(dek_generations) FROM byok.metrics WHERE tenant_id = 't7'")" "1"
+# The rebalancer (Citus's background tasks) spreads the shards over the three workers.
+c -c "SELECT citus_rebalance_start(shard_transfer_mode => 'block_writes')" -c "SELECT citus_rebalance_wait()" >/dev/null
+check "after citus_rebalance_start, every worker holds shards of accounts" \
+    "$(c -c "SELECT count(DISTINCT nodeport) FROM pg_dist_shard_placement p JOIN pg_dist_shard s USING (shardid) WHERE s.logicalrelid = 'accounts'::regclass")" "3"
+check "and every value still decrypts, wherever its shard went" \
+    "$(c -c "SELECT count(*) FILTER (WHERE byok.decrypt_text(secret, 'accounts.secret') = 'secret ' || id) = count(*) FROM accounts WHERE tenant_id <> 't31'")" "t"
 
 echo "== COPY into a distributed table"
 c -c "COPY (SELECT tenant_id, id + 100000, secret FROM accounts WHERE tenant_id = 't2') TO STDOUT" > "$BYOK_WORK/citus_copy.txt"
 c -c "\\copy accounts FROM '$BYOK_WORK/citus_copy.txt'" >/dev/null
 check "copied encrypted values decrypt" \
     "$(c -c "SELECT count(*) FROM accounts WHERE tenant_id = 't2' AND id > 100000 AND byok.decrypt_text(secret, 'accounts.secret') = 'secret ' || (id - 100000)")" "100"
+
+echo "== a coordinator crash in the middle of a re-encryption job"
+c >/dev/null <<'SQL'
+CREATE TABLE ledger (tenant_id text NOT NULL, id int NOT NULL, v byok.encrypted NOT NULL);
+SELECT create_distributed_table('ledger', 'tenant_id', colocate_with => 'accounts');
+INSERT INTO ledger SELECT 't' || (g % 8), g, byok.encrypt_text('t' || (g % 8), 'entry ' || g, 'ledger.v') FROM generate_series(1, 40000) g;
+SELECT byok.protect_column('ledger', 'v', 'tenant_id', 'ledger.v');
+ALTER SYSTEM SET byok.reencrypt_batch_size = 500;
+ALTER SYSTEM SET byok.reencrypt_max_rows_per_second = 8000;
+SELECT pg_reload_conf();
+SQL
+olds=$(c -c "SELECT string_agg(dek_id::text, ',' ORDER BY dek_id) FROM byok.data_keys WHERE tenant_id IN (SELECT 't' || g FROM generate_series(0, 7) g) AND state = 'active'")
+c -c "SELECT byok.rotate_data_key('t' || g) FROM generate_series(0, 7) g" >/dev/null
+job=$(c -c "SELECT byok.start_reencrypt(NULL, 'ledger')")
+for _ in $(seq 300); do
+    done_rows=$(c -c "SELECT rows_done FROM byok.jobs WHERE job_id = $job" 2>/dev/null)
+    [ "${done_rows:-0}" -ge 10000 ] && break; sleep 0.1
+done
+[ "${done_rows:-0}" -ge 10000 ] && [ "${done_rows:-0}" -lt 40000 ] && ok "the crash comes mid-job ($done_rows of 40000 rows)" || not_ok "not mid-job: $done_rows"
+as_postgres "$PG_BIN/pg_ctl" -D "$BYOK_WORK/citus_0/data" -m immediate -w stop >/dev/null
+as_postgres "$PG_BIN/pg_ctl" -D "$BYOK_WORK/citus_0/data" -l "$BYOK_WORK/citus_0/server.log" -w -t 60 start >/dev/null
+check "after the restart the job is unfinished" "$(c -c "SELECT state IN ('running', 'pending') FROM byok.jobs WHERE job_id = $job")" "t"
+check "it resumes by itself and ends done" "$(c -c "SELECT byok.wait_job($job, '180 s')")" "done"
+check "no value of ledger is under the rotated keys, on any shard" \
+    "$(c -c "SELECT count(*) FROM ledger WHERE byok.data_key_id(v) IN ($olds)")" "0"
+check "every value decrypts to its plaintext" \
+    "$(c -c "SELECT count(*) FROM ledger WHERE byok.decrypt_text(v, 'ledger.v') = 'entry ' || id")" "40000"
+c -c "ALTER SYSTEM RESET byok.reencrypt_batch_size" -c "ALTER SYSTEM RESET byok.reencrypt_max_rows_per_second" -c "SELECT pg_reload_conf()" >/dev/null
 
 echo "== searchable columns on a distributed table"
 c >/dev/null <<'SQL'
