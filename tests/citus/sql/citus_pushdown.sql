@@ -36,4 +36,20 @@ SELECT byok.decrypt_text(secret, 'golden_accounts.secret') FROM golden_accounts 
 -- Values stay bound to their context and tenant on the workers too.
 SELECT byok.decrypt_text(secret, 'another.context') FROM golden_accounts WHERE tenant_id = 't2';
 
-DROP TABLE golden_accounts;
+-- A searchable column: the term index is built on every shard, and
+-- byok.matches probes the index and confirms each candidate on the worker.
+SELECT byok.rotate_index_key('t25') > 0 AS index_key;
+CREATE TABLE golden_users (tenant_id text NOT NULL, id int NOT NULL, email byok.encrypted);
+SELECT create_distributed_table('golden_users', 'tenant_id', shard_count => 4);
+SELECT byok.protect_column('golden_users', 'email', 'tenant_id', 'golden_users.email');
+SELECT byok.make_searchable('golden_users', 'email');
+INSERT INTO golden_users
+SELECT 't25', g, byok.encrypt_text('t25', 'user' || g || '@example.com', 'golden_users.email', searchable => true)
+  FROM generate_series(1, 2000) g;
+CREATE INDEX golden_users_term ON golden_users (byok.term(email));
+ANALYZE golden_users;
+EXPLAIN (VERBOSE, COSTS OFF)
+SELECT id FROM golden_users WHERE tenant_id = 't25' AND byok.matches(email, 't25', 'user42@example.com', 'golden_users.email');
+SELECT id FROM golden_users WHERE tenant_id = 't25' AND byok.matches(email, 't25', 'user42@example.com', 'golden_users.email');
+
+DROP TABLE golden_users, golden_accounts;
