@@ -16,17 +16,23 @@
 //! What it follows is a subset of what Citus carries, never more: Citus also
 //! carries `SET LOCAL` run in a `DO` block or procedure outside `BEGIN`, which
 //! this module does not count, so such a session is refused (fails closed).
-//! Like Citus, it forgets what a subtransaction carried when the
-//! subtransaction ends, whether committed or rolled back (Citus sends new
-//! connections only the enclosing level's `SET LOCAL`s). Citus sends a `SET`
-//! as the whole query string it came in, so a `SET` sharing its string with
-//! other statements leaves the workers in a state this module does not
-//! guess: it counts as carrying no tenant. Reads in a transaction block reach
+//! When a subtransaction rolls back, what it carried is forgotten (so it is
+//! on the workers); when one commits, the connections opened meanwhile keep
+//! its `SET LOCAL`s and new ones do not get them, so nothing counts as carried
+//! until the next `SET LOCAL`. Citus sends a `SET` as the whole query string
+//! it came in, and the workers parse it with `standard_conforming_strings`
+//! on: a `SET` sharing its string with other statements, or parsed here with
+//! it off, counts as carrying no tenant. Reads in a transaction block reach
 //! the workers inside one (with the `SET LOCAL`s) only while
-//! `citus.select_opens_transaction_block` is on, so it must be.
+//! `citus.select_opens_transaction_block` is on, so it must be. The check
+//! runs when a plan starts and on every run (a cursor's `FETCH`).
 //!
 //! Citus also runs a distributed procedure's `CALL` on a worker by itself
 //! outside a transaction block; that is refused the same way.
+//!
+//! Not covered, as the session chooses them as it could `RESET byok.tenant`:
+//! statements it sends to the workers itself (`run_command_on_shards` and its
+//! kind) and expressions in DDL Citus propagates to the shards.
 
 use std::cell::RefCell;
 use std::ffi::{CStr, c_char, c_int};
@@ -51,6 +57,7 @@ thread_local! {
 
 static mut PREV_PROCESS_UTILITY: pg_sys::ProcessUtility_hook_type = None;
 static mut PREV_EXECUTOR_START: pg_sys::ExecutorStart_hook_type = None;
+static mut PREV_EXECUTOR_RUN: pg_sys::ExecutorRun_hook_type = None;
 
 /// Installs the two hooks and the transaction callbacks. From `_PG_init`.
 pub fn install_hooks() {
@@ -62,24 +69,69 @@ pub fn install_hooks() {
         pg_sys::ProcessUtility_hook = Some(process_utility);
         PREV_EXECUTOR_START = pg_sys::ExecutorStart_hook;
         pg_sys::ExecutorStart_hook = Some(executor_start);
+        PREV_EXECUTOR_RUN = pg_sys::ExecutorRun_hook;
+        pg_sys::ExecutorRun_hook = Some(executor_run);
         pg_sys::RegisterXactCallback(Some(at_transaction_end), std::ptr::null_mut());
         pg_sys::RegisterSubXactCallback(Some(at_subtransaction_end), std::ptr::null_mut());
     }
 }
 
-/// What a statement setting `byok.tenant` leaves on the workers, if Citus
-/// carries it there: `Some(Some(tenant))` or `Some(None)` (their default).
-/// `None`: Citus does not carry the statement.
+/// Whether Citus sends the `SET` statement about to run to the workers: in a
+/// transaction block, with `citus.propagate_set_commands = 'local'` as it
+/// stands before the statement (Citus sends it before running it here, so a
+/// `RESET ALL` that turns propagation off is still sent).
+fn citus_sends_set() -> bool {
+    // SAFETY: a plain read of backend state, on its main thread.
+    let in_block = unsafe { pg_sys::IsTransactionBlock() };
+    in_block && citus_setting_is(c"citus.propagate_set_commands", b"local")
+}
+
+/// Whether the workers parse a `SET` Citus sends them as this node did:
+/// Citus sends the whole query string the statement came in, so it must hold
+/// nothing else, and the workers read it with `standard_conforming_strings`
+/// on, so it must be on here. In a backend Citus opened for a coordinator's
+/// transaction, the string is Citus's own (`BEGIN; SET LOCAL ...; ...`),
+/// already checked there.
 ///
-/// `whole_string`: the statement is all of the query string it came in.
+/// # Safety
+/// `pstmt` is a live planned statement and `query_string` its source text or NULL.
+unsafe fn parsed_alike(pstmt: *const pg_sys::PlannedStmt, query_string: *const c_char) -> bool {
+    if !citus_setting_is(c"standard_conforming_strings", b"on") {
+        return false;
+    }
+    // SAFETY: as the caller promises.
+    let whole = unsafe { is_whole_string(pstmt, query_string) };
+    whole || citus_internal_backend()
+}
+
+/// Whether this backend is one Citus opened from another node (its
+/// `application_name`). A session can claim it, but it can as well lift
+/// `byok.tenant` itself: the guard is against mistakes, not the session.
+fn citus_internal_backend() -> bool {
+    // SAFETY: a plain read of a setting, as in `citus_setting_is`.
+    unsafe {
+        let name = pg_sys::GetConfigOption(c"application_name".as_ptr(), true, false);
+        !name.is_null()
+            && CStr::from_ptr(name)
+                .to_bytes()
+                .starts_with(b"citus_internal gpid=")
+    }
+}
+
+/// What a `SET` statement Citus sent leaves of `byok.tenant` on the workers,
+/// read after it ran here: `Some(Some(tenant))`, `Some(None)` (their default,
+/// or not known), or `None` (it leaves byok.tenant as it was).
 ///
 /// # Safety
 /// `stmt` is a live `VariableSetStmt`.
-unsafe fn carried_by(
+unsafe fn left_by(
     stmt: *const pg_sys::VariableSetStmt,
-    whole_string: bool,
+    parsed_alike: bool,
 ) -> Option<Option<String>> {
     use pg_sys::VariableSetKind::*;
+    if !parsed_alike {
+        return Some(None);
+    }
     // SAFETY: the caller passes a live node; `name` may be NULL (RESET ALL).
     let (kind, is_local, name) = unsafe {
         let name = (*stmt).name;
@@ -88,15 +140,6 @@ unsafe fn carried_by(
     };
     let names_tenant =
         name.is_some_and(|n| n.to_bytes().eq_ignore_ascii_case(TENANT_SETTING.as_bytes()));
-    // SAFETY: a plain read of backend state, on its main thread.
-    let in_block = unsafe { pg_sys::IsTransactionBlock() };
-    if !in_block || !citus_setting_is(c"citus.propagate_set_commands", b"local") {
-        return None;
-    }
-    if !whole_string {
-        // Sent whole, with whatever else the string holds.
-        return Some(None);
-    }
     match kind {
         // The value just set, read back (an empty one restricts nothing).
         VAR_SET_VALUE if is_local && names_tenant => {
@@ -106,8 +149,8 @@ unsafe fn carried_by(
         VAR_SET_CURRENT | VAR_SET_DEFAULT if is_local && names_tenant => Some(None),
         VAR_RESET if names_tenant => Some(None),
         VAR_RESET_ALL => Some(None),
-        // Other settings' SET LOCAL, RESET and SET TRANSACTION, sent alone,
-        // leave byok.tenant as it was.
+        // Other settings' SET LOCAL, RESET and SET TRANSACTION, and a
+        // session-level SET (which Citus does not send).
         _ => None,
     }
 }
@@ -142,8 +185,9 @@ unsafe extern "C-unwind" fn process_utility(
         {
             ByokError::TenantNotCarriedToWorkers.raise();
         }
-        let whole_string =
-            tag == pg_sys::NodeTag::T_VariableSetStmt && is_whole_string(pstmt, query_string);
+        // (decided before the statement runs, as Citus decides)
+        let sent_as = (tag == pg_sys::NodeTag::T_VariableSetStmt && citus_sends_set())
+            .then(|| parsed_alike(pstmt, query_string));
         match PREV_PROCESS_UTILITY {
             Some(prev) => prev(
                 pstmt,
@@ -167,8 +211,8 @@ unsafe extern "C-unwind" fn process_utility(
             ),
         }
         // After the statement: Citus has sent it (or failed, and this is not reached).
-        if tag == pg_sys::NodeTag::T_VariableSetStmt
-            && let Some(value) = carried_by(stmt.cast(), whole_string)
+        if let Some(parsed_alike) = sent_as
+            && let Some(value) = left_by(stmt.cast(), parsed_alike)
         {
             let level = pg_sys::GetCurrentSubTransactionId();
             CARRIED.with_borrow_mut(|carried| carried.push((level, value)));
@@ -180,20 +224,49 @@ unsafe extern "C-unwind" fn process_utility(
 unsafe extern "C-unwind" fn executor_start(query_desc: *mut pg_sys::QueryDesc, eflags: c_int) {
     // SAFETY: the executor passes a live query description; chained as above.
     unsafe {
-        let explain_only = eflags & pg_sys::EXEC_FLAG_EXPLAIN_ONLY as c_int != 0;
-        if !explain_only
-            && let Some(tenant) = gucs::session_tenant()
-            && !security::in_catalog_work()
-            && runs_on_citus((*query_desc).plannedstmt)
-            && !(carried(tenant)
-                && citus_setting_is(c"citus.select_opens_transaction_block", b"on"))
-        {
-            ByokError::TenantNotCarriedToWorkers.raise();
+        if eflags & pg_sys::EXEC_FLAG_EXPLAIN_ONLY as c_int == 0 {
+            refuse_unless_carried(query_desc);
         }
         match PREV_EXECUTOR_START {
             Some(prev) => prev(query_desc, eflags),
             None => pg_sys::standard_ExecutorStart(query_desc, eflags),
         }
+    }
+}
+
+/// Checked again on every run: Citus sends a statement's tasks when it first
+/// runs, and a cursor declared before `byok.tenant` was set runs after.
+#[pgrx::pg_guard]
+unsafe extern "C-unwind" fn executor_run(
+    query_desc: *mut pg_sys::QueryDesc,
+    direction: pg_sys::ScanDirection::Type,
+    count: u64,
+    execute_once: bool,
+) {
+    // SAFETY: the executor passes a live, started query description; chained as above.
+    unsafe {
+        refuse_unless_carried(query_desc);
+        match PREV_EXECUTOR_RUN {
+            Some(prev) => prev(query_desc, direction, count, execute_once),
+            None => pg_sys::standard_ExecutorRun(query_desc, direction, count, execute_once),
+        }
+    }
+}
+
+/// Raises [`ByokError::TenantNotCarriedToWorkers`] when `byok.tenant`
+/// restricts this session and the statement runs on Citus without the
+/// workers restricted alike.
+///
+/// # Safety
+/// `query_desc` is a live query description.
+unsafe fn refuse_unless_carried(query_desc: *const pg_sys::QueryDesc) {
+    if let Some(tenant) = gucs::session_tenant()
+        && !security::in_catalog_work()
+        // SAFETY: as the caller promises.
+        && unsafe { runs_on_citus((*query_desc).plannedstmt) }
+        && !(carried(tenant) && citus_setting_is(c"citus.select_opens_transaction_block", b"on"))
+    {
+        ByokError::TenantNotCarriedToWorkers.raise();
     }
 }
 
@@ -369,13 +442,30 @@ unsafe extern "C-unwind" fn at_transaction_end(
 unsafe extern "C-unwind" fn at_subtransaction_end(
     event: pg_sys::SubXactEvent::Type,
     my_subid: pg_sys::SubTransactionId,
-    _parent: pg_sys::SubTransactionId,
+    parent: pg_sys::SubTransactionId,
     _arg: *mut std::ffi::c_void,
 ) {
     use pg_sys::SubXactEvent::*;
     // Subtransaction ids grow within a transaction: what this one and its
     // children carried has ids at least its own.
-    if matches!(event, SUBXACT_EVENT_COMMIT_SUB | SUBXACT_EVENT_ABORT_SUB) {
-        CARRIED.with_borrow_mut(|carried| carried.retain(|(level, _)| *level < my_subid));
+    let ended = |carried: &mut Vec<(pg_sys::SubTransactionId, Option<String>)>| {
+        let before = carried.len();
+        carried.retain(|(level, _)| *level < my_subid);
+        carried.len() < before
+    };
+    match event {
+        // Rolled back on the workers' open connections too (Citus sends
+        // ROLLBACK TO SAVEPOINT), and never sent to new ones.
+        SUBXACT_EVENT_ABORT_SUB => {
+            CARRIED.with_borrow_mut(|carried| ended(carried));
+        }
+        // Kept on the connections open meanwhile, never sent to new ones: the
+        // workers may differ, so nothing counts as carried until the next SET.
+        SUBXACT_EVENT_COMMIT_SUB => CARRIED.with_borrow_mut(|carried| {
+            if ended(carried) {
+                carried.push((parent, None));
+            }
+        }),
+        _ => {}
     }
 }

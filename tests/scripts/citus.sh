@@ -219,6 +219,70 @@ SQL
 out=$(a -c "SET byok.tenant = 't3'" -c "CALL read_tenant('t4')" 2>&1)
 grep -q "ERROR:  0A000:" <<<"$out" && ok "a CALL Citus would run on a worker by itself is refused under a session-level byok.tenant" || not_ok "call: $out"
 check "the same CALL without byok.tenant runs (on the worker)" "$(a -c "CALL read_tenant('t4')" 2>&1)" ""
+# Ways the workers' connections could end up restricted otherwise than this
+# session (found by a hostile review), each refused.
+out=$(PGOPTIONS="-c citus.propagate_set_commands=none -c byok.tenant=t3" a_on 2>&1 <<SQL
+BEGIN;
+SET LOCAL citus.propagate_set_commands = 'local';
+SET LOCAL byok.tenant = 't3';
+RESET ALL;
+$(read_t t4)
+ROLLBACK;
+SQL
+)
+grep -q "ERROR:  0A000:" <<<"$out" && ok "RESET ALL (sent by Citus, which was propagating when it ran) counts as carrying no tenant" || not_ok "reset all: $out"
+out=$(a_on 2>&1 <<SQL
+BEGIN;
+SET LOCAL byok.tenant = 't3';
+SAVEPOINT s;
+SET LOCAL byok.tenant = '';
+SELECT count(*) FROM accounts;
+RELEASE SAVEPOINT s;
+SET byok.tenant = 't3';
+$(read_t t4)
+ROLLBACK;
+SQL
+)
+grep -q "ERROR:  0A000:" <<<"$out" && ok "after a released savepoint whose SET LOCAL the open connections keep, nothing counts as carried" || not_ok "released: $out"
+out=$(a_on 2>&1 <<SQL
+SET standard_conforming_strings = off;
+BEGIN;
+SET LOCAL byok.tenant = 't3\'; RESET byok.tenant; --';
+$(read_t t3)
+ROLLBACK;
+SQL
+)
+grep -q "ERROR:  0A000:" <<<"$out" && ok "a SET parsed with standard_conforming_strings off (the workers parse it with it on) is not carried" || not_ok "scs: $out"
+out=$(a_on 2>&1 <<SQL
+BEGIN;
+DECLARE early CURSOR FOR SELECT byok.decrypt_text(secret, 'accounts.secret') FROM accounts WHERE tenant_id = 't4';
+SET byok.tenant = 't3';
+FETCH 1 FROM early;
+ROLLBACK;
+SQL
+)
+grep -q "ERROR:  0A000:" <<<"$out" && ok "a cursor declared before byok.tenant was set is refused at FETCH (Citus runs its tasks then)" || not_ok "cursor: $out"
+c >/dev/null <<'SQL'
+CREATE FUNCTION read_tenant_count(p_tenant text) RETURNS bigint LANGUAGE plpgsql AS $$
+BEGIN
+    RETURN (SELECT count(byok.decrypt_text(secret, 'accounts.secret')) FROM accounts WHERE tenant_id = p_tenant);
+END $$;
+SELECT create_distributed_function('read_tenant_count(text)', 'p_tenant', colocate_with => 'accounts', force_delegation => true);
+GRANT EXECUTE ON FUNCTION read_tenant_count(text) TO app;
+SQL
+out=$(a_on 2>&1 <<SQL
+BEGIN;
+SET LOCAL byok.tenant = 't3';
+SELECT read_tenant_count('t3');
+ROLLBACK;
+BEGIN;
+SET LOCAL byok.tenant = 't3';
+SELECT read_tenant_count('t4');
+ROLLBACK;
+SQL
+)
+grep -q "^10[01]$" <<<"$out" && grep -q "ERROR:  42501:.*t3" <<<"$out" \
+    && ok "a function Citus delegates to a worker (force_delegation) runs under the SET LOCAL: its own tenant reads, another is refused there" || not_ok "delegated function: $out"
 a -c "SELECT count(byok.decrypt_text(secret, 'accounts.secret')) FROM accounts WHERE tenant_id = 't5'" >/dev/null
 c -c "SELECT byok.revoke_tenant('app', 't5')" >/dev/null
 out=$(a -c "SELECT count(byok.decrypt_text(secret, 'accounts.secret')) FROM accounts WHERE tenant_id = 't5'" 2>&1)
