@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Per-row cost of byok_pg next to a plain scan and pgcrypto (raw AES and
-# pgp_sym_*), for 100- and 1000-byte values, and pgbench insert throughput plain
-# vs encrypted. Each round runs every query once, in alternating order; figures
+# pgp_sym_*), for 100-, 1000- and 4000-byte values (4000: a quarter of the rows),
+# byok_pg both as built (AES-GCM implementation picked by length) and pinned to
+# RustCrypto's aes-gcm ("before": what every size used before aws-lc), and
+# pgbench insert throughput plain vs encrypted. Each round runs every query once, in alternating order; figures
 # are medians over ROUNDS rounds, in microseconds per row.
-# Usage: bash bench/per_row.sh   [ROWS=200000 ROUNDS=7 SIZES="100 1000" PGP_ROWS=10000
+# Usage: bash bench/per_row.sh   [ROWS=200000 ROUNDS=7 SIZES="100 1000 4000" PGP_ROWS=10000
 #                                 INSERT_SECONDS=10 INSERT_ROUNDS=5]
 source "$(dirname "${BASH_SOURCE[0]}")/../scripts/lib.sh"
 ROWS=${ROWS:-200000}
@@ -29,15 +31,16 @@ SQL
 median() { tr ' ' '\n' | grep -v '^$' | sort -g | awk '{a[NR]=$1} END {print (NR % 2) ? a[(NR+1)/2] : (a[NR/2] + a[NR/2+1]) / 2}'; }
 time_query() { q -c '\timing on' -c "$1" | sed -n 's/^Time: \([0-9.]*\) ms.*/\1/p'; }
 declare -A result
-for size in ${SIZES:-100 1000}; do
-    log "loading $ROWS rows of $size-byte values"
+for size in ${SIZES:-100 1000 4000}; do
+    rows=$ROWS; [ "$size" -ge 4000 ] && rows=$((ROWS / 4))   # (the same time per query, roughly)
+    log "loading $rows rows of $size-byte values"
     q >/dev/null <<SQL
 DROP TABLE IF EXISTS t, t_sealed, t_pgc, t_pgp;
 -- One table per representation: a row holding several 1000-byte columns would
 -- cross the 2 kB TOAST threshold and push one of them out of line, measuring TOAST.
 CREATE TABLE t AS
 SELECT g AS id, substring(decode(repeat(md5(g::text), ($size / 16) + 2), 'hex') FROM 1 FOR $size) AS plain
-  FROM generate_series(1, $ROWS) g;
+  FROM generate_series(1, $rows) g;
 CREATE TABLE t_sealed AS SELECT id, byok.encrypt('bench', plain) AS sealed FROM t;
 CREATE TABLE t_pgc AS SELECT id, encrypt(plain, $KEY, 'aes') AS pgc FROM t;
 CREATE TABLE t_pgp AS SELECT id, pgp_sym_encrypt_bytea(plain, 'bench-passphrase') AS pgp FROM t WHERE id <= $PGP_ROWS;
@@ -45,11 +48,13 @@ VACUUM ANALYZE t, t_sealed, t_pgc, t_pgp;
 SQL
     check=$(q -c "SELECT count(*) FILTER (WHERE byok.decrypt(sealed) = plain) || '/' || count(*) || ' rows open, ' || min(length(plain)) || ' bytes' FROM t JOIN t_sealed USING (id)")
     echo "check: $check"
-    names=(plain_scan byok_decrypt byok_encrypt pgcrypto_decrypt pgcrypto_encrypt)
+    names=(plain_scan byok_decrypt byok_encrypt byok_decrypt_before byok_encrypt_before pgcrypto_decrypt pgcrypto_encrypt)
     declare -A sql=(
-      [plain_scan]="SELECT sum(length(plain)) FROM t"
+      [plain_scan]="SELECT sum(get_byte(plain, 0)) FROM t"   # (reads each value: length() would not detoast a long one)
       [byok_decrypt]="SELECT sum(length(byok.decrypt(sealed))) FROM t_sealed"
       [byok_encrypt]="SELECT count(byok.encrypt('bench', plain)) FROM t"
+      [byok_decrypt_before]="SET byok.aes_gcm_implementation = rustcrypto; SELECT sum(length(byok.decrypt(sealed))) FROM t_sealed"
+      [byok_encrypt_before]="SET byok.aes_gcm_implementation = rustcrypto; SELECT count(byok.encrypt('bench', plain)) FROM t"
       [pgcrypto_decrypt]="SELECT sum(length(decrypt(pgc, $KEY, 'aes'))) FROM t_pgc"
       [pgcrypto_encrypt]="SELECT count(encrypt(plain, $KEY, 'aes')) FROM t"
       [pgp_sym_decrypt]="SELECT sum(length(pgp_sym_decrypt_bytea(pgp, 'bench-passphrase'))) FROM t_pgp"
@@ -65,8 +70,8 @@ SQL
     done
     for name in "${all[@]}"; do
         ms=$(echo "${times[$name]}" | median)
-        rows=$ROWS; [[ $name == pgp_* ]] && rows=$PGP_ROWS
-        result[$size,$name]=$(awk -v ms="$ms" -v rows="$rows" 'BEGIN {printf "%.3f", ms * 1000 / rows}')
+        n=$rows; [[ $name == pgp_* ]] && n=$PGP_ROWS
+        result[$size,$name]=$(awk -v ms="$ms" -v rows="$n" 'BEGIN {printf "%.3f", ms * 1000 / rows}')
     done
 done
 
@@ -117,9 +122,9 @@ failed=$(q -c "SELECT (SELECT count(*) FROM ins_sealed WHERE length(byok.decrypt
 [ "$failed" = 0 ] || die "$failed inserted rows did not come back as 100 bytes"
 
 echo
-printf '%-18s %12s %12s\n' "us/row" "100 B" "1000 B"
-for name in plain_scan byok_decrypt byok_encrypt pgcrypto_decrypt pgcrypto_encrypt pgp_sym_decrypt pgp_sym_encrypt; do
-    printf '%-18s %12s %12s\n' "$name" "${result[100,$name]:-}" "${result[1000,$name]:-}"
+printf '%-20s %12s %12s %12s\n' "us/row" "100 B" "1000 B" "4000 B"
+for name in plain_scan byok_decrypt byok_encrypt byok_decrypt_before byok_encrypt_before pgcrypto_decrypt pgcrypto_encrypt pgp_sym_decrypt pgp_sym_encrypt; do
+    printf '%-20s %12s %12s %12s\n' "$name" "${result[100,$name]:-}" "${result[1000,$name]:-}" "${result[4000,$name]:-}"
 done
 echo
 for clients in 8 1; do
@@ -127,10 +132,11 @@ for clients in 8 1; do
     printf 'pgbench insert tps (100-byte values, %d client(s), %d transactions): plain %.0f, byok %.0f, pgcrypto aes %.0f (medians); byok/plain per run: median %.1f%% %s (target >= 95%%); pgcrypto/plain %.1f%%\n' \
         "$clients" "$n" "$p" "$s" "$g" "$(awk -v r="$r" 'BEGIN {print 100 * r}')" "$rest" "$(awk -v r="$gr" 'BEGIN {print 100 * r}')"
 done
-for size in ${SIZES:-100 1000}; do
+for size in ${SIZES:-100 1000 4000}; do
     awk -v s="$size" -v d="${result[$size,byok_decrypt]}" -v p="${result[$size,plain_scan]}" -v e="${result[$size,byok_encrypt]}" \
-        -v pd="${result[$size,pgcrypto_decrypt]}" -v pe="${result[$size,pgcrypto_encrypt]}" 'BEGIN {
-        printf "%s B: byok.decrypt adds %.3f us/row over the scan%s; net of the scan, pgcrypto aes costs %.1fx byok.decrypt and %.1fx byok.encrypt (target >= 3x)\n",
-            s, d - p, (s == 100 ? " (target <= 0.5)" : ""), (pd - p) / (d - p), (pe - p) / (e - p) }'
+        -v pd="${result[$size,pgcrypto_decrypt]}" -v pe="${result[$size,pgcrypto_encrypt]}" \
+        -v db="${result[$size,byok_decrypt_before]}" -v eb="${result[$size,byok_encrypt_before]}" 'BEGIN {
+        printf "%s B: byok.decrypt adds %.3f us/row over the scan%s; net of the scan, pgcrypto aes costs %.1fx byok.decrypt and %.1fx byok.encrypt (target >= 3x); against before (aes-gcm only): decrypt %.2fx, encrypt %.2fx faster net of the scan\n",
+            s, d - p, (s == 100 ? " (target <= 0.2)" : ""), (pd - p) / (d - p), (pe - p) / (e - p), (db - p) / (d - p), (eb - p) / (e - p) }'
 done
 echo "rows=$ROWS (pgp_sym: $PGP_ROWS) rounds=$ROUNDS cpu: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)"

@@ -98,6 +98,25 @@ pub enum Environment {
     Production,
 }
 
+/// The AES-256-GCM implementations `byok.aes_gcm_implementation` chooses from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PostgresGucEnum)]
+pub enum AesGcmImplementation {
+    /// By length (the default): RustCrypto's below
+    /// `byok_core::crypto::AWS_LC_FROM_BYTES`, aws-lc's from it.
+    #[name = c"auto"]
+    Auto,
+    #[name = c"rustcrypto"]
+    RustCrypto,
+    #[name = c"aws-lc"]
+    AwsLc,
+}
+
+/// `byok.aes_gcm_implementation` (superuser): which AES-256-GCM code seals
+/// and opens values. Both make the same bytes, so it changes speed only
+/// (`bench/per_row.sh` compares them in one run).
+static AES_GCM_IMPLEMENTATION: GucSetting<AesGcmImplementation> =
+    GucSetting::<AesGcmImplementation>::new(AesGcmImplementation::Auto);
+
 /// `byok.environment` (server configuration, superuser only): which row of the
 /// guide's `segregation_matrix` this server follows. Tenants' master keys must
 /// carry the environment's key prefix (`prod-`, `stage-`, `dev-`), and in
@@ -204,6 +223,14 @@ pub fn init() {
         &AUDIT_KEY_FILE,
         GucContext::Sighup,
         GucFlags::SUPERUSER_ONLY,
+    );
+    GucRegistry::define_enum_guc(
+        c"byok.aes_gcm_implementation",
+        c"Which AES-256-GCM implementation seals and opens values.",
+        c"auto (the default) picks by length: RustCrypto's aes-gcm for short values, aws-lc for long ones; rustcrypto or aws-lc pins one. Both make and accept the same values: this changes speed only.",
+        &AES_GCM_IMPLEMENTATION,
+        GucContext::Suset,
+        GucFlags::default(),
     );
     GucRegistry::define_enum_guc(
         c"byok.environment",
@@ -501,6 +528,18 @@ pub fn scheduler_naptime_seconds() -> u64 {
 /// byok.approval_expiry_minutes: how long a dual-control request stays open.
 pub fn approval_expiry_minutes() -> i32 {
     APPROVAL_EXPIRY_MINUTES.get().max(1)
+}
+
+/// The AES-256-GCM implementation for a value of `len` bytes (per-row path:
+/// one read of the setting).
+#[inline]
+pub fn aes_gcm_for_len(len: usize) -> byok_core::crypto::GcmImpl {
+    use byok_core::crypto::GcmImpl;
+    match AES_GCM_IMPLEMENTATION.get() {
+        AesGcmImplementation::Auto => GcmImpl::for_len(len),
+        AesGcmImplementation::RustCrypto => GcmImpl::RustCrypto,
+        AesGcmImplementation::AwsLc => GcmImpl::AwsLc,
+    }
 }
 
 /// The session's tenant restriction, read in place (no copy: this is on the per-row path).

@@ -383,13 +383,14 @@ fn seal_with(
     NONCES.with_borrow_mut(|pool| {
         let pool = pool.get_or_insert_with(NoncePool::default);
         let fill = &mut |nonce: &mut [u8]| pool.fill(owner, nonce);
+        let using = gucs::aes_gcm_for_len(plaintext.len());
         match term {
-            None => cipher.seal_into_with(plaintext, context, out, fill),
+            None => cipher.seal_into_using(using, plaintext, context, out, fill),
             Some(term) => cipher.seal_searchable_into_with(
+                using,
                 plaintext,
                 context,
-                term.index_key_id,
-                term.bytes,
+                (term.index_key_id, term.bytes),
                 out,
                 fill,
             ),
@@ -445,7 +446,12 @@ pub fn open(
         check_session_tenant_for_decrypt(ready.cipher.tenant_id())?;
         let result = ready
             .cipher
-            .open_into(envelope, context, out)
+            .open_into_using(
+                gucs::aes_gcm_for_len(envelope.plaintext_len()),
+                envelope,
+                context,
+                out,
+            )
             .map_err(|e| crypto_error(dek_id, ready.cipher.tenant_id(), e));
         if result.is_err() {
             ready.counts.decrypt_failed();

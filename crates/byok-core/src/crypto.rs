@@ -9,11 +9,12 @@
 
 use aes_gcm::aead::inout::InOutBuf;
 use aes_gcm::{AeadInOut, Aes256Gcm, KeyInit, Nonce, Tag};
+use aws_lc_rs::aead::{AES_256_GCM, Aad, LessSafeKey, Nonce as LcNonce, UnboundKey};
 use zeroize::Zeroize;
 
 use crate::secret_mem::SecretBox;
 
-use crate::envelope::{self, Envelope, HEADER_LEN, NONCE_LEN};
+use crate::envelope::{self, Envelope, HEADER_LEN, NONCE_LEN, TAG_LEN};
 
 /// Length of a data key: AES-256.
 pub const DEK_LEN: usize = 32;
@@ -97,6 +98,36 @@ pub enum CryptoError {
     BadOutputLength,
 }
 
+/// The two AES-256-GCM implementations a value may go through. Both make and
+/// accept the same bytes (same nonce, AAD and tag), so a value sealed by one
+/// opens with the other; which one runs is a matter of speed only.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GcmImpl {
+    /// RustCrypto's `aes-gcm`: the faster on short values (no call into C,
+    /// a cheaper set-up per message).
+    RustCrypto,
+    /// aws-lc's stitched AES-GCM: the faster on long values.
+    AwsLc,
+}
+
+/// Plaintexts of at least this many bytes go through aws-lc, shorter ones
+/// through `aes-gcm`. Taken from `cargo run --release -p byok-core --example
+/// gcm_crossover`, which times both per size on the machine it runs on (the
+/// figures and the CPUs measured: docs/performance.md).
+pub const AWS_LC_FROM_BYTES: usize = 256;
+
+impl GcmImpl {
+    /// The implementation a plaintext of `len` bytes goes through.
+    #[inline]
+    pub fn for_len(len: usize) -> Self {
+        if len >= AWS_LC_FROM_BYTES {
+            GcmImpl::AwsLc
+        } else {
+            GcmImpl::RustCrypto
+        }
+    }
+}
+
 /// Fills `buf` from the OS CSPRNG.
 ///
 /// The cause `getrandom` gives (an OS error code) is deliberately not kept:
@@ -114,6 +145,10 @@ fn os_random(buf: &mut [u8]) -> Result<(), CryptoError> {
 pub struct DekCipher {
     /// The key schedule, in memory excluded from core dumps.
     cipher: SecretBox<Aes256Gcm>,
+    /// aws-lc's key schedule for the same key, expanded once with the first.
+    /// It lives in aws-lc's own heap, which wipes it when it is freed (as the
+    /// cipher is dropped), but is not excluded from core dumps.
+    large: LessSafeKey,
     dek_id: u64,
     header: [u8; HEADER_LEN],
     tenant_id: Box<str>,
@@ -125,8 +160,14 @@ impl DekCipher {
             return Err(CryptoError::TenantIdTooLong);
         }
         let cipher = SecretBox::new(Aes256Gcm::new(key.expose().into()));
+        // (AES_256_GCM with a 32-byte key: aws-lc cannot refuse it)
+        let large = LessSafeKey::new(
+            UnboundKey::new(&AES_256_GCM, key.expose())
+                .map_err(|_| CryptoError::BadKeyLength(DEK_LEN))?,
+        );
         Ok(DekCipher {
             cipher,
+            large,
             dek_id,
             header: envelope::header_for(dek_id),
             tenant_id: tenant_id.into(),
@@ -169,19 +210,39 @@ impl DekCipher {
             return Err(CryptoError::BadOutputLength);
         }
         out[..HEADER_LEN].copy_from_slice(&self.header);
-        self.seal_after_header(HEADER_LEN, plaintext, context, out, fill_nonce)
+        let using = GcmImpl::for_len(plaintext.len());
+        self.seal_after_header(using, HEADER_LEN, plaintext, context, out, fill_nonce)
+    }
+
+    /// As [`seal_into_with`](Self::seal_into_with), through the implementation
+    /// named (tests and benchmarks: the ordinary path picks it by length).
+    pub fn seal_into_using(
+        &self,
+        using: GcmImpl,
+        plaintext: &[u8],
+        context: &[u8],
+        out: &mut [u8],
+        fill_nonce: &mut dyn FnMut(&mut [u8]) -> Result<(), CryptoError>,
+    ) -> Result<(), CryptoError> {
+        if out.len() != envelope::sealed_len(plaintext.len()) {
+            return Err(CryptoError::BadOutputLength);
+        }
+        out[..HEADER_LEN].copy_from_slice(&self.header);
+        self.seal_after_header(using, HEADER_LEN, plaintext, context, out, fill_nonce)
     }
 
     /// As [`seal_into_with`](Self::seal_into_with), for a searchable value: the
     /// envelope (version 2) carries `term`, computed under index key
     /// `index_key_id`, in its authenticated header. `out` must be exactly
-    /// `envelope::searchable_sealed_len(plaintext.len(), term.len())` bytes.
+    /// `envelope::searchable_sealed_len(plaintext.len(), term.len())` bytes;
+    /// `using`: the implementation (`GcmImpl::for_len(plaintext.len())` unless
+    /// the server pins one).
     pub fn seal_searchable_into_with(
         &self,
+        using: GcmImpl,
         plaintext: &[u8],
         context: &[u8],
-        index_key_id: u64,
-        term: &[u8],
+        (index_key_id, term): (u64, &[u8]),
         out: &mut [u8],
         fill_nonce: &mut dyn FnMut(&mut [u8]) -> Result<(), CryptoError>,
     ) -> Result<(), CryptoError> {
@@ -192,13 +253,14 @@ impl DekCipher {
             return Err(CryptoError::BadOutputLength);
         }
         let header_len = envelope::write_searchable_header(self.dek_id, index_key_id, term, out);
-        self.seal_after_header(header_len, plaintext, context, out, fill_nonce)
+        self.seal_after_header(using, header_len, plaintext, context, out, fill_nonce)
     }
 
     /// Seals into `out`, whose first `header_len` bytes hold the header already.
     #[inline]
     fn seal_after_header(
         &self,
+        using: GcmImpl,
         header_len: usize,
         plaintext: &[u8],
         context: &[u8],
@@ -209,15 +271,53 @@ impl DekCipher {
         let (nonce, rest) = rest.split_at_mut(NONCE_LEN);
         let (body, tag_out) = rest.split_at_mut(plaintext.len());
         fill_nonce(nonce)?;
-        let nonce = Nonce::try_from(&*nonce).expect("NONCE_LEN is 12");
-        let buffer = InOutBuf::new(plaintext, body).expect("lengths are equal");
-        let tag = self.with_aad(header, context, |aad| {
-            self.cipher
-                .encrypt_inout_detached(&nonce, aad, buffer)
-                // Only possible for plaintexts beyond GCM's 64 GiB limit.
-                .map_err(|_| CryptoError::BadOutputLength)
-        })?;
-        tag_out.copy_from_slice(&tag);
+        let nonce: &[u8; NONCE_LEN] = (&*nonce).try_into().expect("NONCE_LEN is 12");
+        let tag_out: &mut [u8; TAG_LEN] = tag_out.try_into().expect("TAG_LEN is 16");
+        self.with_aad(header, context, |aad| {
+            self.gcm_seal(using, nonce, aad, plaintext, body, tag_out)
+        })
+    }
+
+    /// AES-256-GCM of `plaintext` into `body` (as long) and `tag_out`,
+    /// through `using`. On failure `body` holds no plaintext.
+    fn gcm_seal(
+        &self,
+        using: GcmImpl,
+        nonce: &[u8; NONCE_LEN],
+        aad: &[u8],
+        plaintext: &[u8],
+        body: &mut [u8],
+        tag_out: &mut [u8; TAG_LEN],
+    ) -> Result<(), CryptoError> {
+        // (either fails only beyond GCM's 64 GiB limit)
+        match using {
+            GcmImpl::RustCrypto => {
+                let buffer =
+                    InOutBuf::new(plaintext, body).map_err(|_| CryptoError::BadOutputLength)?;
+                let tag = self
+                    .cipher
+                    .encrypt_inout_detached(&Nonce::from(*nonce), aad, buffer)
+                    .map_err(|_| CryptoError::BadOutputLength)?;
+                tag_out.copy_from_slice(&tag);
+            }
+            GcmImpl::AwsLc => {
+                if body.len() != plaintext.len() {
+                    return Err(CryptoError::BadOutputLength);
+                }
+                body.copy_from_slice(plaintext);
+                let nonce = LcNonce::assume_unique_for_key(*nonce);
+                match self
+                    .large
+                    .seal_in_place_separate_tag(nonce, Aad::from(aad), body)
+                {
+                    Ok(tag) => tag_out.copy_from_slice(tag.as_ref()),
+                    Err(_) => {
+                        body.zeroize();
+                        return Err(CryptoError::BadOutputLength);
+                    }
+                }
+            }
+        }
         Ok(())
     }
 
@@ -225,6 +325,23 @@ impl DekCipher {
     /// bytes. On failure `out` is zeroed, so no unauthenticated plaintext escapes.
     pub fn open_into(
         &self,
+        envelope: &Envelope<'_>,
+        context: &[u8],
+        out: &mut [u8],
+    ) -> Result<(), CryptoError> {
+        self.open_into_using(
+            GcmImpl::for_len(envelope.plaintext_len()),
+            envelope,
+            context,
+            out,
+        )
+    }
+
+    /// As [`open_into`](Self::open_into), through the implementation named
+    /// (tests and benchmarks: the ordinary path picks it by length).
+    pub fn open_into_using(
+        &self,
+        using: GcmImpl,
         envelope: &Envelope<'_>,
         context: &[u8],
         out: &mut [u8],
@@ -238,19 +355,56 @@ impl DekCipher {
         if out.len() != envelope.plaintext_len() {
             return Err(CryptoError::BadOutputLength);
         }
-        let nonce = Nonce::try_from(&envelope.nonce()[..]).expect("NONCE_LEN is 12");
-        let tag = Tag::try_from(&envelope.tag()[..]).expect("TAG_LEN is 16");
-        let ciphertext = envelope.ciphertext();
         let result = self.with_aad(envelope.header(), context, |aad| {
-            let buffer = InOutBuf::new(ciphertext, &mut *out).expect("lengths are equal");
-            self.cipher
-                .decrypt_inout_detached(&nonce, aad, buffer, &tag)
-                .map_err(|_| CryptoError::AuthenticationFailed)
+            self.gcm_open(
+                using,
+                envelope.nonce(),
+                aad,
+                envelope.ciphertext(),
+                envelope.tag(),
+                out,
+            )
         });
         if result.is_err() {
             out.zeroize();
         }
         result
+    }
+
+    /// Opens AES-256-GCM `ciphertext` and `tag` into `out` (as long), through
+    /// `using`. `out` may hold anything on failure: the caller wipes it.
+    fn gcm_open(
+        &self,
+        using: GcmImpl,
+        nonce: &[u8; NONCE_LEN],
+        aad: &[u8],
+        ciphertext: &[u8],
+        tag: &[u8; TAG_LEN],
+        out: &mut [u8],
+    ) -> Result<(), CryptoError> {
+        match using {
+            GcmImpl::RustCrypto => {
+                let buffer =
+                    InOutBuf::new(ciphertext, out).map_err(|_| CryptoError::BadOutputLength)?;
+                self.cipher
+                    .decrypt_inout_detached(&Nonce::from(*nonce), aad, buffer, &Tag::from(*tag))
+                    .map_err(|_| CryptoError::AuthenticationFailed)
+            }
+            GcmImpl::AwsLc => {
+                if out.len() != ciphertext.len() {
+                    return Err(CryptoError::BadOutputLength);
+                }
+                self.large
+                    .open_separate_gather(
+                        LcNonce::assume_unique_for_key(*nonce),
+                        Aad::from(aad),
+                        ciphertext,
+                        tag,
+                        out,
+                    )
+                    .map_err(|_| CryptoError::AuthenticationFailed)
+            }
+        }
     }
 
     /// Convenience for tests and tools: seal into a new vector.
@@ -351,6 +505,156 @@ mod tests {
     fn cipher(dek_id: u64, tenant: &str) -> DekCipher {
         let key = DataKey::from_slice(&[9u8; DEK_LEN]).unwrap();
         DekCipher::new(dek_id, tenant, &key).unwrap()
+    }
+
+    fn hex(s: &str) -> Vec<u8> {
+        (0..s.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
+            .collect()
+    }
+
+    const BOTH: [GcmImpl; 2] = [GcmImpl::RustCrypto, GcmImpl::AwsLc];
+
+    /// NIST CAVS vectors (gcmEncryptExtIV256.rsp: the longest plaintext and
+    /// AAD of the file, and the empty one): key, nonce, plaintext, AAD,
+    /// ciphertext, tag, through each implementation's seal and open.
+    #[test]
+    fn nist_vectors_through_both_implementations() {
+        const VECTORS: &[(&str, &str, &str, &str, &str, &str)] = &[
+            (
+                "6be7f4d18ff0fbdd9b3b3cacaba4629a0c617387079add62f6ce1584b33faad1",
+                "fda568c9cb13d9c176bcef03",
+                "4df668e99d5068604a48bcca5baa8245435928558a83d68d7b0b081861224e9bd39ea8f2d55a635949e66c6f6a7ff5cc34dd94",
+                "11ebeb97dd4a9925c1fbe2b9af77392058d2d971e42db15da39f090d7bc132573c34bf7d92a2d72dc66ee6840c3ff07985b8976ee8d8f36bf47ae330b899fdc60652dd5a23c45f3680f11951f019e0697c8acfcaa95f01b9c7dd",
+                "488b40ad594e1845ccdd9e9467fc5e1afbbfde34e57d45bfcd30b61cc326d57fe8e3f31a39cdebf00f60bbd2c3cdf69f756eff",
+                "3bf3fbab9b48486fd08a5552604df639",
+            ),
+            (
+                "b52c505a37d78eda5dd34f20c22540ea1b58963cf8e5bf8ffa85f9f2492505b4",
+                "516c33929df5a3284ff463d7",
+                "",
+                "",
+                "",
+                "bdc1ac884d332457a1d2664f168c76f0",
+            ),
+        ];
+        for (key, nonce, plaintext, aad, ciphertext, tag) in VECTORS {
+            let key = DataKey::from_slice(&hex(key)).unwrap();
+            let cipher = DekCipher::new(1, "t", &key).unwrap();
+            let nonce: [u8; NONCE_LEN] = hex(nonce).try_into().unwrap();
+            let tag: [u8; TAG_LEN] = hex(tag).try_into().unwrap();
+            let (plaintext, aad, ciphertext) = (hex(plaintext), hex(aad), hex(ciphertext));
+            for using in BOTH {
+                let mut body = vec![0u8; plaintext.len()];
+                let mut tag_out = [0u8; TAG_LEN];
+                cipher
+                    .gcm_seal(using, &nonce, &aad, &plaintext, &mut body, &mut tag_out)
+                    .unwrap();
+                assert_eq!((&body, &tag_out), (&ciphertext, &tag), "{using:?} seal");
+                let mut opened = vec![0u8; plaintext.len()];
+                cipher
+                    .gcm_open(using, &nonce, &aad, &ciphertext, &tag, &mut opened)
+                    .unwrap();
+                assert_eq!(opened, plaintext, "{using:?} open");
+                let mut bad_tag = tag;
+                bad_tag[0] ^= 1;
+                assert_eq!(
+                    cipher.gcm_open(using, &nonce, &aad, &ciphertext, &bad_tag, &mut opened),
+                    Err(CryptoError::AuthenticationFailed),
+                    "{using:?} open with a modified tag"
+                );
+            }
+        }
+    }
+
+    /// Every size class on both sides of the switch: a value sealed by either
+    /// implementation opens with either, and the ordinary path opens both.
+    #[test]
+    fn values_sealed_by_either_implementation_open_with_the_other() {
+        let c = cipher(9, "acme");
+        for len in [
+            0,
+            1,
+            15,
+            16,
+            17,
+            100,
+            AWS_LC_FROM_BYTES - 1,
+            AWS_LC_FROM_BYTES,
+            1000,
+            4000,
+            65536,
+            100_003,
+        ] {
+            let plaintext: Vec<u8> = (0..len).map(|i| (i * 7) as u8).collect();
+            for sealer in BOTH {
+                let mut sealed = vec![0u8; envelope::sealed_len(len)];
+                c.seal_into_using(sealer, &plaintext, b"ctx", &mut sealed, &mut os_random)
+                    .unwrap();
+                let env = Envelope::parse(&sealed).unwrap();
+                for opener in BOTH {
+                    let mut out = vec![0u8; len];
+                    c.open_into_using(opener, &env, b"ctx", &mut out).unwrap();
+                    assert_eq!(
+                        out, plaintext,
+                        "{len} bytes sealed by {sealer:?}, opened by {opener:?}"
+                    );
+                }
+                assert_eq!(c.open(&sealed, b"ctx").unwrap(), plaintext);
+            }
+        }
+    }
+
+    /// A modified byte anywhere (header, nonce, body, tag), another context or
+    /// tenant: refused by both implementations, with nothing left in `out`.
+    #[test]
+    fn tampering_fails_in_both_implementations() {
+        let c = cipher(9, "acme");
+        let other_tenant = cipher(9, "other");
+        for len in [40, 1000] {
+            let plaintext = vec![0x5au8; len];
+            let sealed = c.seal(&plaintext, b"ctx").unwrap();
+            for using in BOTH {
+                for at in [
+                    0,
+                    HEADER_LEN,
+                    HEADER_LEN + NONCE_LEN,
+                    sealed.len() / 2,
+                    sealed.len() - 1,
+                ] {
+                    let mut bad = sealed.clone();
+                    bad[at] ^= 0x80;
+                    let Ok(env) = Envelope::parse(&bad) else {
+                        continue;
+                    };
+                    let mut out = vec![0xffu8; len];
+                    let result = c.open_into_using(using, &env, b"ctx", &mut out);
+                    assert!(result.is_err(), "{using:?}: byte {at} of {len}");
+                    assert!(
+                        out.iter().all(|&b| b == 0)
+                            || matches!(result, Err(CryptoError::WrongKey { .. }))
+                    );
+                }
+                let env = Envelope::parse(&sealed).unwrap();
+                let mut out = vec![0u8; len];
+                assert_eq!(
+                    c.open_into_using(using, &env, b"other", &mut out),
+                    Err(CryptoError::AuthenticationFailed)
+                );
+                assert_eq!(
+                    other_tenant.open_into_using(using, &env, b"ctx", &mut out),
+                    Err(CryptoError::AuthenticationFailed)
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn the_length_picks_the_implementation() {
+        assert_eq!(GcmImpl::for_len(0), GcmImpl::RustCrypto);
+        assert_eq!(GcmImpl::for_len(AWS_LC_FROM_BYTES - 1), GcmImpl::RustCrypto);
+        assert_eq!(GcmImpl::for_len(AWS_LC_FROM_BYTES), GcmImpl::AwsLc);
     }
 
     #[test]
@@ -518,7 +822,14 @@ mod tests {
         let term = [0x5Au8; 8];
         let mut out = vec![0u8; envelope::searchable_sealed_len(5, term.len())];
         cipher
-            .seal_searchable_into_with(b"hello", b"ctx", 99, &term, &mut out, &mut os_random)
+            .seal_searchable_into_with(
+                GcmImpl::for_len(5),
+                b"hello",
+                b"ctx",
+                (99, &term),
+                &mut out,
+                &mut os_random,
+            )
             .unwrap();
         assert_eq!(cipher.open(&out, b"ctx").unwrap(), b"hello");
         let env = Envelope::parse(&out).unwrap();
@@ -543,10 +854,10 @@ mod tests {
             assert!(
                 cipher
                     .seal_searchable_into_with(
+                        GcmImpl::RustCrypto,
                         b"hello",
                         b"ctx",
-                        id,
-                        &vec![1; len],
+                        (id, &vec![1; len]),
                         &mut out,
                         &mut os_random
                     )
