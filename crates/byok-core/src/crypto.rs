@@ -9,9 +9,9 @@
 
 use aes_gcm::aead::inout::InOutBuf;
 use aes_gcm::{AeadInOut, Aes256Gcm, KeyInit, Nonce, Tag};
-use aws_lc_rs::aead::{AES_256_GCM, Aad, LessSafeKey, Nonce as LcNonce, UnboundKey};
 use zeroize::Zeroize;
 
+use crate::aws_lc_gcm::AwsLcGcm;
 use crate::secret_mem::SecretBox;
 
 use crate::envelope::{self, Envelope, HEADER_LEN, NONCE_LEN, TAG_LEN};
@@ -145,10 +145,9 @@ fn os_random(buf: &mut [u8]) -> Result<(), CryptoError> {
 pub struct DekCipher {
     /// The key schedule, in memory excluded from core dumps.
     cipher: SecretBox<Aes256Gcm>,
-    /// aws-lc's key schedule for the same key, expanded once with the first.
-    /// It lives in aws-lc's own heap, which wipes it when it is freed (as the
-    /// cipher is dropped), but is not excluded from core dumps.
-    large: LessSafeKey,
+    /// aws-lc's context for the same key, expanded once with the first, also
+    /// in memory excluded from core dumps.
+    large: AwsLcGcm,
     dek_id: u64,
     header: [u8; HEADER_LEN],
     tenant_id: Box<str>,
@@ -160,11 +159,8 @@ impl DekCipher {
             return Err(CryptoError::TenantIdTooLong);
         }
         let cipher = SecretBox::new(Aes256Gcm::new(key.expose().into()));
-        // (AES_256_GCM with a 32-byte key: aws-lc cannot refuse it)
-        let large = LessSafeKey::new(
-            UnboundKey::new(&AES_256_GCM, key.expose())
-                .map_err(|_| CryptoError::BadKeyLength(DEK_LEN))?,
-        );
+        // (a 32-byte key: aws-lc refuses it only out of memory)
+        let large = AwsLcGcm::new(key.expose()).ok_or(CryptoError::BadKeyLength(DEK_LEN))?;
         Ok(DekCipher {
             cipher,
             large,
@@ -301,20 +297,9 @@ impl DekCipher {
                 tag_out.copy_from_slice(&tag);
             }
             GcmImpl::AwsLc => {
-                if body.len() != plaintext.len() {
+                if !self.large.seal(nonce, aad, plaintext, body, tag_out) {
+                    body.zeroize();
                     return Err(CryptoError::BadOutputLength);
-                }
-                body.copy_from_slice(plaintext);
-                let nonce = LcNonce::assume_unique_for_key(*nonce);
-                match self
-                    .large
-                    .seal_in_place_separate_tag(nonce, Aad::from(aad), body)
-                {
-                    Ok(tag) => tag_out.copy_from_slice(tag.as_ref()),
-                    Err(_) => {
-                        body.zeroize();
-                        return Err(CryptoError::BadOutputLength);
-                    }
                 }
             }
         }
@@ -394,15 +379,11 @@ impl DekCipher {
                 if out.len() != ciphertext.len() {
                     return Err(CryptoError::BadOutputLength);
                 }
-                self.large
-                    .open_separate_gather(
-                        LcNonce::assume_unique_for_key(*nonce),
-                        Aad::from(aad),
-                        ciphertext,
-                        tag,
-                        out,
-                    )
-                    .map_err(|_| CryptoError::AuthenticationFailed)
+                if self.large.open(nonce, aad, ciphertext, tag, out) {
+                    Ok(())
+                } else {
+                    Err(CryptoError::AuthenticationFailed)
+                }
             }
         }
     }

@@ -5,7 +5,8 @@
 //! Unsafe code is denied crate-wide and allowed only in the modules listed
 //! below with `#[allow(unsafe_code)]`: the tables that live in PostgreSQL
 //! shared memory (interior mutability across processes), the two system
-//! calls (`clock_gettime`, `mmap`), and the allocator of [`secret_mem`]. A new
+//! calls (`clock_gettime`, `mmap`), the allocator of [`secret_mem`], and
+//! aws-lc's AES-GCM ([`aws_lc_gcm`]). A new
 //! unsafe block elsewhere is a compile error, so adding one is a deliberate
 //! change to this list; in the allowed modules every unsafe block and impl
 //! must carry a `// SAFETY:` comment (`clippy::undocumented_unsafe_blocks`).
@@ -17,6 +18,9 @@
 // Shared memory: slots handed between processes by atomic state changes.
 #[allow(unsafe_code)]
 pub mod audit_ring;
+// aws-lc's AES-GCM context through its C interface, placed in secret memory.
+#[allow(unsafe_code)]
+pub mod aws_lc_gcm;
 pub mod cache;
 // `clock_gettime` on a local timespec.
 #[allow(unsafe_code)]

@@ -1,0 +1,135 @@
+//! aws-lc's AES-256-GCM for one key, its state kept in secret memory.
+//!
+//! aws-lc keeps an AES-GCM key schedule inside the `EVP_AEAD_CTX` itself (no
+//! allocation of its own), so this module places the context in a
+//! [`SecretBox`] (excluded from core dumps, wiped when freed) and initializes
+//! it there, never moving it afterwards: aws-lc aligns its state from the
+//! context's address. aws-lc-rs's `LessSafeKey` would keep it in aws-lc's
+//! ordinary heap instead.
+
+use aws_lc_sys::{
+    EVP_AEAD_CTX, EVP_AEAD_CTX_cleanup, EVP_AEAD_CTX_init, EVP_AEAD_CTX_open_gather,
+    EVP_AEAD_CTX_seal_scatter, EVP_AEAD_CTX_zero, EVP_aead_aes_256_gcm,
+};
+
+use crate::secret_mem::SecretBox;
+
+/// Key, nonce and tag lengths of AES-256-GCM as byok_pg uses it.
+const KEY_LEN: usize = 32;
+const NONCE_LEN: usize = 12;
+const TAG_LEN: usize = 16;
+
+/// An initialized aws-lc AES-256-GCM context.
+pub struct AwsLcGcm(SecretBox<EVP_AEAD_CTX>);
+
+// SAFETY: the context is owned by this value alone, and aws-lc documents
+// seal and open on a `const EVP_AEAD_CTX *` as safe to call from several
+// threads at once (they read the key schedule, write only their arguments).
+unsafe impl Send for AwsLcGcm {}
+// SAFETY: as above: through `&AwsLcGcm` only seal and open are reachable,
+// which take the context as `const`.
+unsafe impl Sync for AwsLcGcm {}
+
+impl AwsLcGcm {
+    /// The context for `key`, or `None` if aws-lc refuses to set it up (it
+    /// does not for a 32-byte key, short of running out of memory).
+    pub fn new(key: &[u8; KEY_LEN]) -> Option<Self> {
+        // SAFETY: EVP_AEAD_CTX is a plain C struct (pointers and bytes) for
+        // which all zeroes is a valid, empty value; EVP_AEAD_CTX_zero makes
+        // that official below.
+        let mut ctx = SecretBox::new(unsafe { std::mem::zeroed::<EVP_AEAD_CTX>() });
+        // SAFETY: `ctx` points to a live context in its final place (the box
+        // never moves its value); the key is KEY_LEN readable bytes; aws-lc
+        // copies what it needs and keeps no pointer to the key.
+        let ok = unsafe {
+            EVP_AEAD_CTX_zero(&mut *ctx);
+            EVP_AEAD_CTX_init(
+                &mut *ctx,
+                EVP_aead_aes_256_gcm(),
+                key.as_ptr(),
+                KEY_LEN,
+                TAG_LEN,
+                std::ptr::null_mut(),
+            )
+        };
+        (ok == 1).then_some(AwsLcGcm(ctx))
+    }
+
+    /// Encrypts `plaintext` into `body` (as long) and the tag into `tag`.
+    /// False on failure (a length mismatch, or beyond GCM's 64 GiB limit).
+    pub fn seal(
+        &self,
+        nonce: &[u8; NONCE_LEN],
+        aad: &[u8],
+        plaintext: &[u8],
+        body: &mut [u8],
+        tag: &mut [u8; TAG_LEN],
+    ) -> bool {
+        if body.len() != plaintext.len() {
+            return false;
+        }
+        let mut tag_len = 0usize;
+        // SAFETY: every pointer comes with the length of the slice it points
+        // into (aws-lc reads or writes no more); `body` and `plaintext` do not
+        // overlap (one is borrowed mutably); the context was initialized in
+        // `new` and is only read.
+        let ok = unsafe {
+            EVP_AEAD_CTX_seal_scatter(
+                &*self.0,
+                body.as_mut_ptr(),
+                tag.as_mut_ptr(),
+                &mut tag_len,
+                TAG_LEN,
+                nonce.as_ptr(),
+                NONCE_LEN,
+                plaintext.as_ptr(),
+                plaintext.len(),
+                std::ptr::null(),
+                0,
+                aad.as_ptr(),
+                aad.len(),
+            )
+        };
+        ok == 1 && tag_len == TAG_LEN
+    }
+
+    /// Decrypts and authenticates `ciphertext` with `tag` into `out` (as
+    /// long). False if it does not authenticate; `out` may then hold anything.
+    pub fn open(
+        &self,
+        nonce: &[u8; NONCE_LEN],
+        aad: &[u8],
+        ciphertext: &[u8],
+        tag: &[u8; TAG_LEN],
+        out: &mut [u8],
+    ) -> bool {
+        if out.len() != ciphertext.len() {
+            return false;
+        }
+        // SAFETY: as in `seal`: each pointer with its slice's length, `out`
+        // distinct from the inputs, the context initialized and only read.
+        let ok = unsafe {
+            EVP_AEAD_CTX_open_gather(
+                &*self.0,
+                out.as_mut_ptr(),
+                nonce.as_ptr(),
+                NONCE_LEN,
+                ciphertext.as_ptr(),
+                ciphertext.len(),
+                tag.as_ptr(),
+                TAG_LEN,
+                aad.as_ptr(),
+                aad.len(),
+            )
+        };
+        ok == 1
+    }
+}
+
+impl Drop for AwsLcGcm {
+    fn drop(&mut self) {
+        // SAFETY: the context was initialized in `new` and is cleaned up once;
+        // the box then wipes and frees its memory.
+        unsafe { EVP_AEAD_CTX_cleanup(&mut *self.0) };
+    }
+}
