@@ -51,8 +51,8 @@ SQL
     names=(plain_scan byok_decrypt byok_encrypt byok_decrypt_before byok_encrypt_before pgcrypto_decrypt pgcrypto_encrypt)
     declare -A sql=(
       [plain_scan]="SELECT sum(get_byte(plain, 0)) FROM t"   # (reads each value: length() would not detoast a long one)
-      [byok_decrypt]="SELECT sum(length(byok.decrypt(sealed))) FROM t_sealed"
-      [byok_encrypt]="SELECT count(byok.encrypt('bench', plain)) FROM t"
+      [byok_decrypt]="SET byok.aes_gcm_implementation = auto; SELECT sum(length(byok.decrypt(sealed))) FROM t_sealed"
+      [byok_encrypt]="SET byok.aes_gcm_implementation = auto; SELECT count(byok.encrypt('bench', plain)) FROM t"
       [byok_decrypt_before]="SET byok.aes_gcm_implementation = rustcrypto; SELECT sum(length(byok.decrypt(sealed))) FROM t_sealed"
       [byok_encrypt_before]="SET byok.aes_gcm_implementation = rustcrypto; SELECT count(byok.encrypt('bench', plain)) FROM t"
       [pgcrypto_decrypt]="SELECT sum(length(decrypt(pgc, $KEY, 'aes'))) FROM t_pgc"
