@@ -1,7 +1,7 @@
 \set VERBOSITY default
 \set SHOW_CONTEXT never
 -- Two AES-256-GCM implementations seal and open values: RustCrypto's aes-gcm
--- for short ones, aws-lc for long ones (from 256 bytes). They make the same
+-- for short ones, aws-lc for long ones (from 384 bytes). They make the same
 -- bytes, so a value sealed by either opens with either.
 -- This file sets up what it uses and cleans up after itself, so it runs alone.
 CREATE EXTENSION IF NOT EXISTS byok_pg;
@@ -17,7 +17,7 @@ BEGIN
     INSERT INTO gcm_values
     SELECT p_impl, len, p, byok.encrypt('gcmco', p, 'gcm_values.sealed')
       FROM (SELECT len, substring(decode(repeat(md5(len::text), len / 16 + 1), 'hex') FROM 1 FOR len) AS p
-              FROM unnest(ARRAY[0, 1, 100, 255, 256, 1000, 4000, 70000]) len) s;
+              FROM unnest(ARRAY[0, 1, 100, 383, 384, 1000, 4000, 70000]) len) s;
 END $$;
 SELECT gcm_seal_all('rustcrypto'), gcm_seal_all('aws-lc'), gcm_seal_all('auto');
 
