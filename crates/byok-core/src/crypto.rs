@@ -205,16 +205,12 @@ impl DekCipher {
         out: &mut [u8],
         fill_nonce: &mut dyn FnMut(&mut [u8]) -> Result<(), CryptoError>,
     ) -> Result<(), CryptoError> {
-        if out.len() != envelope::sealed_len(plaintext.len()) {
-            return Err(CryptoError::BadOutputLength);
-        }
-        out[..HEADER_LEN].copy_from_slice(&self.header);
         let using = GcmImpl::for_len(plaintext.len());
-        self.seal_after_header(using, HEADER_LEN, plaintext, context, out, fill_nonce)
+        self.seal_into_using(using, plaintext, context, out, fill_nonce)
     }
 
     /// As [`seal_into_with`](Self::seal_into_with), through the implementation
-    /// named (tests and benchmarks: the ordinary path picks it by length).
+    /// named (the backends pass the one `byok.aes_gcm_implementation` picks).
     pub fn seal_into_using(
         &self,
         using: GcmImpl,
@@ -326,7 +322,7 @@ impl DekCipher {
     }
 
     /// As [`open_into`](Self::open_into), through the implementation named
-    /// (tests and benchmarks: the ordinary path picks it by length).
+    /// (the backends pass the one `byok.aes_gcm_implementation` picks).
     pub fn open_into_using(
         &self,
         using: GcmImpl,
