@@ -147,6 +147,35 @@ start_cluster() {
     as_postgres "$PG_BIN/pg_ctl" -D "$dir/data" -l "$dir/server.log" -w -t 60 start >/dev/null
 }
 
+# private_postgres DIR: a copy of the system PostgreSQL under DIR with lib and
+# extension directories of its own and no byok_pg in them, for a test that
+# installs a package without touching the system's. PostgreSQL 15 finds its
+# share and lib directories relative to its binaries: the binaries are copied
+# (so they resolve to DIR), the other files linked. Sets PG_BIN, PKGLIB, EXTDIR.
+private_postgres() {
+    local dir=$1 f
+    local sys_lib="/usr/lib/postgresql/${PG_MAJOR}" sys_share="/usr/share/postgresql/${PG_MAJOR}"
+    rm -rf "$dir"
+    mkdir -p "$dir$sys_lib/lib" "$dir$sys_share/extension"
+    cp -a "$sys_lib/bin" "$dir$sys_lib/"
+    for f in "$sys_lib"/lib/* "$sys_share"/* "$sys_share"/extension/*; do
+        case "$f" in */byok_pg*|"$sys_share/extension") continue ;; esac
+        ln -s "$f" "$dir${f%/*}/"
+    done
+    chmod -R a+rX "$dir"
+    PG_BIN="$dir$sys_lib/bin"
+    PKGLIB="$dir$sys_lib/lib"
+    EXTDIR="$dir$sys_share/extension"
+    [ "$("$PG_BIN/pg_config" --pkglibdir)" = "$PKGLIB" ] || die "the private PostgreSQL is not relocated (pg_config --pkglibdir)"
+}
+
+# restart_cluster NAME: stops and starts a cluster start_cluster made (a new library loads).
+restart_cluster() {
+    local dir="$BYOK_WORK/$1"
+    stop_cluster "$1"
+    as_postgres "$PG_BIN/pg_ctl" -D "$dir/data" -l "$dir/server.log" -w -t 60 start >/dev/null
+}
+
 stop_cluster() {
     local dir="$BYOK_WORK/$1"
     if [ -f "$dir/data/postmaster.pid" ]; then

@@ -288,6 +288,17 @@ VOLATILE PARALLEL UNSAFE
 SET search_path TO pg_catalog, pg_temp
 LANGUAGE c
 AS 'MODULE_PATHNAME', 'citus_unopened_in_shard_wrapper';
+CREATE OR REPLACE FUNCTION byok.crypto_info() RETURNS TABLE (
+    "fips_build" bool,
+    "fips_mode" bool,
+    "module" TEXT,
+    "aes_gcm" TEXT,
+    "self_test_passed" bool,
+    "problem" TEXT
+)
+STRICT VOLATILE PARALLEL SAFE
+LANGUAGE c
+AS 'MODULE_PATHNAME', 'crypto_info_wrapper';
 CREATE OR REPLACE FUNCTION byok.activate_dr(
     "tenant_id" TEXT
 ) RETURNS TEXT
@@ -1202,6 +1213,27 @@ $fn$;
 COMMENT ON FUNCTION byok.citus_audit_log(timestamptz) IS
     'On a Citus coordinator: the audit trail of every node since a time (each node read with the caller''s rights)';
 
+-- crypto_check.sql (0.2.0):
+-- CREATE EXTENSION (and ALTER EXTENSION ... UPDATE) refuses to install over
+-- cryptography that failed its checks: in a FIPS build, a module whose
+-- power-on self-test failed or that is not in FIPS mode; in any build, an
+-- AES-256-GCM implementation that fails a NIST known-answer test.
+-- byok.crypto_info() runs the checks and names the problem.
+DO $crypto_check$
+DECLARE
+    info record;
+BEGIN
+    SELECT * INTO info FROM byok.crypto_info();
+    IF info.problem IS NOT NULL THEN
+        RAISE EXCEPTION 'byok_pg cannot be installed: %', info.problem
+            USING ERRCODE = '58000',
+                  DETAIL = format('module %s, FIPS build %s, FIPS mode %s',
+                                  info.module, info.fips_build, info.fips_mode),
+                  HINT = 'Check the server''s CPU and the byok_pg library''s build (docs/security.md, "FIPS build").';
+    END IF;
+END
+$crypto_check$;
+
 -- ---------------------------------------------------------------------------
 -- 4. Privileges: exactly a fresh install's. What 0.1.0 granted to PUBLIC,
 --    byok_admin and byok_user is revoked, then sql/privileges.sql is applied as
@@ -1277,12 +1309,12 @@ GRANT EXECUTE ON FUNCTION byok.configure_tenant(jsonb), byok.rotate_data_key(tex
     byok.alert_states(), byok.prometheus_metrics(),
     byok.complete_key_wraps_step(text), byok.complete_key_wraps_finish(text),
     byok.activate_dr(text), byok.deactivate_dr(text),
-    byok.citus_metrics(), byok.citus_audit_log(timestamptz),
+    byok.citus_metrics(), byok.citus_audit_log(timestamptz), byok.crypto_info(),
     byok.start_compromise_response(text, text), byok.compromise_response_step(text, bigint),
     byok.rotate_index_key(text), byok.make_searchable(regclass, text, integer, text)
   TO byok_admin;
 -- SQL exporters (postgres_exporter and the like) run as members of pg_monitor.
-GRANT EXECUTE ON FUNCTION byok.prometheus_metrics() TO pg_monitor;
+GRANT EXECUTE ON FUNCTION byok.prometheus_metrics(), byok.crypto_info() TO pg_monitor;
 GRANT EXECUTE ON PROCEDURE byok.rotate_master_key(text, text, interval),
     byok.complete_key_wraps(text), byok.respond_to_compromise(text, text)
   TO byok_admin;

@@ -73,12 +73,12 @@ GRANT EXECUTE ON FUNCTION byok.configure_tenant(jsonb), byok.rotate_data_key(tex
     byok.alert_states(), byok.prometheus_metrics(),
     byok.complete_key_wraps_step(text), byok.complete_key_wraps_finish(text),
     byok.activate_dr(text), byok.deactivate_dr(text),
-    byok.citus_metrics(), byok.citus_audit_log(timestamptz),
+    byok.citus_metrics(), byok.citus_audit_log(timestamptz), byok.crypto_info(),
     byok.start_compromise_response(text, text), byok.compromise_response_step(text, bigint),
     byok.rotate_index_key(text), byok.make_searchable(regclass, text, integer, text)
   TO byok_admin;
 -- SQL exporters (postgres_exporter and the like) run as members of pg_monitor.
-GRANT EXECUTE ON FUNCTION byok.prometheus_metrics() TO pg_monitor;
+GRANT EXECUTE ON FUNCTION byok.prometheus_metrics(), byok.crypto_info() TO pg_monitor;
 GRANT EXECUTE ON PROCEDURE byok.rotate_master_key(text, text, interval),
     byok.complete_key_wraps(text), byok.respond_to_compromise(text, text)
   TO byok_admin;

@@ -227,7 +227,7 @@ pub fn init() {
     GucRegistry::define_enum_guc(
         c"byok.aes_gcm_implementation",
         c"Which AES-256-GCM implementation seals and opens values.",
-        c"auto (the default) picks by length: RustCrypto's aes-gcm for short values, aws-lc for long ones; rustcrypto or aws-lc pins one. Both make and accept the same values: this changes speed only.",
+        c"auto (the default) picks by length: RustCrypto's aes-gcm for short values, aws-lc for long ones; rustcrypto or aws-lc pins one. Both make and accept the same values: this changes speed only. A FIPS build ignores it: every value goes through the FIPS module.",
         &AES_GCM_IMPLEMENTATION,
         GucContext::Suset,
         GucFlags::default(),

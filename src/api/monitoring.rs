@@ -247,3 +247,32 @@ fn timestamp(micros: i64) -> Option<TimestampWithTimeZone> {
         .then(|| TimestampWithTimeZone::try_from(micros - UNIX_TO_POSTGRES_EPOCH_MICROS).ok())
         .flatten()
 }
+
+/// What byok_pg's cryptography runs on (a standard or a FIPS build, the
+/// aws-lc module and its mode, the AES-256-GCM implementations in use) and
+/// whether it passes its self-tests, run again by this call. `CREATE
+/// EXTENSION` refuses to install when `problem` is set.
+// (pgrx reads the column names from the signature, so no type alias)
+#[allow(clippy::type_complexity)]
+#[pg_extern(volatile, parallel_safe)]
+fn crypto_info() -> TableIterator<
+    'static,
+    (
+        name!(fips_build, bool),
+        name!(fips_mode, bool),
+        name!(module, String),
+        name!(aes_gcm, String),
+        name!(self_test_passed, bool),
+        name!(problem, Option<String>),
+    ),
+> {
+    let status = byok_core::crypto::CryptoStatus::check();
+    TableIterator::once((
+        byok_core::aws_lc::FIPS_BUILD,
+        status.module.fips_mode,
+        status.module.version.clone(),
+        status.aes_gcm(),
+        status.problem().is_none(),
+        status.problem().map(str::to_string),
+    ))
+}

@@ -26,8 +26,6 @@ OLD_COMMIT=cdbdde834fe733b78822402ffcf88f48ed42559f   # the 0.1.0 release
 NEW_VERSION="$(sed -n 's/^version = "\(.*\)"/\1/p' "$BYOK_ROOT/Cargo.toml" | head -1)"
 U="$BYOK_WORK/upgrade-build"
 P="$U/pg"                                  # the private PostgreSQL
-PKGLIB="$P/usr/lib/postgresql/${PG_MAJOR}/lib"
-EXTDIR="$P/usr/share/postgresql/${PG_MAJOR}/extension"
 SYSTEM_PG_CONFIG="$PG_CONFIG"
 trap 'stop_cluster "$NAME"' EXIT
 source "$(dirname "${BASH_SOURCE[0]}")/../testlib.sh"
@@ -74,19 +72,7 @@ cargo pgrx package --debug --pg-config "$SYSTEM_PG_CONFIG" --out-dir "$new_pkg" 
 [ -f "$new_pkg/usr/lib/postgresql/${PG_MAJOR}/lib/byok_pg.so" ] || die "packaging this tree failed"
 
 # --- 2. a private PostgreSQL running 0.1.0 ------------------------------------
-# PostgreSQL 15 finds its share and lib directories relative to its binaries: the
-# binaries are copied (so they resolve to $P), the other files linked.
-rm -rf "$P"
-sys_lib="/usr/lib/postgresql/${PG_MAJOR}" sys_share="/usr/share/postgresql/${PG_MAJOR}"
-mkdir -p "$P$sys_lib/lib" "$P$sys_share/extension"
-cp -a "$sys_lib/bin" "$P$sys_lib/"
-for f in "$sys_lib"/lib/* "$sys_share"/* "$sys_share"/extension/*; do
-    case "$f" in */byok_pg*|"$sys_share/extension") continue ;; esac
-    ln -s "$f" "$P${f%/*}/"
-done
-chmod -R a+rX "$U"
-PG_BIN="$P$sys_lib/bin"
-[ "$("$PG_BIN/pg_config" --pkglibdir)" = "$PKGLIB" ] || die "the private PostgreSQL is not relocated (pg_config --pkglibdir)"
+private_postgres "$P"
 install -m 755 "$old_pkg/usr/lib/postgresql/${PG_MAJOR}/lib/byok_pg.so" "$PKGLIB/byok_pg.so"
 install -m 644 "$old_pkg/usr/share/postgresql/${PG_MAJOR}/extension/byok_pg.control" "sql/archive/byok_pg--$OLD_VERSION.sql" "$EXTDIR/"
 
@@ -137,7 +123,7 @@ stop_cluster "$NAME"
 install -m 755 "$new_pkg/usr/lib/postgresql/${PG_MAJOR}/lib/byok_pg.so" "$PKGLIB/byok_pg.so"
 install -m 644 "$new_pkg/usr/share/postgresql/${PG_MAJOR}/extension/"byok_pg* "$EXTDIR/"
 ls "$EXTDIR"/byok_pg--*--*.sql >/dev/null 2>&1 || not_ok "the package carries no update script (sql/byok_pg--X--Y.sql)"
-as_postgres "$PG_BIN/pg_ctl" -D "$BYOK_WORK/$NAME/data" -l "$BYOK_WORK/$NAME/server.log" -w -t 60 start >/dev/null
+restart_cluster "$NAME"
 # Between the restart and the update the 0.1.0 definitions meet the new library:
 # a call may work or fail, but must not take the server down.
 for sql in "SELECT * FROM byok.broker_status()" "SELECT * FROM byok.backend_cache_stats()" \

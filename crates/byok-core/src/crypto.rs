@@ -7,7 +7,9 @@
 //! caller context (column name, primary key...) fails to open. The context comes
 //! last, which makes the encoding unambiguous without a second length prefix.
 
+#[cfg(not(feature = "fips"))]
 use aes_gcm::aead::inout::InOutBuf;
+#[cfg(not(feature = "fips"))]
 use aes_gcm::{AeadInOut, Aes256Gcm, KeyInit, Nonce, Tag};
 use zeroize::Zeroize;
 
@@ -121,10 +123,11 @@ pub enum GcmImpl {
 pub const AWS_LC_FROM_BYTES: usize = 384;
 
 impl GcmImpl {
-    /// The implementation a plaintext of `len` bytes goes through.
+    /// The implementation a plaintext of `len` bytes goes through: in a FIPS
+    /// build always the module.
     #[inline]
     pub fn for_len(len: usize) -> Self {
-        if len >= AWS_LC_FROM_BYTES {
+        if len >= AWS_LC_FROM_BYTES || crate::aws_lc::FIPS_BUILD {
             GcmImpl::AwsLc
         } else {
             GcmImpl::RustCrypto
@@ -140,14 +143,24 @@ impl GcmImpl {
 /// `getrandom(2)` (a seccomp policy, a kernel too old) or `/dev/urandom` being
 /// unreadable, which all mean the same thing to the caller: no key or nonce can
 /// be made, so nothing is sealed.
+///
+/// In a FIPS build the bytes come from the module's DRBG (itself seeded from
+/// the OS), as FIPS 140-3 requires of keys.
 fn os_random(buf: &mut [u8]) -> Result<(), CryptoError> {
+    #[cfg(feature = "fips")]
+    return crate::aws_lc::random_bytes(buf)
+        .then_some(())
+        .ok_or(CryptoError::RandomUnavailable);
+    #[cfg(not(feature = "fips"))]
     getrandom::fill(buf).map_err(|_| CryptoError::RandomUnavailable)
 }
 
 /// A ready AES-256-GCM key schedule for one DEK, bound to its tenant. This is
 /// what the backend caches, so a cache hit costs no key expansion.
 pub struct DekCipher {
-    /// The key schedule, in memory excluded from core dumps.
+    /// The key schedule, in memory excluded from core dumps (none in a FIPS
+    /// build, where every value goes through the module).
+    #[cfg(not(feature = "fips"))]
     cipher: SecretBox<Aes256Gcm>,
     /// aws-lc's context for the same key, expanded once with the first, also
     /// in memory excluded from core dumps.
@@ -162,10 +175,10 @@ impl DekCipher {
         if tenant_id.len() > MAX_TENANT_ID_LEN {
             return Err(CryptoError::TenantIdTooLong);
         }
-        let cipher = SecretBox::new(Aes256Gcm::new(key.expose().into()));
         let large = AwsLcGcm::new(key.expose()).ok_or(CryptoError::KeySetupFailed)?;
         Ok(DekCipher {
-            cipher,
+            #[cfg(not(feature = "fips"))]
+            cipher: SecretBox::new(Aes256Gcm::new(key.expose().into())),
             large,
             dek_id,
             header: envelope::header_for(dek_id),
@@ -265,44 +278,53 @@ impl DekCipher {
         let (header, rest) = out.split_at_mut(header_len);
         let (nonce, rest) = rest.split_at_mut(NONCE_LEN);
         let (body, tag_out) = rest.split_at_mut(plaintext.len());
-        fill_nonce(nonce)?;
-        let nonce: &[u8; NONCE_LEN] = (&*nonce).try_into().expect("NONCE_LEN is 12");
+        let nonce: &mut [u8; NONCE_LEN] = nonce.try_into().expect("NONCE_LEN is 12");
         let tag_out: &mut [u8; TAG_LEN] = tag_out.try_into().expect("TAG_LEN is 16");
         self.with_aad(header, context, |aad| {
-            self.gcm_seal(using, nonce, aad, plaintext, body, tag_out)
+            self.gcm_seal(using, nonce, fill_nonce, aad, plaintext, body, tag_out)
         })
     }
 
     /// AES-256-GCM of `plaintext` into `body` (as long) and `tag_out`,
-    /// through `using`. On failure `body` holds no plaintext.
+    /// through `using`, under a fresh nonce written to `nonce`: drawn by
+    /// `fill_nonce`, or in a FIPS build by the module itself. On failure
+    /// `body` holds no plaintext.
+    #[allow(clippy::too_many_arguments)]
     fn gcm_seal(
         &self,
         using: GcmImpl,
-        nonce: &[u8; NONCE_LEN],
+        nonce: &mut [u8; NONCE_LEN],
+        fill_nonce: &mut dyn FnMut(&mut [u8]) -> Result<(), CryptoError>,
         aad: &[u8],
         plaintext: &[u8],
         body: &mut [u8],
         tag_out: &mut [u8; TAG_LEN],
     ) -> Result<(), CryptoError> {
-        // (either fails only beyond GCM's 64 GiB limit)
-        match using {
-            GcmImpl::RustCrypto => {
-                let buffer =
-                    InOutBuf::new(plaintext, body).map_err(|_| CryptoError::BadOutputLength)?;
-                let tag = self
-                    .cipher
-                    .encrypt_inout_detached(&Nonce::from(*nonce), aad, buffer)
-                    .map_err(|_| CryptoError::BadOutputLength)?;
-                tag_out.copy_from_slice(&tag);
-            }
-            GcmImpl::AwsLc => {
-                if !self.large.seal(nonce, aad, plaintext, body, tag_out) {
-                    body.zeroize();
-                    return Err(CryptoError::BadOutputLength);
-                }
-            }
+        #[cfg(not(feature = "fips"))]
+        if using == GcmImpl::RustCrypto {
+            fill_nonce(nonce)?;
+            let buffer =
+                InOutBuf::new(plaintext, body).map_err(|_| CryptoError::BadOutputLength)?;
+            // (fails only beyond GCM's 64 GiB limit)
+            let tag = self
+                .cipher
+                .encrypt_inout_detached(&Nonce::from(*nonce), aad, buffer)
+                .map_err(|_| CryptoError::BadOutputLength)?;
+            tag_out.copy_from_slice(&tag);
+            return Ok(());
         }
-        Ok(())
+        #[cfg(feature = "fips")]
+        let _ = using; // (the module is the only implementation)
+        seal_fresh(
+            &self.large,
+            nonce,
+            fill_nonce,
+            aad,
+            plaintext,
+            body,
+            tag_out,
+        )
+        .inspect_err(|_| body.zeroize())
     }
 
     /// Opens `envelope` into `out`, which must be exactly `envelope.plaintext_len()`
@@ -366,24 +388,24 @@ impl DekCipher {
         tag: &[u8; TAG_LEN],
         out: &mut [u8],
     ) -> Result<(), CryptoError> {
-        match using {
-            GcmImpl::RustCrypto => {
-                let buffer =
-                    InOutBuf::new(ciphertext, out).map_err(|_| CryptoError::BadOutputLength)?;
-                self.cipher
-                    .decrypt_inout_detached(&Nonce::from(*nonce), aad, buffer, &Tag::from(*tag))
-                    .map_err(|_| CryptoError::AuthenticationFailed)
-            }
-            GcmImpl::AwsLc => {
-                if out.len() != ciphertext.len() {
-                    return Err(CryptoError::BadOutputLength);
-                }
-                if self.large.open(nonce, aad, ciphertext, tag, out) {
-                    Ok(())
-                } else {
-                    Err(CryptoError::AuthenticationFailed)
-                }
-            }
+        #[cfg(not(feature = "fips"))]
+        if using == GcmImpl::RustCrypto {
+            let buffer =
+                InOutBuf::new(ciphertext, out).map_err(|_| CryptoError::BadOutputLength)?;
+            return self
+                .cipher
+                .decrypt_inout_detached(&Nonce::from(*nonce), aad, buffer, &Tag::from(*tag))
+                .map_err(|_| CryptoError::AuthenticationFailed);
+        }
+        #[cfg(feature = "fips")]
+        let _ = using; // (the module is the only implementation)
+        if out.len() != ciphertext.len() {
+            return Err(CryptoError::BadOutputLength);
+        }
+        if self.large.open(nonce, aad, ciphertext, tag, out) {
+            Ok(())
+        } else {
+            Err(CryptoError::AuthenticationFailed)
         }
     }
 
@@ -426,6 +448,194 @@ impl DekCipher {
             f(&heap)
         }
     }
+}
+
+/// aws-lc's AES-256-GCM of `plaintext` into `body` and `tag_out` under a fresh
+/// nonce written to `nonce`: drawn by `fill_nonce` in a standard build, by
+/// the module in a FIPS build (where `fill_nonce` is not called).
+fn seal_fresh(
+    gcm: &AwsLcGcm,
+    nonce: &mut [u8; NONCE_LEN],
+    fill_nonce: &mut dyn FnMut(&mut [u8]) -> Result<(), CryptoError>,
+    aad: &[u8],
+    plaintext: &[u8],
+    body: &mut [u8],
+    tag_out: &mut [u8; TAG_LEN],
+) -> Result<(), CryptoError> {
+    #[cfg(not(feature = "fips"))]
+    let sealed = {
+        fill_nonce(nonce)?;
+        gcm.seal(nonce, aad, plaintext, body, tag_out)
+    };
+    #[cfg(feature = "fips")]
+    let sealed = {
+        let _ = fill_nonce;
+        gcm.seal_drawing_nonce(nonce, aad, plaintext, body, tag_out)
+    };
+    // (fails only on a length mismatch, beyond GCM's 64 GiB limit, or, in a
+    // FIPS build, when the module's DRBG fails)
+    sealed.then_some(()).ok_or(CryptoError::BadOutputLength)
+}
+
+/// A key sealed under a key-encryption key: the local provider's wrapped
+/// data keys (`nonce || body || tag`).
+pub struct SealedKey {
+    pub nonce: [u8; NONCE_LEN],
+    pub body: [u8; DEK_LEN],
+    pub tag: [u8; TAG_LEN],
+}
+
+/// Seals `key` under `kek` with AES-256-GCM, a fresh random nonce and `aad`
+/// (through aws-lc, in a FIPS build its module).
+pub fn seal_key(kek: &[u8; DEK_LEN], aad: &[u8], key: &DataKey) -> Result<SealedKey, CryptoError> {
+    let gcm = AwsLcGcm::new(kek).ok_or(CryptoError::KeySetupFailed)?;
+    let mut sealed = SealedKey {
+        nonce: [0u8; NONCE_LEN],
+        body: [0u8; DEK_LEN],
+        tag: [0u8; TAG_LEN],
+    };
+    seal_fresh(
+        &gcm,
+        &mut sealed.nonce,
+        &mut os_random,
+        aad,
+        key.expose(),
+        &mut sealed.body,
+        &mut sealed.tag,
+    )?;
+    Ok(sealed)
+}
+
+/// Opens a key [`seal_key`] sealed; `AuthenticationFailed` under another
+/// `kek` or `aad`, or if a byte changed.
+pub fn open_key(
+    kek: &[u8; DEK_LEN],
+    aad: &[u8],
+    sealed: &SealedKey,
+) -> Result<DataKey, CryptoError> {
+    let gcm = AwsLcGcm::new(kek).ok_or(CryptoError::KeySetupFailed)?;
+    let mut plain = zeroize::Zeroizing::new([0u8; DEK_LEN]);
+    if !gcm.open(
+        &sealed.nonce,
+        aad,
+        &sealed.body,
+        &sealed.tag,
+        &mut plain[..],
+    ) {
+        return Err(CryptoError::AuthenticationFailed);
+    }
+    Ok(DataKey::from_bytes(&plain))
+}
+
+/// HKDF-SHA-256 (RFC 5869) of `ikm` with `salt` and the concatenation of
+/// `info`, 32 bytes (through the FIPS module in a FIPS build).
+pub fn hkdf_sha256(salt: &[u8], ikm: &[u8], info: &[&[u8]]) -> zeroize::Zeroizing<[u8; 32]> {
+    let mut okm = zeroize::Zeroizing::new([0u8; 32]);
+    #[cfg(feature = "fips")]
+    assert!(
+        crate::aws_lc::hkdf_sha256(salt, ikm, info, &mut okm),
+        "the FIPS module's HKDF-SHA-256 failed"
+    );
+    #[cfg(not(feature = "fips"))]
+    hkdf::Hkdf::<sha2::Sha256>::new(Some(salt), ikm)
+        .expand_multi_info(info, &mut okm[..])
+        .expect("32 bytes is a valid HKDF-SHA256 output length");
+    okm
+}
+
+/// What byok_pg's cryptography runs on, and whether it passed its checks:
+/// reported by `byok.crypto_info()`, required by `CREATE EXTENSION`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CryptoStatus {
+    pub module: crate::aws_lc::ModuleInfo,
+    /// A NIST AES-256-GCM vector opened through every implementation in use.
+    pub known_answer_passed: bool,
+}
+
+impl CryptoStatus {
+    /// Runs the module's self-tests and byok_pg's own known-answer test now.
+    pub fn check() -> Self {
+        CryptoStatus {
+            module: crate::aws_lc::module_info(),
+            known_answer_passed: gcm_known_answer(),
+        }
+    }
+
+    /// Why the cryptography must not be used, or `None`.
+    pub fn problem(&self) -> Option<&'static str> {
+        if !self.module.self_test_passed {
+            Some("the cryptographic module failed its power-on self-test")
+        } else if crate::aws_lc::FIPS_BUILD && !self.module.fips_mode {
+            Some("this is a FIPS build, but its cryptographic module is not in FIPS mode")
+        } else if !self.known_answer_passed {
+            Some("AES-256-GCM failed its known-answer test")
+        } else {
+            None
+        }
+    }
+
+    /// The AES-256-GCM implementations values go through.
+    pub fn aes_gcm(&self) -> String {
+        if crate::aws_lc::FIPS_BUILD {
+            format!(
+                "{} (every value; nonces drawn inside the module)",
+                self.module.version
+            )
+        } else {
+            format!(
+                "RustCrypto aes-gcm below {AWS_LC_FROM_BYTES} bytes, {} from {AWS_LC_FROM_BYTES}",
+                self.module.version
+            )
+        }
+    }
+}
+
+/// NIST CAVS gcmEncryptExtIV256.rsp, the longest plaintext and AAD of the
+/// file: key, nonce, plaintext, AAD, ciphertext, tag.
+const NIST_GCM_VECTOR: [&str; 6] = [
+    "6be7f4d18ff0fbdd9b3b3cacaba4629a0c617387079add62f6ce1584b33faad1",
+    "fda568c9cb13d9c176bcef03",
+    "4df668e99d5068604a48bcca5baa8245435928558a83d68d7b0b081861224e9bd39ea8f2d55a635949e66c6f6a7ff5cc34dd94",
+    "11ebeb97dd4a9925c1fbe2b9af77392058d2d971e42db15da39f090d7bc132573c34bf7d92a2d72dc66ee6840c3ff07985b8976ee8d8f36bf47ae330b899fdc60652dd5a23c45f3680f11951f019e0697c8acfcaa95f01b9c7dd",
+    "488b40ad594e1845ccdd9e9467fc5e1afbbfde34e57d45bfcd30b61cc326d57fe8e3f31a39cdebf00f60bbd2c3cdf69f756eff",
+    "3bf3fbab9b48486fd08a5552604df639",
+];
+
+/// Opens [`NIST_GCM_VECTOR`] through each implementation (the one a FIPS
+/// build has), and refuses it with one tag bit flipped.
+fn gcm_known_answer() -> bool {
+    fn unhex(s: &str) -> Vec<u8> {
+        (0..s.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap_or(0))
+            .collect()
+    }
+    let [key, nonce, plaintext, aad, ciphertext, tag] = NIST_GCM_VECTOR.map(unhex);
+    let (Ok(key), Ok(nonce), Ok(mut tag)) = (
+        DataKey::from_slice(&key),
+        <[u8; NONCE_LEN]>::try_from(nonce),
+        <[u8; TAG_LEN]>::try_from(tag),
+    ) else {
+        return false;
+    };
+    let Ok(cipher) = DekCipher::new(1, "", &key) else {
+        return false;
+    };
+    let mut out = vec![0u8; ciphertext.len()];
+    [GcmImpl::RustCrypto, GcmImpl::AwsLc]
+        .into_iter()
+        .all(|using| {
+            let opens = cipher
+                .gcm_open(using, &nonce, &aad, &ciphertext, &tag, &mut out)
+                .is_ok()
+                && out == plaintext;
+            tag[0] ^= 1;
+            let refuses = cipher
+                .gcm_open(using, &nonce, &aad, &ciphertext, &tag, &mut out)
+                .is_err();
+            tag[0] ^= 1;
+            opens && refuses
+        })
 }
 
 /// Nonces from the OS CSPRNG, read 4 KiB at a time instead of one system call
@@ -501,15 +711,9 @@ mod tests {
     /// ciphertext, tag, through each implementation's seal and open.
     #[test]
     fn nist_vectors_through_both_implementations() {
-        const VECTORS: &[(&str, &str, &str, &str, &str, &str)] = &[
-            (
-                "6be7f4d18ff0fbdd9b3b3cacaba4629a0c617387079add62f6ce1584b33faad1",
-                "fda568c9cb13d9c176bcef03",
-                "4df668e99d5068604a48bcca5baa8245435928558a83d68d7b0b081861224e9bd39ea8f2d55a635949e66c6f6a7ff5cc34dd94",
-                "11ebeb97dd4a9925c1fbe2b9af77392058d2d971e42db15da39f090d7bc132573c34bf7d92a2d72dc66ee6840c3ff07985b8976ee8d8f36bf47ae330b899fdc60652dd5a23c45f3680f11951f019e0697c8acfcaa95f01b9c7dd",
-                "488b40ad594e1845ccdd9e9467fc5e1afbbfde34e57d45bfcd30b61cc326d57fe8e3f31a39cdebf00f60bbd2c3cdf69f756eff",
-                "3bf3fbab9b48486fd08a5552604df639",
-            ),
+        let [k, n, p, a, c, t] = NIST_GCM_VECTOR;
+        let vectors: &[(&str, &str, &str, &str, &str, &str)] = &[
+            (k, n, p, a, c, t),
             (
                 "b52c505a37d78eda5dd34f20c22540ea1b58963cf8e5bf8ffa85f9f2492505b4",
                 "516c33929df5a3284ff463d7",
@@ -519,19 +723,37 @@ mod tests {
                 "bdc1ac884d332457a1d2664f168c76f0",
             ),
         ];
-        for (key, nonce, plaintext, aad, ciphertext, tag) in VECTORS {
+        for (key, nonce, plaintext, aad, ciphertext, tag) in vectors {
             let key = DataKey::from_slice(&hex(key)).unwrap();
             let cipher = DekCipher::new(1, "t", &key).unwrap();
             let nonce: [u8; NONCE_LEN] = hex(nonce).try_into().unwrap();
             let tag: [u8; TAG_LEN] = hex(tag).try_into().unwrap();
             let (plaintext, aad, ciphertext) = (hex(plaintext), hex(aad), hex(ciphertext));
             for using in BOTH {
-                let mut body = vec![0u8; plaintext.len()];
-                let mut tag_out = [0u8; TAG_LEN];
-                cipher
-                    .gcm_seal(using, &nonce, &aad, &plaintext, &mut body, &mut tag_out)
-                    .unwrap();
-                assert_eq!((&body, &tag_out), (&ciphertext, &tag), "{using:?} seal");
+                // (a FIPS build's module draws its own nonces, so only its
+                // open can be held to a vector; its seal is known-answer
+                // tested by the module's power-on self-test)
+                #[cfg(not(feature = "fips"))]
+                {
+                    let mut body = vec![0u8; plaintext.len()];
+                    let mut tag_out = [0u8; TAG_LEN];
+                    let mut nonce_slot = [0u8; NONCE_LEN];
+                    cipher
+                        .gcm_seal(
+                            using,
+                            &mut nonce_slot,
+                            &mut |slot: &mut [u8]| {
+                                slot.copy_from_slice(&nonce);
+                                Ok(())
+                            },
+                            &aad,
+                            &plaintext,
+                            &mut body,
+                            &mut tag_out,
+                        )
+                        .unwrap();
+                    assert_eq!((&body, &tag_out), (&ciphertext, &tag), "{using:?} seal");
+                }
                 let mut opened = vec![0u8; plaintext.len()];
                 cipher
                     .gcm_open(using, &nonce, &aad, &ciphertext, &tag, &mut opened)
@@ -630,11 +852,91 @@ mod tests {
         }
     }
 
+    #[cfg(feature = "fips")]
+    #[test]
+    fn a_fips_build_seals_every_length_through_the_module() {
+        for len in [0, 1, AWS_LC_FROM_BYTES - 1, AWS_LC_FROM_BYTES, 1 << 20] {
+            assert_eq!(GcmImpl::for_len(len), GcmImpl::AwsLc);
+        }
+        // The module draws the nonce: a NoncePool's would be the same twice.
+        let c = cipher(1, "t");
+        let mut same = |n: &mut [u8]| {
+            n.fill(7);
+            Ok(())
+        };
+        let mut a = vec![0u8; envelope::sealed_len(10)];
+        let mut b = vec![0u8; envelope::sealed_len(10)];
+        c.seal_into_with(b"0123456789", b"", &mut a, &mut same)
+            .unwrap();
+        c.seal_into_with(b"0123456789", b"", &mut b, &mut same)
+            .unwrap();
+        let nonce = |v: &[u8]| v[HEADER_LEN..HEADER_LEN + NONCE_LEN].to_vec();
+        assert_ne!(nonce(&a), nonce(&b));
+        assert_ne!(nonce(&a), vec![7u8; NONCE_LEN]);
+        assert_eq!(c.open(&a, b"").unwrap(), b"0123456789");
+    }
+
+    #[cfg(not(feature = "fips"))]
     #[test]
     fn the_length_picks_the_implementation() {
         assert_eq!(GcmImpl::for_len(0), GcmImpl::RustCrypto);
         assert_eq!(GcmImpl::for_len(AWS_LC_FROM_BYTES - 1), GcmImpl::RustCrypto);
         assert_eq!(GcmImpl::for_len(AWS_LC_FROM_BYTES), GcmImpl::AwsLc);
+    }
+
+    #[test]
+    fn the_checks_pass_and_a_failed_one_is_named() {
+        let status = CryptoStatus::check();
+        assert_eq!(status.problem(), None, "{status:?}");
+        assert!(status.aes_gcm().contains("AWS-LC"));
+        let mut broken = status.clone();
+        broken.known_answer_passed = false;
+        assert_eq!(
+            broken.problem(),
+            Some("AES-256-GCM failed its known-answer test")
+        );
+        broken.module.self_test_passed = false;
+        assert!(broken.problem().unwrap().contains("power-on self-test"));
+        let mut not_fips = status;
+        not_fips.module.fips_mode = false;
+        assert_eq!(not_fips.problem().is_some(), crate::aws_lc::FIPS_BUILD);
+    }
+
+    #[test]
+    fn sealed_keys_open_under_their_kek_and_aad_only() {
+        let kek = [3u8; DEK_LEN];
+        let key = DataKey::generate().unwrap();
+        let sealed = seal_key(&kek, b"aad", &key).unwrap();
+        assert_eq!(open_key(&kek, b"aad", &sealed).unwrap(), key);
+        assert_ne!(sealed.body, *key.expose());
+        let again = seal_key(&kek, b"aad", &key).unwrap();
+        assert_ne!(again.nonce, sealed.nonce, "a fresh nonce per seal");
+        assert_eq!(
+            open_key(&[4u8; DEK_LEN], b"aad", &sealed),
+            Err(CryptoError::AuthenticationFailed)
+        );
+        assert_eq!(
+            open_key(&kek, b"aaD", &sealed),
+            Err(CryptoError::AuthenticationFailed)
+        );
+        let mut flipped = SealedKey { ..sealed };
+        flipped.body[5] ^= 1;
+        assert_eq!(
+            open_key(&kek, b"aad", &flipped),
+            Err(CryptoError::AuthenticationFailed)
+        );
+    }
+
+    /// RFC 5869 test case 1 (its first 32 bytes), the info split in two.
+    #[test]
+    fn hkdf_matches_rfc_5869() {
+        let salt: Vec<u8> = (0u8..=0x0c).collect();
+        let info: Vec<u8> = (0xf0u8..=0xf9).collect();
+        let okm = hkdf_sha256(&salt, &[0x0bu8; 22], &[&info[..3], &info[3..]]);
+        assert_eq!(
+            hex("3cb25f25faacd57a90434f64d0362f2a2d2d0a90cf1a5a4c5db02d56ecc4c5bf"),
+            okm.to_vec()
+        );
     }
 
     #[test]

@@ -6,7 +6,7 @@
 //! below with `#[allow(unsafe_code)]`: the tables that live in PostgreSQL
 //! shared memory (interior mutability across processes), the two system
 //! calls (`clock_gettime`, `mmap`), the allocator of [`secret_mem`], and
-//! aws-lc's AES-GCM ([`aws_lc_gcm`]). A new
+//! aws-lc ([`aws_lc`], [`aws_lc_gcm`]). A new
 //! unsafe block elsewhere is a compile error, so adding one is a deliberate
 //! change to this list; in the allowed modules every unsafe block and impl
 //! must carry a `// SAFETY:` comment (`clippy::undocumented_unsafe_blocks`).
@@ -18,6 +18,9 @@
 // Shared memory: slots handed between processes by atomic state changes.
 #[allow(unsafe_code)]
 pub mod audit_ring;
+// The aws-lc build (standard or FIPS module) and its primitives, through its C interface.
+#[allow(unsafe_code)]
+pub mod aws_lc;
 // aws-lc's AES-GCM context through its C interface, placed in secret memory.
 #[allow(unsafe_code)]
 pub mod aws_lc_gcm;

@@ -12,13 +12,17 @@
 //! is sealed and when a probe is computed: a Unicode form (NFC or NFKC), then
 //! Unicode lowercase (not full case folding), then trimming of white space.
 
+#[cfg(not(feature = "fips"))]
 use std::cell::RefCell;
 
+#[cfg(not(feature = "fips"))]
 use hmac::{HmacReset, KeyInit, Mac};
+#[cfg(not(feature = "fips"))]
 use sha2::Sha256;
 use unicode_normalization::UnicodeNormalization;
 use zeroize::Zeroizing;
 
+#[cfg(not(feature = "fips"))]
 use crate::secret_mem::SecretBox;
 
 pub use crate::envelope::{MAX_TERM_LEN, MIN_TERM_LEN};
@@ -197,17 +201,24 @@ impl Normalized<'_> {
 /// memory excluded from core dumps and wiped on drop), which each term resets
 /// to its keyed state: a term costs the hashing of its message only, with no
 /// copy of the key state to make and wipe per value.
+/// In a FIPS build, the module's HMAC-SHA-256, kept the same way.
 pub struct IndexKey {
+    #[cfg(not(feature = "fips"))]
     keyed: SecretBox<RefCell<HmacReset<Sha256>>>,
+    #[cfg(feature = "fips")]
+    keyed: crate::aws_lc::HmacSha256,
 }
 
 impl IndexKey {
     pub fn from_bytes(bytes: &[u8; 32]) -> Self {
         IndexKey {
+            #[cfg(not(feature = "fips"))]
             keyed: SecretBox::new(RefCell::new(
                 <HmacReset<Sha256> as KeyInit>::new_from_slice(bytes)
                     .expect("HMAC takes a key of any length"),
             )),
+            #[cfg(feature = "fips")]
+            keyed: crate::aws_lc::HmacSha256::new(bytes),
         }
     }
 
@@ -219,15 +230,28 @@ impl IndexKey {
     pub fn term_into(&self, tenant: &str, context: &[u8], normalized: &[u8], out: &mut [u8]) {
         debug_assert!((MIN_TERM_LEN..=MAX_TERM_LEN).contains(&out.len()));
         debug_assert!(tenant.len() <= crate::crypto::MAX_TENANT_ID_LEN);
-        let mut mac = self.keyed.borrow_mut();
-        // (finalize_reset leaves it keyed; this covers an unwind midway)
-        Mac::reset(&mut *mac);
-        mac.update(&[TERM_FORMAT, tenant.len() as u8]);
-        mac.update(tenant.as_bytes());
-        mac.update(&(context.len() as u32).to_be_bytes());
-        mac.update(context);
-        mac.update(normalized);
-        let full = mac.finalize_reset().into_bytes();
+        let prefix = [TERM_FORMAT, tenant.len() as u8];
+        let context_len = (context.len() as u32).to_be_bytes();
+        #[cfg(not(feature = "fips"))]
+        let full = {
+            let mut mac = self.keyed.borrow_mut();
+            // (finalize_reset leaves it keyed; this covers an unwind midway)
+            Mac::reset(&mut *mac);
+            mac.update(&prefix);
+            mac.update(tenant.as_bytes());
+            mac.update(&context_len);
+            mac.update(context);
+            mac.update(normalized);
+            mac.finalize_reset().into_bytes()
+        };
+        #[cfg(feature = "fips")]
+        let full = self.keyed.mac(&[
+            &prefix,
+            tenant.as_bytes(),
+            &context_len,
+            context,
+            normalized,
+        ]);
         let len = out.len().min(MAX_TERM_LEN);
         out[..len].copy_from_slice(&full[..len]);
     }

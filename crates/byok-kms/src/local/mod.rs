@@ -26,12 +26,8 @@ mod tests;
 
 use std::path::{Path, PathBuf};
 
-use aes_gcm::aead::inout::InOutBuf;
-use aes_gcm::{AeadInOut, Aes256Gcm, KeyInit, Nonce, Tag};
 use byok_core::config::ProviderKind;
-use byok_core::crypto::{DEK_LEN, DataKey};
-use hkdf::Hkdf;
-use sha2::Sha256;
+use byok_core::crypto::{self, CryptoError, DEK_LEN, DataKey, SealedKey};
 use zeroize::Zeroizing;
 
 pub use keyfile::KeyFileError;
@@ -180,16 +176,11 @@ impl LocalProvider {
 
 impl RootSecret {
     fn derive(&self, label: &[u8], cmk_id: &str) -> Zeroizing<[u8; 32]> {
-        let hkdf = Hkdf::<Sha256>::new(Some(HKDF_SALT), &self.0[..]);
-        let mut okm = Zeroizing::new([0u8; 32]);
-        hkdf.expand_multi_info(&[label, cmk_id.as_bytes()], &mut okm[..])
-            .expect("32 bytes is a valid HKDF-SHA256 output length");
-        okm
+        crypto::hkdf_sha256(HKDF_SALT, &self.0[..], &[label, cmk_id.as_bytes()])
     }
 
-    fn kek(&self, cmk_id: &str) -> Aes256Gcm {
-        let key = self.derive(b"kek\0", cmk_id);
-        Aes256Gcm::new_from_slice(&key[..]).expect("32-byte key")
+    fn kek(&self, cmk_id: &str) -> Zeroizing<[u8; 32]> {
+        self.derive(b"kek\0", cmk_id)
     }
 
     /// A public fingerprint of the derived master key: 8 bytes of a separate HKDF output.
@@ -216,21 +207,16 @@ impl RootSecret {
         dek: &DataKey,
         context: &KeyContext<'_>,
     ) -> Result<WrappedDek, LocalError> {
-        let mut blob = vec![0u8; WRAPPED_LEN];
-        blob[0] = WRAP_FORMAT_V1;
-        let (nonce, rest) = blob[1..].split_at_mut(NONCE_LEN);
-        getrandom::fill(nonce).map_err(|_| LocalError::RandomUnavailable)?;
-        let nonce = Nonce::try_from(&*nonce).expect("12 bytes");
-        let (body, tag_out) = rest.split_at_mut(DEK_LEN);
-        let tag = self
-            .kek(cmk_id)
-            .encrypt_inout_detached(
-                &nonce,
-                &Self::aad(cmk_id, context),
-                InOutBuf::new(dek.expose(), body).expect("equal lengths"),
-            )
-            .expect("a 32-byte plaintext is within GCM's limits");
-        tag_out.copy_from_slice(&tag);
+        let sealed = crypto::seal_key(&self.kek(cmk_id), &Self::aad(cmk_id, context), dek)
+            .map_err(|err| match err {
+                CryptoError::RandomUnavailable => LocalError::RandomUnavailable,
+                other => unreachable!("sealing a 32-byte key under a 32-byte key: {other}"),
+            })?;
+        let mut blob = Vec::with_capacity(WRAPPED_LEN);
+        blob.push(WRAP_FORMAT_V1);
+        blob.extend_from_slice(&sealed.nonce);
+        blob.extend_from_slice(&sealed.body);
+        blob.extend_from_slice(&sealed.tag);
         Ok(WrappedDek {
             blob,
             cmk_id: cmk_id.to_string(),
@@ -253,22 +239,20 @@ impl RootSecret {
         if wrapped.cmk_version != self.key_check_value(&wrapped.cmk_id) {
             return Err(LocalError::WrongRootSecret { dek_id });
         }
-        let nonce = Nonce::try_from(&wrapped.blob[1..1 + NONCE_LEN]).expect("12 bytes");
-        let tag = Tag::try_from(&wrapped.blob[1 + NONCE_LEN + DEK_LEN..]).expect("16 bytes");
-        let mut plain = Zeroizing::new([0u8; DEK_LEN]);
-        self.kek(&wrapped.cmk_id)
-            .decrypt_inout_detached(
-                &nonce,
-                &Self::aad(&wrapped.cmk_id, context),
-                InOutBuf::new(
-                    &wrapped.blob[1 + NONCE_LEN..1 + NONCE_LEN + DEK_LEN],
-                    &mut plain[..],
-                )
-                .expect("equal lengths"),
-                &tag,
-            )
-            .map_err(|_| LocalError::UnwrapFailed { dek_id })?;
-        Ok(DataKey::from_slice(&plain[..]).expect("32 bytes"))
+        let b = &wrapped.blob;
+        let sealed = SealedKey {
+            nonce: b[1..1 + NONCE_LEN].try_into().expect("12 bytes"),
+            body: b[1 + NONCE_LEN..1 + NONCE_LEN + DEK_LEN]
+                .try_into()
+                .expect("32 bytes"),
+            tag: b[1 + NONCE_LEN + DEK_LEN..].try_into().expect("16 bytes"),
+        };
+        crypto::open_key(
+            &self.kek(&wrapped.cmk_id),
+            &Self::aad(&wrapped.cmk_id, context),
+            &sealed,
+        )
+        .map_err(|_| LocalError::UnwrapFailed { dek_id })
     }
 }
 
