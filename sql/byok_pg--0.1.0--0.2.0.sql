@@ -243,7 +243,13 @@ CREATE TRIGGER invalidate_key_caches
 -- 3. Functions, views, policies, triggers: the 0.2.0 definitions. CREATE OR
 --    REPLACE keeps the functions (and views) your objects may depend on, such as
 --    a view calling byok.decrypt_text; the per-row functions and the type are
---    unchanged since 0.1.0 (sql/types.sql).
+--    unchanged since 0.1.0 (sql/types.sql), which adds the casts with bytea.
+
+-- sql/types.sql (0.2.0): the casts with bytea.
+CREATE FUNCTION byok.encrypted_from_bytea(bytea) RETURNS byok.encrypted
+    AS 'MODULE_PATHNAME', 'byok_encrypted_from_bytea' LANGUAGE C IMMUTABLE STRICT PARALLEL SAFE;
+CREATE CAST (bytea AS byok.encrypted) WITH FUNCTION byok.encrypted_from_bytea(bytea) AS ASSIGNMENT;
+CREATE CAST (byok.encrypted AS bytea) WITHOUT FUNCTION;
 
 -- The library's functions (#[pg_extern]; as `cargo pgrx schema` writes them).
 CREATE OR REPLACE FUNCTION byok.make_searchable(
@@ -1250,9 +1256,10 @@ GRANT USAGE ON SCHEMA byok TO PUBLIC;
 -- Functions: closed by default (including any added later), then opened one by one.
 REVOKE EXECUTE ON ALL FUNCTIONS IN SCHEMA byok FROM PUBLIC;
 REVOKE EXECUTE ON ALL PROCEDURES IN SCHEMA byok FROM PUBLIC;
--- The type's input and output (used by COPY, pg_dump, drivers).
+-- The type's input and output (used by COPY, pg_dump, drivers) and its cast from bytea.
 GRANT EXECUTE ON FUNCTION byok.encrypted_in(cstring), byok.encrypted_out(byok.encrypted),
-    byok.encrypted_recv(internal), byok.encrypted_send(byok.encrypted)
+    byok.encrypted_recv(internal), byok.encrypted_send(byok.encrypted),
+    byok.encrypted_from_bytea(bytea)
   TO PUBLIC;
 -- byok.role_ref's input, output and comparisons (OIDs and names only).
 GRANT EXECUTE ON FUNCTION byok.role_ref_in(cstring), byok.role_ref_out(byok.role_ref),

@@ -14,9 +14,10 @@ GRANT USAGE ON SCHEMA byok TO PUBLIC;
 -- Functions: closed by default (including any added later), then opened one by one.
 REVOKE EXECUTE ON ALL FUNCTIONS IN SCHEMA byok FROM PUBLIC;
 REVOKE EXECUTE ON ALL PROCEDURES IN SCHEMA byok FROM PUBLIC;
--- The type's input and output (used by COPY, pg_dump, drivers).
+-- The type's input and output (used by COPY, pg_dump, drivers) and its cast from bytea.
 GRANT EXECUTE ON FUNCTION byok.encrypted_in(cstring), byok.encrypted_out(byok.encrypted),
-    byok.encrypted_recv(internal), byok.encrypted_send(byok.encrypted)
+    byok.encrypted_recv(internal), byok.encrypted_send(byok.encrypted),
+    byok.encrypted_from_bytea(bytea)
   TO PUBLIC;
 -- byok.role_ref's input, output and comparisons (OIDs and names only).
 GRANT EXECUTE ON FUNCTION byok.role_ref_in(cstring), byok.role_ref_out(byok.role_ref),

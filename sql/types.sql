@@ -32,6 +32,19 @@ CREATE TYPE byok.encrypted (
 COMMENT ON TYPE byok.encrypted IS
     'A value sealed with AES-256-GCM under a tenant''s data key; text form "byok:" || base64';
 
+-- Casts with bytea, for drivers in binary mode: the bytes are the type's
+-- binary (send/recv) format, the envelope. bytea -> byok.encrypted checks the
+-- envelope's structure like the type's inputs (22P02 on bytes that are not a
+-- sealed value) and applies on assignment (a bytea parameter INSERTed or
+-- UPDATEd into a byok.encrypted column) and when written (::byok.encrypted),
+-- never implicitly inside expressions, so no function call silently takes
+-- arbitrary bytes for a sealed value. byok.encrypted -> bytea is explicit and
+-- free (the same bytes).
+CREATE FUNCTION byok.encrypted_from_bytea(bytea) RETURNS byok.encrypted
+    AS 'MODULE_PATHNAME', 'byok_encrypted_from_bytea' LANGUAGE C IMMUTABLE STRICT PARALLEL SAFE;
+CREATE CAST (bytea AS byok.encrypted) WITH FUNCTION byok.encrypted_from_bytea(bytea) AS ASSIGNMENT;
+CREATE CAST (byok.encrypted AS bytea) WITHOUT FUNCTION;
+
 -- Per-row functions. encrypt() is VOLATILE because every call draws a fresh nonce;
 -- decrypt() is STABLE because its result depends on key state and byok.tenant.
 CREATE FUNCTION byok.encrypt(tenant_id text, plaintext bytea, context text DEFAULT '')

@@ -36,6 +36,8 @@ use pgrx::{PgLogLevel, PgSqlErrorCode};
 pub enum ByokError {
     MalformedText(TextError),
     MalformedBinary(FormatError),
+    /// A `bytea` cast to `byok.encrypted` that is not a sealed value (22P02).
+    MalformedBytes(FormatError),
     InvalidConfig(ConfigError),
     InvalidArgument {
         message: String,
@@ -228,6 +230,11 @@ impl ByokError {
                 ERRCODE_INVALID_BINARY_REPRESENTATION,
                 format!("invalid binary representation of byok.encrypted: {e}"),
             ),
+            ByokError::MalformedBytes(e) => report(
+                ERRCODE_INVALID_TEXT_REPRESENTATION,
+                format!("invalid input for type byok.encrypted: {e}"),
+            )
+            .set_hint("a bytea cast to byok.encrypted must hold a sealed value's bytes, as byok.encrypted::bytea or a binary-mode fetch gives them"),
             ByokError::InvalidConfig(e) => report(
                 ERRCODE_INVALID_PARAMETER_VALUE,
                 format!("invalid tenant configuration: {e}"),

@@ -230,7 +230,21 @@ CHECKS = [
     ("Cloud KMS emulator (drongo)", check_drongo),
     ("Azure Key Vault stand-in", check_azure_standin),
     ("Cloud KMS stand-in", check_gcp_standin),
+    ("client drivers", check_client_drivers),
 ]
+
+
+def check_client_drivers(workdir):
+    """The drivers tests/scripts/clients.sh runs the recipes in clients/ with:
+    psycopg with its compiled implementation (psycopg-binary), asyncpg, SQLAlchemy."""
+    import asyncpg
+    import psycopg
+    import sqlalchemy
+
+    if psycopg.pq.__impl__ != "binary":
+        raise Missing(f"psycopg runs its {psycopg.pq.__impl__} implementation, not psycopg-binary's")
+    return (f"client drivers: psycopg {psycopg.__version__} ({psycopg.pq.__impl__}), "
+            f"asyncpg {asyncpg.__version__}, SQLAlchemy {sqlalchemy.__version__}")
 
 
 def main():

@@ -18,6 +18,7 @@ pg_function_info_v1!(
     byok_encrypted_out,
     byok_encrypted_recv,
     byok_encrypted_send,
+    byok_encrypted_from_bytea,
     byok_value_data_key_id
 );
 
@@ -99,6 +100,22 @@ pub unsafe extern "C-unwind" fn byok_encrypted_send(
     // SAFETY: fmgr calls the STRICT type I/O functions with a valid `fcinfo`;
     // the argument is a byok.encrypted varlena.
     copy_to_varlena(unsafe { datum_bytes(arg_datum(fcinfo, 0)) })
+}
+
+/// The cast `bytea AS byok.encrypted`: the bytes are the binary format (the
+/// envelope), checked like the type's inputs.
+#[pg_guard]
+#[unsafe(no_mangle)]
+pub unsafe extern "C-unwind" fn byok_encrypted_from_bytea(
+    fcinfo: pg_sys::FunctionCallInfo,
+) -> pg_sys::Datum {
+    // SAFETY: fmgr calls this STRICT cast function with a valid `fcinfo`
+    // whose argument is a bytea varlena.
+    let bytes = unsafe { datum_bytes(arg_datum(fcinfo, 0)) };
+    Envelope::parse(bytes)
+        .map_err(ByokError::MalformedBytes)
+        .or_raise();
+    copy_to_varlena(bytes)
 }
 
 #[pg_guard]

@@ -3,7 +3,7 @@
 -- attributes, body digest, privileges, comment), relation (kind, options,
 -- row-level security, privileges, comment, view definition digest), column (in
 -- order, type, default, privileges), constraint, index, trigger, policy,
--- sequence, type, event trigger, the configuration tables pg_dump dumps, and
+-- sequence, type, cast, event trigger, the configuration tables pg_dump dumps, and
 -- the initial privileges pg_dump compares with. Privileges are normalized (a
 -- NULL ACL is written as its default). tests/scripts/upgrade.sh compares an
 -- updated database's lines with a fresh install's.
@@ -86,5 +86,9 @@ lines AS (
   UNION ALL
   SELECT format('init privs %s: %s', pg_describe_object(i.classoid, i.objoid, i.objsubid), pg_temp.acl(i.initprivs))
     FROM pg_init_privs i JOIN members m ON m.classid = i.classoid AND m.objid = i.objoid WHERE i.objsubid <> 0
+  UNION ALL
+  SELECT format('cast %s context=%s method=%s function=%s', pg_describe_object('pg_cast'::regclass, c.oid, 0),
+         c.castcontext, c.castmethod, c.castfunc::regprocedure)
+    FROM pg_cast c JOIN members m ON m.classid = 'pg_cast'::regclass AND m.objid = c.oid
 )
 SELECT l FROM lines ORDER BY l COLLATE "C";

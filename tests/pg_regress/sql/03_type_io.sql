@@ -54,5 +54,30 @@ COPY one_value FROM '/tmp/byok_pg_regress_short.bin' WITH (FORMAT binary);
 \echo SQLSTATE :LAST_ERROR_SQLSTATE
 SELECT count(*) AS loaded FROM one_value;
 
+-- Casts with bytea, for drivers in binary mode (their parameters arrive as
+-- bytea): the bytes are the binary format. byok.encrypted::bytea is free and
+-- explicit; bytea converts back on assignment or when cast, checked like every
+-- input.
+SELECT castsource::regtype, casttarget::regtype,
+       CASE castcontext WHEN 'e' THEN 'explicit' WHEN 'a' THEN 'assignment' ELSE 'implicit' END AS applies,
+       CASE castmethod WHEN 'b' THEN 'same bytes' ELSE castfunc::regproc::text END AS how
+  FROM pg_cast WHERE 'byok.encrypted'::regtype IN (castsource, casttarget) ORDER BY 1::text;
+SELECT body::bytea = byok.encrypted_send(body) AS same_as_send FROM notes WHERE id = 1;
+-- A bytea parameter into a byok.encrypted column: assignment.
+PREPARE put(int, bytea) AS INSERT INTO one_value VALUES ($2);
+SELECT body::bytea AS note7 FROM notes WHERE id = 7 \gset
+EXECUTE put(1, :'note7');
+SELECT byok.decrypt_text(v, 'notes.body') FROM one_value;
+-- In an expression the cast is written out:
+SELECT byok.decrypt_text((SELECT body::bytea FROM notes WHERE id = 8)::byok.encrypted, 'notes.body');
+-- never taken implicitly, so no function silently reads arbitrary bytes as a value:
+SELECT byok.decrypt_text((SELECT body::bytea FROM notes WHERE id = 8), 'notes.body');
+-- Bytes that are not a sealed value fail like text input does (22P02).
+SELECT '\x0101000000000000000102'::bytea::byok.encrypted;
+\echo SQLSTATE :LAST_ERROR_SQLSTATE
+EXECUTE put(2, '\x02');
+\echo SQLSTATE :LAST_ERROR_SQLSTATE
+SELECT count(*) AS stored FROM one_value;
+
 DROP TABLE notes, notes_text, notes_binary, one_value;
 SELECT byok.destroy_tenant_keys('acme_io', 'acme_io');
