@@ -299,7 +299,7 @@ CREATE OR REPLACE FUNCTION byok.crypto_info() RETURNS TABLE (
     "fips_mode" bool,
     "module" TEXT,
     "aes_gcm" TEXT,
-    "self_test_passed" bool,
+    "known_answer_passed" bool,
     "problem" TEXT
 )
 STRICT VOLATILE PARALLEL SAFE
@@ -1221,10 +1221,10 @@ COMMENT ON FUNCTION byok.citus_audit_log(timestamptz) IS
 
 -- crypto_check.sql (0.2.0):
 -- CREATE EXTENSION (and ALTER EXTENSION ... UPDATE) refuses to install over
--- cryptography that failed its checks: in a FIPS build, a module whose
--- power-on self-test failed or that is not in FIPS mode; in any build, an
--- AES-256-GCM implementation that fails a NIST known-answer test.
--- byok.crypto_info() runs the checks and names the problem.
+-- cryptography that fails its checks: in a FIPS build, a module not in FIPS
+-- mode; in any build, an AES-256-GCM implementation failing a NIST
+-- known-answer test. byok.crypto_info() runs the checks and names the problem.
+-- (The server runs them too when it loads the library, and refuses to start.)
 DO $crypto_check$
 DECLARE
     info record;

@@ -1,8 +1,8 @@
 -- CREATE EXTENSION (and ALTER EXTENSION ... UPDATE) refuses to install over
--- cryptography that failed its checks: in a FIPS build, a module whose
--- power-on self-test failed or that is not in FIPS mode; in any build, an
--- AES-256-GCM implementation that fails a NIST known-answer test.
--- byok.crypto_info() runs the checks and names the problem.
+-- cryptography that fails its checks: in a FIPS build, a module not in FIPS
+-- mode; in any build, an AES-256-GCM implementation failing a NIST
+-- known-answer test. byok.crypto_info() runs the checks and names the problem.
+-- (The server runs them too when it loads the library, and refuses to start.)
 DO $crypto_check$
 DECLARE
     info record;

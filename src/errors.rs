@@ -188,6 +188,8 @@ pub enum ByokError {
     NotATrigger(&'static str),
     /// This build uses CPU instructions (AES-NI, PCLMULQDQ, AVX2) the server lacks.
     UnsupportedCpu,
+    /// The cryptography failed its checks (`CryptoStatus::problem`) (58000).
+    CryptoCheckFailed(&'static str),
     Internal(String),
 }
 
@@ -470,6 +472,11 @@ impl ByokError {
                 "this build of byok_pg needs a CPU with AES-NI, PCLMULQDQ and AVX2".into(),
             )
             .set_hint("rebuild it for this CPU with CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUSTFLAGS=\"\" cargo pgrx install"),
+            ByokError::CryptoCheckFailed(problem) => report(
+                ERRCODE_SYSTEM_ERROR,
+                format!("byok_pg cannot run: {problem}"),
+            )
+            .set_hint("see byok.crypto_info() and docs/security.md, \"FIPS build\""),
             ByokError::Internal(msg) => report(ERRCODE_INTERNAL_ERROR, format!("byok_pg internal error: {msg}")),
             ByokError::Catalog(msg) => report(
                 ERRCODE_INTERNAL_ERROR,

@@ -80,6 +80,7 @@ extension_sql_file!("../sql/privileges.sql", name = "privileges", finalize);
 #[pg_guard]
 pub extern "C-unwind" fn _PG_init() {
     check_cpu();
+    check_crypto();
     gucs::init();
     keyring::invalidation::register();
     // The broker and its shared memory can only be set up from shared_preload_libraries;
@@ -119,6 +120,18 @@ fn check_cpu() {
         if !ok {
             errors::ByokError::UnsupportedCpu.raise();
         }
+    }
+}
+
+/// Refuses to load (so, preloaded, the server refuses to start) when the
+/// cryptography fails its checks: a FIPS build whose module is not in FIPS
+/// mode, or AES-256-GCM failing a NIST known-answer test
+/// (`byok.crypto_info()` reports the same; `CREATE EXTENSION` checks it too).
+/// Starting the FIPS module here also runs its power-on self-tests, which
+/// abort the process on failure, before any backend exists.
+fn check_crypto() {
+    if let Some(problem) = byok_core::crypto::CryptoStatus::check().problem() {
+        errors::ByokError::CryptoCheckFailed(problem).raise();
     }
 }
 

@@ -19,11 +19,11 @@
 //! the only GCM sealing FIPS 140-3 approves; opening takes the stored nonce
 //! back. The bytes are the same as a standard build's.
 
-use crate::aws_lc::clear_errors;
 use crate::aws_lc::sys::{
     EVP_AEAD_CTX, EVP_AEAD_CTX_cleanup, EVP_AEAD_CTX_init, EVP_AEAD_CTX_open_gather,
     EVP_AEAD_CTX_seal_scatter, EVP_AEAD_CTX_zero,
 };
+use crate::aws_lc::{clear_errors, wipe_stack};
 
 use crate::secret_mem::SecretBox;
 
@@ -223,22 +223,6 @@ impl AwsLcGcm {
         }
         ok == 1
     }
-}
-
-/// How much of the stack below the caller's frame [`wipe_stack`] overwrites:
-/// more than aws-lc's seal or open frames take. Measured on x86-64 (VAES): the
-/// message's tag mask sat 1.3 KiB below the caller's frame after a seal, for
-/// every value size; 3 KiB leaves room for other CPUs' code paths.
-const STACK_WIPE_LEN: usize = 3072;
-
-/// Overwrites the stack just below the caller's frame, where the aws-lc call
-/// that returned had its frames. Not inlined, so its frame starts where
-/// aws-lc's did; the array is handed to `black_box`, so its zeroes are
-/// written rather than optimized away.
-#[inline(never)]
-fn wipe_stack() {
-    let scratch = [0u8; STACK_WIPE_LEN];
-    std::hint::black_box(&scratch);
 }
 
 impl Drop for AwsLcGcm {

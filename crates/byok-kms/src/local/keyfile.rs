@@ -125,7 +125,9 @@ fn create_atomically(what: &'static str, path: &Path) -> Result<(), KeyFileError
         reason: e.to_string(),
     };
     let mut secret = Zeroizing::new([0u8; ROOT_SECRET_LEN]);
-    getrandom::fill(&mut secret[..]).map_err(|_| KeyFileError::RandomUnavailable)?;
+    // (through the FIPS module's DRBG in a FIPS build, like data keys)
+    byok_core::crypto::random_bytes(&mut secret[..])
+        .map_err(|_| KeyFileError::RandomUnavailable)?;
     let mut text = Zeroizing::new(String::with_capacity(ROOT_SECRET_LEN * 2 + 1));
     for b in secret.iter() {
         text.push(char::from_digit((b >> 4) as u32, 16).expect("nibble"));

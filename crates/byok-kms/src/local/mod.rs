@@ -56,6 +56,8 @@ pub enum LocalError {
     BadBlob { dek_id: u64, len: usize },
     #[error("the operating system's random number generator is unavailable")]
     RandomUnavailable,
+    #[error("the key-wrapping cipher could not be set up")]
+    CipherUnavailable,
     // (the list's path is for the server's operator, not every caller: it is
     // left out of the message)
     #[error(
@@ -82,7 +84,7 @@ impl From<LocalError> for ProviderError {
                 .with_detail("the key check value recorded with the data key differs from the current file's")
                 .with_hint("restore the master key file this database was encrypted with"),
             LocalError::UnwrapFailed { .. } | LocalError::BadBlob { .. } => local(ErrorKind::UnwrapFailed),
-            LocalError::RandomUnavailable => local(ErrorKind::Unavailable),
+            LocalError::RandomUnavailable | LocalError::CipherUnavailable => local(ErrorKind::Unavailable),
             LocalError::Revoked { .. } => local(ErrorKind::KeyDisabled)
                 .with_hint("remove the key id from the revocation list to enable the key again"),
             // Unknown is not "allowed": a list that cannot be read refuses
@@ -210,7 +212,8 @@ impl RootSecret {
         let sealed = crypto::seal_key(&self.kek(cmk_id), &Self::aad(cmk_id, context), dek)
             .map_err(|err| match err {
                 CryptoError::RandomUnavailable => LocalError::RandomUnavailable,
-                other => unreachable!("sealing a 32-byte key under a 32-byte key: {other}"),
+                // (aws-lc could not set up the key: out of memory)
+                _ => LocalError::CipherUnavailable,
             })?;
         let mut blob = Vec::with_capacity(WRAPPED_LEN);
         blob.push(WRAP_FORMAT_V1);
