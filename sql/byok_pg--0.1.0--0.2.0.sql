@@ -1219,6 +1219,219 @@ $fn$;
 COMMENT ON FUNCTION byok.citus_audit_log(timestamptz) IS
     'On a Citus coordinator: the audit trail of every node since a time (each node read with the caller''s rights)';
 
+-- transparent.sql (0.2.0):
+-- Transparent mode: a view over a table with registered encrypted columns
+-- (byok.protect_column) that shows them decrypted, and INSTEAD OF triggers
+-- that seal what is written through it, so an ORM reads and writes plaintext
+-- while the table stores byok.encrypted.
+--
+-- Nothing here runs with rights the caller does not have: the function is
+-- SECURITY INVOKER, the view is security_invoker (the base table's privileges
+-- and row-level security apply to whoever reads), and the trigger function is
+-- SECURITY INVOKER (writes run as the writer, under its per-tenant grants).
+-- The view and the trigger function are owned by the table's owner, whose
+-- code (triggers, defaults, policies) the table's users already run.
+-- pg_dump dumps the table's ciphertext and restores it with COPY into the
+-- table, never through the view: nothing is sealed twice on restore.
+CREATE FUNCTION byok.make_transparent(tbl regclass, view_name name DEFAULT NULL)
+RETURNS regclass
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $make_transparent$
+DECLARE
+    rel record;
+    view_ident text;
+    fn_ident text;
+    v_name name;
+    pk_cols text[];
+    cols text[] := '{}';
+    select_list text[] := '{}';
+    insert_values text[] := '{}';
+    update_sets text[] := '{}';
+    returning_sets text[] := '{}';
+    returning_cols text[] := '{}';
+    tenant_checks text := '';
+    pk_match text;
+    att record;
+    reg record;
+    tenant_expr_new text;
+    tenant_expr_old text;
+    n_encrypted int := 0;
+    existing regclass;
+    kept_grants text[] := '{}';
+    g text;
+    body text;
+BEGIN
+    SELECT c.oid, c.relname, n.nspname, c.relkind, c.relowner INTO rel
+      FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) c.relnamespace
+     WHERE c.oid OPERATOR(pg_catalog.=) tbl;
+    IF rel.relkind NOT IN ('r', 'p') THEN
+        RAISE EXCEPTION 'byok.make_transparent: % is not a table', tbl
+            USING ERRCODE = 'wrong_object_type';
+    END IF;
+    IF NOT pg_catalog.pg_has_role(CURRENT_USER, rel.relowner, 'MEMBER') THEN
+        RAISE EXCEPTION 'byok.make_transparent: only the owner of table % may give it a transparent view', tbl
+            USING ERRCODE = 'insufficient_privilege',
+                  DETAIL = 'the view and its trigger function are owned by the table''s owner';
+    END IF;
+    -- The primary key identifies the row an UPDATE or DELETE through the view means.
+    SELECT pg_catalog.array_agg(pg_catalog.quote_ident(a.attname::text) ORDER BY k.ord) INTO pk_cols
+      FROM pg_catalog.pg_index i
+      CROSS JOIN LATERAL pg_catalog.unnest(i.indkey) WITH ORDINALITY AS k(attnum, ord)
+      JOIN pg_catalog.pg_attribute a ON a.attrelid OPERATOR(pg_catalog.=) i.indrelid AND a.attnum OPERATOR(pg_catalog.=) k.attnum
+     WHERE i.indrelid OPERATOR(pg_catalog.=) tbl AND i.indisprimary;
+    IF pk_cols IS NULL THEN
+        RAISE EXCEPTION 'byok.make_transparent: table % has no primary key', tbl
+            USING ERRCODE = 'object_not_in_prerequisite_state',
+                  HINT = 'updates and deletes through the view find their row by its primary key';
+    END IF;
+
+    v_name := coalesce(view_name, (rel.relname || '_decrypted')::name);
+    view_ident := pg_catalog.format('%I.%I', rel.nspname, v_name);
+    fn_ident := pg_catalog.format('%I.%I', rel.nspname, v_name || '_write');
+
+    FOR att IN
+        SELECT a.attnum, a.attname, a.atttypid, pg_catalog.pg_get_expr(d.adbin, d.adrelid) AS default_expr
+          FROM pg_catalog.pg_attribute a
+          LEFT JOIN pg_catalog.pg_attrdef d ON d.adrelid OPERATOR(pg_catalog.=) a.attrelid AND d.adnum OPERATOR(pg_catalog.=) a.attnum
+         WHERE a.attrelid OPERATOR(pg_catalog.=) tbl AND a.attnum OPERATOR(pg_catalog.>) 0 AND NOT a.attisdropped
+           AND a.attgenerated OPERATOR(pg_catalog.=) ''
+         ORDER BY a.attnum
+    LOOP
+        SELECT r.tenant_column, r.context INTO reg FROM byok.protected_columns r
+         WHERE r.table_name OPERATOR(pg_catalog.=) tbl AND r.column_name OPERATOR(pg_catalog.=) att.attname::text;
+        cols := cols || pg_catalog.quote_ident(att.attname::text);
+        IF FOUND THEN
+            IF att.atttypid OPERATOR(pg_catalog.<>) 'byok.encrypted'::pg_catalog.regtype THEN
+                RAISE EXCEPTION 'byok.make_transparent: registered column %.% is not byok.encrypted', tbl, att.attname
+                    USING ERRCODE = 'datatype_mismatch';
+            END IF;
+            n_encrypted := n_encrypted + 1;
+            IF reg.tenant_column IS NOT NULL THEN
+                tenant_expr_new := pg_catalog.format('NEW.%I', reg.tenant_column);
+                tenant_expr_old := pg_catalog.format('OLD.%I', reg.tenant_column);
+            ELSE
+                tenant_expr_new := 'pg_catalog.nullif(pg_catalog.current_setting(''byok.tenant'', true), '''')';
+                tenant_expr_old := tenant_expr_new;
+            END IF;
+            select_list := select_list || pg_catalog.format('byok.decrypt_text(t.%I, %L) AS %I',
+                                                            att.attname, reg.context, att.attname);
+            insert_values := insert_values || pg_catalog.format('byok.encrypt_text(%s, NEW.%I, %L)',
+                                                                tenant_expr_new, att.attname, reg.context);
+            -- Unchanged plaintext under an unchanged tenant keeps its ciphertext.
+            update_sets := update_sets || pg_catalog.format(
+                '%1$I = CASE WHEN NEW.%1$I IS NOT DISTINCT FROM OLD.%1$I AND %2$s IS NOT DISTINCT FROM %3$s THEN t.%1$I ELSE byok.encrypt_text(%2$s, NEW.%1$I, %4$L) END',
+                att.attname, tenant_expr_new, tenant_expr_old, reg.context);
+            -- A STRICT byok.encrypt_text would turn a value with no tenant into NULL: refuse instead.
+            tenant_checks := tenant_checks || pg_catalog.format(
+                E'    IF NEW.%I IS NOT NULL AND %s IS NULL THEN\n' OPERATOR(pg_catalog.||)
+                E'        RAISE EXCEPTION USING MESSAGE = %L, ERRCODE = ''null_value_not_allowed'', HINT = %L;\n' OPERATOR(pg_catalog.||)
+                E'    END IF;\n',
+                att.attname, tenant_expr_new,
+                pg_catalog.format('no tenant to seal %I.%I under', rel.relname, att.attname),
+                CASE WHEN reg.tenant_column IS NOT NULL
+                     THEN pg_catalog.format('set the row''s %s', reg.tenant_column)
+                     ELSE 'SET byok.tenant first' END);
+        ELSE
+            select_list := select_list || pg_catalog.format('t.%I', att.attname);
+            insert_values := insert_values || pg_catalog.format('NEW.%I', att.attname);
+            update_sets := update_sets || pg_catalog.format('%1$I = NEW.%1$I', att.attname);
+            -- What the table made of the row (defaults, other triggers) comes back to RETURNING.
+            returning_cols := returning_cols || pg_catalog.format('t.%I', att.attname);
+            returning_sets := returning_sets || pg_catalog.format('NEW.%I', att.attname);
+        END IF;
+    END LOOP;
+    IF n_encrypted OPERATOR(pg_catalog.=) 0 THEN
+        RAISE EXCEPTION 'byok.make_transparent: table % has no registered encrypted column', tbl
+            USING ERRCODE = 'object_not_in_prerequisite_state',
+                  HINT = 'register each one first: SELECT byok.protect_column(table, column, tenant_column, context)';
+    END IF;
+    IF pg_catalog.cardinality(returning_cols) OPERATOR(pg_catalog.=) 0 THEN
+        RAISE EXCEPTION 'byok.make_transparent: every column of % is encrypted', tbl
+            USING ERRCODE = 'object_not_in_prerequisite_state',
+                  HINT = 'the primary key must be a plain column';
+    END IF;
+    SELECT pg_catalog.string_agg(pg_catalog.format('t.%1$s = OLD.%1$s', c), ' AND ') INTO pk_match
+      FROM pg_catalog.unnest(pk_cols) c;
+
+    -- Regenerating (after ALTER TABLE): only a view this function made is replaced.
+    existing := pg_catalog.to_regclass(view_ident);
+    IF existing IS NOT NULL THEN
+        IF pg_catalog.obj_description(existing, 'pg_class') IS DISTINCT FROM
+           pg_catalog.format('byok_pg transparent view of %s', tbl) THEN
+            RAISE EXCEPTION 'byok.make_transparent: % exists and is not byok_pg''s transparent view of %', view_ident, tbl
+                USING ERRCODE = 'duplicate_table', HINT = 'pass another view_name';
+        END IF;
+        -- Its grants are given again to the new view.
+        SELECT pg_catalog.array_agg(pg_catalog.format('GRANT %s ON %s TO %s%s', a.privilege_type, view_ident,
+                   CASE WHEN a.grantee OPERATOR(pg_catalog.=) 0 THEN 'PUBLIC'
+                        ELSE pg_catalog.quote_ident(pg_catalog.pg_get_userbyid(a.grantee)) END,
+                   CASE WHEN a.is_grantable THEN ' WITH GRANT OPTION' ELSE '' END))
+          INTO kept_grants
+          FROM pg_catalog.pg_class c, LATERAL pg_catalog.aclexplode(c.relacl) a
+         WHERE c.oid OPERATOR(pg_catalog.=) existing AND a.grantee OPERATOR(pg_catalog.<>) c.relowner;
+        EXECUTE pg_catalog.format('DROP VIEW %s', view_ident);
+        EXECUTE pg_catalog.format('DROP FUNCTION IF EXISTS %s()', fn_ident);
+    END IF;
+
+    EXECUTE pg_catalog.format('CREATE VIEW %s WITH (security_invoker = true) AS SELECT %s FROM %s t',
+                              view_ident, pg_catalog.array_to_string(select_list, ', '), tbl);
+    -- The table's defaults apply to rows inserted through the view.
+    FOR att IN
+        SELECT a.attname, pg_catalog.pg_get_expr(d.adbin, d.adrelid) AS default_expr
+          FROM pg_catalog.pg_attribute a
+          JOIN pg_catalog.pg_attrdef d ON d.adrelid OPERATOR(pg_catalog.=) a.attrelid AND d.adnum OPERATOR(pg_catalog.=) a.attnum
+         WHERE a.attrelid OPERATOR(pg_catalog.=) tbl AND a.attnum OPERATOR(pg_catalog.>) 0 AND NOT a.attisdropped
+           AND a.attgenerated OPERATOR(pg_catalog.=) ''
+    LOOP
+        EXECUTE pg_catalog.format('ALTER VIEW %s ALTER COLUMN %I SET DEFAULT %s', view_ident, att.attname, att.default_expr);
+    END LOOP;
+
+    -- The body is built apart and passed as one quoted literal: a context (set
+    -- by byok_admin) holds any text, and must not be able to end a dollar quote.
+    body := pg_catalog.format($body$
+BEGIN
+    IF TG_OP OPERATOR(pg_catalog.=) 'DELETE' THEN
+        DELETE FROM %1$s t WHERE %2$s;
+        IF NOT FOUND THEN RETURN NULL; END IF;
+        RETURN OLD;
+    END IF;
+%3$s
+    IF TG_OP OPERATOR(pg_catalog.=) 'INSERT' THEN
+        INSERT INTO %1$s AS t (%4$s) VALUES (%5$s)
+        RETURNING %6$s INTO %7$s;
+    ELSE
+        UPDATE %1$s t SET %8$s WHERE %2$s
+        RETURNING %6$s INTO %7$s;
+        IF NOT FOUND THEN RETURN NULL; END IF;
+    END IF;
+    RETURN NEW;
+END
+$body$,
+        tbl, pk_match, tenant_checks,
+        pg_catalog.array_to_string(cols, ', '), pg_catalog.array_to_string(insert_values, ', '),
+        pg_catalog.array_to_string(returning_cols, ', '),
+        pg_catalog.array_to_string(returning_sets, ', '),
+        pg_catalog.array_to_string(update_sets, ', '));
+    EXECUTE pg_catalog.format(
+        'CREATE FUNCTION %s() RETURNS trigger LANGUAGE plpgsql SECURITY INVOKER SET search_path = pg_catalog, pg_temp AS %L',
+        fn_ident, body);
+    EXECUTE pg_catalog.format(
+        'CREATE TRIGGER byok_write INSTEAD OF INSERT OR UPDATE OR DELETE ON %s FOR EACH ROW EXECUTE FUNCTION %s()',
+        view_ident, fn_ident);
+    EXECUTE pg_catalog.format('COMMENT ON VIEW %s IS %L', view_ident,
+                              pg_catalog.format('byok_pg transparent view of %s', tbl));
+    EXECUTE pg_catalog.format('ALTER VIEW %s OWNER TO %I', view_ident, pg_catalog.pg_get_userbyid(rel.relowner));
+    EXECUTE pg_catalog.format('ALTER FUNCTION %s() OWNER TO %I', fn_ident, pg_catalog.pg_get_userbyid(rel.relowner));
+    FOREACH g IN ARRAY coalesce(kept_grants, '{}') LOOP
+        EXECUTE g;
+    END LOOP;
+    RETURN view_ident::regclass;
+END
+$make_transparent$;
+COMMENT ON FUNCTION byok.make_transparent(regclass, name) IS
+    'Creates (or regenerates) a view of a table showing its registered encrypted columns decrypted, sealing what is written through it';
+
 -- crypto_check.sql (0.2.0):
 -- CREATE EXTENSION (and ALTER EXTENSION ... UPDATE) refuses to install over
 -- cryptography that fails its checks: in a FIPS build, a module not in FIPS
@@ -1318,7 +1531,8 @@ GRANT EXECUTE ON FUNCTION byok.configure_tenant(jsonb), byok.rotate_data_key(tex
     byok.activate_dr(text), byok.deactivate_dr(text),
     byok.citus_metrics(), byok.citus_audit_log(timestamptz), byok.crypto_info(),
     byok.start_compromise_response(text, text), byok.compromise_response_step(text, bigint),
-    byok.rotate_index_key(text), byok.make_searchable(regclass, text, integer, text)
+    byok.rotate_index_key(text), byok.make_searchable(regclass, text, integer, text),
+    byok.make_transparent(regclass, name)
   TO byok_admin;
 -- SQL exporters (postgres_exporter and the like) run as members of pg_monitor.
 GRANT EXECUTE ON FUNCTION byok.prometheus_metrics(), byok.crypto_info() TO pg_monitor;

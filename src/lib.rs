@@ -71,6 +71,11 @@ extension_sql_file!(
 extension_sql_file!("../sql/search.sql", name = "search", requires = ["dr"]);
 extension_sql_file!("../sql/citus.sql", name = "citus", requires = ["search"]);
 extension_sql_file!(
+    "../sql/transparent.sql",
+    name = "transparent",
+    requires = ["citus"]
+);
+extension_sql_file!(
     "../sql/crypto_check.sql",
     name = "crypto_check",
     requires = ["citus", api::monitoring::crypto_info]

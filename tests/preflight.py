@@ -224,16 +224,6 @@ def check_gcp_standin(workdir):
         process.wait()
 
 
-CHECKS = [
-    ("AWS KMS emulator (moto)", check_moto),
-    ("Vault transit (OpenBao)", check_openbao),
-    ("Cloud KMS emulator (drongo)", check_drongo),
-    ("Azure Key Vault stand-in", check_azure_standin),
-    ("Cloud KMS stand-in", check_gcp_standin),
-    ("client drivers", check_client_drivers),
-]
-
-
 def check_client_drivers(workdir):
     """The drivers tests/scripts/clients.sh runs the recipes in clients/ with:
     psycopg with its compiled implementation (psycopg-binary), asyncpg, SQLAlchemy."""
@@ -245,6 +235,16 @@ def check_client_drivers(workdir):
         raise Missing(f"psycopg runs its {psycopg.pq.__impl__} implementation, not psycopg-binary's")
     return (f"client drivers: psycopg {psycopg.__version__} ({psycopg.pq.__impl__}), "
             f"asyncpg {asyncpg.__version__}, SQLAlchemy {sqlalchemy.__version__}")
+
+
+CHECKS = [
+    ("AWS KMS emulator (moto)", check_moto),
+    ("Vault transit (OpenBao)", check_openbao),
+    ("Cloud KMS emulator (drongo)", check_drongo),
+    ("Azure Key Vault stand-in", check_azure_standin),
+    ("Cloud KMS stand-in", check_gcp_standin),
+    ("client drivers", check_client_drivers),
+]
 
 
 def main():

@@ -220,9 +220,53 @@ def sqlalchemy_checks():
     engine.dispose()
 
 
+# --- SQLAlchemy ORM through a transparent view (byok.make_transparent) ----------------
+class Account(Base):
+    """Mapped to the view: plain String columns, no byok_pg code in the application."""
+    __tablename__ = "accounts_decrypted"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    tenant: Mapped[str]
+    owner: Mapped[str]
+    iban: Mapped[str | None]
+    memo: Mapped[str | None]
+
+
+def transparent_checks():
+    engine = create_engine(DSN.replace("postgresql://", "postgresql+psycopg://", 1))
+    with Session(engine) as session, session.begin():
+        session.add_all([Account(tenant="acme", owner=f"o{i}", iban=f"DE{i:020d}", memo=None if i % 2 else "m")
+                         for i in range(1, 11)])
+        session.flush()
+        ids = sorted(a.id for a in session.scalars(select(Account)))
+        check("transparent view: the ORM inserts and gets ids back (RETURNING)", len(ids), 10)
+    with Session(engine) as session, session.begin():
+        account = session.scalars(select(Account).where(Account.owner == "o2")).one()
+        check("transparent view: the ORM reads plaintext", (account.iban, account.memo), (f"DE{2:020d}", "m"))
+        account.memo = account.memo + " (checked)"
+    with Session(engine) as session, session.begin():
+        check("transparent view: an ORM update", session.scalars(
+            select(Account.memo).where(Account.owner == "o2")).one(), "m (checked)")
+        raw = session.execute(text("SELECT iban::text FROM accounts WHERE owner = 'o2'")).scalar_one()
+        check("transparent view: the table holds ciphertext", (raw.startswith("byok:"), "DE" in raw), (True, False))
+        session.delete(session.scalars(select(Account).where(Account.owner == "o3")).one())
+    with Session(engine) as session:
+        check("transparent view: an ORM delete", session.scalars(
+            select(Account).where(Account.owner == "o3")).all(), [])
+    with Session(engine) as session:
+        try:
+            with session.begin():
+                session.add(Account(tenant="globex", owner="eve", iban="x"))
+            check("transparent view: an ungranted tenant is refused", "no error", "error")
+        except DBAPIError as e:
+            check_error("transparent view: an ungranted tenant is refused", "42501", "globex",
+                        e.orig.sqlstate, e.orig.diag.message_primary)
+    engine.dispose()
+
+
 psycopg_checks()
 asyncio.run(asyncpg_checks())
 sqlalchemy_checks()
+transparent_checks()
 if failures:
     print(f"{len(failures)} Python client check(s) failed")
 sys.exit(1 if failures else 0)

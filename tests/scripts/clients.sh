@@ -23,11 +23,35 @@ SELECT byok.grant_tenant('app', 'acme');
 CREATE TABLE notes (id int PRIMARY KEY, body byok.encrypted);
 CREATE TABLE patients (id int PRIMARY KEY, ssn byok.encrypted NOT NULL, note byok.encrypted);
 GRANT ALL ON notes, patients TO app;
+-- Transparent mode for the ORM test: accounts_decrypted reads and writes plaintext.
+CREATE TABLE accounts (id serial PRIMARY KEY, tenant text NOT NULL, owner text NOT NULL,
+                       iban byok.encrypted, memo byok.encrypted);
+SELECT byok.protect_column('accounts', 'iban', 'tenant', 'accounts.iban');
+SELECT byok.protect_column('accounts', 'memo', 'tenant', 'accounts.memo');
+SELECT byok.make_transparent('accounts');
+GRANT ALL ON accounts, accounts_decrypted TO app;
+GRANT USAGE ON SEQUENCE accounts_id_seq TO app;
 SQL
 DSN="postgresql://app@127.0.0.1:$PORT/postgres"
 
 log "clients: Python (psycopg, asyncpg, SQLAlchemy)"
 "$PY" tests/clients/test_python.py "$DSN" || fail=1
+
+log "clients: a dump of the transparent table restores without sealing anything twice"
+psql_at "$NAME" "$PORT" -d postgres -q -c "CREATE DATABASE restored"
+"$PG_BIN/pg_dump" -h "$BYOK_WORK/$NAME" -p "$PORT" -U postgres -d postgres > "$BYOK_WORK/clients-dump.sql" \
+    2>"$BYOK_WORK/pg_dump.err" || not_ok "pg_dump: $(cat "$BYOK_WORK/pg_dump.err")"
+psql_at "$NAME" "$PORT" -d restored -q -f "$BYOK_WORK/clients-dump.sql" >/dev/null 2>"$BYOK_WORK/restore.err" \
+    || not_ok "restore: $(grep ERROR "$BYOK_WORK/restore.err" | head -3)"
+q() { psql_at "$NAME" "$PORT" -d "$1" -qAt -c "$2"; }
+check "restored: the same ciphertext, row for row" \
+    "$(q restored "SELECT md5(string_agg(iban::text || coalesce(memo::text, '-'), ',' ORDER BY id)) FROM accounts")" \
+    "$(q postgres "SELECT md5(string_agg(iban::text || coalesce(memo::text, '-'), ',' ORDER BY id)) FROM accounts")"
+check "restored: every value opens once (not sealed twice)" \
+    "$(q restored "SELECT count(*) FILTER (WHERE byok.decrypt_text(iban, 'accounts.iban') LIKE 'DE%') || '/' || count(*) FROM accounts")" \
+    "$(q postgres "SELECT count(*) || '/' || count(*) FROM accounts")"
+check "restored: the transparent view reads the restored values" \
+    "$(q restored "SELECT count(*) FROM accounts_decrypted WHERE iban LIKE 'DE%'")" "$(q postgres "SELECT count(*) FROM accounts")"
 
 log "clients: node-postgres ($(node --version 2>/dev/null || echo 'node missing'))"
 if (cd tests/clients/node && npm ci --no-audit --no-fund --silent >/dev/null 2>"$BYOK_WORK/npm.log"); then
