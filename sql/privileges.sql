@@ -77,7 +77,7 @@ GRANT EXECUTE ON FUNCTION byok.configure_tenant(jsonb), byok.rotate_data_key(tex
     byok.citus_metrics(), byok.citus_audit_log(timestamptz), byok.crypto_info(),
     byok.start_compromise_response(text, text), byok.compromise_response_step(text, bigint),
     byok.rotate_index_key(text), byok.make_searchable(regclass, text, integer, text),
-    byok.make_transparent(regclass, name)
+    byok.make_transparent(regclass, name, name)
   TO byok_admin;
 -- SQL exporters (postgres_exporter and the like) run as members of pg_monitor.
 GRANT EXECUTE ON FUNCTION byok.prometheus_metrics(), byok.crypto_info() TO pg_monitor;

@@ -9,9 +9,11 @@
 -- SECURITY INVOKER (writes run as the writer, under its per-tenant grants).
 -- The view and the trigger function are owned by the table's owner, whose
 -- code (triggers, defaults, policies) the table's users already run.
+-- The tenant column is the owner's explicit choice, checked against the
+-- registry (which roles with UPDATE on a column may write), never taken from it.
 -- pg_dump dumps the table's ciphertext and restores it with COPY into the
 -- table, never through the view: nothing is sealed twice on restore.
-CREATE FUNCTION byok.make_transparent(tbl regclass, view_name name DEFAULT NULL)
+CREATE FUNCTION byok.make_transparent(tbl regclass, tenant_column name DEFAULT NULL, view_name name DEFAULT NULL)
 RETURNS regclass
 LANGUAGE plpgsql VOLATILE
 SET search_path = pg_catalog, pg_temp
@@ -39,6 +41,7 @@ DECLARE
     kept_grants text[] := '{}';
     g text;
     body text;
+    overriding text := '';
 BEGIN
     SELECT c.oid, c.relname, n.nspname, c.relkind, c.relowner INTO rel
       FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) c.relnamespace
@@ -51,6 +54,20 @@ BEGIN
         RAISE EXCEPTION 'byok.make_transparent: only the owner of table % may give it a transparent view', tbl
             USING ERRCODE = 'insufficient_privilege',
                   DETAIL = 'the view and its trigger function are owned by the table''s owner';
+    END IF;
+    -- A parent's primary key is not unique across its inheritance children.
+    IF rel.relkind OPERATOR(pg_catalog.=) 'r' AND EXISTS (
+           SELECT FROM pg_catalog.pg_inherits WHERE inhparent OPERATOR(pg_catalog.=) tbl) THEN
+        RAISE EXCEPTION 'byok.make_transparent: table % has inheritance children', tbl
+            USING ERRCODE = 'feature_not_supported',
+                  HINT = 'give each child its own view (a partitioned table is supported)';
+    END IF;
+    IF tenant_column IS NOT NULL AND NOT EXISTS (
+           SELECT FROM pg_catalog.pg_attribute
+            WHERE attrelid OPERATOR(pg_catalog.=) tbl AND attname OPERATOR(pg_catalog.=) tenant_column
+              AND attnum OPERATOR(pg_catalog.>) 0 AND NOT attisdropped) THEN
+        RAISE EXCEPTION 'byok.make_transparent: table % has no column %', tbl, pg_catalog.quote_ident(tenant_column)
+            USING ERRCODE = 'undefined_column';
     END IF;
     -- The primary key identifies the row an UPDATE or DELETE through the view means.
     SELECT pg_catalog.array_agg(pg_catalog.quote_ident(a.attname::text) ORDER BY k.ord) INTO pk_cols
@@ -67,11 +84,17 @@ BEGIN
     v_name := coalesce(view_name, (rel.relname || '_decrypted')::name);
     view_ident := pg_catalog.format('%I.%I', rel.nspname, v_name);
     fn_ident := pg_catalog.format('%I.%I', rel.nspname, v_name || '_write');
+    IF tenant_column IS NOT NULL THEN
+        tenant_expr_new := pg_catalog.format('NEW.%I', tenant_column);
+        tenant_expr_old := pg_catalog.format('OLD.%I', tenant_column);
+    ELSE
+        tenant_expr_new := 'NULLIF(pg_catalog.current_setting(''byok.tenant'', true), '''')';
+        tenant_expr_old := tenant_expr_new;
+    END IF;
 
     FOR att IN
-        SELECT a.attnum, a.attname, a.atttypid, pg_catalog.pg_get_expr(d.adbin, d.adrelid) AS default_expr
+        SELECT a.attnum, a.attname, a.atttypid, a.attidentity
           FROM pg_catalog.pg_attribute a
-          LEFT JOIN pg_catalog.pg_attrdef d ON d.adrelid OPERATOR(pg_catalog.=) a.attrelid AND d.adnum OPERATOR(pg_catalog.=) a.attnum
          WHERE a.attrelid OPERATOR(pg_catalog.=) tbl AND a.attnum OPERATOR(pg_catalog.>) 0 AND NOT a.attisdropped
            AND a.attgenerated OPERATOR(pg_catalog.=) ''
          ORDER BY a.attnum
@@ -84,14 +107,15 @@ BEGIN
                 RAISE EXCEPTION 'byok.make_transparent: registered column %.% is not byok.encrypted', tbl, att.attname
                     USING ERRCODE = 'datatype_mismatch';
             END IF;
-            n_encrypted := n_encrypted + 1;
-            IF reg.tenant_column IS NOT NULL THEN
-                tenant_expr_new := pg_catalog.format('NEW.%I', reg.tenant_column);
-                tenant_expr_old := pg_catalog.format('OLD.%I', reg.tenant_column);
-            ELSE
-                tenant_expr_new := 'pg_catalog.nullif(pg_catalog.current_setting(''byok.tenant'', true), '''')';
-                tenant_expr_old := tenant_expr_new;
+            -- Re-encryption jobs read the registry's tenant column: the view must agree.
+            IF reg.tenant_column IS DISTINCT FROM tenant_column THEN
+                RAISE EXCEPTION 'byok.make_transparent: column %.% is registered with tenant column %, not %',
+                        tbl, pg_catalog.quote_ident(att.attname), coalesce(pg_catalog.quote_ident(reg.tenant_column), '(none)'),
+                        coalesce(pg_catalog.quote_ident(tenant_column), '(none)')
+                    USING ERRCODE = 'object_not_in_prerequisite_state',
+                          HINT = 'register the column with the tenant column you name here (byok.protect_column), or name the registered one';
             END IF;
+            n_encrypted := n_encrypted + 1;
             select_list := select_list || pg_catalog.format('byok.decrypt_text(t.%I, %L) AS %I',
                                                             att.attname, reg.context, att.attname);
             insert_values := insert_values || pg_catalog.format('byok.encrypt_text(%s, NEW.%I, %L)',
@@ -107,13 +131,20 @@ BEGIN
                 E'    END IF;\n',
                 att.attname, tenant_expr_new,
                 pg_catalog.format('no tenant to seal %I.%I under', rel.relname, att.attname),
-                CASE WHEN reg.tenant_column IS NOT NULL
-                     THEN pg_catalog.format('set the row''s %s', reg.tenant_column)
+                CASE WHEN tenant_column IS NOT NULL
+                     THEN pg_catalog.format('set the row''s %s', tenant_column)
                      ELSE 'SET byok.tenant first' END);
         ELSE
             select_list := select_list || pg_catalog.format('t.%I', att.attname);
             insert_values := insert_values || pg_catalog.format('NEW.%I', att.attname);
-            update_sets := update_sets || pg_catalog.format('%1$I = NEW.%1$I', att.attname);
+            IF att.attidentity OPERATOR(pg_catalog.=) 'a' THEN
+                -- GENERATED ALWAYS: the view's default draws the value, the insert keeps it.
+                overriding := ' OVERRIDING SYSTEM VALUE';
+            ELSE
+                -- A column the writer did not change keeps what is stored (a concurrent change included).
+                update_sets := update_sets || pg_catalog.format(
+                    '%1$I = CASE WHEN NEW.%1$I IS NOT DISTINCT FROM OLD.%1$I THEN t.%1$I ELSE NEW.%1$I END', att.attname);
+            END IF;
             -- What the table made of the row (defaults, other triggers) comes back to RETURNING.
             returning_cols := returning_cols || pg_catalog.format('t.%I', att.attname);
             returning_sets := returning_sets || pg_catalog.format('NEW.%I', att.attname);
@@ -132,43 +163,78 @@ BEGIN
     SELECT pg_catalog.string_agg(pg_catalog.format('t.%1$s = OLD.%1$s', c), ' AND ') INTO pk_match
       FROM pg_catalog.unnest(pk_cols) c;
 
-    -- Regenerating (after ALTER TABLE): only a view this function made is replaced.
+    -- Regenerating (after ALTER TABLE): only the view this function made of
+    -- this table is replaced: owned by the table's owner, reading this table,
+    -- written through this function's trigger. Its SELECT, INSERT, UPDATE and
+    -- DELETE grants made by the owner are given again; nothing else is.
     existing := pg_catalog.to_regclass(view_ident);
     IF existing IS NOT NULL THEN
-        IF pg_catalog.obj_description(existing, 'pg_class') IS DISTINCT FROM
-           pg_catalog.format('byok_pg transparent view of %s', tbl) THEN
+        IF NOT EXISTS (
+               SELECT FROM pg_catalog.pg_class v
+                WHERE v.oid OPERATOR(pg_catalog.=) existing AND v.relkind OPERATOR(pg_catalog.=) 'v'
+                  AND v.relowner OPERATOR(pg_catalog.=) rel.relowner
+                  AND EXISTS (SELECT FROM pg_catalog.pg_rewrite r JOIN pg_catalog.pg_depend d
+                                ON d.classid OPERATOR(pg_catalog.=) 'pg_catalog.pg_rewrite'::pg_catalog.regclass
+                               AND d.objid OPERATOR(pg_catalog.=) r.oid
+                               WHERE r.ev_class OPERATOR(pg_catalog.=) existing
+                                 AND d.refclassid OPERATOR(pg_catalog.=) 'pg_catalog.pg_class'::pg_catalog.regclass
+                                 AND d.refobjid OPERATOR(pg_catalog.=) tbl)
+                  AND EXISTS (SELECT FROM pg_catalog.pg_trigger tg
+                               WHERE tg.tgrelid OPERATOR(pg_catalog.=) existing
+                                 AND tg.tgname OPERATOR(pg_catalog.=) 'byok_write'
+                                 AND tg.tgfoid OPERATOR(pg_catalog.=) pg_catalog.to_regprocedure(fn_ident OPERATOR(pg_catalog.||) '()'))) THEN
             RAISE EXCEPTION 'byok.make_transparent: % exists and is not byok_pg''s transparent view of %', view_ident, tbl
-                USING ERRCODE = 'duplicate_table', HINT = 'pass another view_name';
+                USING ERRCODE = 'duplicate_table', HINT = 'pass another view_name, or drop it';
         END IF;
-        -- Its grants are given again to the new view.
-        SELECT pg_catalog.array_agg(pg_catalog.format('GRANT %s ON %s TO %s%s', a.privilege_type, view_ident,
+        SELECT pg_catalog.array_agg(pg_catalog.format('GRANT %s ON %s TO %s', a.privilege_type, view_ident,
                    CASE WHEN a.grantee OPERATOR(pg_catalog.=) 0 THEN 'PUBLIC'
-                        ELSE pg_catalog.quote_ident(pg_catalog.pg_get_userbyid(a.grantee)) END,
-                   CASE WHEN a.is_grantable THEN ' WITH GRANT OPTION' ELSE '' END))
+                        ELSE pg_catalog.quote_ident(pg_catalog.pg_get_userbyid(a.grantee)) END))
           INTO kept_grants
           FROM pg_catalog.pg_class c, LATERAL pg_catalog.aclexplode(c.relacl) a
-         WHERE c.oid OPERATOR(pg_catalog.=) existing AND a.grantee OPERATOR(pg_catalog.<>) c.relowner;
+         WHERE c.oid OPERATOR(pg_catalog.=) existing AND a.grantee OPERATOR(pg_catalog.<>) c.relowner
+           AND a.grantor OPERATOR(pg_catalog.=) c.relowner
+           AND a.privilege_type IN ('SELECT', 'INSERT', 'UPDATE', 'DELETE');
         EXECUTE pg_catalog.format('DROP VIEW %s', view_ident);
-        EXECUTE pg_catalog.format('DROP FUNCTION IF EXISTS %s()', fn_ident);
+        EXECUTE pg_catalog.format('DROP FUNCTION %s()', fn_ident);
     END IF;
 
     EXECUTE pg_catalog.format('CREATE VIEW %s WITH (security_invoker = true) AS SELECT %s FROM %s t',
                               view_ident, pg_catalog.array_to_string(select_list, ', '), tbl);
-    -- The table's defaults apply to rows inserted through the view.
+    -- The table's defaults (and identity sequences) apply to rows inserted through the view.
     FOR att IN
-        SELECT a.attname, pg_catalog.pg_get_expr(d.adbin, d.adrelid) AS default_expr
+        SELECT a.attname,
+               coalesce(pg_catalog.pg_get_expr(d.adbin, d.adrelid),
+                        CASE WHEN a.attidentity OPERATOR(pg_catalog.<>) '' THEN
+                             pg_catalog.format('pg_catalog.nextval(%L::pg_catalog.regclass)',
+                                 pg_catalog.pg_get_serial_sequence(tbl::text, a.attname::text)) END) AS default_expr
           FROM pg_catalog.pg_attribute a
-          JOIN pg_catalog.pg_attrdef d ON d.adrelid OPERATOR(pg_catalog.=) a.attrelid AND d.adnum OPERATOR(pg_catalog.=) a.attnum
+          LEFT JOIN pg_catalog.pg_attrdef d ON d.adrelid OPERATOR(pg_catalog.=) a.attrelid AND d.adnum OPERATOR(pg_catalog.=) a.attnum
          WHERE a.attrelid OPERATOR(pg_catalog.=) tbl AND a.attnum OPERATOR(pg_catalog.>) 0 AND NOT a.attisdropped
            AND a.attgenerated OPERATOR(pg_catalog.=) ''
     LOOP
-        EXECUTE pg_catalog.format('ALTER VIEW %s ALTER COLUMN %I SET DEFAULT %s', view_ident, att.attname, att.default_expr);
+        IF att.default_expr IS NOT NULL THEN
+            EXECUTE pg_catalog.format('ALTER VIEW %s ALTER COLUMN %I SET DEFAULT %s', view_ident, att.attname, att.default_expr);
+        END IF;
     END LOOP;
 
     -- The body is built apart and passed as one quoted literal: a context (set
     -- by byok_admin) holds any text, and must not be able to end a dollar quote.
+    -- The table is written by name (static SQL); each call first checks that the
+    -- name still means the table the view reads, so after a rename another
+    -- role's table of the old name never receives the plaintext.
     body := pg_catalog.format($body$
 BEGIN
+    IF pg_catalog.to_regclass(%1$L) IS DISTINCT FROM (
+           SELECT DISTINCT d.refobjid::pg_catalog.regclass
+             FROM pg_catalog.pg_rewrite r JOIN pg_catalog.pg_depend d
+               ON d.classid OPERATOR(pg_catalog.=) 'pg_catalog.pg_rewrite'::pg_catalog.regclass AND d.objid OPERATOR(pg_catalog.=) r.oid
+            WHERE r.ev_class OPERATOR(pg_catalog.=) TG_RELID
+              AND d.refclassid OPERATOR(pg_catalog.=) 'pg_catalog.pg_class'::pg_catalog.regclass
+              AND d.refobjid OPERATOR(pg_catalog.<>) TG_RELID) THEN
+        RAISE EXCEPTION USING ERRCODE = 'object_not_in_prerequisite_state',
+            MESSAGE = pg_catalog.format('the table behind %%s is no longer %%s', TG_RELID::pg_catalog.regclass, %1$L),
+            HINT = 'the table was renamed or moved: regenerate the view with byok.make_transparent';
+    END IF;
     IF TG_OP OPERATOR(pg_catalog.=) 'DELETE' THEN
         DELETE FROM %1$s t WHERE %2$s;
         IF NOT FOUND THEN RETURN NULL; END IF;
@@ -176,7 +242,7 @@ BEGIN
     END IF;
 %3$s
     IF TG_OP OPERATOR(pg_catalog.=) 'INSERT' THEN
-        INSERT INTO %1$s AS t (%4$s) VALUES (%5$s)
+        INSERT INTO %1$s AS t (%4$s)%9$s VALUES (%5$s)
         RETURNING %6$s INTO %7$s;
     ELSE
         UPDATE %1$s t SET %8$s WHERE %2$s
@@ -186,11 +252,11 @@ BEGIN
     RETURN NEW;
 END
 $body$,
-        tbl, pk_match, tenant_checks,
+        tbl::text, pk_match, tenant_checks,
         pg_catalog.array_to_string(cols, ', '), pg_catalog.array_to_string(insert_values, ', '),
         pg_catalog.array_to_string(returning_cols, ', '),
         pg_catalog.array_to_string(returning_sets, ', '),
-        pg_catalog.array_to_string(update_sets, ', '));
+        pg_catalog.array_to_string(update_sets, ', '), overriding);
     EXECUTE pg_catalog.format(
         'CREATE FUNCTION %s() RETURNS trigger LANGUAGE plpgsql SECURITY INVOKER SET search_path = pg_catalog, pg_temp AS %L',
         fn_ident, body);
@@ -207,5 +273,5 @@ $body$,
     RETURN view_ident::regclass;
 END
 $make_transparent$;
-COMMENT ON FUNCTION byok.make_transparent(regclass, name) IS
+COMMENT ON FUNCTION byok.make_transparent(regclass, name, name) IS
     'Creates (or regenerates) a view of a table showing its registered encrypted columns decrypted, sealing what is written through it';

@@ -28,7 +28,7 @@ CREATE TABLE accounts (id serial PRIMARY KEY, tenant text NOT NULL, owner text N
                        iban byok.encrypted, memo byok.encrypted);
 SELECT byok.protect_column('accounts', 'iban', 'tenant', 'accounts.iban');
 SELECT byok.protect_column('accounts', 'memo', 'tenant', 'accounts.memo');
-SELECT byok.make_transparent('accounts');
+SELECT byok.make_transparent('accounts', tenant_column => 'tenant');
 GRANT ALL ON accounts, accounts_decrypted TO app;
 GRANT USAGE ON SEQUENCE accounts_id_seq TO app;
 SQL

@@ -21,7 +21,9 @@ CREATE TABLE patients (
 );
 SELECT byok.protect_column('patients', 'ssn', 'tenant', 'patients.ssn');
 SELECT byok.protect_column('patients', 'notes', 'tenant', 'patients.notes');
-SELECT byok.make_transparent('patients');
+-- The owner names the tenant column (it must match the registry, which
+-- re-encryption jobs read).
+SELECT byok.make_transparent('patients', tenant_column => 'tenant');
 \d patients_decrypted
 
 -- The application role is granted acme_tv only, and reaches the data through
@@ -76,39 +78,70 @@ ALTER TABLE patients DISABLE ROW LEVEL SECURITY;
 -- its grants.
 ALTER TABLE patients ADD COLUMN phone byok.encrypted;
 SELECT byok.protect_column('patients', 'phone', 'tenant', 'patients.phone');
-SELECT byok.make_transparent('patients');
+SELECT byok.make_transparent('patients', 'tenant');
 SELECT column_name FROM information_schema.columns WHERE table_name = 'patients_decrypted' ORDER BY ordinal_position;
 SELECT grantee, string_agg(privilege_type, ', ' ORDER BY privilege_type) FROM information_schema.role_table_grants
  WHERE table_name = 'patients_decrypted' AND grantee = 'tv_app' GROUP BY 1;
 SET ROLE tv_app;
 INSERT INTO patients_decrypted (tenant, name, phone) VALUES ('acme_tv', 'Cy', '555-0100') RETURNING name, phone;
 RESET ROLE;
--- It never replaces a view it did not make, and only the table's owner may call it.
-CREATE VIEW other_view AS SELECT 1 AS x;
-SELECT byok.make_transparent('patients', 'other_view');
+-- A registration that disagrees with the tenant column named is refused.
+SELECT byok.protect_column('patients', 'phone', 'name', 'patients.phone');
+SELECT byok.make_transparent('patients', 'tenant');
+SELECT byok.protect_column('patients', 'phone', 'tenant', 'patients.phone');
+-- After a rename, writes through the view stop (another role could create a
+-- table of the old name) until the view is regenerated.
+ALTER TABLE patients RENAME TO patients_old;
+INSERT INTO patients_decrypted (tenant, name, ssn) VALUES ('acme_tv', 'Dee', '1');
+ALTER TABLE patients_old RENAME TO patients;
+-- It never replaces a view it did not make (even one dressed up as its own),
+-- and only the table's owner may call it.
 CREATE ROLE tv_officer IN ROLE byok_admin;
+GRANT CREATE ON SCHEMA public TO tv_officer;
 SET ROLE tv_officer;
-SELECT byok.make_transparent('patients');
+CREATE VIEW squatted AS SELECT 1 AS x;
+COMMENT ON VIEW squatted IS 'byok_pg transparent view of public.patients';
 RESET ROLE;
+SELECT byok.make_transparent('patients', 'tenant', 'squatted');
+SET ROLE tv_officer;
+DROP VIEW squatted;
+SELECT byok.make_transparent('patients', 'tenant');
+RESET ROLE;
+REVOKE CREATE ON SCHEMA public FROM tv_officer;
 -- A context is any text a key officer chose: it stays a string literal in the
 -- generated trigger function, whatever quotes it holds.
 CREATE TABLE quoted (id int PRIMARY KEY, tenant text, v byok.encrypted);
 SELECT byok.protect_column('quoted', 'v', 'tenant', $ctx$x' || pg_sleep(0) || '$body$ $$ '' %I$ctx$);
-SELECT byok.make_transparent('quoted');
+SELECT byok.make_transparent('quoted', 'tenant');
 INSERT INTO quoted_decrypted VALUES (1, 'acme_tv', 'quoted ok');
 SELECT v, (SELECT byok.decrypt_text(q.v, $ctx$x' || pg_sleep(0) || '$body$ $$ '' %I$ctx$) FROM quoted q) AS direct
   FROM quoted_decrypted;
 DROP VIEW quoted_decrypted;
 DROP FUNCTION quoted_decrypted_write();
 DROP TABLE quoted;
+-- Without a tenant column, values are sealed for byok.tenant; an identity key
+-- is drawn through the view.
+CREATE TABLE memos (id int GENERATED ALWAYS AS IDENTITY PRIMARY KEY, body byok.encrypted);
+SELECT byok.protect_column('memos', 'body', NULL, 'memos.body');
+SELECT byok.make_transparent('memos');
+INSERT INTO memos_decrypted (body) VALUES ('no tenant set');
+SET byok.tenant = 'acme_tv';
+INSERT INTO memos_decrypted (body) VALUES ('first'), ('second') RETURNING *;
+UPDATE memos_decrypted SET body = upper(body) WHERE id = 2 RETURNING *;
+RESET byok.tenant;
+SELECT id, byok.decrypt_text(body, 'memos.body') FROM memos ORDER BY id;
+DROP VIEW memos_decrypted;
+DROP FUNCTION memos_decrypted_write();
+DROP TABLE memos;
 -- A table without registered columns, or without a primary key:
 CREATE TABLE plain_t (id int PRIMARY KEY, v text);
 SELECT byok.make_transparent('plain_t');
+SELECT byok.make_transparent('plain_t', 'no_such_column');
 CREATE TABLE no_pk (v byok.encrypted);
 SELECT byok.protect_column('no_pk', 'v', NULL, 'no_pk.v');
 SELECT byok.make_transparent('no_pk');
 
-DROP VIEW other_view, patients_decrypted;
+DROP VIEW patients_decrypted;
 DROP FUNCTION patients_decrypted_write();
 DROP TABLE patients, plain_t, no_pk;
 DROP ROLE tv_app, tv_officer;
