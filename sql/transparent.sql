@@ -42,6 +42,9 @@ DECLARE
     g text;
     body text;
     overriding text := '';
+    contexts jsonb := '{}';
+    pinned jsonb;
+    marker text;
 BEGIN
     SELECT c.oid, c.relname, n.nspname, c.relkind, c.relowner INTO rel
       FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) c.relnamespace
@@ -116,6 +119,7 @@ BEGIN
                           HINT = 'register the column with the tenant column you name here (byok.protect_column), or name the registered one';
             END IF;
             n_encrypted := n_encrypted + 1;
+            contexts := contexts || pg_catalog.jsonb_build_object(att.attname::text, reg.context);
             select_list := select_list || pg_catalog.format('byok.decrypt_text(t.%I, %L) AS %I',
                                                             att.attname, reg.context, att.attname);
             insert_values := insert_values || pg_catalog.format('byok.encrypt_text(%s, NEW.%I, %L)',
@@ -186,6 +190,20 @@ BEGIN
             RAISE EXCEPTION 'byok.make_transparent: % exists and is not byok_pg''s transparent view of %', view_ident, tbl
                 USING ERRCODE = 'duplicate_table', HINT = 'pass another view_name, or drop it';
         END IF;
+        -- The contexts the view was made with stay (the registry can be
+        -- written by roles with UPDATE on a column): a column whose registered
+        -- context changed since is refused until the owner drops the view.
+        marker := pg_catalog.obj_description(existing, 'pg_class');
+        pinned := CASE WHEN marker LIKE '%; contexts: {%'
+                       THEN pg_catalog.substr(marker, pg_catalog.strpos(marker, '; contexts: ') + 12)::jsonb END;
+        IF pinned IS NULL OR EXISTS (
+               SELECT FROM pg_catalog.jsonb_each_text(pinned) p
+                WHERE contexts ? p.key AND (contexts OPERATOR(pg_catalog.->>) p.key) IS DISTINCT FROM p.value) THEN
+            RAISE EXCEPTION 'byok.make_transparent: a column of % is registered with another context than % was made with', tbl, view_ident
+                USING ERRCODE = 'object_not_in_prerequisite_state',
+                      DETAIL = pg_catalog.format('made with %s, registered now %s', coalesce(pinned::text, '(unknown)'), contexts::text),
+                      HINT = 'check byok.protected_columns; to accept the registration, drop the view (and its grants) and make it again';
+        END IF;
         SELECT pg_catalog.array_agg(pg_catalog.format('GRANT %s ON %s TO %s', a.privilege_type, view_ident,
                    CASE WHEN a.grantee OPERATOR(pg_catalog.=) 0 THEN 'PUBLIC'
                         ELSE pg_catalog.quote_ident(pg_catalog.pg_get_userbyid(a.grantee)) END))
@@ -223,21 +241,33 @@ BEGIN
     -- name still means the table the view reads, so after a rename another
     -- role's table of the old name never receives the plaintext.
     body := pg_catalog.format($body$
+DECLARE
+    base pg_catalog.regclass;
+    n pg_catalog.int8;
 BEGIN
-    IF pg_catalog.to_regclass(%1$L) IS DISTINCT FROM (
-           SELECT DISTINCT d.refobjid::pg_catalog.regclass
-             FROM pg_catalog.pg_rewrite r JOIN pg_catalog.pg_depend d
-               ON d.classid OPERATOR(pg_catalog.=) 'pg_catalog.pg_rewrite'::pg_catalog.regclass AND d.objid OPERATOR(pg_catalog.=) r.oid
-            WHERE r.ev_class OPERATOR(pg_catalog.=) TG_RELID
-              AND d.refclassid OPERATOR(pg_catalog.=) 'pg_catalog.pg_class'::pg_catalog.regclass
-              AND d.refobjid OPERATOR(pg_catalog.<>) TG_RELID) THEN
+    -- The table the view reads (by OID), locked before its name is checked:
+    -- once locked it cannot be renamed, so the name resolves to it until commit.
+    SELECT DISTINCT d.refobjid::pg_catalog.regclass INTO base
+      FROM pg_catalog.pg_rewrite r JOIN pg_catalog.pg_depend d
+        ON d.classid OPERATOR(pg_catalog.=) 'pg_catalog.pg_rewrite'::pg_catalog.regclass AND d.objid OPERATOR(pg_catalog.=) r.oid
+     WHERE r.ev_class OPERATOR(pg_catalog.=) TG_RELID
+       AND d.refclassid OPERATOR(pg_catalog.=) 'pg_catalog.pg_class'::pg_catalog.regclass
+       AND d.refobjid OPERATOR(pg_catalog.<>) TG_RELID;
+    EXECUTE pg_catalog.format('LOCK TABLE ONLY %%s IN ROW EXCLUSIVE MODE', base);
+    IF pg_catalog.to_regclass(%1$L) IS DISTINCT FROM base THEN
         RAISE EXCEPTION USING ERRCODE = 'object_not_in_prerequisite_state',
             MESSAGE = pg_catalog.format('the table behind %%s is no longer %%s', TG_RELID::pg_catalog.regclass, %1$L),
             HINT = 'the table was renamed or moved: regenerate the view with byok.make_transparent';
     END IF;
     IF TG_OP OPERATOR(pg_catalog.=) 'DELETE' THEN
         DELETE FROM %1$s t WHERE %2$s;
-        IF NOT FOUND THEN RETURN NULL; END IF;
+        GET DIAGNOSTICS n = ROW_COUNT;
+        IF n OPERATOR(pg_catalog.=) 0 THEN RETURN NULL; END IF;
+        IF n OPERATOR(pg_catalog.>) 1 THEN
+            RAISE EXCEPTION USING ERRCODE = 'cardinality_violation',
+                MESSAGE = pg_catalog.format('a row of %%s matched %%s rows of %%s', TG_RELID::pg_catalog.regclass, n, base),
+                HINT = 'the table''s primary key changed: regenerate the view with byok.make_transparent';
+        END IF;
         RETURN OLD;
     END IF;
 %3$s
@@ -247,7 +277,13 @@ BEGIN
     ELSE
         UPDATE %1$s t SET %8$s WHERE %2$s
         RETURNING %6$s INTO %7$s;
-        IF NOT FOUND THEN RETURN NULL; END IF;
+        GET DIAGNOSTICS n = ROW_COUNT;
+        IF n OPERATOR(pg_catalog.=) 0 THEN RETURN NULL; END IF;
+        IF n OPERATOR(pg_catalog.>) 1 THEN
+            RAISE EXCEPTION USING ERRCODE = 'cardinality_violation',
+                MESSAGE = pg_catalog.format('a row of %%s matched %%s rows of %%s', TG_RELID::pg_catalog.regclass, n, base),
+                HINT = 'the table''s primary key changed: regenerate the view with byok.make_transparent';
+        END IF;
     END IF;
     RETURN NEW;
 END
@@ -264,7 +300,7 @@ $body$,
         'CREATE TRIGGER byok_write INSTEAD OF INSERT OR UPDATE OR DELETE ON %s FOR EACH ROW EXECUTE FUNCTION %s()',
         view_ident, fn_ident);
     EXECUTE pg_catalog.format('COMMENT ON VIEW %s IS %L', view_ident,
-                              pg_catalog.format('byok_pg transparent view of %s', tbl));
+                              pg_catalog.format('byok_pg transparent view of %s; contexts: %s', tbl, contexts::text));
     EXECUTE pg_catalog.format('ALTER VIEW %s OWNER TO %I', view_ident, pg_catalog.pg_get_userbyid(rel.relowner));
     EXECUTE pg_catalog.format('ALTER FUNCTION %s() OWNER TO %I', fn_ident, pg_catalog.pg_get_userbyid(rel.relowner));
     FOREACH g IN ARRAY coalesce(kept_grants, '{}') LOOP

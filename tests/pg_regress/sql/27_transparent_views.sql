@@ -89,6 +89,11 @@ RESET ROLE;
 SELECT byok.protect_column('patients', 'phone', 'name', 'patients.phone');
 SELECT byok.make_transparent('patients', 'tenant');
 SELECT byok.protect_column('patients', 'phone', 'tenant', 'patients.phone');
+-- The contexts the view was made with stay: a registration changed since
+-- (any role with UPDATE on the column may register it) is refused.
+SELECT byok.protect_column('patients', 'phone', 'tenant', 'patients.phone.v2');
+SELECT byok.make_transparent('patients', 'tenant');
+SELECT byok.protect_column('patients', 'phone', 'tenant', 'patients.phone');
 -- After a rename, writes through the view stop (another role could create a
 -- table of the old name) until the view is regenerated.
 ALTER TABLE patients RENAME TO patients_old;
@@ -121,7 +126,7 @@ DROP FUNCTION quoted_decrypted_write();
 DROP TABLE quoted;
 -- Without a tenant column, values are sealed for byok.tenant; an identity key
 -- is drawn through the view.
-CREATE TABLE memos (id int GENERATED ALWAYS AS IDENTITY PRIMARY KEY, body byok.encrypted);
+CREATE TABLE memos (id int GENERATED ALWAYS AS IDENTITY PRIMARY KEY, n int NOT NULL DEFAULT 0, body byok.encrypted);
 SELECT byok.protect_column('memos', 'body', NULL, 'memos.body');
 SELECT byok.make_transparent('memos');
 INSERT INTO memos_decrypted (body) VALUES ('no tenant set');
@@ -129,7 +134,15 @@ SET byok.tenant = 'acme_tv';
 INSERT INTO memos_decrypted (body) VALUES ('first'), ('second') RETURNING *;
 UPDATE memos_decrypted SET body = upper(body) WHERE id = 2 RETURNING *;
 RESET byok.tenant;
-SELECT id, byok.decrypt_text(body, 'memos.body') FROM memos ORDER BY id;
+SELECT id, n, byok.decrypt_text(body, 'memos.body') FROM memos ORDER BY id;
+-- A primary key changed behind the view's back: a write matching several
+-- rows is refused (and undone), not applied to all of them.
+ALTER TABLE memos DROP CONSTRAINT memos_pkey, ADD PRIMARY KEY (id, n);
+INSERT INTO memos OVERRIDING SYSTEM VALUE SELECT 2, 1, body FROM memos WHERE id = 3;
+SET byok.tenant = 'acme_tv';
+DELETE FROM memos_decrypted WHERE body = 'FIRST';
+RESET byok.tenant;
+SELECT count(*) AS still_three FROM memos;
 DROP VIEW memos_decrypted;
 DROP FUNCTION memos_decrypted_write();
 DROP TABLE memos;
