@@ -84,17 +84,22 @@ ensure_python_env() {
     echo "$want" > "$BYOK_VENV/.requirements.sha256"
 }
 
-# Everything the demo, the tests and the benchmarks need, from the three lists,
-# and pgrx's registration of the system server.
-ensure_toolchain() {
+# What building the extension needs: the Debian packages, the cargo tools and
+# pgrx's registration of the system server (scripts/package.sh stops here).
+ensure_build_tools() {
     ensure_debian_packages
-    # Debian starts a default cluster on 5432; it is not ours and not needed.
-    if command -v pg_lsclusters >/dev/null && pg_lsclusters -h 2>/dev/null | grep -q online; then
-        pg_ctlcluster "${PG_MAJOR}" main stop 2>/dev/null || true
-    fi
     ensure_cargo_tools
     if ! [ -f "${PGRX_HOME:-$HOME/.pgrx}/config.toml" ] || ! grep -q "pg${PG_MAJOR}" "${PGRX_HOME:-$HOME/.pgrx}/config.toml"; then
         cargo pgrx init --pg${PG_MAJOR} "$PG_CONFIG" >/dev/null
+    fi
+}
+
+# Everything the demo, the tests and the benchmarks need, from the three lists.
+ensure_toolchain() {
+    ensure_build_tools
+    # Debian starts a default cluster on 5432; it is not ours and not needed.
+    if command -v pg_lsclusters >/dev/null && pg_lsclusters -h 2>/dev/null | grep -q online; then
+        pg_ctlcluster "${PG_MAJOR}" main stop 2>/dev/null || true
     fi
     ensure_python_env
 }

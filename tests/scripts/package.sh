@@ -1,0 +1,173 @@
+#!/usr/bin/env bash
+# The Debian package (scripts/package.sh, docs/packaging.md), the way a DBA
+# installs it on this machine's PostgreSQL 15:
+#  1. builds postgresql-15-byok-pg_<version>_<arch>.deb from a release build and
+#     checks its fields, its exact file list, its library's dependencies (every
+#     one a Debian package's) and lintian (clean but for packaging/lintian-overrides);
+#  2. moves the development install (cargo pgrx install) aside, so the server
+#     can only find the package's files;
+#  3. apt-get install ./the.deb; a fresh cluster whose postgresql.conf gains one
+#     line, shared_preload_libraries = 'byok_pg'; the demo's SQL from the
+#     installed examples/demo.sql, with its results and its four deliberate
+#     errors checked; the update path from 0.1.0 to this version is installed;
+#  4. apt-get remove: no file left, the server refuses to start while it still
+#     preloads byok_pg (README.Debian says so); reinstalled, the demo's values
+#     open again (the package owns no data); removed again;
+#  5. puts the development install back, whatever failed.
+# PACKAGE_PORT sets the cluster's port (default 54396).
+source "$(dirname "${BASH_SOURCE[0]}")/../../scripts/lib.sh"
+set +e   # every outcome is checked below
+NAME=package
+PORT="${PACKAGE_PORT:-54396}"
+source "$(dirname "${BASH_SOURCE[0]}")/../testlib.sh"
+cd "$BYOK_ROOT"
+PACKAGE="postgresql-${PG_MAJOR}-byok-pg"
+VERSION="$(sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -1)"
+OUT="$BYOK_WORK/package-out"
+PKGLIB="/usr/lib/postgresql/${PG_MAJOR}/lib"
+EXTDIR="/usr/share/postgresql/${PG_MAJOR}/extension"
+DEV_ASIDE="$BYOK_WORK/package-dev-install"   # the development install while the package is tested
+export DEBIAN_FRONTEND=noninteractive
+
+package_installed() { [ "$(dpkg-query -W -f='${db:Status-Abbrev}' "$PACKAGE" 2>/dev/null)" = "ii " ]; }
+byok_files() { ls -d "$PKGLIB"/byok_pg* "$EXTDIR"/byok_pg* "/usr/share/doc/$PACKAGE" 2>/dev/null; }
+restore_dev_install() {
+    stop_cluster "$NAME"
+    if package_installed; then apt-get remove -y -qq "$PACKAGE" >/dev/null 2>&1; fi
+    if [ -d "$DEV_ASIDE" ]; then
+        # (unless a development install was made since: that one is newer)
+        if ! [ -e "$PKGLIB/byok_pg.so" ]; then
+            cp -a "$DEV_ASIDE/lib/." "$PKGLIB/" && cp -a "$DEV_ASIDE/extension/." "$EXTDIR/"
+        fi
+        rm -rf "$DEV_ASIDE"
+    fi
+}
+trap restore_dev_install EXIT
+restore_dev_install   # an earlier run that died before its trap
+
+# --- 1. the package --------------------------------------------------------------
+log "package: bash scripts/package.sh"
+rm -rf "$OUT"
+bash scripts/package.sh --out "$OUT" || not_ok "scripts/package.sh failed"
+DEB="$OUT/${PACKAGE}_${VERSION}_$(dpkg --print-architecture).deb"
+[ -f "$DEB" ] || { not_ok "no $DEB"; exit 1; }
+ok "built $(basename "$DEB") ($(du -k "$DEB" | cut -f1) KiB)"
+check "Package" "$(dpkg-deb --field "$DEB" Package)" "$PACKAGE"
+check "Version is the extension's" "$(dpkg-deb --field "$DEB" Version)" "$VERSION"
+depends="$(dpkg-deb --field "$DEB" Depends)"
+echo "Depends: $depends"
+for dep in "postgresql-$PG_MAJOR" "libc6 (>= " "libgcc-s1 (>= " ca-certificates; do
+    [[ ", $depends," == *", $dep"* ]] && ok "Depends names $dep" || not_ok "Depends lacks $dep: $depends"
+done
+
+# Exactly these files: the library, the control file, the install script, an
+# update script from every earlier release in sql/, the documentation.
+expected="$(
+    echo "./usr/lib/postgresql/$PG_MAJOR/lib/byok_pg.so"
+    echo "./usr/share/postgresql/$PG_MAJOR/extension/byok_pg.control"
+    echo "./usr/share/postgresql/$PG_MAJOR/extension/byok_pg--$VERSION.sql"
+    for f in sql/byok_pg--*--"$VERSION".sql; do echo "./usr/share/postgresql/$PG_MAJOR/extension/${f#sql/}"; done
+    for f in README.Debian copyright changelog.gz upgrading.md.gz examples/demo.sql; do
+        echo "./usr/share/doc/$PACKAGE/$f"
+    done
+    echo "./usr/share/lintian/overrides/$PACKAGE"
+)"
+got="$(dpkg-deb --contents "$DEB" | awk '$1 !~ /^d/ { print $6 }')"
+check "the package's files" "$(sort <<<"$got")" "$(sort <<<"$expected")"
+bad_modes="$(dpkg-deb --contents "$DEB" | awk '$1 !~ /^[-d]rw[-x]r-[-x]r-[-x]$/ || $2 != "root/root"')"
+check "every file root-owned, world-readable, none writable but by root" "$bad_modes" ""
+! dpkg-deb --contents "$DEB" | grep -q '^-..x' && ok "no executable files" || not_ok "executable files in the package"
+
+# The library as installed: stripped, and every library it links belongs to a
+# Debian package (nothing from the build machine's Rust toolchain).
+X="$OUT/extracted"; rm -rf "$X"; dpkg-deb -x "$DEB" "$X"
+readelf -S "$X$PKGLIB/byok_pg.so" | grep -q '\.symtab' && not_ok "byok_pg.so is not stripped" || ok "byok_pg.so is stripped"
+linked="$(ldd "$X$PKGLIB/byok_pg.so")"
+echo "$linked"
+! grep -q "not found" <<<"$linked" && ok "ldd resolves every library" || not_ok "ldd: a library is not found"
+for lib in $(awk '$2 == "=>" { print $3 }' <<<"$linked"); do
+    owner="$(dpkg -S "$(readlink -f "$lib")" 2>/dev/null || dpkg -S "$lib" 2>/dev/null)"
+    [ -n "$owner" ] && ok "$lib belongs to ${owner%%:*}" || not_ok "$lib belongs to no Debian package"
+done
+grep -q "^Files: statically linked crate aes-gcm " "$X/usr/share/doc/$PACKAGE/copyright" \
+    && grep -q "^License: Apache-2.0" "$X/usr/share/doc/$PACKAGE/copyright" \
+    && ok "copyright: byok_pg's license and the statically linked crates'" || not_ok "copyright file incomplete"
+
+log "package: lintian"
+lint="$(lintian --pedantic --display-info "$DEB" 2>&1 | grep -v '^running with root privileges')"
+[ -n "$lint" ] && echo "$lint"
+grep -qE '^[EW]: ' <<<"$lint" && not_ok "lintian reports errors or warnings (above)" || ok "lintian: no errors, no warnings"
+lintian --pedantic --display-info --show-overrides "$DEB" 2>/dev/null | grep '^O: ' \
+    | sed 's/^/  kept on purpose (packaging\/lintian-overrides): /'
+
+# --- 2. only the package's files -----------------------------------------------------
+log "package: the development install set aside ($DEV_ASIDE)"
+mkdir -p "$DEV_ASIDE/lib" "$DEV_ASIDE/extension"
+for f in "$PKGLIB"/byok_pg*; do [ -e "$f" ] && mv "$f" "$DEV_ASIDE/lib/"; done
+for f in "$EXTDIR"/byok_pg*; do [ -e "$f" ] && mv "$f" "$DEV_ASIDE/extension/"; done
+check "no byok_pg file before the package" "$(byok_files)" ""
+
+# --- 3. install, one line, the demo --------------------------------------------------
+log "package: apt-get install ./$(basename "$DEB")"
+apt-get install -y -qq "$DEB" >/dev/null 2>"$OUT/apt-install.err" || { cat "$OUT/apt-install.err"; not_ok "apt-get install failed"; }
+package_installed && ok "dpkg: $PACKAGE installed" || { not_ok "dpkg: $PACKAGE not installed"; exit 1; }
+verify="$(dpkg --verify "$PACKAGE" 2>&1)"
+check "dpkg --verify: installed files match the package" "$verify" ""
+
+# start_cluster's postgresql.conf: port and socket, fsync off, and the one line
+# README.Debian asks for.
+start_cluster "$NAME" "$PORT" || not_ok "the server did not start with the package's library"
+grep -q "^shared_preload_libraries = 'byok_pg'" "$BYOK_WORK/$NAME/data/postgresql.conf" && ok "postgresql.conf: shared_preload_libraries = 'byok_pg'"
+psql_at "$NAME" "$PORT" -d postgres -qc "CREATE DATABASE byok_demo"
+DEMO_SQL="/usr/share/doc/$PACKAGE/examples/demo.sql"
+log "package: the demo's SQL ($DEMO_SQL)"
+demo_out="$(psql_at "$NAME" "$PORT" -d byok_demo -v ON_ERROR_STOP=0 -v VERBOSITY=verbose -e -f "$DEMO_SQL" 2>&1)"
+echo "$demo_out" > "$OUT/demo.out"
+echo "$demo_out" | tail -12
+errors="$(grep -E '^psql:.*ERROR:' <<<"$demo_out" | sed 's/^psql:[^ ]* //')"
+echo "the demo's errors:"; echo "$errors"
+check "the demo fails exactly four times, on purpose" "$(grep -c . <<<"$errors")" 4
+# Wrong context, another tenant's session, a tampered value (22000), a role without the tenant's grant (42501).
+check "the demo's errors' SQLSTATEs" "$(grep -o 'ERROR:  [0-9A-Z]\{5\}' <<<"$errors" | cut -c9- | tr '\n' ' ')" "22000 42501 22000 42501 "
+q() { psql_at "$NAME" "$PORT" -d byok_demo -qAt -c "$1" 2>&1; }
+check "the demo's values open" \
+    "$(q "SELECT string_agg(byok.decrypt_text(diagnosis, 'patients.diagnosis'), ',' ORDER BY id) FROM patients")" \
+    "influenza,fracture,migraine,asthma"
+check "the re-encryption job finished; all rows under one key" \
+    "$(q "SELECT (SELECT string_agg(state, ',') FROM byok.jobs) || ' ' || count(DISTINCT byok.data_key_id(diagnosis)) FROM patients")" "done 1"
+check "the audit chain verifies" "$(q "SELECT count(*) FROM byok.verify_audit_chain()")" 0
+check "the extension's version" "$(q "SELECT extversion FROM pg_extension WHERE extname = 'byok_pg'")" "$VERSION"
+check "the key broker runs and served the demo (the package's library is the only one there is)" \
+    "$(q "SELECT broker_pid > 0 AND requests_served > 0 FROM byok.broker_status()")" t
+for f in $(cd sql && ls byok_pg--*--"$VERSION".sql); do
+    from="${f#byok_pg--}"; from="${from%%--*}"
+    check "ALTER EXTENSION UPDATE path from $from" \
+        "$(q "SELECT path FROM pg_extension_update_paths('byok_pg') WHERE source = '$from' AND target = '$VERSION'")" "$from--$VERSION"
+done
+stop_cluster "$NAME"
+
+# --- 4. remove, the data outlives the package, remove again ------------------------
+log "package: apt-get remove $PACKAGE"
+apt-get remove -y -qq "$PACKAGE" >/dev/null 2>&1 || not_ok "apt-get remove failed"
+package_installed && not_ok "still installed after apt-get remove" || ok "removed"
+check "no byok_pg file left after apt-get remove" "$(byok_files)" ""
+as_postgres "$PG_BIN/pg_ctl" -D "$BYOK_WORK/$NAME/data" -l "$BYOK_WORK/$NAME/server.log" -w -t 30 start >/dev/null 2>&1 \
+    && not_ok "the server started without the preloaded library" \
+    || { grep -q 'could not access file "byok_pg"' "$BYOK_WORK/$NAME/server.log" \
+         && ok "without the package a server preloading byok_pg refuses to start (could not access file \"byok_pg\")" \
+         || not_ok "the server did not start, for another reason: $(tail -3 "$BYOK_WORK/$NAME/server.log")"; }
+stop_cluster "$NAME"
+apt-get install -y -qq "$DEB" >/dev/null 2>&1 || not_ok "reinstalling failed"
+restart_cluster "$NAME" || not_ok "the server did not start after reinstalling"
+check "reinstalled: the values sealed before the removal open" \
+    "$(q "SELECT string_agg(byok.decrypt_text(diagnosis, 'patients.diagnosis'), ',' ORDER BY id) FROM patients")" \
+    "influenza,fracture,migraine,asthma"
+stop_cluster "$NAME"
+apt-get remove -y -qq "$PACKAGE" >/dev/null 2>&1 || not_ok "apt-get remove failed"
+check "removed again: no byok_pg file left" "$(byok_files)" ""
+
+# --- 5. the development install back (the trap) ------------------------------------
+restore_dev_install
+[ -f "$PKGLIB/byok_pg.so" ] && ok "the development install is back" || not_ok "the development install was not restored"
+[ $fail -eq 0 ] && echo "package: all checks passed" || echo "package: FAILED"
+exit $fail
