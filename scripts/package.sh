@@ -12,34 +12,51 @@
 # Depends: postgresql-15, the C libraries the library links (dpkg-shlibdeps) and
 # ca-certificates (the key managers' TLS certificates are checked against it).
 # Usage: bash scripts/package.sh [--out DIR]    (default: target/debian)
+#        bash scripts/package.sh --from-stage DIR [--out DIR]
+#   --from-stage: package a build `cargo pgrx package` already staged in DIR
+#   (copied, not changed) instead of building this tree; the version is the one
+#   its control file names. The update test packages an earlier release so.
 # The package's version is the extension's (Cargo.toml); file dates are the
 # commit's, so two builds of one commit give the same package.
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 OUT="$BYOK_ROOT/target/debian"
+FROM_STAGE=""
 while [ $# -gt 0 ]; do
     case "$1" in
         --out) OUT=$2; shift 2 ;;
-        *) die "usage: bash scripts/package.sh [--out DIR]" ;;
+        --from-stage) FROM_STAGE="$(cd "$2" && pwd)" || die "no directory $2"; shift 2 ;;
+        *) die "usage: bash scripts/package.sh [--from-stage DIR] [--out DIR]" ;;
     esac
 done
 mkdir -p "$OUT"; OUT="$(cd "$OUT" && pwd)"
 cd "$BYOK_ROOT"
 
 PACKAGE="postgresql-${PG_MAJOR}-byok-pg"
-VERSION="$(sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -1)"
+if [ -n "$FROM_STAGE" ]; then
+    VERSION="$(sed -n "s/^default_version = '\(.*\)'/\1/p" "$FROM_STAGE/usr/share/postgresql/${PG_MAJOR}/extension/byok_pg.control")"
+    [ -n "$VERSION" ] || die "$FROM_STAGE holds no byok_pg.control with a default_version"
+else
+    VERSION="$(sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -1)"
+fi
 ARCH="$(dpkg --print-architecture)"
 MAINTAINER="${BYOK_PACKAGE_MAINTAINER:-byok_pg developers <byok-pg@users.noreply.github.com>}"
 export SOURCE_DATE_EPOCH="${SOURCE_DATE_EPOCH:-$(git log -1 --format=%ct 2>/dev/null || date +%s)}"
 DEB="$OUT/${PACKAGE}_${VERSION}_${ARCH}.deb"
 
-ensure_build_tools   # Debian packages (dpkg-dev, the server headers), cargo-pgrx
-
 # --- the release build, staged as it installs --------------------------------
 STAGE="$OUT/stage"
 rm -rf "$STAGE" "$DEB"
-log "package: release build of byok_pg $VERSION (cargo pgrx package)"
-cargo pgrx package --pg-config "$PG_CONFIG" --out-dir "$STAGE" 2>&1 \
-    | grep -E "^error|warning: unused|Finished" || true
+if [ -n "$FROM_STAGE" ]; then
+    ensure_debian_packages   # dpkg-dev, binutils
+    log "package: byok_pg $VERSION as staged in $FROM_STAGE"
+    mkdir -p "$STAGE"
+    cp -a "$FROM_STAGE/usr" "$STAGE/"
+else
+    ensure_build_tools   # Debian packages (dpkg-dev, the server headers), cargo-pgrx
+    log "package: release build of byok_pg $VERSION (cargo pgrx package)"
+    cargo pgrx package --pg-config "$PG_CONFIG" --out-dir "$STAGE" 2>&1 \
+        | grep -E "^error|warning: unused|Finished" || true
+fi
 LIB="$STAGE/usr/lib/postgresql/${PG_MAJOR}/lib/byok_pg.so"
 EXT="$STAGE/usr/share/postgresql/${PG_MAJOR}/extension"
 [ -f "$LIB" ] || die "cargo pgrx package built no $LIB"

@@ -200,3 +200,40 @@ backup_drill() {
     check "$provider as the backup: the primary answers again" \
         "$(bq -c "SELECT count(*) FROM $table WHERE byok.decrypt_text(v, '$table') = 'b ' || id")" "20"
 }
+
+# ---------------------------------------------------------------------------
+# Earlier releases, for the update tests (upgrade.sh, package.sh).
+RELEASE_0_1_0_COMMIT=cdbdde834fe733b78822402ffcf88f48ed42559f   # byok_pg 0.1.0
+# build_release VERSION COMMIT: byok_pg VERSION built from COMMIT (a debug build)
+# and staged as `cargo pgrx package` stages it, in
+# $BYOK_WORK/upgrade-build/pkg-VERSION; kept between runs and shared by the
+# scripts. Its own target directory is seeded with hard links to this tree's
+# debug build: the dependencies are the same, so only the byok crates compile.
+# Sets RELEASE_STAGE.
+build_release() {
+    local version=$1 commit=$2 u="$BYOK_WORK/upgrade-build" d
+    RELEASE_STAGE="$u/pkg-$version"
+    [ "$(cat "$RELEASE_STAGE/.commit" 2>/dev/null)" = "$commit" ] && return 0
+    log "building byok_pg $version (commit ${commit:0:7}, debug)"
+    (cd "$BYOK_ROOT" && { git cat-file -e "$commit^{commit}" 2>/dev/null || git fetch -q origin "$commit"; }) \
+        || die "commit $commit (byok_pg $version) is not in this clone (a shallow clone? fetch it)"
+    local src="$u/src-$version" target="$u/target-$version"
+    rm -rf "$src" "$RELEASE_STAGE" "$target"
+    mkdir -p "$src"
+    (cd "$BYOK_ROOT" && git archive "$commit") | tar -x -C "$src"
+    local this_target="${CARGO_TARGET_DIR:-$BYOK_ROOT/target}/debug"
+    if [ -d "$this_target/deps" ]; then
+        mkdir -p "$target/debug"
+        for d in deps build .fingerprint; do
+            cp -al "$this_target/$d" "$target/debug/" 2>/dev/null || true
+        done
+        rm -rf "$target"/debug/{deps,build,.fingerprint}/*byok*
+    fi
+    (cd "$src" && CARGO_TARGET_DIR="$target" \
+        cargo pgrx package --debug --pg-config "$PG_CONFIG" --out-dir "$RELEASE_STAGE" 2>&1 \
+        | grep -E "^error|warning: unused|Finished" || true)
+    [ -f "$RELEASE_STAGE/usr/lib/postgresql/${PG_MAJOR}/lib/byok_pg.so" ] || die "the $version build failed"
+    echo "$commit" > "$RELEASE_STAGE/.commit"
+    rm -rf "$target" "$src"
+    log "byok_pg $version built"
+}

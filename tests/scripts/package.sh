@@ -9,11 +9,16 @@
 #  3. apt-get install ./the.deb; a fresh cluster whose postgresql.conf gains one
 #     line, shared_preload_libraries = 'byok_pg'; the demo's SQL from the
 #     installed examples/demo.sql, with its results and its four deliberate
-#     errors checked; the update path from 0.1.0 to this version is installed;
+#     errors checked;
 #  4. apt-get remove: no file left, the server refuses to start while it still
 #     preloads byok_pg (README.Debian says so); reinstalled, the demo's values
-#     open again (the package owns no data); removed again;
-#  5. puts the development install back, whatever failed.
+#     open again (the package owns no data); removed;
+#  5. an update as a DBA makes it: 0.1.0's package (0.1.0 built from its commit,
+#     as upgrade.sh builds it, packaged by this script), a database with values,
+#     then apt-get install ./the.deb over it, a restart, the values open under
+#     the new library, ALTER EXTENSION byok_pg UPDATE, the values open, the new
+#     functions work; removed: no file left;
+#  6. puts the development install back, whatever failed.
 # PACKAGE_PORT sets the cluster's port (default 54396).
 source "$(dirname "${BASH_SOURCE[0]}")/../../scripts/lib.sh"
 set +e   # every outcome is checked below
@@ -107,7 +112,7 @@ for f in "$PKGLIB"/byok_pg*; do [ -e "$f" ] && mv "$f" "$DEV_ASIDE/lib/"; done
 for f in "$EXTDIR"/byok_pg*; do [ -e "$f" ] && mv "$f" "$DEV_ASIDE/extension/"; done
 check "no byok_pg file before the package" "$(byok_files)" ""
 
-# --- 3. install, one line, the demo --------------------------------------------------
+# --- 3. install, a fresh cluster, one line, the demo ----------------------------------
 log "package: apt-get install ./$(basename "$DEB")"
 apt-get install -y -qq "$DEB" >/dev/null 2>"$OUT/apt-install.err" || { cat "$OUT/apt-install.err"; not_ok "apt-get install failed"; }
 package_installed && ok "dpkg: $PACKAGE installed" || { not_ok "dpkg: $PACKAGE not installed"; exit 1; }
@@ -118,7 +123,9 @@ check "dpkg --verify: installed files match the package" "$verify" ""
 # README.Debian asks for.
 start_cluster "$NAME" "$PORT" || not_ok "the server did not start with the package's library"
 grep -q "^shared_preload_libraries = 'byok_pg'" "$BYOK_WORK/$NAME/data/postgresql.conf" && ok "postgresql.conf: shared_preload_libraries = 'byok_pg'"
-psql_at "$NAME" "$PORT" -d postgres -qc "CREATE DATABASE byok_demo"
+q() { psql_at "$NAME" "$PORT" -d "$DB" -qAt -c "$1" 2>&1; }
+DB=postgres
+q "CREATE DATABASE byok_demo"
 DEMO_SQL="/usr/share/doc/$PACKAGE/examples/demo.sql"
 log "package: the demo's SQL ($DEMO_SQL)"
 demo_out="$(psql_at "$NAME" "$PORT" -d byok_demo -v ON_ERROR_STOP=0 -v VERBOSITY=verbose -e -f "$DEMO_SQL" 2>&1)"
@@ -129,7 +136,7 @@ echo "the demo's errors:"; echo "$errors"
 check "the demo fails exactly four times, on purpose" "$(grep -c . <<<"$errors")" 4
 # Wrong context, another tenant's session, a tampered value (22000), a role without the tenant's grant (42501).
 check "the demo's errors' SQLSTATEs" "$(grep -o 'ERROR:  [0-9A-Z]\{5\}' <<<"$errors" | cut -c9- | tr '\n' ' ')" "22000 42501 22000 42501 "
-q() { psql_at "$NAME" "$PORT" -d byok_demo -qAt -c "$1" 2>&1; }
+DB=byok_demo
 check "the demo's values open" \
     "$(q "SELECT string_agg(byok.decrypt_text(diagnosis, 'patients.diagnosis'), ',' ORDER BY id) FROM patients")" \
     "influenza,fracture,migraine,asthma"
@@ -146,7 +153,7 @@ for f in $(cd sql && ls byok_pg--*--"$VERSION".sql); do
 done
 stop_cluster "$NAME"
 
-# --- 4. remove, the data outlives the package, remove again ------------------------
+# --- 4. remove, the data outlives the package ------------------------------------------
 log "package: apt-get remove $PACKAGE"
 apt-get remove -y -qq "$PACKAGE" >/dev/null 2>&1 || not_ok "apt-get remove failed"
 package_installed && not_ok "still installed after apt-get remove" || ok "removed"
@@ -164,9 +171,42 @@ check "reinstalled: the values sealed before the removal open" \
     "influenza,fracture,migraine,asthma"
 stop_cluster "$NAME"
 apt-get remove -y -qq "$PACKAGE" >/dev/null 2>&1 || not_ok "apt-get remove failed"
-check "removed again: no byok_pg file left" "$(byok_files)" ""
 
-# --- 5. the development install back (the trap) ------------------------------------
+
+# --- 5. an update through the package manager: 0.1.0's package, then this one ------
+# (0.1.0's library as upgrade.sh builds it, packaged by this tree's script)
+build_release 0.1.0 "$RELEASE_0_1_0_COMMIT"
+bash scripts/package.sh --from-stage "$RELEASE_STAGE" --out "$OUT/old" >/dev/null || not_ok "packaging 0.1.0 failed"
+OLD_DEB="$(ls "$OUT"/old/"${PACKAGE}"_0.1.0_*.deb)"
+log "package: apt-get install ./$(basename "$OLD_DEB"), data, then ./$(basename "$DEB") and ALTER EXTENSION UPDATE"
+apt-get install -y -qq "$OLD_DEB" >/dev/null 2>"$OUT/apt-install.err" || { cat "$OUT/apt-install.err"; not_ok "apt-get install (0.1.0) failed"; }
+start_cluster "$NAME" "$PORT" || not_ok "the server did not start with 0.1.0's package"
+DB=postgres
+q "CREATE EXTENSION byok_pg" >/dev/null
+check "0.1.0 installed from its package" "$(q "SELECT extversion FROM pg_extension WHERE extname = 'byok_pg'")" 0.1.0
+for i in 1 2 3 4 5; do   # (the first key-manager call waits for the key broker)
+    q "SELECT byok.configure_tenant('{\"customer\":\"acme\",\"tenant_id\":\"acme\",\"encryption\":{\"provider\":\"local\",\"local\":{\"key_id\":\"acme-cmk\"}}}')" >/dev/null && break
+    sleep 2
+done
+q "CREATE TABLE notes AS SELECT g AS id, byok.encrypt_text('acme', 'note ' || g, 'notes.body') AS body FROM generate_series(1, 50) g" >/dev/null
+stop_cluster "$NAME"
+apt-get install -y -qq "$DEB" >/dev/null 2>"$OUT/apt-install.err" || { cat "$OUT/apt-install.err"; not_ok "apt-get install (update to $VERSION) failed"; }
+check "dpkg: updated to $VERSION" "$(dpkg-query -W -f='${db:Status-Abbrev}${Version}' "$PACKAGE")" "ii $VERSION"
+check "the extension directory after the update: this version's scripts only" \
+    "$(cd "$EXTDIR" && LC_ALL=C ls byok_pg* | tr '\n' ' ')" "$(cd sql && LC_ALL=C ls byok_pg--*--"$VERSION".sql | tr '\n' ' ')byok_pg--$VERSION.sql byok_pg.control "
+restart_cluster "$NAME" || not_ok "the server did not restart on the updated package"
+values="$(q "SELECT count(*) FILTER (WHERE byok.decrypt_text(body, 'notes.body') = 'note ' || id) FROM notes")"
+check "before ALTER EXTENSION UPDATE the new library serves 0.1.0's definitions" "$values" 50
+q "ALTER EXTENSION byok_pg UPDATE" >/dev/null
+check "ALTER EXTENSION byok_pg UPDATE: $VERSION" "$(q "SELECT extversion FROM pg_extension WHERE extname = 'byok_pg'")" "$VERSION"
+check "after the update the 0.1.0 values open" "$(q "SELECT count(*) FILTER (WHERE byok.decrypt_text(body, 'notes.body') = 'note ' || id) FROM notes")" 50
+check "after the update this version's functions work" "$(q "SELECT known_answer_passed FROM byok.crypto_info()")" t
+stop_cluster "$NAME"
+apt-get remove -y -qq "$PACKAGE" >/dev/null 2>&1 || not_ok "apt-get remove failed"
+check "removed at the end: no byok_pg file left" "$(byok_files)" ""
+
+
+# --- 6. the development install back (the trap) ------------------------------------
 restore_dev_install
 [ -f "$PKGLIB/byok_pg.so" ] && ok "the development install is back" || not_ok "the development install was not restored"
 [ $fail -eq 0 ] && echo "package: all checks passed" || echo "package: FAILED"

@@ -22,45 +22,19 @@ source "$(dirname "${BASH_SOURCE[0]}")/../../scripts/lib.sh"
 NAME=upgrade
 PORT="${UPGRADE_PORT:-54350}"
 OLD_VERSION=0.1.0
-OLD_COMMIT=cdbdde834fe733b78822402ffcf88f48ed42559f   # the 0.1.0 release
 NEW_VERSION="$(sed -n 's/^version = "\(.*\)"/\1/p' "$BYOK_ROOT/Cargo.toml" | head -1)"
 U="$BYOK_WORK/upgrade-build"
 P="$U/pg"                                  # the private PostgreSQL
 SYSTEM_PG_CONFIG="$PG_CONFIG"
 trap 'stop_cluster "$NAME"' EXIT
 source "$(dirname "${BASH_SOURCE[0]}")/../testlib.sh"
+OLD_COMMIT="$RELEASE_0_1_0_COMMIT"
 cd "$BYOK_ROOT"
 mkdir -p "$U"
 
-# --- 1. the old release, built from its commit (kept in $U between runs) -------
-old_pkg="$U/pkg-$OLD_VERSION"
-if [ "$(cat "$old_pkg/.commit" 2>/dev/null)" != "$OLD_COMMIT" ]; then
-    log "upgrade: building byok_pg $OLD_VERSION (commit ${OLD_COMMIT:0:7}, debug)"
-    git cat-file -e "$OLD_COMMIT^{commit}" 2>/dev/null || git fetch -q origin "$OLD_COMMIT" \
-        || die "commit $OLD_COMMIT (byok_pg $OLD_VERSION) is not in this clone (a shallow clone? fetch it)"
-    rm -rf "$U/src-$OLD_VERSION" "$old_pkg"
-    mkdir -p "$U/src-$OLD_VERSION"
-    git archive "$OLD_COMMIT" | tar -x -C "$U/src-$OLD_VERSION"
-    # Its own target directory, seeded with hard links to this tree's debug build:
-    # the dependencies are the same, so only the byok crates compile.
-    old_target="$U/target-$OLD_VERSION"
-    rm -rf "$old_target"
-    this_target="${CARGO_TARGET_DIR:-$BYOK_ROOT/target}/debug"
-    if [ -d "$this_target/deps" ]; then
-        mkdir -p "$old_target/debug"
-        for d in deps build .fingerprint; do
-            cp -al "$this_target/$d" "$old_target/debug/" 2>/dev/null || true
-        done
-        rm -rf "$old_target"/debug/{deps,build,.fingerprint}/*byok*
-    fi
-    (cd "$U/src-$OLD_VERSION" && CARGO_TARGET_DIR="$old_target" \
-        cargo pgrx package --debug --pg-config "$SYSTEM_PG_CONFIG" --out-dir "$old_pkg" 2>&1 \
-        | grep -E "^error|warning: unused|Finished" || true)
-    [ -f "$old_pkg/usr/lib/postgresql/${PG_MAJOR}/lib/byok_pg.so" ] || die "the $OLD_VERSION build failed"
-    echo "$OLD_COMMIT" > "$old_pkg/.commit"
-    rm -rf "$old_target" "$U/src-$OLD_VERSION"
-    log "upgrade: byok_pg $OLD_VERSION built"
-fi
+# --- 1. the old release, built from its commit (kept between runs) -------------
+build_release "$OLD_VERSION" "$OLD_COMMIT"
+old_pkg="$RELEASE_STAGE"
 cmp -s "$old_pkg/usr/share/postgresql/${PG_MAJOR}/extension/byok_pg--$OLD_VERSION.sql" "sql/archive/byok_pg--$OLD_VERSION.sql" \
     && ok "sql/archive/byok_pg--$OLD_VERSION.sql is what commit ${OLD_COMMIT:0:7} installs" \
     || not_ok "sql/archive/byok_pg--$OLD_VERSION.sql differs from the install script commit ${OLD_COMMIT:0:7} generates"
