@@ -67,6 +67,14 @@ def without_apache_text(text):
     return text.strip("\n")
 
 
+def mit_permission_text():
+    """The MIT license's permission notice, from the Rust toolchain's copy."""
+    sysroot = run("rustc", "--print", "sysroot").strip()
+    with open(os.path.join(sysroot, "share/doc/rust/licenses/MIT.txt"), encoding="utf-8") as fh:
+        text = fh.read()
+    return text[text.index("Permission is hereby granted"):].strip("\n")
+
+
 def main():
     features, output = sys.argv[1], sys.argv[2]
     wanted = linked_crates(features)
@@ -93,6 +101,12 @@ def main():
                        and os.path.isfile(os.path.join(directory, f)))
         if not files:
             unlicensed_files.append(f"{name} {version}")
+            if "MIT" in license_expr.replace("MIT-0", ""):
+                # No file to copy: the MIT notice, with the crate's authors as holders.
+                text = f"Copyright (c) {authors}\n\n{mit_permission_text()}"
+                texts.setdefault(hashlib.sha256(text.encode()).hexdigest(),
+                                 {"text": text, "crates": []})["crates"].append(
+                    f"{name} {version} (MIT notice from its Cargo.toml)")
         for f in files:
             with open(os.path.join(directory, f), encoding="utf-8", errors="replace") as fh:
                 text = fh.read().strip("\n")
@@ -114,6 +128,20 @@ def main():
             "Copyright: the byok_pg developers\n"
             "License: Apache-2.0\n"
             "\n"
+            "Files: the Rust standard library (std, core, alloc and the crates they bundle)\n"
+            "Copyright: The Rust Project Developers\n"
+            "License: MIT OR Apache-2.0\n"
+            "Comment: linked statically. The notices of the standard library's own\n"
+            " dependencies are in rust-std-COPYRIGHT-library.html.gz beside this file\n"
+            " (the toolchain's share/doc/rust/COPYRIGHT-library.html).\n"
+            "\n"
+            "Files: pgrx-pg-sys (bindings generated from PostgreSQL's server headers)\n"
+            "Copyright: The PostgreSQL Global Development Group;\n"
+            " The Regents of the University of California\n"
+            "License: PostgreSQL\n"
+            "Comment: the PostgreSQL License's text is in\n"
+            " /usr/share/doc/postgresql-15/copyright (this package depends on postgresql-15).\n"
+            "\n"
         )
         for stanza in stanzas:
             out.write(stanza + "\n")
@@ -126,7 +154,8 @@ def main():
         if unlicensed_files:
             out.write(
                 "Comment: these crates ship no license file; their license is the\n"
-                " expression in their stanza: " + ", ".join(unlicensed_files) + ".\n"
+                " expression in their stanza, and for MIT the notice below names their\n"
+                " authors: " + ", ".join(unlicensed_files) + ".\n"
             )
         for entry in sorted(texts.values(), key=lambda e: e["crates"][0]):
             out.write("\nComment: license text of " + ", ".join(entry["crates"]) + "\n .\n")

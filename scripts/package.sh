@@ -7,24 +7,28 @@
 #                                                    update scripts from earlier releases
 #   /usr/share/doc/postgresql-15-byok-pg/            README.Debian (the one line for
 #       postgresql.conf), copyright (byok_pg's and every statically linked crate's
-#       license), changelog.gz, upgrading.md.gz, examples/demo.sql (the demo, runnable with psql)
+#       license, and rust-std-COPYRIGHT-library.html.gz, the Rust standard library's),
+#       changelog.gz, upgrading.md.gz, examples/demo.sql (the demo, runnable with psql)
 #   /usr/share/lintian/overrides/postgresql-15-byok-pg  the lintian tags we keep, explained
 # Depends: postgresql-15, the C libraries the library links (dpkg-shlibdeps) and
 # ca-certificates (the key managers' TLS certificates are checked against it).
+# preinst (packaging/preinst) refuses to install on a CPU without x86-64-v3,
+# AES-NI and PCLMULQDQ, which the library is built for.
 # Usage: bash scripts/package.sh [--out DIR]    (default: target/debian)
 #        bash scripts/package.sh --from-stage DIR [--out DIR]
 #   --from-stage: package a build `cargo pgrx package` already staged in DIR
 #   (copied, not changed) instead of building this tree; the version is the one
 #   its control file names. The update test packages an earlier release so.
 # The package's version is the extension's (Cargo.toml); file dates are the
-# commit's, so two builds of one commit give the same package.
+# commit's (SOURCE_DATE_EPOCH).
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 OUT="$BYOK_ROOT/target/debian"
 FROM_STAGE=""
 while [ $# -gt 0 ]; do
     case "$1" in
-        --out) OUT=$2; shift 2 ;;
-        --from-stage) FROM_STAGE="$(cd "$2" && pwd)" || die "no directory $2"; shift 2 ;;
+        --out) [ $# -ge 2 ] || die "--out needs a directory"; OUT=$2; shift 2 ;;
+        --from-stage) [ $# -ge 2 ] || die "--from-stage needs a directory"
+                      FROM_STAGE="$(cd "$2" && pwd)" || die "no directory $2"; shift 2 ;;
         *) die "usage: bash scripts/package.sh [--from-stage DIR] [--out DIR]" ;;
     esac
 done
@@ -80,6 +84,7 @@ cp scripts/demo.sql "$DOC/examples/demo.sql"
 gzip -9n < docs/upgrading.md > "$DOC/upgrading.md.gz"
 cp packaging/lintian-overrides "$STAGE/usr/share/lintian/overrides/$PACKAGE"
 python3 scripts/package-copyright.py "pg${PG_MAJOR}" "$DOC/copyright"
+gzip -9n < "$(rustc --print sysroot)/share/doc/rust/COPYRIGHT-library.html" > "$DOC/rust-std-COPYRIGHT-library.html.gz"
 # A native package's changelog: this version's entry, dated at the commit.
 {
     echo "byok-pg ($VERSION) unstable; urgency=medium"
@@ -126,6 +131,7 @@ EOF
 (cd "$STAGE" && find . -path ./DEBIAN -prune -o -type f -printf '%P\0' | sort -z \
     | xargs -0 md5sum) > "$STAGE/DEBIAN/md5sums"
 chmod 0644 "$STAGE/DEBIAN/control" "$STAGE/DEBIAN/md5sums"
+install -m 0755 packaging/preinst "$STAGE/DEBIAN/preinst"   # refuses a CPU the library cannot run on
 dpkg-deb --root-owner-group -Zxz --build "$STAGE" "$DEB" >/dev/null
 rm -rf "$STAGE"
 log "package: $DEB"

@@ -34,21 +34,35 @@ EXTDIR="/usr/share/postgresql/${PG_MAJOR}/extension"
 DEV_ASIDE="$BYOK_WORK/package-dev-install"   # the development install while the package is tested
 export DEBIAN_FRONTEND=noninteractive
 
-package_installed() { [ "$(dpkg-query -W -f='${db:Status-Abbrev}' "$PACKAGE" 2>/dev/null)" = "ii " ]; }
+package_status() { dpkg-query -W -f='${db:Status-Abbrev}' "$PACKAGE" 2>/dev/null; }
+package_installed() { [ "$(package_status)" = "ii " ]; }
 byok_files() { ls -d "$PKGLIB"/byok_pg* "$EXTDIR"/byok_pg* "/usr/share/doc/$PACKAGE" 2>/dev/null; }
+# The package purged whatever state dpkg left it in (half-installed, half-
+# configured), then the development install copied back and compared; the copy
+# set aside is deleted only once it is back. Fails (and keeps the copy) otherwise.
 restore_dev_install() {
     stop_cluster "$NAME"
-    if package_installed; then apt-get remove -y -qq "$PACKAGE" >/dev/null 2>&1; fi
-    if [ -d "$DEV_ASIDE" ]; then
-        # (unless a development install was made since: that one is newer)
-        if ! [ -e "$PKGLIB/byok_pg.so" ]; then
-            cp -a "$DEV_ASIDE/lib/." "$PKGLIB/" && cp -a "$DEV_ASIDE/extension/." "$EXTDIR/"
-        fi
-        rm -rf "$DEV_ASIDE"
+    local status; status="$(package_status)"
+    if [ -n "$status" ] && [ "${status:1:1}" != n ]; then
+        dpkg --purge --force-remove-reinstreq "$PACKAGE" >/dev/null 2>&1 \
+            || { echo "NOT OK: could not purge $PACKAGE (dpkg status '$status')"; return 1; }
     fi
+    [ -d "$DEV_ASIDE" ] || return 0
+    if [ -e "$PKGLIB/byok_pg.so" ] && ! cmp -s "$PKGLIB/byok_pg.so" "$DEV_ASIDE/lib/byok_pg.so"; then
+        echo "NOT OK: $PKGLIB/byok_pg.so is not the development install; the copy stays in $DEV_ASIDE"
+        return 1
+    fi
+    cp -a "$DEV_ASIDE/lib/." "$PKGLIB/" && cp -a "$DEV_ASIDE/extension/." "$EXTDIR/" \
+        && cmp -s "$PKGLIB/byok_pg.so" "$DEV_ASIDE/lib/byok_pg.so" \
+        && rm -rf "$DEV_ASIDE" \
+        || { echo "NOT OK: the development install could not be put back from $DEV_ASIDE"; return 1; }
 }
-trap restore_dev_install EXIT
-restore_dev_install   # an earlier run that died before its trap
+trap 'restore_dev_install || exit 1' EXIT
+# An earlier run that died before its trap: its package purged, its copy put
+# back (or dropped, when a development install was made since).
+restore_dev_install \
+    || { [ -e "$PKGLIB/byok_pg.so" ] && ! package_installed && rm -rf "$DEV_ASIDE"; } \
+    || die "the machine is not as an earlier package test left it (above)"
 
 # --- 1. the package --------------------------------------------------------------
 log "package: bash scripts/package.sh"
@@ -72,7 +86,7 @@ expected="$(
     echo "./usr/share/postgresql/$PG_MAJOR/extension/byok_pg.control"
     echo "./usr/share/postgresql/$PG_MAJOR/extension/byok_pg--$VERSION.sql"
     for f in sql/byok_pg--*--"$VERSION".sql; do echo "./usr/share/postgresql/$PG_MAJOR/extension/${f#sql/}"; done
-    for f in README.Debian copyright changelog.gz upgrading.md.gz examples/demo.sql; do
+    for f in README.Debian copyright rust-std-COPYRIGHT-library.html.gz changelog.gz upgrading.md.gz examples/demo.sql; do
         echo "./usr/share/doc/$PACKAGE/$f"
     done
     echo "./usr/share/lintian/overrides/$PACKAGE"
@@ -81,12 +95,15 @@ got="$(dpkg-deb --contents "$DEB" | awk '$1 !~ /^d/ { print $6 }')"
 check "the package's files" "$(sort <<<"$got")" "$(sort <<<"$expected")"
 bad_modes="$(dpkg-deb --contents "$DEB" | awk '$1 !~ /^[-d]rw[-x]r-[-x]r-[-x]$/ || $2 != "root/root"')"
 check "every file root-owned, world-readable, none writable but by root" "$bad_modes" ""
-! dpkg-deb --contents "$DEB" | grep -q '^-..x' && ok "no executable files" || not_ok "executable files in the package"
+contents="$(dpkg-deb --contents "$DEB")"
+grep -q '^-..x' <<<"$contents" && not_ok "executable files in the package" || ok "no executable files"
 
 # The library as installed: stripped, and every library it links belongs to a
 # Debian package (nothing from the build machine's Rust toolchain).
 X="$OUT/extracted"; rm -rf "$X"; dpkg-deb -x "$DEB" "$X"
-readelf -S "$X$PKGLIB/byok_pg.so" | grep -q '\.symtab' && not_ok "byok_pg.so is not stripped" || ok "byok_pg.so is stripped"
+sections="$(readelf -S "$X$PKGLIB/byok_pg.so")"
+[ -n "$sections" ] || not_ok "readelf cannot read byok_pg.so"
+grep -q '\.symtab' <<<"$sections" && not_ok "byok_pg.so is not stripped" || ok "byok_pg.so is stripped"
 linked="$(ldd "$X$PKGLIB/byok_pg.so")"
 echo "$linked"
 ! grep -q "not found" <<<"$linked" && ok "ldd resolves every library" || not_ok "ldd: a library is not found"
@@ -99,11 +116,24 @@ grep -q "^Files: statically linked crate aes-gcm " "$X/usr/share/doc/$PACKAGE/co
     && ok "copyright: byok_pg's license and the statically linked crates'" || not_ok "copyright file incomplete"
 
 log "package: lintian"
-lint="$(lintian --pedantic --display-info "$DEB" 2>&1 | grep -v '^running with root privileges')"
-[ -n "$lint" ] && echo "$lint"
-grep -qE '^[EW]: ' <<<"$lint" && not_ok "lintian reports errors or warnings (above)" || ok "lintian: no errors, no warnings"
+lint_status=0
+lint="$(lintian --fail-on error,warning --pedantic --display-info "$DEB" 2>&1)" || lint_status=$?
+grep -v '^running with root privileges' <<<"$lint"
+[ $lint_status -eq 0 ] && ! grep -qE '^[EW]: ' <<<"$lint" \
+    && ok "lintian: no errors, no warnings" || not_ok "lintian failed (status $lint_status) or reports errors or warnings (above)"
 lintian --pedantic --display-info --show-overrides "$DEB" 2>/dev/null | grep '^O: ' \
     | sed 's/^/  kept on purpose (packaging\/lintian-overrides): /'
+
+# The preinst refuses a CPU the library cannot run on (a cpuinfo without AVX2
+# and BMI2), names what is missing, accepts this machine's and can be overridden.
+C="$OUT/control"; rm -rf "$C"; dpkg-deb -e "$DEB" "$C"
+sed -e 's/ avx2 / /' -e 's/ bmi2 / /' /proc/cpuinfo > "$OUT/old-cpuinfo"
+pre_status=0; pre_out="$(BYOK_PG_CPUINFO="$OUT/old-cpuinfo" "$C/preinst" install 2>&1)" || pre_status=$?
+[ $pre_status -ne 0 ] && grep -q "lacks instructions byok_pg is built for: avx2 bmi2\." <<<"$pre_out" \
+    && ok "preinst refuses a CPU without avx2 and bmi2, naming them" || not_ok "preinst on an older CPU: status $pre_status, $pre_out"
+"$C/preinst" install && ok "preinst accepts this CPU" || not_ok "preinst refuses this CPU"
+BYOK_PG_SKIP_CPU_CHECK=1 BYOK_PG_CPUINFO="$OUT/old-cpuinfo" "$C/preinst" install \
+    && ok "preinst: BYOK_PG_SKIP_CPU_CHECK=1 skips the check" || not_ok "BYOK_PG_SKIP_CPU_CHECK=1 does not skip the check"
 
 # --- 2. only the package's files -----------------------------------------------------
 log "package: the development install set aside ($DEV_ASIDE)"
@@ -122,7 +152,8 @@ check "dpkg --verify: installed files match the package" "$verify" ""
 # start_cluster's postgresql.conf: port and socket, fsync off, and the one line
 # README.Debian asks for.
 start_cluster "$NAME" "$PORT" || not_ok "the server did not start with the package's library"
-grep -q "^shared_preload_libraries = 'byok_pg'" "$BYOK_WORK/$NAME/data/postgresql.conf" && ok "postgresql.conf: shared_preload_libraries = 'byok_pg'"
+grep -q "^shared_preload_libraries = 'byok_pg'" "$BYOK_WORK/$NAME/data/postgresql.conf" \
+    && ok "postgresql.conf: shared_preload_libraries = 'byok_pg'" || not_ok "postgresql.conf lacks the shared_preload_libraries line"
 q() { psql_at "$NAME" "$PORT" -d "$DB" -qAt -c "$1" 2>&1; }
 DB=postgres
 q "CREATE DATABASE byok_demo"
@@ -193,7 +224,8 @@ stop_cluster "$NAME"
 apt-get install -y -qq "$DEB" >/dev/null 2>"$OUT/apt-install.err" || { cat "$OUT/apt-install.err"; not_ok "apt-get install (update to $VERSION) failed"; }
 check "dpkg: updated to $VERSION" "$(dpkg-query -W -f='${db:Status-Abbrev}${Version}' "$PACKAGE")" "ii $VERSION"
 check "the extension directory after the update: this version's scripts only" \
-    "$(cd "$EXTDIR" && LC_ALL=C ls byok_pg* | tr '\n' ' ')" "$(cd sql && LC_ALL=C ls byok_pg--*--"$VERSION".sql | tr '\n' ' ')byok_pg--$VERSION.sql byok_pg.control "
+    "$(cd "$EXTDIR" && ls byok_pg* | LC_ALL=C sort)" \
+    "$({ (cd sql && ls byok_pg--*--"$VERSION".sql); echo "byok_pg--$VERSION.sql"; echo byok_pg.control; } | LC_ALL=C sort)"
 restart_cluster "$NAME" || not_ok "the server did not restart on the updated package"
 values="$(q "SELECT count(*) FILTER (WHERE byok.decrypt_text(body, 'notes.body') = 'note ' || id) FROM notes")"
 check "before ALTER EXTENSION UPDATE the new library serves 0.1.0's definitions" "$values" 50
@@ -207,7 +239,7 @@ check "removed at the end: no byok_pg file left" "$(byok_files)" ""
 
 
 # --- 6. the development install back (the trap) ------------------------------------
-restore_dev_install
+restore_dev_install || fail=1
 [ -f "$PKGLIB/byok_pg.so" ] && ok "the development install is back" || not_ok "the development install was not restored"
 [ $fail -eq 0 ] && echo "package: all checks passed" || echo "package: FAILED"
 exit $fail
