@@ -44,7 +44,10 @@ else
 fi
 ARCH="$(dpkg --print-architecture)"
 MAINTAINER="${BYOK_PACKAGE_MAINTAINER:-byok_pg developers <byok-pg@users.noreply.github.com>}"
-export SOURCE_DATE_EPOCH="${SOURCE_DATE_EPOCH:-$(git log -1 --format=%ct 2>/dev/null || date +%s)}"
+# Given to dpkg-deb only, not exported: the C build scripts (cc) rerun when it
+# changes, so exporting it would rebuild everything at each commit.
+DATE_EPOCH="${SOURCE_DATE_EPOCH:-$(git log -1 --format=%ct 2>/dev/null || date +%s)}"
+unset SOURCE_DATE_EPOCH
 DEB="$OUT/${PACKAGE}_${VERSION}_${ARCH}.deb"
 
 # --- the release build, staged as it installs --------------------------------
@@ -92,7 +95,7 @@ gzip -9n < "$(rustc --print sysroot)/share/doc/rust/COPYRIGHT-library.html" > "$
     echo "  * byok_pg $VERSION. Updating a database from an earlier release:"
     echo "    ALTER EXTENSION byok_pg UPDATE (see README.Debian)."
     echo
-    echo " -- $MAINTAINER  $(date -u -R -d "@$SOURCE_DATE_EPOCH")"
+    echo " -- $MAINTAINER  $(date -u -R -d "@$DATE_EPOCH")"
 } | gzip -9n > "$DOC/changelog.gz"
 
 # --- control file -------------------------------------------------------------
@@ -132,7 +135,7 @@ EOF
     | xargs -0 md5sum) > "$STAGE/DEBIAN/md5sums"
 chmod 0644 "$STAGE/DEBIAN/control" "$STAGE/DEBIAN/md5sums"
 install -m 0755 packaging/preinst "$STAGE/DEBIAN/preinst"   # refuses a CPU the library cannot run on
-dpkg-deb --root-owner-group -Zxz --build "$STAGE" "$DEB" >/dev/null
+SOURCE_DATE_EPOCH="$DATE_EPOCH" dpkg-deb --root-owner-group -Zxz --build "$STAGE" "$DEB" >/dev/null
 rm -rf "$STAGE"
 log "package: $DEB"
 dpkg-deb --field "$DEB" Package Version Architecture Depends Installed-Size
