@@ -3,7 +3,8 @@
 # installs it on this machine's PostgreSQL 15:
 #  1. builds postgresql-15-byok-pg_<version>_<arch>.deb from a release build and
 #     checks its fields, its exact file list, its library's dependencies (every
-#     one a Debian package's) and lintian (clean but for packaging/lintian-overrides);
+#     one a Debian package's), lintian (clean but for packaging/lintian-overrides)
+#     and the preinst's CPU check;
 #  2. moves the development install (cargo pgrx install) aside, so the server
 #     can only find the package's files;
 #  3. apt-get install ./the.deb; a fresh cluster whose postgresql.conf gains one
