@@ -34,6 +34,10 @@ as_postgres() {
 # deps_list FILE: the entries of a tests/deps list, comments and blank lines removed.
 deps_list() { sed -e 's/#.*//' -e 's/[[:space:]]*$//' -e '/^$/d' "$BYOK_DEPS/$1"; }
 
+# The extension's version (Cargo.toml; the control file's default_version and
+# the Debian package's version follow it).
+BYOK_VERSION="$(sed -n 's/^version = "\(.*\)"/\1/p' "$BYOK_ROOT/Cargo.toml" | head -1)"
+
 # The pinned cargo-pgrx version (tests/deps/cargo-tools.txt); the pgrx crates must match it.
 PGRX_VERSION="$(deps_list cargo-tools.txt | awk '$1 == "cargo-pgrx" { print $2 }')"
 

@@ -40,7 +40,7 @@ if [ -n "$FROM_STAGE" ]; then
     VERSION="$(sed -n "s/^default_version = '\(.*\)'/\1/p" "$FROM_STAGE/usr/share/postgresql/${PG_MAJOR}/extension/byok_pg.control")"
     [ -n "$VERSION" ] || die "$FROM_STAGE holds no byok_pg.control with a default_version"
 else
-    VERSION="$(sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -1)"
+    VERSION="$BYOK_VERSION"
 fi
 ARCH="$(dpkg --print-architecture)"
 MAINTAINER="${BYOK_PACKAGE_MAINTAINER:-byok_pg developers <byok-pg@users.noreply.github.com>}"

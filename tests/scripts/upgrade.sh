@@ -22,7 +22,7 @@ source "$(dirname "${BASH_SOURCE[0]}")/../../scripts/lib.sh"
 NAME=upgrade
 PORT="${UPGRADE_PORT:-54350}"
 OLD_VERSION=0.1.0
-NEW_VERSION="$(sed -n 's/^version = "\(.*\)"/\1/p' "$BYOK_ROOT/Cargo.toml" | head -1)"
+NEW_VERSION="$BYOK_VERSION"
 U="$BYOK_WORK/upgrade-build"
 P="$U/pg"                                  # the private PostgreSQL
 SYSTEM_PG_CONFIG="$PG_CONFIG"
