@@ -158,6 +158,8 @@ pub enum ByokError {
     },
     NotText,
     ValueTooLarge(usize),
+    /// The memory context could not hand out a value's buffer (this many bytes).
+    OutOfMemory(usize),
     MalformedValue(FormatError),
     NotPreloaded,
     ReadOnlyStandby(&'static str),
@@ -404,6 +406,8 @@ impl ByokError {
                 format!("value of {len} bytes is too large to encrypt"),
             )
             .set_detail("a sealed value must fit in 1 GB"),
+            ByokError::OutOfMemory(size) => report(ERRCODE_OUT_OF_MEMORY, "out of memory".into())
+                .set_detail(format!("Failed on request of size {size}.")),
             ByokError::Provider(e) => provider_report(e),
             ByokError::MalformedValue(e) => report(
                 ERRCODE_DATA_EXCEPTION,

@@ -5,6 +5,7 @@ pub mod security;
 pub mod session;
 pub mod spi;
 pub mod subxact;
+pub mod unguarded;
 pub mod varlena;
 
 /// The server's data directory.

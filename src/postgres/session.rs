@@ -41,8 +41,7 @@ pub fn database_name() -> String {
 /// The current user (`current_user`).
 #[inline]
 pub fn current_user() -> pg_sys::Oid {
-    // SAFETY: reads the backend's current user id.
-    unsafe { pg_sys::GetUserId() }
+    super::unguarded::current_user()
 }
 
 /// The session's login role (`session_user`: the person, for dual control).

@@ -39,20 +39,18 @@ pub struct VarlenaBuf {
 }
 
 /// Largest payload a varlena can hold (1 GB less the header).
-pub const MAX_VARLENA_PAYLOAD: usize = 0x3FFF_FFFF - pg_sys::VARHDRSZ;
+pub const MAX_VARLENA_PAYLOAD: usize = super::unguarded::MAX_ALLOC_SIZE - pg_sys::VARHDRSZ;
 
 impl VarlenaBuf {
     /// Allocates a varlena with room for `len` bytes of payload. The caller has
     /// checked `len <= MAX_VARLENA_PAYLOAD`.
     pub fn new(len: usize) -> Self {
         debug_assert!(len <= MAX_VARLENA_PAYLOAD);
-        // SAFETY: palloc raises rather than returning null; the header is
+        let ptr = super::unguarded::alloc(len + pg_sys::VARHDRSZ).cast::<pg_sys::varlena>();
+        // SAFETY: `alloc` raises rather than returning null; the header is
         // written before anyone reads the varlena.
-        unsafe {
-            let ptr = pg_sys::palloc(len + pg_sys::VARHDRSZ).cast::<pg_sys::varlena>();
-            set_varsize_4b(ptr, (len + pg_sys::VARHDRSZ) as i32);
-            VarlenaBuf { ptr, len }
-        }
+        unsafe { set_varsize_4b(ptr, (len + pg_sys::VARHDRSZ) as i32) };
+        VarlenaBuf { ptr, len }
     }
 
     pub fn as_mut_slice(&mut self) -> &mut [u8] {
