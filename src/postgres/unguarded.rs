@@ -7,7 +7,11 @@
 //! The calls here are the ones that cannot raise, so they need no guard:
 //! `GetUserId` only returns a static, and `MemoryContextAllocExtended` with
 //! `MCXT_ALLOC_NO_OOM` on an AllocSet returns NULL instead of raising, its
-//! only other ERROR being a size over 1 GB, which [`alloc`] refuses first.
+//! only other ERROR being a size over 1 GB, which [`alloc`] refuses first
+//! (checked against PostgreSQL 15's mcxt.c and aset.c; a Slab context can
+//! raise, hence the AllocSet test). Without the guard there is also no pgrx
+//! thread check: like every PostgreSQL call, these run on the backend's main
+//! thread only, never from the broker's tokio threads.
 
 use std::ffi::{c_int, c_void};
 
@@ -22,6 +26,8 @@ mod ffi {
     use super::*;
 
     // The same declarations as pgrx's, minus the guard (see the module comment).
+    // Any other declaration of these symbols in this crate must match these
+    // exactly (`extern "C"`), or rustc reports clashing declarations.
     unsafe extern "C" {
         pub(super) fn GetUserId() -> pg_sys::Oid;
         pub(super) fn MemoryContextAllocExtended(
@@ -39,8 +45,9 @@ pub fn current_user() -> pg_sys::Oid {
     unsafe { ffi::GetUserId() }
 }
 
-/// `palloc(size)` in the current memory context: raises what palloc raises
-/// (out of memory, or a size over [`MAX_ALLOC_SIZE`]).
+/// `palloc(size)` in the current memory context. Raises out of memory (53200,
+/// without the memory-context statistics PostgreSQL's own report logs) or,
+/// through palloc, a size over [`MAX_ALLOC_SIZE`].
 #[inline]
 pub fn alloc(size: usize) -> *mut c_void {
     // SAFETY: CurrentMemoryContext is always a valid context while a
