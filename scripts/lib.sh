@@ -98,6 +98,26 @@ ensure_build_tools() {
     fi
 }
 
+# The listening ports the tests' servers and emulators use that fall inside
+# Linux's ephemeral range (32768-60999): the test clusters (54300-54399) and the
+# AWS KMS emulators (45660-45661). Below 32768 nothing needs reserving.
+TEST_PORTS_IN_EPHEMERAL_RANGE="45660-45661,54300-54399"
+
+# Keeps the kernel from handing those ports to outgoing connections: a client
+# socket (a key broker's connection to an emulator, a test's HTTP call) that
+# happened to get local port 54334 made a cluster fail to start with "Address
+# already in use". Root only; elsewhere (or where /proc/sys is read-only) a
+# note, and the tests run as before. Called by the test command only (it
+# changes a kernel setting until reboot).
+reserve_test_ports() {
+    local file=/proc/sys/net/ipv4/ip_local_reserved_ports current
+    current=$(cat "$file" 2>/dev/null) || return 0
+    case ",$current," in *",$TEST_PORTS_IN_EPHEMERAL_RANGE,"*) return 0 ;; esac
+    if ! echo "${current:+$current,}$TEST_PORTS_IN_EPHEMERAL_RANGE" > "$file" 2>/dev/null; then
+        log "note: could not reserve ports $TEST_PORTS_IN_EPHEMERAL_RANGE from outgoing connections (not root?); a test cluster may rarely find its port taken"
+    fi
+}
+
 # Everything the demo, the tests and the benchmarks need, from the three lists.
 ensure_toolchain() {
     ensure_build_tools

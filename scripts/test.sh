@@ -15,6 +15,7 @@ record() { # record NAME STATUS
 }
 
 ensure_toolchain
+reserve_test_ports
 
 # Before anything else: each key-manager emulator starts from the test
 # environment and answers a real request. A missing package stops the run here,
