@@ -19,17 +19,24 @@
 #   --from-stage: package a build `cargo pgrx package` already staged in DIR
 #   (copied, not changed) instead of building this tree; the version is the one
 #   its control file names. The update test packages an earlier release so.
+#   --debug: package a debug build instead of the release build. For the test
+#   command only (tests/scripts/package.sh): it reuses the build the tests
+#   installed, where the release build takes ten minutes of the CI machine's two
+#   cores; the packaging is the same. Never for a server: a debug build is slower.
 # The package's version is the extension's (Cargo.toml); file dates are the
 # commit's (SOURCE_DATE_EPOCH).
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 OUT="$BYOK_ROOT/target/debian"
 FROM_STAGE=""
+PROFILE_FLAGS=()
+PROFILE_NAME=release
 while [ $# -gt 0 ]; do
     case "$1" in
         --out) [ $# -ge 2 ] || die "--out needs a directory"; OUT=$2; shift 2 ;;
         --from-stage) [ $# -ge 2 ] || die "--from-stage needs a directory"
                       FROM_STAGE="$(cd "$2" && pwd)" || die "no directory $2"; shift 2 ;;
-        *) die "usage: bash scripts/package.sh [--from-stage DIR] [--out DIR]" ;;
+        --debug) PROFILE_FLAGS=(--debug); PROFILE_NAME=debug; shift ;;
+        *) die "usage: bash scripts/package.sh [--from-stage DIR | --debug] [--out DIR]" ;;
     esac
 done
 mkdir -p "$OUT"; OUT="$(cd "$OUT" && pwd)"
@@ -50,7 +57,7 @@ DATE_EPOCH="${SOURCE_DATE_EPOCH:-$(git log -1 --format=%ct 2>/dev/null || date +
 unset SOURCE_DATE_EPOCH
 DEB="$OUT/${PACKAGE}_${VERSION}_${ARCH}.deb"
 
-# --- the release build, staged as it installs --------------------------------
+# --- the build (release unless --debug), staged as it installs ---------------
 STAGE="$OUT/stage"
 rm -rf "$STAGE" "$DEB"
 if [ -n "$FROM_STAGE" ]; then
@@ -60,8 +67,8 @@ if [ -n "$FROM_STAGE" ]; then
     cp -a "$FROM_STAGE/usr" "$STAGE/"
 else
     ensure_build_tools   # Debian packages (dpkg-dev, the server headers), cargo-pgrx
-    log "package: release build of byok_pg $VERSION (cargo pgrx package)"
-    cargo pgrx package --pg-config "$PG_CONFIG" --out-dir "$STAGE" 2>&1 \
+    log "package: $PROFILE_NAME build of byok_pg $VERSION (cargo pgrx package ${PROFILE_FLAGS[*]})"
+    cargo pgrx package "${PROFILE_FLAGS[@]}" --pg-config "$PG_CONFIG" --out-dir "$STAGE" 2>&1 \
         | grep -E "^error|warning: unused|Finished" || true
 fi
 LIB="$STAGE/usr/lib/postgresql/${PG_MAJOR}/lib/byok_pg.so"

@@ -40,8 +40,10 @@ status=0; bash scripts/fuzz.sh "${FUZZ_SECONDS:-60}" || status=$?
 record "fuzzing" $status
 
 log "unit tests: byok-core, byok-exporter, byok-kms (no PostgreSQL)"
-# (a debug build: overflow checks and debug assertions on; the optimized build is
-# exercised end to end by the package test, tests/scripts/package.sh)
+# (a debug build: overflow checks and debug assertions on. The test command makes
+# no release build, which takes ten minutes of the CI machine's two cores: the
+# benchmarks (bench/) and scripts/package.sh build and run it, and
+# PACKAGE_PROFILE=release bash tests/scripts/package.sh tests its package.)
 status=0; cargo test -p byok-core -p byok-exporter -p byok-kms 2>&1 | tee "$BYOK_WORK.cargo-test.log" | grep -E "^test result|FAILED|panicked" || status=$?
 # (compiler errors start their line; a test's name may contain "error::")
 grep -qE "FAILED|^error(\[|:)" "$BYOK_WORK.cargo-test.log" && status=1

@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # The Debian package (scripts/package.sh, docs/packaging.md), the way a DBA
 # installs it on this machine's PostgreSQL 15:
-#  1. builds postgresql-15-byok-pg_<version>_<arch>.deb from a release build and
-#     checks its fields, its exact file list, its library's dependencies (every
-#     one a Debian package's), lintian (clean but for packaging/lintian-overrides)
-#     and the preinst's CPU check;
+#  1. builds postgresql-15-byok-pg_<version>_<arch>.deb and checks its fields,
+#     its exact file list, its library's dependencies (every one a Debian
+#     package's), lintian (clean but for packaging/lintian-overrides) and the
+#     preinst's CPU check;
 #  2. moves the development install (cargo pgrx install) aside, so the server
 #     can only find the package's files;
 #  3. apt-get install ./the.deb; a fresh cluster whose postgresql.conf gains one
@@ -20,7 +20,11 @@
 #     the new library, ALTER EXTENSION byok_pg UPDATE, the values open, the new
 #     functions work; removed: no file left;
 #  6. puts the development install back, whatever failed.
-# PACKAGE_PORT sets the cluster's port (default 54396).
+# The package is built from the debug build the test command installed
+# (scripts/package.sh --debug: the same packaging, without the release build's
+# ten minutes on two cores); PACKAGE_PROFILE=release packages a release build,
+# as scripts/package.sh does for a server. PACKAGE_PORT sets the cluster's port
+# (default 54396).
 source "$(dirname "${BASH_SOURCE[0]}")/../../scripts/lib.sh"
 set +e   # every outcome is checked below
 NAME=package
@@ -33,6 +37,11 @@ OUT="$BYOK_WORK/package-out"
 PKGLIB="/usr/lib/postgresql/${PG_MAJOR}/lib"
 EXTDIR="/usr/share/postgresql/${PG_MAJOR}/extension"
 DEV_ASIDE="$BYOK_WORK/package-dev-install"   # the development install while the package is tested
+case "${PACKAGE_PROFILE:-debug}" in
+    debug) PROFILE_FLAG=--debug ;;
+    release) PROFILE_FLAG="" ;;
+    *) die "PACKAGE_PROFILE is debug or release, not '$PACKAGE_PROFILE'" ;;
+esac
 export DEBIAN_FRONTEND=noninteractive
 
 package_status() { dpkg-query -W -f='${db:Status-Abbrev}' "$PACKAGE" 2>/dev/null; }
@@ -68,7 +77,7 @@ restore_dev_install \
 # --- 1. the package --------------------------------------------------------------
 log "package: bash scripts/package.sh"
 rm -rf "$OUT"
-bash scripts/package.sh --out "$OUT" || not_ok "scripts/package.sh failed"
+bash scripts/package.sh $PROFILE_FLAG --out "$OUT" || not_ok "scripts/package.sh failed"
 DEB="$OUT/${PACKAGE}_${VERSION}_$(dpkg --print-architecture).deb"
 [ -f "$DEB" ] || { not_ok "no $DEB"; exit 1; }
 ok "built $(basename "$DEB") ($(du -k "$DEB" | cut -f1) KiB)"
