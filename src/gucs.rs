@@ -101,8 +101,8 @@ pub enum Environment {
 /// The AES-256-GCM implementations `byok.aes_gcm_implementation` chooses from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PostgresGucEnum)]
 pub enum AesGcmImplementation {
-    /// By length (the default): RustCrypto's below
-    /// `byok_core::crypto::AWS_LC_FROM_BYTES`, aws-lc's from it.
+    /// By length (the default): RustCrypto's below a length chosen for the
+    /// CPU (`byok_core::crypto::aws_lc_from_bytes`), aws-lc's from it.
     #[name = c"auto"]
     Auto,
     #[name = c"rustcrypto"]
@@ -530,13 +530,17 @@ pub fn approval_expiry_minutes() -> i32 {
     APPROVAL_EXPIRY_MINUTES.get().max(1)
 }
 
-/// The AES-256-GCM implementation for a value of `len` bytes (per-row path:
-/// one read of the setting).
+/// The AES-256-GCM implementation `cipher` runs for a value of `len` bytes:
+/// the setting's, or with `auto` the cipher's choice for this CPU (per-row
+/// path: one read of the setting, no CPU detection).
 #[inline]
-pub fn aes_gcm_for_len(len: usize) -> byok_core::crypto::GcmImpl {
+pub fn aes_gcm_for(
+    cipher: &byok_core::crypto::DekCipher,
+    len: usize,
+) -> byok_core::crypto::GcmImpl {
     use byok_core::crypto::GcmImpl;
     match AES_GCM_IMPLEMENTATION.get() {
-        AesGcmImplementation::Auto => GcmImpl::for_len(len),
+        AesGcmImplementation::Auto => cipher.implementation_for(len),
         AesGcmImplementation::RustCrypto => GcmImpl::RustCrypto,
         AesGcmImplementation::AwsLc => GcmImpl::AwsLc,
     }

@@ -383,7 +383,7 @@ fn seal_with(
     NONCES.with_borrow_mut(|pool| {
         let pool = pool.get_or_insert_with(NoncePool::default);
         let fill = &mut |nonce: &mut [u8]| pool.fill(owner, nonce);
-        let using = gucs::aes_gcm_for_len(plaintext.len());
+        let using = gucs::aes_gcm_for(cipher, plaintext.len());
         match term {
             None => cipher.seal_into_using(using, plaintext, context, out, fill),
             Some(term) => cipher.seal_searchable_into_with(
@@ -447,7 +447,7 @@ pub fn open(
         let result = ready
             .cipher
             .open_into_using(
-                gucs::aes_gcm_for_len(envelope.plaintext_len()),
+                gucs::aes_gcm_for(&ready.cipher, envelope.plaintext_len()),
                 envelope,
                 context,
                 out,

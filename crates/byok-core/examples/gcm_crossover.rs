@@ -1,6 +1,8 @@
 //! Where aws-lc's AES-GCM overtakes RustCrypto's: both implementations timed
 //! sealing and opening one value with a ready key, per value size, on this
-//! machine. `crypto::AWS_LC_FROM_BYTES` is taken from its output.
+//! machine. `crypto::AWS_LC_FROM_BYTES_AVX512` and
+//! `crypto::AWS_LC_FROM_BYTES_ELSEWHERE` are taken from its output on CPUs
+//! with and without aws-lc's AVX-512 code.
 //!
 //! `cargo run --release -p byok-core --example gcm_crossover [iterations] [rounds]`
 //! (each figure: the best of `rounds` runs of `iterations` calls; nonces come
@@ -8,11 +10,12 @@
 use std::hint::black_box;
 use std::time::Instant;
 
-use byok_core::crypto::{AWS_LC_FROM_BYTES, DataKey, DekCipher, GcmImpl, NoncePool};
+use byok_core::aws_lc::gcm_code_path;
+use byok_core::crypto::{DataKey, DekCipher, GcmImpl, NoncePool, aws_lc_from_bytes};
 use byok_core::envelope::{self, Envelope};
 
 const SIZES: &[usize] = &[
-    64, 100, 128, 192, 256, 384, 512, 768, 1000, 1024, 2048, 4000, 4096, 16384, 65536,
+    64, 100, 128, 192, 256, 384, 512, 640, 768, 896, 1000, 1024, 2048, 4000, 4096, 16384, 65536,
 ];
 
 fn main() {
@@ -24,7 +27,10 @@ fn main() {
     let context = b"accounts.secret";
     let mut pool = NoncePool::default();
     println!(
-        "ns per value, best of {rounds} x {iterations} (current threshold: aws-lc from {AWS_LC_FROM_BYTES} bytes)"
+        "ns per value, best of {rounds} x {iterations} (aws-lc's code path here: {:?}; \
+         current threshold on this CPU: aws-lc from {} bytes)",
+        gcm_code_path(),
+        aws_lc_from_bytes()
     );
     println!(
         "{:>7} {:>12} {:>12} {:>12} {:>12}  faster",

@@ -51,6 +51,38 @@ pub fn module_info() -> ModuleInfo {
     ModuleInfo { version, fips_mode }
 }
 
+/// Which of aws-lc's AES-GCM code paths this CPU gets. They differ enough in
+/// speed that the length from which aws-lc beats RustCrypto differs too
+/// ([`crate::crypto::aws_lc_from_bytes`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GcmCodePath {
+    /// x86-64 with AVX-512 (F, DQ, BW, VL), VAES and VPCLMULQDQ: aws-lc's
+    /// AVX-512 AES-GCM, the fastest it has.
+    Avx512,
+    /// Anything else (on x86-64, the AVX/AES-NI code even where VAES runs with
+    /// AVX2 only, as on AMD Zen 3).
+    Other,
+}
+
+/// The AES-GCM code path aws-lc takes on this CPU: the test aws-lc itself
+/// makes (`crypto_gcm_avx512_enabled` in its `modes/gcm.c`), asked of the
+/// standard library's CPU detection, which like aws-lc's also checks that the
+/// OS saves the AVX-512 registers. (aws-lc's `OPENSSL_ia32cap` override, a
+/// testing knob, is not seen here.)
+pub fn gcm_code_path() -> GcmCodePath {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512f")
+        && std::arch::is_x86_feature_detected!("avx512dq")
+        && std::arch::is_x86_feature_detected!("avx512bw")
+        && std::arch::is_x86_feature_detected!("avx512vl")
+        && std::arch::is_x86_feature_detected!("vaes")
+        && std::arch::is_x86_feature_detected!("vpclmulqdq")
+    {
+        return GcmCodePath::Avx512;
+    }
+    GcmCodePath::Other
+}
+
 /// How much of the stack below the caller's frame [`wipe_stack`] overwrites:
 /// more than aws-lc's calls' frames take. Measured by the test
 /// `aws_lc_leaves_nothing_below_the_callers_frame` on x86-64 (release build):
@@ -216,6 +248,34 @@ impl Drop for HmacSha256 {
 mod tests {
     use super::*;
     use std::sync::atomic::{AtomicBool, Ordering};
+
+    /// The code path matches what the kernel reports of the CPU (the flags
+    /// aws-lc requires for its AVX-512 AES-GCM, all of them or not).
+    #[cfg(all(target_os = "linux", target_arch = "x86_64"))]
+    #[test]
+    fn the_gcm_code_path_follows_the_cpu_flags() {
+        let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").expect("/proc/cpuinfo");
+        let flags: std::collections::BTreeSet<&str> = cpuinfo
+            .lines()
+            .find_map(|line| line.strip_prefix("flags"))
+            .and_then(|rest| rest.split_once(':'))
+            .map(|(_, flags)| flags.split_whitespace().collect())
+            .expect("a flags line");
+        let needed = [
+            "avx512f",
+            "avx512dq",
+            "avx512bw",
+            "avx512vl",
+            "vaes",
+            "vpclmulqdq",
+        ];
+        let expected = if needed.iter().all(|flag| flags.contains(flag)) {
+            GcmCodePath::Avx512
+        } else {
+            GcmCodePath::Other
+        };
+        assert_eq!(gcm_code_path(), expected);
+    }
 
     /// Set only by [`aws_lc_leaves_nothing_below_the_callers_frame`], to see
     /// what aws-lc's calls write without the wipe.

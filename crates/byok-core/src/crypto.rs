@@ -13,6 +13,7 @@ use aes_gcm::aead::inout::InOutBuf;
 use aes_gcm::{AeadInOut, Aes256Gcm, KeyInit, Nonce, Tag};
 use zeroize::Zeroize;
 
+use crate::aws_lc::{GcmCodePath, gcm_code_path};
 use crate::aws_lc_gcm::AwsLcGcm;
 use crate::secret_mem::SecretBox;
 
@@ -116,22 +117,29 @@ pub enum GcmImpl {
     AwsLc,
 }
 
-/// Plaintexts of at least this many bytes go through aws-lc, shorter ones
-/// through `aes-gcm`. Taken from `cargo run --release -p byok-core --example
-/// gcm_crossover`, which times both per size on the machine it runs on (the
-/// figures and the CPUs measured: docs/performance.md).
-pub const AWS_LC_FROM_BYTES: usize = 384;
+/// Where aws-lc runs its AVX-512 AES-GCM ([`GcmCodePath::Avx512`]),
+/// plaintexts of at least this many bytes go through aws-lc, shorter ones
+/// through `aes-gcm`. Both thresholds are taken from `cargo run --release -p
+/// byok-core --example gcm_crossover`, which times both implementations per
+/// size on the machine it runs on (the figures and the CPUs measured:
+/// docs/performance.md).
+pub const AWS_LC_FROM_BYTES_AVX512: usize = 384;
 
-impl GcmImpl {
-    /// The implementation a plaintext of `len` bytes goes through: in a FIPS
-    /// build always the module.
-    #[inline]
-    pub fn for_len(len: usize) -> Self {
-        if len >= AWS_LC_FROM_BYTES || crate::aws_lc::FIPS_BUILD {
-            GcmImpl::AwsLc
-        } else {
-            GcmImpl::RustCrypto
-        }
+/// The same, on every other CPU: there aws-lc's AVX code overtakes
+/// RustCrypto's AES-NI code only from about here (measured on AMD Zen 3, which
+/// has VAES but not AVX-512; aws-lc's AVX-512 code needs both).
+pub const AWS_LC_FROM_BYTES_ELSEWHERE: usize = 768;
+
+/// The length from which plaintexts go through aws-lc on this CPU (in a FIPS
+/// build every one does: 0). Read once per data key, when its cipher is set
+/// up, so the per-value path compares against a field of the cipher.
+pub fn aws_lc_from_bytes() -> usize {
+    if crate::aws_lc::FIPS_BUILD {
+        return 0;
+    }
+    match gcm_code_path() {
+        GcmCodePath::Avx512 => AWS_LC_FROM_BYTES_AVX512,
+        GcmCodePath::Other => AWS_LC_FROM_BYTES_ELSEWHERE,
     }
 }
 
@@ -171,6 +179,8 @@ pub struct DekCipher {
     /// aws-lc's context for the same key, expanded once with the first, also
     /// in memory excluded from core dumps.
     large: AwsLcGcm,
+    /// Plaintexts from this length go through `large` ([`aws_lc_from_bytes`]).
+    aws_lc_from: usize,
     dek_id: u64,
     header: [u8; HEADER_LEN],
     tenant_id: Box<str>,
@@ -186,6 +196,7 @@ impl DekCipher {
             #[cfg(not(feature = "fips"))]
             cipher: SecretBox::new(Aes256Gcm::new(key.expose().into())),
             large,
+            aws_lc_from: aws_lc_from_bytes(),
             dek_id,
             header: envelope::header_for(dek_id),
             tenant_id: tenant_id.into(),
@@ -194,6 +205,17 @@ impl DekCipher {
 
     pub fn dek_id(&self) -> u64 {
         self.dek_id
+    }
+
+    /// The implementation a plaintext of `len` bytes goes through by default:
+    /// the faster one on this CPU, in a FIPS build always the module.
+    #[inline]
+    pub fn implementation_for(&self, len: usize) -> GcmImpl {
+        if len >= self.aws_lc_from {
+            GcmImpl::AwsLc
+        } else {
+            GcmImpl::RustCrypto
+        }
     }
 
     pub fn tenant_id(&self) -> &str {
@@ -224,7 +246,7 @@ impl DekCipher {
         out: &mut [u8],
         fill_nonce: &mut dyn FnMut(&mut [u8]) -> Result<(), CryptoError>,
     ) -> Result<(), CryptoError> {
-        let using = GcmImpl::for_len(plaintext.len());
+        let using = self.implementation_for(plaintext.len());
         self.seal_into_using(using, plaintext, context, out, fill_nonce)
     }
 
@@ -249,7 +271,7 @@ impl DekCipher {
     /// envelope (version 2) carries `term`, computed under index key
     /// `index_key_id`, in its authenticated header. `out` must be exactly
     /// `envelope::searchable_sealed_len(plaintext.len(), term.len())` bytes;
-    /// `using`: the implementation (`GcmImpl::for_len(plaintext.len())` unless
+    /// `using`: the implementation (`self.implementation_for(plaintext.len())` unless
     /// the server pins one).
     pub fn seal_searchable_into_with(
         &self,
@@ -342,7 +364,7 @@ impl DekCipher {
         out: &mut [u8],
     ) -> Result<(), CryptoError> {
         self.open_into_using(
-            GcmImpl::for_len(envelope.plaintext_len()),
+            self.implementation_for(envelope.plaintext_len()),
             envelope,
             context,
             out,
@@ -586,8 +608,11 @@ impl CryptoStatus {
                 self.module.version
             )
         } else {
+            let from = aws_lc_from_bytes();
             format!(
-                "RustCrypto aes-gcm below {AWS_LC_FROM_BYTES} bytes, {} from {AWS_LC_FROM_BYTES}",
+                "RustCrypto aes-gcm below {from} bytes, {} from {from} (the faster on this \
+                 CPU: {AWS_LC_FROM_BYTES_AVX512} where aws-lc runs its AVX-512 code, \
+                 {AWS_LC_FROM_BYTES_ELSEWHERE} elsewhere)",
                 self.module.version
             )
         }
@@ -786,8 +811,10 @@ mod tests {
             16,
             17,
             100,
-            AWS_LC_FROM_BYTES - 1,
-            AWS_LC_FROM_BYTES,
+            AWS_LC_FROM_BYTES_AVX512 - 1,
+            AWS_LC_FROM_BYTES_AVX512,
+            AWS_LC_FROM_BYTES_ELSEWHERE - 1,
+            AWS_LC_FROM_BYTES_ELSEWHERE,
             1000,
             4000,
             65536,
@@ -859,11 +886,17 @@ mod tests {
     #[cfg(feature = "fips")]
     #[test]
     fn a_fips_build_seals_every_length_through_the_module() {
-        for len in [0, 1, AWS_LC_FROM_BYTES - 1, AWS_LC_FROM_BYTES, 1 << 20] {
-            assert_eq!(GcmImpl::for_len(len), GcmImpl::AwsLc);
+        let c = cipher(1, "t");
+        for len in [
+            0,
+            1,
+            AWS_LC_FROM_BYTES_AVX512,
+            AWS_LC_FROM_BYTES_ELSEWHERE,
+            1 << 20,
+        ] {
+            assert_eq!(c.implementation_for(len), GcmImpl::AwsLc);
         }
         // The module draws the nonce: a NoncePool's would be the same twice.
-        let c = cipher(1, "t");
         let mut same = |n: &mut [u8]| {
             n.fill(7);
             Ok(())
@@ -882,10 +915,25 @@ mod tests {
 
     #[cfg(not(feature = "fips"))]
     #[test]
-    fn the_length_picks_the_implementation() {
-        assert_eq!(GcmImpl::for_len(0), GcmImpl::RustCrypto);
-        assert_eq!(GcmImpl::for_len(AWS_LC_FROM_BYTES - 1), GcmImpl::RustCrypto);
-        assert_eq!(GcmImpl::for_len(AWS_LC_FROM_BYTES), GcmImpl::AwsLc);
+    fn the_length_and_the_cpu_pick_the_implementation() {
+        let from = match gcm_code_path() {
+            GcmCodePath::Avx512 => AWS_LC_FROM_BYTES_AVX512,
+            GcmCodePath::Other => AWS_LC_FROM_BYTES_ELSEWHERE,
+        };
+        assert_eq!(aws_lc_from_bytes(), from);
+        let c = cipher(1, "t");
+        assert_eq!(c.implementation_for(0), GcmImpl::RustCrypto);
+        assert_eq!(c.implementation_for(from - 1), GcmImpl::RustCrypto);
+        assert_eq!(c.implementation_for(from), GcmImpl::AwsLc);
+        assert_eq!(c.implementation_for(1 << 20), GcmImpl::AwsLc);
+        let status = CryptoStatus::check();
+        assert!(
+            status
+                .aes_gcm()
+                .starts_with(&format!("RustCrypto aes-gcm below {from} bytes, AWS-LC ")),
+            "{}",
+            status.aes_gcm()
+        );
     }
 
     #[test]
@@ -1107,7 +1155,7 @@ mod tests {
         let mut out = vec![0u8; envelope::searchable_sealed_len(5, term.len())];
         cipher
             .seal_searchable_into_with(
-                GcmImpl::for_len(5),
+                cipher.implementation_for(5),
                 b"hello",
                 b"ctx",
                 (99, &term),

@@ -1,8 +1,9 @@
 \set VERBOSITY default
 \set SHOW_CONTEXT never
 -- Two AES-256-GCM implementations seal and open values: RustCrypto's aes-gcm
--- for short ones, aws-lc for long ones (from 384 bytes). They make the same
--- bytes, so a value sealed by either opens with either.
+-- for short ones, aws-lc for long ones: from 384 bytes where aws-lc runs its
+-- AVX-512 code, from 768 on other CPUs. They make the same bytes, so a value
+-- sealed by either opens with either.
 -- This file sets up what it uses and cleans up after itself, so it runs alone.
 CREATE EXTENSION IF NOT EXISTS byok_pg;
 SELECT byok.configure_tenant('{"customer": "GCM Co", "tenant_id": "gcmco",
@@ -17,7 +18,7 @@ BEGIN
     INSERT INTO gcm_values
     SELECT p_impl, len, p, byok.encrypt('gcmco', p, 'gcm_values.sealed')
       FROM (SELECT len, substring(decode(repeat(md5(len::text), len / 16 + 1), 'hex') FROM 1 FOR len) AS p
-              FROM unnest(ARRAY[0, 1, 100, 383, 384, 1000, 4000, 70000]) len) s;
+              FROM unnest(ARRAY[0, 1, 100, 383, 384, 767, 768, 1000, 4000, 70000]) len) s;
 END $$;
 SELECT gcm_seal_all('rustcrypto'), gcm_seal_all('aws-lc'), gcm_seal_all('auto');
 
@@ -59,9 +60,13 @@ DROP ROLE gcm_app;
 -- What this build runs on: a standard build (not FIPS), both implementations,
 -- a NIST AES-256-GCM vector opening (and a modified tag refused) through both
 -- (CREATE EXTENSION would have refused otherwise, and the server to start).
--- (the aws-lc version masked)
+-- (the aws-lc version and the length chosen for this CPU masked; the length
+-- is one of the two)
 SELECT fips_build, fips_mode, regexp_replace(module, '[0-9.]+$', 'N') AS module,
-       regexp_replace(aes_gcm, 'AWS-LC [0-9.]+', 'AWS-LC N') AS aes_gcm, known_answer_passed, problem
+       regexp_replace(aes_gcm, 'below [0-9]+ bytes, AWS-LC [0-9.]+ from [0-9]+',
+                      'below N bytes, AWS-LC V from N') AS aes_gcm,
+       (regexp_match(aes_gcm, 'below ([0-9]+) bytes'))[1] IN ('384', '768') AS length_for_this_cpu,
+       known_answer_passed, problem
   FROM byok.crypto_info();
 
 DROP FUNCTION gcm_seal_all(text), gcm_open_all(text), gcm_tampered_fails(text, int);
