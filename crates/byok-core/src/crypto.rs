@@ -609,9 +609,13 @@ impl CryptoStatus {
             )
         } else {
             let from = aws_lc_from_bytes();
+            let here = match gcm_code_path() {
+                GcmCodePath::Avx512 => "on this CPU",
+                GcmCodePath::Other => "not on this CPU",
+            };
             format!(
-                "RustCrypto aes-gcm below {from} bytes, {} from {from} (the faster on this \
-                 CPU: {AWS_LC_FROM_BYTES_AVX512} where aws-lc runs its AVX-512 code, \
+                "RustCrypto aes-gcm below {from} bytes, {} from {from} (aws-lc's AVX-512 \
+                 AES-GCM: {here}; from {AWS_LC_FROM_BYTES_AVX512} where it runs, \
                  {AWS_LC_FROM_BYTES_ELSEWHERE} elsewhere)",
                 self.module.version
             )

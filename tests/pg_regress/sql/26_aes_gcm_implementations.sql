@@ -60,12 +60,13 @@ DROP ROLE gcm_app;
 -- What this build runs on: a standard build (not FIPS), both implementations,
 -- a NIST AES-256-GCM vector opening (and a modified tag refused) through both
 -- (CREATE EXTENSION would have refused otherwise, and the server to start).
--- (the aws-lc version and the length chosen for this CPU masked; the length
--- is one of the two)
+-- (the aws-lc version, the length and the CPU masked; length_for_this_cpu
+-- checks that the length is the one for the CPU named)
 SELECT fips_build, fips_mode, regexp_replace(module, '[0-9.]+$', 'N') AS module,
-       regexp_replace(aes_gcm, 'below [0-9]+ bytes, AWS-LC [0-9.]+ from [0-9]+',
-                      'below N bytes, AWS-LC V from N') AS aes_gcm,
-       (regexp_match(aes_gcm, 'below ([0-9]+) bytes'))[1] IN ('384', '768') AS length_for_this_cpu,
+       regexp_replace(aes_gcm, 'below [0-9]+ bytes, AWS-LC [0-9.]+ from [0-9]+ \(aws-lc''s AVX-512 AES-GCM: (not )?on this CPU;',
+                      'below N bytes, AWS-LC V from N (aws-lc''s AVX-512 AES-GCM: on this CPU or not;') AS aes_gcm,
+       (SELECT m[1] = m[2] AND m[1] = CASE WHEN m[3] = 'not ' THEN '768' ELSE '384' END
+          FROM regexp_match(aes_gcm, 'below ([0-9]+) bytes, AWS-LC [0-9.]+ from ([0-9]+) \(aws-lc''s AVX-512 AES-GCM: (not )?on this CPU;') m) AS length_for_this_cpu,
        known_answer_passed, problem
   FROM byok.crypto_info();
 
